@@ -1,0 +1,45 @@
+# maas-mesh: `make up` starts a local stack, `make test` runs every test.
+# Both create (or reuse) .venv and install what they need, etcd and nats-server included.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv up test test-fast lint protos protos-check bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: here a CPU build installs from local disk; unpinned pulls a CUDA build
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+up: venv
+	$(VENV)/bin/maas up $(ARGS)
+
+protos: venv
+	$(PY) tools/protos.py
+
+protos-check: venv
+	$(PY) tools/protos.py --check
+
+lint: venv protos-check
+	$(VENV)/bin/ruff check maas tests tools bench
+
+test: lint
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/engine.py
+
+clean:
+	rm -rf $(VENV) .maas .pytest_cache build *.egg-info

@@ -1,0 +1,148 @@
+"""`maas`: run services, a local stack, and talk to a running mesh.
+
+Commands that talk to a mesh find etcd from --etcd, then MAAS_ETCD, then the
+`.maas/stack.json` that `maas up` writes in the directory it was started in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+
+from maas.mesh.errors import StartupError
+
+DEFAULT_DATA_DIR = ".maas"
+
+
+def _stack_file() -> dict[str, str]:
+    path = Path(os.environ.get("MAAS_DATA_DIR", DEFAULT_DATA_DIR)) / "stack.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--etcd", default=None, help="etcd URL (default: MAAS_ETCD, else .maas/stack.json)")
+    p.add_argument("--nats", default=None, help="NATS URL (default: MAAS_NATS, else .maas/stack.json)")
+    p.add_argument("--prefix", default=os.environ.get("MAAS_PREFIX", "/maas/"), help="etcd key prefix")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def resolve_urls(ns: argparse.Namespace) -> tuple[str, str]:
+    stack = _stack_file()
+    etcd = ns.etcd or os.environ.get("MAAS_ETCD") or stack.get("etcd") or "http://127.0.0.1:2379"
+    nats = ns.nats or os.environ.get("MAAS_NATS") or stack.get("nats") or "nats://127.0.0.1:4222"
+    return etcd, nats
+
+
+def _run(coro_fn: Callable[[], Awaitable[int]]) -> int:
+    try:
+        return asyncio.run(coro_fn())
+    except StartupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from maas.services.registry import main as registry_main
+    from maas.services.router import main as router_main
+    from maas.services.scheduler import main as scheduler_main
+    from maas.services.worker import main as worker_main
+
+    parser = argparse.ArgumentParser(prog="maas", description="maas-mesh: serve, deploy and manage LLMs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start a whole local stack in the foreground")
+    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--model", default="", help="model source to serve (directory or hub id); default: demo")
+    up.add_argument("--name", default="demo", help="name to register the model under")
+    up.add_argument("--format", default="hf", choices=["hf", "sim"])
+    up.add_argument("--data-dir", default=os.environ.get("MAAS_DATA_DIR", DEFAULT_DATA_DIR))
+    up.add_argument("--etcd", default=os.environ.get("MAAS_ETCD", ""), help="use this etcd instead of starting one")
+    up.add_argument("--nats", default=os.environ.get("MAAS_NATS", ""), help="use this NATS instead of starting one")
+    up.add_argument("--router-port", type=int, default=50051)
+    up.add_argument("--cpu-memory-gib", type=float, default=0.0, help="CPU device budget per worker")
+
+    status = sub.add_parser("status", help="services, workers, deployments and replicas")
+    _client_args(status)
+    status.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait until the stack is fully ready; non-zero exit on time-out")
+
+    models = sub.add_parser("models", help="register and list models")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    reg = msub.add_parser("register", help="register a new version of a model")
+    _client_args(reg)
+    reg.add_argument("name")
+    reg.add_argument("--source", required=True, help="local directory or hub id (ignored for sim)")
+    reg.add_argument("--format", default="hf", choices=["hf", "sim"])
+    reg.add_argument("--task", default="generate", choices=["generate", "embed"])
+    reg.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="engine option")
+    lst = msub.add_parser("list", help="list registered models")
+    _client_args(lst)
+
+    dep = sub.add_parser("deploy", help="deploy a model (or change its replica count)")
+    _client_args(dep)
+    dep.add_argument("name")
+    dep.add_argument("--model", default="", help="model ref (name, name@version, name@alias); default NAME")
+    dep.add_argument("--replicas", type=int, default=1)
+
+    gen = sub.add_parser("generate", help="generate text through the router, streaming")
+    _client_args(gen)
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--router", default=None, help="router address (default: found in etcd)")
+    gen.add_argument("--timeout", type=float, default=120.0)
+    gen.add_argument("prompt")
+
+    ev = sub.add_parser("events", help="print lifecycle events")
+    _client_args(ev)
+    ev.add_argument("--follow", "-f", action="store_true")
+
+    for name, module in (("router", router_main), ("worker", worker_main),
+                         ("registry", registry_main), ("scheduler", scheduler_main)):
+        p = sub.add_parser(name, help=f"run one {name} process")
+        module.add_arguments(p)
+        p.set_defaults(service_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if hasattr(ns, "service_main"):
+        return int(ns.service_main(ns))
+    from maas.cli import commands
+
+    if ns.command == "up":
+        from maas.stack.supervisor import UpConfig, run_up
+
+        worker_args = ("--cpu-memory-gib", str(ns.cpu_memory_gib)) if ns.cpu_memory_gib else ()
+        return run_up(UpConfig(data_dir=Path(ns.data_dir).resolve(), workers=ns.workers, model=ns.model,
+                               model_name=ns.name, model_format=ns.format, etcd=ns.etcd, nats=ns.nats,
+                               router_port=ns.router_port, worker_args=worker_args))
+    etcd, nats = resolve_urls(ns)
+    handlers = {
+        "status": lambda: commands.status(ns, etcd),
+        "models": lambda: commands.models(ns, etcd),
+        "deploy": lambda: commands.deploy(ns, etcd),
+        "generate": lambda: commands.generate(ns, etcd),
+        "events": lambda: commands.events(ns, nats),
+    }
+    return _run(handlers[ns.command])

@@ -1,0 +1,102 @@
+"""Configuration shared by every service: built once from flags/env, frozen, validated."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from maas.mesh.errors import StartupError
+
+DEFAULT_ETCD = "http://127.0.0.1:2379"
+DEFAULT_NATS = "nats://127.0.0.1:4222"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def parse_host_port(url: str, default_port: int) -> tuple[str, int]:
+    """'http://h:1' / 'h:1' / 'h' -> ('h', 1)."""
+    parsed = urlparse(url if "://" in url else f"tcp://{url}")
+    if not parsed.hostname:
+        raise StartupError(f"invalid address {url!r}: expected host:port or a URL")
+    return parsed.hostname, parsed.port or default_port
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """How a process joins the mesh."""
+
+    kind: str
+    """Service kind: router, worker, registry or scheduler."""
+    etcd: str = DEFAULT_ETCD
+    """etcd endpoint URL (MAAS_ETCD)."""
+    nats: str = DEFAULT_NATS
+    """NATS server URL (MAAS_NATS)."""
+    prefix: str = "/maas/"
+    """Prefix of every etcd key the mesh uses (MAAS_PREFIX); lets several meshes share one etcd."""
+    lease_ttl: int = 5
+    """Seconds a process's etcd lease lives without keepalive (MAAS_LEASE_TTL)."""
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds (MAAS_HOST)."""
+    advertise_host: str = ""
+    """Address other services dial (MAAS_ADVERTISE_HOST); defaults to host, or the hostname when host is 0.0.0.0."""
+    port: int = 0
+    """gRPC port; 0 picks a free one (published in etcd)."""
+    metrics_port: int = 0
+    """Prometheus /metrics port; 0 picks a free one, -1 disables."""
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    """Instance id, unique within the kind."""
+    startup_timeout: float = 10.0
+    """Seconds to wait for etcd and NATS at start before giving up with an error."""
+    grace: float = 10.0
+    """Seconds in-flight requests get to finish on shutdown."""
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.lease_ttl < 2:
+            raise StartupError("lease TTL must be at least 2 seconds")
+        if not 0 <= self.port <= 65535:
+            raise StartupError(f"port {self.port} is out of range")
+        if not self.prefix.startswith("/") or not self.prefix.endswith("/"):
+            raise StartupError(f"etcd prefix {self.prefix!r} must start and end with '/'")
+        parse_host_port(self.etcd, 2379)
+        parse_host_port(self.nats, 4222)
+
+    @property
+    def dial_host(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host in ("0.0.0.0", "::", ""):
+            return socket.gethostname()
+        return self.host
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser, *, default_port: int = 0) -> None:
+        g = parser.add_argument_group("mesh")
+        g.add_argument("--etcd", default=_env("MAAS_ETCD", DEFAULT_ETCD), help="etcd URL (env MAAS_ETCD)")
+        g.add_argument("--nats", default=_env("MAAS_NATS", DEFAULT_NATS), help="NATS URL (env MAAS_NATS)")
+        g.add_argument("--prefix", default=_env("MAAS_PREFIX", "/maas/"), help="etcd key prefix")
+        g.add_argument("--lease-ttl", type=int, default=int(_env("MAAS_LEASE_TTL", "5")))
+        g.add_argument("--host", default=_env("MAAS_HOST", "127.0.0.1"), help="address to bind")
+        g.add_argument("--advertise-host", default=_env("MAAS_ADVERTISE_HOST", ""))
+        g.add_argument("--port", type=int, default=default_port, help="gRPC port (0: any free port)")
+        g.add_argument("--metrics-port", type=int, default=int(_env("MAAS_METRICS_PORT", "0")),
+                       help="Prometheus port (0: any free port, -1: off)")
+        g.add_argument("--instance", default=_env("MAAS_INSTANCE", ""), help="instance id")
+        g.add_argument("--grace", type=float, default=10.0, help="seconds to finish requests on shutdown")
+        g.add_argument("--log-json", action="store_true", default=_env("MAAS_LOG_JSON", "") == "1")
+        g.add_argument("--log-level", default=_env("MAAS_LOG_LEVEL", "INFO"))
+
+    @classmethod
+    def from_args(cls, kind: str, ns: argparse.Namespace) -> MeshConfig:
+        extra = {"instance": ns.instance} if ns.instance else {}
+        return cls(kind=kind, etcd=ns.etcd, nats=ns.nats, prefix=ns.prefix, lease_ttl=ns.lease_ttl,
+                   host=ns.host, advertise_host=ns.advertise_host, port=ns.port,
+                   metrics_port=ns.metrics_port, grace=ns.grace, log_json=ns.log_json,
+                   log_level=ns.log_level, **extra)

@@ -1,0 +1,196 @@
+"""One etcd session per process: a lease, its keepalive, and the keys hung off it.
+
+Every key a process owns (its service record, a worker's devices and replicas) is put
+through `put_owned`, which remembers it. If the lease is lost (etcd was down longer than
+the TTL, or the process was paused), the keepalive loop grants a new lease and puts every
+owned key again, so the process re-appears in the mesh without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aetcd
+import aetcd.exceptions
+
+from maas.mesh.config import MeshConfig, parse_host_port
+from maas.mesh.errors import StartupError
+from maas.mesh.keys import Keys
+
+log = logging.getLogger(__name__)
+
+EtcdError = aetcd.exceptions.ClientError
+
+
+class EtcdSession:
+    def __init__(self, config: MeshConfig, *, call_timeout: float = 5.0) -> None:
+        self.config = config
+        self.keys = Keys(config.prefix)
+        host, port = parse_host_port(config.etcd, 2379)
+        self.client = aetcd.Client(host=host, port=port, timeout=call_timeout)
+        self.lease_id: int | None = None
+        self._owned: dict[bytes, bytes] = {}
+        self._keepalive: asyncio.Task[None] | None = None
+        self._on_reregister: list[Callable[[], Awaitable[None]]] = []
+        self._lost = asyncio.Event()
+        self._closed = False
+
+    async def __aenter__(self) -> EtcdSession:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect and grant the lease, or raise StartupError within startup_timeout."""
+        deadline = asyncio.get_running_loop().time() + self.config.startup_timeout
+        delay = 0.1
+        while True:
+            try:
+                await self._grant()
+                break
+            except (TimeoutError, EtcdError, OSError) as e:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise StartupError(
+                        f"cannot reach etcd at {self.config.etcd} after {self.config.startup_timeout:.0f}s "
+                        f"({type(e).__name__}); start etcd or pass --etcd / MAAS_ETCD") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        self._keepalive = asyncio.create_task(self._keepalive_loop(), name="etcd-keepalive")
+
+    async def _grant(self) -> None:
+        lease = await asyncio.wait_for(self.client.lease(self.config.lease_ttl), self.config.lease_ttl)
+        self.lease_id = lease.id
+        log.debug("etcd lease %x granted (ttl %ss)", lease.id, self.config.lease_ttl)
+
+    async def _keepalive_loop(self) -> None:
+        interval = self.config.lease_ttl / 3
+        while not self._closed:
+            await asyncio.sleep(interval)
+            try:
+                reply = await asyncio.wait_for(self.client.refresh_lease(self.lease_id), interval * 2)
+                if reply is not None and reply.TTL > 0:
+                    continue
+                log.warning("etcd lease %x expired; re-registering", self.lease_id or 0)
+                self._lost.set()
+                await self._grant()
+                for key, value in list(self._owned.items()):
+                    await self.client.put(key, value, lease=self.lease_id)
+                self._lost.clear()
+                for hook in self._on_reregister:
+                    await hook()
+                log.info("re-registered %d keys under lease %x", len(self._owned), self.lease_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # etcd down: keep trying; the lease may still be alive when it returns
+                log.warning("etcd keepalive failed: %s", type(e).__name__)
+                await asyncio.sleep(random.uniform(0, interval))
+
+    def on_reregister(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run `hook` after the session re-registered with a new lease."""
+        self._on_reregister.append(hook)
+
+    async def put_owned(self, key: bytes, value: bytes) -> None:
+        """Put a key that lives and dies with this process."""
+        self._owned[key] = value
+        await self.client.put(key, value, lease=self.lease_id)
+
+    async def delete_owned(self, key: bytes) -> None:
+        self._owned.pop(key, None)
+        await self.client.delete(key)
+
+    async def get_prefix(self, prefix: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
+        """(key, value) pairs under prefix, and the revision they were read at."""
+        rng = await self.client.get_prefix(prefix)
+        return [(kv.key, kv.value) for kv in rng], rng.header.revision if rng.header else 0
+
+    async def get(self, key: bytes) -> bytes | None:
+        got = await self.client.get(key)
+        return got.value if got is not None else None
+
+    async def close(self) -> None:
+        """Revoke the lease (every owned key disappears at once) and disconnect. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+        if self.lease_id is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.client.revoke_lease(self.lease_id), 2)
+        with contextlib.suppress(Exception):
+            await self.client.close()
+
+    def txn_ops(self) -> Any:
+        return self.client.transactions
+
+
+class LeaderElection:
+    """Leader election on one key held under the session's lease.
+
+    `campaign()` returns once this process is the leader. Leader-only writes go through
+    `fenced_txn`, which compares the election key's create revision, so a process that
+    lost leadership (lease expired while it was paused) cannot write.
+    """
+
+    def __init__(self, session: EtcdSession, name: str, value: bytes) -> None:
+        self.session = session
+        self.key = session.keys.election(name)
+        self.value = value
+        self.revision = 0  # create revision of our election key while we lead
+
+    async def campaign(self) -> None:
+        client, tx = self.session.client, self.session.client.transactions
+        while True:
+            try:
+                ok, _ = await client.transaction(
+                    compare=[tx.create(self.key) == 0],
+                    success=[tx.put(self.key, self.value, lease=self.session.lease_id)],
+                    failure=[],
+                )
+                if ok:
+                    got = await client.get(self.key)
+                    if got is not None and got.lease == self.session.lease_id:
+                        self.revision = got.create_revision
+                        return
+                else:
+                    await self._wait_for_vacancy()
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("election on %s failed: %s", self.key.decode(), type(e).__name__)
+            await asyncio.sleep(random.uniform(0.2, 0.6))
+
+    async def _wait_for_vacancy(self) -> None:
+        client = self.session.client
+        got = await client.get(self.key)
+        if got is None:
+            return
+        watch = await client.watch(self.key, start_revision=got.mod_revision + 1)
+        try:
+            async for event in watch:
+                if event.kind == "DELETE":
+                    return
+        finally:
+            await watch.cancel()
+
+    async def is_leader(self) -> bool:
+        got = await self.session.client.get(self.key)
+        return got is not None and got.create_revision == self.revision
+
+    async def fenced_txn(self, success: list[Any], compare: list[Any] | None = None) -> bool:
+        """Run `success` ops only while we still hold leadership (and `compare` holds)."""
+        tx = self.session.client.transactions
+        ok, _ = await self.session.client.transaction(
+            compare=[tx.create(self.key) == self.revision, *(compare or [])],
+            success=success, failure=[])
+        return bool(ok)

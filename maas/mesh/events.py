@@ -1,0 +1,172 @@
+"""NATS: JetStream lifecycle events and core-NATS load telemetry.
+
+Lifecycle events go to the stream MAAS_EVENTS on `maas.events.<entity>.<what>`. Each is
+an `Event` protobuf whose id is also the Nats-Msg-Id header, so retrying a publish after
+a reconnect is deduplicated by the server. Publishing never blocks a service: events go
+into a bounded outbox that a background task drains, retrying with the same id while
+NATS is away. Load reports are core NATS on `maas.load.<worker>`: lossy by design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import nats
+import nats.errors
+import nats.js.api as js_api
+import nats.js.errors
+
+from maas.mesh.config import MeshConfig
+from maas.mesh.errors import StartupError
+from maas.mesh.logs import request_id_var
+from maas.v1 import events_pb2, mesh_pb2
+
+log = logging.getLogger(__name__)
+
+STREAM = "MAAS_EVENTS"
+EVENT_SUBJECTS = "maas.events.>"
+LOAD_SUBJECT = "maas.load"
+
+
+def event_subject(entity: str, what: str) -> str:
+    return f"maas.events.{entity}.{what}"
+
+
+async def connect_nats(url: str, *, name: str, timeout: float) -> nats.NATS:
+    """Connect, or raise StartupError naming the URL within `timeout` seconds."""
+    try:
+        return await asyncio.wait_for(
+            nats.connect(url, name=name, connect_timeout=min(2.0, timeout), max_reconnect_attempts=-1,
+                         reconnect_time_wait=0.5, allow_reconnect=True,
+                         error_cb=_quiet_error, disconnected_cb=None),
+            timeout)
+    except (TimeoutError, OSError, nats.errors.Error) as e:
+        raise StartupError(f"cannot reach NATS at {url} ({type(e).__name__}); start nats-server -js "
+                           "or pass --nats / MAAS_NATS") from None
+
+
+async def _quiet_error(e: Exception) -> None:
+    log.debug("nats: %s", e)
+
+
+async def ensure_stream(js: nats.js.JetStreamContext) -> None:
+    config = js_api.StreamConfig(
+        name=STREAM, subjects=[EVENT_SUBJECTS], duplicate_window=120.0,
+        max_age=7 * 24 * 3600.0, max_bytes=256 * 1024 * 1024, storage=js_api.StorageType.FILE)
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        await js.update_stream(config)
+
+
+class EventBus:
+    """Publishes lifecycle events and load reports for one process."""
+
+    def __init__(self, config: MeshConfig, *, outbox_size: int = 10_000) -> None:
+        self.config = config
+        self.source = f"{config.kind}/{config.instance}"
+        self.nc: nats.NATS | None = None
+        self._outbox: asyncio.Queue[tuple[str, bytes, str]] = asyncio.Queue(outbox_size)
+        self._sender: asyncio.Task[None] | None = None
+        self._subs: list[object] = []
+        self._closed = False
+
+    async def start(self) -> None:
+        self.nc = await connect_nats(self.config.nats, name=self.source, timeout=self.config.startup_timeout)
+        js = self.nc.jetstream(timeout=5)
+        try:
+            await ensure_stream(js)
+        except Exception as e:
+            raise StartupError(f"NATS at {self.config.nats} has no usable JetStream ({e}); "
+                               "run nats-server with -js") from None
+        self._sender = asyncio.create_task(self._send_loop(js), name="event-outbox")
+
+    def publish(self, entity: str, what: str, entity_id: str, message: str = "", **attributes: str) -> None:
+        """Queue a lifecycle event; returns at once. Drops (and logs) only if the outbox is full."""
+        event = events_pb2.Event(
+            id=uuid.uuid4().hex, entity=entity, what=what, entity_id=entity_id, source=self.source,
+            time_ms=int(time.time() * 1000), message=message,
+            attributes={k: str(v) for k, v in attributes.items()}, request_id=request_id_var.get("-"))
+        log.info("event %s.%s %s %s", entity, what, entity_id, message)
+        try:
+            self._outbox.put_nowait((event_subject(entity, what), event.SerializeToString(), event.id))
+        except asyncio.QueueFull:
+            log.error("event outbox full; dropping %s.%s %s", entity, what, entity_id)
+
+    async def _send_loop(self, js: nats.js.JetStreamContext) -> None:
+        while True:
+            subject, data, msg_id = await self._outbox.get()
+            delay = 0.1
+            while True:
+                try:
+                    await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.debug("event publish failed (%s); retrying", type(e).__name__)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            self._outbox.task_done()
+
+    async def publish_load(self, report: mesh_pb2.LoadReport) -> None:
+        if self.nc is not None and self.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(f"{LOAD_SUBJECT}.{report.worker_id}", report.SerializeToString())
+
+    async def subscribe_load(self, callback: Callable[[mesh_pb2.LoadReport], Awaitable[None] | None]) -> None:
+        assert self.nc is not None
+
+        async def handler(msg: nats.aio.msg.Msg) -> None:
+            report = mesh_pb2.LoadReport()
+            with contextlib.suppress(Exception):
+                report.ParseFromString(msg.data)
+                result = callback(report)
+                if asyncio.iscoroutine(result):
+                    await result
+
+        self._subs.append(await self.nc.subscribe(f"{LOAD_SUBJECT}.*", cb=handler))
+
+    async def close(self, *, flush_timeout: float = 3.0) -> None:
+        """Flush queued events (bounded), then drain the connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sender is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._outbox.join(), flush_timeout)
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), flush_timeout)
+
+
+async def read_events(url: str, *, follow: bool, timeout: float = 5.0) -> AsyncIterator[events_pb2.Event]:
+    """Every stored event in order; with follow, keep yielding new ones."""
+    nc = await connect_nats(url, name="maas-events", timeout=timeout)
+    try:
+        js = nc.jetstream(timeout=5)
+        await ensure_stream(js)
+        info = await js.stream_info(STREAM)
+        remaining = info.state.messages
+        sub = await js.subscribe(EVENT_SUBJECTS, ordered_consumer=True,
+                                 deliver_policy=js_api.DeliverPolicy.ALL)
+        while follow or remaining > 0:
+            try:
+                msg = await sub.next_msg(timeout=None if follow else 2.0)
+            except nats.errors.TimeoutError:
+                break
+            remaining -= 1
+            event = events_pb2.Event()
+            event.ParseFromString(msg.data)
+            yield event
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()

@@ -1,0 +1,68 @@
+"""The etcd key layout every service shares (see docs/architecture.md).
+
+Values are the protobuf messages of maas.v1 (mesh.proto, registry.proto, scheduler.proto).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "/maas/"
+
+    def _k(self, *parts: str) -> bytes:
+        return (self.prefix + "/".join(parts)).encode()
+
+    # membership (under the owner's lease)
+    def service(self, kind: str, instance: str) -> bytes:
+        return self._k("services", kind, instance)
+
+    def services(self, kind: str = "") -> bytes:
+        return self._k("services", kind + "/" if kind else "")
+
+    def worker(self, worker_id: str) -> bytes:
+        return self._k("workers", worker_id)
+
+    def workers(self) -> bytes:
+        return self._k("workers/")
+
+    def replica(self, replica_id: str) -> bytes:
+        return self._k("replicas", replica_id)
+
+    def replicas(self) -> bytes:
+        return self._k("replicas/")
+
+    def election(self, name: str) -> bytes:
+        return self._k("election", name)
+
+    # desired state (no lease)
+    def assignment(self, worker_id: str, replica_id: str) -> bytes:
+        return self._k("assignments", worker_id, replica_id)
+
+    def assignments(self, worker_id: str = "") -> bytes:
+        return self._k("assignments", worker_id + "/" if worker_id else "")
+
+    def deployment(self, name: str) -> bytes:
+        return self._k("deployments", name)
+
+    def deployments(self) -> bytes:
+        return self._k("deployments/")
+
+    # registry
+    def model(self, name: str) -> bytes:
+        return self._k("registry", "models", name)
+
+    def models(self) -> bytes:
+        return self._k("registry", "models/")
+
+    def version(self, name: str, version: int) -> bytes:
+        return self._k("registry", "versions", name, f"{version:08d}")
+
+    def versions(self, name: str) -> bytes:
+        return self._k("registry", "versions", name + "/")
+
+    def tail(self, key: bytes, collection: bytes) -> str:
+        """The part of `key` after the collection prefix, e.g. a worker id."""
+        return key[len(collection):].decode()

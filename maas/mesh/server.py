@@ -1,0 +1,275 @@
+"""The gRPC server bootstrap every service uses.
+
+`ServiceRuntime` owns a process's mesh membership: its etcd session, event bus, gRPC
+server (health, reflection, the error interceptor) and Prometheus endpoint. Services add
+their servicers and hooks and call `run()`.
+
+Shutdown order (STYLE.md): signal -> health NOT_SERVING -> revoke the lease (the process
+disappears from etcd, so routers stop sending) -> server.stop(grace) (in-flight requests
+finish) -> NATS drain (queued events flushed) -> engine stop (the service's closers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import prometheus_client
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from maas import __version__
+from maas.mesh.config import MeshConfig
+from maas.mesh.errors import MaasError, StartupError
+from maas.mesh.etcd import EtcdSession
+from maas.mesh.events import EventBus
+from maas.mesh.logs import new_request_id, request_id_var
+from maas.v1 import mesh_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # raised deliberately: embeddings and artifact chunks
+GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a taken port must fail loudly, not be shared
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+HANDLED = prometheus_client.Counter(
+    "grpc_server_handled_total", "RPCs completed on the server, by status code.",
+    ["grpc_service", "grpc_method", "grpc_code"])
+LATENCY = prometheus_client.Histogram(
+    "grpc_server_handling_seconds", "Time to complete an RPC on the server.",
+    ["grpc_service", "grpc_method"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value:
+            return str(value)[:64]
+    return new_request_id()
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps MaasError to its status code, hides unexpected errors behind INTERNAL, sets the
+    request id for logging and records per-method metrics. The one place errors become statuses."""
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, service, method),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, service, method),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, service, method),
+                handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(handler.stream_stream, service, method),
+            handler.request_deserializer, handler.response_serializer)
+
+    @staticmethod
+    async def _fail(context: grpc.aio.ServicerContext, e: BaseException) -> str:
+        if isinstance(e, MaasError):
+            await context.abort(e.code, e.message)
+        log.exception("unexpected error")
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()})")
+        return "INTERNAL"  # not reached: abort raises
+
+    def _wrap_unary(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            token = request_id_var.set(_request_id(context))
+            start, code = time.perf_counter(), "OK"
+            try:
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except Exception as e:
+                code = e.code.name if isinstance(e, MaasError) else "INTERNAL"
+                await self._fail(context, e)
+            finally:
+                HANDLED.labels(service, method, code).inc()
+                LATENCY.labels(service, method).observe(time.perf_counter() - start)
+                request_id_var.reset(token)
+        return wrapped
+
+    def _wrap_stream(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            token = request_id_var.set(_request_id(context))
+            start, code = time.perf_counter(), "OK"
+            try:
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                elif inspect.isawaitable(result):
+                    await result
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except Exception as e:
+                code = e.code.name if isinstance(e, MaasError) else "INTERNAL"
+                await self._fail(context, e)
+            finally:
+                HANDLED.labels(service, method, code).inc()
+                LATENCY.labels(service, method).observe(time.perf_counter() - start)
+                request_id_var.reset(token)
+        return wrapped
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    with contextlib.suppress(Exception):
+        code = context.code()
+        if code is not None:
+            return code.name if hasattr(code, "name") else str(code)
+    return "UNKNOWN"
+
+
+def bind_port(server: grpc.aio.Server, host: str, port: int) -> int:
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise StartupError(f"cannot listen on {host}:{port}: the port is already in use or the address is invalid")
+    return bound
+
+
+def start_metrics(host: str, port: int) -> str:
+    if port < 0:
+        return ""
+    try:
+        server, _ = prometheus_client.start_http_server(port, addr=host)
+    except OSError as e:
+        raise StartupError(f"cannot serve metrics on {host}:{port}: {e.strerror}") from None
+    return f"{host}:{server.server_port}"
+
+
+class ServiceRuntime:
+    """A service process's membership in the mesh. Use as `async with` or call start/stop."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.etcd = EtcdSession(config)
+        self.events = EventBus(config)
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=GRPC_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        self.endpoint = ""
+        self.metrics_endpoint = ""
+        self.info = mesh_pb2.ServiceInfo()
+        self._service_names: list[str] = [reflection.SERVICE_NAME, health.SERVICE_NAME]
+        self._before_stop: list[Callable[[], Awaitable[None]]] = []
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._stop_requested = asyncio.Event()
+        self._stopped = False
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+
+    def add_service(self, descriptor_name: str, add_fn: Callable[[Any, grpc.aio.Server], None], servicer: Any) -> None:
+        add_fn(servicer, self.server)
+        self._service_names.append(descriptor_name)
+
+    def before_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Runs right after health goes NOT_SERVING, before the lease is revoked."""
+        self._before_stop.append(hook)
+
+    def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Runs last, after the server stopped and NATS drained (engines, child processes)."""
+        self._closers.append(closer)
+
+    async def start(self, **info: str) -> None:
+        cfg = self.config
+        port = bind_port(self.server, cfg.host, cfg.port)
+        self.endpoint = f"{cfg.dial_host}:{port}"
+        self.metrics_endpoint = start_metrics(cfg.host, cfg.metrics_port)
+        await self.etcd.start()
+        await self.events.start()
+        reflection.enable_server_reflection(self._service_names, self.server)
+        await self.server.start()
+        for name in self._service_names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.info = mesh_pb2.ServiceInfo(
+            kind=cfg.kind, instance=cfg.instance, endpoint=self.endpoint, version=__version__,
+            started_ms=int(time.time() * 1000), metrics_endpoint=self.metrics_endpoint, **info)
+        await self.etcd.put_owned(self.etcd.keys.service(cfg.kind, cfg.instance), self.info.SerializeToString())
+        self.events.publish("service", "started", f"{cfg.kind}/{cfg.instance}", f"{cfg.kind} serving on {self.endpoint}",
+                            endpoint=self.endpoint)
+        log.info("%s %s serving gRPC on %s (metrics %s)", cfg.kind, cfg.instance, self.endpoint,
+                 self.metrics_endpoint or "off")
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def wait(self) -> None:
+        """Block until SIGINT/SIGTERM or request_stop()."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stop_requested.set)
+        await self._stop_requested.wait()
+
+    async def stop(self) -> None:
+        """The graceful shutdown order; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        cfg = self.config
+        log.info("%s %s shutting down", cfg.kind, cfg.instance)
+        with contextlib.suppress(Exception):
+            await self.health.enter_graceful_shutdown()
+        for hook in self._before_stop:
+            try:
+                await hook()
+            except Exception:
+                log.exception("before-stop hook failed")
+        self.events.publish("service", "stopped", f"{cfg.kind}/{cfg.instance}", f"{cfg.kind} stopped")
+        await self.etcd.close()
+        await self.server.stop(cfg.grace)
+        await self.events.close()
+        for closer in reversed(self._closers):
+            try:
+                await closer()
+            except Exception:
+                log.exception("closer failed")
+
+    async def __aenter__(self) -> ServiceRuntime:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def run_service(main: Callable[[], Awaitable[None]]) -> int:
+    """Run a service's async main; a StartupError prints one clear line and exits 1."""
+    try:
+        asyncio.run(main())
+    except StartupError as e:
+        logging.getLogger("maas").error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,1 @@
+"""registry: models, versions, aliases (later: adapters, artifacts, tenants). Metadata in etcd."""

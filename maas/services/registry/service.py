@@ -1,0 +1,56 @@
+"""Registry gRPC servicer: converts requests, awaits the store, publishes events."""
+
+from __future__ import annotations
+
+import grpc
+
+from maas.mesh.errors import Unimplemented
+from maas.mesh.events import EventBus
+from maas.services.registry.store import ModelStore
+from maas.v1 import registry_pb2, registry_pb2_grpc
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, store: ModelStore, events: EventBus) -> None:
+        self.store = store
+        self.events = events
+
+    async def RegisterModel(self, request: registry_pb2.RegisterModelRequest,
+                            context: grpc.aio.ServicerContext) -> registry_pb2.ModelVersion:
+        version = await self.store.register(request)
+        ref = f"{version.name}@{version.version}"
+        self.events.publish("model", "registered", ref, f"registered {ref} ({version.format}: {version.source})",
+                            format=version.format, source=version.source)
+        return version
+
+    async def GetModel(self, request: registry_pb2.GetModelRequest,
+                       context: grpc.aio.ServicerContext) -> registry_pb2.Model:
+        return await self.store.get_model(request.name)
+
+    async def ListModels(self, request: registry_pb2.ListRegisteredModelsRequest,
+                         context: grpc.aio.ServicerContext) -> registry_pb2.ListRegisteredModelsResponse:
+        return registry_pb2.ListRegisteredModelsResponse(models=await self.store.list_models())
+
+    async def GetVersion(self, request: registry_pb2.GetVersionRequest,
+                         context: grpc.aio.ServicerContext) -> registry_pb2.ModelVersion:
+        return await self.store.resolve(request.ref)
+
+    async def ListVersions(self, request: registry_pb2.ListVersionsRequest,
+                           context: grpc.aio.ServicerContext) -> registry_pb2.ListVersionsResponse:
+        return registry_pb2.ListVersionsResponse(versions=await self.store.list_versions(request.name))
+
+    async def SetAlias(self, request: registry_pb2.SetAliasRequest,
+                       context: grpc.aio.ServicerContext) -> registry_pb2.Model:
+        model = await self.store.set_alias(request.name, request.alias, request.version)
+        self.events.publish("model", "aliased", f"{request.name}@{request.alias}",
+                            f"{request.name}@{request.alias} -> {request.version}")
+        return model
+
+    async def DeleteVersion(self, request, context):  # type: ignore[no-untyped-def]
+        raise Unimplemented("deleting versions is not implemented yet (issue 4)")
+
+    async def UploadArtifact(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        raise Unimplemented("artifact upload is not implemented yet (issue 4); register a local directory")
+
+    async def DownloadArtifact(self, request, context):  # type: ignore[no-untyped-def]
+        raise Unimplemented("artifact download is not implemented yet (issue 4)")

@@ -1,0 +1,162 @@
+"""Model and version metadata in etcd.
+
+Version numbers are allocated with a transaction that compares the model key's revision,
+so two concurrent registrations never get the same number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+
+from maas.mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from maas.mesh.etcd import EtcdSession
+from maas.v1 import common_pb2, registry_pb2
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+FORMATS = ("hf", "sim")
+TASKS = ("generate", "embed")
+DEFAULT_SIM_MEMORY = 64 * 1024 * 1024
+DEFAULT_HUB_MEMORY = 2 * 1024 * 1024 * 1024
+
+
+def validate_name(name: str, what: str = "name") -> None:
+    if not NAME_RE.match(name):
+        raise InvalidArgument(
+            f"{what} {name!r} is invalid: use 1-63 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit", field=what)
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """'name' -> (name, 'latest'); 'name@3' -> (name, '3'); 'name@prod' -> (name, 'prod')."""
+    name, _, selector = ref.partition("@")
+    validate_name(name, "model")
+    return name, selector or "latest"
+
+
+def estimate_memory(fmt: str, source: str) -> int:
+    """Device memory one replica needs: weights on disk plus 25% for activations and KV cache."""
+    if fmt == "sim":
+        return DEFAULT_SIM_MEMORY
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return DEFAULT_HUB_MEMORY
+    weights = sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    return int(weights * 1.25) + 32 * 1024 * 1024
+
+
+def looks_local(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir()
+
+
+def check_source(fmt: str, source: str) -> tuple[str, int]:
+    """Validate a model source (blocking file-system checks) -> (normalised source, memory estimate)."""
+    if fmt == "hf":
+        if not source:
+            raise InvalidArgument("source is required for format hf: a local directory or a hub id", field="source")
+        if looks_local(source):
+            path = Path(source).expanduser().resolve()
+            if not (path / "config.json").is_file():
+                raise InvalidArgument(f"source {source!r} is not a model directory (no config.json)", field="source")
+            source = str(path)
+    return source, estimate_memory(fmt, source)
+
+
+class ModelStore:
+    def __init__(self, session: EtcdSession) -> None:
+        self.session = session
+        self.keys = session.keys
+
+    async def register(self, req: registry_pb2.RegisterModelRequest) -> registry_pb2.ModelVersion:
+        validate_name(req.name)
+        fmt = req.format or "hf"
+        if fmt not in FORMATS:
+            raise InvalidArgument(f"format {fmt!r} is not supported: use one of {', '.join(FORMATS)}", field="format")
+        task = req.task or "generate"
+        if task not in TASKS:
+            raise InvalidArgument(f"task {task!r} is not supported: use one of {', '.join(TASKS)}", field="task")
+        source, memory = await asyncio.to_thread(check_source, fmt, req.source.strip())
+        resources = common_pb2.Resources()
+        resources.CopyFrom(req.resources)
+        resources.memory_bytes = resources.memory_bytes or memory
+        resources.devices = resources.devices or 1
+
+        client, tx = self.session.client, self.session.client.transactions
+        model_key = self.keys.model(req.name)
+        for _ in range(20):
+            got = await client.get(model_key)
+            model = registry_pb2.Model()
+            if got is None:
+                model.name, model.description = req.name, req.description
+                model.created_ms = int(time.time() * 1000)
+                guard = tx.create(model_key) == 0
+            else:
+                model.ParseFromString(got.value)
+                guard = tx.mod(model_key) == got.mod_revision
+            model.latest_version += 1
+            version = registry_pb2.ModelVersion(
+                name=req.name, version=model.latest_version, format=fmt, source=source, base=req.base,
+                task=task, resources=resources, options=dict(req.options), metadata=dict(req.metadata),
+                created_ms=int(time.time() * 1000))
+            ok, _ = await client.transaction(
+                compare=[guard],
+                success=[tx.put(model_key, model.SerializeToString()),
+                         tx.put(self.keys.version(req.name, version.version), version.SerializeToString())],
+                failure=[])
+            if ok:
+                return version
+        raise FailedPrecondition(f"model {req.name!r} is being registered concurrently; retry")
+
+    async def get_model(self, name: str) -> registry_pb2.Model:
+        validate_name(name, "model")
+        raw = await self.session.get(self.keys.model(name))
+        if raw is None:
+            raise NotFound(f"model {name!r} is not registered")
+        return registry_pb2.Model.FromString(raw)
+
+    async def list_models(self) -> list[registry_pb2.Model]:
+        pairs, _ = await self.session.get_prefix(self.keys.models())
+        return sorted((registry_pb2.Model.FromString(v) for _, v in pairs), key=lambda m: m.name)
+
+    async def list_versions(self, name: str) -> list[registry_pb2.ModelVersion]:
+        await self.get_model(name)
+        pairs, _ = await self.session.get_prefix(self.keys.versions(name))
+        return [registry_pb2.ModelVersion.FromString(v) for _, v in pairs]
+
+    async def resolve(self, ref: str) -> registry_pb2.ModelVersion:
+        name, selector = parse_ref(ref)
+        model = await self.get_model(name)
+        if selector == "latest":
+            number = model.latest_version
+        elif selector.isdigit():
+            number = int(selector)
+        elif selector in model.aliases:
+            number = model.aliases[selector]
+        else:
+            raise NotFound(f"model {name!r} has no version or alias {selector!r}")
+        raw = await self.session.get(self.keys.version(name, number))
+        if raw is None:
+            raise NotFound(f"model {name!r} has no version {number}")
+        return registry_pb2.ModelVersion.FromString(raw)
+
+    async def set_alias(self, name: str, alias: str, version: int) -> registry_pb2.Model:
+        validate_name(alias, "alias")
+        if alias == "latest" or alias.isdigit():
+            raise InvalidArgument(f"alias {alias!r} is reserved", field="alias")
+        client, tx = self.session.client, self.session.client.transactions
+        for _ in range(20):
+            got = await client.get(self.keys.model(name))
+            if got is None:
+                raise NotFound(f"model {name!r} is not registered")
+            model = registry_pb2.Model.FromString(got.value)
+            if await self.session.get(self.keys.version(name, version)) is None:
+                raise NotFound(f"model {name!r} has no version {version}")
+            model.aliases[alias] = version
+            ok, _ = await client.transaction(
+                compare=[tx.mod(self.keys.model(name)) == got.mod_revision],
+                success=[tx.put(self.keys.model(name), model.SerializeToString())], failure=[])
+            if ok:
+                return model
+        raise AlreadyExists(f"model {name!r} changed concurrently; retry")

@@ -1,0 +1,41 @@
+"""`maas router`: the front door (gRPC Inference on 127.0.0.1:50051 by default)."""
+
+from __future__ import annotations
+
+import argparse
+
+from maas.mesh.config import MeshConfig
+from maas.mesh.logs import setup_logging
+from maas.mesh.server import ServiceRuntime, run_service
+from maas.services.router.pool import ReplicaPool
+from maas.services.router.service import RouterInferenceServicer
+from maas.v1 import inference_pb2, inference_pb2_grpc
+
+DEFAULT_PORT = 50051
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    MeshConfig.add_arguments(parser, default_port=DEFAULT_PORT)
+
+
+async def build(rt: ServiceRuntime) -> ReplicaPool:
+    """Wire a router into a runtime (also used by in-process tests)."""
+    pool = ReplicaPool(rt.etcd)
+    rt.add_service(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+                   inference_pb2_grpc.add_InferenceServicer_to_server, RouterInferenceServicer(pool))
+    rt.add_closer(pool.close)
+    await rt.start()
+    await pool.start()
+    return pool
+
+
+def main(ns: argparse.Namespace) -> int:
+    config = MeshConfig.from_args("router", ns)
+    setup_logging(config.log_level, json_output=config.log_json, name="router")
+
+    async def serve() -> None:
+        async with ServiceRuntime(config) as rt:
+            await build(rt)
+            await rt.wait()
+
+    return run_service(serve)

@@ -1,0 +1,117 @@
+"""Which replica serves a request: ready replicas from etcd, least in-flight first.
+
+The pool mirrors `replicas/` (written by workers under their leases) so a worker that
+dies disappears from routing as soon as its lease expires; a worker that fails a call
+is avoided for a few seconds before that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from maas.mesh.clients import dial, pick_endpoint
+from maas.mesh.discovery import PrefixMirror
+from maas.mesh.errors import NotFound, Unavailable
+from maas.mesh.etcd import EtcdSession
+from maas.v1 import inference_pb2_grpc, mesh_pb2, registry_pb2, registry_pb2_grpc, scheduler_pb2
+
+SUSPECT_SECONDS = 5.0
+
+
+class ReplicaPool:
+    def __init__(self, session: EtcdSession) -> None:
+        self.session = session
+        self.replicas = PrefixMirror(session, session.keys.replicas(), mesh_pb2.ReplicaInfo)
+        self.deployments = PrefixMirror(session, session.keys.deployments(), scheduler_pb2.Deployment)
+        self.in_flight: dict[str, int] = {}
+        self._suspect: dict[str, float] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._registry: grpc.aio.Channel | None = None
+
+    async def start(self) -> None:
+        await self.replicas.start()
+        await self.deployments.start()
+
+    async def close(self) -> None:
+        await self.replicas.close()
+        await self.deployments.close()
+        for ch in [*self._channels.values(), *([self._registry] if self._registry else [])]:
+            await ch.close()
+        self._channels.clear()
+
+    @staticmethod
+    def _serves(r: mesh_pb2.ReplicaInfo, name: str, version: str) -> bool:
+        if version:
+            return r.model_name == name and str(r.model_version) == version
+        return r.deployment == name or r.model_name == name
+
+    def ready(self, model: str) -> list[mesh_pb2.ReplicaInfo]:
+        name, _, version = model.partition("@")
+        return [r for r in self.replicas.items.values()
+                if r.state == mesh_pb2.REPLICA_STATE_READY and self._serves(r, name, version)]
+
+    async def pick(self, model: str, exclude: set[str] = frozenset()) -> mesh_pb2.ReplicaInfo:  # type: ignore[assignment]
+        """Least in-flight ready replica (random among ties), avoiding recently failed workers."""
+        if not model:
+            from maas.mesh.errors import InvalidArgument
+            raise InvalidArgument("model must not be empty", field="model")
+        ready = [r for r in self.ready(model) if r.replica_id not in exclude]
+        if not ready:
+            await self._explain_none(model, tried=bool(exclude))
+        now = time.monotonic()
+        healthy = [r for r in ready if self._suspect.get(r.endpoint, 0) < now] or ready
+        least = min(self.in_flight.get(r.replica_id, 0) for r in healthy)
+        return random.choice([r for r in healthy if self.in_flight.get(r.replica_id, 0) == least])
+
+    async def _explain_none(self, model: str, *, tried: bool) -> None:
+        name = model.partition("@")[0]
+        if tried:
+            raise Unavailable(f"model {model!r}: every ready replica failed this request; try again")
+        dep = self.deployments.items.get(name)
+        if dep is not None:
+            states = [mesh_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_").lower()
+                      for r in self.replicas.items.values() if r.deployment == name]
+            raise Unavailable(f"model {model!r} has no ready replica (0 of {dep.replicas} ready"
+                              + (f"; replicas: {', '.join(states)}" if states else "; none placed yet") + ")")
+        if not await self._registered(name):
+            raise NotFound(f"model {name!r} is not registered (see `maas models list`)")
+        raise Unavailable(f"model {name!r} is registered but not deployed (run `maas deploy {name}`)")
+
+    async def _registered(self, name: str) -> bool:
+        try:
+            if self._registry is None:
+                self._registry = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"))
+            await registry_pb2_grpc.RegistryStub(self._registry).GetModel(
+                registry_pb2.GetModelRequest(name=name), timeout=2.0)
+            return True
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise Unavailable(f"model {name!r} has no ready replica and the registry is unreachable") from None
+        except Unavailable:
+            raise Unavailable(f"model {name!r} has no ready replica and no registry is running") from None
+
+    def stub(self, replica: mesh_pb2.ReplicaInfo) -> inference_pb2_grpc.InferenceStub:
+        channel = self._channels.get(replica.endpoint)
+        if channel is None:
+            channel = self._channels[replica.endpoint] = dial(replica.endpoint)
+        return inference_pb2_grpc.InferenceStub(channel)
+
+    def mark_failed(self, replica: mesh_pb2.ReplicaInfo) -> None:
+        self._suspect[replica.endpoint] = time.monotonic() + SUSPECT_SECONDS
+
+    @contextlib.contextmanager
+    def track(self, replica: mesh_pb2.ReplicaInfo) -> Iterator[None]:
+        rid = replica.replica_id
+        self.in_flight[rid] = self.in_flight.get(rid, 0) + 1
+        try:
+            yield
+        finally:
+            self.in_flight[rid] -= 1
+            if self.in_flight[rid] <= 0:
+                del self.in_flight[rid]

@@ -1,0 +1,1 @@
+"""scheduler: deployments (desired state), leader election, replica placement and healing."""

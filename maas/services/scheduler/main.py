@@ -1,0 +1,46 @@
+"""`maas scheduler`: run one scheduler instance (leader or standby)."""
+
+from __future__ import annotations
+
+import argparse
+
+from maas.mesh.config import MeshConfig
+from maas.mesh.logs import setup_logging
+from maas.mesh.server import ServiceRuntime, run_service
+from maas.services.scheduler.reconciler import Reconciler
+from maas.services.scheduler.service import SchedulerServicer
+from maas.services.scheduler.state import ClusterState, VersionResolver
+from maas.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    MeshConfig.add_arguments(parser)
+
+
+async def build(rt: ServiceRuntime) -> Reconciler:
+    """Wire the scheduler into a runtime (also used by in-process tests)."""
+    state = ClusterState(rt.etcd)
+    resolver = VersionResolver(rt.etcd)
+    reconciler = Reconciler(rt, state, resolver)
+    rt.add_service(scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
+                   scheduler_pb2_grpc.add_SchedulerServicer_to_server,
+                   SchedulerServicer(rt.etcd, state, resolver, reconciler, rt.events))
+    rt.before_stop(reconciler.close)
+    rt.add_closer(state.close)
+    rt.add_closer(resolver.close)
+    await rt.start()
+    await state.start()
+    reconciler.start()
+    return reconciler
+
+
+def main(ns: argparse.Namespace) -> int:
+    config = MeshConfig.from_args("scheduler", ns)
+    setup_logging(config.log_level, json_output=config.log_json, name="scheduler")
+
+    async def serve() -> None:
+        async with ServiceRuntime(config) as rt:
+            await build(rt)
+            await rt.wait()
+
+    return run_service(serve)

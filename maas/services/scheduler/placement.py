@@ -1,0 +1,104 @@
+"""Placement: a pure function from (deployments, workers, assignments) to a plan.
+
+No etcd, no I/O: the reconciler feeds it the mirrored state and writes the plan back in
+one fenced transaction. That keeps the policy testable and fast.
+
+Policy (first cut): drop assignments whose worker is gone or whose deployment no longer
+wants them; then, per deployment, add replicas until the desired count is reached,
+choosing for each the worker with the fewest replicas of that deployment (spread), then
+the device with the most free memory that still fits the replica.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from maas.v1 import mesh_pb2, registry_pb2, scheduler_pb2
+
+
+@dataclass(frozen=True)
+class Want:
+    """A deployment joined with the model version it resolved to."""
+
+    deployment: scheduler_pb2.Deployment
+    version: registry_pb2.ModelVersion
+
+    @property
+    def memory(self) -> int:
+        return self.deployment.resources.memory_bytes or self.version.resources.memory_bytes
+
+
+@dataclass
+class Plan:
+    add: list[tuple[str, mesh_pb2.Assignment]] = field(default_factory=list)      # (worker, assignment)
+    remove: list[tuple[str, str]] = field(default_factory=list)                  # (worker, replica)
+    unplaced: dict[str, str] = field(default_factory=dict)                       # deployment -> why
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.remove)
+
+
+def _labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
+         assignments: dict[tuple[str, str], mesh_pb2.Assignment],
+         new_id: callable = lambda name: f"{name}-{uuid.uuid4().hex[:6]}") -> Plan:  # type: ignore[valid-type]
+    result = Plan()
+    free: dict[tuple[str, str], int] = {}
+    for wid, info in workers.items():
+        for dev in info.devices:
+            free[(wid, dev.id)] = dev.memory_total_bytes
+
+    kept: dict[str, list[tuple[str, mesh_pb2.Assignment]]] = {}
+    for (wid, rid), a in sorted(assignments.items()):
+        want = wants.get(a.deployment)
+        stale = (want is None or wid not in workers
+                 or f"{a.model_name}@{a.model_version}" != want.deployment.resolved_version)
+        if stale:
+            result.remove.append((wid, rid))
+            continue
+        kept.setdefault(a.deployment, []).append((wid, a))
+        for dev_id in a.device_ids:
+            if (wid, dev_id) in free:
+                free[(wid, dev_id)] -= a.memory_bytes
+
+    for name in sorted(wants):
+        want = wants[name]
+        have = kept.get(name, [])
+        desired = want.deployment.replicas
+        for wid, a in have[desired:]:
+            result.remove.append((wid, a.replica_id))
+        per_worker: dict[str, int] = {}
+        for wid, _ in have[:desired]:
+            per_worker[wid] = per_worker.get(wid, 0) + 1
+        need = want.memory
+        selector = dict(want.deployment.selector)
+        for _ in range(desired - len(have)):
+            candidates = [
+                (per_worker.get(wid, 0), -mem, wid, dev)
+                for (wid, dev), mem in free.items()
+                if mem >= need and want.version.format in (workers[wid].formats or [want.version.format])
+                and _labels_match(selector, dict(workers[wid].labels))
+            ]
+            if not candidates:
+                largest = max(free.values(), default=0)
+                result.unplaced[name] = (
+                    f"no worker has a device with {_fmt_bytes(need)} free"
+                    + (f" (largest free: {_fmt_bytes(largest)})" if free else " (no workers)"))
+                break
+            _, _, wid, dev = min(candidates)
+            free[(wid, dev)] -= need
+            per_worker[wid] = per_worker.get(wid, 0) + 1
+            v = want.version
+            result.add.append((wid, mesh_pb2.Assignment(
+                replica_id=new_id(name), deployment=name, model_name=v.name, model_version=v.version,
+                format=v.format, source=v.source, task=v.task, options=dict(v.options),
+                device_ids=[dev], memory_bytes=need)))
+    return result

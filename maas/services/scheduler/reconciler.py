@@ -1,0 +1,106 @@
+"""The leader's loop: desired state (deployments) -> assignments, level-triggered.
+
+Only the elected leader writes assignments, and every write is fenced on the election
+key, so a leader that lost its lease while paused cannot place anything. After a
+restart or fail-over the new leader rebuilds everything from etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from maas.mesh.errors import MaasError
+from maas.mesh.etcd import LeaderElection
+from maas.mesh.server import ServiceRuntime
+from maas.services.scheduler import placement
+from maas.services.scheduler.state import ClusterState, VersionResolver
+from maas.v1 import mesh_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_TXN_OPS = 100  # etcd's default limit is 128 operations per transaction
+
+
+class LostLeadership(Exception):
+    pass
+
+
+class Reconciler:
+    def __init__(self, rt: ServiceRuntime, state: ClusterState, resolver: VersionResolver) -> None:
+        self.rt = rt
+        self.state = state
+        self.resolver = resolver
+        self.is_leader = False
+        self.unplaced: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+        state.workers.add_listener(self._on_worker)
+
+    def _on_worker(self, worker_id: str, old: mesh_pb2.WorkerInfo | None, new: mesh_pb2.WorkerInfo | None) -> None:
+        if self.is_leader and new is None and old is not None:
+            self.rt.events.publish("worker", "left", worker_id, f"worker {worker_id} lease gone; re-placing its replicas")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="reconciler")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        info = self.rt.info
+        while True:
+            election = LeaderElection(self.rt.etcd, "scheduler", mesh_pb2.LeaderInfo(
+                instance=info.instance, endpoint=info.endpoint).SerializeToString())
+            await election.campaign()
+            self.is_leader = True
+            self.rt.events.publish("scheduler", "leader", self.rt.config.instance, "became scheduler leader")
+            try:
+                await self._lead(election)
+            except LostLeadership:
+                log.warning("lost scheduler leadership")
+            finally:
+                self.is_leader = False
+
+    async def _lead(self, election: LeaderElection) -> None:
+        while True:
+            self.state.changed.clear()
+            try:
+                await self.reconcile_once(election)
+            except LostLeadership:
+                raise
+            except Exception as e:  # etcd or registry hiccup: try again shortly
+                log.warning("reconcile failed: %s", e)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.state.changed.wait(), 2.0)
+            await asyncio.sleep(0.05)  # debounce bursts of changes
+            if not await election.is_leader():
+                raise LostLeadership
+
+    async def reconcile_once(self, election: LeaderElection) -> None:
+        wants: dict[str, placement.Want] = {}
+        for name, dep in list(self.state.deployments.items.items()):
+            try:
+                wants[name] = placement.Want(dep, await self.resolver.resolve(dep.resolved_version))
+            except MaasError as e:
+                self.unplaced[name] = str(e)
+        result = placement.plan(wants, dict(self.state.workers.items), self.state.assignments_by_worker())
+        self.unplaced.update(result.unplaced)
+        for name in list(self.unplaced):
+            if name not in result.unplaced and name in wants:
+                del self.unplaced[name]
+        if not result:
+            return
+        keys, tx = self.rt.etcd.keys, self.rt.etcd.client.transactions
+        ops = [tx.delete(keys.assignment(w, r)) for w, r in result.remove]
+        ops += [tx.put(keys.assignment(w, a.replica_id), a.SerializeToString()) for w, a in result.add]
+        for i in range(0, len(ops), MAX_TXN_OPS):
+            if not await election.fenced_txn(ops[i:i + MAX_TXN_OPS]):
+                raise LostLeadership
+        for w, a in result.add:
+            log.info("placed %s (%s@%s) on %s %s", a.replica_id, a.model_name, a.model_version, w, a.device_ids[0])
+        for w, r in result.remove:
+            log.info("removed %s from %s", r, w)

@@ -1,0 +1,1 @@
+"""worker: owns devices, loads the models the scheduler assigns, serves Inference."""

@@ -1,0 +1,39 @@
+"""protobuf <-> engine domain types, with validation that names the bad field."""
+
+from __future__ import annotations
+
+from maas.mesh.logs import new_request_id
+from maas.services.worker.engines.base import Delta, GenerationRequest, SamplingParams
+from maas.v1 import common_pb2, inference_pb2
+
+FINISH = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "cancelled": common_pb2.FINISH_REASON_CANCELLED,
+    "error": common_pb2.FINISH_REASON_ERROR,
+}
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
+    kwargs: dict[str, object] = {}
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "logprobs"):
+        if p.HasField(name):
+            kwargs[name] = getattr(p, name)
+    return SamplingParams(stop=tuple(p.stop), ignore_eos=p.ignore_eos, **kwargs)  # type: ignore[arg-type]
+
+
+def request_from_proto(r: inference_pb2.GenerateRequest) -> GenerationRequest:
+    return GenerationRequest(request_id=r.request_id or new_request_id(), prompt=r.prompt,
+                             params=sampling_from_proto(r.params),
+                             resume_token_ids=tuple(r.resume_token_ids))
+
+
+def chunk_from_delta(delta: Delta, *, request_id: str, model: str, replica_id: str) -> inference_pb2.GenerateChunk:
+    chunk = inference_pb2.GenerateChunk(request_id=request_id, text=delta.text, token_ids=delta.token_ids,
+                                        model=model, replica_id=replica_id)
+    if delta.finish_reason is not None:
+        chunk.finish_reason = FINISH[delta.finish_reason]
+        chunk.usage.prompt_tokens = delta.prompt_tokens
+        chunk.usage.completion_tokens = delta.completion_tokens
+    return chunk

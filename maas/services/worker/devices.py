@@ -1,0 +1,41 @@
+"""Find the devices a worker owns: CUDA GPUs through torch, else the CPU as one device."""
+
+from __future__ import annotations
+
+import os
+
+from maas.v1 import mesh_pb2
+
+GiB = 1024**3
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * GiB
+
+
+def detect_devices(kind: str = "auto", cpu_memory_bytes: int = 0) -> list[mesh_pb2.Device]:
+    """kind: auto (CUDA if present, else CPU), cuda or cpu. cpu_memory_bytes: the CPU device's
+    budget (default: half the available memory, at most 16 GiB)."""
+    if kind in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            devices = []
+            for i in range(torch.cuda.device_count()):
+                free, total = torch.cuda.mem_get_info(i)
+                devices.append(mesh_pb2.Device(id=f"cuda:{i}", name=torch.cuda.get_device_name(i),
+                                               memory_total_bytes=total, memory_free_bytes=free))
+            return devices
+        if kind == "cuda":
+            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    available = _mem_available()
+    budget = cpu_memory_bytes or min(available // 2, 16 * GiB)
+    return [mesh_pb2.Device(id="cpu", name=f"cpu ({os.cpu_count()} cores)", memory_total_bytes=budget,
+                            memory_free_bytes=min(budget, available))]

@@ -1,0 +1,103 @@
+"""What every engine offers the worker: domain types and the Engine protocol.
+
+The worker's gRPC servicer converts protobuf to these types, awaits the engine and
+converts back; engines never see protobuf or gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from maas.mesh.errors import InvalidArgument
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated sampling parameters (protobuf defaults resolved)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise InvalidArgument("max_tokens must be > 0", field="max_tokens")
+        if not self.temperature >= 0:  # also rejects NaN
+            raise InvalidArgument("temperature must be >= 0", field="temperature")
+        if not 0 < self.top_p <= 1:
+            raise InvalidArgument("top_p must be in (0, 1]", field="top_p")
+        if self.top_k < 0:
+            raise InvalidArgument("top_k must be >= 0", field="top_k")
+        if not self.repetition_penalty > 0:
+            raise InvalidArgument("repetition_penalty must be > 0", field="repetition_penalty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidArgument(f"{name} must be in [-2, 2]", field=name)
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidArgument("logprobs must be in [0, 20]", field="logprobs")
+        if any(s == "" for s in self.stop):
+            raise InvalidArgument("stop strings must not be empty", field="stop")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    # Tokens already produced for this request elsewhere; the engine continues after them.
+    resume_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise InvalidArgument("prompt must not be empty", field="prompt")
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output since the previous delta. The last one has finish_reason set."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an engine needs to load one model version (from the scheduler's assignment)."""
+
+    name: str
+    version: int
+    format: str  # "hf" or "sim"
+    source: str  # directory or hub id; ignored by sim
+    task: str = "generate"
+    options: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"
+
+
+class Engine(Protocol):
+    """A loaded model. `load` and `close` are idempotent; `generate` never blocks the loop."""
+
+    context_length: int
+
+    async def load(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Yield deltas until one carries finish_reason. Cancelling the consumer
+        (closing the iterator) stops the sequence at the next step."""
+        ...
+
+    async def close(self) -> None: ...

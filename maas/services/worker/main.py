@@ -1,0 +1,89 @@
+"""`maas worker`: register this machine's devices and serve the replicas assigned to it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+
+from maas.mesh.config import MeshConfig
+from maas.mesh.errors import StartupError
+from maas.mesh.logs import setup_logging
+from maas.mesh.server import ServiceRuntime, run_service
+from maas.services.worker.devices import detect_devices
+from maas.services.worker.engines import create_engine
+from maas.services.worker.replicas import EngineFactory, ReplicaManager
+from maas.services.worker.service import WorkerInferenceServicer
+from maas.v1 import inference_pb2, inference_pb2_grpc, mesh_pb2
+
+LOAD_REPORT_INTERVAL = 0.5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    MeshConfig.add_arguments(parser)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA GPUs when torch sees them, else the CPU")
+    parser.add_argument("--cpu-memory-gib", type=float, default=0.0,
+                        help="memory budget of the CPU device (default: half the available memory, <= 16)")
+    parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                        help="worker label used by deployment selectors (repeatable)")
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StartupError(f"label {item!r} must look like KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+async def build(rt: ServiceRuntime, *, devices: list[mesh_pb2.Device], labels: dict[str, str] | None = None,
+                engine_factory: EngineFactory = create_engine) -> ReplicaManager:
+    """Wire a worker into a runtime (also used by in-process tests)."""
+    worker_id = rt.config.instance
+    replicas = ReplicaManager(rt, worker_id, engine_factory=engine_factory, unload_grace=rt.config.grace)
+    rt.add_service(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+                   inference_pb2_grpc.add_InferenceServicer_to_server, WorkerInferenceServicer(replicas))
+    rt.before_stop(replicas.drain)
+    rt.add_closer(replicas.close)
+    await rt.start()
+    info = mesh_pb2.WorkerInfo(worker_id=worker_id, endpoint=rt.endpoint, devices=devices, labels=labels or {},
+                               formats=["hf", "sim"], started_ms=int(time.time() * 1000))
+    await rt.etcd.put_owned(rt.etcd.keys.worker(worker_id), info.SerializeToString())
+    rt.events.publish("worker", "joined", worker_id,
+                      f"worker {worker_id} joined with {', '.join(d.id for d in devices)}", endpoint=rt.endpoint)
+    await replicas.start()
+    reporter = asyncio.create_task(_report_load(rt, replicas), name="load-report")
+
+    async def stop_reporter() -> None:
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
+
+    rt.before_stop(stop_reporter)
+    return replicas
+
+
+async def _report_load(rt: ServiceRuntime, replicas: ReplicaManager) -> None:
+    while True:
+        await rt.events.publish_load(mesh_pb2.LoadReport(
+            worker_id=replicas.worker_id, in_flight=replicas.in_flight, running=replicas.in_flight,
+            time_ms=int(time.time() * 1000)))
+        await asyncio.sleep(LOAD_REPORT_INTERVAL)
+
+
+def main(ns: argparse.Namespace) -> int:
+    config = MeshConfig.from_args("worker", ns)
+    setup_logging(config.log_level, json_output=config.log_json, name="worker")
+
+    async def serve() -> None:
+        labels = parse_labels(ns.label)
+        devices = detect_devices(ns.device, int(ns.cpu_memory_gib * 1024**3))
+        async with ServiceRuntime(config) as rt:
+            await build(rt, devices=devices, labels=labels)
+            await rt.wait()
+
+    return run_service(serve)

@@ -1,0 +1,178 @@
+"""The worker's replicas: follow this worker's assignments in etcd, load and unload engines,
+and publish each replica's state (loading/ready/draining/failed) under the worker's lease."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from maas.mesh.discovery import PrefixMirror
+from maas.mesh.errors import NotFound, Unavailable
+from maas.mesh.server import ServiceRuntime
+from maas.services.worker.engines import create_engine
+from maas.services.worker.engines.base import Engine, ModelSpec
+from maas.v1 import mesh_pb2
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[ModelSpec], Engine]
+
+
+@dataclass
+class Replica:
+    assignment: mesh_pb2.Assignment
+    info: mesh_pb2.ReplicaInfo
+    engine: Engine | None = None
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.assignment.model_name}@{self.assignment.model_version}"
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[Engine]:
+        """Count one in-flight request for the duration of the block."""
+        if self.engine is None or self.info.state != mesh_pb2.REPLICA_STATE_READY:
+            raise Unavailable(f"replica {self.info.replica_id} is not ready")
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            yield self.engine
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+
+
+class ReplicaManager:
+    def __init__(self, rt: ServiceRuntime, worker_id: str, *, engine_factory: EngineFactory = create_engine,
+                 unload_grace: float = 10.0) -> None:
+        self.rt = rt
+        self.worker_id = worker_id
+        self.engine_factory = engine_factory
+        self.unload_grace = unload_grace
+        self.replicas: dict[str, Replica] = {}
+        self.assignments = PrefixMirror(rt.etcd, rt.etcd.keys.assignments(worker_id), mesh_pb2.Assignment)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self.assignments.add_listener(lambda *_: self._wake.set())
+
+    async def start(self) -> None:
+        await self.assignments.start()
+        self._loop_task = asyncio.create_task(self._follow(), name="replicas")
+
+    async def _follow(self) -> None:
+        while True:
+            self._wake.clear()
+            wanted = dict(self.assignments.items)
+            for rid, a in wanted.items():
+                if rid not in self.replicas:
+                    self._spawn(self._load(a))
+            for rid in list(self.replicas):
+                if rid not in wanted:
+                    self._spawn(self._unload(rid))
+            await self._wake.wait()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, replica: Replica, state: int, message: str = "") -> None:
+        replica.info.state = state  # type: ignore[assignment]
+        replica.info.message = message
+        replica.info.updated_ms = int(time.time() * 1000)
+        await self.rt.etcd.put_owned(self.rt.etcd.keys.replica(replica.info.replica_id),
+                                     replica.info.SerializeToString())
+
+    async def _load(self, a: mesh_pb2.Assignment) -> None:
+        info = mesh_pb2.ReplicaInfo(
+            replica_id=a.replica_id, worker_id=self.worker_id, endpoint=self.rt.endpoint, deployment=a.deployment,
+            model_name=a.model_name, model_version=a.model_version, device_ids=list(a.device_ids), task=a.task)
+        replica = Replica(assignment=a, info=info)
+        self.replicas[a.replica_id] = replica
+        await self._publish(replica, mesh_pb2.REPLICA_STATE_LOADING)
+        self.rt.events.publish("replica", "loading", a.replica_id, f"loading {replica.ref} on {self.worker_id}",
+                               model=replica.ref, worker=self.worker_id)
+        started = time.perf_counter()
+        try:
+            spec = ModelSpec(name=a.model_name, version=a.model_version, format=a.format, source=a.source,
+                             task=a.task or "generate", options=dict(a.options),
+                             device=a.device_ids[0] if a.device_ids else "cpu")
+            replica.engine = self.engine_factory(spec)
+            await replica.engine.load()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            message = f"{type(e).__name__}: {e}"[:500]
+            log.error("replica %s (%s) failed to load: %s", a.replica_id, replica.ref, message)
+            await self._publish(replica, mesh_pb2.REPLICA_STATE_FAILED, message)
+            self.rt.events.publish("replica", "failed", a.replica_id, message, model=replica.ref,
+                                   worker=self.worker_id)
+            return
+        if a.replica_id not in self.replicas:  # unassigned while loading
+            await replica.engine.close()
+            return
+        replica.info.context_length = replica.engine.context_length
+        await self._publish(replica, mesh_pb2.REPLICA_STATE_READY)
+        seconds = time.perf_counter() - started
+        self.rt.events.publish("replica", "ready", a.replica_id, f"{replica.ref} ready in {seconds:.1f}s",
+                               model=replica.ref, worker=self.worker_id, load_seconds=f"{seconds:.2f}")
+
+    async def _unload(self, replica_id: str) -> None:
+        replica = self.replicas.pop(replica_id, None)
+        if replica is None:
+            return
+        with contextlib.suppress(Exception):
+            await self.rt.etcd.delete_owned(self.rt.etcd.keys.replica(replica_id))
+        if replica.in_flight:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(replica.idle.wait(), self.unload_grace)
+        if replica.engine is not None:
+            await replica.engine.close()
+        self.rt.events.publish("replica", "unloaded", replica_id, f"unloaded {replica.ref}", model=replica.ref,
+                               worker=self.worker_id)
+
+    def find(self, model: str) -> Replica:
+        """The ready replica serving `model` ("name" or "name@version") with the fewest requests."""
+        name, _, version = model.partition("@")
+        matches = [r for r in self.replicas.values()
+                   if r.assignment.model_name == name and (not version or str(r.assignment.model_version) == version)]
+        ready = [r for r in matches if r.info.state == mesh_pb2.REPLICA_STATE_READY]
+        if ready:
+            return min(ready, key=lambda r: r.in_flight)
+        if matches:
+            raise Unavailable(f"model {model!r} is not ready on worker {self.worker_id} "
+                              f"(state: {mesh_pb2.ReplicaState.Name(matches[0].info.state)})")
+        raise NotFound(f"model {model!r} is not loaded on worker {self.worker_id}")
+
+    @property
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self.replicas.values())
+
+    async def drain(self) -> None:
+        """Mark every replica draining so routers stop picking them; in-flight requests go on."""
+        for replica in self.replicas.values():
+            if replica.info.state == mesh_pb2.REPLICA_STATE_READY:
+                with contextlib.suppress(Exception):
+                    await self._publish(replica, mesh_pb2.REPLICA_STATE_DRAINING)
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for task in list(self._tasks):
+            task.cancel()
+        await self.assignments.close()
+        for replica in list(self.replicas.values()):
+            if replica.engine is not None:
+                with contextlib.suppress(Exception):
+                    await replica.engine.close()
+        self.replicas.clear()

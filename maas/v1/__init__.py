@@ -1,0 +1,1 @@
+"""Generated from protos/maas/v1 by tools/protos.py. Do not edit."""

@@ -1,0 +1,184 @@
+"""Real etcd and nats-server on free ports; services in-process or as real processes.
+
+Every test gets its own etcd key prefix, so tests share one etcd and one NATS without
+seeing each other's workers or deployments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from maas.mesh.clients import MeshClient
+from maas.mesh.config import MeshConfig
+from maas.mesh.server import ServiceRuntime
+from maas.services.registry import main as registry_main
+from maas.services.router import main as router_main
+from maas.services.scheduler import main as scheduler_main
+from maas.services.worker import main as worker_main
+from maas.services.worker.devices import detect_devices
+from maas.services.worker.replicas import ReplicaManager
+from maas.stack.servers import Child, start_etcd, start_nats
+from maas.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
+
+
+@pytest.fixture(scope="session")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    child, url = start_etcd(tmp_path_factory.mktemp("etcd") / "data")
+    yield url
+    child.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    child, url = start_nats(tmp_path_factory.mktemp("nats") / "js")
+    yield url
+    child.stop()
+
+
+@dataclass
+class TestMesh:
+    """A mesh under one test's private etcd prefix."""
+
+    etcd: str
+    nats: str
+    prefix: str
+    tmp: Path
+    runtimes: list[ServiceRuntime] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
+    _client: MeshClient | None = None
+
+    def config(self, kind: str, **kw: object) -> MeshConfig:
+        kw.setdefault("lease_ttl", 2)
+        return MeshConfig(kind=kind, etcd=self.etcd, nats=self.nats, prefix=self.prefix, metrics_port=-1,
+                          grace=2.0, **kw)  # type: ignore[arg-type]
+
+    async def _runtime(self, kind: str, **kw: object) -> ServiceRuntime:
+        rt = ServiceRuntime(self.config(kind, **kw))
+        self.runtimes.append(rt)
+        return rt
+
+    async def registry(self) -> ServiceRuntime:
+        rt = await self._runtime("registry")
+        await registry_main.build(rt)
+        return rt
+
+    async def scheduler(self) -> ServiceRuntime:
+        rt = await self._runtime("scheduler")
+        await scheduler_main.build(rt)
+        return rt
+
+    async def router(self) -> ServiceRuntime:
+        rt = await self._runtime("router")
+        await router_main.build(rt)
+        return rt
+
+    async def worker(self, memory_gib: float = 4.0) -> ReplicaManager:
+        """An in-process worker; returns its replica manager (`.rt` is its runtime)."""
+        rt = await self._runtime("worker")
+        return await worker_main.build(rt, devices=detect_devices("cpu", int(memory_gib * 2**30)))
+
+    async def core(self) -> None:
+        """registry + scheduler + router, in-process."""
+        await self.registry()
+        await self.scheduler()
+        await self.router()
+
+    def spawn(self, kind: str, *args: str) -> Child:
+        """Run a service as a real process (for tests that kill it)."""
+        name = f"{kind}-{len(self.children)}"
+        child = Child(name, [sys.executable, "-m", "maas", kind, "--etcd", self.etcd, "--nats", self.nats,
+                             "--prefix", self.prefix, "--lease-ttl", "2", "--metrics-port", "-1", *args],
+                      self.tmp / f"{name}.log", env={**os.environ, "PYTHONUNBUFFERED": "1"}).start()
+        self.children.append(child)
+        return child
+
+    async def client(self) -> MeshClient:
+        if self._client is None:
+            self._client = MeshClient(self.etcd, self.prefix)
+        return self._client
+
+    async def stub(self, kind: str) -> object:
+        channel = await (await self.client()).channel(kind)
+        return {"registry": registry_pb2_grpc.RegistryStub, "scheduler": scheduler_pb2_grpc.SchedulerStub,
+                "router": inference_pb2_grpc.InferenceStub}[kind](channel)
+
+    async def register(self, name: str, *, fmt: str = "sim", source: str = "", **options: str) -> registry_pb2.ModelVersion:
+        stub = await self.stub("registry")
+        return await stub.RegisterModel(registry_pb2.RegisterModelRequest(  # type: ignore[attr-defined]
+            name=name, format=fmt, source=source, options=options), timeout=10)
+
+    async def deploy(self, name: str, replicas: int = 1, model: str = "") -> scheduler_pb2.DeploymentStatus:
+        stub = await self.stub("scheduler")
+        return await stub.CreateDeployment(scheduler_pb2.CreateDeploymentRequest(  # type: ignore[attr-defined]
+            deployment=scheduler_pb2.Deployment(name=name, model=model or name, replicas=replicas)), timeout=10)
+
+    async def wait_ready(self, name: str, replicas: int = 1, timeout: float = 30.0) -> scheduler_pb2.DeploymentStatus:
+        stub = await self.stub("scheduler")
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            st = await stub.GetDeployment(scheduler_pb2.GetDeploymentRequest(name=name), timeout=5)  # type: ignore[attr-defined]
+            if st.ready_replicas >= replicas:
+                return st
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{name} not ready after {timeout}s: {st.message}")
+            await asyncio.sleep(0.1)
+
+    async def generate(self, model: str, prompt: str = "hello world", timeout: float = 20.0,
+                       **params: object) -> list[inference_pb2.GenerateChunk]:
+        stub = await self.stub("router")
+        request = inference_pb2.GenerateRequest(model=model, prompt=prompt,
+                                                params=common_pb2.SamplingParams(**params))  # type: ignore[arg-type]
+        return [c async for c in stub.GenerateStream(request, timeout=timeout)]  # type: ignore[attr-defined]
+
+    async def reset_client(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def close(self) -> None:
+        await self.reset_client()
+        for rt in reversed(self.runtimes):
+            await rt.stop()
+        for child in reversed(self.children):
+            child.stop(timeout=5)
+
+
+@pytest.fixture
+async def mesh(etcd_url: str, nats_url: str, tmp_path: Path) -> AsyncIterator[TestMesh]:
+    m = TestMesh(etcd=etcd_url, nats=nats_url, prefix=f"/t{uuid.uuid4().hex[:10]}/", tmp=tmp_path)
+    yield m
+    await m.close()
+
+
+async def eventually(check: Callable[[], object], timeout: float = 15.0, interval: float = 0.1) -> object:
+    """Wait for a condition (never a fixed sleep): retries `check` until it returns truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: object = None
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            result = check()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return result
+        except (AssertionError, grpc.aio.AioRpcError) as e:
+            last = e
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last: {last})")

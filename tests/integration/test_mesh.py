@@ -1,0 +1,164 @@
+"""The mesh end to end with the sim engine: registry, scheduler, router and worker in-process,
+real etcd and NATS."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from maas.v1 import (
+    common_pb2,
+    inference_pb2,
+    registry_pb2,
+    scheduler_pb2,
+)
+
+from .conftest import TestMesh, eventually
+
+
+async def test_request_streams_through_router_to_worker(mesh: TestMesh):
+    await mesh.core()
+    await mesh.worker()
+    version = await mesh.register("echo", token_delay_ms="1")
+    assert (version.name, version.version, version.format) == ("echo", 1, "sim")
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+
+    chunks = await mesh.generate("echo", "hello there", max_tokens=8, seed=7)
+    assert len(chunks) >= 2, "tokens arrive as a stream, not one message"
+    last = chunks[-1]
+    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert last.usage.completion_tokens == 8
+    assert last.model == "echo@1"
+    text = "".join(c.text for c in chunks)
+    assert text.strip()
+    # same seed, same text; the router's unary Generate agrees with the stream
+    again = await mesh.generate("echo", "hello there", max_tokens=8, seed=7)
+    assert "".join(c.text for c in again) == text
+    stub = await mesh.stub("router")
+    whole = await stub.Generate(inference_pb2.GenerateRequest(
+        model="echo", prompt="hello there", params=common_pb2.SamplingParams(max_tokens=8, seed=7)), timeout=10)
+    assert whole.text == text and whole.usage.completion_tokens == 8
+    listed = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+    assert [(m.name, m.ready_replicas) for m in listed.models] == [("echo", 1)]
+
+
+@pytest.mark.parametrize("params, prompt, field", [
+    ({"max_tokens": -1}, "hi", "max_tokens"),
+    ({"temperature": -0.5}, "hi", "temperature"),
+    ({"top_p": 0.0}, "hi", "top_p"),
+    ({"top_p": 1.5}, "hi", "top_p"),
+    ({}, "", "prompt"),
+])
+async def test_bad_input_gets_invalid_argument_naming_the_field(mesh: TestMesh, params, prompt, field):
+    await mesh.core()
+    await mesh.worker()
+    await mesh.register("echo", token_delay_ms="1")
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.generate("echo", prompt, **params)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+    assert "Traceback" not in err.value.details()
+    # the service stays up
+    assert (await mesh.generate("echo", "still here", max_tokens=2))[-1].usage.completion_tokens == 2
+
+
+async def test_unknown_undeployed_and_unready_models_get_clear_statuses(mesh: TestMesh):
+    await mesh.core()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.generate("nope")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "'nope' is not registered" in err.value.details()
+
+    await mesh.register("later")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.generate("later")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "not deployed" in err.value.details()
+
+    await mesh.deploy("later")  # no worker yet
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.generate("later")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no ready replica" in err.value.details()
+    status = await (await mesh.stub("scheduler")).GetDeployment(
+        scheduler_pb2.GetDeploymentRequest(name="later"), timeout=5)
+    assert "no worker" in status.message or "placed" in status.message
+
+    await mesh.worker()  # a worker joins: the deployment gets placed without any other action
+    await mesh.wait_ready("later")
+    assert (await mesh.generate("later", max_tokens=3))[-1].usage.completion_tokens == 3
+
+
+async def test_deadline_propagates_and_cancel_frees_the_worker(mesh: TestMesh):
+    await mesh.core()
+    replicas = await mesh.worker()
+    await mesh.register("slow", token_delay_ms="200")
+    await mesh.deploy("slow")
+    await mesh.wait_ready("slow")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.generate("slow", max_tokens=100, timeout=0.8)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    stub = await mesh.stub("router")
+    call = stub.GenerateStream(inference_pb2.GenerateRequest(
+        model="slow", prompt="x", params=common_pb2.SamplingParams(max_tokens=100)), timeout=30)
+    await call.read()  # first token arrived: the worker is busy with it
+    call.cancel()
+    await eventually(lambda: replicas.in_flight == 0, timeout=5)
+
+
+async def test_registry_validation_and_versions(mesh: TestMesh, tmp_path):
+    await mesh.registry()
+    stub = await mesh.stub("registry")
+    for req, field in [
+        (registry_pb2.RegisterModelRequest(name="Bad Name", format="sim"), "name"),
+        (registry_pb2.RegisterModelRequest(name="m", format="onnx"), "format"),
+        (registry_pb2.RegisterModelRequest(name="m", format="hf"), "source"),
+        (registry_pb2.RegisterModelRequest(name="m", format="hf", source=str(tmp_path / "missing")), "source"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.RegisterModel(req, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert field in err.value.details()
+
+    # concurrent registrations get distinct, consecutive version numbers
+    results = await asyncio.gather(*(mesh.register("m") for _ in range(5)))
+    assert sorted(v.version for v in results) == [1, 2, 3, 4, 5]
+    assert (await stub.GetVersion(registry_pb2.GetVersionRequest(ref="m"), timeout=5)).version == 5
+    assert (await stub.GetVersion(registry_pb2.GetVersionRequest(ref="m@2"), timeout=5)).version == 2
+    await stub.SetAlias(registry_pb2.SetAliasRequest(name="m", alias="prod", version=3), timeout=5)
+    assert (await stub.GetVersion(registry_pb2.GetVersionRequest(ref="m@prod"), timeout=5)).version == 3
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetVersion(registry_pb2.GetVersionRequest(ref="m@9"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    listed = await stub.ListModels(registry_pb2.ListRegisteredModelsRequest(), timeout=5)
+    assert [(m.name, m.latest_version) for m in listed.models] == [("m", 5)]
+
+
+async def test_scale_up_spreads_and_scale_down_unloads(mesh: TestMesh):
+    await mesh.core()
+    await mesh.worker()
+    await mesh.worker()
+    await mesh.register("echo", token_delay_ms="1")
+    await mesh.deploy("echo", replicas=2)
+    status = await mesh.wait_ready("echo", replicas=2)
+    assert len({r.worker_id for r in status.replicas}) == 2, "replicas spread across workers"
+    sched = await mesh.stub("scheduler")
+    await sched.UpdateDeployment(scheduler_pb2.UpdateDeploymentRequest(
+        deployment=scheduler_pb2.Deployment(name="echo", replicas=1)), timeout=5)
+
+    async def one_left() -> bool:
+        st = await sched.GetDeployment(scheduler_pb2.GetDeploymentRequest(name="echo"), timeout=5)
+        return len(st.replicas) == 1 and st.ready_replicas == 1
+
+    await eventually(one_left)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await sched.CreateDeployment(scheduler_pb2.CreateDeploymentRequest(
+            deployment=scheduler_pb2.Deployment(name="echo")), timeout=5)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await sched.CreateDeployment(scheduler_pb2.CreateDeploymentRequest(
+            deployment=scheduler_pb2.Deployment(name="ghost")), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
