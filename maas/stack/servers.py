@@ -1,13 +1,14 @@
 """Start etcd and nats-server as child processes (from the PyPI wheels, or PATH).
 
-Used by `maas up` and by the test fixtures. Children get PR_SET_PDEATHSIG on Linux, so
-they die with the process that started them even if it is killed with SIGKILL.
+Used by `maas up` and by the test fixtures. Where util-linux `setpriv` exists, children
+start under `setpriv --pdeathsig TERM`, so they die with the process that started them
+even if it is killed with SIGKILL. (Not a `preexec_fn`: forking a process that runs gRPC
+threads through Python's fork path can wedge the child before it execs.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -38,9 +39,9 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _die_with_parent() -> list[str]:
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
 def _is_script(path: str) -> bool:
@@ -82,8 +83,8 @@ class Child:
     def start(self) -> Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=self.env, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen([*_die_with_parent(), *self.args], stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=self.env)
         return self
 
     @property
@@ -133,6 +134,13 @@ def _wait_until(check: callable, child: Child, what: str, timeout: float) -> Non
     raise StartupError(f"{child.name} did not become ready within {timeout:.0f}s ({what}):\n{child.tail()}")
 
 
+def _etcd_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if os.uname().machine not in ("x86_64", "amd64"):
+        env["ETCD_UNSUPPORTED_ARCH"] = os.uname().machine  # etcd 3.5 refuses other arches without it
+    return env
+
+
 def start_etcd(data_dir: Path, *, port: int = 0, peer_port: int = 0, log_dir: Path | None = None,
                timeout: float = 20.0) -> tuple[Child, str]:
     port = port or free_port()
@@ -145,7 +153,7 @@ def start_etcd(data_dir: Path, *, port: int = 0, peer_port: int = 0, log_dir: Pa
         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
         "--initial-cluster", f"maas={peer_url}", "--log-level", "warn",
         "--auto-compaction-retention", "1h",
-    ], (log_dir or data_dir.parent) / "etcd.log", env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.uname().machine}).start()
+    ], (log_dir or data_dir.parent) / "etcd.log", env=_etcd_env()).start()
 
     def healthy() -> bool:
         with urllib.request.urlopen(f"{url}/health", timeout=1) as r:  # noqa: S310 (loopback)

@@ -53,7 +53,7 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @dataclass
-class TestMesh:
+class MeshHarness:
     """A mesh under one test's private etcd prefix."""
 
     etcd: str
@@ -161,10 +161,18 @@ class TestMesh:
 
 
 @pytest.fixture
-async def mesh(etcd_url: str, nats_url: str, tmp_path: Path) -> AsyncIterator[TestMesh]:
-    m = TestMesh(etcd=etcd_url, nats=nats_url, prefix=f"/t{uuid.uuid4().hex[:10]}/", tmp=tmp_path)
+async def mesh(etcd_url: str, nats_url: str, tmp_path: Path) -> AsyncIterator[MeshHarness]:
+    m = MeshHarness(etcd=etcd_url, nats=nats_url, prefix=f"/t{uuid.uuid4().hex[:10]}/", tmp=tmp_path)
     yield m
     await m.close()
+
+
+async def read_rest(call: grpc.aio.UnaryStreamCall) -> list[object]:
+    """Read a stream to its end with read() (gRPC forbids mixing read() and iteration)."""
+    out = []
+    while (msg := await call.read()) is not grpc.aio.EOF:
+        out.append(msg)
+    return out
 
 
 async def eventually(check: Callable[[], object], timeout: float = 15.0, interval: float = 0.1) -> object:

@@ -20,15 +20,15 @@ from maas.services.registry import main as registry_main
 from maas.stack.servers import free_port, start_etcd
 from maas.v1 import common_pb2, inference_pb2, mesh_pb2, scheduler_pb2
 
-from .conftest import TestMesh, eventually
+from .conftest import MeshHarness, eventually, read_rest
 
 
-async def _where(mesh: TestMesh, name: str) -> set[str]:
+async def _where(mesh: MeshHarness, name: str) -> set[str]:
     st = await (await mesh.stub("scheduler")).GetDeployment(scheduler_pb2.GetDeploymentRequest(name=name), timeout=5)
     return {r.worker_id for r in st.replicas if r.state == mesh_pb2.REPLICA_STATE_READY}
 
 
-async def test_worker_killed_while_serving_is_replaced_without_restarting_anything(mesh: TestMesh):
+async def test_worker_killed_while_serving_is_replaced_without_restarting_anything(mesh: MeshHarness):
     await mesh.core()
     w1 = mesh.spawn("worker", "--instance", "w1", "--cpu-memory-gib", "2")
     w2 = mesh.spawn("worker", "--instance", "w2", "--cpu-memory-gib", "2")
@@ -44,8 +44,7 @@ async def test_worker_killed_while_serving_is_replaced_without_restarting_anythi
     await call.read()
     victim.signal(signal.SIGKILL)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for _ in call:
-            pass
+        await read_rest(call)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # mid-stream migration is issue 5
 
     started = time.monotonic()
@@ -56,7 +55,7 @@ async def test_worker_killed_while_serving_is_replaced_without_restarting_anythi
     assert healed < 15, f"re-placement took {healed:.1f}s"
 
 
-async def _ready_on(mesh: TestMesh, worker: str) -> bool:
+async def _ready_on(mesh: MeshHarness, worker: str) -> bool:
     return await _where(mesh, "echo") == {worker}
 
 
@@ -87,7 +86,7 @@ def test_taken_port_is_named_in_the_error(etcd_url: str, nats_url: str):
     assert "Traceback" not in result.stderr
 
 
-async def test_worker_drains_in_flight_streams_on_sigterm(mesh: TestMesh):
+async def test_worker_drains_in_flight_streams_on_sigterm(mesh: MeshHarness):
     await mesh.core()
     worker = mesh.spawn("worker", "--cpu-memory-gib", "2", "--grace", "20")
     await mesh.register("echo", token_delay_ms="30")
@@ -95,10 +94,10 @@ async def test_worker_drains_in_flight_streams_on_sigterm(mesh: TestMesh):
     await mesh.wait_ready("echo", timeout=60)
     stub = await mesh.stub("router")
     call = stub.GenerateStream(inference_pb2.GenerateRequest(
-        model="echo", prompt="drain", params=common_pb2.SamplingParams(max_tokens=40)), timeout=60)
+        model="echo", prompt="drain", params=common_pb2.SamplingParams(max_tokens=40)), timeout=15)
     first = await call.read()
     worker.signal(signal.SIGTERM)
-    rest = [c async for c in call]
+    rest = await read_rest(call)
     assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 40
     assert await asyncio.to_thread(worker.wait, 20) and worker.proc.returncode == 0
@@ -134,7 +133,7 @@ async def test_lease_loss_and_etcd_restart_re_register(tmp_path, nats_url: str):
         etcd.stop()
 
 
-async def test_scheduler_standby_takes_over_when_the_leader_dies(mesh: TestMesh):
+async def test_scheduler_standby_takes_over_when_the_leader_dies(mesh: MeshHarness):
     await mesh.registry()
     first = await mesh.scheduler()
     second = await mesh.scheduler()

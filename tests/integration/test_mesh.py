@@ -15,10 +15,10 @@ from maas.v1 import (
     scheduler_pb2,
 )
 
-from .conftest import TestMesh, eventually
+from .conftest import MeshHarness, eventually
 
 
-async def test_request_streams_through_router_to_worker(mesh: TestMesh):
+async def test_request_streams_through_router_to_worker(mesh: MeshHarness):
     await mesh.core()
     await mesh.worker()
     version = await mesh.register("echo", token_delay_ms="1")
@@ -52,7 +52,7 @@ async def test_request_streams_through_router_to_worker(mesh: TestMesh):
     ({"top_p": 1.5}, "hi", "top_p"),
     ({}, "", "prompt"),
 ])
-async def test_bad_input_gets_invalid_argument_naming_the_field(mesh: TestMesh, params, prompt, field):
+async def test_bad_input_gets_invalid_argument_naming_the_field(mesh: MeshHarness, params, prompt, field):
     await mesh.core()
     await mesh.worker()
     await mesh.register("echo", token_delay_ms="1")
@@ -67,7 +67,7 @@ async def test_bad_input_gets_invalid_argument_naming_the_field(mesh: TestMesh, 
     assert (await mesh.generate("echo", "still here", max_tokens=2))[-1].usage.completion_tokens == 2
 
 
-async def test_unknown_undeployed_and_unready_models_get_clear_statuses(mesh: TestMesh):
+async def test_unknown_undeployed_and_unready_models_get_clear_statuses(mesh: MeshHarness):
     await mesh.core()
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await mesh.generate("nope")
@@ -91,7 +91,7 @@ async def test_unknown_undeployed_and_unready_models_get_clear_statuses(mesh: Te
     assert (await mesh.generate("later", max_tokens=3))[-1].usage.completion_tokens == 3
 
 
-async def test_deadline_propagates_and_cancel_frees_the_worker(mesh: TestMesh):
+async def test_deadline_propagates_and_cancel_frees_the_worker(mesh: MeshHarness):
     await mesh.core()
     replicas = await mesh.worker()
     await mesh.register("slow", token_delay_ms="200")
@@ -109,7 +109,7 @@ async def test_deadline_propagates_and_cancel_frees_the_worker(mesh: TestMesh):
     await eventually(lambda: replicas.in_flight == 0, timeout=5)
 
 
-async def test_registry_validation_and_versions(mesh: TestMesh, tmp_path):
+async def test_registry_validation_and_versions(mesh: MeshHarness, tmp_path):
     await mesh.registry()
     stub = await mesh.stub("registry")
     for req, field in [
@@ -137,7 +137,7 @@ async def test_registry_validation_and_versions(mesh: TestMesh, tmp_path):
     assert [(m.name, m.latest_version) for m in listed.models] == [("m", 5)]
 
 
-async def test_scale_up_spreads_and_scale_down_unloads(mesh: TestMesh):
+async def test_scale_up_spreads_and_scale_down_unloads(mesh: MeshHarness):
     await mesh.core()
     await mesh.worker()
     await mesh.worker()

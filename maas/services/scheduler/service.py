@@ -60,7 +60,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def UpdateDeployment(self, request: scheduler_pb2.UpdateDeploymentRequest,
                                context: grpc.aio.ServicerContext) -> scheduler_pb2.DeploymentStatus:
-        current = self._get(request.deployment.name)
+        current = await self._get(request.deployment.name)
         dep = await self._prepare(request.deployment)
         dep.created_ms = current.created_ms
         await self.session.client.put(self.session.keys.deployment(dep.name), dep.SerializeToString())
@@ -69,25 +69,27 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                             replicas=str(dep.replicas))
         return self._status(dep)
 
-    def _get(self, name: str) -> scheduler_pb2.Deployment:
+    async def _get(self, name: str) -> scheduler_pb2.Deployment:
+        """Read from etcd, not the mirror: a client sees its own writes at once."""
         validate_name(name, "deployment")
-        dep = self.state.deployments.items.get(name)
-        if dep is None:
+        raw = await self.session.get(self.session.keys.deployment(name))
+        if raw is None:
             raise NotFound(f"deployment {name!r} does not exist")
-        return dep
+        return scheduler_pb2.Deployment.FromString(raw)
 
     async def GetDeployment(self, request: scheduler_pb2.GetDeploymentRequest,
                             context: grpc.aio.ServicerContext) -> scheduler_pb2.DeploymentStatus:
-        return self._status(self._get(request.name))
+        return self._status(await self._get(request.name))
 
     async def ListDeployments(self, request: scheduler_pb2.ListDeploymentsRequest,
                               context: grpc.aio.ServicerContext) -> scheduler_pb2.ListDeploymentsResponse:
-        deps = sorted(self.state.deployments.items.values(), key=lambda d: d.name)
+        pairs, _ = await self.session.get_prefix(self.session.keys.deployments())
+        deps = sorted((scheduler_pb2.Deployment.FromString(v) for _, v in pairs), key=lambda d: d.name)
         return scheduler_pb2.ListDeploymentsResponse(deployments=[self._status(d) for d in deps])
 
     async def DeleteDeployment(self, request: scheduler_pb2.DeleteDeploymentRequest,
                                context: grpc.aio.ServicerContext) -> scheduler_pb2.DeleteDeploymentResponse:
-        self._get(request.name)
+        await self._get(request.name)
         await self.session.client.delete(self.session.keys.deployment(request.name))
         self.events.publish("deployment", "deleted", request.name, f"{request.name} deleted")
         return scheduler_pb2.DeleteDeploymentResponse()

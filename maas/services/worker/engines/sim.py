@@ -4,10 +4,10 @@ Options (all strings, from the model spec): `token_delay_ms` (default 5) is the
 pause before each token, `context_length` (default 2048) the context size in words.
 Prompt "tokens" are the prompt's whitespace-separated words. Each generated token is
 a word picked by hashing (prompt, seed, absolute position), so a request resumed
-with its already-produced tokens continues exactly as it would have, and
-temperature 0 ignores the seed (greedy is always the same); unseeded sampled
-requests derive a seed from their request id. Stop strings, max_tokens,
-the context limit and the finish reasons behave as in the real engines.
+with its already-produced tokens continues exactly as it would have. Temperature 0
+ignores the seed (greedy is always the same); an unseeded sampled request derives
+its seed from its request id. Stop strings, max_tokens, the context limit and the
+finish reasons behave as in the real engines.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ class SimEngine:
         params = request.params
         resumed = list(request.resume_token_ids)
         if any(not 0 <= t < len(WORDS) for t in resumed):
-            raise InvalidArgument("resume_token_ids holds ids outside the vocabulary", field="resume_token_ids")
+            raise InvalidArgument(
+                "resume_token_ids holds ids outside the vocabulary", field="resume_token_ids"
+            )
         prompt_tokens = len(request.prompt.split())
         if prompt_tokens + len(resumed) >= self.context_length:
             raise InvalidArgument(
@@ -72,7 +74,9 @@ class SimEngine:
         # Greedy ignores the seed; an unseeded sampled request takes one from its id.
         seed = 0 if params.temperature == 0 else params.seed
         if seed is None:
-            seed = int.from_bytes(hashlib.blake2b(request.request_id.encode(), digest_size=8).digest(), "little")
+            seed = int.from_bytes(
+                hashlib.blake2b(request.request_id.encode(), digest_size=8).digest(), "little"
+            )
         prompt_key = hashlib.blake2b(request.prompt.encode(), digest_size=16).hexdigest()
 
         out = DeltaAssembler(params.stop, prompt_tokens=prompt_tokens, completion_tokens=len(resumed))

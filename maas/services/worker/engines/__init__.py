@@ -1,0 +1,25 @@
+"""Inference engines and the factory that picks one for a model spec."""
+
+from __future__ import annotations
+
+from maas.mesh.errors import InvalidArgument
+from maas.services.worker.engines.base import Engine, ModelSpec
+
+__all__ = ["create_engine"]
+
+
+def create_engine(spec: ModelSpec) -> Engine:
+    """The engine for `spec.format`: "hf" (transformers) or "sim" (simulator).
+
+    The HF engine is imported only when asked for, so sim-only workers never pay for
+    importing torch and transformers.
+    """
+    if spec.format == "hf":
+        from maas.services.worker.engines.hf import HFEngine
+
+        return HFEngine(spec)
+    if spec.format == "sim":
+        from maas.services.worker.engines.sim import SimEngine
+
+        return SimEngine(spec)
+    raise InvalidArgument(f"unknown model format {spec.format!r}: expected 'hf' or 'sim'", field="format")

@@ -1,0 +1,227 @@
+"""Engines: the simulator and the transformers engine on the forged demo model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from maas.mesh.errors import EngineDead, InvalidArgument
+from maas.services.worker.engines import create_engine
+from maas.services.worker.engines.base import Delta, Engine, GenerationRequest, ModelSpec, SamplingParams
+
+
+async def _collect(
+    engine: Engine, prompt: str, resume: tuple[int, ...] = (), **params: object
+) -> list[Delta]:
+    request = GenerationRequest("req-1", prompt, SamplingParams(**params), resume_token_ids=resume)  # type: ignore[arg-type]
+    return [delta async for delta in engine.generate(request)]
+
+
+def _text(deltas: list[Delta]) -> str:
+    return "".join(d.text for d in deltas)
+
+
+def _tokens(deltas: list[Delta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+def test_unknown_format_is_rejected() -> None:
+    with pytest.raises(InvalidArgument, match="onnx"):
+        create_engine(ModelSpec("m", 1, "onnx", "/nowhere"))
+
+
+# --- simulator ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Engine]:
+    engine = create_engine(
+        ModelSpec("sim", 1, "sim", "", options={"token_delay_ms": "0", "context_length": "64"})
+    )
+    await engine.load()
+    yield engine
+    await engine.close()
+
+
+async def test_sim_is_deterministic(sim: Engine) -> None:
+    greedy = await _collect(sim, "hello there", max_tokens=12, temperature=0)
+    assert greedy == await _collect(sim, "hello there", max_tokens=12, temperature=0, seed=99)
+    seeded = await _collect(sim, "hello there", max_tokens=12, seed=5)
+    assert seeded == await _collect(sim, "hello there", max_tokens=12, seed=5)
+    assert _text(seeded) != _text(await _collect(sim, "hello there", max_tokens=12, seed=6))
+    assert len(_text(greedy).split()) == 12
+
+
+async def test_sim_max_tokens_and_context(sim: Engine) -> None:
+    deltas = await _collect(sim, "one two three", max_tokens=5)
+    last = deltas[-1]
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", 3, 5)
+    assert len(_tokens(deltas)) == 5
+    full = await _collect(sim, "w " * 60, max_tokens=100)  # 60 prompt words, context 64
+    assert full[-1].finish_reason == "length" and full[-1].completion_tokens == 4
+    with pytest.raises(InvalidArgument, match="context"):
+        await _collect(sim, "w " * 64)
+
+
+async def test_sim_stop_strings(sim: Engine) -> None:
+    words = _text(await _collect(sim, "a b", max_tokens=10, temperature=0)).split()
+    deltas = await _collect(sim, "a b", max_tokens=10, temperature=0, stop=(f" {words[3][:3]}",))
+    assert deltas[-1].finish_reason == "stop"
+    assert _text(deltas) == "".join(f" {w}" for w in words[:3])
+
+
+async def test_sim_resume_continues_identically(sim: Engine) -> None:
+    full = await _collect(sim, "x y z", max_tokens=10, seed=1)
+    tokens = _tokens(full)
+    rest = await _collect(sim, "x y z", tuple(tokens[:4]), max_tokens=10, seed=1)
+    assert _tokens(rest) == tokens[4:]
+    assert rest[-1].completion_tokens == 10
+
+
+async def test_sim_reacts_to_cancellation_at_once() -> None:
+    engine = create_engine(ModelSpec("sim", 1, "sim", "", options={"token_delay_ms": "10000"}))
+    await engine.load()
+    task = asyncio.create_task(_collect(engine, "hi"))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 0.5
+
+
+# --- transformers engine -----------------------------------------------------------------------
+
+PROMPT = "def add(a, b):"
+
+
+@pytest.fixture
+async def hf(demo_model_dir: Path) -> AsyncIterator[Engine]:
+    engine = create_engine(ModelSpec("demo", 1, "hf", str(demo_model_dir)))
+    await engine.load()
+    yield engine
+    await engine.close()
+
+
+def _forward_counter(engine: Engine) -> list[int]:
+    """Count forward passes of the engine's model."""
+    calls = [0]
+    engine._model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))  # type: ignore[attr-defined]
+    return calls
+
+
+async def test_hf_loads_with_from_pretrained(hf: Engine) -> None:
+    assert hf.context_length == 1024
+    await hf.load()  # idempotent
+
+
+async def test_hf_greedy_is_deterministic_and_streams_exact_text(hf: Engine) -> None:
+    first = await _collect(hf, PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
+    assert first == await _collect(hf, PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
+    tokenizer = hf._tokenizer  # type: ignore[attr-defined]
+    assert _text(first) == tokenizer.decode(_tokens(first), skip_special_tokens=True)
+    assert _text(first).strip()
+    for n in range(1, len(first)):  # every non-final delta ends at a clean text boundary
+        assert tokenizer.decode(_tokens(first[:n]), skip_special_tokens=True) == _text(first[:n])
+
+
+async def test_hf_seeded_sampling_is_reproducible(hf: Engine) -> None:
+    params = {"max_tokens": 24, "temperature": 1.0, "ignore_eos": True}
+    a = await _collect(hf, PROMPT, seed=11, **params)
+    assert a == await _collect(hf, PROMPT, seed=11, **params)
+    assert _tokens(a) != _tokens(await _collect(hf, PROMPT, seed=12, **params))
+
+
+async def test_hf_resume_continues_identically(hf: Engine) -> None:
+    params = {"max_tokens": 30, "temperature": 0.9, "top_p": 0.95, "seed": 3, "ignore_eos": True}
+    full = await _collect(hf, PROMPT, **params)
+    tokens = _tokens(full)
+    rest = await _collect(hf, PROMPT, tuple(tokens[:10]), **params)
+    assert _tokens(rest) == tokens[10:]
+    assert rest[-1].completion_tokens == 30 and rest[-1].finish_reason == "length"
+
+
+async def test_hf_max_tokens_and_stop(hf: Engine) -> None:
+    deltas = await _collect(hf, PROMPT, max_tokens=7, temperature=0, ignore_eos=True)
+    assert (deltas[-1].finish_reason, deltas[-1].completion_tokens, len(_tokens(deltas))) == ("length", 7, 7)
+    text = _text(await _collect(hf, PROMPT, max_tokens=24, temperature=0, ignore_eos=True))
+    stop = text[10:13]
+    stopped = await _collect(hf, PROMPT, max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,))
+    assert stopped[-1].finish_reason == "stop"
+    assert _text(stopped) == text[: text.index(stop)]
+
+
+async def test_hf_rejects_prompt_longer_than_context(hf: Engine) -> None:
+    with pytest.raises(InvalidArgument, match=r"prompt is \d+ tokens .* context .* 1024"):
+        await _collect(hf, "x = 1\n" * 600)
+
+
+async def test_hf_keeps_the_event_loop_responsive(hf: Engine) -> None:
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    started = time.monotonic()
+    deltas = await _collect(hf, PROMPT, max_tokens=300, temperature=0, ignore_eos=True)
+    elapsed = time.monotonic() - started
+    tick.cancel()
+    assert deltas[-1].completion_tokens == 300
+    # Ticking all along (nominally every 5 ms; generous bounds for a busy machine).
+    assert len(gaps) > elapsed / 0.05
+    assert max(gaps) < elapsed / 4
+
+
+async def test_hf_closing_the_iterator_stops_decoding(hf: Engine) -> None:
+    calls = _forward_counter(hf)
+    stream = hf.generate(
+        GenerationRequest("r", PROMPT, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+    )
+    for _ in range(3):
+        await anext(stream)
+    await stream.aclose()  # type: ignore[attr-defined]
+    done = calls[0]
+    await asyncio.sleep(0.2)
+    assert calls[0] == done < 20
+    # The engine is free again.
+    assert (await _collect(hf, PROMPT, max_tokens=2))[-1].completion_tokens == 2
+
+
+async def test_hf_cancelling_the_consumer_stops_decoding(hf: Engine) -> None:
+    calls = _forward_counter(hf)
+    streaming = asyncio.Event()
+
+    async def consume() -> None:
+        request = GenerationRequest(
+            "r", PROMPT, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
+        )
+        async for _ in hf.generate(request):
+            streaming.set()
+
+    task = asyncio.create_task(consume())
+    await streaming.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    done = calls[0]
+    await asyncio.sleep(0.2)
+    assert calls[0] == done < 100
+
+
+async def test_hf_model_failure_is_engine_dead(hf: Engine) -> None:
+    def explode(*_: object) -> None:
+        raise RuntimeError("boom")
+
+    hf._model.register_forward_hook(explode)  # type: ignore[attr-defined]
+    with pytest.raises(EngineDead, match="boom"):
+        await _collect(hf, PROMPT)
