@@ -93,26 +93,26 @@ def _print_status(snap: dict[str, object], as_json: bool) -> None:
 
 
 async def status(ns: argparse.Namespace, etcd: str) -> int:
-    from maas.cli.main import _stack_file
+    from maas.cli.main import _stack_file, resolve_urls
 
-    expected = list(_stack_file().get("deployments", [])) if not ns.etcd else []
     deadline = time.monotonic() + ns.wait
-    why = ""
-    async with MeshClient(etcd, ns.prefix) as mesh:
-        while True:
-            try:
+    while True:
+        # `maas up` may still be writing its stack file: look again on every try
+        expected = list(_stack_file().get("deployments", [])) if not ns.etcd else []
+        snap = None
+        try:
+            async with MeshClient(etcd, ns.prefix) as mesh:
                 snap = await _snapshot(mesh)
-                ok, why = _ready(snap, expected)
-            except Exception as e:  # still starting: etcd or scheduler not up yet
-                detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
-                snap, ok, why = None, False, f"{type(e).__name__}: {detail}"
-                await mesh.close()
-                mesh = MeshClient(etcd, ns.prefix)
-            if ok or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.5)
-        if snap is not None:
-            _print_status(snap, ns.json)
+            ok, why = _ready(snap, expected)
+        except Exception as e:  # still starting: etcd or the scheduler not up yet
+            detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
+            ok, why = False, f"{type(e).__name__}: {detail}"
+        if ok or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.5)
+        etcd, _ = resolve_urls(ns)
+    if snap is not None:
+        _print_status(snap, ns.json)
     if not ok:
         print(f"not ready: {why}", file=sys.stderr)
         return 1

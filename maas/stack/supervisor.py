@@ -185,6 +185,7 @@ async def _up(stack: Stack, stop: asyncio.Event) -> None:
     if not cfg.model:
         forge = _forge_in_background(cfg.data_dir / "models" / "demo")
     stack.start_servers()
+    stack.write_stack_file()  # from here on `maas status --wait` in this directory finds the stack
     stack.start_services()
     async with MeshClient(stack.etcd) as mesh:
         await _wait_services(mesh, stack, 60)
@@ -199,7 +200,6 @@ async def _up(stack: Stack, stop: asyncio.Event) -> None:
         elif fmt == "hf" and Path(source).expanduser().is_dir():
             source = str(Path(source).expanduser().resolve())
         ref = await register_and_deploy(mesh, cfg.model_name, source, fmt)
-        stack.write_stack_file()
         deadline = time.monotonic() + cfg.ready_timeout
         while True:
             stack.check_children()

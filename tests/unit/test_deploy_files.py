@@ -34,7 +34,7 @@ def test_compose_parses_and_runs_only_real_cli_commands():
     assert services["etcd"]["image"].split("/")[-1].startswith("etcd")
     assert services["nats"]["image"].startswith("nats")
     seen = set()
-    for name, svc in services.items():
+    for svc in services.values():
         if svc.get("image", "").startswith("maas-mesh"):
             command = svc["command"]
             if svc.get("entrypoint") == ["sh", "-c"]:
