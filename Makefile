@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv up test test-fast lint protos protos-check bench clean
+.PHONY: venv up test test-fast lint protos protos-check clean
 
 venv: $(STAMP)
 
@@ -37,9 +37,6 @@ test: lint
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
-
-bench: venv
-	$(PY) bench/engine.py
 
 clean:
 	rm -rf $(VENV) .maas .pytest_cache build *.egg-info

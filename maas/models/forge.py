@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils.logging import disable_progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def forge_demo_model(
         log.info("forging demo model into %s: %d corpus files, %d chars", dest, len(texts), chars)
         tokenizer = _train_tokenizer(texts)
         model, report = _train_model(tokenizer, texts, seed=seed, steps=steps, train_seconds=train_seconds)
+        disable_progress_bar()  # a few MB: a progress bar is only noise in `maas up`
         tokenizer.save_pretrained(work)
         model.save_pretrained(work, safe_serialization=True)
         report |= wanted | {"forge_seconds": round(time.monotonic() - started, 2)}

@@ -183,7 +183,10 @@ async def _up(stack: Stack, stop: asyncio.Event) -> None:
     started = time.monotonic()
     forge = None
     if not cfg.model:
-        forge = _forge_in_background(cfg.data_dir / "models" / "demo")
+        demo = cfg.data_dir / "models" / "demo"
+        if not demo.exists():
+            print(f"forging the demo model into {demo} (first start only; ~30 s on 2 cores)", flush=True)
+        forge = _forge_in_background(demo)
     stack.start_servers()
     stack.write_stack_file()  # from here on `maas status --wait` in this directory finds the stack
     stack.start_services()

@@ -66,8 +66,9 @@ class MeshHarness:
 
     def config(self, kind: str, **kw: object) -> MeshConfig:
         kw.setdefault("lease_ttl", 2)
-        return MeshConfig(kind=kind, etcd=self.etcd, nats=self.nats, prefix=self.prefix, metrics_port=-1,
-                          grace=2.0, **kw)  # type: ignore[arg-type]
+        kw.setdefault("metrics_port", -1)
+        return MeshConfig(kind=kind, etcd=self.etcd, nats=self.nats, prefix=self.prefix, grace=2.0,
+                          **kw)  # type: ignore[arg-type]
 
     async def _runtime(self, kind: str, **kw: object) -> ServiceRuntime:
         rt = ServiceRuntime(self.config(kind, **kw))
@@ -84,8 +85,8 @@ class MeshHarness:
         await scheduler_main.build(rt)
         return rt
 
-    async def router(self) -> ServiceRuntime:
-        rt = await self._runtime("router")
+    async def router(self, **kw: object) -> ServiceRuntime:
+        rt = await self._runtime("router", **kw)
         await router_main.build(rt)
         return rt
 

@@ -11,6 +11,7 @@ import pytest
 from maas.v1 import (
     common_pb2,
     inference_pb2,
+    inference_pb2_grpc,
     registry_pb2,
     scheduler_pb2,
 )
@@ -162,3 +163,51 @@ async def test_scale_up_spreads_and_scale_down_unloads(mesh: MeshHarness):
         await sched.CreateDeployment(scheduler_pb2.CreateDeploymentRequest(
             deployment=scheduler_pb2.Deployment(name="ghost")), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_model_that_cannot_load_marks_its_replica_failed_with_the_reason(mesh: MeshHarness, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    await mesh.core()
+    await mesh.worker()
+    await mesh.register("ghost", fmt="hf", source="no-such-org/no-such-model")
+    await mesh.deploy("ghost")
+    sched = await mesh.stub("scheduler")
+
+    async def failed() -> scheduler_pb2.DeploymentStatus | None:
+        st = await sched.GetDeployment(scheduler_pb2.GetDeploymentRequest(name="ghost"), timeout=5)
+        return st if "failed" in st.message else None
+
+    status = await eventually(failed, timeout=60)
+    assert "no-such-org/no-such-model" in status.message
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.generate("ghost")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "failed" in err.value.details()
+
+
+async def test_health_reflection_and_metrics_are_served(mesh: MeshHarness):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    router = await mesh.router(metrics_port=0)
+    async with grpc.aio.insecure_channel(router.endpoint) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="maas.v1.Inference"), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        names = {s.name async for r in stream for s in r.list_services_response.service}
+        assert {"maas.v1.Inference", "grpc.health.v1.Health"} <= names
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # no registry runs: UNAVAILABLE
+            await inference_pb2_grpc.InferenceStub(channel).Generate(
+                inference_pb2.GenerateRequest(model="nope", prompt="x"), timeout=5)
+        assert "registry" in err.value.details()
+
+    def scrape() -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{router.metrics_endpoint}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    text = await asyncio.to_thread(scrape)
+    code = err.value.code().name
+    assert f'grpc_server_handled_total{{grpc_code="{code}",grpc_method="Generate",grpc_service="maas.v1.Inference"}} 1.0' in text
