@@ -31,6 +31,7 @@ protos-check: venv
 
 lint: venv protos-check
 	$(VENV)/bin/ruff check maas tests tools bench
+	$(VENV)/bin/mypy maas
 
 test: lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 
 import grpc
@@ -39,24 +40,28 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f}G"
 
 
-async def _snapshot(mesh: MeshClient) -> dict[str, object]:
+@dataclass
+class Snapshot:
+    services: dict[str, list[mesh_pb2.ServiceInfo]]
+    deployments: list[scheduler_pb2.DeploymentStatus]
+    workers: list[scheduler_pb2.WorkerStatus]
+
+
+async def _snapshot(mesh: MeshClient) -> Snapshot:
     services = {k: await live_services(mesh.etcd, mesh.keys, k) for k in SERVICE_KINDS}
-    deployments: list[scheduler_pb2.DeploymentStatus] = []
-    workers: list[scheduler_pb2.WorkerStatus] = []
+    snap = Snapshot(services, [], [])
     if services["scheduler"]:
         stub = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
-        deployments = list((await stub.ListDeployments(scheduler_pb2.ListDeploymentsRequest(), timeout=5)).deployments)
-        workers = list((await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)).workers)
-    return {"services": services, "deployments": deployments, "workers": workers}
+        snap.deployments = list((await stub.ListDeployments(scheduler_pb2.ListDeploymentsRequest(), timeout=5)).deployments)
+        snap.workers = list((await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)).workers)
+    return snap
 
 
-def _ready(snap: dict[str, object], expected: list[str]) -> tuple[bool, str]:
-    services = snap["services"]
-    assert isinstance(services, dict)
+def _ready(snap: Snapshot, expected: list[str]) -> tuple[bool, str]:
     for kind in SERVICE_KINDS:
-        if not services[kind]:
+        if not snap.services[kind]:
             return False, f"no {kind} running"
-    deployments = {d.deployment.name: d for d in snap["deployments"]}  # type: ignore[attr-defined]
+    deployments = {d.deployment.name: d for d in snap.deployments}
     for name in expected:
         if name not in deployments:
             return False, f"deployment {name} not created yet"
@@ -66,25 +71,24 @@ def _ready(snap: dict[str, object], expected: list[str]) -> tuple[bool, str]:
     return True, "ready"
 
 
-def _print_status(snap: dict[str, object], as_json: bool) -> None:
-    services, deployments, workers = snap["services"], snap["deployments"], snap["workers"]
+def _print_status(snap: Snapshot, as_json: bool) -> None:
     if as_json:
         print(json.dumps({
-            "services": {k: [MessageToDict(s) for s in v] for k, v in services.items()},  # type: ignore[union-attr]
-            "deployments": [MessageToDict(d) for d in deployments],  # type: ignore[union-attr]
-            "workers": [MessageToDict(w) for w in workers],  # type: ignore[union-attr]
+            "services": {k: [MessageToDict(s) for s in v] for k, v in snap.services.items()},
+            "deployments": [MessageToDict(d) for d in snap.deployments],
+            "workers": [MessageToDict(w) for w in snap.workers],
         }, indent=2))
         return
-    rows = [[s.kind, s.instance, s.endpoint, s.metrics_endpoint] for k in SERVICE_KINDS for s in services[k]]  # type: ignore[index]
+    rows = [[s.kind, s.instance, s.endpoint, s.metrics_endpoint] for k in SERVICE_KINDS for s in snap.services[k]]
     print(_table(rows, ["service", "instance", "endpoint", "metrics"]))
     print()
     rows = [[w.worker.worker_id, w.worker.endpoint, ",".join(d.id for d in w.worker.devices),
              f"{_gib(w.memory_assigned_bytes)}/{_gib(sum(d.memory_total_bytes for d in w.worker.devices))}",
-             str(len(w.replicas))] for w in workers]  # type: ignore[union-attr]
+             str(len(w.replicas))] for w in snap.workers]
     print(_table(rows, ["worker", "endpoint", "devices", "assigned", "replicas"]))
     print()
     rows = []
-    for d in deployments:  # type: ignore[union-attr]
+    for d in snap.deployments:
         states = ",".join(f"{r.replica_id}:{mesh_pb2.ReplicaState.Name(r.state).removeprefix('REPLICA_STATE_').lower()}"
                           for r in d.replicas)
         rows.append([d.deployment.name, d.deployment.resolved_version, f"{d.ready_replicas}/{d.deployment.replicas}",

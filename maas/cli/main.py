@@ -11,8 +11,9 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -43,7 +44,7 @@ def resolve_urls(ns: argparse.Namespace) -> tuple[str, str]:
     return etcd, nats
 
 
-def _run(coro_fn: Callable[[], Awaitable[int]]) -> int:
+def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
         return asyncio.run(coro_fn())
     except StartupError as e:

@@ -96,22 +96,22 @@ class PrefixMirror(Generic[M]):
             try:
                 pairs, revision = await self.session.get_prefix(self.prefix)
                 fresh: dict[str, M] = {}
-                for key, raw in pairs:
+                for raw_key, raw in pairs:
                     value = self._decode(raw)
                     if value is not None:
-                        fresh[key[len(self.prefix):].decode()] = value
+                        fresh[raw_key[len(self.prefix):].decode()] = value
                 for gone in set(self.items) - set(fresh):
                     self._apply(gone, None)
-                for key, value in fresh.items():
-                    self._apply(key, value)
+                for name, value in fresh.items():
+                    self._apply(name, value)
                 self._synced.set()
                 await self._notify()
                 watch = await client.watch_prefix(self.prefix, start_revision=revision + 1)
                 delay = 0.2
                 try:
                     async for event in watch:
-                        key = event.kv.key[len(self.prefix):].decode()
-                        self._apply(key, None if event.kind == "DELETE" else self._decode(event.kv.value))
+                        name = event.kv.key[len(self.prefix):].decode()
+                        self._apply(name, None if event.kind == "DELETE" else self._decode(event.kv.value))
                         await self._notify()
                 finally:
                     with contextlib.suppress(Exception):

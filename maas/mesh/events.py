@@ -20,6 +20,7 @@ import nats
 import nats.errors
 import nats.js.api as js_api
 import nats.js.errors
+from nats.aio.msg import Msg
 
 from maas.mesh.config import MeshConfig
 from maas.mesh.errors import StartupError
@@ -122,7 +123,7 @@ class EventBus:
     async def subscribe_load(self, callback: Callable[[mesh_pb2.LoadReport], Awaitable[None] | None]) -> None:
         assert self.nc is not None
 
-        async def handler(msg: nats.aio.msg.Msg) -> None:
+        async def handler(msg: Msg) -> None:
             report = mesh_pb2.LoadReport()
             with contextlib.suppress(Exception):
                 report.ParseFromString(msg.data)

@@ -17,7 +17,7 @@ import inspect
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -263,7 +263,7 @@ class ServiceRuntime:
         await self.stop()
 
 
-def run_service(main: Callable[[], Awaitable[None]]) -> int:
+def run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
     """Run a service's async main; a StartupError prints one clear line and exits 1."""
     try:
         asyncio.run(main())

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -121,7 +122,7 @@ class Child:
         return ""
 
 
-def _wait_until(check: callable, child: Child, what: str, timeout: float) -> None:  # type: ignore[valid-type]
+def _wait_until(check: Callable[[], bool], child: Child, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not child.alive:

@@ -187,7 +187,7 @@ async def eventually(check: Callable[[], object], timeout: float = 15.0, interva
                 result = await result
             if result:
                 return result
-        except (AssertionError, grpc.aio.AioRpcError) as e:
+        except Exception as e:  # e.g. a client still reconnecting: keep waiting
             last = e
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last: {last})")

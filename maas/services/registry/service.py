@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from maas.mesh.errors import Unimplemented
@@ -46,11 +48,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                             f"{request.name}@{request.alias} -> {request.version}")
         return model
 
-    async def DeleteVersion(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteVersion(self, request: registry_pb2.DeleteVersionRequest,
+                            context: grpc.aio.ServicerContext) -> registry_pb2.DeleteVersionResponse:
         raise Unimplemented("deleting versions is not implemented yet (issue 4)")
 
-    async def UploadArtifact(self, request_iterator, context):  # type: ignore[no-untyped-def]
+    async def UploadArtifact(self, request_iterator: AsyncIterator[registry_pb2.ArtifactChunk],
+                             context: grpc.aio.ServicerContext) -> registry_pb2.Artifact:
         raise Unimplemented("artifact upload is not implemented yet (issue 4); register a local directory")
 
-    async def DownloadArtifact(self, request, context):  # type: ignore[no-untyped-def]
+    async def DownloadArtifact(self, request: registry_pb2.DownloadArtifactRequest,
+                               context: grpc.aio.ServicerContext) -> registry_pb2.ArtifactChunk:
         raise Unimplemented("artifact download is not implemented yet (issue 4)")

@@ -87,8 +87,9 @@ class RouterInferenceServicer(inference_pb2_grpc.InferenceServicer):
         for r in self.pool.replicas.items.values():
             if r.state != mesh_pb2.REPLICA_STATE_READY:
                 continue
-            m = by_name.setdefault(r.deployment, inference_pb2.ServedModel(
-                name=r.deployment, version=str(r.model_version), task=r.task or "generate",
-                context_length=r.context_length))
-            m.ready_replicas += 1
-        return inference_pb2.ListModelsResponse(models=sorted(by_name.values(), key=lambda m: m.name))
+            if r.deployment not in by_name:
+                by_name[r.deployment] = inference_pb2.ServedModel(
+                    name=r.deployment, version=str(r.model_version), task=r.task or "generate",
+                    context_length=r.context_length)
+            by_name[r.deployment].ready_replicas += 1
+        return inference_pb2.ListModelsResponse(models=[by_name[name] for name in sorted(by_name)])

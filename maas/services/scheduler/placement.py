@@ -12,6 +12,7 @@ the device with the most free memory that still fits the replica.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from maas.v1 import mesh_pb2, registry_pb2, scheduler_pb2
@@ -49,12 +50,12 @@ def _fmt_bytes(n: int) -> str:
 
 def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
          assignments: dict[tuple[str, str], mesh_pb2.Assignment],
-         new_id: callable = lambda name: f"{name}-{uuid.uuid4().hex[:6]}") -> Plan:  # type: ignore[valid-type]
+         new_id: Callable[[str], str] = lambda name: f"{name}-{uuid.uuid4().hex[:6]}") -> Plan:
     result = Plan()
     free: dict[tuple[str, str], int] = {}
     for wid, info in workers.items():
-        for dev in info.devices:
-            free[(wid, dev.id)] = dev.memory_total_bytes
+        for device in info.devices:
+            free[(wid, device.id)] = device.memory_total_bytes
 
     kept: dict[str, list[tuple[str, mesh_pb2.Assignment]]] = {}
     for (wid, rid), a in sorted(assignments.items()):

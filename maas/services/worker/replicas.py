@@ -7,8 +7,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from maas.mesh.discovery import PrefixMirror
 from maas.mesh.errors import NotFound, Unavailable
@@ -79,8 +80,8 @@ class ReplicaManager:
                     self._spawn(self._unload(rid))
             await self._wake.wait()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

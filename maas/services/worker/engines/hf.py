@@ -92,7 +92,7 @@ class HFEngine:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-            model.to(self._device).eval()
+            model.to(self._device).eval()  # type: ignore[arg-type]
         except Exception as exc:
             raise EngineDead(f"cannot load model {self.spec.name} from {source}: {exc}") from exc
 
@@ -151,7 +151,7 @@ class HFEngine:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
         prompt_ids = list(self._tokenizer(request.prompt)["input_ids"])
         resumed = list(request.resume_token_ids)
-        vocab = self._model.get_input_embeddings().num_embeddings
+        vocab = int(self._model.get_input_embeddings().num_embeddings)  # type: ignore[arg-type]
         if any(not 0 <= t < vocab for t in resumed):
             raise InvalidArgument(
                 "resume_token_ids holds ids outside the vocabulary", field="resume_token_ids"
