@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+import aetcd.exceptions
 import grpc
 from google.protobuf.json_format import MessageToDict
 
@@ -108,7 +109,9 @@ async def status(ns: argparse.Namespace, etcd: str) -> int:
             async with MeshClient(etcd, ns.prefix) as mesh:
                 snap = await _snapshot(mesh)
             ok, why = _ready(snap, expected)
-        except Exception as e:  # still starting: etcd or the scheduler not up yet
+        except aetcd.exceptions.ClientError:
+            ok, why = False, f"cannot reach etcd at {etcd}"
+        except Exception as e:  # still starting: the scheduler not up yet
             detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
             ok, why = False, f"{type(e).__name__}: {detail}"
         if ok or time.monotonic() >= deadline:
@@ -182,13 +185,11 @@ async def generate(ns: argparse.Namespace, etcd: str) -> int:
         channel = dial(ns.router) if ns.router else await mesh.channel("router")
         stub = inference_pb2_grpc.InferenceStub(channel)
         last = None
-        if not ns.json:
-            print(ns.prompt, end="", flush=True)
         async for chunk in stub.GenerateStream(request, timeout=ns.timeout):
             if ns.json:
                 print(json.dumps(MessageToDict(chunk)), flush=True)
             else:
-                print(chunk.text, end="", flush=True)
+                print(chunk.text if last is not None else ns.prompt + chunk.text, end="", flush=True)
             last = chunk
         if ns.router:
             await channel.close()

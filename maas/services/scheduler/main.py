@@ -7,6 +7,7 @@ import argparse
 from maas.mesh.config import MeshConfig
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
+from maas.services.scheduler.deployments import DeploymentStore
 from maas.services.scheduler.reconciler import Reconciler
 from maas.services.scheduler.service import SchedulerServicer
 from maas.services.scheduler.state import ClusterState, VersionResolver
@@ -24,7 +25,7 @@ async def build(rt: ServiceRuntime) -> Reconciler:
     reconciler = Reconciler(rt, state, resolver)
     rt.add_service(scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
                    scheduler_pb2_grpc.add_SchedulerServicer_to_server,
-                   SchedulerServicer(rt.etcd, state, resolver, reconciler, rt.events))
+                   SchedulerServicer(DeploymentStore(rt.etcd, resolver), state, reconciler, rt.events))
     rt.before_stop(reconciler.close)
     rt.add_closer(state.close)
     rt.add_closer(resolver.close)

@@ -42,6 +42,15 @@ class ClusterState:
             out[(worker, replica)] = a
         return out
 
+    def worker_statuses(self) -> list[scheduler_pb2.WorkerStatus]:
+        assigned: dict[str, int] = {}
+        for (worker, _), a in self.assignments_by_worker().items():
+            assigned[worker] = assigned.get(worker, 0) + a.memory_bytes
+        return [scheduler_pb2.WorkerStatus(
+                    worker=info, memory_assigned_bytes=assigned.get(wid, 0),
+                    replicas=[r for r in self.replicas.items.values() if r.worker_id == wid])
+                for wid, info in sorted(self.workers.items.items())]
+
     def status(self, deployment: scheduler_pb2.Deployment) -> scheduler_pb2.DeploymentStatus:
         replicas = sorted((r for r in self.replicas.items.values() if r.deployment == deployment.name),
                           key=lambda r: r.replica_id)
