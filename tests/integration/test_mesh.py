@@ -10,6 +10,7 @@ import pytest
 
 from maas.v1 import (
     common_pb2,
+    events_pb2,
     inference_pb2,
     inference_pb2_grpc,
     registry_pb2,
@@ -211,3 +212,23 @@ async def test_health_reflection_and_metrics_are_served(mesh: MeshHarness):
     text = await asyncio.to_thread(scrape)
     code = err.value.code().name
     assert f'grpc_server_handled_total{{grpc_code="{code}",grpc_method="Generate",grpc_service="maas.v1.Inference"}} 1.0' in text
+
+
+async def test_events_are_deduplicated_by_id_and_read_back_in_order(mesh: MeshHarness):
+    import nats
+
+    from maas.mesh.events import STREAM, ensure_stream, read_events
+
+    nc = await nats.connect(mesh.nats)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js)
+        before = (await js.stream_info(STREAM)).state.messages
+        event = events_pb2.Event(id=f"dup-{mesh.prefix.strip('/')}", entity="test", what="dup", entity_id="x")
+        for _ in range(3):  # a publisher retrying after a reconnect sends the same id again
+            await js.publish("maas.events.test.dup", event.SerializeToString(), headers={"Nats-Msg-Id": event.id})
+        assert (await js.stream_info(STREAM)).state.messages == before + 1
+    finally:
+        await nc.close()
+    seen = [e async for e in read_events(mesh.nats, follow=False) if e.id == event.id]
+    assert len(seen) == 1 and seen[0].entity == "test"
