@@ -192,7 +192,7 @@ async def test_hf_closing_the_iterator_stops_decoding(hf: Engine) -> None:
     await stream.aclose()  # type: ignore[attr-defined]
     done = calls[0]
     await asyncio.sleep(0.2)
-    assert calls[0] == done < 400  # stopped early, and stays stopped
+    assert calls[0] <= done + 1 and done < 400  # leaves the batch at the next step, and stays out
     # The engine is free again.
     assert (await _collect(hf, PROMPT, max_tokens=2))[-1].completion_tokens == 2
 
@@ -215,7 +215,7 @@ async def test_hf_cancelling_the_consumer_stops_decoding(hf: Engine) -> None:
         await task
     done = calls[0]
     await asyncio.sleep(0.2)
-    assert calls[0] == done < 400
+    assert calls[0] <= done + 1 and done < 400
 
 
 async def test_hf_model_failure_is_engine_dead(hf: Engine) -> None:

@@ -8,10 +8,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from maas.services.worker.engines.base import SamplingParams
 from maas.services.worker.engines.sampling import (
+    Row,
     StopMatcher,
     apply_penalties,
     filter_logits,
-    position_generator,
+    position_noise,
+    sample_batch,
     sample_next_token,
 )
 from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetokenizer
@@ -55,9 +57,9 @@ def test_draw_depends_only_on_seed_and_position() -> None:
     a = sample_next_token(logits, params, seed=3, prompt_ids=[1, 2, 3], output_ids=[4, 5])
     b = sample_next_token(logits, params, seed=3, prompt_ids=[9, 9], output_ids=[8, 7, 6])
     assert a == b  # same position (5), different history
-    assert torch.equal(
-        torch.rand(4, generator=position_generator(3, 5)), torch.rand(4, generator=position_generator(3, 5))
-    )
+    noise = position_noise(torch.tensor([3, 3, 4]), torch.tensor([5, 5, 5]), 64)
+    assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert (noise > 0).all() and 0.8 < noise.mean() < 1.2  # Exp(1)
     by_position = {_sample(logits, params, seed=3, position=p) for p in range(20)}
     by_seed = {_sample(logits, params, seed=s, position=5) for s in range(20)}
     assert len(by_position) > 10 and len(by_seed) > 10
@@ -176,3 +178,16 @@ def test_delta_assembler_sends_only_at_clean_points() -> None:
     last = out.finish("length")
     assert (last.text, last.token_ids, last.finish_reason) == ("y", (4, 5), "stop")
     assert (last.prompt_tokens, last.completion_tokens) == (3, 5)
+
+
+def test_a_row_draws_the_same_token_alone_and_in_any_batch() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300)
+    rows = [Row(SamplingParams(temperature=0.9, top_p=0.95 if i % 2 else 1.0, top_k=50 if i == 3 else 0),
+                seed=100 + i, prompt_ids=[1] * (i + 2), output_ids=[2] * i) for i in range(5)]
+    rows.append(Row(SamplingParams(temperature=0), seed=0, prompt_ids=[1], output_ids=[]))
+    together = sample_batch(logits, rows)
+    alone = [sample_batch(logits[i:i + 1], [row])[0] for i, row in enumerate(rows)]
+    reversed_batch = sample_batch(logits.flip(0), rows[::-1])[::-1]
+    assert together == alone == reversed_batch
+    assert together[-1] == int(torch.argmax(logits[-1]))

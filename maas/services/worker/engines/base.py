@@ -88,6 +88,17 @@ class ModelSpec:
     device: str = "cpu"
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """Load of one engine, for load reports and routing."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_used: float = 0.0       # reserved share of the KV-cache budget
+    tokens_per_second: float = 0.0
+    prefix_hit_rate: float = 0.0
+
+
 class Engine(Protocol):
     """A loaded model. `load` and `close` are idempotent; `generate` never blocks the loop."""
 
@@ -101,3 +112,5 @@ class Engine(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    def stats(self) -> EngineStats: ...

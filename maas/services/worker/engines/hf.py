@@ -1,47 +1,75 @@
-"""Engine for Hugging Face `transformers` causal LMs, one request at a time.
+"""Continuous-batching engine for `transformers` causal LMs.
 
-Decoding runs token by token with a KV cache in a worker thread, so the event loop
-never blocks; deltas travel back through an asyncio queue. An asyncio lock keeps one
-request on the model at a time (continuous batching comes later).
+One scheduler thread owns the model. Between two decode steps it admits waiting
+requests (while they fit the batch size and the KV-cache budget), prefills them as one
+group and merges them into the running batch (`batch.DecodeBatch`); then one forward
+pass decodes a token for every running sequence; sequences that finished or were
+cancelled leave before the next step. The asyncio side only enqueues requests and
+receives deltas, so the event loop never blocks.
 
-Spec options (strings): `dtype` (`float32`, `bfloat16`, `float16`; by default
-float32 on CPU and bfloat16, or float16 where unsupported, on CUDA) and
-`context_length` (lowers the model's own limit).
+Spec options (strings): `dtype` (`float32`, `bfloat16`, `float16`; default float32 on
+CPU and bfloat16 or float16 on CUDA), `context_length` (lowers the model's own limit),
+`max_batch` (default 64), `max_queue` (waiting requests, default 256), `kv_cache_mb`
+(KV-cache budget; default 512 on CPU, 40% of free device memory on CUDA) and
+`prefill_tokens` (prompt tokens prefilled in one step, default 4096).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from maas.mesh.errors import EngineDead, FailedPrecondition, InvalidArgument, MaasError
-from maas.services.worker.engines.base import Delta, GenerationRequest, ModelSpec, SamplingParams
-from maas.services.worker.engines.sampling import request_seed, sample_next_token
+from maas.mesh.errors import EngineDead, FailedPrecondition, InvalidArgument, ResourceExhausted
+from maas.services.worker.engines import metrics
+from maas.services.worker.engines.base import Delta, EngineStats, FinishReason, GenerationRequest, ModelSpec
+from maas.services.worker.engines.batch import DecodeBatch
+from maas.services.worker.engines.sampling import Row, request_seed, sample_batch
 from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DEFAULT_CONTEXT = 2048
+MiB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class _Job:
-    """Everything the decode thread needs for one request."""
+@dataclass(eq=False)
+class _Sequence:
+    """One request inside the engine. Written by the scheduler thread, except `cancelled`."""
 
     request_id: str
-    params: SamplingParams
-    seed: int
-    prompt_ids: list[int]
-    resumed_ids: list[int]
+    row: Row
+    deliver: Callable[[Delta | BaseException], None]
+    detok: IncrementalDetokenizer
+    out: DeltaAssembler
+    reserved_tokens: int
+    arrived: float = field(default_factory=time.perf_counter)
+    last_token_at: float = 0.0
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def output(self) -> list[int]:
+        return self.row.output_ids  # type: ignore[return-value]
+
+
+def _option_int(spec: ModelSpec, name: str, default: int, minimum: int = 1) -> int:
+    raw = spec.options.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < minimum:
+        raise InvalidArgument(f"option {name} must be an integer >= {minimum}, got {raw!r}", field=name)
+    return int(raw)
 
 
 class HFEngine:
@@ -50,13 +78,30 @@ class HFEngine:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.context_length = 0
+        self.max_batch = _option_int(spec, "max_batch", 64)
+        self.max_queue = _option_int(spec, "max_queue", 256, minimum=0)
+        self.prefill_tokens = _option_int(spec, "prefill_tokens", 4096)
+        self._device = self._parse_device(spec.device)
         self._model: PreTrainedModel | None = None
         self._tokenizer: Any = None
-        self._device = self._parse_device(spec.device)
         self._eos_ids: frozenset[int] = frozenset()
-        self._keep_last_logits = False
+        self._extra: dict[str, Any] = {}
+        self._kv_budget_tokens = 0
+        self._label = f"{spec.name}@{spec.version}"
         self._load_lock = asyncio.Lock()
-        self._run_lock = asyncio.Lock()
+        # shared between the event loop and the scheduler thread, guarded by _cv
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._closing = False
+        self._dead: BaseException | None = None
+        # scheduler thread only
+        self._running: list[_Sequence] = []
+        self._batch = DecodeBatch(self._device)
+        self._reserved = 0
+        self._thread: threading.Thread | None = None
+        self._tokens_per_second = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------
 
     @staticmethod
     def _parse_device(device: str) -> torch.device:
@@ -72,9 +117,7 @@ class HFEngine:
         name = self.spec.options.get("dtype")
         if name is not None:
             if name not in _DTYPES:
-                raise InvalidArgument(
-                    f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}", field="dtype"
-                )
+                raise InvalidArgument(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}", field="dtype")
             return _DTYPES[name]
         if self._device.type == "cpu":
             return torch.float32
@@ -84,134 +127,250 @@ class HFEngine:
         async with self._load_lock:
             if self._model is None:
                 await asyncio.to_thread(self._load_sync)
+                self._thread = threading.Thread(target=self._run, name=f"engine {self._label}", daemon=True)
+                self._thread.start()
 
     def _load_sync(self) -> None:
         spec, dtype = self.spec, self._dtype()
-        source = spec.source
-        log.info("loading %s v%d from %s on %s (%s)", spec.name, spec.version, source, self._device, dtype)
+        log.info("loading %s from %s on %s (%s)", self._label, spec.source, self._device, dtype)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(spec.source)
+            model = AutoModelForCausalLM.from_pretrained(spec.source, dtype=dtype)
             model.to(self._device).eval()  # type: ignore[arg-type]
         except Exception as exc:
-            raise EngineDead(f"cannot load model {self.spec.name} from {source}: {exc}") from exc
-
-        context = getattr(model.config, "max_position_embeddings", None) or _DEFAULT_CONTEXT
-        if (cap := self.spec.options.get("context_length")) is not None:
-            if not cap.isdigit() or int(cap) < 2:
-                raise InvalidArgument(
-                    f"context_length must be an integer >= 2, got {cap!r}", field="context_length"
-                )
-            context = min(context, int(cap))
+            raise EngineDead(f"cannot load model {spec.name} from {spec.source}: {exc}") from exc
+        config = model.config
+        context = getattr(config, "max_position_embeddings", None) or _DEFAULT_CONTEXT
+        if "context_length" in spec.options:
+            context = min(context, _option_int(spec, "context_length", context, minimum=2))
         eos: set[int] = set()
-        generation_config = getattr(model, "generation_config", None)
-        for ids in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        for ids in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
             eos.update([ids] if isinstance(ids, int) else ids or ())
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        bytes_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        if self._device.type == "cuda":
+            default_mb = int(torch.cuda.mem_get_info(self._device)[0] * 0.4 // MiB)
+        else:
+            default_mb = 512
+        budget = _option_int(self.spec, "kv_cache_mb", default_mb) * MiB
+        self._kv_budget_tokens = budget // bytes_per_token
         self._eos_ids = frozenset(eos)
-        self._keep_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self._tokenizer, self._model, self.context_length = tokenizer, model, int(context)
+        log.info("%s ready: context %d, KV budget %d tokens (%d MiB), max batch %d", self._label, context,
+                 self._kv_budget_tokens, budget // MiB, self.max_batch)
 
     async def close(self) -> None:
         async with self._load_lock:
             if self._model is None:
                 return
+            with self._cv:
+                self._closing = True
+                self._cv.notify_all()
+            if self._thread is not None:
+                await asyncio.to_thread(self._thread.join)
             self._model = self._tokenizer = None
             if self._device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    def stats(self) -> EngineStats:
+        with self._cv:
+            waiting = len(self._waiting)
+        return EngineStats(running=len(self._running), waiting=waiting,
+                           kv_cache_used=self._reserved / self._kv_budget_tokens if self._kv_budget_tokens else 0.0,
+                           tokens_per_second=self._tokens_per_second)
+
+    # ---- the asyncio side --------------------------------------------------------------
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream the request's deltas; the engine is held until the stream ends or closes."""
-        async with self._run_lock:
-            job = await asyncio.to_thread(self._prepare, request)
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
-            stop = threading.Event()
-
-            def emit(item: Delta | BaseException) -> None:
-                if not stop.is_set():
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-
-            worker = asyncio.ensure_future(asyncio.to_thread(self._decode, job, emit, stop))
-            try:
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                    if item.finish_reason is not None:
-                        return
-            finally:
-                # Closed, cancelled or finished: stop the thread and let it end its step.
-                stop.set()
-                await worker
-
-    def _prepare(self, request: GenerationRequest) -> _Job:
-        """Tokenize and validate (in a thread: long prompts take a while)."""
+        """Stream the request's deltas. Closing the iterator (or cancelling its consumer)
+        removes the sequence from the batch at the next step."""
+        if self._dead is not None:
+            raise EngineDead(f"engine for {self._label} is dead: {self._dead}")
         if self._model is None:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+
+        def deliver(item: Delta | BaseException) -> None:  # called from the scheduler thread
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        seq = self._prepare(request, deliver)
+        with self._cv:
+            if len(self._waiting) >= self.max_queue:
+                metrics.REJECTED.labels(self._label).inc()
+                raise ResourceExhausted(f"{self._label} is overloaded: {len(self._waiting)} requests already "
+                                        "queued; retry later")
+            self._waiting.append(seq)
+            metrics.WAITING.labels(self._label).set(len(self._waiting))
+            self._cv.notify()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            seq.cancelled = True  # no-op if it finished; otherwise it leaves at the next step
+
+    def _prepare(self, request: GenerationRequest, deliver: Callable[[Delta | BaseException], None]) -> _Sequence:
         prompt_ids = list(self._tokenizer(request.prompt)["input_ids"])
         resumed = list(request.resume_token_ids)
-        vocab = int(self._model.get_input_embeddings().num_embeddings)  # type: ignore[arg-type]
+        vocab = int(self._model.get_input_embeddings().num_embeddings)  # type: ignore[union-attr, arg-type]
         if any(not 0 <= t < vocab for t in resumed):
-            raise InvalidArgument(
-                "resume_token_ids holds ids outside the vocabulary", field="resume_token_ids"
-            )
+            raise InvalidArgument("resume_token_ids holds ids outside the vocabulary", field="resume_token_ids")
         total = len(prompt_ids) + len(resumed)
         if total >= self.context_length:
-            raise InvalidArgument(
-                f"prompt is {total} tokens but the context of {self.spec.name} is {self.context_length}",
-                field="prompt",
-            )
-        return _Job(request.request_id, request.params, request_seed(request.params), prompt_ids, resumed)
+            raise InvalidArgument(f"prompt is {total} tokens but the context of {self.spec.name} is "
+                                  f"{self.context_length}", field="prompt")
+        reserved = min(len(prompt_ids) + request.params.max_tokens, self.context_length)
+        if reserved > self._kv_budget_tokens:
+            raise ResourceExhausted(f"prompt plus max_tokens ({reserved} tokens) exceeds the KV-cache budget of "
+                                    f"{self._label} ({self._kv_budget_tokens} tokens); lower max_tokens")
+        params = request.params
+        return _Sequence(
+            request_id=request.request_id, deliver=deliver, reserved_tokens=reserved,
+            row=Row(params, request_seed(params), prompt_ids, resumed),
+            detok=IncrementalDetokenizer(self._tokenizer, context_ids=prompt_ids + resumed),
+            out=DeltaAssembler(params.stop, prompt_tokens=len(prompt_ids), completion_tokens=len(resumed)))
 
-    def _decode(
-        self, job: _Job, emit: Callable[[Delta | BaseException], None], stop: threading.Event
-    ) -> None:
-        """Thread body: run the decode loop, reporting any failure as EngineDead."""
+    # ---- the scheduler thread ------------------------------------------------------------
+
+    def _run(self) -> None:
         try:
             with torch.inference_mode():
-                self._decode_loop(job, emit, stop)
-        except MaasError as exc:
-            emit(exc)
+                while True:
+                    with self._cv:
+                        while not self._waiting and not self._running and not self._closing:
+                            self._cv.wait()
+                        if self._closing:
+                            break
+                        admitted = self._admit()
+                    if admitted:
+                        self._prefill(admitted)
+                    self._drop_finished()
+                    if self._running:
+                        self._decode()
+                        self._drop_finished()
         except Exception as exc:
-            log.exception("generation failed for request %s", job.request_id)
+            log.exception("engine %s died", self._label)
+            self._dead = exc
             dead = EngineDead(f"model {self.spec.name} failed during generation: {exc}")
-            dead.__cause__ = exc
-            emit(dead)
+            with self._cv:
+                everyone = [*self._running, *self._waiting]
+                self._waiting.clear()
+            for seq in everyone:
+                seq.deliver(dead)
+        finally:
+            self._running.clear()
+            self._batch.reset()
+            self._reserved = 0
+            self._publish_gauges(0)
 
-    def _decode_loop(
-        self, job: _Job, emit: Callable[[Delta | BaseException], None], stop: threading.Event
-    ) -> None:
-        model, params = self._model, job.params
-        if model is None:
-            raise EngineDead(f"model {self.spec.name} was closed")
-        output = list(job.resumed_ids)
-        detok = IncrementalDetokenizer(self._tokenizer, context_ids=job.prompt_ids + output)
-        out = DeltaAssembler(params.stop, prompt_tokens=len(job.prompt_ids), completion_tokens=len(output))
-        if len(output) >= params.max_tokens:
-            emit(out.finish("length"))
-            return
-        extra = {"logits_to_keep": 1} if self._keep_last_logits else {}
-        inputs = torch.tensor([job.prompt_ids + output], device=self._device)
-        cache = None
-        while not stop.is_set():
-            result = model(input_ids=inputs, past_key_values=cache, use_cache=True, **extra)
-            cache = result.past_key_values
-            token = sample_next_token(
-                result.logits[0, -1], params, seed=job.seed, prompt_ids=job.prompt_ids, output_ids=output
-            )
-            output.append(token)
-            if token in self._eos_ids and not params.ignore_eos:
-                out.add(token, "")
-                emit(out.finish("stop", detok.flush()))
-                return
-            out.add(token, detok.push(token))
-            if out.stopped:
-                emit(out.finish("stop"))
-                return
-            if len(output) >= params.max_tokens or len(job.prompt_ids) + len(output) >= self.context_length:
-                emit(out.finish("length", detok.flush()))
-                return
-            if (delta := out.take(text_complete=not detok.pending)) is not None:
-                emit(delta)
-            inputs = torch.tensor([[token]], device=self._device)
+    def _admit(self) -> list[_Sequence]:
+        """Pop waiting requests that fit (batch slots, KV budget, prefill tokens). Holds _cv."""
+        admitted: list[_Sequence] = []
+        prefill = 0
+        while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+            seq = self._waiting[0]
+            if seq.cancelled:
+                self._waiting.popleft()
+                self._finish_metrics(seq, "cancelled")
+                continue
+            size = len(seq.row.prompt_ids) + len(seq.output)
+            if self._reserved + seq.reserved_tokens > self._kv_budget_tokens:
+                break
+            if admitted and prefill + size > self.prefill_tokens:
+                break
+            self._waiting.popleft()
+            self._reserved += seq.reserved_tokens
+            prefill += size
+            admitted.append(seq)
+        self._publish_gauges(len(self._waiting))
+        return admitted
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        now = time.perf_counter()
+        for seq in seqs:
+            metrics.QUEUE.labels(self._label).observe(now - seq.arrived)
+        first = len(self._running)
+        self._running.extend(seqs)  # before the forward pass: if it fails, they hear about it
+        logits = self._batch.prefill(self._model, [[*s.row.prompt_ids, *s.output] for s in seqs], self._extra)
+        metrics.PROMPT_TOKENS.labels(self._label).inc(sum(len(s.row.prompt_ids) for s in seqs))
+        self._accept(seqs, sample_batch(logits, [s.row for s in seqs]), rows=range(first, first + len(seqs)))
+
+    def _decode(self) -> None:
+        started = time.perf_counter()
+        logits = self._batch.step(self._model, self._extra)
+        metrics.BATCH.labels(self._label).observe(len(self._running))
+        self._accept(self._running, sample_batch(logits, [s.row for s in self._running]),
+                     rows=range(len(self._running)))
+        elapsed = time.perf_counter() - started
+        rate = len(self._running) / elapsed if elapsed > 0 else 0.0
+        self._tokens_per_second = 0.9 * self._tokens_per_second + 0.1 * rate
+
+    def _accept(self, seqs: list[_Sequence], tokens: list[int], rows: range) -> None:
+        """Append each sequence's new token, deliver its delta, and feed it to the next step."""
+        now = time.perf_counter()
+        metrics.TOKENS.labels(self._label).inc(len(tokens))
+        for seq, token in zip(seqs, tokens, strict=True):
+            if seq.last_token_at:
+                metrics.ITL.labels(self._label).observe(now - seq.last_token_at)
+            else:
+                metrics.TTFT.labels(self._label).observe(now - seq.arrived)
+            seq.last_token_at = now
+            delta = self._advance(seq, token)
+            if delta is not None:
+                seq.deliver(delta)
+        self._batch.set_last(list(rows), tokens)
+
+    def _advance(self, seq: _Sequence, token: int) -> Delta | None:
+        seq.output.append(token)
+        params = seq.row.params
+        if token in self._eos_ids and not params.ignore_eos:
+            seq.out.add(token, "")
+            return self._finish(seq, "stop", seq.detok.flush())
+        seq.out.add(token, seq.detok.push(token))
+        if seq.out.stopped:
+            return self._finish(seq, "stop")
+        if len(seq.output) >= params.max_tokens or seq.row.position >= self.context_length:
+            return self._finish(seq, "length", seq.detok.flush())
+        return seq.out.take(text_complete=not seq.detok.pending)
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, tail: str = "") -> Delta:
+        seq.done = True
+        self._finish_metrics(seq, reason)
+        return seq.out.finish(reason, tail)
+
+    def _finish_metrics(self, seq: _Sequence, reason: str) -> None:
+        metrics.FINISHED.labels(self._label, reason).inc()
+        metrics.E2E.labels(self._label).observe(time.perf_counter() - seq.arrived)
+
+    def _drop_finished(self) -> None:
+        keep = []
+        for i, seq in enumerate(self._running):
+            if seq.done:
+                self._reserved -= seq.reserved_tokens
+            elif seq.cancelled:
+                self._reserved -= seq.reserved_tokens
+                self._finish_metrics(seq, "cancelled")
+            else:
+                keep.append(i)
+        if len(keep) != len(self._running):
+            self._running = [self._running[i] for i in keep]
+            self._batch.keep(keep)
+            with self._cv:
+                self._publish_gauges(len(self._waiting))
+
+    def _publish_gauges(self, waiting: int) -> None:
+        metrics.RUNNING.labels(self._label).set(len(self._running))
+        metrics.WAITING.labels(self._label).set(waiting)
+        metrics.KV_USAGE.labels(self._label).set(
+            self._reserved / self._kv_budget_tokens if self._kv_budget_tokens else 0.0)
+
+
+__all__ = ["HFEngine"]

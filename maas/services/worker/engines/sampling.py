@@ -8,9 +8,9 @@ produced) therefore continues exactly as it would have.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -21,8 +21,10 @@ __all__ = [
     "StopMatcher",
     "apply_penalties",
     "filter_logits",
-    "position_generator",
+    "Row",
+    "position_noise",
     "request_seed",
+    "sample_batch",
     "sample_next_token",
 ]
 
@@ -32,12 +34,6 @@ _SEED_MASK = (1 << 63) - 1
 def request_seed(params: SamplingParams) -> int:
     """The request's seed, or a fresh random one (picked once per request) if unset."""
     return params.seed if params.seed is not None else secrets.randbits(63)
-
-
-def position_generator(seed: int, position: int) -> torch.Generator:
-    """A CPU generator whose state is a function of (seed, position) only."""
-    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & _SEED_MASK)
 
 
 def apply_penalties(
@@ -85,6 +81,68 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on int64 tensors (wrapping arithmetic; logical shifts by masking)."""
+    x = (x ^ ((x >> 30) & 0x3FFFFFFFF)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    x = (x ^ ((x >> 27) & 0x1FFFFFFFFF)) * -7723592293110705685  # 0x94D049BB133111EB
+    return x ^ ((x >> 31) & 0x1FFFFFFFF)
+
+
+def position_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise of shape [rows, vocab], each row a pure function of (seed, position).
+
+    A counter-based generator (SplitMix64 of seed, position and token index), so a whole
+    batch draws its noise in a few vectorised ops and no row depends on another.
+    """
+    base = _mix64(_mix64(seeds.to(torch.int64)) ^ (positions.to(torch.int64) * -7046029254386353131))
+    counters = base[:, None] + torch.arange(vocab, dtype=torch.int64) * -7046029254386353131
+    bits = (_mix64(counters) >> 40) & 0xFFFFFF  # 24 uniform bits
+    uniform = (bits.to(torch.float32) + 0.5) / float(1 << 24)
+    return -torch.log(uniform)
+
+
+@dataclass(frozen=True)
+class Row:
+    """What the sampler needs to know about one sequence of the batch."""
+
+    params: SamplingParams
+    seed: int
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+
+    @property
+    def position(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+def sample_batch(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
+    """Pick the next token of every row from logits [rows, vocab].
+
+    Greedy rows (temperature 0) take the argmax after penalties. Sampled rows use
+    exponential races (argmax of p / E, E ~ Exp(1), equivalent to drawing from p) with
+    noise from `position_noise(seed, position)`. Work happens on the CPU in float32, so a
+    request draws the same tokens on any device and in any batch.
+    """
+    logits = logits.detach().to(device="cpu", dtype=torch.float32)
+    for i, row in enumerate(rows):  # rare: only rows that ask for penalties pay per-row work
+        p = row.params
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            logits[i] = apply_penalties(logits[i], p, prompt_ids=row.prompt_ids, output_ids=row.output_ids)
+    chosen = torch.argmax(logits, dim=-1)
+    sampled = [i for i, row in enumerate(rows) if row.params.temperature > 0]
+    if sampled:
+        index = torch.tensor(sampled)
+        part = torch.stack([filter_logits(logits[i], rows[i].params) for i in sampled]) \
+            if any(rows[i].params.top_k or rows[i].params.top_p < 1 for i in sampled) \
+            else (logits[index] - logits[index].max(-1, keepdim=True).values) / torch.tensor(
+                [rows[i].params.temperature for i in sampled])[:, None]
+        probs = torch.softmax(part, dim=-1)
+        noise = position_noise(torch.tensor([rows[i].seed for i in sampled]),
+                               torch.tensor([rows[i].position for i in sampled]), logits.shape[-1])
+        chosen[index] = torch.argmax(probs / noise, dim=-1)
+    return chosen.tolist()
+
+
 def sample_next_token(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -93,19 +151,6 @@ def sample_next_token(
     prompt_ids: Sequence[int],
     output_ids: Sequence[int],
 ) -> int:
-    """Pick the next token from one position's logits (1-D, vocab).
-
-    Temperature 0 is greedy (argmax after penalties). Otherwise the draw uses
-    exponential races (argmax of p / E with E ~ Exp(1) per token, equivalent to
-    sampling from p) with noise from `position_generator(seed, position)`, where the
-    position is `len(prompt_ids) + len(output_ids)`. Work happens on the CPU in
-    float32, so a request draws the same tokens on any device.
-    """
-    logits = logits.detach().to(device="cpu", dtype=torch.float32)
-    logits = apply_penalties(logits, params, prompt_ids=prompt_ids, output_ids=output_ids)
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(filter_logits(logits, params), dim=-1)
-    generator = position_generator(seed, len(prompt_ids) + len(output_ids))
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return int(torch.argmax(probs / noise.clamp_min(1e-20)))
+    """Pick the next token from one position's logits (1-D, vocab): `sample_batch` of one row,
+    where the position is `len(prompt_ids) + len(output_ids)`."""
+    return sample_batch(logits[None], [Row(params, seed, prompt_ids, output_ids)])[0]

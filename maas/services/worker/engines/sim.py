@@ -17,7 +17,7 @@ import hashlib
 from collections.abc import AsyncIterator
 
 from maas.mesh.errors import FailedPrecondition, InvalidArgument
-from maas.services.worker.engines.base import Delta, GenerationRequest, ModelSpec
+from maas.services.worker.engines.base import Delta, EngineStats, GenerationRequest, ModelSpec
 from maas.services.worker.engines.text import DeltaAssembler
 
 WORDS = (
@@ -49,6 +49,7 @@ class SimEngine:
         self.token_delay = _option(spec, "token_delay_ms", 5.0, minimum=0) / 1000
         self.context_length = int(_option(spec, "context_length", 2048, minimum=2))
         self._loaded = False
+        self._running = 0
 
     async def load(self) -> None:
         self._loaded = True
@@ -83,6 +84,18 @@ class SimEngine:
         if len(resumed) >= params.max_tokens:
             yield out.finish("length")
             return
+        self._running += 1
+        try:
+            async for delta in self._decode(out, prompt_key, seed, prompt_tokens, params.max_tokens):
+                yield delta
+        finally:
+            self._running -= 1
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=self._running)
+
+    async def _decode(self, out: DeltaAssembler, prompt_key: str, seed: int, prompt_tokens: int,
+                      max_tokens: int) -> AsyncIterator[Delta]:
         while True:
             await asyncio.sleep(self.token_delay)
             position = prompt_tokens + out.completion_tokens
@@ -91,7 +104,7 @@ class SimEngine:
             if out.stopped:
                 yield out.finish("stop")
                 return
-            if out.completion_tokens >= params.max_tokens or position + 1 >= self.context_length:
+            if out.completion_tokens >= max_tokens or position + 1 >= self.context_length:
                 yield out.finish("length")
                 return
             delta = out.take()
