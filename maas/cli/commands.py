@@ -67,7 +67,7 @@ def _ready(snap: Snapshot, expected: list[str]) -> tuple[bool, str]:
         if name not in deployments:
             return False, f"deployment {name} not created yet"
     for d in deployments.values():
-        if d.ready_replicas < max(1, d.deployment.replicas):
+        if d.ready_replicas < d.deployment.replicas:
             return False, f"deployment {d.deployment.name}: {d.message or 'not ready'}"
     return True, "ready"
 
@@ -168,6 +168,11 @@ async def deploy(ns: argparse.Namespace, etcd: str) -> int:
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
+            # change only what was asked: scaling keeps the model version, selector and resources
+            current = await stub.GetDeployment(scheduler_pb2.GetDeploymentRequest(name=ns.name), timeout=10)
+            dep = current.deployment
+            dep.replicas = ns.replicas
+            dep.model = ns.model or dep.resolved_version
             st = await stub.UpdateDeployment(scheduler_pb2.UpdateDeploymentRequest(deployment=dep), timeout=10)
             verb = "updated"
         print(json.dumps(MessageToDict(st), indent=2) if ns.json else

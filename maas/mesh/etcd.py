@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aetcd
@@ -36,8 +35,6 @@ class EtcdSession:
         self.lease_id: int | None = None
         self._owned: dict[bytes, bytes] = {}
         self._keepalive: asyncio.Task[None] | None = None
-        self._on_reregister: list[Callable[[], Awaitable[None]]] = []
-        self._lost = asyncio.Event()
         self._closed = False
 
     async def __aenter__(self) -> EtcdSession:
@@ -71,30 +68,27 @@ class EtcdSession:
 
     async def _keepalive_loop(self) -> None:
         interval = self.config.lease_ttl / 3
+        registered = True  # every owned key is held under the current lease
         while not self._closed:
             await asyncio.sleep(interval)
             try:
-                reply = await asyncio.wait_for(self.client.refresh_lease(self.lease_id), interval * 2)
-                if reply is not None and reply.TTL > 0:
-                    continue
-                log.warning("etcd lease %x expired; re-registering", self.lease_id or 0)
-                self._lost.set()
+                if registered:
+                    reply = await asyncio.wait_for(self.client.refresh_lease(self.lease_id), interval * 2)
+                    if reply is not None and reply.TTL > 0:
+                        continue
+                    log.warning("etcd lease %x expired; re-registering", self.lease_id or 0)
+                    registered = False
+                # a new lease, then every owned key again; only a complete pass counts
                 await self._grant()
                 for key, value in list(self._owned.items()):
                     await self.client.put(key, value, lease=self.lease_id)
-                self._lost.clear()
-                for hook in self._on_reregister:
-                    await hook()
-                log.info("re-registered %d keys under lease %x", len(self._owned), self.lease_id)
+                registered = True
+                log.info("re-registered %d keys under lease %x", len(self._owned), self.lease_id or 0)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # etcd down: keep trying; the lease may still be alive when it returns
                 log.warning("etcd keepalive failed: %s", type(e).__name__)
                 await asyncio.sleep(random.uniform(0, interval))
-
-    def on_reregister(self, hook: Callable[[], Awaitable[None]]) -> None:
-        """Run `hook` after the session re-registered with a new lease."""
-        self._on_reregister.append(hook)
 
     async def put_owned(self, key: bytes, value: bytes) -> None:
         """Put a key that lives and dies with this process."""
@@ -129,9 +123,6 @@ class EtcdSession:
         with contextlib.suppress(Exception):
             await self.client.close()
 
-    def txn_ops(self) -> Any:
-        return self.client.transactions
-
 
 class LeaderElection:
     """Leader election on one key held under the session's lease.
@@ -151,37 +142,44 @@ class LeaderElection:
         client, tx = self.session.client, self.session.client.transactions
         while True:
             try:
-                ok, _ = await client.transaction(
+                await client.transaction(
                     compare=[tx.create(self.key) == 0],
                     success=[tx.put(self.key, self.value, lease=self.session.lease_id)],
-                    failure=[],
-                )
-                if ok:
-                    got = await client.get(self.key)
-                    if got is not None and got.lease == self.session.lease_id:
-                        self.revision = got.create_revision
-                        return
-                else:
-                    await self._wait_for_vacancy()
-                    continue
+                    failure=[])
+                # Whether or not our put won just now, the key tells who leads: if it hangs
+                # off our lease we lead (also after a retry whose first attempt did win).
+                got = await client.get(self.key)
+                if got is not None and got.lease == self.session.lease_id:
+                    self.revision = got.create_revision
+                    return
+                if got is not None:
+                    await self._wait_for_vacancy(got.mod_revision)
+                continue
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("election on %s failed: %s", self.key.decode(), type(e).__name__)
             await asyncio.sleep(random.uniform(0.2, 0.6))
 
-    async def _wait_for_vacancy(self) -> None:
-        client = self.session.client
-        got = await client.get(self.key)
-        if got is None:
-            return
-        watch = await client.watch(self.key, start_revision=got.mod_revision + 1)
+    async def _wait_for_vacancy(self, revision: int) -> None:
+        """Return when the leader's key is deleted (or after a while, to look again)."""
+        watch = await self.session.client.watch(self.key, start_revision=revision + 1)
         try:
-            async for event in watch:
-                if event.kind == "DELETE":
-                    return
+            async with asyncio.timeout(self.session.config.lease_ttl * 2):
+                async for event in watch:
+                    if event.kind == "DELETE":
+                        return
+        except TimeoutError:
+            return
         finally:
             await watch.cancel()
+
+    async def resign(self) -> None:
+        """Give up leadership (best effort): delete our key if it is still ours."""
+        tx = self.session.client.transactions
+        with contextlib.suppress(Exception):
+            await self.session.client.transaction(compare=[tx.create(self.key) == self.revision],
+                                                  success=[tx.delete(self.key)], failure=[])
 
     async def is_leader(self) -> bool:
         got = await self.session.client.get(self.key)

@@ -113,6 +113,9 @@ class EventBus:
                     log.debug("event publish failed (%s); retrying", type(e).__name__)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
+                    if isinstance(e, nats.errors.NoRespondersError | nats.js.errors.NotFoundError):
+                        with contextlib.suppress(Exception):  # the stream was deleted: create it again
+                            await ensure_stream(js)
             self._outbox.task_done()
 
     async def publish_load(self, report: mesh_pb2.LoadReport) -> None:

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from maas import __version__
 from maas.mesh.config import MeshConfig
 from maas.mesh.errors import MaasError, StartupError
-from maas.mesh.etcd import EtcdSession
+from maas.mesh.etcd import EtcdError, EtcdSession
 from maas.mesh.events import EventBus
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.v1 import mesh_pb2
@@ -88,6 +88,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     async def _fail(context: grpc.aio.ServicerContext, e: BaseException) -> str:
         if isinstance(e, MaasError):
             await context.abort(e.code, e.message)
+        if isinstance(e, EtcdError):
+            log.warning("etcd call failed: %s", e)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the mesh's etcd is unavailable; retry shortly")
         log.exception("unexpected error")
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()})")
         return "INTERNAL"  # not reached: abort raises
@@ -106,7 +109,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 code = _code_name(context)
                 raise
             except Exception as e:
-                code = e.code.name if isinstance(e, MaasError) else "INTERNAL"
+                code = _status_name(e)
                 await self._fail(context, e)
             finally:
                 HANDLED.labels(service, method, code).inc()
@@ -132,13 +135,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 code = _code_name(context)
                 raise
             except Exception as e:
-                code = e.code.name if isinstance(e, MaasError) else "INTERNAL"
+                code = _status_name(e)
                 await self._fail(context, e)
             finally:
                 HANDLED.labels(service, method, code).inc()
                 LATENCY.labels(service, method).observe(time.perf_counter() - start)
                 request_id_var.reset(token)
         return wrapped
+
+
+def _status_name(e: BaseException) -> str:
+    if isinstance(e, MaasError):
+        return e.code.name
+    return "UNAVAILABLE" if isinstance(e, EtcdError) else "INTERNAL"
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:

@@ -85,7 +85,10 @@ class Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([*_die_with_parent(), *self.args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env)
+                                     stdin=subprocess.DEVNULL, env=self.env,
+                                     # own process group: a Ctrl-C in the terminal reaches only the
+                                     # supervisor, which then stops children in order
+                                     start_new_session=True)
         return self
 
     @property

@@ -157,7 +157,7 @@ async def _deployments_ready(mesh: MeshClient, names: list[str]) -> tuple[bool, 
         d = status.get(name)
         if d is None:
             return False, f"deployment {name} not created yet"
-        if d.ready_replicas < max(1, d.deployment.replicas):
+        if d.ready_replicas < d.deployment.replicas:
             return False, f"{name}: {d.message or 'waiting'}"
     return True, ""
 

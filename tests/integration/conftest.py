@@ -25,7 +25,8 @@ from maas.services.router import main as router_main
 from maas.services.scheduler import main as scheduler_main
 from maas.services.worker import main as worker_main
 from maas.services.worker.devices import detect_devices
-from maas.services.worker.replicas import ReplicaManager
+from maas.services.worker.engines import create_engine
+from maas.services.worker.replicas import EngineFactory, ReplicaManager
 from maas.stack.servers import Child, start_etcd, start_nats
 from maas.v1 import (
     common_pb2,
@@ -90,10 +91,11 @@ class MeshHarness:
         await router_main.build(rt)
         return rt
 
-    async def worker(self, memory_gib: float = 4.0) -> ReplicaManager:
+    async def worker(self, memory_gib: float = 4.0, engine_factory: EngineFactory = create_engine) -> ReplicaManager:
         """An in-process worker; returns its replica manager (`.rt` is its runtime)."""
         rt = await self._runtime("worker")
-        return await worker_main.build(rt, devices=detect_devices("cpu", int(memory_gib * 2**30)))
+        return await worker_main.build(rt, devices=detect_devices("cpu", int(memory_gib * 2**30)),
+                                       engine_factory=engine_factory)
 
     async def core(self) -> None:
         """registry + scheduler + router, in-process."""

@@ -232,3 +232,47 @@ async def test_events_are_deduplicated_by_id_and_read_back_in_order(mesh: MeshHa
         await nc.close()
     seen = [e async for e in read_events(mesh.nats, follow=False) if e.id == event.id]
     assert len(seen) == 1 and seen[0].entity == "test"
+
+
+async def test_a_deployment_may_serve_a_model_under_another_name(mesh: MeshHarness):
+    await mesh.core()
+    await mesh.worker()
+    await mesh.register("echo", token_delay_ms="1")
+    await mesh.register("echo", token_delay_ms="1")
+    await mesh.deploy("chat", model="echo@1")
+    await mesh.wait_ready("chat")
+    chunks = await mesh.generate("chat", max_tokens=3)
+    assert chunks[-1].model == "echo@1" and chunks[-1].usage.completion_tokens == 3
+    assert (await mesh.generate("echo@1", max_tokens=2))[-1].usage.completion_tokens == 2
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.generate("echo@9")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no version '9'" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.generate("echo@2")  # registered, not deployed
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_dead_engine_marks_its_replica_failed(mesh: MeshHarness):
+    from maas.mesh.errors import EngineDead
+    from maas.services.worker.engines.sim import SimEngine
+
+    class DyingEngine(SimEngine):
+        async def generate(self, request):  # type: ignore[no-untyped-def]
+            raise EngineDead("the device fell off the bus")
+            yield  # pragma: no cover - makes this an async generator
+
+    await mesh.core()
+    await mesh.worker(engine_factory=DyingEngine)
+    await mesh.register("echo")
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.generate("echo")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "fell off the bus" in err.value.details()
+    sched = await mesh.stub("scheduler")
+
+    async def failed() -> bool:
+        st = await sched.GetDeployment(scheduler_pb2.GetDeploymentRequest(name="echo"), timeout=5)
+        return "fell off the bus" in st.message
+
+    await eventually(failed, timeout=10)

@@ -19,7 +19,7 @@ def want(name: str, replicas: int, mem_mib: int = 100, **selector: str) -> place
 
 def ids(prefix: str = "r"):
     n = iter(range(10_000))
-    return lambda name: f"{name}-{next(n)}"
+    return lambda name: f"{name}-{prefix}{next(n)}"
 
 
 def apply(plan: placement.Plan, assignments: dict) -> dict:
@@ -76,11 +76,18 @@ def test_selector_limits_workers():
     assert [w for w, _ in plan.add] == ["w2"]
 
 
-def test_version_change_replaces_assignments():
-    workers = {"w1": worker("w1", 1000)}
-    state = apply(placement.plan({"m": want("m", 1)}, workers, {}, new_id=ids()), {})
-    w2 = want("m", 1)
+def test_version_change_keeps_old_replicas_until_new_ones_serve():
+    workers = {"w1": worker("w1", 1000), "w2": worker("w2", 1000)}
+    state = apply(placement.plan({"m": want("m", 2)}, workers, {}, new_id=ids()), {})
+    old_ids = frozenset(a.replica_id for a in state.values())
+    w2 = want("m", 2)
     w2.deployment.resolved_version = "m@2"
     w2.version.version = 2
-    plan = placement.plan({"m": w2}, workers, state, new_id=ids())
-    assert len(plan.remove) == 1 and plan.add[0][1].model_version == 2
+    surge = placement.plan({"m": w2}, workers, state, ready=old_ids, new_id=ids("n"))
+    assert not surge.remove and [a.model_version for _, a in surge.add] == [2, 2]
+    state = apply(surge, state)
+    new_ids = frozenset(a.replica_id for a in state.values() if a.model_version == 2)
+    one_ready = placement.plan({"m": w2}, workers, state, ready=old_ids | {sorted(new_ids)[0]}, new_id=ids())
+    assert len(one_ready.remove) == 1 and not one_ready.add
+    all_ready = placement.plan({"m": w2}, workers, state, ready=old_ids | new_ids, new_id=ids())
+    assert {r for _, r in all_ready.remove} == old_ids

@@ -69,9 +69,13 @@ class ReplicaPool:
         return random.choice([r for r in healthy if self.in_flight.get(r.replica_id, 0) == least])
 
     async def _explain_none(self, model: str, *, tried: bool) -> None:
-        name = model.partition("@")[0]
+        name, _, version = model.partition("@")
         if tried:
             raise Unavailable(f"model {model!r}: every ready replica failed this request; try again")
+        if version:
+            if not await self._registered(model):
+                raise NotFound(f"model {name!r} has no version {version!r} (see `maas models list`)")
+            raise Unavailable(f"{model} is registered but no replica of that version is ready")
         dep = self.deployments.items.get(name)
         if dep is not None:
             states = [mesh_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_").lower()
@@ -82,19 +86,26 @@ class ReplicaPool:
             raise NotFound(f"model {name!r} is not registered (see `maas models list`)")
         raise Unavailable(f"model {name!r} is registered but not deployed (run `maas deploy {name}`)")
 
-    async def _registered(self, name: str) -> bool:
-        try:
-            if self._registry is None:
-                self._registry = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"))
-            await registry_pb2_grpc.RegistryStub(self._registry).GetModel(
-                registry_pb2.GetModelRequest(name=name), timeout=2.0)
-            return True
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
-                return False
-            raise Unavailable(f"model {name!r} has no ready replica and the registry is unreachable") from None
-        except Unavailable:
-            raise Unavailable(f"model {name!r} has no ready replica and no registry is running") from None
+    async def _registered(self, ref: str) -> bool:
+        """Does the registry know `ref` ("name" or "name@version")? Only asked on the failure path."""
+        for attempt in range(2):
+            try:
+                if self._registry is None:
+                    self._registry = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"))
+                await registry_pb2_grpc.RegistryStub(self._registry).GetVersion(
+                    registry_pb2.GetVersionRequest(ref=ref), timeout=2.0)
+                return True
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:
+                    return False
+                await self._registry.close()  # type: ignore[union-attr]
+                self._registry = None  # the registry may have moved: look it up again
+                if attempt:
+                    raise Unavailable(f"model {ref!r} has no ready replica and the registry is unreachable "
+                                      f"({e.code().name})") from None
+            except Unavailable:
+                raise Unavailable(f"model {ref!r} has no ready replica and no registry is running") from None
+        return False
 
     def stub(self, replica: mesh_pb2.ReplicaInfo) -> inference_pb2_grpc.InferenceStub:
         channel = self._channels.get(replica.endpoint)

@@ -44,12 +44,14 @@ class RouterInferenceServicer(inference_pb2_grpc.InferenceServicer):
                         yield chunk
                 return
             except grpc.aio.AioRpcError as e:
-                if e.code() in RETRYABLE and not produced and attempt + 1 < MAX_ATTEMPTS:
+                if e.code() in RETRYABLE and not produced and attempt + 1 < MAX_ATTEMPTS \
+                        and len(self.pool.ready(request.model)) > len(tried):
                     self.pool.mark_failed(replica)
                     continue
-                if e.code() in RETRYABLE and produced:
+                if e.code() in RETRYABLE:
                     self.pool.mark_failed(replica)
-                    raise Unavailable(f"worker {replica.worker_id} failed mid-stream: {e.details()}") from None
+                    where = "mid-stream" if produced else "before the first token"
+                    raise Unavailable(f"worker {replica.worker_id} failed {where}: {e.details()}") from None
                 raise from_rpc_error(e) from None
             finally:
                 call.cancel()
@@ -66,9 +68,13 @@ class RouterInferenceServicer(inference_pb2_grpc.InferenceServicer):
                     return await self.pool.stub(replica).Generate(
                         request, timeout=context.time_remaining(), metadata=metadata)
             except grpc.aio.AioRpcError as e:
-                if e.code() in RETRYABLE and attempt + 1 < MAX_ATTEMPTS:
+                if e.code() in RETRYABLE and attempt + 1 < MAX_ATTEMPTS \
+                        and len(self.pool.ready(request.model)) > len(tried):
                     self.pool.mark_failed(replica)
                     continue
+                if e.code() in RETRYABLE:
+                    self.pool.mark_failed(replica)
+                    raise Unavailable(f"worker {replica.worker_id} failed: {e.details()}") from None
                 raise from_rpc_error(e) from None
         raise Unavailable(f"model {request.model!r}: no replica could serve the request")
 

@@ -6,7 +6,8 @@ one fenced transaction. That keeps the policy testable and fast.
 Policy (first cut): drop assignments whose worker is gone or whose deployment no longer
 wants them; then, per deployment, add replicas until the desired count is reached,
 choosing for each the worker with the fewest replicas of that deployment (spread), then
-the device with the most free memory that still fits the replica.
+the device with the most free memory that still fits the replica. Replicas of a previous
+version stay until enough replicas of the new one are ready.
 """
 
 from __future__ import annotations
@@ -49,32 +50,37 @@ def _fmt_bytes(n: int) -> str:
 
 
 def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
-         assignments: dict[tuple[str, str], mesh_pb2.Assignment],
+         assignments: dict[tuple[str, str], mesh_pb2.Assignment], ready: frozenset[str] = frozenset(),
          new_id: Callable[[str], str] = lambda name: f"{name}-{uuid.uuid4().hex[:6]}") -> Plan:
+    """`ready` holds the ids of replicas that serve now; a deployment moving to a new version
+    keeps that many old replicas until as many new ones are ready (no downtime)."""
     result = Plan()
     free: dict[tuple[str, str], int] = {}
     for wid, info in workers.items():
         for device in info.devices:
             free[(wid, device.id)] = device.memory_total_bytes
 
-    kept: dict[str, list[tuple[str, mesh_pb2.Assignment]]] = {}
+    current: dict[str, list[tuple[str, mesh_pb2.Assignment]]] = {}
+    outdated: dict[str, list[tuple[str, mesh_pb2.Assignment]]] = {}
     for (wid, rid), a in sorted(assignments.items()):
         want = wants.get(a.deployment)
-        stale = (want is None or wid not in workers
-                 or f"{a.model_name}@{a.model_version}" != want.deployment.resolved_version)
-        if stale:
+        if want is None or wid not in workers:
             result.remove.append((wid, rid))
             continue
-        kept.setdefault(a.deployment, []).append((wid, a))
+        same = f"{a.model_name}@{a.model_version}" == want.deployment.resolved_version
+        (current if same else outdated).setdefault(a.deployment, []).append((wid, a))
         for dev_id in a.device_ids:
             if (wid, dev_id) in free:
                 free[(wid, dev_id)] -= a.memory_bytes
 
     for name in sorted(wants):
         want = wants[name]
-        have = kept.get(name, [])
+        have = current.get(name, [])
         desired = want.deployment.replicas
         for wid, a in have[desired:]:
+            result.remove.append((wid, a.replica_id))
+        serving = sum(a.replica_id in ready for _, a in have[:desired])
+        for wid, a in outdated.get(name, [])[max(0, desired - serving):]:
             result.remove.append((wid, a.replica_id))
         per_worker: dict[str, int] = {}
         for wid, _ in have[:desired]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 
 from maas.mesh.errors import MaasError
 from maas.mesh.etcd import LeaderElection
@@ -51,19 +52,29 @@ class Reconciler:
                 await self._task
 
     async def _run(self) -> None:
+        """Campaign, lead until leadership is lost or etcd fails, resign, repeat. Never exits
+        except on cancellation: a scheduler whose reconciler died would hold the election
+        key and place nothing."""
         info = self.rt.info
         while True:
             election = LeaderElection(self.rt.etcd, "scheduler", mesh_pb2.LeaderInfo(
                 instance=info.instance, endpoint=info.endpoint).SerializeToString())
-            await election.campaign()
-            self.is_leader = True
-            self.rt.events.publish("scheduler", "leader", self.rt.config.instance, "became scheduler leader")
             try:
+                await election.campaign()
+                self.is_leader = True
+                self.rt.events.publish("scheduler", "leader", self.rt.config.instance, "became scheduler leader")
                 await self._lead(election)
+            except asyncio.CancelledError:
+                await election.resign()
+                raise
             except LostLeadership:
                 log.warning("lost scheduler leadership")
+            except Exception as e:
+                log.warning("leading failed (%s: %s); resigning and campaigning again", type(e).__name__, e)
+                await election.resign()
             finally:
                 self.is_leader = False
+            await asyncio.sleep(random.uniform(0.2, 1.0))
 
     async def _lead(self, election: LeaderElection) -> None:
         while True:
@@ -87,7 +98,9 @@ class Reconciler:
                 wants[name] = placement.Want(dep, await self.resolver.resolve(dep.resolved_version))
             except MaasError as e:
                 self.unplaced[name] = str(e)
-        result = placement.plan(wants, dict(self.state.workers.items), self.state.assignments_by_worker())
+        ready = frozenset(r.replica_id for r in self.state.replicas.items.values()
+                          if r.state == mesh_pb2.REPLICA_STATE_READY)
+        result = placement.plan(wants, dict(self.state.workers.items), self.state.assignments_by_worker(), ready)
         self.unplaced.update(result.unplaced)
         for name in list(self.unplaced):
             if name not in result.unplaced and name in wants:

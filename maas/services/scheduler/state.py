@@ -9,7 +9,7 @@ import grpc
 
 from maas.mesh.clients import dial, pick_endpoint
 from maas.mesh.discovery import PrefixMirror
-from maas.mesh.errors import MaasError, NotFound, Unavailable
+from maas.mesh.errors import InvalidArgument, NotFound, Unavailable
 from maas.mesh.etcd import EtcdSession
 from maas.v1 import mesh_pb2, registry_pb2, registry_pb2_grpc, scheduler_pb2
 
@@ -91,7 +91,7 @@ class VersionResolver:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
                     raise NotFound(e.details() or f"model {ref!r} not found") from None
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise MaasError(e.details() or "invalid model reference") from None
+                    raise InvalidArgument(e.details() or "invalid model reference", field="model") from None
                 await self.close()
                 if attempt:
                     raise Unavailable(f"registry unavailable: {e.details()}") from None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maas.mesh.discovery import PrefixMirror
-from maas.mesh.errors import NotFound, Unavailable
+from maas.mesh.errors import EngineDead, NotFound, Unavailable
 from maas.mesh.server import ServiceRuntime
 from maas.services.worker.engines import create_engine
 from maas.services.worker.engines.base import Engine, ModelSpec
@@ -34,20 +34,6 @@ class Replica:
     @property
     def ref(self) -> str:
         return f"{self.assignment.model_name}@{self.assignment.model_version}"
-
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[Engine]:
-        """Count one in-flight request for the duration of the block."""
-        if self.engine is None or self.info.state != mesh_pb2.REPLICA_STATE_READY:
-            raise Unavailable(f"replica {self.info.replica_id} is not ready")
-        self.in_flight += 1
-        self.idle.clear()
-        try:
-            yield self.engine
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self.idle.set()
 
 
 class ReplicaManager:
@@ -106,7 +92,8 @@ class ReplicaManager:
             spec = ModelSpec(name=a.model_name, version=a.model_version, format=a.format, source=a.source,
                              task=a.task or "generate", options=dict(a.options),
                              device=a.device_ids[0] if a.device_ids else "cpu")
-            replica.engine = self.engine_factory(spec)
+            # building an engine imports its libraries (transformers: seconds): not on the loop
+            replica.engine = await asyncio.to_thread(self.engine_factory, spec)
             await replica.engine.load()
         except asyncio.CancelledError:
             raise
@@ -141,10 +128,15 @@ class ReplicaManager:
                                worker=self.worker_id)
 
     def find(self, model: str) -> Replica:
-        """The ready replica serving `model` ("name" or "name@version") with the fewest requests."""
+        """The ready replica serving `model` with the fewest requests. `model` is what the
+        client asked for: a deployment or model name, or "name@version"."""
         name, _, version = model.partition("@")
-        matches = [r for r in self.replicas.values()
-                   if r.assignment.model_name == name and (not version or str(r.assignment.model_version) == version)]
+        if version:
+            matches = [r for r in self.replicas.values()
+                       if r.assignment.model_name == name and str(r.assignment.model_version) == version]
+        else:
+            matches = [r for r in self.replicas.values()
+                       if name in (r.assignment.deployment, r.assignment.model_name)]
         ready = [r for r in matches if r.info.state == mesh_pb2.REPLICA_STATE_READY]
         if ready:
             return min(ready, key=lambda r: r.in_flight)
@@ -152,6 +144,27 @@ class ReplicaManager:
             raise Unavailable(f"model {model!r} is not ready on worker {self.worker_id} "
                               f"(state: {mesh_pb2.ReplicaState.Name(matches[0].info.state)})")
         raise NotFound(f"model {model!r} is not loaded on worker {self.worker_id}")
+
+    @contextlib.asynccontextmanager
+    async def serve(self, model: str) -> AsyncIterator[tuple[Replica, Engine]]:
+        """Pick a replica for `model` and count one in-flight request on it for the block.
+        If its engine dies, the replica is marked failed so routers stop sending to it."""
+        replica = self.find(model)
+        assert replica.engine is not None
+        replica.in_flight += 1
+        replica.idle.clear()
+        try:
+            yield replica, replica.engine
+        except EngineDead as e:
+            if replica.info.state != mesh_pb2.REPLICA_STATE_FAILED:
+                await self._publish(replica, mesh_pb2.REPLICA_STATE_FAILED, e.message[:500])
+                self.rt.events.publish("replica", "failed", replica.info.replica_id, e.message[:500],
+                                       model=replica.ref, worker=self.worker_id)
+            raise
+        finally:
+            replica.in_flight -= 1
+            if replica.in_flight == 0:
+                replica.idle.set()
 
     @property
     def in_flight(self) -> int:

@@ -19,8 +19,7 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
         req = request_from_proto(request)
-        replica = self.replicas.find(request.model)
-        async with replica.serving() as engine:
+        async with self.replicas.serve(request.model) as (replica, engine):
             stream = engine.generate(req)
             try:
                 async for delta in stream:
