@@ -141,7 +141,8 @@ async def models(ns: argparse.Namespace, etcd: str) -> int:
         stub = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
         if ns.models_command == "register":
             v = await stub.RegisterModel(registry_pb2.RegisterModelRequest(
-                name=ns.name, source=ns.source, format=ns.format, task=ns.task, options=_options(ns.option)), timeout=30)
+                name=ns.name, source=ns.source, format=ns.format, task=ns.task, base=ns.base,
+                options=_options(ns.option)), timeout=30)
             print(json.dumps(MessageToDict(v), indent=2) if ns.json else
                   f"registered {v.name}@{v.version} ({v.format}: {v.source}, needs {_gib(v.resources.memory_bytes)})")
             return 0
@@ -185,7 +186,7 @@ async def generate(ns: argparse.Namespace, etcd: str) -> int:
     for name in ("temperature", "top_p", "top_k", "seed"):
         if getattr(ns, name) is not None:
             setattr(params, name, getattr(ns, name))
-    request = inference_pb2.GenerateRequest(model=ns.model, prompt=ns.prompt, params=params)
+    request = inference_pb2.GenerateRequest(model=ns.model, prompt=ns.prompt, params=params, adapter=ns.adapter)
     async with MeshClient(etcd, ns.prefix) as mesh:
         channel = dial(ns.router) if ns.router else await mesh.channel("router")
         stub = inference_pb2_grpc.InferenceStub(channel)

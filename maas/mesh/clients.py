@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from types import TracebackType
 
@@ -10,10 +11,11 @@ import aetcd.exceptions
 import grpc
 
 from maas.mesh.config import parse_host_port
-from maas.mesh.errors import StartupError, Unavailable
+from maas.mesh.errors import InvalidArgument, NotFound, StartupError, Unavailable
+from maas.mesh.etcd import EtcdSession
 from maas.mesh.keys import Keys
 from maas.mesh.server import GRPC_OPTIONS
-from maas.v1 import mesh_pb2
+from maas.v1 import mesh_pb2, registry_pb2, registry_pb2_grpc
 
 
 async def live_services(client: aetcd.Client, keys: Keys, kind: str) -> list[mesh_pb2.ServiceInfo]:
@@ -68,3 +70,50 @@ class MeshClient:
             await ch.close()
         self._channels.clear()
         await self.etcd.close()
+
+
+class RegistryClient:
+    """Resolves model references through the registry (found in etcd). Versions are
+    immutable, so a resolved "name@N" is cached for good; "name" or an alias always asks."""
+
+    def __init__(self, session: EtcdSession) -> None:
+        self.session = session
+        self._cache: dict[str, registry_pb2.ModelVersion] = {}
+        self._channel: grpc.aio.Channel | None = None
+
+    async def resolve(self, ref: str, *, timeout: float = 5.0) -> registry_pb2.ModelVersion:
+        """The version `ref` names. NotFound / InvalidArgument as the registry says;
+        Unavailable when no registry answers (after one retry on a fresh lookup)."""
+        if ref in self._cache:
+            return self._cache[ref]
+        for attempt in range(2):
+            try:
+                if self._channel is None:
+                    self._channel = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"))
+                version = await registry_pb2_grpc.RegistryStub(self._channel).GetVersion(
+                    registry_pb2.GetVersionRequest(ref=ref), timeout=timeout)
+                break
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:
+                    raise NotFound(e.details() or f"model {ref!r} not found") from None
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidArgument(e.details() or "invalid model reference", field="model") from None
+                await self.close()  # the registry may have moved: look it up again
+                if attempt:
+                    raise Unavailable(f"the registry is unreachable ({e.code().name})") from None
+        resolved = f"{version.name}@{version.version}"
+        self._cache[resolved] = version
+        return version
+
+    async def exists(self, ref: str) -> bool:
+        try:
+            await self.resolve(ref, timeout=2.0)
+            return True
+        except NotFound:
+            return False
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+            self._channel = None

@@ -296,3 +296,32 @@ async def test_embeddings_through_the_router(mesh: MeshHarness):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await mesh.generate("minilm")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Embed" in err.value.details()
+
+
+async def test_adapters_are_registered_against_a_base_and_chosen_per_request(mesh: MeshHarness):
+    await mesh.core()
+    await mesh.worker()
+    await mesh.register("echo", token_delay_ms="1")
+    await mesh.register("other", token_delay_ms="1")
+    reg = await mesh.stub("registry")
+    adapter = await reg.RegisterModel(registry_pb2.RegisterModelRequest(
+        name="echo-pirate", format="sim", base="echo"), timeout=5)
+    assert adapter.base == "echo@1"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await reg.RegisterModel(registry_pb2.RegisterModelRequest(name="x", format="sim", base="nope"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "base" in err.value.details()
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    stub = await mesh.stub("router")
+
+    async def text(adapter: str) -> str:
+        request = inference_pb2.GenerateRequest(model="echo", prompt="ahoy", adapter=adapter,
+                                                params=common_pb2.SamplingParams(max_tokens=6, temperature=0))
+        return "".join([c.text async for c in stub.GenerateStream(request, timeout=10)])
+
+    base, pirate = await text(""), await text("echo-pirate")
+    assert pirate != base and await text("echo-pirate@1") == pirate
+    for bad, why in (("other", "not an adapter"), ("ghost", "not registered")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await text(bad)
+        assert why in err.value.details(), err.value.details()

@@ -51,15 +51,17 @@ def looks_local(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir()
 
 
-def check_source(fmt: str, source: str) -> tuple[str, int]:
+def check_source(fmt: str, source: str, *, adapter: bool = False) -> tuple[str, int]:
     """Validate a model source (blocking file-system checks) -> (normalised source, memory estimate)."""
     if fmt == "hf":
         if not source:
             raise InvalidArgument("source is required for format hf: a local directory or a hub id", field="source")
         if looks_local(source):
             path = Path(source).expanduser().resolve()
-            if not (path / "config.json").is_file():
-                raise InvalidArgument(f"source {source!r} is not a model directory (no config.json)", field="source")
+            marker = "adapter_config.json" if adapter else "config.json"
+            if not (path / marker).is_file():
+                what = "an adapter" if adapter else "a model"
+                raise InvalidArgument(f"source {source!r} is not {what} directory (no {marker})", field="source")
             source = str(path)
     return source, estimate_memory(fmt, source)
 
@@ -77,7 +79,16 @@ class ModelStore:
         task = req.task or "generate"
         if task not in TASKS:
             raise InvalidArgument(f"task {task!r} is not supported: use one of {', '.join(TASKS)}", field="task")
-        source, memory = await asyncio.to_thread(check_source, fmt, req.source.strip())
+        base = ""
+        if req.base:
+            try:
+                base_version = await self.resolve(req.base)
+            except NotFound as e:
+                raise InvalidArgument(f"base {req.base!r} does not exist: {e.message}", field="base") from None
+            if base_version.base:
+                raise InvalidArgument(f"base {req.base!r} is itself an adapter", field="base")
+            base = f"{base_version.name}@{base_version.version}"
+        source, memory = await asyncio.to_thread(check_source, fmt, req.source.strip(), adapter=bool(base))
         resources = common_pb2.Resources()
         resources.CopyFrom(req.resources)
         resources.memory_bytes = resources.memory_bytes or memory
@@ -97,7 +108,7 @@ class ModelStore:
                 guard = tx.mod(model_key) == got.mod_revision
             model.latest_version += 1
             version = registry_pb2.ModelVersion(
-                name=req.name, version=model.latest_version, format=fmt, source=source, base=req.base,
+                name=req.name, version=model.latest_version, format=fmt, source=source, base=base,
                 task=task, resources=resources, options=dict(req.options), metadata=dict(req.metadata),
                 created_ms=int(time.time() * 1000))
             ok, _ = await client.transaction(

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import grpc
 
-from maas.mesh.clients import dial, pick_endpoint
+from maas.mesh.clients import RegistryClient, dial
 from maas.mesh.discovery import PrefixMirror
 from maas.mesh.errors import NotFound, Unavailable
 from maas.mesh.etcd import EtcdSession
-from maas.v1 import inference_pb2_grpc, mesh_pb2, registry_pb2, registry_pb2_grpc, scheduler_pb2
+from maas.v1 import inference_pb2_grpc, mesh_pb2, scheduler_pb2
 
 SUSPECT_SECONDS = 5.0
 
@@ -31,7 +31,7 @@ class ReplicaPool:
         self.in_flight: dict[str, int] = {}
         self._suspect: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._registry: grpc.aio.Channel | None = None
+        self.registry = RegistryClient(session)
 
     async def start(self) -> None:
         await self.replicas.start()
@@ -40,9 +40,10 @@ class ReplicaPool:
     async def close(self) -> None:
         await self.replicas.close()
         await self.deployments.close()
-        for ch in [*self._channels.values(), *([self._registry] if self._registry else [])]:
+        for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+        await self.registry.close()
 
     @staticmethod
     def _serves(r: mesh_pb2.ReplicaInfo, name: str, version: str) -> bool:
@@ -88,24 +89,10 @@ class ReplicaPool:
 
     async def _registered(self, ref: str) -> bool:
         """Does the registry know `ref` ("name" or "name@version")? Only asked on the failure path."""
-        for attempt in range(2):
-            try:
-                if self._registry is None:
-                    self._registry = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"))
-                await registry_pb2_grpc.RegistryStub(self._registry).GetVersion(
-                    registry_pb2.GetVersionRequest(ref=ref), timeout=2.0)
-                return True
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.NOT_FOUND:
-                    return False
-                await self._registry.close()  # type: ignore[union-attr]
-                self._registry = None  # the registry may have moved: look it up again
-                if attempt:
-                    raise Unavailable(f"model {ref!r} has no ready replica and the registry is unreachable "
-                                      f"({e.code().name})") from None
-            except Unavailable:
-                raise Unavailable(f"model {ref!r} has no ready replica and no registry is running") from None
-        return False
+        try:
+            return await self.registry.exists(ref)
+        except Unavailable:
+            raise Unavailable(f"model {ref!r} has no ready replica and the registry is unreachable") from None
 
     def stub(self, replica: mesh_pb2.ReplicaInfo) -> inference_pb2_grpc.InferenceStub:
         channel = self._channels.get(replica.endpoint)

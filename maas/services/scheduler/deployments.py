@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import time
 
+from maas.mesh.clients import RegistryClient
 from maas.mesh.errors import AlreadyExists, InvalidArgument, NotFound
 from maas.mesh.etcd import EtcdSession
 from maas.services.registry.store import validate_name
-from maas.services.scheduler.state import VersionResolver
 from maas.v1 import scheduler_pb2
 
 MAX_REPLICAS = 256
 
 
 class DeploymentStore:
-    def __init__(self, session: EtcdSession, resolver: VersionResolver) -> None:
+    def __init__(self, session: EtcdSession, resolver: RegistryClient) -> None:
         self.session = session
         self.resolver = resolver
 

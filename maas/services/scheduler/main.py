@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from maas.mesh.clients import RegistryClient
 from maas.mesh.config import MeshConfig
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.services.scheduler.deployments import DeploymentStore
 from maas.services.scheduler.reconciler import Reconciler
 from maas.services.scheduler.service import SchedulerServicer
-from maas.services.scheduler.state import ClusterState, VersionResolver
+from maas.services.scheduler.state import ClusterState
 from maas.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def build(rt: ServiceRuntime) -> Reconciler:
     """Wire the scheduler into a runtime (also used by in-process tests)."""
     state = ClusterState(rt.etcd)
-    resolver = VersionResolver(rt.etcd)
+    resolver = RegistryClient(rt.etcd)
     reconciler = Reconciler(rt, state, resolver)
     rt.add_service(scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
                    scheduler_pb2_grpc.add_SchedulerServicer_to_server,

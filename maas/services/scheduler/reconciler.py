@@ -12,11 +12,12 @@ import contextlib
 import logging
 import random
 
+from maas.mesh.clients import RegistryClient
 from maas.mesh.errors import MaasError
 from maas.mesh.etcd import LeaderElection
 from maas.mesh.server import ServiceRuntime
 from maas.services.scheduler import placement
-from maas.services.scheduler.state import ClusterState, VersionResolver
+from maas.services.scheduler.state import ClusterState
 from maas.v1 import mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class LostLeadership(Exception):
 
 
 class Reconciler:
-    def __init__(self, rt: ServiceRuntime, state: ClusterState, resolver: VersionResolver) -> None:
+    def __init__(self, rt: ServiceRuntime, state: ClusterState, resolver: RegistryClient) -> None:
         self.rt = rt
         self.state = state
         self.resolver = resolver

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
-import grpc
-
-from maas.mesh.clients import dial, pick_endpoint
 from maas.mesh.discovery import PrefixMirror
-from maas.mesh.errors import InvalidArgument, NotFound, Unavailable
 from maas.mesh.etcd import EtcdSession
-from maas.v1 import mesh_pb2, registry_pb2, registry_pb2_grpc, scheduler_pb2
+from maas.v1 import mesh_pb2, scheduler_pb2
 
 
 class ClusterState:
@@ -66,41 +61,3 @@ class ClusterState:
             message = f"{ready} of {deployment.replicas} replicas ready; loading"
         return scheduler_pb2.DeploymentStatus(deployment=deployment, replicas=replicas,
                                               ready_replicas=ready, message=message)
-
-
-class VersionResolver:
-    """Resolves model refs through the registry (found in etcd). Versions are immutable, so a
-    resolved "name@N" is cached for good."""
-
-    def __init__(self, session: EtcdSession) -> None:
-        self.session = session
-        self._cache: dict[str, registry_pb2.ModelVersion] = {}
-        self._channel: grpc.aio.Channel | None = None
-
-    async def resolve(self, ref: str, *, timeout: float = 5.0) -> registry_pb2.ModelVersion:
-        if ref in self._cache:
-            return self._cache[ref]
-        for attempt in range(2):
-            if self._channel is None:
-                self._channel = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"))
-            try:
-                version = await registry_pb2_grpc.RegistryStub(self._channel).GetVersion(
-                    registry_pb2.GetVersionRequest(ref=ref), timeout=timeout)
-                break
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.NOT_FOUND:
-                    raise NotFound(e.details() or f"model {ref!r} not found") from None
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidArgument(e.details() or "invalid model reference", field="model") from None
-                await self.close()
-                if attempt:
-                    raise Unavailable(f"registry unavailable: {e.details()}") from None
-        resolved = f"{version.name}@{version.version}"
-        self._cache[resolved] = version
-        return version
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            with contextlib.suppress(Exception):
-                await self._channel.close()
-            self._channel = None

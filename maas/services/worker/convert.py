@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from maas.mesh.logs import new_request_id
-from maas.services.worker.engines.base import Delta, GenerationRequest, SamplingParams
+from maas.services.worker.engines.base import AdapterRef, Delta, GenerationRequest, SamplingParams
 from maas.v1 import common_pb2, inference_pb2
 
 FINISH = {
@@ -23,10 +23,10 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(stop=tuple(p.stop), ignore_eos=p.ignore_eos, **kwargs)  # type: ignore[arg-type]
 
 
-def request_from_proto(r: inference_pb2.GenerateRequest) -> GenerationRequest:
+def request_from_proto(r: inference_pb2.GenerateRequest, adapter: AdapterRef | None = None) -> GenerationRequest:
     return GenerationRequest(request_id=r.request_id or new_request_id(), prompt=r.prompt,
                              params=sampling_from_proto(r.params),
-                             resume_token_ids=tuple(r.resume_token_ids))
+                             resume_token_ids=tuple(r.resume_token_ids), adapter=adapter)
 
 
 def chunk_from_delta(delta: Delta, *, request_id: str, model: str, replica_id: str) -> inference_pb2.GenerateChunk:

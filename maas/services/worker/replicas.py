@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from maas.mesh.clients import RegistryClient
 from maas.mesh.discovery import PrefixMirror
-from maas.mesh.errors import EngineDead, NotFound, Unavailable
+from maas.mesh.errors import EngineDead, InvalidArgument, NotFound, Unavailable
 from maas.mesh.server import ServiceRuntime
 from maas.services.worker.engines import create_engine
-from maas.services.worker.engines.base import Engine, ModelSpec
+from maas.services.worker.engines.base import AdapterRef, Engine, ModelSpec
 from maas.v1 import mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class ReplicaManager:
         self.engine_factory = engine_factory
         self.unload_grace = unload_grace
         self.replicas: dict[str, Replica] = {}
+        self.registry = RegistryClient(rt.etcd)
         self.assignments = PrefixMirror(rt.etcd, rt.etcd.keys.assignments(worker_id), mesh_pb2.Assignment)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -166,6 +168,19 @@ class ReplicaManager:
             if replica.in_flight == 0:
                 replica.idle.set()
 
+    async def adapter(self, replica: Replica, name: str) -> AdapterRef | None:
+        """The adapter a request asked for, checked against the replica's base model."""
+        if not name:
+            return None
+        version = await self.registry.resolve(name)
+        key = f"{version.name}@{version.version}"
+        if not version.base:
+            raise InvalidArgument(f"{key} is not an adapter (it has no base model)", field="adapter")
+        if version.base != replica.ref:
+            raise InvalidArgument(f"adapter {key} is for {version.base}, but {replica.info.deployment} serves "
+                                  f"{replica.ref}", field="adapter")
+        return AdapterRef(key=key, source=version.source)
+
     @property
     def in_flight(self) -> int:
         return sum(r.in_flight for r in self.replicas.values())
@@ -185,6 +200,7 @@ class ReplicaManager:
         for task in list(self._tasks):
             task.cancel()
         await self.assignments.close()
+        await self.registry.close()
         for replica in list(self.replicas.values()):
             if replica.engine is not None:
                 with contextlib.suppress(Exception):

@@ -18,8 +18,8 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        req = request_from_proto(request)
         async with self.replicas.serve(request.model) as (replica, engine):
+            req = request_from_proto(request, await self.replicas.adapter(replica, request.adapter))
             stream = engine.generate(req)
             try:
                 async for delta in stream:

@@ -52,12 +52,21 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter: a registered version whose base is the replica's model."""
+
+    key: str     # "name@version", unique per adapter version
+    source: str  # directory with adapter_config.json and the adapter weights
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt: str
     params: SamplingParams = field(default_factory=SamplingParams)
     # Tokens already produced for this request elsewhere; the engine continues after them.
     resume_token_ids: tuple[int, ...] = ()
+    adapter: AdapterRef | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt:

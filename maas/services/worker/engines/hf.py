@@ -10,8 +10,13 @@ receives deltas, so the event loop never blocks.
 Spec options (strings): `dtype` (`float32`, `bfloat16`, `float16`; default float32 on
 CPU and bfloat16 or float16 on CUDA), `context_length` (lowers the model's own limit),
 `max_batch` (default 64), `max_queue` (waiting requests, default 256), `kv_cache_mb`
-(KV-cache budget; default 512 on CPU, 40% of free device memory on CUDA) and
-`prefill_tokens` (prompt tokens prefilled in one step, default 4096).
+(KV-cache budget; default 512 on CPU, 40% of free device memory on CUDA),
+`prefill_tokens` (prompt tokens prefilled in one step, default 4096) and `max_adapters`
+(LoRA adapters kept loaded, default 8).
+
+LoRA adapters (peft) load on first use, between steps, and the least recently used idle
+one is evicted past `max_adapters`. Requests for different adapters, and for none, share
+one batch: each row names its adapter (peft's mixed-batch `adapter_names`).
 """
 
 from __future__ import annotations
@@ -27,11 +32,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from maas.mesh.errors import EngineDead, FailedPrecondition, InvalidArgument, ResourceExhausted
 from maas.services.worker.engines import metrics
-from maas.services.worker.engines.base import Delta, EngineStats, FinishReason, GenerationRequest, ModelSpec
+from maas.services.worker.engines.base import (
+    AdapterRef,
+    Delta,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    ModelSpec,
+)
 from maas.services.worker.engines.batch import DecodeBatch
 from maas.services.worker.engines.sampling import Row, request_seed, sample_batch
 from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetokenizer
@@ -49,6 +61,7 @@ class _Sequence:
 
     request_id: str
     row: Row
+    adapter: AdapterRef | None
     deliver: Callable[[Delta | BaseException], None]
     detok: IncrementalDetokenizer
     out: DeltaAssembler
@@ -81,8 +94,10 @@ class HFEngine:
         self.max_batch = _option_int(spec, "max_batch", 64)
         self.max_queue = _option_int(spec, "max_queue", 256, minimum=0)
         self.prefill_tokens = _option_int(spec, "prefill_tokens", 4096)
+        self.max_adapters = _option_int(spec, "max_adapters", 8)
+        self._adapters: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU, scheduler thread
         self._device = self._parse_device(spec.device)
-        self._model: PreTrainedModel | None = None
+        self._model: Any = None  # a PreTrainedModel, wrapped in a PeftModel once adapters load
         self._tokenizer: Any = None
         self._eos_ids: frozenset[int] = frozenset()
         self._extra: dict[str, Any] = {}
@@ -220,7 +235,7 @@ class HFEngine:
     def _prepare(self, request: GenerationRequest, deliver: Callable[[Delta | BaseException], None]) -> _Sequence:
         prompt_ids = list(self._tokenizer(request.prompt)["input_ids"])
         resumed = list(request.resume_token_ids)
-        vocab = int(self._model.get_input_embeddings().num_embeddings)  # type: ignore[union-attr, arg-type]
+        vocab = int(self._model.get_input_embeddings().num_embeddings)
         if any(not 0 <= t < vocab for t in resumed):
             raise InvalidArgument("resume_token_ids holds ids outside the vocabulary", field="resume_token_ids")
         total = len(prompt_ids) + len(resumed)
@@ -233,7 +248,7 @@ class HFEngine:
                                     f"{self._label} ({self._kv_budget_tokens} tokens); lower max_tokens")
         params = request.params
         return _Sequence(
-            request_id=request.request_id, deliver=deliver, reserved_tokens=reserved,
+            request_id=request.request_id, deliver=deliver, reserved_tokens=reserved, adapter=request.adapter,
             row=Row(params, request_seed(params), prompt_ids, resumed),
             detok=IncrementalDetokenizer(self._tokenizer, context_ids=prompt_ids + resumed),
             out=DeltaAssembler(params.stop, prompt_tokens=len(prompt_ids), completion_tokens=len(resumed)))
@@ -293,20 +308,64 @@ class HFEngine:
         self._publish_gauges()
         return admitted
 
+    def _load_adapters(self, seqs: list[_Sequence]) -> list[_Sequence]:
+        """Make sure every admitted sequence's adapter is loaded; fail those whose adapter cannot be."""
+        ready = []
+        for seq in seqs:
+            try:
+                if seq.adapter is not None:
+                    self._ensure_adapter(seq.adapter)
+                ready.append(seq)
+            except Exception as exc:
+                log.warning("adapter %s failed to load: %s", seq.adapter.key if seq.adapter else "", exc)
+                self._reserved -= seq.reserved_tokens
+                self._finish_metrics(seq, "error")
+                seq.deliver(FailedPrecondition(f"cannot load adapter {seq.adapter.key if seq.adapter else ''}: {exc}"))
+        return ready
+
+    def _ensure_adapter(self, adapter: AdapterRef) -> None:
+        if adapter.key in self._adapters:
+            self._adapters.move_to_end(adapter.key)
+            return
+        from peft import PeftModel
+
+        started = time.perf_counter()
+        if isinstance(self._model, PeftModel):
+            self._model.load_adapter(adapter.source, adapter_name=adapter.key)
+        else:
+            self._model = PeftModel.from_pretrained(self._model, adapter.source, adapter_name=adapter.key)
+        self._model.eval()
+        self._adapters[adapter.key] = None
+        log.info("loaded adapter %s in %.2fs", adapter.key, time.perf_counter() - started)
+        busy = {s.adapter.key for s in self._running if s.adapter is not None} | {adapter.key}
+        for key in [k for k in self._adapters if k not in busy][:max(0, len(self._adapters) - self.max_adapters)]:
+            self._model.delete_adapter(key)
+            del self._adapters[key]
+            log.info("evicted adapter %s (least recently used)", key)
+
+    def _extra_for(self, seqs: list[_Sequence]) -> dict[str, Any]:
+        if not self._adapters:
+            return self._extra
+        return {**self._extra, "adapter_names": [s.adapter.key if s.adapter else "__base__" for s in seqs]}
+
     def _prefill(self, seqs: list[_Sequence]) -> None:
+        seqs = self._load_adapters(seqs)
+        if not seqs:
+            return
         now = time.perf_counter()
         for seq in seqs:
             metrics.QUEUE.labels(self._label).observe(now - seq.arrived)
         first = len(self._running)
         self._running.extend(seqs)  # before the forward pass: if it fails, they hear about it
         self._publish_gauges()
-        logits = self._batch.prefill(self._model, [[*s.row.prompt_ids, *s.output] for s in seqs], self._extra)
+        logits = self._batch.prefill(self._model, [[*s.row.prompt_ids, *s.output] for s in seqs],
+                                     self._extra_for(seqs))
         metrics.PROMPT_TOKENS.labels(self._label).inc(sum(len(s.row.prompt_ids) for s in seqs))
         self._accept(seqs, sample_batch(logits, [s.row for s in seqs]), rows=range(first, first + len(seqs)))
 
     def _decode(self) -> None:
         started = time.perf_counter()
-        logits = self._batch.step(self._model, self._extra)
+        logits = self._batch.step(self._model, self._extra_for(self._running))
         metrics.BATCH.labels(self._label).observe(len(self._running))
         self._accept(self._running, sample_batch(logits, [s.row for s in self._running]),
                      rows=range(len(self._running)))

@@ -78,7 +78,8 @@ class SimEngine:
             seed = int.from_bytes(
                 hashlib.blake2b(request.request_id.encode(), digest_size=8).digest(), "little"
             )
-        prompt_key = hashlib.blake2b(request.prompt.encode(), digest_size=16).hexdigest()
+        adapter = request.adapter.key if request.adapter else ""
+        prompt_key = hashlib.blake2b(f"{adapter}|{request.prompt}".encode(), digest_size=16).hexdigest()
 
         out = DeltaAssembler(params.stop, prompt_tokens=prompt_tokens, completion_tokens=len(resumed))
         if len(resumed) >= params.max_tokens:
