@@ -133,3 +133,14 @@ async def test_admission_queue_and_limits(engine: HFEngine):
         await s.aclose()  # type: ignore[attr-defined]
     done = await asyncio.gather(*queued)  # slots freed: the queued ones are admitted and start
     assert all(d.token_ids for d in done)
+
+
+async def test_logprobs_of_the_chosen_and_top_tokens(engine: HFEngine):
+    ids, deltas = await run(engine, PROMPTS[0], max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
+    logprobs = [lp for d in deltas for lp in d.logprobs]
+    assert [lp.token_id for lp in logprobs] == ids
+    for lp in logprobs:
+        assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id  # greedy picks the most likely
+        assert lp.logprob <= 0 and [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+    _, plain = await run(engine, PROMPTS[0], max_tokens=4, temperature=0)
+    assert all(not d.logprobs for d in plain)

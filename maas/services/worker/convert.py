@@ -32,6 +32,10 @@ def request_from_proto(r: inference_pb2.GenerateRequest, adapter: AdapterRef | N
 def chunk_from_delta(delta: Delta, *, request_id: str, model: str, replica_id: str) -> inference_pb2.GenerateChunk:
     chunk = inference_pb2.GenerateChunk(request_id=request_id, text=delta.text, token_ids=delta.token_ids,
                                         model=model, replica_id=replica_id)
+    for lp in delta.logprobs:
+        chunk.logprobs.append(common_pb2.TokenLogprob(
+            token_id=lp.token_id, logprob=lp.logprob,
+            top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
     if delta.finish_reason is not None:
         chunk.finish_reason = FINISH[delta.finish_reason]
         chunk.usage.prompt_tokens = delta.prompt_tokens

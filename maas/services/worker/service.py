@@ -34,6 +34,7 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
         async for chunk in self.GenerateStream(request, context):
             out.text += chunk.text
             out.token_ids.extend(chunk.token_ids)
+            out.logprobs.extend(chunk.logprobs)
             out.request_id, out.model, out.replica_id = chunk.request_id, chunk.model, chunk.replica_id
             if chunk.finish_reason:
                 out.finish_reason = chunk.finish_reason

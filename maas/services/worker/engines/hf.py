@@ -43,9 +43,10 @@ from maas.services.worker.engines.base import (
     FinishReason,
     GenerationRequest,
     ModelSpec,
+    TokenLogprob,
 )
 from maas.services.worker.engines.batch import DecodeBatch
-from maas.services.worker.engines.sampling import Row, request_seed, sample_batch
+from maas.services.worker.engines.sampling import Row, request_seed, sample_batch, token_logprobs
 from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -361,40 +362,41 @@ class HFEngine:
         logits = self._batch.prefill(self._model, [[*s.row.prompt_ids, *s.output] for s in seqs],
                                      self._extra_for(seqs))
         metrics.PROMPT_TOKENS.labels(self._label).inc(sum(len(s.row.prompt_ids) for s in seqs))
-        self._accept(seqs, sample_batch(logits, [s.row for s in seqs]), rows=range(first, first + len(seqs)))
+        self._accept(seqs, logits, rows=range(first, first + len(seqs)))
 
     def _decode(self) -> None:
         started = time.perf_counter()
         logits = self._batch.step(self._model, self._extra_for(self._running))
         metrics.BATCH.labels(self._label).observe(len(self._running))
-        self._accept(self._running, sample_batch(logits, [s.row for s in self._running]),
-                     rows=range(len(self._running)))
+        self._accept(self._running, logits, rows=range(len(self._running)))
         elapsed = time.perf_counter() - started
         rate = len(self._running) / elapsed if elapsed > 0 else 0.0
         self._tokens_per_second = 0.9 * self._tokens_per_second + 0.1 * rate
 
-    def _accept(self, seqs: list[_Sequence], tokens: list[int], rows: range) -> None:
-        """Append each sequence's new token, deliver its delta, and feed it to the next step."""
+    def _accept(self, seqs: list[_Sequence], logits: torch.Tensor, rows: range) -> None:
+        """Sample each sequence's next token, deliver its delta, and feed it to the next step."""
+        tokens = sample_batch(logits, [s.row for s in seqs])
+        logprobs = token_logprobs(logits, tokens, [s.row for s in seqs])
         now = time.perf_counter()
         metrics.TOKENS.labels(self._label).inc(len(tokens))
-        for seq, token in zip(seqs, tokens, strict=True):
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             if seq.last_token_at:
                 metrics.ITL.labels(self._label).observe(now - seq.last_token_at)
             else:
                 metrics.TTFT.labels(self._label).observe(now - seq.arrived)
             seq.last_token_at = now
-            delta = self._advance(seq, token)
+            delta = self._advance(seq, token, logprob)
             if delta is not None:
                 seq.deliver(delta)
         self._batch.set_last(list(rows), tokens)
 
-    def _advance(self, seq: _Sequence, token: int) -> Delta | None:
+    def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> Delta | None:
         seq.output.append(token)
         params = seq.row.params
         if token in self._eos_ids and not params.ignore_eos:
-            seq.out.add(token, "")
+            seq.out.add(token, "", logprob)
             return self._finish(seq, "stop", seq.detok.flush())
-        seq.out.add(token, seq.detok.push(token))
+        seq.out.add(token, seq.detok.push(token), logprob)
         if seq.out.stopped:
             return self._finish(seq, "stop")
         if len(seq.output) >= params.max_tokens or seq.row.position >= self.context_length:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maas.services.worker.engines.base import SamplingParams
+from maas.services.worker.engines.base import SamplingParams, TokenLogprob
 from maas.services.worker.engines.text import StopMatcher
 
 __all__ = [
@@ -113,6 +113,23 @@ class Row:
     @property
     def position(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], rows: Sequence[Row]) -> list[TokenLogprob | None]:
+    """For rows that asked (`logprobs` set): the chosen token's log-probability under the
+    model (raw logits, before penalties and temperature) and the top-N alternatives."""
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(rows)
+    if not wanted:
+        return out
+    logp = torch.log_softmax(logits[torch.tensor(wanted)].detach().to("cpu", torch.float32), dim=-1)
+    top_n = max(rows[i].params.logprobs or 0 for i in wanted)
+    top = torch.topk(logp, top_n, dim=-1) if top_n else None
+    for j, i in enumerate(wanted):
+        n = rows[i].params.logprobs or 0
+        alternatives = tuple(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist(), strict=True)) if top else ()
+        out[i] = TokenLogprob(tokens[i], float(logp[j, tokens[i]]), alternatives)
+    return out
 
 
 def sample_batch(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from maas.services.worker.engines.base import Delta, FinishReason
+from maas.services.worker.engines.base import Delta, FinishReason, TokenLogprob
 
 
 class StopMatcher:
@@ -123,6 +123,7 @@ class DeltaAssembler:
         self._matcher = StopMatcher(stop)
         self._text: list[str] = []
         self._ids: list[int] = []
+        self._logprobs: list[TokenLogprob] = []
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
 
@@ -131,9 +132,11 @@ class DeltaAssembler:
         """Whether a stop string has been hit (the caller should finish with "stop")."""
         return self._matcher.stopped
 
-    def add(self, token_id: int, text: str) -> None:
+    def add(self, token_id: int, text: str, logprob: TokenLogprob | None = None) -> None:
         """Record one generated token and the text it completed (possibly empty)."""
         self._ids.append(token_id)
+        if logprob is not None:
+            self._logprobs.append(logprob)
         self.completion_tokens += 1
         safe, _ = self._matcher.feed(text)
         self._text.append(safe)
@@ -145,9 +148,9 @@ class DeltaAssembler:
         """
         if not text_complete or self._matcher.held or self.stopped or not self._ids:
             return None
-        text, ids = "".join(self._text), tuple(self._ids)
-        self._text, self._ids = [], []
-        return Delta(text=text, token_ids=ids)
+        text, ids, logprobs = "".join(self._text), tuple(self._ids), tuple(self._logprobs)
+        self._text, self._ids, self._logprobs = [], [], []
+        return Delta(text=text, token_ids=ids, logprobs=logprobs)
 
     def finish(self, reason: FinishReason, tail: str = "") -> Delta:
         """The final delta: everything pending plus `tail` (the detokenizer's rest).
@@ -165,4 +168,5 @@ class DeltaAssembler:
             finish_reason=reason,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            logprobs=tuple(self._logprobs),
         )
