@@ -114,6 +114,8 @@ async def main() -> int:
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--levels", default="1,8,32,64")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="engine option, e.g. prefix_cache_mb=0 (see maas/services/worker/engines/hf.py)")
     parser.add_argument("--sequential-requests", type=int, default=8,
                         help="requests timed for the sequential rate (it does not depend on concurrency)")
     args = parser.parse_args()
@@ -126,7 +128,8 @@ async def main() -> int:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
     engine = HFEngine(ModelSpec(name="bench", version=1, format="hf", source=source, device=str(device),
-                                options={"max_batch": str(max(levels))}))
+                                options={"max_batch": str(max(levels)),
+                                         **dict(o.split("=", 1) for o in args.option)}))
     await engine.load()
     params = sum(p.numel() for p in model.parameters())
     print(f"model {source} ({params / 1e6:.1f}M parameters) on {device}, torch {torch.__version__}, "

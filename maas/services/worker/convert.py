@@ -40,4 +40,5 @@ def chunk_from_delta(delta: Delta, *, request_id: str, model: str, replica_id: s
         chunk.finish_reason = FINISH[delta.finish_reason]
         chunk.usage.prompt_tokens = delta.prompt_tokens
         chunk.usage.completion_tokens = delta.completion_tokens
+        chunk.usage.cached_prompt_tokens = delta.cached_prompt_tokens
     return chunk

@@ -92,6 +92,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
+    cached_prompt_tokens: int = 0            # on the last delta: prompt tokens served from the prefix cache
 
 
 @dataclass(frozen=True)

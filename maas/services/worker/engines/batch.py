@@ -18,6 +18,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from maas.services.worker.engines.prefix import KV
+
 
 def _pad_left(t: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
     if columns == 0:
@@ -57,22 +59,57 @@ class DecodeBatch:
     def columns(self) -> int:
         return int(self.mask.shape[1])
 
-    def prefill(self, model: Any, prompts: Sequence[Sequence[int]], extra: dict[str, Any]) -> torch.Tensor:
-        """Run the prompts as one left-padded forward pass; return their last logits [n, vocab].
+    def prefill(self, model: Any, rows: Sequence[tuple[KV | None, Sequence[int]]], extra: dict[str, Any]
+                ) -> tuple[torch.Tensor, list[KV]]:
+        """Prefill new rows in one forward pass and add them to the batch.
 
-        The new rows join this batch (their first sampled tokens are set with `set_last`)."""
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
+        Each row is (prefix, tokens): `prefix` is the KV of the row's first tokens when the
+        prefix cache had them (or None), `tokens` the rest of the prompt, to compute now.
+        Rows are laid out as [pad][prefix][pad][tokens]; the mask hides both pads and the
+        position ids continue each row's own prefix. Returns the last logits [rows, vocab]
+        and each row's own KV over its whole prompt (for the prefix cache). The rows'
+        first sampled tokens are set with `set_last`."""
+        n = len(rows)
+        cached = [0 if kv is None else int(kv[0][0].shape[2]) for kv, _ in rows]
+        known, width = max(cached), max(len(tokens) for _, tokens in rows)
+        ids = torch.zeros(n, width, dtype=torch.long)
+        mask = torch.zeros(n, known + width, dtype=torch.long)
+        for i, (_, tokens) in enumerate(rows):
+            ids[i, width - len(tokens):] = torch.tensor(list(tokens), dtype=torch.long)
+            mask[i, known - cached[i]:known] = 1
+            mask[i, known + width - len(tokens):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = DynamicCache()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    past_key_values=cache, use_cache=True, **extra)
-        self._merge(cache, mask, mask.sum(-1))
-        return out.logits[:, -1, :]
+        positions = torch.tensor(cached, device=self.device)[:, None] + (mask[:, known:].cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(ddp_cache_data=self._stack_prefixes(rows, cached, known)) if known else DynamicCache()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, **extra)
+        own = []
+        for i, (_, tokens) in enumerate(rows):
+            keep = [slice(known - cached[i], known), slice(known + width - len(tokens), known + width)]
+            own.append([(torch.cat([cast(torch.Tensor, layer.keys)[i:i + 1, :, k] for k in keep], dim=2),
+                         torch.cat([cast(torch.Tensor, layer.values)[i:i + 1, :, k] for k in keep], dim=2))
+                        for layer in _layers(cache)])
+        lengths = torch.tensor([c + len(t) for c, (_, t) in zip(cached, rows, strict=True)], device=self.device)
+        self._merge(cache, mask, lengths)
+        return out.logits[:, -1, :], own
+
+    def _stack_prefixes(self, rows: Sequence[tuple[KV | None, Sequence[int]]], cached: list[int], known: int
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the rows' cached prefixes stacked into [rows, heads, known, head_dim],
+        each padded on the left with zeros (masked) to the longest."""
+        template = next(kv for kv, _ in rows if kv is not None)
+        stacked = []
+        for layer, (k0, v0) in enumerate(template):
+            keys, values = [], []
+            for (kv, _), length in zip(rows, cached, strict=True):
+                if kv is None:
+                    keys.append(k0.new_zeros(1, k0.shape[1], known, k0.shape[3]))
+                    values.append(v0.new_zeros(1, v0.shape[1], known, v0.shape[3]))
+                else:
+                    keys.append(_pad_left(kv[layer][0].to(self.device), known - length, 2))
+                    values.append(_pad_left(kv[layer][1].to(self.device), known - length, 2))
+            stacked.append((torch.cat(keys), torch.cat(values)))
+        return stacked
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
         new_last = torch.zeros(mask.shape[0], dtype=torch.long, device=self.device)

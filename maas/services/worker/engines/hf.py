@@ -11,8 +11,9 @@ Spec options (strings): `dtype` (`float32`, `bfloat16`, `float16`; default float
 CPU and bfloat16 or float16 on CUDA), `context_length` (lowers the model's own limit),
 `max_batch` (default 64), `max_queue` (waiting requests, default 256), `kv_cache_mb`
 (KV-cache budget; default 512 on CPU, 40% of free device memory on CUDA),
-`prefill_tokens` (prompt tokens prefilled in one step, default 4096) and `max_adapters`
-(LoRA adapters kept loaded, default 8).
+`prefill_tokens` (prompt tokens prefilled in one step, default 4096), `max_adapters`
+(LoRA adapters kept loaded, default 8) and `prefix_cache_mb` (KV of shared prompt
+prefixes kept for reuse, `prefix.PrefixCache`; default a quarter of the KV budget, 0 off).
 
 LoRA adapters (peft) load on first use, between steps, and the least recently used idle
 one is evicted past `max_adapters`. Requests for different adapters, and for none, share
@@ -46,6 +47,7 @@ from maas.services.worker.engines.base import (
     TokenLogprob,
 )
 from maas.services.worker.engines.batch import DecodeBatch
+from maas.services.worker.engines.prefix import KV, PrefixCache
 from maas.services.worker.engines.sampling import Row, request_seed, sample_batch, token_logprobs
 from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetokenizer
 
@@ -115,6 +117,7 @@ class HFEngine:
         self._batch = DecodeBatch(self._device)
         self._reserved = 0
         self._thread: threading.Thread | None = None
+        self._prefix = PrefixCache(0)
         self._tokens_per_second = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -172,6 +175,8 @@ class HFEngine:
             default_mb = 512
         budget = _option_int(self.spec, "kv_cache_mb", default_mb) * MiB
         self._kv_budget_tokens = budget // bytes_per_token
+        prefix_mb = _option_int(self.spec, "prefix_cache_mb", budget // MiB // 4, minimum=0)
+        self._prefix = PrefixCache(prefix_mb * MiB // bytes_per_token)
         self._eos_ids = frozenset(eos)
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self._tokenizer, self._model, self.context_length = tokenizer, model, int(context)
@@ -196,7 +201,7 @@ class HFEngine:
             waiting = len(self._waiting)
         return EngineStats(running=len(self._running), waiting=waiting,
                            kv_cache_used=self._reserved / self._kv_budget_tokens if self._kv_budget_tokens else 0.0,
-                           tokens_per_second=self._tokens_per_second)
+                           tokens_per_second=self._tokens_per_second, prefix_hit_rate=self._prefix.hit_rate)
 
     # ---- the asyncio side --------------------------------------------------------------
 
@@ -357,12 +362,28 @@ class HFEngine:
         for seq in seqs:
             metrics.QUEUE.labels(self._label).observe(now - seq.arrived)
         first = len(self._running)
+        # prompts whose prefix is cached compute only the rest; all of them in one forward pass
+        rows: list[tuple[KV | None, list[int]]] = []
+        prompts = []
+        for seq in seqs:
+            ids = [*seq.row.prompt_ids, *seq.output]
+            found = self._prefix.lookup(self._namespace(seq), ids)
+            cached, kv = found if found is not None else (0, None)
+            seq.out.cached_prompt_tokens = cached
+            rows.append((kv, ids[cached:]))
+            prompts.append(ids)
         self._running.extend(seqs)  # before the forward pass: if it fails, they hear about it
         self._publish_gauges()
-        logits = self._batch.prefill(self._model, [[*s.row.prompt_ids, *s.output] for s in seqs],
-                                     self._extra_for(seqs))
         metrics.PROMPT_TOKENS.labels(self._label).inc(sum(len(s.row.prompt_ids) for s in seqs))
+        metrics.CACHED_TOKENS.labels(self._label).inc(sum(s.out.cached_prompt_tokens for s in seqs))
+        logits, own = self._batch.prefill(self._model, rows, self._extra_for(seqs))
+        for seq, ids, kv in zip(seqs, prompts, own, strict=True):
+            self._prefix.insert(self._namespace(seq), ids, kv)
         self._accept(seqs, logits, rows=range(first, first + len(seqs)))
+
+    @staticmethod
+    def _namespace(seq: _Sequence) -> str:
+        return seq.adapter.key if seq.adapter is not None else ""
 
     def _decode(self) -> None:
         started = time.perf_counter()

@@ -20,7 +20,9 @@ RUNNING = Gauge("maas_engine_running_sequences", "Sequences in the running batch
 WAITING = Gauge("maas_engine_waiting_sequences", "Requests queued for admission.", ["model"])
 KV_USAGE = Gauge("maas_engine_kv_cache_usage_ratio", "Reserved share of the KV-cache budget.", ["model"])
 TOKENS = Counter("maas_engine_generated_tokens_total", "Tokens generated.", ["model"])
-PROMPT_TOKENS = Counter("maas_engine_prompt_tokens_total", "Prompt tokens prefilled.", ["model"])
+PROMPT_TOKENS = Counter("maas_engine_prompt_tokens_total", "Prompt tokens of admitted requests.", ["model"])
+CACHED_TOKENS = Counter("maas_engine_prefix_cache_hit_tokens_total",
+                        "Prompt tokens whose KV came from the prefix cache instead of being computed.", ["model"])
 FINISHED = Counter("maas_engine_requests_total", "Finished requests by finish reason.", ["model", "finish_reason"])
 REJECTED = Counter("maas_engine_rejected_requests_total", "Requests refused because the queue was full.",
                    ["model"])

@@ -126,6 +126,7 @@ class DeltaAssembler:
         self._logprobs: list[TokenLogprob] = []
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+        self.cached_prompt_tokens = 0
 
     @property
     def stopped(self) -> bool:
@@ -169,4 +170,5 @@ class DeltaAssembler:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             logprobs=tuple(self._logprobs),
+            cached_prompt_tokens=self.cached_prompt_tokens,
         )
