@@ -28,7 +28,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +65,8 @@ class _Sequence:
     request_id: str
     row: Row
     adapter: AdapterRef | None
-    deliver: Callable[[Delta | BaseException], None]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Delta | BaseException]
     detok: IncrementalDetokenizer
     out: DeltaAssembler
     reserved_tokens: int
@@ -77,6 +78,11 @@ class _Sequence:
     @property
     def output(self) -> list[int]:
         return self.row.output_ids  # type: ignore[return-value]
+
+
+def _put_all(items: list[tuple[_Sequence, Delta | BaseException]]) -> None:
+    for seq, item in items:
+        seq.queue.put_nowait(item)
 
 
 def _option_int(spec: ModelSpec, name: str, default: int, minimum: int = 1) -> int:
@@ -106,6 +112,9 @@ class HFEngine:
         self._extra: dict[str, Any] = {}
         self._kv_budget_tokens = 0
         self._label = f"{spec.name}@{spec.version}"
+        self._m_tokens = metrics.TOKENS.labels(self._label)
+        self._m_ttft = metrics.TTFT.labels(self._label)
+        self._m_itl = metrics.ITL.labels(self._label)
         self._load_lock = asyncio.Lock()
         # shared between the event loop and the scheduler thread, guarded by _cv
         self._cv = threading.Condition()
@@ -212,13 +221,8 @@ class HFEngine:
             raise EngineDead(f"engine for {self._label} is dead: {self._dead}")
         if self._model is None:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
-
-        def deliver(item: Delta | BaseException) -> None:  # called from the scheduler thread
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        seq = self._prepare(request, deliver)
+        seq = self._prepare(request)
+        queue = seq.queue
         with self._cv:
             if len(self._waiting) >= self.max_queue:
                 metrics.REJECTED.labels(self._label).inc()
@@ -238,7 +242,7 @@ class HFEngine:
         finally:
             seq.cancelled = True  # no-op if it finished; otherwise it leaves at the next step
 
-    def _prepare(self, request: GenerationRequest, deliver: Callable[[Delta | BaseException], None]) -> _Sequence:
+    def _prepare(self, request: GenerationRequest) -> _Sequence:
         prompt_ids = list(self._tokenizer(request.prompt)["input_ids"])
         resumed = list(request.resume_token_ids)
         vocab = int(self._model.get_input_embeddings().num_embeddings)
@@ -254,7 +258,8 @@ class HFEngine:
                                     f"{self._label} ({self._kv_budget_tokens} tokens); lower max_tokens")
         params = request.params
         return _Sequence(
-            request_id=request.request_id, deliver=deliver, reserved_tokens=reserved, adapter=request.adapter,
+            request_id=request.request_id, loop=asyncio.get_running_loop(), queue=asyncio.Queue(),
+            reserved_tokens=reserved, adapter=request.adapter,
             row=Row(params, request_seed(params), prompt_ids, resumed),
             detok=IncrementalDetokenizer(self._tokenizer, context_ids=prompt_ids + resumed),
             out=DeltaAssembler(params.stop, prompt_tokens=len(prompt_ids), completion_tokens=len(resumed)))
@@ -284,8 +289,7 @@ class HFEngine:
             with self._cv:
                 everyone = [*self._running, *self._waiting]
                 self._waiting.clear()
-            for seq in everyone:
-                seq.deliver(dead)
+            self._send([(seq, dead) for seq in everyone])
         finally:
             self._running.clear()
             self._batch.reset()
@@ -326,7 +330,8 @@ class HFEngine:
                 log.warning("adapter %s failed to load: %s", seq.adapter.key if seq.adapter else "", exc)
                 self._reserved -= seq.reserved_tokens
                 self._finish_metrics(seq, "error")
-                seq.deliver(FailedPrecondition(f"cannot load adapter {seq.adapter.key if seq.adapter else ''}: {exc}"))
+                self._send([(seq, FailedPrecondition(
+                    f"cannot load adapter {seq.adapter.key if seq.adapter else ''}: {exc}"))])
         return ready
 
     def _ensure_adapter(self, adapter: AdapterRef) -> None:
@@ -399,17 +404,28 @@ class HFEngine:
         tokens = sample_batch(logits, [s.row for s in seqs])
         logprobs = token_logprobs(logits, tokens, [s.row for s in seqs])
         now = time.perf_counter()
-        metrics.TOKENS.labels(self._label).inc(len(tokens))
+        self._m_tokens.inc(len(tokens))
+        out: list[tuple[_Sequence, Delta | BaseException]] = []
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             if seq.last_token_at:
-                metrics.ITL.labels(self._label).observe(now - seq.last_token_at)
+                self._m_itl.observe(now - seq.last_token_at)
             else:
-                metrics.TTFT.labels(self._label).observe(now - seq.arrived)
+                self._m_ttft.observe(now - seq.arrived)
             seq.last_token_at = now
             delta = self._advance(seq, token, logprob)
             if delta is not None:
-                seq.deliver(delta)
+                out.append((seq, delta))
+        self._send(out)
         self._batch.set_last(list(rows), tokens)
+
+    @staticmethod
+    def _send(items: list[tuple[_Sequence, Delta | BaseException]]) -> None:
+        """Hand deltas to their consumers: one wake-up of each event loop per step, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, Delta | BaseException]]] = {}
+        for seq, item in items:
+            by_loop.setdefault(seq.loop, []).append((seq, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> Delta | None:
         seq.output.append(token)
