@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import sys
+import tarfile
+import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import aetcd.exceptions
 import grpc
 from google.protobuf.json_format import MessageToDict
+from tqdm import tqdm
 
 from maas.mesh.clients import MeshClient, dial, live_services
 from maas.mesh.events import read_events
+from maas.services.registry.blobs import CHUNK
+from maas.services.worker.artifacts import ARTIFACT, pack_directory
 from maas.v1 import (
     common_pb2,
     inference_pb2,
@@ -139,21 +147,106 @@ def _options(items: list[str]) -> dict[str, str]:
 async def models(ns: argparse.Namespace, etcd: str) -> int:
     async with MeshClient(etcd, ns.prefix) as mesh:
         stub = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
-        if ns.models_command == "register":
+        action = ns.models_command
+        if action in ("register", "upload"):
+            source = ns.source if action == "register" else await _upload(stub, Path(ns.directory))
             v = await stub.RegisterModel(registry_pb2.RegisterModelRequest(
-                name=ns.name, source=ns.source, format=ns.format, task=ns.task, base=ns.base,
+                name=ns.name, source=source, format=ns.format, task=ns.task, base=ns.base,
                 options=_options(ns.option)), timeout=30)
             print(json.dumps(MessageToDict(v), indent=2) if ns.json else
                   f"registered {v.name}@{v.version} ({v.format}: {v.source}, needs {_gib(v.resources.memory_bytes)})")
-            return 0
-        listing = await stub.ListModels(registry_pb2.ListRegisteredModelsRequest(), timeout=10)
-        if ns.json:
-            print(json.dumps([MessageToDict(m) for m in listing.models], indent=2))
-        else:
-            rows = [[m.name, str(m.latest_version), ",".join(f"{a}={v}" for a, v in sorted(m.aliases.items())) or "-",
-                     datetime.fromtimestamp(m.created_ms / 1000).strftime("%Y-%m-%d %H:%M")] for m in listing.models]
-            print(_table(rows, ["model", "latest", "aliases", "created"]))
+        elif action == "list":
+            listing = await stub.ListModels(registry_pb2.ListRegisteredModelsRequest(), timeout=10)
+            if ns.json:
+                print(json.dumps([MessageToDict(m) for m in listing.models], indent=2))
+            else:
+                rows = [[m.name, str(m.latest_version), _aliases(m), _when(m.created_ms)] for m in listing.models]
+                print(_table(rows, ["model", "latest", "aliases", "created"]))
+        elif action in ("show", "versions"):
+            model = await stub.GetModel(registry_pb2.GetModelRequest(name=ns.name), timeout=10)
+            listing = await stub.ListVersions(registry_pb2.ListVersionsRequest(name=ns.name), timeout=10)
+            if ns.json:
+                print(json.dumps({"model": MessageToDict(model),
+                                  "versions": [MessageToDict(v) for v in listing.versions]}, indent=2))
+                return 0
+            if action == "show":
+                print(f"{model.name}: latest {model.latest_version}, aliases {_aliases(model)}"
+                      + (f"\n{model.description}" if model.description else "") + "\n")
+            rows = [[str(v.version), v.format, v.task, v.base or "-", v.source, _gib(v.resources.memory_bytes),
+                     _when(v.created_ms)] for v in listing.versions]
+            print(_table(rows, ["version", "format", "task", "base", "source", "memory", "created"]))
+        elif action == "alias":
+            model = await stub.SetAlias(registry_pb2.SetAliasRequest(name=ns.name, alias=ns.alias,
+                                                                     version=ns.version), timeout=10)
+            print(f"{ns.name}@{ns.alias} -> {model.aliases[ns.alias]}")
+        elif action == "delete":
+            name, _, version = ns.ref.partition("@")
+            if not version.isdigit():
+                print("error: give the version to delete as NAME@VERSION", file=sys.stderr)
+                return 2
+            await stub.DeleteVersion(registry_pb2.DeleteVersionRequest(name=name, version=int(version)), timeout=10)
+            print(f"deleted {ns.ref}")
+        elif action == "download":
+            await _download(stub, ns.ref, Path(ns.directory))
     return 0
+
+
+def _aliases(model: registry_pb2.Model) -> str:
+    return ",".join(f"{a}={v}" for a, v in sorted(model.aliases.items())) or "-"
+
+
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M")
+
+
+async def _upload(stub: registry_pb2_grpc.RegistryStub, directory: Path) -> str:
+    """Pack `directory` and stream it to the registry with a progress bar; return the source."""
+    if not directory.is_dir():
+        raise SystemExit(f"error: {directory} is not a directory")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "artifact.tar"
+        sha, size = await asyncio.to_thread(pack_directory, directory, archive)
+        with tqdm(total=size, unit="B", unit_scale=True, desc=f"uploading {directory.name}",
+                  file=sys.stderr) as bar:
+            async def chunks() -> AsyncIterator[registry_pb2.ArtifactChunk]:
+                with open(archive, "rb") as f:
+                    first = True
+                    while data := await asyncio.to_thread(f.read, CHUNK):
+                        bar.update(len(data))
+                        yield registry_pb2.ArtifactChunk(data=data, sha256=sha if first else "",
+                                                         total_bytes=size if first else 0)
+                        first = False
+
+            artifact = await stub.UploadArtifact(chunks(), timeout=3600)
+    return f"{ARTIFACT}{artifact.sha256}"
+
+
+async def _download(stub: registry_pb2_grpc.RegistryStub, ref: str, directory: Path) -> None:
+    version = await stub.GetVersion(registry_pb2.GetVersionRequest(ref=ref), timeout=10)
+    if not version.source.startswith(ARTIFACT):
+        raise SystemExit(f"error: {version.name}@{version.version} was registered from {version.source!r}, "
+                         "not uploaded; there is nothing to download")
+    sha = version.source.removeprefix(ARTIFACT)
+    if directory.exists() and any(directory.iterdir()):
+        raise SystemExit(f"error: {directory} exists and is not empty")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "artifact.tar"
+        digest = hashlib.sha256()
+        call = stub.DownloadArtifact(registry_pb2.DownloadArtifactRequest(sha256=sha), timeout=3600)
+        with open(archive, "wb") as f, tqdm(unit="B", unit_scale=True, desc=f"downloading {ref}",
+                                            file=sys.stderr) as bar:
+            async for chunk in call:
+                if chunk.total_bytes:
+                    bar.total = chunk.total_bytes
+                digest.update(chunk.data)
+                f.write(chunk.data)
+                bar.update(len(chunk.data))
+        if digest.hexdigest() != sha:
+            raise SystemExit(f"error: the download hashes to {digest.hexdigest()}, not {sha}; nothing was written")
+        directory.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(directory, filter="data")
+    print(f"downloaded {version.name}@{version.version} into {directory}")
 
 
 async def deploy(ns: argparse.Namespace, etcd: str) -> int:

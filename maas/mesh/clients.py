@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import AsyncIterator
 from types import TracebackType
 
 import aetcd
@@ -11,7 +12,7 @@ import aetcd.exceptions
 import grpc
 
 from maas.mesh.config import parse_host_port
-from maas.mesh.errors import InvalidArgument, NotFound, StartupError, Unavailable
+from maas.mesh.errors import InvalidArgument, NotFound, StartupError, Unavailable, from_rpc_error
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.keys import Keys
 from maas.mesh.server import GRPC_OPTIONS
@@ -104,6 +105,18 @@ class RegistryClient:
         resolved = f"{version.name}@{version.version}"
         self._cache[resolved] = version
         return version
+
+    async def download(self, sha: str, *, timeout: float = 3600.0) -> AsyncIterator[registry_pb2.ArtifactChunk]:
+        """Stream an artifact's chunks from the registry."""
+        if self._channel is None:
+            self._channel = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"))
+        call = registry_pb2_grpc.RegistryStub(self._channel).DownloadArtifact(
+            registry_pb2.DownloadArtifactRequest(sha256=sha), timeout=timeout)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e, f"downloading artifact {sha[:12]}: ") from None
 
     async def exists(self, ref: str) -> bool:
         try:

@@ -82,7 +82,7 @@ class Stack:
         return child
 
     def start_services(self) -> None:
-        self._service("registry")
+        self._service("registry", "--blob-dir", str(self.config.data_dir / "blobs"))
         self._service("scheduler")
         self._service("router", "--port", str(self.config.router_port))
         for _ in range(self.config.workers):

@@ -78,7 +78,7 @@ class MeshHarness:
 
     async def registry(self) -> ServiceRuntime:
         rt = await self._runtime("registry")
-        await registry_main.build(rt)
+        await registry_main.build(rt, self.tmp / "blobs")
         return rt
 
     async def scheduler(self) -> ServiceRuntime:
@@ -95,7 +95,7 @@ class MeshHarness:
         """An in-process worker; returns its replica manager (`.rt` is its runtime)."""
         rt = await self._runtime("worker")
         return await worker_main.build(rt, devices=detect_devices("cpu", int(memory_gib * 2**30)),
-                                       engine_factory=engine_factory)
+                                       engine_factory=engine_factory, cache_dir=self.tmp / f"cache-{rt.config.instance}")
 
     async def core(self) -> None:
         """registry + scheduler + router, in-process."""

@@ -109,7 +109,7 @@ async def test_lost_lease_re_registers_and_watches_survive_an_etcd_restart(tmp_p
     etcd, url = start_etcd(tmp_path / "etcd", port=port, peer_port=peer)
     rt = ServiceRuntime(MeshConfig(kind="registry", etcd=url, nats=nats_url, lease_ttl=2, metrics_port=-1))
     try:
-        await registry_main.build(rt)
+        await registry_main.build(rt, tmp_path / "blobs")
         key = rt.etcd.keys.service("registry", rt.config.instance)
         services = PrefixMirror(rt.etcd, rt.etcd.keys.services(), mesh_pb2.ServiceInfo)
         await services.start()

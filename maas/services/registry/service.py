@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
-from maas.mesh.errors import Unimplemented
 from maas.mesh.events import EventBus
+from maas.services.registry.blobs import BlobStore, check_digest
 from maas.services.registry.store import ModelStore
 from maas.v1 import registry_pb2, registry_pb2_grpc
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, store: ModelStore, events: EventBus) -> None:
+    def __init__(self, store: ModelStore, blobs: BlobStore, events: EventBus) -> None:
         self.store = store
+        self.blobs = blobs
         self.events = events
 
     async def RegisterModel(self, request: registry_pb2.RegisterModelRequest,
@@ -50,12 +52,35 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def DeleteVersion(self, request: registry_pb2.DeleteVersionRequest,
                             context: grpc.aio.ServicerContext) -> registry_pb2.DeleteVersionResponse:
-        raise Unimplemented("deleting versions is not implemented yet (issue 4)")
+        await self.store.delete_version(request.name, request.version)
+        ref = f"{request.name}@{request.version}"
+        self.events.publish("model", "deleted", ref, f"deleted {ref}")
+        return registry_pb2.DeleteVersionResponse()
 
     async def UploadArtifact(self, request_iterator: AsyncIterator[registry_pb2.ArtifactChunk],
                              context: grpc.aio.ServicerContext) -> registry_pb2.Artifact:
-        raise Unimplemented("artifact upload is not implemented yet (issue 4); register a local directory")
+        writer = self.blobs.writer()
+        expected = ""
+        try:
+            first = True
+            async for chunk in request_iterator:
+                if first and chunk.sha256:
+                    expected = check_digest(chunk.sha256)
+                first = False
+                await asyncio.to_thread(writer.write, chunk.data)
+            sha, size = await asyncio.to_thread(writer.commit, expected)
+        except BaseException:
+            writer.abort()
+            raise
+        self.events.publish("artifact", "uploaded", sha, f"artifact {sha[:12]} ({size} bytes)", size=str(size))
+        return registry_pb2.Artifact(sha256=sha, size_bytes=size)
 
     async def DownloadArtifact(self, request: registry_pb2.DownloadArtifactRequest,
-                               context: grpc.aio.ServicerContext) -> registry_pb2.ArtifactChunk:
-        raise Unimplemented("artifact download is not implemented yet (issue 4)")
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[registry_pb2.ArtifactChunk]:
+        size = await asyncio.to_thread(self.blobs.size, request.sha256)
+        chunks = self.blobs.read(request.sha256)
+        first = True
+        while (data := await asyncio.to_thread(next, chunks, None)) is not None:
+            yield registry_pb2.ArtifactChunk(data=data, sha256=request.sha256 if first else "",
+                                             total_bytes=size if first else 0)
+            first = False

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from maas.mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from maas.mesh.etcd import EtcdSession
-from maas.v1 import common_pb2, registry_pb2
+from maas.services.registry.blobs import BlobStore, check_digest
+from maas.v1 import common_pb2, registry_pb2, scheduler_pb2
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 FORMATS = ("hf", "sim")
@@ -51,8 +52,16 @@ def looks_local(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir()
 
 
-def check_source(fmt: str, source: str, *, adapter: bool = False) -> tuple[str, int]:
+ARTIFACT = "artifact:"
+
+
+def check_source(fmt: str, source: str, *, adapter: bool = False, blobs: BlobStore | None = None) -> tuple[str, int]:
     """Validate a model source (blocking file-system checks) -> (normalised source, memory estimate)."""
+    if source.startswith(ARTIFACT):
+        sha = check_digest(source.removeprefix(ARTIFACT))
+        if blobs is None:
+            raise InvalidArgument("this registry stores no artifacts", field="source")
+        return source, int(blobs.size(sha) * 1.25) + 32 * 1024 * 1024
     if fmt == "hf":
         if not source:
             raise InvalidArgument("source is required for format hf: a local directory or a hub id", field="source")
@@ -67,9 +76,10 @@ def check_source(fmt: str, source: str, *, adapter: bool = False) -> tuple[str, 
 
 
 class ModelStore:
-    def __init__(self, session: EtcdSession) -> None:
+    def __init__(self, session: EtcdSession, blobs: BlobStore | None = None) -> None:
         self.session = session
         self.keys = session.keys
+        self.blobs = blobs
 
     async def register(self, req: registry_pb2.RegisterModelRequest) -> registry_pb2.ModelVersion:
         validate_name(req.name)
@@ -88,7 +98,8 @@ class ModelStore:
             if base_version.base:
                 raise InvalidArgument(f"base {req.base!r} is itself an adapter", field="base")
             base = f"{base_version.name}@{base_version.version}"
-        source, memory = await asyncio.to_thread(check_source, fmt, req.source.strip(), adapter=bool(base))
+        source, memory = await asyncio.to_thread(check_source, fmt, req.source.strip(), adapter=bool(base),
+                                                 blobs=self.blobs)
         resources = common_pb2.Resources()
         resources.CopyFrom(req.resources)
         resources.memory_bytes = resources.memory_bytes or memory
@@ -171,3 +182,27 @@ class ModelStore:
             if ok:
                 return model
         raise AlreadyExists(f"model {name!r} changed concurrently; retry")
+
+    async def delete_version(self, name: str, version: int) -> None:
+        """Delete one version, unless a deployment, an alias or an adapter still uses it."""
+        ref = f"{name}@{version}"
+        model = await self.get_model(name)
+        raw = await self.session.get(self.keys.version(name, version))
+        if raw is None:
+            raise NotFound(f"model {name!r} has no version {version}")
+        pairs, _ = await self.session.get_prefix(self.keys.deployments())
+        for _, value in pairs:
+            dep = scheduler_pb2.Deployment.FromString(value)
+            if dep.resolved_version == ref or any(t.model == ref for t in dep.traffic):
+                raise FailedPrecondition(f"{ref} is used by deployment {dep.name!r}; delete or move the deployment first")
+        for alias, target in model.aliases.items():
+            if target == version:
+                raise FailedPrecondition(f"{ref} is the target of alias {name}@{alias}; move the alias first")
+        pairs, _ = await self.session.get_prefix(self.keys.models())
+        for _, value in pairs:
+            other = registry_pb2.Model.FromString(value)
+            versions, _ = await self.session.get_prefix(self.keys.versions(other.name))
+            for _, v in versions:
+                if registry_pb2.ModelVersion.FromString(v).base == ref:
+                    raise FailedPrecondition(f"{ref} is the base of adapter {other.name}; delete the adapter first")
+        await self.session.client.delete(self.keys.version(name, version))

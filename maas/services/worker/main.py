@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import time
+from pathlib import Path
 
 from maas.mesh.config import MeshConfig
 from maas.mesh.errors import StartupError
@@ -13,7 +15,7 @@ from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.services.worker.devices import detect_devices
 from maas.services.worker.engines import create_engine
-from maas.services.worker.replicas import EngineFactory, ReplicaManager
+from maas.services.worker.replicas import DEFAULT_CACHE, EngineFactory, ReplicaManager
 from maas.services.worker.service import WorkerInferenceServicer
 from maas.v1 import inference_pb2, inference_pb2_grpc, mesh_pb2
 
@@ -26,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: CUDA GPUs when torch sees them, else the CPU")
     parser.add_argument("--cpu-memory-gib", type=float, default=0.0,
                         help="memory budget of the CPU device (default: half the available memory, <= 16)")
+    parser.add_argument("--cache-dir", default=os.environ.get("MAAS_CACHE_DIR", str(DEFAULT_CACHE)),
+                        help="where artifacts fetched from the registry are unpacked (env MAAS_CACHE_DIR)")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                         help="worker label used by deployment selectors (repeatable)")
 
@@ -41,10 +45,11 @@ def parse_labels(items: list[str]) -> dict[str, str]:
 
 
 async def build(rt: ServiceRuntime, *, devices: list[mesh_pb2.Device], labels: dict[str, str] | None = None,
-                engine_factory: EngineFactory = create_engine) -> ReplicaManager:
+                engine_factory: EngineFactory = create_engine, cache_dir: Path = DEFAULT_CACHE) -> ReplicaManager:
     """Wire a worker into a runtime (also used by in-process tests)."""
     worker_id = rt.config.instance
-    replicas = ReplicaManager(rt, worker_id, engine_factory=engine_factory, unload_grace=rt.config.grace)
+    replicas = ReplicaManager(rt, worker_id, engine_factory=engine_factory, unload_grace=rt.config.grace,
+                              cache_dir=cache_dir)
     rt.add_service(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                    inference_pb2_grpc.add_InferenceServicer_to_server, WorkerInferenceServicer(replicas))
     rt.before_stop(replicas.drain)
@@ -90,7 +95,7 @@ def main(ns: argparse.Namespace) -> int:
         labels = parse_labels(ns.label)
         devices = detect_devices(ns.device, int(ns.cpu_memory_gib * 1024**3))
         async with ServiceRuntime(config) as rt:
-            await build(rt, devices=devices, labels=labels)
+            await build(rt, devices=devices, labels=labels, cache_dir=Path(ns.cache_dir))
             await rt.wait()
 
     return run_service(serve)

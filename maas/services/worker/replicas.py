@@ -9,12 +9,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from maas.mesh.clients import RegistryClient
 from maas.mesh.discovery import PrefixMirror
 from maas.mesh.errors import EngineDead, InvalidArgument, NotFound, Unavailable
 from maas.mesh.server import ServiceRuntime
+from maas.services.worker.artifacts import ArtifactCache
 from maas.services.worker.engines import create_engine
 from maas.services.worker.engines.base import AdapterRef, Engine, ModelSpec
 from maas.v1 import mesh_pb2
@@ -22,6 +24,7 @@ from maas.v1 import mesh_pb2
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ModelSpec], Engine]
+DEFAULT_CACHE = Path.home() / ".cache" / "maas-mesh" / "artifacts"
 
 
 @dataclass
@@ -39,13 +42,14 @@ class Replica:
 
 class ReplicaManager:
     def __init__(self, rt: ServiceRuntime, worker_id: str, *, engine_factory: EngineFactory = create_engine,
-                 unload_grace: float = 10.0) -> None:
+                 unload_grace: float = 10.0, cache_dir: Path = DEFAULT_CACHE) -> None:
         self.rt = rt
         self.worker_id = worker_id
         self.engine_factory = engine_factory
         self.unload_grace = unload_grace
         self.replicas: dict[str, Replica] = {}
         self.registry = RegistryClient(rt.etcd)
+        self.artifacts = ArtifactCache(cache_dir, self.registry)
         self.assignments = PrefixMirror(rt.etcd, rt.etcd.keys.assignments(worker_id), mesh_pb2.Assignment)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -91,7 +95,8 @@ class ReplicaManager:
                                model=replica.ref, worker=self.worker_id)
         started = time.perf_counter()
         try:
-            spec = ModelSpec(name=a.model_name, version=a.model_version, format=a.format, source=a.source,
+            source = await self.artifacts.resolve(a.source)
+            spec = ModelSpec(name=a.model_name, version=a.model_version, format=a.format, source=source,
                              task=a.task or "generate", options=dict(a.options),
                              device=a.device_ids[0] if a.device_ids else "cpu")
             # building an engine imports its libraries (transformers: seconds): not on the loop
@@ -179,7 +184,7 @@ class ReplicaManager:
         if version.base != replica.ref:
             raise InvalidArgument(f"adapter {key} is for {version.base}, but {replica.info.deployment} serves "
                                   f"{replica.ref}", field="adapter")
-        return AdapterRef(key=key, source=version.source)
+        return AdapterRef(key=key, source=await self.artifacts.resolve(version.source))
 
     @property
     def in_flight(self) -> int:
