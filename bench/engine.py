@@ -39,9 +39,10 @@ PROMPT_STEMS = [
 ]
 
 
-def prompts(n: int) -> list[str]:
-    """n distinct prompts of varied length."""
-    return [PROMPT_STEMS[i % len(PROMPT_STEMS)] + f"  # {i}" + " x = 1;" * (i % 5) for i in range(n)]
+def prompts(n: int, salt: str = "") -> list[str]:
+    """n distinct prompts of varied length. They differ from their first token on (and
+    between salts), so the engine's prefix cache gives no help the baselines lack."""
+    return [f"# {salt}{i}\n" + PROMPT_STEMS[i % len(PROMPT_STEMS)] + " x = 1;" * (i % 5) for i in range(n)]
 
 
 def sequential(model, tokenizer, texts: list[str], new: int, device: torch.device) -> float:
@@ -80,14 +81,13 @@ async def engine_rate(engine: HFEngine, texts: list[str], new: int) -> float:
 async def ttft_under_load(engine: HFEngine, background: int, probes: int) -> list[float]:
     """TTFT of requests arriving one at a time while `background` long requests decode."""
     started = asyncio.Event()
-    running = 0
+    decoding: set[int] = set()
 
     async def long(i: int) -> None:
-        nonlocal running
         params = SamplingParams(max_tokens=100_000, temperature=0, ignore_eos=True)
-        async for _ in engine.generate(GenerationRequest(f"bg{i}", prompts(background)[i], params)):
-            running += 1
-            if running >= background:
+        async for _ in engine.generate(GenerationRequest(f"bg{i}", prompts(background, "bg-")[i], params)):
+            decoding.add(i)
+            if len(decoding) >= background:
                 started.set()
 
     tasks = [asyncio.create_task(long(i)) for i in range(background)]
@@ -96,7 +96,7 @@ async def ttft_under_load(engine: HFEngine, background: int, probes: int) -> lis
     for i in range(probes):
         await asyncio.sleep(0.05)
         t0 = time.perf_counter()
-        stream = engine.generate(GenerationRequest(f"probe{i}", prompts(probes)[i],
+        stream = engine.generate(GenerationRequest(f"probe{i}", prompts(probes, "probe-")[i],
                                                    SamplingParams(max_tokens=1, temperature=0)))
         async for _ in stream:
             ttfts.append(time.perf_counter() - t0)
@@ -145,7 +145,7 @@ async def main() -> int:
     rows = []
     for level in levels:
         # small levels are repeated (fresh prompts each round) so every figure covers >= 8 requests
-        rounds = [prompts(level * r + level)[level * r:] for r in range(max(1, 8 // level))]
+        rounds = [prompts(level, salt=f"L{level}R{r}-") for r in range(max(1, 8 // level))]
         with torch.inference_mode():
             static_rate = statistics.mean(static(model, tokenizer, texts, new, device) for texts in rounds)
         engine_tps = statistics.mean([await engine_rate(engine, texts, new) for texts in rounds])

@@ -73,3 +73,27 @@ async def test_a_broken_adapter_fails_only_its_request(engine: HFEngine, tmp_pat
     with pytest.raises(FailedPrecondition, match="cannot load adapter broken@1"):
         await tokens(engine, broken)
     assert len(await tokens(engine, None)) == 16
+
+
+async def test_new_adapters_arriving_together_are_not_evicted_before_they_run(
+        engine: HFEngine, adapters: dict[str, AdapterRef]):
+    alone = {name: await tokens(engine, adapters[name]) for name in ("a", "b", "c")}
+    await engine.close()
+    await engine.load()  # fresh: no adapter loaded; max_adapters=2 but three arrive at once
+    together = await asyncio.gather(*(tokens(engine, adapters[n], n) for n in ("a", "b", "c")))
+    assert together == [alone["a"], alone["b"], alone["c"]]
+    assert len(await tokens(engine, None)) == 16  # and the engine is alive
+
+
+async def test_a_failed_adapter_load_leaves_the_base_model_untouched(engine: HFEngine, tmp_path: Path,
+                                                                     demo_model_dir: Path):
+    base = await tokens(engine, None)
+    # an adapter for a differently shaped model: peft injects layers, then fails on the weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "odd")
+    with pytest.raises(FailedPrecondition):
+        await tokens(engine, AdapterRef("odd@1", str(tmp_path / "odd")))
+    assert await tokens(engine, None) == base

@@ -144,3 +144,62 @@ async def test_logprobs_of_the_chosen_and_top_tokens(engine: HFEngine):
         assert lp.logprob <= 0 and [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
     _, plain = await run(engine, PROMPTS[0], max_tokens=4, temperature=0)
     assert all(not d.logprobs for d in plain)
+
+
+async def test_closing_the_engine_fails_in_flight_requests_instead_of_hanging(demo_model_dir: Path):
+    from maas.mesh.errors import Unavailable
+
+    e = HFEngine(ModelSpec("demo", 1, "hf", str(demo_model_dir), options={"max_batch": "1"}))
+    await e.load()
+    running = e.generate(GenerationRequest("a", PROMPTS[0], SamplingParams(max_tokens=5000, ignore_eos=True)))
+    await anext(running)  # type: ignore[call-overload]
+    waiting = asyncio.ensure_future(anext(e.generate(  # type: ignore[call-overload]
+        GenerationRequest("b", PROMPTS[1], SamplingParams(max_tokens=5)))))
+    await asyncio.sleep(0.05)
+    await e.close()
+    with pytest.raises(Unavailable, match="shutting down"):
+        async for _ in running:
+            pass
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(waiting, 5)
+    await e.load()  # and it can serve again after a reload
+    assert (await run(e, PROMPTS[0], max_tokens=2))[1][-1].completion_tokens == 2
+    await e.close()
+
+
+async def test_cancelled_waiting_requests_free_their_queue_place(demo_model_dir: Path):
+    e = HFEngine(ModelSpec("demo", 1, "hf", str(demo_model_dir), options={"max_batch": "1", "max_queue": "2"}))
+    await e.load()
+    try:
+        busy = e.generate(GenerationRequest("busy", PROMPTS[0], SamplingParams(max_tokens=5000, ignore_eos=True)))
+        await anext(busy)  # type: ignore[call-overload]
+        queued = [asyncio.ensure_future(anext(e.generate(GenerationRequest(  # type: ignore[call-overload]
+            f"q{i}", PROMPTS[1], SamplingParams(max_tokens=3))))) for i in range(2)]
+        await asyncio.sleep(0.05)
+        assert e.stats().waiting == 2
+        for q in queued:
+            q.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
+        assert e.stats().waiting == 0
+        again = asyncio.ensure_future(anext(e.generate(GenerationRequest(  # type: ignore[call-overload]
+            "again", PROMPTS[1], SamplingParams(max_tokens=3)))))
+        await asyncio.sleep(0.05)
+        assert not again.done() or not isinstance(again.exception(), ResourceExhausted)
+        await busy.aclose()  # type: ignore[attr-defined]
+        assert (await asyncio.wait_for(again, 10)).token_ids
+    finally:
+        await e.close()
+
+
+async def test_resuming_with_every_token_produced_finishes_at_once(engine: HFEngine):
+    ids, _ = await run(engine, PROMPTS[0], max_tokens=6, temperature=0, ignore_eos=True)
+    deltas = [d async for d in engine.generate(GenerationRequest(
+        "done", PROMPTS[0], SamplingParams(max_tokens=6, temperature=0), resume_token_ids=tuple(ids)))]
+    assert len(deltas) == 1 and deltas[0].finish_reason == "length" and not deltas[0].token_ids
+    assert deltas[0].completion_tokens == 6
+
+
+async def test_a_vanishing_temperature_is_greedy_not_broken(engine: HFEngine):
+    greedy, _ = await run(engine, PROMPTS[0], max_tokens=10, temperature=0, ignore_eos=True)
+    tiny, _ = await run(engine, PROMPTS[0], max_tokens=10, temperature=1e-30, ignore_eos=True, seed=1)
+    assert tiny == greedy

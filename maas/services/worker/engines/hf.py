@@ -35,7 +35,14 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from maas.mesh.errors import EngineDead, FailedPrecondition, InvalidArgument, ResourceExhausted
+from maas.mesh.errors import (
+    EngineDead,
+    FailedPrecondition,
+    InvalidArgument,
+    MaasError,
+    ResourceExhausted,
+    Unavailable,
+)
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import (
     AdapterRef,
@@ -80,6 +87,9 @@ class _Sequence:
         return self.row.output_ids  # type: ignore[return-value]
 
 
+TOKENIZE_INLINE_CHARS = 8192
+
+
 def _put_all(items: list[tuple[_Sequence, Delta | BaseException]]) -> None:
     for seq, item in items:
         seq.queue.put_nowait(item)
@@ -120,7 +130,7 @@ class HFEngine:
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._closing = False
-        self._dead: BaseException | None = None
+        self._dead: MaasError | None = None  # why the engine stopped serving (died or closed)
         # scheduler thread only
         self._running: list[_Sequence] = []
         self._batch = DecodeBatch(self._device)
@@ -155,6 +165,8 @@ class HFEngine:
         async with self._load_lock:
             if self._model is None:
                 await asyncio.to_thread(self._load_sync)
+                with self._cv:
+                    self._closing, self._dead = False, None
                 self._thread = threading.Thread(target=self._run, name=f"engine {self._label}", daemon=True)
                 self._thread.start()
 
@@ -202,14 +214,14 @@ class HFEngine:
             if self._thread is not None:
                 await asyncio.to_thread(self._thread.join)
             self._model = self._tokenizer = None
+            self._adapters.clear()
             if self._device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def stats(self) -> EngineStats:
         with self._cv:
             waiting = len(self._waiting)
-        return EngineStats(running=len(self._running), waiting=waiting,
-                           kv_cache_used=self._reserved / self._kv_budget_tokens if self._kv_budget_tokens else 0.0,
+        return EngineStats(running=len(self._running), waiting=waiting, kv_cache_used=self._kv_used(),
                            tokens_per_second=self._tokens_per_second, prefix_hit_rate=self._prefix.hit_rate)
 
     # ---- the asyncio side --------------------------------------------------------------
@@ -217,14 +229,22 @@ class HFEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the request's deltas. Closing the iterator (or cancelling its consumer)
         removes the sequence from the batch at the next step."""
-        if self._dead is not None:
-            raise EngineDead(f"engine for {self._label} is dead: {self._dead}")
         if self._model is None:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
-        seq = self._prepare(request)
-        queue = seq.queue
+        if len(request.prompt) > TOKENIZE_INLINE_CHARS:  # long prompts tokenize off the loop
+            seq = await asyncio.to_thread(self._prepare, request, asyncio.get_running_loop())
+        else:
+            seq = self._prepare(request, asyncio.get_running_loop())
+        if len(seq.output) >= seq.row.params.max_tokens:  # resumed with nothing left to produce
+            yield seq.out.finish("length")
+            return
         with self._cv:
-            if len(self._waiting) >= self.max_queue:
+            if self._dead is not None or self._closing:
+                raise self._dead if self._dead is not None else Unavailable(
+                    f"{self._label} is shutting down on this worker; retry")
+            # requests that free batch slots will take at once do not count as queued
+            queued = len(self._waiting) - max(0, self.max_batch - len(self._running))
+            if queued >= self.max_queue:
                 metrics.REJECTED.labels(self._label).inc()
                 raise ResourceExhausted(f"{self._label} is overloaded: {len(self._waiting)} requests already "
                                         "queued; retry later")
@@ -233,16 +253,20 @@ class HFEngine:
             self._cv.notify()
         try:
             while True:
-                item = await queue.get()
+                item = await seq.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
-            seq.cancelled = True  # no-op if it finished; otherwise it leaves at the next step
+            seq.cancelled = True  # it leaves the batch at the next step (no-op if it finished)
+            with self._cv:
+                if seq in self._waiting:  # not admitted yet: free its queue place now
+                    self._waiting.remove(seq)
+                    self._finish_metrics(seq, "cancelled")
 
-    def _prepare(self, request: GenerationRequest) -> _Sequence:
+    def _prepare(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> _Sequence:
         prompt_ids = list(self._tokenizer(request.prompt)["input_ids"])
         resumed = list(request.resume_token_ids)
         vocab = int(self._model.get_input_embeddings().num_embeddings)
@@ -258,7 +282,7 @@ class HFEngine:
                                     f"{self._label} ({self._kv_budget_tokens} tokens); lower max_tokens")
         params = request.params
         return _Sequence(
-            request_id=request.request_id, loop=asyncio.get_running_loop(), queue=asyncio.Queue(),
+            request_id=request.request_id, loop=loop, queue=asyncio.Queue(),
             reserved_tokens=reserved, adapter=request.adapter,
             row=Row(params, request_seed(params), prompt_ids, resumed),
             detok=IncrementalDetokenizer(self._tokenizer, context_ids=prompt_ids + resumed),
@@ -267,6 +291,7 @@ class HFEngine:
     # ---- the scheduler thread ------------------------------------------------------------
 
     def _run(self) -> None:
+        ending: MaasError = Unavailable(f"{self._label} is shutting down on this worker; retry")
         try:
             with torch.inference_mode():
                 while True:
@@ -284,36 +309,49 @@ class HFEngine:
                         self._drop_finished()
         except Exception as exc:
             log.exception("engine %s died", self._label)
-            self._dead = exc
-            dead = EngineDead(f"model {self.spec.name} failed during generation: {exc}")
-            with self._cv:
-                everyone = [*self._running, *self._waiting]
-                self._waiting.clear()
-            self._send([(seq, dead) for seq in everyone])
+            ending = EngineDead(f"model {self.spec.name} failed during generation: {exc}")
         finally:
+            # nobody is left waiting for a token that will never come
+            with self._cv:
+                self._dead = ending
+                everyone = [s for s in (*self._running, *self._waiting) if not s.done]
+                self._waiting.clear()
+            self._send([(seq, ending) for seq in everyone])
             self._running.clear()
             self._batch.reset()
             self._reserved = 0
             self._publish_gauges()
 
     def _admit(self) -> list[_Sequence]:
-        """Pop waiting requests that fit (batch slots, KV budget, prefill tokens). Holds _cv."""
+        """Pop waiting requests that fit, in arrival order. Holds _cv.
+
+        Three limits: batch slots; the KV budget, counted as the cache really grows (every
+        row as wide as the widest: rows x (widest prompt + longest remaining generation),
+        so padding is paid for); and the prefill pass, also counted padded (rows x longest
+        prompt), so one long prompt does not make a group of short ones expensive."""
         admitted: list[_Sequence] = []
-        prefill = 0
-        while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+        rows = len(self._running)
+        width = self._batch.columns
+        remaining = max((s.row.params.max_tokens - len(s.output) for s in self._running), default=0)
+        longest = 0
+        while self._waiting and rows + len(admitted) < self.max_batch:
             seq = self._waiting[0]
             if seq.cancelled:
                 self._waiting.popleft()
                 self._finish_metrics(seq, "cancelled")
                 continue
             size = len(seq.row.prompt_ids) + len(seq.output)
-            if self._reserved + seq.reserved_tokens > self._kv_budget_tokens:
-                break
-            if admitted and prefill + size > self.prefill_tokens:
-                break
+            need = seq.row.params.max_tokens - len(seq.output)
+            grown = (rows + len(admitted) + 1) * min(max(width, longest, size) + max(remaining, need),
+                                                     self.context_length)
+            if admitted or rows:
+                if grown > self._kv_budget_tokens or self._reserved + seq.reserved_tokens > self._kv_budget_tokens:
+                    break
+                if admitted and (len(admitted) + 1) * max(longest, size) > self.prefill_tokens:
+                    break
             self._waiting.popleft()
             self._reserved += seq.reserved_tokens
-            prefill += size
+            longest, remaining = max(longest, size), max(remaining, need)
             admitted.append(seq)
         self._publish_gauges()
         return admitted
@@ -321,10 +359,11 @@ class HFEngine:
     def _load_adapters(self, seqs: list[_Sequence]) -> list[_Sequence]:
         """Make sure every admitted sequence's adapter is loaded; fail those whose adapter cannot be."""
         ready = []
+        group = {s.adapter.key for s in seqs if s.adapter is not None}
         for seq in seqs:
             try:
                 if seq.adapter is not None:
-                    self._ensure_adapter(seq.adapter)
+                    self._ensure_adapter(seq.adapter, keep=group)
                 ready.append(seq)
             except Exception as exc:
                 log.warning("adapter %s failed to load: %s", seq.adapter.key if seq.adapter else "", exc)
@@ -334,25 +373,44 @@ class HFEngine:
                     f"cannot load adapter {seq.adapter.key if seq.adapter else ''}: {exc}"))])
         return ready
 
-    def _ensure_adapter(self, adapter: AdapterRef) -> None:
+    def _ensure_adapter(self, adapter: AdapterRef, keep: set[str]) -> None:
         if adapter.key in self._adapters:
             self._adapters.move_to_end(adapter.key)
             return
         from peft import PeftModel
 
         started = time.perf_counter()
-        if isinstance(self._model, PeftModel):
-            self._model.load_adapter(adapter.source, adapter_name=adapter.key)
-        else:
-            self._model = PeftModel.from_pretrained(self._model, adapter.source, adapter_name=adapter.key)
+        try:
+            if isinstance(self._model, PeftModel):
+                self._model.load_adapter(adapter.source, adapter_name=adapter.key)
+            else:
+                self._model = PeftModel.from_pretrained(self._model, adapter.source, adapter_name=adapter.key)
+        except Exception:
+            self._undo_adapter(adapter.key)
+            raise
         self._model.eval()
         self._adapters[adapter.key] = None
         log.info("loaded adapter %s in %.2fs", adapter.key, time.perf_counter() - started)
-        busy = {s.adapter.key for s in self._running if s.adapter is not None} | {adapter.key}
+        busy = {s.adapter.key for s in self._running if s.adapter is not None} | keep | {adapter.key}
         for key in [k for k in self._adapters if k not in busy][:max(0, len(self._adapters) - self.max_adapters)]:
             self._model.delete_adapter(key)
             del self._adapters[key]
             log.info("evicted adapter %s (least recently used)", key)
+
+    def _undo_adapter(self, key: str) -> None:
+        """A failed load can leave LoRA layers injected into the model: take them out again so
+        the base model (and the other adapters) answer exactly as before."""
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if isinstance(self._model, PeftModel):
+            if key in self._model.peft_config:
+                self._model.delete_adapter(key)
+            return
+        for name, module in list(self._model.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                parent, _, child = name.rpartition(".")
+                setattr(self._model.get_submodule(parent) if parent else self._model, child, module.get_base_layer())
 
     def _extra_for(self, seqs: list[_Sequence]) -> dict[str, Any]:
         if not self._adapters:
@@ -464,11 +522,16 @@ class HFEngine:
             self._batch.keep(keep)
             self._publish_gauges()
 
+    def _kv_used(self) -> float:
+        """Share of the KV budget in use: the padded cache, or what running requests reserved."""
+        if not self._kv_budget_tokens:
+            return 0.0
+        return max(self._reserved, len(self._batch) * self._batch.columns) / self._kv_budget_tokens
+
     def _publish_gauges(self) -> None:
         metrics.RUNNING.labels(self._label).set(len(self._running))
         metrics.WAITING.labels(self._label).set(len(self._waiting))
-        metrics.KV_USAGE.labels(self._label).set(
-            self._reserved / self._kv_budget_tokens if self._kv_budget_tokens else 0.0)
+        metrics.KV_USAGE.labels(self._label).set(self._kv_used())
 
 
 __all__ = ["HFEngine"]

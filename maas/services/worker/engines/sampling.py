@@ -81,6 +81,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+GREEDY_BELOW = 1e-4  # smaller temperatures underflow in float32: treat them as greedy
+
+
 def _mix64(x: torch.Tensor) -> torch.Tensor:
     """SplitMix64 finaliser on int64 tensors (wrapping arithmetic; logical shifts by masking)."""
     x = (x ^ ((x >> 30) & 0x3FFFFFFFF)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
@@ -146,7 +149,7 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             logits[i] = apply_penalties(logits[i], p, prompt_ids=row.prompt_ids, output_ids=row.output_ids)
     chosen = torch.argmax(logits, dim=-1)
-    sampled = [i for i, row in enumerate(rows) if row.params.temperature > 0]
+    sampled = [i for i, row in enumerate(rows) if row.params.temperature >= GREEDY_BELOW]
     if sampled:
         index = torch.tensor(sampled)
         part = torch.stack([filter_logits(logits[i], rows[i].params) for i in sampled]) \
