@@ -274,6 +274,26 @@ async def deploy(ns: argparse.Namespace, etcd: str) -> int:
     return 0
 
 
+async def workers(ns: argparse.Namespace, etcd: str) -> int:
+    async with MeshClient(etcd, ns.prefix) as mesh:
+        stub = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
+        listing = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=10)
+    if ns.json:
+        print(json.dumps([MessageToDict(w) for w in listing.workers], indent=2))
+        return 0
+    rows = []
+    for w in listing.workers:
+        devices = ", ".join(f"{d.id} {_gib(d.memory_total_bytes)}" for d in w.worker.devices)
+        replicas = ", ".join(
+            f"{r.replica_id} ({r.model_name}@{r.model_version} "
+            f"{mesh_pb2.ReplicaState.Name(r.state).removeprefix('REPLICA_STATE_').lower()})" for r in w.replicas)
+        labels = ",".join(f"{k}={v}" for k, v in sorted(w.worker.labels.items())) or "-"
+        rows.append([w.worker.worker_id, w.worker.endpoint, devices, _gib(w.memory_assigned_bytes), labels,
+                     replicas or "-"])
+    print(_table(rows, ["worker", "endpoint", "devices", "assigned", "labels", "replicas"]))
+    return 0
+
+
 async def generate(ns: argparse.Namespace, etcd: str) -> int:
     params = common_pb2.SamplingParams(max_tokens=ns.max_tokens, stop=ns.stop)
     for name in ("temperature", "top_p", "top_k", "seed"):

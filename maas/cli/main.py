@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--model", default="", help="model ref (name, name@version, name@alias); default NAME")
     dep.add_argument("--replicas", type=int, default=1)
 
+    workers = sub.add_parser("workers", help="workers, their devices and replicas")
+    _client_args(workers)
+
     gen = sub.add_parser("generate", help="generate text through the router, streaming")
     _client_args(gen)
     gen.add_argument("--model", required=True)
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "status": lambda: commands.status(ns, etcd),
         "models": lambda: commands.models(ns, etcd),
         "deploy": lambda: commands.deploy(ns, etcd),
+        "workers": lambda: commands.workers(ns, etcd),
         "generate": lambda: commands.generate(ns, etcd),
         "events": lambda: commands.events(ns, nats),
     }

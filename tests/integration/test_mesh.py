@@ -13,6 +13,7 @@ from maas.v1 import (
     events_pb2,
     inference_pb2,
     inference_pb2_grpc,
+    mesh_pb2,
     registry_pb2,
     scheduler_pb2,
 )
@@ -325,3 +326,21 @@ async def test_adapters_are_registered_against_a_base_and_chosen_per_request(mes
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await text(bad)
         assert why in err.value.details(), err.value.details()
+
+
+async def test_a_replica_that_fails_to_load_is_retried_on_another_worker(mesh: MeshHarness):
+    from maas.services.worker.engines.sim import SimEngine
+
+    class BrokenDisk(SimEngine):
+        async def load(self) -> None:
+            raise OSError("disk read error")
+
+    await mesh.core()
+    bad = await mesh.worker(memory_gib=8, engine_factory=BrokenDisk)  # most free memory: placed here first
+    good = await mesh.worker(memory_gib=2)
+    await mesh.register("echo", token_delay_ms="1")
+    await mesh.deploy("echo")
+    status = await mesh.wait_ready("echo", timeout=30)
+    assert [r.worker_id for r in status.replicas if r.state == mesh_pb2.REPLICA_STATE_READY] == [good.worker_id]
+    assert not bad.replicas  # the failed replica was taken off the broken worker
+    assert (await mesh.generate("echo", max_tokens=2))[-1].usage.completion_tokens == 2

@@ -52,6 +52,9 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
         chunks = [line for line in streamed.stdout.splitlines() if line.startswith("{")]
         assert len(chunks) >= 2, "tokens are streamed as they are produced"
 
+        workers = maas("workers")
+        assert workers.returncode == 0 and "demo@1 ready" in workers.stdout, workers.stdout + workers.stderr
+
         bad = maas("generate", "--model", "nope", "hi")
         assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -91,3 +91,12 @@ def test_version_change_keeps_old_replicas_until_new_ones_serve():
     assert len(one_ready.remove) == 1 and not one_ready.add
     all_ready = placement.plan({"m": w2}, workers, state, ready=old_ids | new_ids, new_id=ids())
     assert {r for _, r in all_ready.remove} == old_ids
+
+
+def test_avoided_workers_are_a_last_resort_and_held_deployments_wait():
+    workers = {"w1": worker("w1", 2000), "w2": worker("w2", 1000)}
+    plan = placement.plan({"m": want("m", 1)}, workers, {}, new_id=ids(), avoid={"m": {"w1"}})
+    assert [w for w, _ in plan.add] == ["w2"]  # w1 has more room but failed recently
+    only = placement.plan({"m": want("m", 1)}, {"w1": workers["w1"]}, {}, new_id=ids(), avoid={"m": {"w1"}})
+    assert [w for w, _ in only.add] == ["w1"]  # still better than nothing
+    assert not placement.plan({"m": want("m", 1)}, workers, {}, new_id=ids(), hold=frozenset({"m"}))

@@ -51,9 +51,13 @@ def _fmt_bytes(n: int) -> str:
 
 def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
          assignments: dict[tuple[str, str], mesh_pb2.Assignment], ready: frozenset[str] = frozenset(),
-         new_id: Callable[[str], str] = lambda name: f"{name}-{uuid.uuid4().hex[:6]}") -> Plan:
+         new_id: Callable[[str], str] = lambda name: f"{name}-{uuid.uuid4().hex[:6]}",
+         avoid: dict[str, set[str]] | None = None, hold: frozenset[str] = frozenset()) -> Plan:
     """`ready` holds the ids of replicas that serve now; a deployment moving to a new version
-    keeps that many old replicas until as many new ones are ready (no downtime)."""
+    keeps that many old replicas until as many new ones are ready (no downtime). `avoid`
+    names, per deployment, workers where its replicas recently failed to load (used only
+    when no other worker fits); deployments in `hold` get no new replicas this time."""
+    avoid = avoid or {}
     result = Plan()
     free: dict[tuple[str, str], int] = {}
     for wid, info in workers.items():
@@ -87,9 +91,10 @@ def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
             per_worker[wid] = per_worker.get(wid, 0) + 1
         need = want.memory
         selector = dict(want.deployment.selector)
-        for _ in range(desired - len(have)):
+        shunned = avoid.get(name, set())
+        for _ in range(0 if name in hold else desired - len(have)):
             candidates = [
-                (per_worker.get(wid, 0), -mem, wid, dev)
+                (wid in shunned, per_worker.get(wid, 0), -mem, wid, dev)
                 for (wid, dev), mem in free.items()
                 if mem >= need and want.version.format in (workers[wid].formats or [want.version.format])
                 and _labels_match(selector, dict(workers[wid].labels))
@@ -100,7 +105,7 @@ def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
                     f"no worker has a device with {_fmt_bytes(need)} free"
                     + (f" (largest free: {_fmt_bytes(largest)})" if free else " (no workers)"))
                 break
-            _, _, wid, dev = min(candidates)
+            *_, wid, dev = min(candidates)
             free[(wid, dev)] -= need
             per_worker[wid] = per_worker.get(wid, 0) + 1
             v = want.version

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
+from dataclasses import dataclass, field
 
 from maas.mesh.clients import RegistryClient
 from maas.mesh.errors import MaasError
@@ -23,6 +25,17 @@ from maas.v1 import mesh_pb2
 log = logging.getLogger(__name__)
 
 MAX_TXN_OPS = 100  # etcd's default limit is 128 operations per transaction
+MAX_BACKOFF = 60.0  # seconds between attempts to load a deployment that keeps failing
+AVOID_SECONDS = 300.0  # how long a worker where a load failed is avoided for that deployment
+
+
+@dataclass
+class Retry:
+    """Back-off state of a deployment whose replicas failed to load."""
+
+    delay: float = 0.0
+    next_try: float = 0.0
+    avoid: dict[str, float] = field(default_factory=dict)  # worker -> until (monotonic)
 
 
 class LostLeadership(Exception):
@@ -36,6 +49,7 @@ class Reconciler:
         self.resolver = resolver
         self.is_leader = False
         self.unplaced: dict[str, str] = {}
+        self.retries: dict[str, Retry] = {}
         self._task: asyncio.Task[None] | None = None
         state.workers.add_listener(self._on_worker)
 
@@ -101,11 +115,24 @@ class Reconciler:
                 self.unplaced[name] = str(e)
         ready = frozenset(r.replica_id for r in self.state.replicas.items.values()
                           if r.state == mesh_pb2.REPLICA_STATE_READY)
-        result = placement.plan(wants, dict(self.state.workers.items), self.state.assignments_by_worker(), ready)
+        assignments = self.state.assignments_by_worker()
+        failed = self._take_failed(assignments)
+        now = time.monotonic()
+        hold = frozenset(d for d, r in self.retries.items() if r.next_try > now)
+        avoid = {d: {w for w, until in r.avoid.items() if until > now} for d, r in self.retries.items()}
+        result = placement.plan(wants, dict(self.state.workers.items), assignments, ready, avoid=avoid, hold=hold)
+        result.remove.extend(failed)
         self.unplaced.update(result.unplaced)
         for name in list(self.unplaced):
-            if name not in result.unplaced and name in wants:
+            if name not in result.unplaced and name in wants and name not in self.retries:
                 del self.unplaced[name]
+        for name in list(self.retries):
+            serving = sum(r.deployment == name and r.replica_id in ready for r in self.state.replicas.items.values())
+            if name not in wants or serving >= wants[name].deployment.replicas:
+                del self.retries[name]  # fully serving again (or gone): forget its failures
+                self.unplaced.pop(name, None)
+        if hold:
+            self.state.changed.set()  # come back when the back-off ends (the loop wakes every 2 s)
         if not result:
             return
         keys, tx = self.rt.etcd.keys, self.rt.etcd.client.transactions
@@ -118,3 +145,24 @@ class Reconciler:
             log.info("placed %s (%s@%s) on %s %s", a.replica_id, a.model_name, a.model_version, w, a.device_ids[0])
         for w, r in result.remove:
             log.info("removed %s from %s", r, w)
+
+    def _take_failed(self, assignments: dict[tuple[str, str], mesh_pb2.Assignment]) -> list[tuple[str, str]]:
+        """Replicas that failed to load: drop their assignments (so they are placed again,
+        preferably elsewhere) and back off per deployment. Removes them from `assignments`."""
+        removed = []
+        now = time.monotonic()
+        for r in list(self.state.replicas.items.values()):
+            key = (r.worker_id, r.replica_id)
+            if r.state != mesh_pb2.REPLICA_STATE_FAILED or key not in assignments:
+                continue
+            del assignments[key]
+            removed.append(key)
+            retry = self.retries.setdefault(r.deployment, Retry())
+            retry.delay = min(retry.delay * 2, MAX_BACKOFF) if retry.delay else 1.0
+            retry.next_try = now + retry.delay
+            retry.avoid[r.worker_id] = now + AVOID_SECONDS
+            self.unplaced[r.deployment] = (f"replica {r.replica_id} failed on worker {r.worker_id}: {r.message}; "
+                                           f"retrying in {retry.delay:.0f}s, on another worker if one fits")
+            self.rt.events.publish("replica", "retrying", r.replica_id, self.unplaced[r.deployment],
+                                   deployment=r.deployment, worker=r.worker_id)
+        return removed
