@@ -125,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(dep)
     dep.add_argument("name")
     dep.add_argument("--model", default="", help="model ref (name, name@version, name@alias); default NAME")
-    dep.add_argument("--replicas", type=int, default=1)
+    dep.add_argument("--replicas", type=int, default=None, help="replicas (default 1 for a new deployment)")
+    rollout = dep.add_mutually_exclusive_group()
+    rollout.add_argument("--canary", metavar="REF", help="send --weight percent of requests to this version")
+    rollout.add_argument("--promote", action="store_true", help="make the canary the deployed version")
+    rollout.add_argument("--rollback", action="store_true", help="drop the canary; all traffic to the deployed version")
+    dep.add_argument("--weight", type=int, default=10, help="canary share of requests in percent (default 10)")
 
     workers = sub.add_parser("workers", help="workers, their devices and replicas")
     _client_args(workers)

@@ -18,6 +18,9 @@ from maas.mesh.keys import Keys
 from maas.mesh.server import GRPC_OPTIONS
 from maas.v1 import mesh_pb2, registry_pb2, registry_pb2_grpc
 
+# gRPC metadata a router sets on calls to a worker: the replica it picked for the request.
+REPLICA_HEADER = "x-maas-replica"
+
 
 async def live_services(client: aetcd.Client, keys: Keys, kind: str) -> list[mesh_pb2.ServiceInfo]:
     found = []

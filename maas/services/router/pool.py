@@ -64,10 +64,30 @@ class ReplicaPool:
         ready = [r for r in self.ready(model) if r.replica_id not in exclude]
         if not ready:
             await self._explain_none(model, tried=bool(exclude))
+        ready = self._split(model, ready)
         now = time.monotonic()
         healthy = [r for r in ready if self._suspect.get(r.endpoint, 0) < now] or ready
         least = min(self.in_flight.get(r.replica_id, 0) for r in healthy)
         return random.choice([r for r in healthy if self.in_flight.get(r.replica_id, 0) == least])
+
+    def _split(self, model: str, ready: list[mesh_pb2.ReplicaInfo]) -> list[mesh_pb2.ReplicaInfo]:
+        """The replicas of the version this request goes to: a canary gets its weight's share
+        of requests; otherwise the deployment's version (older versions serve only until it is
+        ready during a rollout)."""
+        dep = self.deployments.items.get(model)
+        if dep is None:
+            return ready
+
+        def of(ref: str) -> list[mesh_pb2.ReplicaInfo]:
+            return [r for r in ready if f"{r.model_name}@{r.model_version}" == ref]
+
+        stable = of(dep.resolved_version)
+        if dep.traffic:
+            canary = of(dep.traffic[0].model)
+            if stable and canary:
+                return canary if random.uniform(0, 100) < dep.traffic[0].weight else stable
+            return stable or canary or ready
+        return stable or ready
 
     async def _explain_none(self, model: str, *, tried: bool) -> None:
         name, _, version = model.partition("@")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from maas.mesh.clients import REPLICA_HEADER
 from maas.mesh.errors import Unavailable, from_rpc_error
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.services.router.pool import ReplicaPool
@@ -35,7 +36,7 @@ class RouterInferenceServicer(inference_pb2_grpc.InferenceServicer):
             replica = await self.pool.pick(request.model, tried)
             tried.add(replica.replica_id)
             call = self.pool.stub(replica).GenerateStream(request, timeout=context.time_remaining(),
-                                                          metadata=metadata)
+                                                          metadata=(*metadata, (REPLICA_HEADER, replica.replica_id)))
             produced = False
             try:
                 with self.pool.track(replica):
@@ -66,7 +67,8 @@ class RouterInferenceServicer(inference_pb2_grpc.InferenceServicer):
             try:
                 with self.pool.track(replica):
                     return await self.pool.stub(replica).Generate(
-                        request, timeout=context.time_remaining(), metadata=metadata)
+                        request, timeout=context.time_remaining(),
+                        metadata=(*metadata, (REPLICA_HEADER, replica.replica_id)))
             except grpc.aio.AioRpcError as e:
                 if e.code() in RETRYABLE and attempt + 1 < MAX_ATTEMPTS \
                         and len(self.pool.ready(request.model)) > len(tried):
@@ -83,7 +85,8 @@ class RouterInferenceServicer(inference_pb2_grpc.InferenceServicer):
         replica = await self.pool.pick(request.model)
         try:
             with self.pool.track(replica):
-                return await self.pool.stub(replica).Embed(request, timeout=context.time_remaining())
+                return await self.pool.stub(replica).Embed(
+                    request, timeout=context.time_remaining(), metadata=((REPLICA_HEADER, replica.replica_id),))
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from None
 

@@ -31,6 +31,15 @@ class DeploymentStore:
         out.model = dep.model or dep.name
         version = await self.resolver.resolve(out.model)
         out.resolved_version = f"{version.name}@{version.version}"
+        if len(out.traffic) > 1:
+            raise InvalidArgument("one canary at a time: traffic takes at most one entry", field="traffic")
+        for split in out.traffic:
+            if not 1 <= split.weight <= 99:
+                raise InvalidArgument(f"canary weight must be 1..99 percent, got {split.weight}", field="weight")
+            canary = await self.resolver.resolve(split.model)
+            split.model = f"{canary.name}@{canary.version}"
+            if split.model == out.resolved_version:
+                raise InvalidArgument(f"the canary {split.model} is the version already deployed", field="canary")
         out.updated_ms = int(time.time() * 1000)
         return out
 

@@ -12,6 +12,7 @@ version stay until enough replicas of the new one are ready.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,14 +22,23 @@ from maas.v1 import mesh_pb2, registry_pb2, scheduler_pb2
 
 @dataclass(frozen=True)
 class Want:
-    """A deployment joined with the model version it resolved to."""
+    """A deployment joined with the model version it resolved to (and its canary's, if any)."""
 
     deployment: scheduler_pb2.Deployment
     version: registry_pb2.ModelVersion
+    canary: registry_pb2.ModelVersion | None = None
 
-    @property
-    def memory(self) -> int:
-        return self.deployment.resources.memory_bytes or self.version.resources.memory_bytes
+    def memory(self, version: registry_pb2.ModelVersion) -> int:
+        return self.deployment.resources.memory_bytes or version.resources.memory_bytes
+
+    def tracks(self) -> list[tuple[registry_pb2.ModelVersion, int]]:
+        """(version, replicas) to run: the stable version, plus a canary's share of the
+        replicas (at least one) while the deployment has one."""
+        replicas = self.deployment.replicas
+        if self.canary is None or not self.deployment.traffic:
+            return [(self.version, replicas)]
+        weight = self.deployment.traffic[0].weight
+        return [(self.version, replicas), (self.canary, max(1, math.ceil(replicas * weight / 100)) if replicas else 0)]
 
 
 @dataclass
@@ -64,53 +74,61 @@ def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
         for device in info.devices:
             free[(wid, device.id)] = device.memory_total_bytes
 
-    current: dict[str, list[tuple[str, mesh_pb2.Assignment]]] = {}
+    current: dict[tuple[str, str], list[tuple[str, mesh_pb2.Assignment]]] = {}  # (deployment, ref)
     outdated: dict[str, list[tuple[str, mesh_pb2.Assignment]]] = {}
     for (wid, rid), a in sorted(assignments.items()):
         want = wants.get(a.deployment)
         if want is None or wid not in workers:
             result.remove.append((wid, rid))
             continue
-        same = f"{a.model_name}@{a.model_version}" == want.deployment.resolved_version
-        (current if same else outdated).setdefault(a.deployment, []).append((wid, a))
+        ref = f"{a.model_name}@{a.model_version}"
+        if any(ref == f"{v.name}@{v.version}" for v, _ in want.tracks()):
+            current.setdefault((a.deployment, ref), []).append((wid, a))
+        else:
+            outdated.setdefault(a.deployment, []).append((wid, a))
         for dev_id in a.device_ids:
             if (wid, dev_id) in free:
                 free[(wid, dev_id)] -= a.memory_bytes
 
     for name in sorted(wants):
         want = wants[name]
-        have = current.get(name, [])
-        desired = want.deployment.replicas
-        for wid, a in have[desired:]:
-            result.remove.append((wid, a.replica_id))
-        serving = sum(a.replica_id in ready for _, a in have[:desired])
-        for wid, a in outdated.get(name, [])[max(0, desired - serving):]:
-            result.remove.append((wid, a.replica_id))
         per_worker: dict[str, int] = {}
-        for wid, _ in have[:desired]:
-            per_worker[wid] = per_worker.get(wid, 0) + 1
-        need = want.memory
+        wanted, serving = 0, 0
+        tracks = []
+        for version, desired in want.tracks():
+            have = current.get((name, f"{version.name}@{version.version}"), [])
+            for wid, a in have[desired:]:
+                result.remove.append((wid, a.replica_id))
+            for wid, _ in have[:desired]:
+                per_worker[wid] = per_worker.get(wid, 0) + 1
+            wanted += desired
+            serving += sum(a.replica_id in ready for _, a in have[:desired])
+            tracks.append((version, desired - len(have)))
+        # replicas of versions no longer wanted stay until the wanted ones serve (no downtime)
+        for wid, a in outdated.get(name, [])[max(0, wanted - serving):]:
+            result.remove.append((wid, a.replica_id))
         selector = dict(want.deployment.selector)
         shunned = avoid.get(name, set())
-        for _ in range(0 if name in hold else desired - len(have)):
-            candidates = [
-                (wid in shunned, per_worker.get(wid, 0), -mem, wid, dev)
-                for (wid, dev), mem in free.items()
-                if mem >= need and want.version.format in (workers[wid].formats or [want.version.format])
-                and _labels_match(selector, dict(workers[wid].labels))
-            ]
-            if not candidates:
-                largest = max(free.values(), default=0)
-                result.unplaced[name] = (
-                    f"no worker has a device with {_fmt_bytes(need)} free"
-                    + (f" (largest free: {_fmt_bytes(largest)})" if free else " (no workers)"))
-                break
-            *_, wid, dev = min(candidates)
-            free[(wid, dev)] -= need
-            per_worker[wid] = per_worker.get(wid, 0) + 1
-            v = want.version
-            result.add.append((wid, mesh_pb2.Assignment(
-                replica_id=new_id(name), deployment=name, model_name=v.name, model_version=v.version,
-                format=v.format, source=v.source, task=v.task, options=dict(v.options),
-                device_ids=[dev], memory_bytes=need)))
+        for v, missing in tracks:
+            need = want.memory(v)
+            for _ in range(0 if name in hold else missing):
+                candidates = [
+                    (wid in shunned, per_worker.get(wid, 0), -mem, wid, dev)
+                    for (wid, dev), mem in free.items()
+                    if mem >= need and v.format in (workers[wid].formats or [v.format])
+                    and _labels_match(selector, dict(workers[wid].labels))
+                ]
+                if not candidates:
+                    largest = max(free.values(), default=0)
+                    result.unplaced[name] = (
+                        f"no worker has a device with {_fmt_bytes(need)} free"
+                        + (f" (largest free: {_fmt_bytes(largest)})" if free else " (no workers)"))
+                    break
+                *_, wid, dev = min(candidates)
+                free[(wid, dev)] -= need
+                per_worker[wid] = per_worker.get(wid, 0) + 1
+                result.add.append((wid, mesh_pb2.Assignment(
+                    replica_id=new_id(name), deployment=name, model_name=v.name, model_version=v.version,
+                    format=v.format, source=v.source, task=v.task, options=dict(v.options),
+                    device_ids=[dev], memory_bytes=need)))
     return result

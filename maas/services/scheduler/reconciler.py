@@ -110,7 +110,8 @@ class Reconciler:
         wants: dict[str, placement.Want] = {}
         for name, dep in list(self.state.deployments.items.items()):
             try:
-                wants[name] = placement.Want(dep, await self.resolver.resolve(dep.resolved_version))
+                canary = await self.resolver.resolve(dep.traffic[0].model) if dep.traffic else None
+                wants[name] = placement.Want(dep, await self.resolver.resolve(dep.resolved_version), canary)
             except MaasError as e:
                 self.unplaced[name] = str(e)
         ready = frozenset(r.replica_id for r in self.state.replicas.items.values()

@@ -134,9 +134,15 @@ class ReplicaManager:
         self.rt.events.publish("replica", "unloaded", replica_id, f"unloaded {replica.ref}", model=replica.ref,
                                worker=self.worker_id)
 
-    def find(self, model: str) -> Replica:
+    def find(self, model: str, replica_id: str = "") -> Replica:
         """The ready replica serving `model` with the fewest requests. `model` is what the
-        client asked for: a deployment or model name, or "name@version"."""
+        client asked for: a deployment or model name, or "name@version". A router names the
+        replica it picked (`replica_id`), so canary weights hold even when this worker has
+        replicas of both versions."""
+        chosen = self.replicas.get(replica_id)
+        if chosen is not None and chosen.info.state == mesh_pb2.REPLICA_STATE_READY \
+                and model.partition("@")[0] in (chosen.assignment.deployment, chosen.assignment.model_name):
+            return chosen
         name, _, version = model.partition("@")
         if version:
             matches = [r for r in self.replicas.values()
@@ -153,10 +159,10 @@ class ReplicaManager:
         raise NotFound(f"model {model!r} is not loaded on worker {self.worker_id}")
 
     @contextlib.asynccontextmanager
-    async def serve(self, model: str) -> AsyncIterator[tuple[Replica, Engine]]:
+    async def serve(self, model: str, replica_id: str = "") -> AsyncIterator[tuple[Replica, Engine]]:
         """Pick a replica for `model` and count one in-flight request on it for the block.
         If its engine dies, the replica is marked failed so routers stop sending to it."""
-        replica = self.find(model)
+        replica = self.find(model, replica_id)
         assert replica.engine is not None
         replica.in_flight += 1
         replica.idle.clear()

@@ -6,10 +6,19 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from maas.mesh.clients import REPLICA_HEADER
 from maas.mesh.errors import InvalidArgument
 from maas.services.worker.convert import chunk_from_delta, request_from_proto
 from maas.services.worker.replicas import ReplicaManager
 from maas.v1 import common_pb2, inference_pb2, inference_pb2_grpc, mesh_pb2
+
+
+def _replica_hint(context: grpc.aio.ServicerContext) -> str:
+    """The replica the router picked for this call, if it said."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REPLICA_HEADER:
+            return str(value)
+    return ""
 
 
 class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -18,7 +27,7 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        async with self.replicas.serve(request.model) as (replica, engine):
+        async with self.replicas.serve(request.model, _replica_hint(context)) as (replica, engine):
             req = request_from_proto(request, await self.replicas.adapter(replica, request.adapter))
             stream = engine.generate(req)
             try:
@@ -43,7 +52,7 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Embed(self, request: inference_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> inference_pb2.EmbedResponse:
-        async with self.replicas.serve(request.model) as (replica, engine):
+        async with self.replicas.serve(request.model, _replica_hint(context)) as (replica, engine):
             embed = getattr(engine, "embed", None)
             if embed is None:
                 raise InvalidArgument(f"model {request.model!r} is a generative model: use Generate, not Embed",
