@@ -36,6 +36,7 @@ class Retry:
     delay: float = 0.0
     next_try: float = 0.0
     avoid: dict[str, float] = field(default_factory=dict)  # worker -> until (monotonic)
+    seen: set[str] = field(default_factory=set)  # failed replicas already counted
 
 
 class LostLeadership(Exception):
@@ -148,22 +149,27 @@ class Reconciler:
             log.info("removed %s from %s", r, w)
 
     def _take_failed(self, assignments: dict[tuple[str, str], mesh_pb2.Assignment]) -> list[tuple[str, str]]:
-        """Replicas that failed to load: drop their assignments (so they are placed again,
-        preferably elsewhere) and back off per deployment. Removes them from `assignments`."""
+        """Replicas that failed to load stay visible (failed, with their reason) for a back-off
+        that doubles per deployment; then their assignments are dropped so they are placed
+        again, preferably on another worker. Removes those from `assignments`."""
         removed = []
         now = time.monotonic()
         for r in list(self.state.replicas.items.values()):
             key = (r.worker_id, r.replica_id)
             if r.state != mesh_pb2.REPLICA_STATE_FAILED or key not in assignments:
                 continue
-            del assignments[key]
-            removed.append(key)
             retry = self.retries.setdefault(r.deployment, Retry())
-            retry.delay = min(retry.delay * 2, MAX_BACKOFF) if retry.delay else 1.0
-            retry.next_try = now + retry.delay
-            retry.avoid[r.worker_id] = now + AVOID_SECONDS
-            self.unplaced[r.deployment] = (f"replica {r.replica_id} failed on worker {r.worker_id}: {r.message}; "
-                                           f"retrying in {retry.delay:.0f}s, on another worker if one fits")
-            self.rt.events.publish("replica", "retrying", r.replica_id, self.unplaced[r.deployment],
-                                   deployment=r.deployment, worker=r.worker_id)
+            if r.replica_id not in retry.seen:
+                retry.seen.add(r.replica_id)
+                retry.delay = min(retry.delay * 2, MAX_BACKOFF) if retry.delay else 1.0
+                retry.next_try = now + retry.delay
+                retry.avoid[r.worker_id] = now + AVOID_SECONDS
+                self.unplaced[r.deployment] = (
+                    f"replica {r.replica_id} failed on worker {r.worker_id}: {r.message}; "
+                    f"retrying in {retry.delay:.0f}s, on another worker if one fits")
+                self.rt.events.publish("replica", "retrying", r.replica_id, self.unplaced[r.deployment],
+                                       deployment=r.deployment, worker=r.worker_id)
+            if now >= retry.next_try:
+                del assignments[key]
+                removed.append(key)
         return removed
