@@ -46,7 +46,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f}G"
+    return f"{n / 2**30:.1f}G" if n >= 2**30 else f"{n / 2**20:.0f}M"
 
 
 @dataclass
