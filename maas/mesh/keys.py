@@ -62,7 +62,3 @@ class Keys:
 
     def versions(self, name: str) -> bytes:
         return self._k("registry", "versions", name + "/")
-
-    def tail(self, key: bytes, collection: bytes) -> str:
-        """The part of `key` after the collection prefix, e.g. a worker id."""
-        return key[len(collection):].decode()

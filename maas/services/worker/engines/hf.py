@@ -222,7 +222,8 @@ class HFEngine:
         with self._cv:
             waiting = len(self._waiting)
         return EngineStats(running=len(self._running), waiting=waiting, kv_cache_used=self._kv_used(),
-                           tokens_per_second=self._tokens_per_second, prefix_hit_rate=self._prefix.hit_rate)
+                           tokens_per_second=self._tokens_per_second if self._running else 0.0,
+                           prefix_hit_rate=self._prefix.hit_rate)
 
     # ---- the asyncio side --------------------------------------------------------------
 
