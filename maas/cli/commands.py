@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import json
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -20,10 +19,9 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
+from maas.mesh.artifacts import ARTIFACT, CHUNK, pack_directory, unpack
 from maas.mesh.clients import MeshClient, dial, live_services
 from maas.mesh.events import read_events
-from maas.services.registry.blobs import CHUNK
-from maas.services.worker.artifacts import ARTIFACT, pack_directory
 from maas.v1 import (
     common_pb2,
     inference_pb2,
@@ -244,8 +242,7 @@ async def _download(stub: registry_pb2_grpc.RegistryStub, ref: str, directory: P
         if digest.hexdigest() != sha:
             raise SystemExit(f"error: the download hashes to {digest.hexdigest()}, not {sha}; nothing was written")
         directory.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(directory, filter="data")
+        unpack(archive, directory)
     print(f"downloaded {version.name}@{version.version} into {directory}")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from maas.services.worker.artifacts import pack_directory
+from maas.mesh.artifacts import pack_directory
 from maas.v1 import registry_pb2
 
 from .conftest import MeshHarness, eventually

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,20 +18,12 @@ from typing import Protocol
 
 import grpc
 
+from maas.mesh.artifacts import CHUNK, check_digest
 from maas.mesh.errors import InvalidArgument, MaasError, NotFound
-
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-CHUNK = 1024 * 1024
 
 
 class DataLoss(MaasError):
     code = grpc.StatusCode.DATA_LOSS
-
-
-def check_digest(sha: str) -> str:
-    if not SHA_RE.match(sha):
-        raise InvalidArgument(f"{sha!r} is not a sha256 digest (64 lowercase hex characters)", field="sha256")
-    return sha
 
 
 class BlobWriter(Protocol):

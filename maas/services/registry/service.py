@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from maas.mesh.artifacts import check_digest
 from maas.mesh.events import EventBus
-from maas.services.registry.blobs import BlobStore, check_digest
+from maas.services.registry.blobs import BlobStore
 from maas.services.registry.store import ModelStore
 from maas.v1 import registry_pb2, registry_pb2_grpc
 

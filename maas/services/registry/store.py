@@ -7,27 +7,20 @@ so two concurrent registrations never get the same number.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from pathlib import Path
 
+from maas.mesh.artifacts import ARTIFACT, check_digest
 from maas.mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from maas.mesh.etcd import EtcdSession
-from maas.services.registry.blobs import BlobStore, check_digest
+from maas.mesh.names import validate_name
+from maas.services.registry.blobs import BlobStore
 from maas.v1 import common_pb2, registry_pb2, scheduler_pb2
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 FORMATS = ("hf", "sim")
 TASKS = ("generate", "embed")
 DEFAULT_SIM_MEMORY = 64 * 1024 * 1024
 DEFAULT_HUB_MEMORY = 2 * 1024 * 1024 * 1024
-
-
-def validate_name(name: str, what: str = "name") -> None:
-    if not NAME_RE.match(name):
-        raise InvalidArgument(
-            f"{what} {name!r} is invalid: use 1-63 lowercase letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit", field=what)
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
@@ -50,9 +43,6 @@ def estimate_memory(fmt: str, source: str) -> int:
 
 def looks_local(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir()
-
-
-ARTIFACT = "artifact:"
 
 
 def check_source(fmt: str, source: str, *, adapter: bool = False, blobs: BlobStore | None = None) -> tuple[str, int]:

@@ -11,7 +11,7 @@ import time
 from maas.mesh.clients import RegistryClient
 from maas.mesh.errors import AlreadyExists, InvalidArgument, NotFound
 from maas.mesh.etcd import EtcdSession
-from maas.services.registry.store import validate_name
+from maas.mesh.names import validate_name
 from maas.v1 import scheduler_pb2
 
 MAX_REPLICAS = 256

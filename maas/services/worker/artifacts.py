@@ -12,18 +12,14 @@ import asyncio
 import hashlib
 import logging
 import shutil
-import tarfile
 import tempfile
 from pathlib import Path
 
+from maas.mesh.artifacts import ARTIFACT, check_digest, unpack
 from maas.mesh.clients import RegistryClient
 from maas.mesh.errors import FailedPrecondition
-from maas.services.registry.blobs import check_digest
 
 log = logging.getLogger(__name__)
-
-ARTIFACT = "artifact:"
-
 
 class ArtifactCache:
     def __init__(self, root: Path, registry: RegistryClient) -> None:
@@ -64,25 +60,8 @@ class ArtifactCache:
 def _unpack(archive: Path, dest: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name[:12]}-", dir=dest.parent))
     try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(work, filter="data")  # no absolute paths, links out, devices
+        unpack(archive, work)
         work.rename(dest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-
-
-def pack_directory(directory: Path, archive: Path) -> tuple[str, int]:
-    """Write `directory`'s files into a deterministic tar; return its (sha256, size)."""
-    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-        return info
-
-    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-            tar.add(path, arcname=str(path.relative_to(directory)), filter=clean)
-    digest = hashlib.sha256()
-    with open(archive, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest(), archive.stat().st_size
