@@ -9,4 +9,7 @@
 - events:    JetStream lifecycle events and core-NATS load telemetry
 - server:    the gRPC server bootstrap (health, reflection, error interceptor,
              metrics endpoint, graceful shutdown)
+- clients:   finding and dialling services through etcd; the registry client
+- artifacts: the artifact format (deterministic tar named by its sha256)
+- names:     the naming rule for models, deployments and aliases
 """
