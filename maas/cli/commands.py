@@ -64,18 +64,25 @@ async def _snapshot(mesh: MeshClient) -> Snapshot:
     return snap
 
 
+def deployments_ready(deployments: list[scheduler_pb2.DeploymentStatus], expected: list[str],
+                      *, only_expected: bool = False) -> tuple[bool, str]:
+    """Do the expected deployments exist, and do they (or all, unless only_expected) have
+    every replica ready? With the reason when not."""
+    by_name = {d.deployment.name: d for d in deployments}
+    for name in expected:
+        if name not in by_name:
+            return False, f"deployment {name} not created yet"
+    for d in by_name.values():
+        if (not only_expected or d.deployment.name in expected) and d.ready_replicas < d.deployment.replicas:
+            return False, f"deployment {d.deployment.name}: {d.message or 'not ready'}"
+    return True, "ready"
+
+
 def _ready(snap: Snapshot, expected: list[str]) -> tuple[bool, str]:
     for kind in SERVICE_KINDS:
         if not snap.services[kind]:
             return False, f"no {kind} running"
-    deployments = {d.deployment.name: d for d in snap.deployments}
-    for name in expected:
-        if name not in deployments:
-            return False, f"deployment {name} not created yet"
-    for d in deployments.values():
-        if d.ready_replicas < d.deployment.replicas:
-            return False, f"deployment {d.deployment.name}: {d.message or 'not ready'}"
-    return True, "ready"
+    return deployments_ready(snap.deployments, expected)
 
 
 def _print_status(snap: Snapshot, as_json: bool) -> None:

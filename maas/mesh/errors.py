@@ -52,10 +52,6 @@ class PermissionDenied(MaasError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
-class Unimplemented(MaasError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
 class EngineDead(MaasError):
     """The engine itself failed; the replica must be marked failed, not just the request."""
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from maas.cli.commands import deployments_ready
 from maas.mesh.clients import MeshClient, live_services
 from maas.mesh.errors import StartupError
 from maas.stack.servers import Child, port_in_use, start_etcd, start_nats
@@ -152,14 +153,7 @@ async def register_and_deploy(mesh: MeshClient, name: str, source: str, fmt: str
 async def _deployments_ready(mesh: MeshClient, names: list[str]) -> tuple[bool, str]:
     scheduler = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
     listing = await scheduler.ListDeployments(scheduler_pb2.ListDeploymentsRequest(), timeout=5)
-    status = {d.deployment.name: d for d in listing.deployments}
-    for name in names:
-        d = status.get(name)
-        if d is None:
-            return False, f"deployment {name} not created yet"
-        if d.ready_replicas < d.deployment.replicas:
-            return False, f"{name}: {d.message or 'waiting'}"
-    return True, ""
+    return deployments_ready(list(listing.deployments), names, only_expected=True)
 
 
 def _forge_in_background(dest: Path) -> tuple[threading.Thread, list[object]]:
