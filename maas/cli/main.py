@@ -58,6 +58,7 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from maas.cli import admin
     from maas.services.registry import main as registry_main
     from maas.services.router import main as router_main
     from maas.services.scheduler import main as scheduler_main
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=120.0)
     gen.add_argument("prompt")
 
+    admin.add_parser(sub, _client_args)
+
     ev = sub.add_parser("events", help="print lifecycle events")
     _client_args(ev)
     ev.add_argument("--follow", "-f", action="store_true")
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if hasattr(ns, "service_main"):
         return int(ns.service_main(ns))
-    from maas.cli import commands
+    from maas.cli import admin, commands
 
     if ns.command == "up":
         from maas.stack.supervisor import UpConfig, run_up
@@ -182,5 +185,6 @@ def main(argv: list[str] | None = None) -> int:
         "workers": lambda: commands.workers(ns, etcd),
         "generate": lambda: commands.generate(ns, etcd),
         "events": lambda: commands.events(ns, nats),
+        "admin": lambda: admin.run(ns, etcd),
     }
     return _run(handlers[ns.command])

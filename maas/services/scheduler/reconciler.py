@@ -18,7 +18,7 @@ from maas.mesh.clients import RegistryClient
 from maas.mesh.errors import MaasError
 from maas.mesh.etcd import LeaderElection
 from maas.mesh.server import ServiceRuntime
-from maas.services.scheduler import placement
+from maas.services.scheduler import metrics, placement
 from maas.services.scheduler.state import ClusterState
 from maas.v1 import mesh_pb2
 
@@ -96,7 +96,8 @@ class Reconciler:
         while True:
             self.state.changed.clear()
             try:
-                await self.reconcile_once(election)
+                with metrics.RECONCILE.time():
+                    await self.reconcile_once(election)
             except LostLeadership:
                 raise
             except Exception as e:  # etcd or registry hiccup: try again shortly
@@ -133,6 +134,7 @@ class Reconciler:
             if name not in wants or serving >= wants[name].deployment.replicas:
                 del self.retries[name]  # fully serving again (or gone): forget its failures
                 self.unplaced.pop(name, None)
+        metrics.UNPLACED.set(len(self.unplaced))
         if hold:
             self.state.changed.set()  # come back when the back-off ends (the loop wakes every 2 s)
         if not result:
@@ -141,8 +143,11 @@ class Reconciler:
         ops = [tx.delete(keys.assignment(w, r)) for w, r in result.remove]
         ops += [tx.put(keys.assignment(w, a.replica_id), a.SerializeToString()) for w, a in result.add]
         for i in range(0, len(ops), MAX_TXN_OPS):
+            metrics.TXNS.inc()
             if not await election.fenced_txn(ops[i:i + MAX_TXN_OPS]):
                 raise LostLeadership
+        metrics.PLACED.inc(len(result.add))
+        metrics.REMOVED.inc(len(result.remove))
         for w, a in result.add:
             log.info("placed %s (%s@%s) on %s %s", a.replica_id, a.model_name, a.model_version, w, a.device_ids[0])
         for w, r in result.remove:
