@@ -137,7 +137,7 @@ class ReplicaInfo(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., deployment: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., message: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., device_ids: _Optional[_Iterable[str]] = ..., updated_ms: _Optional[int] = ..., context_length: _Optional[int] = ..., task: _Optional[str] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("worker_id", "in_flight", "queue_depth", "running", "kv_cache_used", "tokens_per_second", "prefix_hit_rate", "time_ms")
+    __slots__ = ("worker_id", "in_flight", "queue_depth", "running", "kv_cache_used", "tokens_per_second", "prefix_hit_rate", "time_ms", "replicas")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,7 @@ class LoadReport(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     PREFIX_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     in_flight: int
     queue_depth: int
@@ -154,7 +155,24 @@ class LoadReport(_message.Message):
     tokens_per_second: float
     prefix_hit_rate: float
     time_ms: int
-    def __init__(self, worker_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_used: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., time_ms: _Optional[int] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaLoad]
+    def __init__(self, worker_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_used: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., time_ms: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaLoad, _Mapping]]] = ...) -> None: ...
+
+class ReplicaLoad(_message.Message):
+    __slots__ = ("replica_id", "deployment", "in_flight", "queue_depth", "requests_total", "last_used_ms")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_MS_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    deployment: str
+    in_flight: int
+    queue_depth: int
+    requests_total: int
+    last_used_ms: int
+    def __init__(self, replica_id: _Optional[str] = ..., deployment: _Optional[str] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., requests_total: _Optional[int] = ..., last_used_ms: _Optional[int] = ...) -> None: ...
 
 class LeaderInfo(_message.Message):
     __slots__ = ("instance", "endpoint", "since_ms")

@@ -9,14 +9,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Autoscale(_message.Message):
-    __slots__ = ("min_replicas", "max_replicas", "target_in_flight")
+    __slots__ = ("min_replicas", "max_replicas", "target_in_flight", "scale_up_seconds", "cooldown_seconds")
     MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     TARGET_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    SCALE_UP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     min_replicas: int
     max_replicas: int
     target_in_flight: float
-    def __init__(self, min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_in_flight: _Optional[float] = ...) -> None: ...
+    scale_up_seconds: float
+    cooldown_seconds: float
+    def __init__(self, min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_in_flight: _Optional[float] = ..., scale_up_seconds: _Optional[float] = ..., cooldown_seconds: _Optional[float] = ...) -> None: ...
 
 class TrafficSplit(_message.Message):
     __slots__ = ("model", "weight")
@@ -106,6 +110,12 @@ class DeleteDeploymentRequest(_message.Message):
 class DeleteDeploymentResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ActivateRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -66,6 +66,11 @@ class SchedulerStub:
                 request_serializer=maas_dot_v1_dot_scheduler__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=maas_dot_v1_dot_scheduler__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.Activate = channel.unary_unary(
+                '/maas.v1.Scheduler/Activate',
+                request_serializer=maas_dot_v1_dot_scheduler__pb2.ActivateRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_scheduler__pb2.DeploymentStatus.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -109,6 +114,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Activate(self, request, context):
+        """A request arrived for an autoscaled deployment with no replica: scale it up from
+        zero (routers call this, then wait for a ready replica: a cold start).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +154,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=maas_dot_v1_dot_scheduler__pb2.ListWorkersRequest.FromString,
                     response_serializer=maas_dot_v1_dot_scheduler__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'Activate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Activate,
+                    request_deserializer=maas_dot_v1_dot_scheduler__pb2.ActivateRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_scheduler__pb2.DeploymentStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class Scheduler:
             '/maas.v1.Scheduler/ListWorkers',
             maas_dot_v1_dot_scheduler__pb2.ListWorkersRequest.SerializeToString,
             maas_dot_v1_dot_scheduler__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Activate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.v1.Scheduler/Activate',
+            maas_dot_v1_dot_scheduler__pb2.ActivateRequest.SerializeToString,
+            maas_dot_v1_dot_scheduler__pb2.DeploymentStatus.FromString,
             options,
             channel_credentials,
             insecure,

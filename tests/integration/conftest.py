@@ -81,14 +81,14 @@ class MeshHarness:
         await registry_main.build(rt, self.tmp / "blobs")
         return rt
 
-    async def scheduler(self) -> ServiceRuntime:
+    async def scheduler(self, **build_kw: float) -> ServiceRuntime:
         rt = await self._runtime("scheduler")
-        await scheduler_main.build(rt)
+        await scheduler_main.build(rt, **build_kw)
         return rt
 
-    async def router(self, **kw: object) -> ServiceRuntime:
+    async def router(self, cold_start_timeout: float = 30.0, **kw: object) -> ServiceRuntime:
         rt = await self._runtime("router", **kw)
-        await router_main.build(rt)
+        await router_main.build(rt, cold_start_timeout=cold_start_timeout)
         return rt
 
     async def worker(self, memory_gib: float = 4.0, engine_factory: EngineFactory = create_engine) -> ReplicaManager:
@@ -122,15 +122,19 @@ class MeshHarness:
         return {"registry": registry_pb2_grpc.RegistryStub, "scheduler": scheduler_pb2_grpc.SchedulerStub,
                 "router": inference_pb2_grpc.InferenceStub}[kind](channel)
 
-    async def register(self, name: str, *, fmt: str = "sim", source: str = "", **options: str) -> registry_pb2.ModelVersion:
+    async def register(self, name: str, *, fmt: str = "sim", source: str = "", memory_mib: int = 0,
+                       **options: str) -> registry_pb2.ModelVersion:
         stub = await self.stub("registry")
         return await stub.RegisterModel(registry_pb2.RegisterModelRequest(  # type: ignore[attr-defined]
-            name=name, format=fmt, source=source, options=options), timeout=10)
+            name=name, format=fmt, source=source, options=options,
+            resources=common_pb2.Resources(memory_bytes=memory_mib * 2**20)), timeout=10)
 
-    async def deploy(self, name: str, replicas: int = 1, model: str = "") -> scheduler_pb2.DeploymentStatus:
+    async def deploy(self, name: str, replicas: int = 1, model: str = "",
+                     autoscale: scheduler_pb2.Autoscale | None = None) -> scheduler_pb2.DeploymentStatus:
         stub = await self.stub("scheduler")
         return await stub.CreateDeployment(scheduler_pb2.CreateDeploymentRequest(  # type: ignore[attr-defined]
-            deployment=scheduler_pb2.Deployment(name=name, model=model or name, replicas=replicas)), timeout=10)
+            deployment=scheduler_pb2.Deployment(name=name, model=model or name, replicas=replicas,
+                                                autoscale=autoscale)), timeout=10)
 
     async def wait_ready(self, name: str, replicas: int = 1, timeout: float = 30.0) -> scheduler_pb2.DeploymentStatus:
         stub = await self.stub("scheduler")

@@ -100,3 +100,81 @@ def test_avoided_workers_are_a_last_resort_and_held_deployments_wait():
     only = placement.plan({"m": want("m", 1)}, {"w1": workers["w1"]}, {}, new_id=ids(), avoid={"m": {"w1"}})
     assert [w for w, _ in only.add] == ["w1"]  # still better than nothing
     assert not placement.plan({"m": want("m", 1)}, workers, {}, new_id=ids(), hold=frozenset({"m"}))
+
+
+def gpu_worker(wid: str, devices: int, mem_mib: int) -> mesh_pb2.WorkerInfo:
+    return mesh_pb2.WorkerInfo(worker_id=wid, formats=["sim"], devices=[
+        mesh_pb2.Device(id=f"cuda:{i}", memory_total_bytes=mem_mib * MiB) for i in range(devices)])
+
+
+def used_devices(assignments: dict) -> int:
+    return len({(w, d) for (w, _), a in assignments.items() for d in a.device_ids})
+
+
+def test_best_fit_decreasing_packs_mixed_sizes_onto_few_devices():
+    # 600+400, 700+300, 500+500 fit exactly on three 1000 MiB devices; worst-fit or
+    # first-come order would need four or more
+    sizes = [300, 400, 500, 500, 600, 700]
+    wants = {f"m{i}": want(f"m{i}", 1, mem_mib=s) for i, s in enumerate(sizes)}
+    plan = placement.plan(wants, {"w1": gpu_worker("w1", 6, 1000)}, {}, new_id=ids())
+    assert not plan.unplaced
+    assert used_devices(apply(plan, {})) == 3
+
+
+def test_a_small_model_fills_a_gap_instead_of_opening_a_device():
+    workers = {"w1": gpu_worker("w1", 2, 1000)}
+    placed = apply(placement.plan({"big": want("big", 1, mem_mib=800)}, workers, {}, new_id=ids()), {})
+    plan = placement.plan({"big": want("big", 1, mem_mib=800), "small": want("small", 1, mem_mib=150)},
+                          workers, placed, new_id=ids("s"))
+    (_, a), = plan.add
+    assert a.device_ids == list(next(iter(placed.values())).device_ids)
+
+
+def test_a_replica_spanning_devices_gets_them_on_one_worker():
+    version = registry_pb2.ModelVersion(name="tp", version=1, format="sim",
+                                        resources=common_pb2.Resources(memory_bytes=1600 * MiB, devices=2))
+    dep = scheduler_pb2.Deployment(name="tp", replicas=2, resolved_version="tp@1")
+    workers = {"w1": gpu_worker("w1", 2, 1000), "w2": gpu_worker("w2", 4, 1000)}
+    plan = placement.plan({"tp": placement.Want(dep, version)}, workers, {}, new_id=ids())
+    assert sorted(w for w, _ in plan.add) == ["w1", "w2"]  # spread across workers
+    for _, a in plan.add:
+        assert len(set(a.device_ids)) == 2 and a.memory_bytes == 800 * MiB
+    plan = placement.plan({"tp": placement.Want(dep, version)}, {"w1": gpu_worker("w1", 1, 4000)}, {}, new_id=ids())
+    assert "2 devices with 800 MiB free each" in plan.unplaced["tp"]
+
+
+def autoscaled(name: str, replicas: int, mem_mib: int, min_replicas: int = 0) -> placement.Want:
+    w = want(name, replicas, mem_mib=mem_mib)
+    w.deployment.autoscale.min_replicas = min_replicas
+    w.deployment.autoscale.max_replicas = 4
+    return w
+
+
+def test_a_full_device_evicts_the_least_recently_used_idle_replica():
+    workers = {"w1": worker("w1", 1000)}
+    wants = {"old": autoscaled("old", 1, 400), "recent": autoscaled("recent", 1, 400)}
+    placed = apply(placement.plan(wants, workers, {}, new_id=ids()), {})
+    rid = {a.deployment: a.replica_id for a in placed.values()}
+    wants["new"] = want("new", 1, mem_mib=400)
+    idle = {rid["old"]: 100.0, rid["recent"]: 200.0}
+
+    plan = placement.plan(wants, workers, placed, idle=idle, new_id=ids("n"))
+    assert plan.remove == [("w1", rid["old"])] and plan.evicted == [("w1", rid["old"], "new")]
+    assert plan.scale == {"old": 0}
+    assert [a.deployment for _, a in plan.add] == ["new"]
+
+    # a replica that is busy (not idle) or whose deployment is at its minimum stays
+    plan = placement.plan(wants, workers, placed, idle={rid["recent"]: 200.0}, new_id=ids("n"))
+    assert plan.evicted == [("w1", rid["recent"], "new")]
+    wants["old"], wants["recent"] = autoscaled("old", 1, 400, min_replicas=1), autoscaled("recent", 1, 400, 1)
+    plan = placement.plan(wants, workers, placed, idle=idle, new_id=ids("n"))
+    assert not plan.evicted and not plan.add and "new" in plan.unplaced
+
+
+def test_fixed_size_deployments_are_never_evicted():
+    workers = {"w1": worker("w1", 1000)}
+    wants = {"pinned": want("pinned", 1, mem_mib=800)}
+    placed = apply(placement.plan(wants, workers, {}, new_id=ids()), {})
+    wants["new"] = want("new", 1, mem_mib=400)
+    plan = placement.plan(wants, workers, placed, idle={a.replica_id: 0.0 for a in placed.values()}, new_id=ids())
+    assert not plan.evicted and "new" in plan.unplaced

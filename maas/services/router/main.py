@@ -7,7 +7,7 @@ import argparse
 from maas.mesh.config import MeshConfig
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
-from maas.services.router.pool import ReplicaPool
+from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
 from maas.services.router.service import RouterInferenceServicer
 from maas.v1 import inference_pb2, inference_pb2_grpc
 
@@ -16,11 +16,13 @@ DEFAULT_PORT = 50051
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     MeshConfig.add_arguments(parser, default_port=DEFAULT_PORT)
+    parser.add_argument("--cold-start-timeout", type=float, default=COLD_START_SECONDS,
+                        help="seconds a request waits for a model scaled to zero to load")
 
 
-async def build(rt: ServiceRuntime) -> ReplicaPool:
+async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SECONDS) -> ReplicaPool:
     """Wire a router into a runtime (also used by in-process tests)."""
-    pool = ReplicaPool(rt.etcd)
+    pool = ReplicaPool(rt.etcd, cold_start_timeout=cold_start_timeout)
     rt.add_service(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                    inference_pb2_grpc.add_InferenceServicer_to_server, RouterInferenceServicer(pool))
     rt.add_closer(pool.close)
@@ -35,7 +37,7 @@ def main(ns: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with ServiceRuntime(config) as rt:
-            await build(rt)
+            await build(rt, cold_start_timeout=ns.cold_start_timeout)
             await rt.wait()
 
     return run_service(serve)

@@ -7,6 +7,7 @@ is avoided for a few seconds before that.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
@@ -14,18 +15,22 @@ from collections.abc import Iterator
 
 import grpc
 
-from maas.mesh.clients import RegistryClient, dial
+from maas.mesh.clients import RegistryClient, dial, pick_endpoint
 from maas.mesh.discovery import PrefixMirror
-from maas.mesh.errors import NotFound, Unavailable
+from maas.mesh.errors import InvalidArgument, MaasError, NotFound, Unavailable, from_rpc_error
 from maas.mesh.etcd import EtcdSession
-from maas.v1 import inference_pb2_grpc, mesh_pb2, scheduler_pb2
+from maas.v1 import inference_pb2_grpc, mesh_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 SUSPECT_SECONDS = 5.0
+COLD_START_SECONDS = 60.0  # how long a request waits for a scaled-to-zero model to load
 
 
 class ReplicaPool:
-    def __init__(self, session: EtcdSession) -> None:
+    def __init__(self, session: EtcdSession, *, cold_start_timeout: float = COLD_START_SECONDS) -> None:
         self.session = session
+        self.cold_start_timeout = cold_start_timeout
+        self._scheduler: grpc.aio.Channel | None = None
+        self._activating: dict[str, asyncio.Future[None]] = {}
         self.replicas = PrefixMirror(session, session.keys.replicas(), mesh_pb2.ReplicaInfo)
         self.deployments = PrefixMirror(session, session.keys.deployments(), scheduler_pb2.Deployment)
         self.in_flight: dict[str, int] = {}
@@ -43,6 +48,8 @@ class ReplicaPool:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+        if self._scheduler is not None:
+            await self._scheduler.close()
         await self.registry.close()
 
     @staticmethod
@@ -56,12 +63,15 @@ class ReplicaPool:
         return [r for r in self.replicas.items.values()
                 if r.state == mesh_pb2.REPLICA_STATE_READY and self._serves(r, name, version)]
 
-    async def pick(self, model: str, exclude: set[str] = frozenset()) -> mesh_pb2.ReplicaInfo:  # type: ignore[assignment]
-        """Least in-flight ready replica (random among ties), avoiding recently failed workers."""
+    async def pick(self, model: str, exclude: set[str] = frozenset(),  # type: ignore[assignment]
+                   deadline: float | None = None) -> mesh_pb2.ReplicaInfo:
+        """Least in-flight ready replica (random among ties), avoiding recently failed workers.
+        A model scaled to zero is started and waited for (at most `deadline` seconds)."""
         if not model:
-            from maas.mesh.errors import InvalidArgument
             raise InvalidArgument("model must not be empty", field="model")
         ready = [r for r in self.ready(model) if r.replica_id not in exclude]
+        if not ready and not exclude and await self._cold_start(model, deadline):
+            ready = self.ready(model)
         if not ready:
             await self._explain_none(model, tried=bool(exclude))
         ready = self._split(model, ready)
@@ -88,6 +98,41 @@ class ReplicaPool:
                 return canary if random.uniform(0, 100) < dep.traffic[0].weight else stable
             return stable or canary or ready
         return stable or ready
+
+    async def _cold_start(self, model: str, deadline: float | None) -> bool:
+        """If `model` names an autoscaled deployment, ask the scheduler for a replica and wait
+        until one is ready. False when it is not autoscaled; Unavailable on time-out."""
+        name, _, version = model.partition("@")
+        dep = self.deployments.items.get(name)
+        if dep is None or not dep.autoscale.max_replicas or version:
+            return False
+        timeout = self.cold_start_timeout if deadline is None else min(deadline, self.cold_start_timeout)
+        started = time.monotonic()
+        if name not in self._activating:  # one Activate per model at a time, however many requests wait
+            future = self._activating[name] = asyncio.ensure_future(self._activate(name))
+            future.add_done_callback(lambda _: self._activating.pop(name, None))
+        try:
+            await asyncio.shield(self._activating[name])
+        except MaasError as e:
+            raise Unavailable(f"model {name!r} has no replica and could not be started: {e}") from None
+        if await self.replicas.wait_for(lambda _: bool(self.ready(model)), max(0.0, timeout - (time.monotonic() - started))):
+            return True
+        raise Unavailable(f"model {name!r} is starting from zero replicas (a cold start) but none was ready "
+                          f"within {timeout:.0f}s; try again shortly")
+
+    async def _activate(self, name: str) -> None:
+        for attempt in range(2):
+            try:
+                if self._scheduler is None:
+                    self._scheduler = dial(await pick_endpoint(self.session.client, self.session.keys, "scheduler"))
+                await scheduler_pb2_grpc.SchedulerStub(self._scheduler).Activate(
+                    scheduler_pb2.ActivateRequest(name=name), timeout=5)
+                return
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt:
+                    raise from_rpc_error(e) from None
+                await self._scheduler.close()  # type: ignore[union-attr]
+                self._scheduler = None  # it may have moved: look it up again
 
     async def _explain_none(self, model: str, *, tried: bool) -> None:
         name, _, version = model.partition("@")

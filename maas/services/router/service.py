@@ -33,7 +33,7 @@ class RouterInferenceServicer(inference_pb2_grpc.InferenceServicer):
         _, metadata = self._prepare(request)
         tried: set[str] = set()
         for attempt in range(MAX_ATTEMPTS):
-            replica = await self.pool.pick(request.model, tried)
+            replica = await self.pool.pick(request.model, tried, context.time_remaining())
             tried.add(replica.replica_id)
             call = self.pool.stub(replica).GenerateStream(request, timeout=context.time_remaining(),
                                                           metadata=(*metadata, (REPLICA_HEADER, replica.replica_id)))
@@ -62,7 +62,7 @@ class RouterInferenceServicer(inference_pb2_grpc.InferenceServicer):
         _, metadata = self._prepare(request)
         tried: set[str] = set()
         for attempt in range(MAX_ATTEMPTS):
-            replica = await self.pool.pick(request.model, tried)
+            replica = await self.pool.pick(request.model, tried, context.time_remaining())
             tried.add(replica.replica_id)
             try:
                 with self.pool.track(replica):
@@ -82,7 +82,7 @@ class RouterInferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Embed(self, request: inference_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> inference_pb2.EmbedResponse:
-        replica = await self.pool.pick(request.model)
+        replica = await self.pool.pick(request.model, deadline=context.time_remaining())
         try:
             with self.pool.track(replica):
                 return await self.pool.stub(replica).Embed(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from maas.mesh.clients import RegistryClient
-from maas.mesh.errors import AlreadyExists, InvalidArgument, NotFound
+from maas.mesh.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.names import validate_name
 from maas.v1 import scheduler_pb2
@@ -28,6 +28,18 @@ class DeploymentStore:
             raise InvalidArgument(f"replicas must be <= {MAX_REPLICAS}", field="replicas")
         out = scheduler_pb2.Deployment()
         out.CopyFrom(dep)
+        if dep.HasField("autoscale"):
+            auto = dep.autoscale
+            if not 1 <= auto.max_replicas <= MAX_REPLICAS:
+                raise InvalidArgument(f"autoscale max_replicas must be 1..{MAX_REPLICAS}", field="max_replicas")
+            if auto.min_replicas > auto.max_replicas:
+                raise InvalidArgument(f"autoscale min_replicas ({auto.min_replicas}) is above max_replicas "
+                                      f"({auto.max_replicas})", field="min_replicas")
+            for name in ("target_in_flight", "scale_up_seconds", "cooldown_seconds"):
+                if getattr(auto, name) < 0 or getattr(auto, name) != getattr(auto, name):  # negative or NaN
+                    raise InvalidArgument(f"autoscale {name} must be >= 0", field=name)
+            # the scheduler owns the count from here on; start within the bounds
+            out.replicas = min(auto.max_replicas, max(auto.min_replicas, dep.replicas))
         out.model = dep.model or dep.name
         version = await self.resolver.resolve(out.model)
         out.resolved_version = f"{version.name}@{version.version}"
@@ -74,3 +86,22 @@ class DeploymentStore:
     async def delete(self, name: str) -> None:
         await self.get(name)
         await self.session.client.delete(self.session.keys.deployment(name))
+
+    async def activate(self, name: str) -> tuple[scheduler_pb2.Deployment, bool]:
+        """Give an autoscaled deployment at zero replicas one replica (a cold start).
+        Returns the deployment and whether this call scaled it."""
+        key, tx = self.session.keys.deployment(name), self.session.client.transactions
+        for _ in range(10):
+            validate_name(name, "deployment")
+            got = await self.session.client.get(key)
+            if got is None:
+                raise NotFound(f"deployment {name!r} does not exist")
+            dep = scheduler_pb2.Deployment.FromString(got.value)
+            if dep.replicas > 0 or not dep.autoscale.max_replicas:
+                return dep, False
+            dep.replicas = 1
+            ok, _ = await self.session.client.transaction(
+                compare=[tx.mod(key) == got.mod_revision], success=[tx.put(key, dep.SerializeToString())], failure=[])
+            if ok:
+                return dep, True
+        raise Unavailable(f"deployment {name!r} keeps changing; try again")

@@ -9,7 +9,7 @@ from maas.mesh.config import MeshConfig
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.services.scheduler.deployments import DeploymentStore
-from maas.services.scheduler.reconciler import Reconciler
+from maas.services.scheduler.reconciler import EVICT_IDLE_SECONDS, Reconciler
 from maas.services.scheduler.service import SchedulerServicer
 from maas.services.scheduler.state import ClusterState
 from maas.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -17,13 +17,16 @@ from maas.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     MeshConfig.add_arguments(parser)
+    parser.add_argument("--evict-idle-seconds", type=float, default=EVICT_IDLE_SECONDS,
+                        help="a replica of an autoscaled deployment unused this long may be unloaded "
+                             "to make room for another model (least recently used first)")
 
 
-async def build(rt: ServiceRuntime) -> Reconciler:
+async def build(rt: ServiceRuntime, *, evict_idle_seconds: float = EVICT_IDLE_SECONDS) -> Reconciler:
     """Wire the scheduler into a runtime (also used by in-process tests)."""
     state = ClusterState(rt.etcd)
     resolver = RegistryClient(rt.etcd)
-    reconciler = Reconciler(rt, state, resolver)
+    reconciler = Reconciler(rt, state, resolver, evict_idle_seconds=evict_idle_seconds)
     rt.add_service(scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
                    scheduler_pb2_grpc.add_SchedulerServicer_to_server,
                    SchedulerServicer(DeploymentStore(rt.etcd, resolver), state, reconciler, rt.events))
@@ -32,7 +35,7 @@ async def build(rt: ServiceRuntime) -> Reconciler:
     rt.add_closer(resolver.close)
     await rt.start()
     await state.start()
-    reconciler.start()
+    await reconciler.start()
     return reconciler
 
 
@@ -42,7 +45,7 @@ def main(ns: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with ServiceRuntime(config) as rt:
-            await build(rt)
+            await build(rt, evict_idle_seconds=ns.evict_idle_seconds)
             await rt.wait()
 
     return run_service(serve)

@@ -1,23 +1,35 @@
 """Placement: a pure function from (deployments, workers, assignments) to a plan.
 
 No etcd, no I/O: the reconciler feeds it the mirrored state and writes the plan back in
-one fenced transaction. That keeps the policy testable and fast.
+fenced transactions. That keeps the policy testable and fast (see bench/scheduler.py).
 
-Policy (first cut): drop assignments whose worker is gone or whose deployment no longer
-wants them; then, per deployment, add replicas until the desired count is reached,
-choosing for each the worker with the fewest replicas of that deployment (spread), then
-the device with the most free memory that still fits the replica. Replicas of a previous
-version stay until enough replicas of the new one are ready.
+Policy:
+1. Drop assignments whose worker is gone or whose deployment no longer wants them, and
+   replicas beyond a deployment's count. Replicas of a previous version stay until as
+   many replicas of the new one are ready (rollouts without downtime).
+2. Place the missing replicas, largest first (best-fit decreasing: big models take the
+   devices first, small ones fill the gaps). Each goes to a worker that has no replica
+   of its deployment yet if there is one (spread, so one dead worker takes down one
+   replica), on the device whose free memory fits it most tightly (bin-packing, so
+   whole devices stay free for big models). Selectors and model formats filter workers.
+3. When nothing fits, evict: the least recently used idle replicas of autoscaled
+   deployments that are above their minimum free a device, and those deployments are
+   scaled down by the replicas they lost (the next request for them is a cold start).
+
+Device memory of a replica that spans several devices is split evenly across them.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from maas.v1 import mesh_pb2, registry_pb2, scheduler_pb2
+
+Slot = tuple[str, str]  # (worker, device)
 
 
 @dataclass(frozen=True)
@@ -29,7 +41,15 @@ class Want:
     canary: registry_pb2.ModelVersion | None = None
 
     def memory(self, version: registry_pb2.ModelVersion) -> int:
+        """Device memory per replica, over all its devices."""
         return self.deployment.resources.memory_bytes or version.resources.memory_bytes
+
+    def devices(self, version: registry_pb2.ModelVersion) -> int:
+        return max(1, self.deployment.resources.devices or version.resources.devices)
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.deployment.autoscale.max_replicas > 0
 
     def tracks(self) -> list[tuple[registry_pb2.ModelVersion, int]]:
         """(version, replicas) to run: the stable version, plus a canary's share of the
@@ -46,6 +66,8 @@ class Plan:
     add: list[tuple[str, mesh_pb2.Assignment]] = field(default_factory=list)      # (worker, assignment)
     remove: list[tuple[str, str]] = field(default_factory=list)                  # (worker, replica)
     unplaced: dict[str, str] = field(default_factory=dict)                       # deployment -> why
+    evicted: list[tuple[str, str, str]] = field(default_factory=list)           # (worker, replica, for whom)
+    scale: dict[str, int] = field(default_factory=dict)                          # deployment -> new replicas
 
     def __bool__(self) -> bool:
         return bool(self.add or self.remove)
@@ -59,20 +81,58 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
 
 
+class Fleet:
+    """Free memory per device, kept sorted so the tightest fit is a binary search away."""
+
+    def __init__(self, workers: dict[str, mesh_pb2.WorkerInfo]) -> None:
+        self.free: dict[Slot, int] = {}
+        for wid, info in workers.items():
+            for device in info.devices:
+                self.free[(wid, device.id)] = device.memory_total_bytes
+        self._order: list[tuple[int, str, str]] | None = None
+
+    def take(self, slot: Slot, amount: int) -> None:
+        """Reserve `amount` bytes on a device (negative to release)."""
+        if slot not in self.free:
+            return
+        old = self.free[slot]
+        self.free[slot] = old - amount
+        if self._order is not None:
+            del self._order[bisect.bisect_left(self._order, (old, *slot))]
+            bisect.insort(self._order, (old - amount, *slot))
+
+    def fitting(self, need: int) -> Iterator[Slot]:
+        """Devices with at least `need` bytes free, tightest first. Do not `take` while iterating."""
+        if self._order is None:
+            self._order = sorted((free, *slot) for slot, free in self.free.items())
+        for i in range(bisect.bisect_left(self._order, (need, "", "")), len(self._order)):
+            yield self._order[i][1], self._order[i][2]
+
+    def largest(self) -> int:
+        return max(self.free.values(), default=0)
+
+
+@dataclass
+class _Victim:
+    worker: str
+    assignment: mesh_pb2.Assignment
+    last_used: float
+
+
 def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
          assignments: dict[tuple[str, str], mesh_pb2.Assignment], ready: frozenset[str] = frozenset(),
          new_id: Callable[[str], str] = lambda name: f"{name}-{uuid.uuid4().hex[:6]}",
-         avoid: dict[str, set[str]] | None = None, hold: frozenset[str] = frozenset()) -> Plan:
-    """`ready` holds the ids of replicas that serve now; a deployment moving to a new version
-    keeps that many old replicas until as many new ones are ready (no downtime). `avoid`
-    names, per deployment, workers where its replicas recently failed to load (used only
-    when no other worker fits); deployments in `hold` get no new replicas this time."""
+         avoid: dict[str, set[str]] | None = None, hold: frozenset[str] = frozenset(),
+         idle: dict[str, float] | None = None) -> Plan:
+    """`ready` holds the ids of replicas that serve now. `avoid` names, per deployment,
+    workers where its replicas recently failed to load (used only when no other worker
+    fits); deployments in `hold` get no new replicas this time. `idle` maps the ids of
+    replicas that have served nothing for a while to when they were last used: those of
+    autoscaled deployments above their minimum may be evicted to make room."""
     avoid = avoid or {}
+    idle = idle or {}
     result = Plan()
-    free: dict[tuple[str, str], int] = {}
-    for wid, info in workers.items():
-        for device in info.devices:
-            free[(wid, device.id)] = device.memory_total_bytes
+    fleet = Fleet(workers)
 
     current: dict[tuple[str, str], list[tuple[str, mesh_pb2.Assignment]]] = {}  # (deployment, ref)
     outdated: dict[str, list[tuple[str, mesh_pb2.Assignment]]] = {}
@@ -87,48 +147,156 @@ def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
         else:
             outdated.setdefault(a.deployment, []).append((wid, a))
         for dev_id in a.device_ids:
-            if (wid, dev_id) in free:
-                free[(wid, dev_id)] -= a.memory_bytes
+            fleet.take((wid, dev_id), a.memory_bytes)
 
+    # 1. what goes, what is missing
+    per_worker: dict[str, dict[str, int]] = {}  # deployment -> worker -> replicas there
+    pending: list[tuple[int, str, registry_pb2.ModelVersion]] = []  # (memory, deployment, version)
+    victims: dict[Slot, list[_Victim]] = {}
+    allowance: dict[str, int] = {}  # deployment -> replicas it may lose to eviction
+    targets = {name: want.deployment.replicas for name, want in wants.items()}
     for name in sorted(wants):
         want = wants[name]
-        per_worker: dict[str, int] = {}
+        spread = per_worker.setdefault(name, {})
         wanted, serving = 0, 0
-        tracks = []
         for version, desired in want.tracks():
             have = current.get((name, f"{version.name}@{version.version}"), [])
             for wid, a in have[desired:]:
                 result.remove.append((wid, a.replica_id))
-            for wid, _ in have[:desired]:
-                per_worker[wid] = per_worker.get(wid, 0) + 1
+                _release(fleet, wid, a)
+            for wid, a in have[:desired]:
+                spread[wid] = spread.get(wid, 0) + 1
+                if want.autoscaled and a.replica_id in idle and len(a.device_ids) == 1:
+                    victims.setdefault((wid, a.device_ids[0]), []).append(_Victim(wid, a, idle[a.replica_id]))
             wanted += desired
             serving += sum(a.replica_id in ready for _, a in have[:desired])
-            tracks.append((version, desired - len(have)))
+            if name not in hold:
+                pending += [(want.memory(version), name, version)] * max(0, desired - len(have))
         # replicas of versions no longer wanted stay until the wanted ones serve (no downtime)
         for wid, a in outdated.get(name, [])[max(0, wanted - serving):]:
             result.remove.append((wid, a.replica_id))
-        selector = dict(want.deployment.selector)
-        shunned = avoid.get(name, set())
-        for v, missing in tracks:
-            need = want.memory(v)
-            for _ in range(0 if name in hold else missing):
-                candidates = [
-                    (wid in shunned, per_worker.get(wid, 0), -mem, wid, dev)
-                    for (wid, dev), mem in free.items()
-                    if mem >= need and v.format in (workers[wid].formats or [v.format])
-                    and _labels_match(selector, dict(workers[wid].labels))
-                ]
-                if not candidates:
-                    largest = max(free.values(), default=0)
-                    result.unplaced[name] = (
-                        f"no worker has a device with {_fmt_bytes(need)} free"
-                        + (f" (largest free: {_fmt_bytes(largest)})" if free else " (no workers)"))
-                    break
-                *_, wid, dev = min(candidates)
-                free[(wid, dev)] -= need
-                per_worker[wid] = per_worker.get(wid, 0) + 1
-                result.add.append((wid, mesh_pb2.Assignment(
-                    replica_id=new_id(name), deployment=name, model_name=v.name, model_version=v.version,
-                    format=v.format, source=v.source, task=v.task, options=dict(v.options),
-                    device_ids=[dev], memory_bytes=need)))
+            _release(fleet, wid, a)
+        if want.autoscaled and not want.deployment.traffic:
+            allowance[name] = want.deployment.replicas - want.deployment.autoscale.min_replicas
+
+    # 2. place, largest first
+    pending.sort(key=lambda p: (-p[0], p[1]))
+    for need, name, version in pending:
+        if name in result.unplaced:
+            continue  # a smaller replica of it would not fit either
+        want = wants[name]
+        devices = want.devices(version)
+        per_device = -(-need // devices)
+        ok = _filter(want, version, workers)
+        spread, shunned = per_worker[name], avoid.get(name, set())
+        slots = (_one_device(fleet, per_device, ok, spread, shunned) if devices == 1
+                 else _many_devices(fleet, per_device, devices, ok, spread, shunned))
+        if slots is None and devices == 1:
+            slots = _evict(fleet, per_device, ok, name, victims, allowance, targets, result)
+        if slots is None:
+            largest = fleet.largest()
+            what = f"{devices} devices with {_fmt_bytes(per_device)} free each" if devices > 1 \
+                else f"a device with {_fmt_bytes(per_device)} free"
+            result.unplaced[name] = (f"no worker has {what}"
+                                     + (f" (largest free: {_fmt_bytes(largest)})" if workers else " (no workers)"))
+            continue
+        wid = slots[0][0]
+        for slot in slots:
+            fleet.take(slot, per_device)
+        spread[wid] = spread.get(wid, 0) + 1
+        result.add.append((wid, mesh_pb2.Assignment(
+            replica_id=new_id(name), deployment=name, model_name=version.name, model_version=version.version,
+            format=version.format, source=version.source, task=version.task, options=dict(version.options),
+            device_ids=[dev for _, dev in slots], memory_bytes=per_device)))
     return result
+
+
+def _release(fleet: Fleet, wid: str, a: mesh_pb2.Assignment) -> None:
+    for dev_id in a.device_ids:
+        fleet.take((wid, dev_id), -a.memory_bytes)
+
+
+def _filter(want: Want, version: registry_pb2.ModelVersion,
+            workers: dict[str, mesh_pb2.WorkerInfo]) -> Callable[[str], bool]:
+    selector = dict(want.deployment.selector)
+    cache: dict[str, bool] = {}
+
+    def ok(wid: str) -> bool:
+        if wid not in cache:
+            info = workers[wid]
+            cache[wid] = version.format in (info.formats or [version.format]) and \
+                _labels_match(selector, dict(info.labels))
+        return cache[wid]
+    return ok
+
+
+def _one_device(fleet: Fleet, need: int, ok: Callable[[str], bool], spread: dict[str, int],
+                shunned: set[str]) -> list[Slot] | None:
+    """The tightest-fitting device on a worker without a replica of this deployment (and
+    not shunned); failing that, the best device by (shunned, replicas there, fit)."""
+    best: tuple[tuple[bool, int], Slot] | None = None
+    for wid, dev in fleet.fitting(need):
+        if not ok(wid):
+            continue
+        key = (wid in shunned, spread.get(wid, 0))
+        if key == (False, 0):
+            return [(wid, dev)]
+        if best is None or key < best[0]:
+            best = (key, (wid, dev))
+    return [best[1]] if best else None
+
+
+def _many_devices(fleet: Fleet, need: int, count: int, ok: Callable[[str], bool], spread: dict[str, int],
+                  shunned: set[str]) -> list[Slot] | None:
+    """`count` devices on one worker, each with `need` bytes free, tightest fits first."""
+    found: dict[str, list[Slot]] = {}
+    best: tuple[tuple[bool, int], list[Slot]] | None = None
+    for wid, dev in fleet.fitting(need):
+        if not ok(wid):
+            continue
+        slots = found.setdefault(wid, [])
+        slots.append((wid, dev))
+        if len(slots) == count:
+            key = (wid in shunned, spread.get(wid, 0))
+            if key == (False, 0):
+                return slots
+            if best is None or key < best[0]:
+                best = (key, slots)
+    return best[1] if best else None
+
+
+def _evict(fleet: Fleet, need: int, ok: Callable[[str], bool], name: str, victims: dict[Slot, list[_Victim]],
+           allowance: dict[str, int], targets: dict[str, int], result: Plan) -> list[Slot] | None:
+    """Free a device by evicting least recently used idle replicas: choose the device whose
+    needed victims were used longest ago; record the evictions and scale their deployments."""
+    best: tuple[float, Slot, list[_Victim]] | None = None
+    for slot, candidates in victims.items():
+        if not ok(slot[0]):
+            continue
+        free, taken, used = fleet.free[slot], [], dict[str, int]()
+        for v in sorted(candidates, key=lambda v: v.last_used):
+            dep = v.assignment.deployment
+            if dep == name or allowance.get(dep, 0) - used.get(dep, 0) <= 0:
+                continue
+            used[dep] = used.get(dep, 0) + 1
+            taken.append(v)
+            free += v.assignment.memory_bytes
+            if free >= need:
+                break
+        if free >= need and taken:
+            cost = max(v.last_used for v in taken)
+            if best is None or cost < best[0]:
+                best = (cost, slot, taken)
+    if best is None:
+        return None
+    _, slot, taken = best
+    for v in taken:
+        dep = v.assignment.deployment
+        allowance[dep] -= 1
+        result.remove.append((v.worker, v.assignment.replica_id))
+        result.evicted.append((v.worker, v.assignment.replica_id, name))
+        result.scale[dep] = result.scale.get(dep, targets[dep]) - 1
+        _release(fleet, v.worker, v.assignment)
+        victims[slot].remove(v)
+    return [slot]
+

@@ -19,14 +19,16 @@ from maas.mesh.errors import MaasError
 from maas.mesh.etcd import LeaderElection
 from maas.mesh.server import ServiceRuntime
 from maas.services.scheduler import metrics, placement
+from maas.services.scheduler.autoscaler import Autoscaler
 from maas.services.scheduler.state import ClusterState
-from maas.v1 import mesh_pb2
+from maas.v1 import mesh_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
 
 MAX_TXN_OPS = 100  # etcd's default limit is 128 operations per transaction
 MAX_BACKOFF = 60.0  # seconds between attempts to load a deployment that keeps failing
 AVOID_SECONDS = 300.0  # how long a worker where a load failed is avoided for that deployment
+EVICT_IDLE_SECONDS = 30.0  # a replica unused this long may be evicted to make room for another
 
 
 @dataclass
@@ -44,21 +46,30 @@ class LostLeadership(Exception):
 
 
 class Reconciler:
-    def __init__(self, rt: ServiceRuntime, state: ClusterState, resolver: RegistryClient) -> None:
+    def __init__(self, rt: ServiceRuntime, state: ClusterState, resolver: RegistryClient, *,
+                 evict_idle_seconds: float = EVICT_IDLE_SECONDS) -> None:
         self.rt = rt
         self.state = state
         self.resolver = resolver
+        self.autoscaler = Autoscaler()
+        self.evict_idle_seconds = evict_idle_seconds
         self.is_leader = False
         self.unplaced: dict[str, str] = {}
         self.retries: dict[str, Retry] = {}
         self._task: asyncio.Task[None] | None = None
         state.workers.add_listener(self._on_worker)
+        state.replicas.add_listener(self._on_replica)
 
     def _on_worker(self, worker_id: str, old: mesh_pb2.WorkerInfo | None, new: mesh_pb2.WorkerInfo | None) -> None:
         if self.is_leader and new is None and old is not None:
             self.rt.events.publish("worker", "left", worker_id, f"worker {worker_id} lease gone; re-placing its replicas")
 
-    def start(self) -> None:
+    def _on_replica(self, replica_id: str, old: mesh_pb2.ReplicaInfo | None, new: mesh_pb2.ReplicaInfo | None) -> None:
+        if new is None:
+            self.autoscaler.forget(replica_id)
+
+    async def start(self) -> None:
+        await self.rt.events.subscribe_load(self.autoscaler.observe)
         self._task = asyncio.create_task(self._run(), name="reconciler")
 
     async def close(self) -> None:
@@ -102,15 +113,23 @@ class Reconciler:
                 raise
             except Exception as e:  # etcd or registry hiccup: try again shortly
                 log.warning("reconcile failed: %s", e)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.state.changed.wait(), 2.0)
+            autoscaled = any(d.autoscale.max_replicas for d in self.state.deployments.items.values())
+            with contextlib.suppress(asyncio.TimeoutError):  # autoscaling looks at load every second
+                await asyncio.wait_for(self.state.changed.wait(), 1.0 if autoscaled else 2.0)
             await asyncio.sleep(0.05)  # debounce bursts of changes
             if not await election.is_leader():
                 raise LostLeadership
 
     async def reconcile_once(self, election: LeaderElection) -> None:
+        deployments = dict(self.state.deployments.items)
+        for name, (replicas, why) in self.autoscaler.decide(deployments).items():
+            if updated := await self._set_replicas(election, name, replicas):
+                deployments[name] = updated
+                log.info("scaled %s to %d replica(s): %s", name, replicas, why)
+                self.rt.events.publish("deployment", "scaled", name, f"{name} scaled to {replicas}: {why}",
+                                       replicas=str(replicas))
         wants: dict[str, placement.Want] = {}
-        for name, dep in list(self.state.deployments.items.items()):
+        for name, dep in deployments.items():
             try:
                 canary = await self.resolver.resolve(dep.traffic[0].model) if dep.traffic else None
                 wants[name] = placement.Want(dep, await self.resolver.resolve(dep.resolved_version), canary)
@@ -123,7 +142,18 @@ class Reconciler:
         now = time.monotonic()
         hold = frozenset(d for d, r in self.retries.items() if r.next_try > now)
         avoid = {d: {w for w, until in r.avoid.items() if until > now} for d, r in self.retries.items()}
-        result = placement.plan(wants, dict(self.state.workers.items), assignments, ready, avoid=avoid, hold=hold)
+        idle = {rid: t for rid, t in self.autoscaler.idle_replicas(self.evict_idle_seconds).items() if rid in ready}
+        result = placement.plan(wants, dict(self.state.workers.items), assignments, ready, avoid=avoid, hold=hold,
+                                idle=idle)
+        for name, replicas in result.scale.items():  # evictions shrink their deployments first
+            if not await self._set_replicas(election, name, replicas):
+                self.state.changed.set()  # it changed under us: plan again
+                return
+        for worker, rid, beneficiary in result.evicted:
+            owner = assignments[(worker, rid)].deployment
+            log.info("evicting idle replica %s of %s from %s to make room for %s", rid, owner, worker, beneficiary)
+            self.rt.events.publish("replica", "evicted", rid, f"idle replica of {owner} evicted for {beneficiary}",
+                                   deployment=owner, worker=worker, for_deployment=beneficiary)
         result.remove.extend(failed)
         self.unplaced.update(result.unplaced)
         for name in list(self.unplaced):
@@ -178,3 +208,22 @@ class Reconciler:
                 del assignments[key]
                 removed.append(key)
         return removed
+
+    async def _set_replicas(self, election: LeaderElection, name: str,
+                            replicas: int) -> scheduler_pb2.Deployment | None:
+        """Write an autoscaled deployment's replica target, unless a user changed the
+        deployment since we read it (compare on its revision). The updated deployment, or None."""
+        key, tx = self.rt.etcd.keys.deployment(name), self.rt.etcd.client.transactions
+        got = await self.rt.etcd.client.get(key)
+        if got is None:
+            return None
+        dep = scheduler_pb2.Deployment.FromString(got.value)
+        if not dep.autoscale.max_replicas:
+            return None
+        dep.replicas = replicas
+        metrics.TXNS.inc()
+        if await election.fenced_txn([tx.put(key, dep.SerializeToString())], compare=[tx.mod(key) == got.mod_revision]):
+            return dep
+        if not await election.is_leader():
+            raise LostLeadership
+        return None

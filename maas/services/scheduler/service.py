@@ -55,6 +55,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.events.publish("deployment", "deleted", request.name, f"{request.name} deleted")
         return scheduler_pb2.DeleteDeploymentResponse()
 
+    async def Activate(self, request: scheduler_pb2.ActivateRequest,
+                       context: grpc.aio.ServicerContext) -> scheduler_pb2.DeploymentStatus:
+        dep, scaled = await self.store.activate(request.name)
+        if scaled:
+            self.events.publish("deployment", "activated", dep.name, f"{dep.name}: cold start from zero replicas",
+                                replicas="1")
+        return self._status(dep)
+
     async def ListWorkers(self, request: scheduler_pb2.ListWorkersRequest,
                           context: grpc.aio.ServicerContext) -> scheduler_pb2.ListWorkersResponse:
         return scheduler_pb2.ListWorkersResponse(workers=self.state.worker_statuses())

@@ -75,15 +75,16 @@ async def build(rt: ServiceRuntime, *, devices: list[mesh_pb2.Device], labels: d
 async def _report_load(rt: ServiceRuntime, replicas: ReplicaManager) -> None:
     """Publish this worker's load on core NATS a few times a second (lossy by design)."""
     while True:
-        stats = [r.engine.stats() for r in replicas.replicas.values()
+        ready = [r for r in replicas.replicas.values()
                  if r.engine is not None and r.info.state == mesh_pb2.REPLICA_STATE_READY]
+        stats = [r.engine.stats() for r in ready if r.engine is not None]
         await rt.events.publish_load(mesh_pb2.LoadReport(
             worker_id=replicas.worker_id, in_flight=replicas.in_flight,
             queue_depth=sum(s.waiting for s in stats), running=sum(s.running for s in stats),
             kv_cache_used=max((s.kv_cache_used for s in stats), default=0.0),
             tokens_per_second=sum(s.tokens_per_second for s in stats),
             prefix_hit_rate=max((s.prefix_hit_rate for s in stats), default=0.0),
-            time_ms=int(time.time() * 1000)))
+            time_ms=int(time.time() * 1000), replicas=[r.load() for r in ready]))
         await asyncio.sleep(LOAD_REPORT_INTERVAL)
 
 

@@ -33,7 +33,16 @@ class Replica:
     info: mesh_pb2.ReplicaInfo
     engine: Engine | None = None
     in_flight: int = 0
+    requests_total: int = 0
+    last_used_ms: int = 0  # last request started or finished; load time before the first
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def load(self) -> mesh_pb2.ReplicaLoad:
+        """This replica's share of the worker's load report."""
+        waiting = self.engine.stats().waiting if self.engine is not None else 0
+        return mesh_pb2.ReplicaLoad(replica_id=self.info.replica_id, deployment=self.info.deployment,
+                                    in_flight=self.in_flight, queue_depth=waiting,
+                                    requests_total=self.requests_total, last_used_ms=self.last_used_ms)
 
     @property
     def ref(self) -> str:
@@ -115,6 +124,7 @@ class ReplicaManager:
             await replica.engine.close()
             return
         replica.info.context_length = replica.engine.context_length
+        replica.last_used_ms = int(time.time() * 1000)
         await self._publish(replica, mesh_pb2.REPLICA_STATE_READY)
         seconds = time.perf_counter() - started
         self.rt.events.publish("replica", "ready", a.replica_id, f"{replica.ref} ready in {seconds:.1f}s",
@@ -165,6 +175,8 @@ class ReplicaManager:
         replica = self.find(model, replica_id)
         assert replica.engine is not None
         replica.in_flight += 1
+        replica.requests_total += 1
+        replica.last_used_ms = int(time.time() * 1000)
         replica.idle.clear()
         try:
             yield replica, replica.engine
@@ -176,6 +188,7 @@ class ReplicaManager:
             raise
         finally:
             replica.in_flight -= 1
+            replica.last_used_ms = int(time.time() * 1000)
             if replica.in_flight == 0:
                 replica.idle.set()
 
