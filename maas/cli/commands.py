@@ -253,51 +253,6 @@ async def _download(stub: registry_pb2_grpc.RegistryStub, ref: str, directory: P
     print(f"downloaded {version.name}@{version.version} into {directory}")
 
 
-async def deploy(ns: argparse.Namespace, etcd: str) -> int:
-    if ns.replicas is not None and ns.replicas < 0:
-        print("error: --replicas must be >= 0", file=sys.stderr)
-        return 2
-    async with MeshClient(etcd, ns.prefix) as mesh:
-        stub = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
-        try:
-            current = (await stub.GetDeployment(scheduler_pb2.GetDeploymentRequest(name=ns.name), timeout=10)).deployment
-        except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            current = None
-        if current is None:
-            if ns.promote or ns.rollback or ns.canary:
-                print(f"error: deployment {ns.name!r} does not exist; create it first", file=sys.stderr)
-                return 2
-            dep = scheduler_pb2.Deployment(name=ns.name, model=ns.model or ns.name,
-                                           replicas=1 if ns.replicas is None else ns.replicas)
-            st = await stub.CreateDeployment(scheduler_pb2.CreateDeploymentRequest(deployment=dep), timeout=10)
-            verb = "created"
-        else:
-            # change only what was asked: the rest (version, selector, resources) stays
-            dep = current
-            dep.model = ns.model or dep.resolved_version
-            if ns.replicas is not None:
-                dep.replicas = ns.replicas
-            if ns.canary:
-                del dep.traffic[:]
-                dep.traffic.add(model=ns.canary, weight=ns.weight)
-            elif ns.promote or ns.rollback:
-                if not dep.traffic:
-                    print(f"error: deployment {ns.name!r} has no canary", file=sys.stderr)
-                    return 2
-                if ns.promote:
-                    dep.model = dep.traffic[0].model
-                del dep.traffic[:]
-            st = await stub.UpdateDeployment(scheduler_pb2.UpdateDeploymentRequest(deployment=dep), timeout=10)
-            verb = "updated"
-        d = st.deployment
-        canary = f", canary {d.traffic[0].model} at {d.traffic[0].weight}%" if d.traffic else ""
-        print(json.dumps(MessageToDict(st), indent=2) if ns.json else
-              f"{verb} deployment {d.name}: {d.resolved_version} x{d.replicas}{canary}")
-    return 0
-
-
 async def workers(ns: argparse.Namespace, etcd: str) -> int:
     async with MeshClient(etcd, ns.prefix) as mesh:
         stub = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))

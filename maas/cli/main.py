@@ -58,7 +58,7 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from maas.cli import admin
+    from maas.cli import admin, deployments
     from maas.services.registry import main as registry_main
     from maas.services.router import main as router_main
     from maas.services.scheduler import main as scheduler_main
@@ -122,16 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("ref", metavar="NAME[@VERSION]")
     download.add_argument("directory")
 
-    dep = sub.add_parser("deploy", help="deploy a model (or change its replica count)")
-    _client_args(dep)
-    dep.add_argument("name")
-    dep.add_argument("--model", default="", help="model ref (name, name@version, name@alias); default NAME")
-    dep.add_argument("--replicas", type=int, default=None, help="replicas (default 1 for a new deployment)")
-    rollout = dep.add_mutually_exclusive_group()
-    rollout.add_argument("--canary", metavar="REF", help="send --weight percent of requests to this version")
-    rollout.add_argument("--promote", action="store_true", help="make the canary the deployed version")
-    rollout.add_argument("--rollback", action="store_true", help="drop the canary; all traffic to the deployed version")
-    dep.add_argument("--weight", type=int, default=10, help="canary share of requests in percent (default 10)")
+    deployments.add_parser(sub, _client_args)
 
     workers = sub.add_parser("workers", help="workers, their devices and replicas")
     _client_args(workers)
@@ -165,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    from maas.cli.deployments import legacy_argv
+
+    ns = build_parser().parse_args(legacy_argv(sys.argv[1:] if argv is None else argv))
     if hasattr(ns, "service_main"):
         return int(ns.service_main(ns))
-    from maas.cli import admin, commands
+    from maas.cli import admin, commands, deployments
 
     if ns.command == "up":
         from maas.stack.supervisor import UpConfig, run_up
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "status": lambda: commands.status(ns, etcd),
         "models": lambda: commands.models(ns, etcd),
-        "deploy": lambda: commands.deploy(ns, etcd),
+        "deploy": lambda: deployments.run(ns, etcd),
         "workers": lambda: commands.workers(ns, etcd),
         "generate": lambda: commands.generate(ns, etcd),
         "events": lambda: commands.events(ns, nats),

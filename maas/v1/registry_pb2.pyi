@@ -192,3 +192,91 @@ class DownloadArtifactRequest(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
+class BackupCounts(_message.Message):
+    __slots__ = ("keys", "models", "versions", "adapters", "aliases", "deployments", "artifacts", "artifact_bytes")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    keys: int
+    models: int
+    versions: int
+    adapters: int
+    aliases: int
+    deployments: int
+    artifacts: int
+    artifact_bytes: int
+    def __init__(self, keys: _Optional[int] = ..., models: _Optional[int] = ..., versions: _Optional[int] = ..., adapters: _Optional[int] = ..., aliases: _Optional[int] = ..., deployments: _Optional[int] = ..., artifacts: _Optional[int] = ..., artifact_bytes: _Optional[int] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackupChunk(_message.Message):
+    __slots__ = ("data", "total_bytes", "sha256", "etcd_revision", "counts", "format", "missing_artifacts", "prefix")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    ETCD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MISSING_ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    total_bytes: int
+    sha256: str
+    etcd_revision: int
+    counts: BackupCounts
+    format: str
+    missing_artifacts: _containers.RepeatedScalarFieldContainer[str]
+    prefix: str
+    def __init__(self, data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., etcd_revision: _Optional[int] = ..., counts: _Optional[_Union[BackupCounts, _Mapping]] = ..., format: _Optional[str] = ..., missing_artifacts: _Optional[_Iterable[str]] = ..., prefix: _Optional[str] = ...) -> None: ...
+
+class RestoreChunk(_message.Message):
+    __slots__ = ("data", "force", "allow_missing_artifacts", "total_bytes")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_MISSING_ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    force: bool
+    allow_missing_artifacts: bool
+    total_bytes: int
+    def __init__(self, data: _Optional[bytes] = ..., force: _Optional[bool] = ..., allow_missing_artifacts: _Optional[bool] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class MissingArtifact(_message.Message):
+    __slots__ = ("sha256", "problem", "used_by")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    USED_BY_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    problem: str
+    used_by: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sha256: _Optional[str] = ..., problem: _Optional[str] = ..., used_by: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RestoreResponse(_message.Message):
+    __slots__ = ("counts", "artifacts_verified", "missing_artifacts", "overwritten", "backup_revision", "backup_prefix", "backup_created_ms", "prefix", "latest_kept")
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITTEN_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_REVISION_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    LATEST_KEPT_FIELD_NUMBER: _ClassVar[int]
+    counts: BackupCounts
+    artifacts_verified: int
+    missing_artifacts: _containers.RepeatedCompositeFieldContainer[MissingArtifact]
+    overwritten: int
+    backup_revision: int
+    backup_prefix: str
+    backup_created_ms: int
+    prefix: str
+    latest_kept: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, counts: _Optional[_Union[BackupCounts, _Mapping]] = ..., artifacts_verified: _Optional[int] = ..., missing_artifacts: _Optional[_Iterable[_Union[MissingArtifact, _Mapping]]] = ..., overwritten: _Optional[int] = ..., backup_revision: _Optional[int] = ..., backup_prefix: _Optional[str] = ..., backup_created_ms: _Optional[int] = ..., prefix: _Optional[str] = ..., latest_kept: _Optional[_Iterable[str]] = ...) -> None: ...

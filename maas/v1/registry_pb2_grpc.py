@@ -80,6 +80,16 @@ class RegistryStub:
                 request_serializer=maas_dot_v1_dot_registry__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=maas_dot_v1_dot_registry__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_stream(
+                '/maas.v1.Registry/Backup',
+                request_serializer=maas_dot_v1_dot_registry__pb2.BackupRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_registry__pb2.BackupChunk.FromString,
+                _registered_method=True)
+        self.Restore = channel.stream_unary(
+                '/maas.v1.Registry/Restore',
+                request_serializer=maas_dot_v1_dot_registry__pb2.RestoreChunk.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_registry__pb2.RestoreResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -143,6 +153,21 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """Backup and restore of the mesh's durable etcd state (registry, deployments) plus the
+        manifest of the artifacts it references; the artifact bytes are not included.
+        See docs/operations.md#backup-and-restore for the file format.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +215,16 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=maas_dot_v1_dot_registry__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=maas_dot_v1_dot_registry__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'Backup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=maas_dot_v1_dot_registry__pb2.BackupRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_registry__pb2.BackupChunk.SerializeToString,
+            ),
+            'Restore': grpc.stream_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=maas_dot_v1_dot_registry__pb2.RestoreChunk.FromString,
+                    response_serializer=maas_dot_v1_dot_registry__pb2.RestoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,6 +471,60 @@ class Registry:
             '/maas.v1.Registry/DownloadArtifact',
             maas_dot_v1_dot_registry__pb2.DownloadArtifactRequest.SerializeToString,
             maas_dot_v1_dot_registry__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/maas.v1.Registry/Backup',
+            maas_dot_v1_dot_registry__pb2.BackupRequest.SerializeToString,
+            maas_dot_v1_dot_registry__pb2.BackupChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/maas.v1.Registry/Restore',
+            maas_dot_v1_dot_registry__pb2.RestoreChunk.SerializeToString,
+            maas_dot_v1_dot_registry__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 
 import grpc
 
-from maas.mesh.artifacts import check_digest
+from maas.mesh.artifacts import CHUNK, check_digest
+from maas.mesh.errors import InvalidArgument
 from maas.mesh.events import EventBus
+from maas.services.registry import backup
 from maas.services.registry.blobs import BlobStore
 from maas.services.registry.store import ModelStore
 from maas.v1 import registry_pb2, registry_pb2_grpc
@@ -85,3 +88,39 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             yield registry_pb2.ArtifactChunk(data=data, sha256=request.sha256 if first else "",
                                              total_bytes=size if first else 0)
             first = False
+
+    async def Backup(self, request: registry_pb2.BackupRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[registry_pb2.BackupChunk]:
+        snapshot = await backup.take(self.store.session, self.blobs)
+        data = await asyncio.to_thread(snapshot.encode)
+        counts = snapshot.counts()
+        self.events.publish("backup", "created", str(snapshot.etcd_revision),
+                            f"backup of {snapshot.prefix} at etcd revision {snapshot.etcd_revision}: "
+                            f"{counts.keys} keys, {counts.artifacts} artifacts", bytes=str(len(data)))
+        yield registry_pb2.BackupChunk(
+            data=data[:CHUNK], total_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+            etcd_revision=snapshot.etcd_revision, counts=counts, format=backup.FORMAT, prefix=snapshot.prefix,
+            missing_artifacts=[a.digest for a in snapshot.artifacts if a.size is None])
+        for i in range(CHUNK, len(data), CHUNK):
+            yield registry_pb2.BackupChunk(data=data[i:i + CHUNK])
+
+    async def Restore(self, request_iterator: AsyncIterator[registry_pb2.RestoreChunk],
+                      context: grpc.aio.ServicerContext) -> registry_pb2.RestoreResponse:
+        first: registry_pb2.RestoreChunk | None = None
+        data = bytearray()
+        async for chunk in request_iterator:
+            first = first or chunk
+            data += chunk.data
+            if len(data) > backup.MAX_BACKUP_BYTES:
+                raise InvalidArgument(f"the backup file is larger than {backup.MAX_BACKUP_BYTES} bytes")
+        if first is None:
+            raise InvalidArgument("no backup file was sent")
+        snapshot = await asyncio.to_thread(backup.Backup.decode, bytes(data))
+        response = await backup.restore(self.store.session, self.blobs, snapshot, force=first.force,
+                                        allow_missing_artifacts=first.allow_missing_artifacts)
+        c = response.counts
+        self.events.publish("backup", "restored", str(snapshot.etcd_revision),
+                            f"restored {c.keys} keys ({c.models} models, {c.versions} versions, {c.deployments} "
+                            f"deployments) from a backup of {snapshot.prefix} at etcd revision "
+                            f"{snapshot.etcd_revision}", missing_artifacts=str(len(response.missing_artifacts)))
+        return response

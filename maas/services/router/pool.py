@@ -150,7 +150,7 @@ class ReplicaPool:
                               + (f"; replicas: {', '.join(states)}" if states else "; none placed yet") + ")")
         if not await self._registered(name):
             raise NotFound(f"model {name!r} is not registered (see `maas models list`)")
-        raise Unavailable(f"model {name!r} is registered but not deployed (run `maas deploy {name}`)")
+        raise Unavailable(f"model {name!r} is registered but not deployed (run `maas deploy create {name}`)")
 
     async def _registered(self, ref: str) -> bool:
         """Does the registry know `ref` ("name" or "name@version")? Only asked on the failure path."""
