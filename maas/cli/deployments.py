@@ -55,8 +55,11 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
     action("show", "one deployment, its replicas and why it is not ready")
     action("delete", "delete a deployment (its replicas unload)")
 
-    # `maas deploy NAME [flags]`: create or change in one go (the original form)
-    apply = action("apply", argparse.SUPPRESS)
+    # `maas deploy NAME [flags]`: create or change in one go (the original form); no help
+    # text keeps it out of the listing
+    apply = dsub.add_parser("apply")
+    client_args(apply)
+    apply.add_argument("name")
     apply.add_argument("--model", default="")
     apply.add_argument("--replicas", type=int, default=None)
     rollout = apply.add_mutually_exclusive_group()
@@ -84,11 +87,39 @@ def _resources(p: argparse.ArgumentParser) -> None:
                    help="only on workers with this label (repeatable)")
 
 
+# options of the original form that take a value (so their value is not the NAME)
+_VALUED = {"--etcd", "--nats", "--prefix", "--model", "--replicas", "--canary", "--weight"}
+
+
 def legacy_argv(argv: list[str]) -> list[str]:
-    """`deploy NAME ...` -> `deploy apply NAME ...`."""
-    if len(argv) >= 2 and argv[0] == "deploy" and argv[1] not in ACTIONS + ("apply",) and not argv[1].startswith("-"):
+    """`deploy [options] NAME ...` -> `deploy apply [options] NAME ...`."""
+    if not argv or argv[0] != "deploy":
+        return argv
+    i = 1
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 1 if "=" in argv[i] or argv[i] not in _VALUED else 2
+    if i < len(argv) and argv[i] not in ACTIONS + ("apply",) and not any(a in ("-h", "--help") for a in argv[1:i]):
         return ["deploy", "apply", *argv[1:]]
     return argv
+
+
+_UINT32 = 2**32 - 1
+
+
+def _check_numbers(ns: argparse.Namespace) -> None:
+    """Counts must fit the API's unsigned fields: say so instead of failing on the way."""
+    for attr, flag in (("replicas", "--replicas"), ("min_replicas", "--min"), ("max_replicas", "--max"),
+                       ("weight", "--weight"), ("devices", "--devices")):
+        value = getattr(ns, attr, None)
+        if value is not None and value < 0:
+            raise UsageError(f"{flag} must be >= 0")
+        if value is not None and value > _UINT32:
+            raise UsageError(f"{flag} must be <= {_UINT32}")
+    for attr, flag in (("target", "--target"), ("scale_up_seconds", "--scale-up-seconds"),
+                       ("cooldown", "--cooldown"), ("memory_gib", "--memory-gib")):
+        value = getattr(ns, attr, None)
+        if value is not None and not 0 <= value < 2**34:  # also refuses NaN
+            raise UsageError(f"{flag} must be >= 0 and finite, got {value}")
 
 
 def _apply_scaling(ns: argparse.Namespace, dep: scheduler_pb2.Deployment, *, new: bool) -> None:
@@ -207,6 +238,7 @@ async def _update(stub: scheduler_pb2_grpc.SchedulerStub, dep: scheduler_pb2.Dep
 
 async def _run(ns: argparse.Namespace, stub: scheduler_pb2_grpc.SchedulerStub) -> int:
     action = ns.deploy_command
+    _check_numbers(ns)
     out = (lambda st: json.dumps(MessageToDict(st), indent=2)) if ns.json else None
     if action == "list":
         listing = await stub.ListDeployments(scheduler_pb2.ListDeploymentsRequest(), timeout=10)
@@ -241,6 +273,8 @@ async def _run(ns: argparse.Namespace, stub: scheduler_pb2_grpc.SchedulerStub) -
         dep = await _get(stub, ns.name)
         dep.model = dep.resolved_version  # keep the version unless asked: an alias moving must not roll out
         if action == "update":
+            if not ns.model and ns.memory_gib is None and ns.devices is None and ns.selector is None:
+                raise UsageError("nothing to change: give --model, --memory-gib, --devices or --selector")
             dep.model = ns.model or dep.model
             _apply_resources(ns, dep)
         elif action == "scale":

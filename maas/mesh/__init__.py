@@ -12,4 +12,5 @@
 - clients:   finding and dialling services through etcd; the registry client
 - artifacts: the artifact format (deterministic tar named by its sha256)
 - names:     the naming rule for models, deployments and aliases
+- aio:       cancellation-safe waits (asyncio.wait_for loses cancellations on 3.11)
 """

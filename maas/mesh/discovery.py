@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
 
+from maas.mesh.aio import wait_event
 from maas.mesh.etcd import EtcdSession
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,27 @@ class PrefixMirror(Generic[M]):
     def add_listener(self, listener: Listener[M]) -> None:
         """Called as listener(key, old, new) for every change; old/new None for create/delete."""
         self._listeners.append(listener)
+
+    async def caught_up(self, expected: dict[str, M | None], timeout: float) -> bool:
+        """Wait until the mirror holds `expected` (key -> value; None: absent), e.g. after our
+        own write, so that the next decision is not made from a copy that predates it.
+        False on time-out."""
+        missing = {k for k, v in expected.items() if self.items.get(k) != v}
+        if not missing:
+            return True
+        done = asyncio.Event()
+
+        def listener(key: str, old: M | None, new: M | None) -> None:
+            if key in missing and new == expected[key]:
+                missing.discard(key)
+                if not missing:
+                    done.set()
+
+        self._listeners.append(listener)
+        try:
+            return await wait_event(done, timeout)
+        finally:
+            self._listeners.remove(listener)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"mirror {self.prefix.decode()}")

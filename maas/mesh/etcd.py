@@ -17,6 +17,7 @@ from typing import Any
 import aetcd
 import aetcd.exceptions
 
+from maas.mesh.aio import within
 from maas.mesh.config import MeshConfig, parse_host_port
 from maas.mesh.errors import StartupError
 from maas.mesh.keys import Keys
@@ -62,7 +63,7 @@ class EtcdSession:
         self._keepalive = asyncio.create_task(self._keepalive_loop(), name="etcd-keepalive")
 
     async def _grant(self) -> None:
-        lease = await asyncio.wait_for(self.client.lease(self.config.lease_ttl), self.config.lease_ttl)
+        lease = await within(self.client.lease(self.config.lease_ttl), self.config.lease_ttl)
         self.lease_id = lease.id
         log.debug("etcd lease %x granted (ttl %ss)", lease.id, self.config.lease_ttl)
 
@@ -73,7 +74,7 @@ class EtcdSession:
             await asyncio.sleep(interval)
             try:
                 if registered:
-                    reply = await asyncio.wait_for(self.client.refresh_lease(self.lease_id), interval * 2)
+                    reply = await within(self.client.refresh_lease(self.lease_id), interval * 2)
                     if reply is not None and reply.TTL > 0:
                         continue
                     log.warning("etcd lease %x expired; re-registering", self.lease_id or 0)

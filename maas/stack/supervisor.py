@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 
 from maas.cli.commands import deployments_ready
+from maas.mesh.aio import wait_event
 from maas.mesh.clients import MeshClient, live_services
 from maas.mesh.errors import StartupError
 from maas.stack.servers import Child, port_in_use, start_etcd, start_nats
@@ -218,8 +219,7 @@ maas-mesh is up ({took:.1f}s): {ref} ready on {cfg.workers} worker(s)
         maas status    maas events --follow
 Ctrl-C stops everything.""", flush=True)
     while not stop.is_set():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
+        await wait_event(stop, 1.0)
         for c in stack.children:
             if not c.alive and c.proc is not None and c.proc.returncode not in (0, None):
                 print(f"warning: {c.name} exited with {c.proc.returncode}; see {c.log_path}", file=sys.stderr)

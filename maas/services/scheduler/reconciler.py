@@ -8,12 +8,12 @@ restart or fail-over the new leader rebuilds everything from etcd.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 
+from maas.mesh.aio import stop_task, wait_event
 from maas.mesh.clients import RegistryClient
 from maas.mesh.errors import MaasError
 from maas.mesh.etcd import LeaderElection
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_TXN_OPS = 100  # etcd's default limit is 128 operations per transaction
 MAX_BACKOFF = 60.0  # seconds between attempts to load a deployment that keeps failing
 AVOID_SECONDS = 300.0  # how long a worker where a load failed is avoided for that deployment
+CATCH_UP_SECONDS = 5.0  # how long to wait for the mirrors to show the leader's own writes
 EVICT_IDLE_SECONDS = 30.0  # a replica unused this long may be evicted to make room for another
 
 
@@ -73,10 +74,7 @@ class Reconciler:
         self._task = asyncio.create_task(self._run(), name="reconciler")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def _run(self) -> None:
         """Campaign, lead until leadership is lost or etcd fails, resign, repeat. Never exits
@@ -114,8 +112,8 @@ class Reconciler:
             except Exception as e:  # etcd or registry hiccup: try again shortly
                 log.warning("reconcile failed: %s", e)
             autoscaled = any(d.autoscale.max_replicas for d in self.state.deployments.items.values())
-            with contextlib.suppress(asyncio.TimeoutError):  # autoscaling looks at load every second
-                await asyncio.wait_for(self.state.changed.wait(), 1.0 if autoscaled else 2.0)
+            # autoscaling looks at load every second
+            await wait_event(self.state.changed, 1.0 if autoscaled else 2.0)
             await asyncio.sleep(0.05)  # debounce bursts of changes
             if not await election.is_leader():
                 raise LostLeadership
@@ -178,6 +176,11 @@ class Reconciler:
                 raise LostLeadership
         metrics.PLACED.inc(len(result.add))
         metrics.REMOVED.inc(len(result.remove))
+        # plan next from a mirror that includes these writes, or it would place them again
+        expected: dict[str, mesh_pb2.Assignment | None] = {f"{w}/{r}": None for w, r in result.remove}
+        expected.update({f"{w}/{a.replica_id}": a for w, a in result.add})
+        if not await self.state.assignments.caught_up(expected, CATCH_UP_SECONDS):
+            log.warning("the assignments watch has not shown our writes after %.0fs", CATCH_UP_SECONDS)
         for w, a in result.add:
             log.info("placed %s (%s@%s) on %s %s", a.replica_id, a.model_name, a.model_version, w, a.device_ids[0])
         for w, r in result.remove:
@@ -223,6 +226,7 @@ class Reconciler:
         dep.replicas = replicas
         metrics.TXNS.inc()
         if await election.fenced_txn([tx.put(key, dep.SerializeToString())], compare=[tx.mod(key) == got.mod_revision]):
+            await self.state.deployments.caught_up({name: dep}, CATCH_UP_SECONDS)
             return dep
         if not await election.is_leader():
             raise LostLeadership

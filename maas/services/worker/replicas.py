@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maas.mesh.aio import wait_event
 from maas.mesh.clients import RegistryClient
 from maas.mesh.discovery import PrefixMirror
 from maas.mesh.errors import EngineDead, InvalidArgument, NotFound, Unavailable
@@ -137,8 +138,7 @@ class ReplicaManager:
         with contextlib.suppress(Exception):
             await self.rt.etcd.delete_owned(self.rt.etcd.keys.replica(replica_id))
         if replica.in_flight:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(replica.idle.wait(), self.unload_grace)
+            await wait_event(replica.idle, self.unload_grace)
         if replica.engine is not None:
             await replica.engine.close()
         self.rt.events.publish("replica", "unloaded", replica_id, f"unloaded {replica.ref}", model=replica.ref,
