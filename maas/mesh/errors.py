@@ -44,6 +44,10 @@ class Unavailable(MaasError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(MaasError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class Unauthenticated(MaasError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

@@ -52,6 +52,33 @@ async def test_scale_to_zero_and_cold_start(mesh: MeshHarness):
     assert kinds.count("deployment.activated") == 2 and "deployment.scaled" in kinds, kinds
 
 
+async def test_a_cold_start_slower_than_the_cooldown_is_not_undone(mesh: MeshHarness):
+    await mesh.registry()
+    await mesh.scheduler()
+    await mesh.router(cold_start_timeout=20)
+    await mesh.worker()
+    await mesh.register("slow", token_delay_ms="1", load_delay_ms="4000")
+    await mesh.deploy("slow", replicas=0,
+                      autoscale=scheduler_pb2.Autoscale(min_replicas=0, max_replicas=1, cooldown_seconds=1.5))
+    # loading takes longer than the cool-down: the scheduler must not scale it back meanwhile
+    chunks = await mesh.generate("slow", max_tokens=2, timeout=20)
+    assert chunks[-1].usage.completion_tokens == 2
+    assert "deployment.scaled" not in await event_kinds(mesh, "slow")
+
+
+async def test_a_fixed_deployment_at_zero_says_how_to_scale_it(mesh: MeshHarness):
+    import grpc
+    import pytest
+
+    await mesh.core()
+    await mesh.register("off")
+    await mesh.deploy("off", replicas=0)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.generate("off")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "scaled to 0 replicas" in err.value.details() and "maas deploy scale off" in err.value.details()
+
+
 async def test_sustained_load_scales_up_and_the_cooldown_scales_back(mesh: MeshHarness):
     await mesh.core()
     await mesh.worker()

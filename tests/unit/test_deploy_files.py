@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from maas.cli.deployments import legacy_argv
 from maas.cli.main import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -20,9 +21,9 @@ def cli_commands() -> set[str]:
 
 
 def parses(argv: list[str]) -> None:
-    """Parse argv with the real CLI parser (fails the test on an unknown command or flag)."""
+    """Parse argv as `maas` does (fails the test on an unknown command or flag)."""
     try:
-        build_parser().parse_args(argv)
+        build_parser().parse_args(legacy_argv(argv))
     except SystemExit as e:
         pytest.fail(f"`maas {' '.join(argv)}` is not a valid maas command line ({e})")
 

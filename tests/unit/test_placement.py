@@ -178,3 +178,37 @@ def test_fixed_size_deployments_are_never_evicted():
     wants["new"] = want("new", 1, mem_mib=400)
     plan = placement.plan(wants, workers, placed, idle={a.replica_id: 0.0 for a in placed.values()}, new_id=ids())
     assert not plan.evicted and "new" in plan.unplaced
+
+
+def test_a_canary_that_fits_is_placed_when_its_stable_version_does_not():
+    stable = registry_pb2.ModelVersion(name="m", version=1, format="sim",
+                                       resources=common_pb2.Resources(memory_bytes=2 * 600 * MiB, devices=2))
+    canary = registry_pb2.ModelVersion(name="m", version=2, format="sim",
+                                       resources=common_pb2.Resources(memory_bytes=900 * MiB))
+    dep = scheduler_pb2.Deployment(name="m", replicas=1, resolved_version="m@1",
+                                   traffic=[scheduler_pb2.TrafficSplit(model="m@2", weight=10)])
+    plan = placement.plan({"m": placement.Want(dep, stable, canary)}, {"w1": gpu_worker("w1", 1, 1000)}, {},
+                          new_id=ids())
+    assert [a.model_version for _, a in plan.add] == [2] and "m" in plan.unplaced
+
+
+def test_eviction_never_takes_a_deployment_below_its_minimum_or_one_still_placing():
+    workers = {"w1": worker("w1", 1000)}
+    # "short" wants 2 replicas (min 1) but has only one placed: that one is not evictable
+    wants = {"short": autoscaled("short", 1, 600, min_replicas=1)}
+    placed = apply(placement.plan(wants, workers, {}, new_id=ids()), {})
+    wants["short"] = autoscaled("short", 2, 600, min_replicas=1)
+    wants["new"] = want("new", 1, mem_mib=600)
+    plan = placement.plan(wants, workers, placed, idle={a.replica_id: 0.0 for a in placed.values()}, new_id=ids("n"))
+    assert not plan.evicted and not plan.add
+
+
+def test_scaling_down_drops_loading_then_idle_replicas_before_busy_ones():
+    workers = {f"w{i}": worker(f"w{i}", 1000) for i in range(3)}
+    placed = apply(placement.plan({"m": want("m", 3)}, workers, {}, new_id=ids()), {})
+    loading, idle_one, busy = sorted(a.replica_id for a in placed.values())
+    ready = frozenset({idle_one, busy})
+    plan = placement.plan({"m": want("m", 2)}, workers, placed, ready, idle={idle_one: 0.0}, new_id=ids())
+    assert [r for _, r in plan.remove] == [loading]
+    plan = placement.plan({"m": want("m", 1)}, workers, placed, ready, idle={idle_one: 0.0}, new_id=ids())
+    assert sorted(r for _, r in plan.remove) == sorted([loading, idle_one])

@@ -17,7 +17,14 @@ import grpc
 
 from maas.mesh.clients import RegistryClient, dial, pick_endpoint
 from maas.mesh.discovery import PrefixMirror
-from maas.mesh.errors import InvalidArgument, MaasError, NotFound, Unavailable, from_rpc_error
+from maas.mesh.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MaasError,
+    NotFound,
+    Unavailable,
+    from_rpc_error,
+)
 from maas.mesh.etcd import EtcdSession
 from maas.v1 import inference_pb2_grpc, mesh_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -112,13 +119,20 @@ class ReplicaPool:
             future = self._activating[name] = asyncio.ensure_future(self._activate(name))
             future.add_done_callback(lambda _: self._activating.pop(name, None))
         try:
-            await asyncio.shield(self._activating[name])
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._activating[name])
+        except TimeoutError:
+            pass  # answered below, like a replica that did not get ready in time
         except MaasError as e:
             raise Unavailable(f"model {name!r} has no replica and could not be started: {e}") from None
-        if await self.replicas.wait_for(lambda _: bool(self.ready(model)), max(0.0, timeout - (time.monotonic() - started))):
+        left = max(0.0, timeout - (time.monotonic() - started))
+        if left and await self.replicas.wait_for(lambda _: bool(self.ready(model)), left):
             return True
-        raise Unavailable(f"model {name!r} is starting from zero replicas (a cold start) but none was ready "
-                          f"within {timeout:.0f}s; try again shortly")
+        if deadline is not None and deadline < self.cold_start_timeout:
+            raise DeadlineExceeded(f"model {name!r} was starting (a cold start) and no replica was ready "
+                                   f"before the request's deadline ({deadline:.1f}s)")
+        raise Unavailable(f"model {name!r} is starting (a cold start) but no replica was ready within "
+                          f"{timeout:.0f}s; `maas deploy show {name}` says why; try again shortly")
 
     async def _activate(self, name: str) -> None:
         for attempt in range(2):
@@ -126,7 +140,7 @@ class ReplicaPool:
                 if self._scheduler is None:
                     self._scheduler = dial(await pick_endpoint(self.session.client, self.session.keys, "scheduler"))
                 await scheduler_pb2_grpc.SchedulerStub(self._scheduler).Activate(
-                    scheduler_pb2.ActivateRequest(name=name), timeout=5)
+                    scheduler_pb2.ActivateRequest(name=name), timeout=min(5.0, self.cold_start_timeout))
                 return
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt:
@@ -143,6 +157,9 @@ class ReplicaPool:
                 raise NotFound(f"model {name!r} has no version {version!r} (see `maas models list`)")
             raise Unavailable(f"{model} is registered but no replica of that version is ready")
         dep = self.deployments.items.get(name)
+        if dep is not None and dep.replicas == 0:
+            raise Unavailable(f"deployment {name!r} is scaled to 0 replicas; run `maas deploy scale {name} "
+                              f"--replicas N` (or `--min 0 --max N` to start it on demand)")
         if dep is not None:
             states = [mesh_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_").lower()
                       for r in self.replicas.items.values() if r.deployment == name]

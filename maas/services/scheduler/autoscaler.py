@@ -63,21 +63,20 @@ class Autoscaler:
             if busy and track is not None:
                 track.active = now
 
-    def activated(self, deployment: str) -> None:
-        """A request arrived for `deployment` (a cold start): it counts as activity."""
-        if (track := self.tracks.get(deployment)) is not None:
-            track.active = self.clock()
-
     def forget(self, replica_id: str) -> None:
         self.replicas.pop(replica_id, None)
 
     def demand(self, deployment: str) -> int:
         now = self.clock()
-        return sum(s.load.in_flight + s.load.queue_depth for s in self.replicas.values()
+        # in_flight counts every request a replica holds, queued ones included
+        return sum(s.load.in_flight for s in self.replicas.values()
                    if s.load.deployment == deployment and now - s.at < STALE_SECONDS)
 
-    def decide(self, deployments: dict[str, scheduler_pb2.Deployment]) -> dict[str, tuple[int, str]]:
-        """New replica targets: deployment -> (replicas, why). Only changes are returned."""
+    def decide(self, deployments: dict[str, scheduler_pb2.Deployment],
+               starting: set[str] | frozenset[str] = frozenset()) -> dict[str, tuple[int, str]]:
+        """New replica targets: deployment -> (replicas, why). Only changes are returned.
+        Deployments in `starting` have replicas still loading: they are not scaled down, and
+        their cool-down starts once those are ready (a cold start must not be undone)."""
         now = self.clock()
         out: dict[str, tuple[int, str]] = {}
         for name in list(self.tracks):
@@ -90,6 +89,8 @@ class Autoscaler:
             track = self.tracks.get(name)
             if track is None or track.target != dep.replicas:  # new, or changed by someone else
                 track = self.tracks[name] = _Track(target=dep.replicas, since=now, active=now)
+            if name in starting:
+                track.active = track.since = now
             target = auto.target_in_flight or DEFAULT_TARGET
             cooldown = auto.cooldown_seconds or DEFAULT_COOLDOWN_SECONDS
             demand = self.demand(name)
@@ -122,9 +123,9 @@ class Autoscaler:
         return out
 
     def idle_replicas(self, min_idle_seconds: float) -> dict[str, float]:
-        """Replicas with nothing in flight or queued whose last use is at least
-        `min_idle_seconds` ago: replica id -> last use (epoch seconds)."""
-        now, wall = self.clock(), time.time()
-        return {rid: s.load.last_used_ms / 1000 for rid, s in self.replicas.items()
-                if now - s.at < STALE_SECONDS and not s.load.in_flight and not s.load.queue_depth
-                and wall - s.load.last_used_ms / 1000 >= min_idle_seconds}
+        """Replicas with nothing in flight whose last use is at least `min_idle_seconds` ago:
+        replica id -> last use (on this process's monotonic clock; workers report ages)."""
+        now = self.clock()
+        return {rid: s.at - s.load.idle_ms / 1000 for rid, s in self.replicas.items()
+                if now - s.at < STALE_SECONDS and not s.load.in_flight
+                and (now - s.at) + s.load.idle_ms / 1000 >= min_idle_seconds}

@@ -66,11 +66,27 @@ class DeploymentStore:
         return dep
 
     async def update(self, dep: scheduler_pb2.Deployment) -> scheduler_pb2.Deployment:
-        current = await self.get(dep.name)
-        dep = await self._prepare(dep)
-        dep.created_ms = current.created_ms
-        await self.session.client.put(self.session.keys.deployment(dep.name), dep.SerializeToString())
-        return dep
+        """Replace a deployment. An autoscaled one keeps the replica count the scheduler set
+        (within the new bounds): a client's copy of it may be stale. Compared on the stored
+        revision, so a concurrent write (the autoscaler's, a cold start's) is never lost."""
+        await self.get(dep.name)
+        prepared = await self._prepare(dep)
+        key, tx = self.session.keys.deployment(dep.name), self.session.client.transactions
+        for _ in range(10):
+            got = await self.session.client.get(key)
+            if got is None:
+                raise NotFound(f"deployment {dep.name!r} does not exist")
+            current = scheduler_pb2.Deployment.FromString(got.value)
+            out = scheduler_pb2.Deployment()
+            out.CopyFrom(prepared)
+            out.created_ms = current.created_ms
+            if out.autoscale.max_replicas and current.autoscale.max_replicas:
+                out.replicas = min(out.autoscale.max_replicas, max(out.autoscale.min_replicas, current.replicas))
+            ok, _ = await self.session.client.transaction(
+                compare=[tx.mod(key) == got.mod_revision], success=[tx.put(key, out.SerializeToString())], failure=[])
+            if ok:
+                return out
+        raise Unavailable(f"deployment {dep.name!r} keeps changing; try again")
 
     async def get(self, name: str) -> scheduler_pb2.Deployment:
         validate_name(name, "deployment")

@@ -160,7 +160,9 @@ def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
         spread = per_worker.setdefault(name, {})
         wanted, serving = 0, 0
         for version, desired in want.tracks():
-            have = current.get((name, f"{version.name}@{version.version}"), [])
+            # keep ready replicas first, busy before idle: scaling down drops loading, then idle ones
+            have = sorted(current.get((name, f"{version.name}@{version.version}"), []),
+                          key=lambda wa: (wa[1].replica_id not in ready, wa[1].replica_id in idle, wa[1].replica_id))
             for wid, a in have[desired:]:
                 result.remove.append((wid, a.replica_id))
                 _release(fleet, wid, a)
@@ -170,30 +172,36 @@ def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
                     victims.setdefault((wid, a.device_ids[0]), []).append(_Victim(wid, a, idle[a.replica_id]))
             wanted += desired
             serving += sum(a.replica_id in ready for _, a in have[:desired])
-            if name not in hold:
-                pending += [(want.memory(version), name, version)] * max(0, desired - len(have))
+            missing = 0 if name in hold else max(0, desired - len(have))
+            pending += [(want.memory(version), name, version)] * missing
+            if want.autoscaled and not want.deployment.traffic:
+                # what it may lose to eviction: placed replicas above its minimum, and nothing
+                # while it waits for replicas of its own (evicting it to place it is churn)
+                allowance[name] = 0 if missing else min(desired, len(have)) - want.deployment.autoscale.min_replicas
         # replicas of versions no longer wanted stay until the wanted ones serve (no downtime)
         for wid, a in outdated.get(name, [])[max(0, wanted - serving):]:
             result.remove.append((wid, a.replica_id))
             _release(fleet, wid, a)
-        if want.autoscaled and not want.deployment.traffic:
-            allowance[name] = want.deployment.replicas - want.deployment.autoscale.min_replicas
 
     # 2. place, largest first
     pending.sort(key=lambda p: (-p[0], p[1]))
+    failed: set[tuple[str, str, int, int]] = set()
     for need, name, version in pending:
-        if name in result.unplaced:
-            continue  # a smaller replica of it would not fit either
         want = wants[name]
         devices = want.devices(version)
         per_device = -(-need // devices)
+        shape = (name, f"{version.name}@{version.version}", per_device, devices)
+        if shape in failed:
+            continue  # another replica just like it did not fit
+
         ok = _filter(want, version, workers)
         spread, shunned = per_worker[name], avoid.get(name, set())
         slots = (_one_device(fleet, per_device, ok, spread, shunned) if devices == 1
                  else _many_devices(fleet, per_device, devices, ok, spread, shunned))
-        if slots is None and devices == 1:
-            slots = _evict(fleet, per_device, ok, name, victims, allowance, targets, result)
+        if slots is None and devices == 1 and name not in outdated:  # a rollout frees room by itself
+            slots = _evict(fleet, per_device, ok, shunned, name, victims, allowance, targets, result)
         if slots is None:
+            failed.add(shape)
             largest = fleet.largest()
             what = f"{devices} devices with {_fmt_bytes(per_device)} free each" if devices > 1 \
                 else f"a device with {_fmt_bytes(per_device)} free"
@@ -265,13 +273,14 @@ def _many_devices(fleet: Fleet, need: int, count: int, ok: Callable[[str], bool]
     return best[1] if best else None
 
 
-def _evict(fleet: Fleet, need: int, ok: Callable[[str], bool], name: str, victims: dict[Slot, list[_Victim]],
+def _evict(fleet: Fleet, need: int, ok: Callable[[str], bool], shunned: set[str], name: str,
+           victims: dict[Slot, list[_Victim]],
            allowance: dict[str, int], targets: dict[str, int], result: Plan) -> list[Slot] | None:
     """Free a device by evicting least recently used idle replicas: choose the device whose
     needed victims were used longest ago; record the evictions and scale their deployments."""
     best: tuple[float, Slot, list[_Victim]] | None = None
     for slot, candidates in victims.items():
-        if not ok(slot[0]):
+        if not ok(slot[0]) or slot[0] in shunned:
             continue
         free, taken, used = fleet.free[slot], [], dict[str, int]()
         for v in sorted(candidates, key=lambda v: v.last_used):

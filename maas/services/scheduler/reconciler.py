@@ -87,6 +87,7 @@ class Reconciler:
             try:
                 await election.campaign()
                 self.is_leader = True
+                self.autoscaler.tracks.clear()  # decide from what is seen while leading, not from before
                 self.rt.events.publish("scheduler", "leader", self.rt.config.instance, "became scheduler leader")
                 await self._lead(election)
             except asyncio.CancelledError:
@@ -120,8 +121,11 @@ class Reconciler:
 
     async def reconcile_once(self, election: LeaderElection) -> None:
         deployments = dict(self.state.deployments.items)
-        for name, (replicas, why) in self.autoscaler.decide(deployments).items():
-            if updated := await self._set_replicas(election, name, replicas):
+        ready = frozenset(r.replica_id for r in self.state.replicas.items.values()
+                          if r.state == mesh_pb2.REPLICA_STATE_READY)
+        starting = {a.deployment for a in self.state.assignments.items.values() if a.replica_id not in ready}
+        for name, (replicas, why) in self.autoscaler.decide(deployments, starting).items():
+            if updated := await self._set_replicas(election, deployments[name], replicas):
                 deployments[name] = updated
                 log.info("scaled %s to %d replica(s): %s", name, replicas, why)
                 self.rt.events.publish("deployment", "scaled", name, f"{name} scaled to {replicas}: {why}",
@@ -133,8 +137,6 @@ class Reconciler:
                 wants[name] = placement.Want(dep, await self.resolver.resolve(dep.resolved_version), canary)
             except MaasError as e:
                 self.unplaced[name] = str(e)
-        ready = frozenset(r.replica_id for r in self.state.replicas.items.values()
-                          if r.state == mesh_pb2.REPLICA_STATE_READY)
         assignments = self.state.assignments_by_worker()
         failed = self._take_failed(assignments)
         now = time.monotonic()
@@ -144,7 +146,7 @@ class Reconciler:
         result = placement.plan(wants, dict(self.state.workers.items), assignments, ready, avoid=avoid, hold=hold,
                                 idle=idle)
         for name, replicas in result.scale.items():  # evictions shrink their deployments first
-            if not await self._set_replicas(election, name, replicas):
+            if not await self._set_replicas(election, deployments[name], replicas):
                 self.state.changed.set()  # it changed under us: plan again
                 return
         for worker, rid, beneficiary in result.evicted:
@@ -212,18 +214,21 @@ class Reconciler:
                 removed.append(key)
         return removed
 
-    async def _set_replicas(self, election: LeaderElection, name: str,
+    async def _set_replicas(self, election: LeaderElection, seen: scheduler_pb2.Deployment,
                             replicas: int) -> scheduler_pb2.Deployment | None:
-        """Write an autoscaled deployment's replica target, unless a user changed the
-        deployment since we read it (compare on its revision). The updated deployment, or None."""
+        """Write an autoscaled deployment's replica target, unless it changed since the
+        decision was made from `seen` (a user's change wins: we decide again next pass).
+        The compare on its revision closes the gap between this read and the write.
+        The updated deployment, or None."""
+        name = seen.name
         key, tx = self.rt.etcd.keys.deployment(name), self.rt.etcd.client.transactions
         got = await self.rt.etcd.client.get(key)
         if got is None:
             return None
         dep = scheduler_pb2.Deployment.FromString(got.value)
-        if not dep.autoscale.max_replicas:
+        if dep != seen or not dep.autoscale.max_replicas:
             return None
-        dep.replicas = replicas
+        dep.replicas = min(dep.autoscale.max_replicas, max(dep.autoscale.min_replicas, replicas))
         metrics.TXNS.inc()
         if await election.fenced_txn([tx.put(key, dep.SerializeToString())], compare=[tx.mod(key) == got.mod_revision]):
             await self.state.deployments.caught_up({name: dep}, CATCH_UP_SECONDS)

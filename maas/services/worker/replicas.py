@@ -35,7 +35,7 @@ class Replica:
     engine: Engine | None = None
     in_flight: int = 0
     requests_total: int = 0
-    last_used_ms: int = 0  # last request started or finished; load time before the first
+    last_used: float = 0.0  # monotonic: last request started or finished; the load before the first
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def load(self) -> mesh_pb2.ReplicaLoad:
@@ -43,7 +43,8 @@ class Replica:
         waiting = self.engine.stats().waiting if self.engine is not None else 0
         return mesh_pb2.ReplicaLoad(replica_id=self.info.replica_id, deployment=self.info.deployment,
                                     in_flight=self.in_flight, queue_depth=waiting,
-                                    requests_total=self.requests_total, last_used_ms=self.last_used_ms)
+                                    requests_total=self.requests_total,
+                                    idle_ms=0 if self.in_flight else int((time.monotonic() - self.last_used) * 1000))
 
     @property
     def ref(self) -> str:
@@ -105,6 +106,10 @@ class ReplicaManager:
                                model=replica.ref, worker=self.worker_id)
         started = time.perf_counter()
         try:
+            if len(a.device_ids) > 1:
+                raise NotImplementedError(
+                    f"this replica was placed on {len(a.device_ids)} devices ({', '.join(a.device_ids)}), but the "
+                    "worker's engines load a model onto one device; give it devices=1 and enough memory_bytes")
             source = await self.artifacts.resolve(a.source)
             spec = ModelSpec(name=a.model_name, version=a.model_version, format=a.format, source=source,
                              task=a.task or "generate", options=dict(a.options),
@@ -125,7 +130,7 @@ class ReplicaManager:
             await replica.engine.close()
             return
         replica.info.context_length = replica.engine.context_length
-        replica.last_used_ms = int(time.time() * 1000)
+        replica.last_used = time.monotonic()
         await self._publish(replica, mesh_pb2.REPLICA_STATE_READY)
         seconds = time.perf_counter() - started
         self.rt.events.publish("replica", "ready", a.replica_id, f"{replica.ref} ready in {seconds:.1f}s",
@@ -176,7 +181,7 @@ class ReplicaManager:
         assert replica.engine is not None
         replica.in_flight += 1
         replica.requests_total += 1
-        replica.last_used_ms = int(time.time() * 1000)
+        replica.last_used = time.monotonic()
         replica.idle.clear()
         try:
             yield replica, replica.engine
@@ -188,7 +193,7 @@ class ReplicaManager:
             raise
         finally:
             replica.in_flight -= 1
-            replica.last_used_ms = int(time.time() * 1000)
+            replica.last_used = time.monotonic()
             if replica.in_flight == 0:
                 replica.idle.set()
 

@@ -1,7 +1,8 @@
 """A deterministic fake engine for mesh tests: words instead of a model, no threads.
 
 Options (all strings, from the model spec): `token_delay_ms` (default 5) is the
-pause before each token, `context_length` (default 2048) the context size in words.
+pause before each token, `context_length` (default 2048) the context size in words,
+`load_delay_ms` (default 0) how long loading takes.
 Prompt "tokens" are the prompt's whitespace-separated words. Each generated token is
 a word picked by hashing (prompt, seed, absolute position), so a request resumed
 with its already-produced tokens continues exactly as it would have. Temperature 0
@@ -48,10 +49,12 @@ class SimEngine:
         self.spec = spec
         self.token_delay = _option(spec, "token_delay_ms", 5.0, minimum=0) / 1000
         self.context_length = int(_option(spec, "context_length", 2048, minimum=2))
+        self.load_delay = _option(spec, "load_delay_ms", 0.0, minimum=0) / 1000
         self._loaded = False
         self._running = 0
 
     async def load(self) -> None:
+        await asyncio.sleep(self.load_delay)  # stands in for reading weights (cold-start tests)
         self._loaded = True
 
     async def close(self) -> None:
