@@ -50,7 +50,8 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
     canary.add_argument("ref", metavar="REF", help="the canary version (name@version or name@alias)")
     canary.add_argument("--weight", type=int, default=10, help="its share of requests in percent (default 10)")
     action("promote", "make the canary the deployed version")
-    action("rollback", "drop the canary: all traffic to the deployed version")
+    action("rollback", "drop the canary (all traffic to the deployed version); without one, "
+                       "go back to the version deployed before")
     action("list", "deployments and their readiness", named=False)
     action("show", "one deployment, its replicas and why it is not ready")
     action("delete", "delete a deployment (its replicas unload)")
@@ -282,12 +283,18 @@ async def _run(ns: argparse.Namespace, stub: scheduler_pb2_grpc.SchedulerStub) -
         elif action == "canary":
             del dep.traffic[:]
             dep.traffic.add(model=ns.ref, weight=ns.weight)
-        elif action in ("promote", "rollback"):
+        elif action == "promote":
             if not dep.traffic:
                 raise UsageError(f"deployment {ns.name!r} has no canary")
-            if action == "promote":
-                dep.model = dep.traffic[0].model
+            dep.model = dep.traffic[0].model
             del dep.traffic[:]
+        elif action == "rollback":  # drop the canary; without one, back to the previous version
+            if dep.traffic:
+                del dep.traffic[:]
+            elif dep.previous_version:
+                dep.model = dep.previous_version
+            else:
+                raise UsageError(f"deployment {ns.name!r} has no canary and no previous version")
         st = await _update(stub, dep)
         verb = {"update": "updated", "scale": "scaled", "canary": "canary on", "promote": "promoted",
                 "rollback": "rolled back"}[action]

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from maas.mesh.errors import StartupError
+from maas.mesh.errors import MaasError, StartupError
 
 DEFAULT_DATA_DIR = ".maas"
 
@@ -53,8 +53,14 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
     except grpc.aio.AioRpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
+    except MaasError as e:
+        print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `maas ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
+import time
 from collections.abc import AsyncIterator
 from types import TracebackType
 
@@ -59,15 +61,36 @@ class MeshClient:
                         tb: TracebackType | None) -> None:
         await self.close()
 
-    async def channel(self, kind: str) -> grpc.aio.Channel:
-        if kind not in self._channels:
+    async def channel(self, kind: str, *, patience: float = 6.0) -> grpc.aio.Channel:
+        """A channel to a live instance of `kind`. A process killed a moment ago stays
+        registered until its lease expires, so candidates are tried (connect within 2 s)
+        and, while none connects, looked up again for up to `patience` seconds (a restart
+        or a standby's registration). Past that, the call made on the channel says why."""
+        if kind in self._channels:
+            return self._channels[kind]
+        deadline = time.monotonic() + patience
+        while True:
             try:
-                endpoint = await pick_endpoint(self.etcd, self.keys, kind)
+                services = await live_services(self.etcd, self.keys, kind)
             except (TimeoutError, aetcd.exceptions.ClientError):
                 raise StartupError(f"cannot reach etcd at {self.etcd_url}; is the stack running "
                                    "(`maas up`), or pass --etcd / MAAS_ETCD") from None
-            self._channels[kind] = dial(endpoint)
-        return self._channels[kind]
+            if not services:
+                raise Unavailable(f"no {kind} is running (none registered in etcd under "
+                                  f"{self.keys.services(kind).decode()})")
+            random.shuffle(services)
+            for info in services:
+                channel = dial(info.endpoint)
+                try:
+                    async with asyncio.timeout(2.0):
+                        await channel.channel_ready()
+                except TimeoutError:
+                    if time.monotonic() < deadline or info is not services[-1]:
+                        await channel.close()
+                        continue
+                self._channels[kind] = channel
+                return channel
+            await asyncio.sleep(0.5)
 
     async def close(self) -> None:
         for ch in self._channels.values():

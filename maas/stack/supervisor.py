@@ -1,7 +1,7 @@
 """`maas up`: one foreground command for a whole local stack.
 
-Starts etcd and nats-server (unless URLs are given), then registry, scheduler, router
-and N workers as separate processes, forges and registers the demo model (or registers
+Starts etcd and nats-server (unless URLs are given), then registry, two schedulers (leader
+and standby), router and N workers as separate processes (restarted when they exit), forges and registers the demo model (or registers
 --model), deploys it, prints the endpoints, and on SIGINT/SIGTERM stops everything it
 started, newest first. `.maas/stack.json` lets CLI commands run in the same directory
 find the stack without flags.
@@ -47,6 +47,17 @@ class UpConfig:
     ready_timeout: float = 300.0
 
 
+RESTART_MAX_DELAY = 30.0  # seconds between restarts of a process that keeps dying
+RESTART_RESET = 60.0      # up this long: its next exit restarts at once again
+
+
+@dataclass
+class Restart:
+    delay: float = 0.0
+    due: float = 0.0
+    started: float = 0.0
+
+
 @dataclass
 class Stack:
     config: UpConfig
@@ -76,7 +87,7 @@ class Stack:
 
     def _service(self, kind: str, *extra: str) -> Child:
         n = sum(c.name.startswith(kind) for c in self.children)
-        name = f"{kind}-{n}" if kind == "worker" else kind
+        name = f"{kind}-{n}" if kind in ("worker", "scheduler") else kind
         args = [sys.executable, "-m", "maas", kind, "--etcd", self.etcd, "--nats", self.nats, *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         child = Child(name, args, self.config.data_dir / "logs" / f"{name}.log", env=env).start()
@@ -86,6 +97,7 @@ class Stack:
     def start_services(self) -> None:
         self._service("registry", "--blob-dir", str(self.config.data_dir / "blobs"))
         self._service("scheduler")
+        self._service("scheduler")  # a standby: takes over within the lease TTL if the leader dies
         self._service("router", "--port", str(self.config.router_port))
         for _ in range(self.config.workers):
             self._service("worker", *self.config.worker_args)
@@ -100,6 +112,25 @@ class Stack:
         for c in self.children:
             if not c.alive:
                 raise StartupError(f"{c.name} exited during start-up (log {c.log_path}):\n{c.tail()}")
+
+    def restart_dead(self, restarts: dict[str, Restart], now: float) -> None:
+        """Start again any process that exited (killed, crashed): a local stack heals like a
+        supervised deployment would. Back-off doubles (1 s to 30 s) while it keeps dying."""
+        for c in self.children:
+            if c.alive:
+                continue
+            r = restarts.setdefault(c.name, Restart())
+            if r.due == 0.0:  # just found dead
+                code = c.proc.returncode if c.proc is not None else None
+                r.delay = 1.0 if not r.delay or now - r.started > RESTART_RESET else min(r.delay * 2, RESTART_MAX_DELAY)
+                r.due = now + r.delay
+                print(f"warning: {c.name} exited ({code}); restarting in {r.delay:.0f}s (log {c.log_path})",
+                      file=sys.stderr, flush=True)
+            elif now >= r.due:
+                c.stop(timeout=0)  # close its log
+                c.start()
+                r.due, r.started = 0.0, now
+                print(f"restarted {c.name}", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         """Stop services newest first (workers drain), then NATS and etcd."""
@@ -218,12 +249,11 @@ maas-mesh is up ({took:.1f}s): {ref} ready on {cfg.workers} worker(s)
   try:  maas generate --model {cfg.model_name} "def add(a, b):"
         maas status    maas events --follow
 Ctrl-C stops everything.""", flush=True)
+    restarts: dict[str, Restart] = {}
     while not stop.is_set():
         await wait_event(stop, 1.0)
-        for c in stack.children:
-            if not c.alive and c.proc is not None and c.proc.returncode not in (0, None):
-                print(f"warning: {c.name} exited with {c.proc.returncode}; see {c.log_path}", file=sys.stderr)
-                c.proc = None
+        if not stop.is_set():
+            stack.restart_dead(restarts, time.monotonic())
 
 
 def run_up(cfg: UpConfig) -> int:

@@ -150,6 +150,13 @@ async def test_deploy_lifecycle_create_scale_update_canary_promote_rollback_dele
     dep = (await get(mesh, "echo")).deployment
     assert dep.resolved_version == "echo@1" and not dep.traffic
 
+    # without a canary, rollback returns to the version deployed before (echo@2, before the promote)
+    assert dep.previous_version == "echo@2"
+    rc, out, err = await cli(mesh, capsys, "deploy", "rollback", "echo")
+    assert rc == 0, err
+    dep = (await get(mesh, "echo")).deployment
+    assert dep.resolved_version == "echo@2" and dep.previous_version == "echo@1"
+
     # delete
     rc, out, err = await cli(mesh, capsys, "deploy", "delete", "echo")
     assert rc == 0, err
@@ -257,7 +264,7 @@ async def test_usage_errors_exit_2_with_one_line_and_change_nothing(
         (("scale", "m", "--min", "1"), "needs --max"),
         (("scale", "m", "--target", "-1", "--max", "2"), ">= 0"),
         (("promote", "m"), "has no canary"),
-        (("rollback", "m"), "has no canary"),
+        (("rollback", "m"), "has no canary and no previous version"),
         (("create", "n", "--model", "m", "--selector", "gpu"), "--selector wants KEY=VALUE"),
         (("update", "m", "--selector", "=a100"), "--selector wants KEY=VALUE"),
         (("update", "m", "--memory-gib", "0"), "--memory-gib"),

@@ -114,6 +114,22 @@ def _forward_counter(engine: Engine) -> list[int]:
     return calls
 
 
+async def test_engines_loading_at_the_same_time_all_load(demo_model_dir: Path) -> None:
+    """A worker given several replicas at once loads them in parallel threads; transformers'
+    loading is not thread-safe (without the weights lock every one of these failed)."""
+    import asyncio
+
+    for _ in range(2):  # without the lock the first round in a process may pass; later ones failed
+        engines = [create_engine(ModelSpec("demo", 1, "hf", str(demo_model_dir))) for _ in range(3)]
+        try:
+            await asyncio.gather(*(e.load() for e in engines))
+            for e in engines:
+                assert _text(await _collect(e, "def f():", max_tokens=2))
+        finally:
+            for e in engines:
+                await e.close()
+
+
 async def test_hf_loads_with_from_pretrained(hf: Engine) -> None:
     assert hf.context_length == 1024
     await hf.load()  # idempotent

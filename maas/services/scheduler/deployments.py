@@ -80,6 +80,8 @@ class DeploymentStore:
             out = scheduler_pb2.Deployment()
             out.CopyFrom(prepared)
             out.created_ms = current.created_ms
+            out.previous_version = (current.resolved_version if out.resolved_version != current.resolved_version
+                                    else current.previous_version)
             if out.autoscale.max_replicas and current.autoscale.max_replicas:
                 out.replicas = min(out.autoscale.max_replicas, max(out.autoscale.min_replicas, current.replicas))
             ok, _ = await self.session.client.transaction(

@@ -6,11 +6,18 @@ converts back; engines never see protobuf or gRPC.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from maas.mesh.errors import InvalidArgument
+
+# transformers' from_pretrained changes process-wide torch state while it builds a model
+# (meta-device initialisation), so two loads in parallel threads can break each other
+# ("Cannot copy out of meta tensor"; seen when a worker got two replicas at once). Every
+# weight load in a worker process holds this lock.
+WEIGHTS_LOCK = threading.Lock()
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from maas.mesh.errors import EngineDead, FailedPrecondition, InvalidArgument
-from maas.services.worker.engines.base import Delta, EngineStats, GenerationRequest, ModelSpec
+from maas.services.worker.engines.base import WEIGHTS_LOCK, Delta, EngineStats, GenerationRequest, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ class EmbedEngine:
 
     def _load_sync(self) -> None:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(self.spec.source)
-            model = AutoModel.from_pretrained(self.spec.source).to(self._device).eval()
+            with WEIGHTS_LOCK:
+                tokenizer = AutoTokenizer.from_pretrained(self.spec.source)
+                model = AutoModel.from_pretrained(self.spec.source).to(self._device).eval()
         except Exception as exc:
             raise EngineDead(f"cannot load model {self.spec.name} from {self.spec.source}: {exc}") from exc
         self.context_length = int(min(getattr(model.config, "max_position_embeddings", 512),

@@ -45,6 +45,7 @@ from maas.mesh.errors import (
 )
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import (
+    WEIGHTS_LOCK,
     AdapterRef,
     Delta,
     EngineStats,
@@ -174,9 +175,10 @@ class HFEngine:
         spec, dtype = self.spec, self._dtype()
         log.info("loading %s from %s on %s (%s)", self._label, spec.source, self._device, dtype)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(spec.source)
-            model = AutoModelForCausalLM.from_pretrained(spec.source, dtype=dtype)
-            model.to(self._device).eval()  # type: ignore[arg-type]
+            with WEIGHTS_LOCK:
+                tokenizer = AutoTokenizer.from_pretrained(spec.source)
+                model = AutoModelForCausalLM.from_pretrained(spec.source, dtype=dtype)
+                model.to(self._device).eval()  # type: ignore[arg-type]
         except Exception as exc:
             raise EngineDead(f"cannot load model {spec.name} from {spec.source}: {exc}") from exc
         config = model.config
@@ -382,10 +384,11 @@ class HFEngine:
 
         started = time.perf_counter()
         try:
-            if isinstance(self._model, PeftModel):
-                self._model.load_adapter(adapter.source, adapter_name=adapter.key)
-            else:
-                self._model = PeftModel.from_pretrained(self._model, adapter.source, adapter_name=adapter.key)
+            with WEIGHTS_LOCK:
+                if isinstance(self._model, PeftModel):
+                    self._model.load_adapter(adapter.source, adapter_name=adapter.key)
+                else:
+                    self._model = PeftModel.from_pretrained(self._model, adapter.source, adapter_name=adapter.key)
         except Exception:
             self._undo_adapter(adapter.key)
             raise
