@@ -7,6 +7,7 @@ import argparse
 from maas.mesh.config import MeshConfig
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
+from maas.services.router.forward import Forwarder
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
 from maas.services.router.service import RouterInferenceServicer
 from maas.v1 import inference_pb2, inference_pb2_grpc
@@ -23,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SECONDS) -> ReplicaPool:
     """Wire a router into a runtime (also used by in-process tests)."""
     pool = ReplicaPool(rt.etcd, cold_start_timeout=cold_start_timeout)
+    forwarder = Forwarder(pool)
     rt.add_service(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-                   inference_pb2_grpc.add_InferenceServicer_to_server, RouterInferenceServicer(pool))
+                   inference_pb2_grpc.add_InferenceServicer_to_server, RouterInferenceServicer(forwarder))
     rt.add_closer(pool.close)
     await rt.start()
     await pool.start()

@@ -1,0 +1,146 @@
+"""The router's core, shared by its gRPC servicer and its HTTP (OpenAI) API: pick a
+replica, forward the request with the caller's remaining time, retry a request that
+failed before its first token on another replica, and move a stream whose worker died.
+
+Moving a stream: the router keeps the token ids it has passed on, and re-submits the
+request to another replica with those tokens as `resume_token_ids`; the engine continues
+after them, and its sampling depends only on (seed, position), so the client sees the
+stream an uninterrupted run would have produced. Sampled requests without a seed get one
+pinned here, before the first attempt, so that holds for them too.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from prometheus_client import Counter
+
+from maas.mesh.clients import REPLICA_HEADER
+from maas.mesh.errors import Unavailable, from_rpc_error
+from maas.mesh.logs import new_request_id, request_id_var
+from maas.services.router.pool import ReplicaPool
+from maas.v1 import inference_pb2, mesh_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # replicas one request may try (first attempt included)
+
+RETRIES = Counter("maas_router_retries_total", "Requests re-sent to another replica before their first token.",
+                  ["model"])
+MIGRATIONS = Counter("maas_router_migrations_total",
+                     "Streams moved to another replica after their worker failed mid-stream.", ["model"])
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class Forwarder:
+    def __init__(self, pool: ReplicaPool, *, max_attempts: int = MAX_ATTEMPTS) -> None:
+        self.pool = pool
+        self.max_attempts = max_attempts
+
+    @staticmethod
+    def prepare(request: inference_pb2.GenerateRequest) -> tuple[tuple[str, str], ...]:
+        """Give the request an id (the caller's, the log context's, or a new one)."""
+        rid = request.request_id or (request_id_var.get() if request_id_var.get() != "-" else new_request_id())
+        request.request_id = rid
+        return (("x-request-id", rid),)
+
+    async def stream(self, request: inference_pb2.GenerateRequest,
+                     timeout: float | None) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        """Chunks of one generation, moved to another replica if its worker fails."""
+        metadata = self.prepare(request)
+        params = request.params
+        if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0):
+            params.seed = random.getrandbits(63)  # a resumed stream must sample as the first attempt would
+        deadline = None if timeout is None else time.monotonic() + timeout
+        produced: list[int] = []
+        tried: set[str] = set()
+        for attempt in range(self.max_attempts):
+            replica = await self.pool.pick(request.model, tried, _remaining(deadline))
+            tried.add(replica.replica_id)
+            sent = request
+            if produced:
+                sent = inference_pb2.GenerateRequest()
+                sent.CopyFrom(request)
+                sent.resume_token_ids.extend(produced)
+            call = self.pool.stub(replica).GenerateStream(
+                sent, timeout=_remaining(deadline), metadata=(*metadata, (REPLICA_HEADER, replica.replica_id)))
+            try:
+                with self.pool.track(replica):
+                    async for chunk in call:
+                        produced.extend(chunk.token_ids)
+                        yield chunk
+                return
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise from_rpc_error(e) from None
+                self._failed(replica, request, e, produced, tried, last=attempt + 1 >= self.max_attempts)
+            finally:
+                call.cancel()
+
+    def _failed(self, replica: mesh_pb2.ReplicaInfo, request: inference_pb2.GenerateRequest,
+                e: grpc.aio.AioRpcError, produced: list[int], tried: set[str], *, last: bool) -> None:
+        """A replica failed a request (its worker died, or is going away): avoid it for a
+        while, and try another unless this was the last attempt."""
+        self.pool.mark_failed(replica)
+        where = f"after {len(produced)} tokens" if produced else "before the first token"
+        if last:
+            raise Unavailable(f"worker {replica.worker_id} failed {where} ({e.details()}), "
+                              f"and {self.max_attempts} attempts were used up")
+        if not any(r.replica_id not in tried for r in self.pool.ready(request.model)):
+            raise Unavailable(f"worker {replica.worker_id} failed {where} ({e.details()}), "
+                              "and no other replica is ready")
+        if produced:
+            MIGRATIONS.labels(request.model).inc()
+            log.warning("worker %s failed %s (%s); moving the stream to another replica",
+                        replica.worker_id, where, e.details())
+        else:
+            RETRIES.labels(request.model).inc()
+
+    async def generate(self, request: inference_pb2.GenerateRequest,
+                       timeout: float | None) -> inference_pb2.GenerateResponse:
+        """One whole completion, retried on another replica if its worker fails."""
+        metadata = self.prepare(request)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        tried: set[str] = set()
+        for attempt in range(self.max_attempts):
+            replica = await self.pool.pick(request.model, tried, _remaining(deadline))
+            tried.add(replica.replica_id)
+            try:
+                with self.pool.track(replica):
+                    return await self.pool.stub(replica).Generate(
+                        request, timeout=_remaining(deadline),
+                        metadata=(*metadata, (REPLICA_HEADER, replica.replica_id)))
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise from_rpc_error(e) from None
+                self._failed(replica, request, e, [], tried, last=attempt + 1 >= self.max_attempts)
+        raise AssertionError("unreachable")
+
+    async def embed(self, request: inference_pb2.EmbedRequest, timeout: float | None) -> inference_pb2.EmbedResponse:
+        replica = await self.pool.pick(request.model, deadline=timeout)
+        try:
+            with self.pool.track(replica):
+                return await self.pool.stub(replica).Embed(
+                    request, timeout=timeout, metadata=((REPLICA_HEADER, replica.replica_id),))
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from None
+
+    def models(self) -> inference_pb2.ListModelsResponse:
+        """Deployments with at least one ready replica."""
+        by_name: dict[str, inference_pb2.ServedModel] = {}
+        for r in self.pool.replicas.items.values():
+            if r.state != mesh_pb2.REPLICA_STATE_READY:
+                continue
+            if r.deployment not in by_name:
+                by_name[r.deployment] = inference_pb2.ServedModel(
+                    name=r.deployment, version=str(r.model_version), task=r.task or "generate",
+                    context_length=r.context_length)
+            by_name[r.deployment].ready_replicas += 1
+        return inference_pb2.ListModelsResponse(models=[by_name[name] for name in sorted(by_name)])

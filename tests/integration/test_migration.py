@@ -1,0 +1,83 @@
+"""A stream whose worker dies moves to another replica: the client sees neither an error
+nor a missing or duplicated token."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from maas.v1 import common_pb2, inference_pb2, mesh_pb2
+
+from .conftest import MeshHarness
+
+STREAMS = 32
+MAX_TOKENS = 60
+
+
+async def _stream(mesh: MeshHarness, i: int, started: asyncio.Event | None = None,
+                  **params: object) -> tuple[list[int], str, inference_pb2.GenerateChunk, set[str]]:
+    stub = await mesh.stub("router")
+    request = inference_pb2.GenerateRequest(model="echo", prompt=f"stream number {i} says",
+                                            params=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, **params))
+    tokens, text, last, replicas = [], "", None, set()
+    async for chunk in stub.GenerateStream(request, timeout=60):  # type: ignore[attr-defined]
+        replicas.add(chunk.replica_id)
+        tokens += chunk.token_ids
+        text += chunk.text
+        last = chunk
+        if started is not None and len(tokens) >= 5:
+            started.set()
+    assert last is not None
+    return tokens, text, last, replicas
+
+
+async def test_streams_survive_a_worker_killed_mid_stream_with_exactly_the_same_tokens(mesh: MeshHarness):
+    await mesh.core()
+    workers = {"w1": mesh.spawn("worker", "--instance", "w1", "--cpu-memory-gib", "2"),
+               "w2": mesh.spawn("worker", "--instance", "w2", "--cpu-memory-gib", "2")}
+    await mesh.register("echo", token_delay_ms="25")
+    await mesh.deploy("echo", replicas=2)
+    st = await mesh.wait_ready("echo", replicas=2, timeout=60)
+    assert {r.worker_id for r in st.replicas} == {"w1", "w2"}  # one replica on each
+
+    # the fault-free run: seeded (sampled) and greedy streams
+    def params(i: int) -> dict[str, object]:
+        return {"seed": 1000 + i, "temperature": 0.8} if i % 2 else {"temperature": 0.0}
+
+    expected = await asyncio.gather(*(_stream(mesh, i, **params(i)) for i in range(STREAMS)))
+
+    # the same streams again; a worker is killed while all of them are running
+    started = asyncio.Event()
+    runs = [asyncio.create_task(_stream(mesh, i, started if i == 0 else None, **params(i))) for i in range(STREAMS)]
+    await started.wait()
+    workers["w1"].signal(signal.SIGKILL)
+    got = await asyncio.gather(*runs)  # raises if any stream failed
+
+    moved = 0
+    for i, ((tokens, text, last, replicas), (want_tokens, want_text, _, _)) in enumerate(
+            zip(got, expected, strict=True)):
+        assert tokens == want_tokens, f"stream {i}: tokens differ from the fault-free run"
+        assert text == want_text, f"stream {i}: text differs"
+        assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert last.usage.completion_tokens == MAX_TOKENS
+        moved += len(replicas) == 2
+    assert moved >= STREAMS // 4, f"only {moved} streams were moved: the kill came too late?"
+
+
+async def test_an_unseeded_sampled_stream_is_moved_too(mesh: MeshHarness):
+    """The router pins a seed on sampled requests without one, so a moved stream continues
+    the same sample instead of starting another."""
+    await mesh.core()
+    w1 = mesh.spawn("worker", "--instance", "w1", "--cpu-memory-gib", "2")
+    mesh.spawn("worker", "--instance", "w2", "--cpu-memory-gib", "2")
+    await mesh.register("echo", token_delay_ms="25")
+    await mesh.deploy("echo", replicas=2)
+    await mesh.wait_ready("echo", replicas=2, timeout=60)
+    started = asyncio.Event()
+    runs = [asyncio.create_task(_stream(mesh, i, started if i == 0 else None)) for i in range(8)]
+    await started.wait()
+    w1.signal(signal.SIGKILL)
+    for tokens, _, last, _ in await asyncio.gather(*runs):
+        assert len(tokens) == MAX_TOKENS == last.usage.completion_tokens
+    ready = [r for r in (await mesh.wait_ready("echo")).replicas if r.state == mesh_pb2.REPLICA_STATE_READY]
+    assert ready
