@@ -40,6 +40,9 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 class Forwarder:
+    """`api_key` is the caller's credential as sent (gRPC metadata or an HTTP bearer
+    token); tenants, keys and limits check it here, for both front ends."""
+
     def __init__(self, pool: ReplicaPool, *, max_attempts: int = MAX_ATTEMPTS) -> None:
         self.pool = pool
         self.max_attempts = max_attempts
@@ -51,8 +54,8 @@ class Forwarder:
         request.request_id = rid
         return (("x-request-id", rid),)
 
-    async def stream(self, request: inference_pb2.GenerateRequest,
-                     timeout: float | None) -> AsyncIterator[inference_pb2.GenerateChunk]:
+    async def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None,
+                     api_key: str = "") -> AsyncIterator[inference_pb2.GenerateChunk]:
         """Chunks of one generation, moved to another replica if its worker fails."""
         metadata = self.prepare(request)
         params = request.params
@@ -103,8 +106,8 @@ class Forwarder:
         else:
             RETRIES.labels(request.model).inc()
 
-    async def generate(self, request: inference_pb2.GenerateRequest,
-                       timeout: float | None) -> inference_pb2.GenerateResponse:
+    async def generate(self, request: inference_pb2.GenerateRequest, timeout: float | None,
+                       api_key: str = "") -> inference_pb2.GenerateResponse:
         """One whole completion, retried on another replica if its worker fails."""
         metadata = self.prepare(request)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -123,7 +126,8 @@ class Forwarder:
                 self._failed(replica, request, e, [], tried, last=attempt + 1 >= self.max_attempts)
         raise AssertionError("unreachable")
 
-    async def embed(self, request: inference_pb2.EmbedRequest, timeout: float | None) -> inference_pb2.EmbedResponse:
+    async def embed(self, request: inference_pb2.EmbedRequest, timeout: float | None,
+                    api_key: str = "") -> inference_pb2.EmbedResponse:
         replica = await self.pool.pick(request.model, deadline=timeout)
         try:
             with self.pool.track(replica):
@@ -132,7 +136,7 @@ class Forwarder:
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from None
 
-    def models(self) -> inference_pb2.ListModelsResponse:
+    def models(self, api_key: str = "") -> inference_pb2.ListModelsResponse:
         """Deployments with at least one ready replica."""
         by_name: dict[str, inference_pb2.ServedModel] = {}
         for r in self.pool.replicas.items.values():
