@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -20,6 +21,7 @@ from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from maas.mesh.artifacts import ARTIFACT, CHUNK, pack_directory, unpack
+from maas.mesh.auth import API_KEY_ENV
 from maas.mesh.clients import MeshClient, dial, live_services
 from maas.mesh.events import read_events
 from maas.v1 import (
@@ -279,11 +281,15 @@ async def generate(ns: argparse.Namespace, etcd: str) -> int:
         if getattr(ns, name) is not None:
             setattr(params, name, getattr(ns, name))
     request = inference_pb2.GenerateRequest(model=ns.model, prompt=ns.prompt, params=params, adapter=ns.adapter)
+    from maas.cli.main import _stack_file
+
+    key = ns.api_key or os.environ.get(API_KEY_ENV, "") or _stack_file().get("api_key", "")
+    metadata = (("authorization", f"Bearer {key}"),) if key else ()
     async with MeshClient(etcd, ns.prefix) as mesh:
         channel = dial(ns.router) if ns.router else await mesh.channel("router")
         stub = inference_pb2_grpc.InferenceStub(channel)
         last = None
-        async for chunk in stub.GenerateStream(request, timeout=ns.timeout):
+        async for chunk in stub.GenerateStream(request, timeout=ns.timeout, metadata=metadata):
             if ns.json:
                 print(json.dumps(MessageToDict(chunk)), flush=True)
             else:

@@ -64,7 +64,7 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from maas.cli import admin, deployments
+    from maas.cli import admin, deployments, keys
     from maas.services.registry import main as registry_main
     from maas.services.router import main as router_main
     from maas.services.scheduler import main as scheduler_main
@@ -144,10 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[])
     gen.add_argument("--router", default=None, help="router address (default: found in etcd)")
+    gen.add_argument("--api-key", default=None, help="API key (default: MAAS_API_KEY, else .maas/stack.json)")
     gen.add_argument("--timeout", type=float, default=120.0)
     gen.add_argument("prompt")
 
     admin.add_parser(sub, _client_args)
+    keys.add_parser(sub, _client_args)
 
     ev = sub.add_parser("events", help="print lifecycle events")
     _client_args(ev)
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(legacy_argv(sys.argv[1:] if argv is None else argv))
     if hasattr(ns, "service_main"):
         return int(ns.service_main(ns))
-    from maas.cli import admin, commands, deployments
+    from maas.cli import admin, commands, deployments, keys
 
     if ns.command == "up":
         from maas.stack.supervisor import UpConfig, run_up
@@ -185,5 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         "generate": lambda: commands.generate(ns, etcd),
         "events": lambda: commands.events(ns, nats),
         "admin": lambda: admin.run(ns, etcd),
+        "keys": lambda: keys.run(ns, etcd),
     }
     return _run(handlers[ns.command])

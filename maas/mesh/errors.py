@@ -37,7 +37,14 @@ class FailedPrecondition(MaasError):
 
 
 class ResourceExhausted(MaasError):
+    """Over a limit or out of capacity; `retry_after` (seconds) hints when to try again
+    (HTTP Retry-After, gRPC trailing metadata `retry-after`)."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
 
 
 class Unavailable(MaasError):

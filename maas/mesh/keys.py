@@ -50,6 +50,13 @@ class Keys:
     def deployments(self) -> bytes:
         return self._k("deployments/")
 
+    # tenants (written by the registry, mirrored by routers)
+    def api_key(self, sha256: str) -> bytes:
+        return self._k("tenants", "keys", sha256)
+
+    def api_keys(self) -> bytes:
+        return self._k("tenants", "keys/")
+
     # registry
     def model(self, name: str) -> bytes:
         return self._k("registry", "models", name)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -87,6 +88,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     @staticmethod
     async def _fail(context: grpc.aio.ServicerContext, e: BaseException) -> str:
         if isinstance(e, MaasError):
+            if (retry_after := getattr(e, "retry_after", None)) is not None:
+                context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(retry_after)))),))
             await context.abort(e.code, e.message)
         if isinstance(e, EtcdError):
             log.warning("etcd call failed: %s", e)

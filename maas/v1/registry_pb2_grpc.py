@@ -90,6 +90,21 @@ class RegistryStub:
                 request_serializer=maas_dot_v1_dot_registry__pb2.RestoreChunk.SerializeToString,
                 response_deserializer=maas_dot_v1_dot_registry__pb2.RestoreResponse.FromString,
                 _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/maas.v1.Registry/CreateKey',
+                request_serializer=maas_dot_v1_dot_registry__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_registry__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/maas.v1.Registry/ListKeys',
+                request_serializer=maas_dot_v1_dot_registry__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_registry__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/maas.v1.Registry/RevokeKey',
+                request_serializer=maas_dot_v1_dot_registry__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_registry__pb2.RevokeKeyResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -168,6 +183,26 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKey(self, request, context):
+        """API keys of tenants (admin credential required when the registry has one). The key
+        itself is returned once, by CreateKey; only its sha256 is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -225,6 +260,21 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=maas_dot_v1_dot_registry__pb2.RestoreChunk.FromString,
                     response_serializer=maas_dot_v1_dot_registry__pb2.RestoreResponse.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=maas_dot_v1_dot_registry__pb2.CreateKeyRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_registry__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=maas_dot_v1_dot_registry__pb2.ListKeysRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_registry__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=maas_dot_v1_dot_registry__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_registry__pb2.RevokeKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -525,6 +575,87 @@ class Registry:
             '/maas.v1.Registry/Restore',
             maas_dot_v1_dot_registry__pb2.RestoreChunk.SerializeToString,
             maas_dot_v1_dot_registry__pb2.RestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.v1.Registry/CreateKey',
+            maas_dot_v1_dot_registry__pb2.CreateKeyRequest.SerializeToString,
+            maas_dot_v1_dot_registry__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.v1.Registry/ListKeys',
+            maas_dot_v1_dot_registry__pb2.ListKeysRequest.SerializeToString,
+            maas_dot_v1_dot_registry__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.v1.Registry/RevokeKey',
+            maas_dot_v1_dot_registry__pb2.RevokeKeyRequest.SerializeToString,
+            maas_dot_v1_dot_registry__pb2.RevokeKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
+from maas.mesh.auth import ADMIN_TOKEN_ENV
 from maas.mesh.config import MeshConfig
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
+from maas.services.registry.apikeys import KeyStore
 from maas.services.registry.blobs import LocalBlobStore
 from maas.services.registry.service import RegistryServicer
 from maas.services.registry.store import ModelStore
@@ -19,14 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     MeshConfig.add_arguments(parser)
     parser.add_argument("--blob-dir", default=os.environ.get("MAAS_BLOB_DIR", ".maas/blobs"),
                         help="where uploaded artifacts are stored (env MAAS_BLOB_DIR)")
+    parser.add_argument("--admin-token-file", default="",
+                        help=f"file holding the admin credential for key management (else env {ADMIN_TOKEN_ENV}; "
+                             "with neither, key management is open until an admin key exists)")
 
 
-async def build(rt: ServiceRuntime, blob_dir: Path) -> None:
+async def build(rt: ServiceRuntime, blob_dir: Path, *, admin_token: str = "") -> None:
     """Wire a registry into a runtime (also used by in-process tests)."""
     blobs = LocalBlobStore(blob_dir)
     rt.add_service(registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
                    registry_pb2_grpc.add_RegistryServicer_to_server,
-                   RegistryServicer(ModelStore(rt.etcd, blobs), blobs, rt.events))
+                   RegistryServicer(ModelStore(rt.etcd, blobs), blobs, rt.events, KeyStore(rt.etcd, admin_token)))
     await rt.start()
 
 
@@ -34,9 +40,17 @@ def main(ns: argparse.Namespace) -> int:
     config = MeshConfig.from_args("registry", ns)
     setup_logging(config.log_level, json_output=config.log_json, name="registry")
 
+    admin_token = os.environ.get(ADMIN_TOKEN_ENV, "")
+    if ns.admin_token_file:
+        try:
+            admin_token = Path(ns.admin_token_file).read_text().strip()
+        except OSError as e:
+            print(f"error: cannot read --admin-token-file: {e}", file=sys.stderr)
+            return 2
+
     async def serve() -> None:
         async with ServiceRuntime(config) as rt:
-            await build(rt, Path(ns.blob_dir))
+            await build(rt, Path(ns.blob_dir), admin_token=admin_token)
             await rt.wait()
 
     return run_service(serve)

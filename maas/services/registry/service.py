@@ -9,19 +9,43 @@ from collections.abc import AsyncIterator
 import grpc
 
 from maas.mesh.artifacts import CHUNK, check_digest
+from maas.mesh.auth import key_from_metadata
 from maas.mesh.errors import InvalidArgument
 from maas.mesh.events import EventBus
 from maas.services.registry import backup
+from maas.services.registry.apikeys import KeyStore
 from maas.services.registry.blobs import BlobStore
 from maas.services.registry.store import ModelStore
 from maas.v1 import registry_pb2, registry_pb2_grpc
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, store: ModelStore, blobs: BlobStore, events: EventBus) -> None:
+    def __init__(self, store: ModelStore, blobs: BlobStore, events: EventBus, keys: KeyStore) -> None:
         self.store = store
         self.blobs = blobs
         self.events = events
+        self.keys = keys
+
+    async def CreateKey(self, request: registry_pb2.CreateKeyRequest,
+                        context: grpc.aio.ServicerContext) -> registry_pb2.CreateKeyResponse:
+        await self.keys.require_admin(key_from_metadata(context.invocation_metadata()))
+        created = await self.keys.create(request)
+        info = created.info
+        self.events.publish("key", "created", info.id, f"key {info.id} for tenant {info.tenant}", tenant=info.tenant)
+        return created
+
+    async def ListKeys(self, request: registry_pb2.ListKeysRequest,
+                       context: grpc.aio.ServicerContext) -> registry_pb2.ListKeysResponse:
+        await self.keys.require_admin(key_from_metadata(context.invocation_metadata()))
+        return registry_pb2.ListKeysResponse(keys=await self.keys.list(request.tenant))
+
+    async def RevokeKey(self, request: registry_pb2.RevokeKeyRequest,
+                        context: grpc.aio.ServicerContext) -> registry_pb2.RevokeKeyResponse:
+        await self.keys.require_admin(key_from_metadata(context.invocation_metadata()))
+        info = await self.keys.revoke(request.id)
+        self.events.publish("key", "revoked", info.id, f"key {info.id} of tenant {info.tenant} revoked",
+                            tenant=info.tenant)
+        return registry_pb2.RevokeKeyResponse()
 
     async def RegisterModel(self, request: registry_pb2.RegisterModelRequest,
                             context: grpc.aio.ServicerContext) -> registry_pb2.ModelVersion:

@@ -11,6 +11,7 @@ pinned here, before the first attempt, so that holds for them too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -23,6 +24,7 @@ from maas.mesh.clients import REPLICA_HEADER
 from maas.mesh.errors import Unavailable, from_rpc_error
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.services.router.pool import ReplicaPool
+from maas.services.router.tenants import Gate, Ticket
 from maas.v1 import inference_pb2, mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -43,9 +45,18 @@ class Forwarder:
     """`api_key` is the caller's credential as sent (gRPC metadata or an HTTP bearer
     token); tenants, keys and limits check it here, for both front ends."""
 
-    def __init__(self, pool: ReplicaPool, *, max_attempts: int = MAX_ATTEMPTS) -> None:
+    def __init__(self, pool: ReplicaPool, gate: Gate | None = None, *, max_attempts: int = MAX_ATTEMPTS) -> None:
         self.pool = pool
+        self.gate = gate
         self.max_attempts = max_attempts
+
+    @contextlib.asynccontextmanager
+    async def _admit(self, api_key: str, model: str) -> AsyncIterator[Ticket]:
+        if self.gate is None:
+            yield Ticket(None)
+            return
+        async with self.gate.admit(api_key, model) as ticket:
+            yield ticket
 
     @staticmethod
     def prepare(request: inference_pb2.GenerateRequest) -> tuple[tuple[str, str], ...]:
@@ -57,6 +68,14 @@ class Forwarder:
     async def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None,
                      api_key: str = "") -> AsyncIterator[inference_pb2.GenerateChunk]:
         """Chunks of one generation, moved to another replica if its worker fails."""
+        async with self._admit(api_key, request.model) as ticket:
+            async for chunk in self._stream(request, timeout):
+                if chunk.finish_reason:
+                    ticket.tokens = chunk.usage.prompt_tokens + chunk.usage.completion_tokens
+                yield chunk
+
+    async def _stream(self, request: inference_pb2.GenerateRequest,
+                      timeout: float | None) -> AsyncIterator[inference_pb2.GenerateChunk]:
         metadata = self.prepare(request)
         params = request.params
         if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0):
@@ -109,6 +128,13 @@ class Forwarder:
     async def generate(self, request: inference_pb2.GenerateRequest, timeout: float | None,
                        api_key: str = "") -> inference_pb2.GenerateResponse:
         """One whole completion, retried on another replica if its worker fails."""
+        async with self._admit(api_key, request.model) as ticket:
+            response = await self._generate(request, timeout)
+            ticket.tokens = response.usage.prompt_tokens + response.usage.completion_tokens
+            return response
+
+    async def _generate(self, request: inference_pb2.GenerateRequest,
+                        timeout: float | None) -> inference_pb2.GenerateResponse:
         metadata = self.prepare(request)
         deadline = None if timeout is None else time.monotonic() + timeout
         tried: set[str] = set()
@@ -128,19 +154,23 @@ class Forwarder:
 
     async def embed(self, request: inference_pb2.EmbedRequest, timeout: float | None,
                     api_key: str = "") -> inference_pb2.EmbedResponse:
-        replica = await self.pool.pick(request.model, deadline=timeout)
-        try:
-            with self.pool.track(replica):
-                return await self.pool.stub(replica).Embed(
-                    request, timeout=timeout, metadata=((REPLICA_HEADER, replica.replica_id),))
-        except grpc.aio.AioRpcError as e:
-            raise from_rpc_error(e) from None
+        async with self._admit(api_key, request.model) as ticket:
+            replica = await self.pool.pick(request.model, deadline=timeout)
+            try:
+                with self.pool.track(replica):
+                    response = await self.pool.stub(replica).Embed(
+                        request, timeout=timeout, metadata=((REPLICA_HEADER, replica.replica_id),))
+            except grpc.aio.AioRpcError as e:
+                raise from_rpc_error(e) from None
+            ticket.tokens = response.usage.prompt_tokens
+            return response
 
     def models(self, api_key: str = "") -> inference_pb2.ListModelsResponse:
-        """Deployments with at least one ready replica."""
+        """Deployments with at least one ready replica (those the caller's key may use)."""
+        key = self.gate.identify(api_key) if self.gate is not None else None
         by_name: dict[str, inference_pb2.ServedModel] = {}
         for r in self.pool.replicas.items.values():
-            if r.state != mesh_pb2.REPLICA_STATE_READY:
+            if r.state != mesh_pb2.REPLICA_STATE_READY or not Gate.may_use(key, r.deployment):
                 continue
             if r.deployment not in by_name:
                 by_name[r.deployment] = inference_pb2.ServedModel(

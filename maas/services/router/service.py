@@ -8,8 +8,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from maas.mesh.auth import key_from_metadata
 from maas.services.router.forward import Forwarder
 from maas.v1 import inference_pb2, inference_pb2_grpc
+
+
+def _key(context: grpc.aio.ServicerContext) -> str:
+    return key_from_metadata(context.invocation_metadata())
 
 
 class RouterInferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -18,17 +23,17 @@ class RouterInferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        async for chunk in self.forwarder.stream(request, context.time_remaining()):
+        async for chunk in self.forwarder.stream(request, context.time_remaining(), _key(context)):
             yield chunk
 
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
-        return await self.forwarder.generate(request, context.time_remaining())
+        return await self.forwarder.generate(request, context.time_remaining(), _key(context))
 
     async def Embed(self, request: inference_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> inference_pb2.EmbedResponse:
-        return await self.forwarder.embed(request, context.time_remaining())
+        return await self.forwarder.embed(request, context.time_remaining(), _key(context))
 
     async def ListModels(self, request: inference_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:
-        return self.forwarder.models()
+        return self.forwarder.models(_key(context))

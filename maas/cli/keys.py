@@ -1,0 +1,94 @@
+"""`maas keys create|list|revoke`: tenants' API keys (stored hashed by the registry).
+
+Key management needs the registry's admin credential: `--admin-token`, else
+MAAS_ADMIN_TOKEN, else the one `maas up` wrote to `.maas/stack.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime
+
+from google.protobuf.json_format import MessageToDict
+
+from maas.mesh.auth import ADMIN_TOKEN_ENV
+from maas.mesh.clients import MeshClient
+from maas.v1 import registry_pb2, registry_pb2_grpc
+
+ClientArgs = Callable[[argparse.ArgumentParser], None]
+
+
+def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None:
+    keys = sub.add_parser("keys", help="tenants' API keys: create, list, revoke")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        p = ksub.add_parser(name, help=help)
+        client_args(p)
+        p.add_argument("--admin-token", default=None, help=f"admin credential (default: {ADMIN_TOKEN_ENV}, "
+                                                            "else .maas/stack.json)")
+        return p
+
+    create = action("create", "create a key; prints it alone on the last line (it is shown once)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--rpm", type=int, default=0, help="requests per minute (0: unlimited)")
+    create.add_argument("--tpm", type=int, default=0, help="tokens per minute, prompt + completion (0: unlimited)")
+    create.add_argument("--max-concurrent", type=int, default=0, help="requests in flight (0: unlimited)")
+    create.add_argument("--models", nargs="+", default=[], metavar="MODEL", help="deployments it may use (default all)")
+    create.add_argument("--admin", action="store_true", help="the key may also manage keys")
+    lst = action("list", "keys (ids, tenants, limits; never the keys themselves)")
+    lst.add_argument("--tenant", default="")
+    revoke = action("revoke", "revoke a key by its id (routers refuse it at once)")
+    revoke.add_argument("id")
+
+
+def _admin_token(ns: argparse.Namespace) -> str:
+    from maas.cli.main import _stack_file
+
+    return ns.admin_token or os.environ.get(ADMIN_TOKEN_ENV, "") or _stack_file().get("admin_token", "")
+
+
+async def run(ns: argparse.Namespace, etcd: str) -> int:
+    for flag in ("rpm", "tpm", "max_concurrent"):
+        value = getattr(ns, flag, 0)
+        if not 0 <= value < 2**32:
+            print(f"error: --{flag.replace('_', '-')} must be >= 0", file=sys.stderr)
+            return 2
+    token = _admin_token(ns)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    async with MeshClient(etcd, ns.prefix) as mesh:
+        stub = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
+        if ns.keys_command == "create":
+            created = await stub.CreateKey(registry_pb2.CreateKeyRequest(
+                tenant=ns.tenant, rpm=ns.rpm, tpm=ns.tpm, max_concurrent=ns.max_concurrent, models=ns.models,
+                admin=ns.admin), metadata=metadata, timeout=10)
+            if ns.json:
+                print(json.dumps({"key": created.key, **MessageToDict(created.info)}))
+            else:
+                i = created.info
+                print(f"created key {i.id} for tenant {i.tenant} ({_limits(i)}); it is shown only now:")
+            print(created.key)
+        elif ns.keys_command == "list":
+            keys = (await stub.ListKeys(registry_pb2.ListKeysRequest(tenant=ns.tenant), metadata=metadata,
+                                        timeout=10)).keys
+            if ns.json:
+                print(json.dumps([MessageToDict(k) for k in keys], indent=2))
+            else:
+                from maas.cli.commands import _table
+                print(_table([[k.id, k.tenant, _limits(k), ",".join(k.models) or "all", "yes" if k.admin else "-",
+                               datetime.fromtimestamp(k.created_ms / 1000).strftime("%Y-%m-%d %H:%M")]
+                              for k in keys], ["id", "tenant", "limits", "models", "admin", "created"]))
+        else:
+            await stub.RevokeKey(registry_pb2.RevokeKeyRequest(id=ns.id), metadata=metadata, timeout=10)
+            print(json.dumps({"revoked": ns.id}) if ns.json else f"revoked key {ns.id}")
+    return 0
+
+
+def _limits(k: registry_pb2.ApiKey) -> str:
+    parts = [f"{k.rpm} rpm" if k.rpm else "", f"{k.tpm} tpm" if k.tpm else "",
+             f"{k.max_concurrent} concurrent" if k.max_concurrent else ""]
+    return ", ".join(p for p in parts if p) or "unlimited"
