@@ -37,6 +37,22 @@ MIGRATIONS = Counter("maas_router_migrations_total",
                      "Streams moved to another replica after their worker failed mid-stream.", ["model"])
 
 
+PREFIX_CHARS = 256      # prompt characters that make the prefix-affinity key (about 64 tokens)
+MIN_PREFIX_CHARS = 128  # shorter prompts gain little from a cached prefix: least load instead
+SESSION_HEADER = "x-session-id"
+
+
+def affinity_key(request: inference_pb2.GenerateRequest, session: str = "") -> str:
+    """Where a request would rather go: its session's replica; else the replica likely to
+    hold its prompt's prefix (and adapter) in cache; else anywhere ("")."""
+    if session:
+        return f"session|{session}"
+    text = request.prompt or "".join(f"{m.role}:{m.content}\n" for m in getattr(request, "messages", ()))
+    if len(text) >= MIN_PREFIX_CHARS:
+        return f"prefix|{request.model}|{request.adapter}|{text[:PREFIX_CHARS]}"
+    return f"adapter|{request.model}|{request.adapter}" if request.adapter else ""
+
+
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
@@ -66,16 +82,16 @@ class Forwarder:
         return (("x-request-id", rid),)
 
     async def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None,
-                     api_key: str = "") -> AsyncIterator[inference_pb2.GenerateChunk]:
+                     api_key: str = "", session: str = "") -> AsyncIterator[inference_pb2.GenerateChunk]:
         """Chunks of one generation, moved to another replica if its worker fails."""
         async with self._admit(api_key, request.model) as ticket:
-            async for chunk in self._stream(request, timeout):
+            async for chunk in self._stream(request, timeout, affinity_key(request, session)):
                 if chunk.finish_reason:
                     ticket.tokens = chunk.usage.prompt_tokens + chunk.usage.completion_tokens
                 yield chunk
 
-    async def _stream(self, request: inference_pb2.GenerateRequest,
-                      timeout: float | None) -> AsyncIterator[inference_pb2.GenerateChunk]:
+    async def _stream(self, request: inference_pb2.GenerateRequest, timeout: float | None,
+                      affinity: str) -> AsyncIterator[inference_pb2.GenerateChunk]:
         metadata = self.prepare(request)
         params = request.params
         if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0):
@@ -84,7 +100,7 @@ class Forwarder:
         produced: list[int] = []
         tried: set[str] = set()
         for attempt in range(self.max_attempts):
-            replica = await self.pool.pick(request.model, tried, _remaining(deadline))
+            replica = await self.pool.pick(request.model, tried, _remaining(deadline), affinity)
             tried.add(replica.replica_id)
             sent = request
             if produced:
@@ -126,20 +142,20 @@ class Forwarder:
             RETRIES.labels(request.model).inc()
 
     async def generate(self, request: inference_pb2.GenerateRequest, timeout: float | None,
-                       api_key: str = "") -> inference_pb2.GenerateResponse:
+                       api_key: str = "", session: str = "") -> inference_pb2.GenerateResponse:
         """One whole completion, retried on another replica if its worker fails."""
         async with self._admit(api_key, request.model) as ticket:
-            response = await self._generate(request, timeout)
+            response = await self._generate(request, timeout, affinity_key(request, session))
             ticket.tokens = response.usage.prompt_tokens + response.usage.completion_tokens
             return response
 
-    async def _generate(self, request: inference_pb2.GenerateRequest,
-                        timeout: float | None) -> inference_pb2.GenerateResponse:
+    async def _generate(self, request: inference_pb2.GenerateRequest, timeout: float | None,
+                        affinity: str) -> inference_pb2.GenerateResponse:
         metadata = self.prepare(request)
         deadline = None if timeout is None else time.monotonic() + timeout
         tried: set[str] = set()
         for attempt in range(self.max_attempts):
-            replica = await self.pool.pick(request.model, tried, _remaining(deadline))
+            replica = await self.pool.pick(request.model, tried, _remaining(deadline), affinity)
             tried.add(replica.replica_id)
             try:
                 with self.pool.track(replica):

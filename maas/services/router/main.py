@@ -37,6 +37,7 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     await rt.start()
     await pool.start()
     await gate.start()
+    await rt.events.subscribe_load(pool.observe)
     return pool
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import time
 from collections.abc import Iterator
@@ -30,6 +31,15 @@ from maas.v1 import inference_pb2_grpc, mesh_pb2, scheduler_pb2, scheduler_pb2_g
 
 SUSPECT_SECONDS = 5.0
 COLD_START_SECONDS = 60.0  # how long a request waits for a scaled-to-zero model to load
+REPORT_FRESH_SECONDS = 2.0  # workers report load twice a second
+AFFINITY_FACTOR = 1.5       # an affine replica is used while its load is at most this times the average
+AFFINITY_SLACK = 4          # ... or this many requests, whichever is more
+
+
+def _rank(key: str, replica_id: str) -> bytes:
+    """Rendezvous (highest random weight) hashing: the replica ranked first for a key stays
+    first as replicas come and go, except when it is the one that went."""
+    return hashlib.blake2b(f"{key}|{replica_id}".encode(), digest_size=8).digest()
 
 
 class ReplicaPool:
@@ -42,6 +52,7 @@ class ReplicaPool:
         self.deployments = PrefixMirror(session, session.keys.deployments(), scheduler_pb2.Deployment)
         self.in_flight: dict[str, int] = {}
         self._suspect: dict[str, float] = {}
+        self._reported: dict[str, tuple[int, float]] = {}  # replica -> (in flight, when reported)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.registry = RegistryClient(session)
 
@@ -70,10 +81,39 @@ class ReplicaPool:
         return [r for r in self.replicas.items.values()
                 if r.state == mesh_pb2.REPLICA_STATE_READY and self._serves(r, name, version)]
 
+    def observe(self, report: mesh_pb2.LoadReport) -> None:
+        """A worker's load report: its replicas' requests in flight, from every router."""
+        now = time.monotonic()
+        for load in report.replicas:
+            self._reported[load.replica_id] = (load.in_flight, now)
+
+    def load(self, replica_id: str) -> int:
+        """Requests in flight on a replica: this router's count, or the worker's report
+        (which includes other routers' requests) while it is fresh, whichever is higher."""
+        local = self.in_flight.get(replica_id, 0)
+        reported, at = self._reported.get(replica_id, (0, 0.0))
+        return max(local, reported) if time.monotonic() - at < REPORT_FRESH_SECONDS else local
+
+    def choose(self, candidates: list[mesh_pb2.ReplicaInfo], affinity: str = "") -> mesh_pb2.ReplicaInfo:
+        """With an affinity key (a session, or an adapter and prompt prefix): the replica that
+        rendezvous hashing ranks first for it, unless that one is loaded well above the
+        average (bounded load), then the next; otherwise, and without a key, the less loaded
+        of two picked at random (power of two choices)."""
+        if len(candidates) == 1:
+            return candidates[0]
+        loads = {r.replica_id: self.load(r.replica_id) for r in candidates}
+        if affinity:
+            bound = max(AFFINITY_SLACK, (sum(loads.values()) + 1) / len(candidates) * AFFINITY_FACTOR)
+            for r in sorted(candidates, key=lambda r: _rank(affinity, r.replica_id)):
+                if loads[r.replica_id] + 1 <= bound:
+                    return r
+        a, b = random.sample(candidates, 2)
+        return a if loads[a.replica_id] <= loads[b.replica_id] else b
+
     async def pick(self, model: str, exclude: set[str] = frozenset(),  # type: ignore[assignment]
-                   deadline: float | None = None) -> mesh_pb2.ReplicaInfo:
-        """Least in-flight ready replica (random among ties), avoiding recently failed workers.
-        A model scaled to zero is started and waited for (at most `deadline` seconds)."""
+                   deadline: float | None = None, affinity: str = "") -> mesh_pb2.ReplicaInfo:
+        """A ready replica (see `choose`), avoiding recently failed workers. A model scaled to
+        zero is started and waited for (at most `deadline` seconds)."""
         if not model:
             raise InvalidArgument("model must not be empty", field="model")
         ready = [r for r in self.ready(model) if r.replica_id not in exclude]
@@ -84,8 +124,7 @@ class ReplicaPool:
         ready = self._split(model, ready)
         now = time.monotonic()
         healthy = [r for r in ready if self._suspect.get(r.endpoint, 0) < now] or ready
-        least = min(self.in_flight.get(r.replica_id, 0) for r in healthy)
-        return random.choice([r for r in healthy if self.in_flight.get(r.replica_id, 0) == least])
+        return self.choose(healthy, affinity)
 
     def _split(self, model: str, ready: list[mesh_pb2.ReplicaInfo]) -> list[mesh_pb2.ReplicaInfo]:
         """The replicas of the version this request goes to: a canary gets its weight's share

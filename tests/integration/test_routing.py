@@ -1,0 +1,38 @@
+"""Routing policies through a real router: prefix and session affinity, least load."""
+
+from __future__ import annotations
+
+import asyncio
+
+from maas.v1 import common_pb2, inference_pb2
+
+from .conftest import MeshHarness
+
+SYSTEM = "You answer questions about the standard library, briefly and exactly. " * 4
+
+
+async def served_by(mesh: MeshHarness, prompt: str, session: str = "") -> str:
+    stub = await mesh.stub("router")
+    metadata = (("x-session-id", session),) if session else ()
+    response = await stub.Generate(inference_pb2.GenerateRequest(  # type: ignore[attr-defined]
+        model="echo", prompt=prompt, params=common_pb2.SamplingParams(max_tokens=1)), metadata=metadata, timeout=10)
+    return response.replica_id  # type: ignore[no-any-return]
+
+
+async def test_prefix_and_session_affinity_and_least_load(mesh: MeshHarness):
+    await mesh.core()
+    await mesh.worker()
+    await mesh.worker()
+    await mesh.register("echo", token_delay_ms="1")
+    await mesh.deploy("echo", replicas=2)
+    await mesh.wait_ready("echo", replicas=2)
+
+    # one shared system prompt: every request goes where its prefix is cached
+    shared = {await served_by(mesh, SYSTEM + f"question {i}") for i in range(12)}
+    assert len(shared) == 1
+    # a session sticks to its replica whatever the prompt
+    for session in ("alice", "bob", "carol"):
+        assert len({await served_by(mesh, f"turn {i}", session) for i in range(6)}) == 1
+    # short prompts without affinity spread by load over both replicas
+    spread = await asyncio.gather(*(served_by(mesh, f"hi {i}") for i in range(24)))
+    assert len(set(spread)) == 2
