@@ -36,3 +36,31 @@ async def test_prefix_and_session_affinity_and_least_load(mesh: MeshHarness):
     # short prompts without affinity spread by load over both replicas
     spread = await asyncio.gather(*(served_by(mesh, f"hi {i}") for i in range(24)))
     assert len(set(spread)) == 2
+
+
+async def test_router_metrics_count_requests_tokens_and_latency(mesh: MeshHarness):
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    await mesh.core()
+    await mesh.worker()
+    await mesh.register("echo", token_delay_ms="1")
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    before = (value("maas_router_requests_total", model="echo", tenant="-", status="OK"),
+              value("maas_router_tokens_total", model="echo", tenant="-", kind="completion"),
+              value("maas_router_time_to_first_token_seconds_count", model="echo"),
+              value("maas_router_requests_total", model="other", tenant="-", status="NOT_FOUND"))
+    await mesh.generate("echo", max_tokens=3)
+    await served_by(mesh, "hello")
+    try:
+        await mesh.generate("no-such-model")
+    except Exception:
+        pass
+    after = (value("maas_router_requests_total", model="echo", tenant="-", status="OK"),
+             value("maas_router_tokens_total", model="echo", tenant="-", kind="completion"),
+             value("maas_router_time_to_first_token_seconds_count", model="echo"),
+             value("maas_router_requests_total", model="other", tenant="-", status="NOT_FOUND"))
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 4, 1, 1]

@@ -11,21 +11,23 @@ pinned here, before the first attempt, so that holds for them too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from maas.mesh.clients import REPLICA_HEADER
-from maas.mesh.errors import Unavailable, from_rpc_error
+from maas.mesh.errors import MaasError, Unavailable, from_rpc_error
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.services.router.pool import ReplicaPool
 from maas.services.router.tenants import Gate, Ticket
-from maas.v1 import inference_pb2, mesh_pb2
+from maas.v1 import common_pb2, inference_pb2, mesh_pb2
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,56 @@ def affinity_key(request: inference_pb2.GenerateRequest, session: str = "") -> s
     if len(text) >= MIN_PREFIX_CHARS:
         return f"prefix|{request.model}|{request.adapter}|{text[:PREFIX_CHARS]}"
     return f"adapter|{request.model}|{request.adapter}" if request.adapter else ""
+
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+REQUESTS = Counter("maas_router_requests_total", "Generation requests by model, tenant and final status.",
+                   ["model", "tenant", "status"])
+TTFT = Histogram("maas_router_time_to_first_token_seconds", "Arrival at the router to the first chunk out.",
+                 ["model"], buckets=_LATENCY)
+ITL = Histogram("maas_router_inter_token_latency_seconds", "Time between two chunks of one stream.",
+                ["model"], buckets=_LATENCY)
+E2E = Histogram("maas_router_request_duration_seconds", "Arrival at the router to the end of the request.",
+                ["model"], buckets=_LATENCY)
+TOKENS = Counter("maas_router_tokens_total", "Tokens in (prompt) and out (completion).", ["model", "tenant", "kind"])
+OVERHEAD = Histogram("maas_router_overhead_seconds",
+                     "Time in the router itself before a request is sent on (admission, choosing a replica).",
+                     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1))
+
+
+def _status(e: BaseException) -> str:
+    if isinstance(e, MaasError):
+        return e.code.name
+    if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"
+    return "INTERNAL"
+
+
+@dataclass
+class _Record:
+    """One request's figures, recorded when it ends."""
+
+    model: str
+    started: float
+    tenant: str = "-"
+    status: str = "OK"
+    last: float | None = None
+
+    def chunk(self, now: float) -> None:
+        if self.last is None:
+            TTFT.labels(self.model).observe(now - self.started)
+        else:
+            ITL.labels(self.model).observe(now - self.last)
+        self.last = now
+
+    def usage(self, usage: common_pb2.Usage) -> int:
+        TOKENS.labels(self.model, self.tenant, "prompt").inc(usage.prompt_tokens)
+        TOKENS.labels(self.model, self.tenant, "completion").inc(usage.completion_tokens)
+        return usage.prompt_tokens + usage.completion_tokens
+
+    def done(self) -> None:
+        REQUESTS.labels(self.model, self.tenant, self.status).inc()
+        E2E.labels(self.model).observe(time.perf_counter() - self.started)
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -84,14 +136,24 @@ class Forwarder:
     async def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None,
                      api_key: str = "", session: str = "") -> AsyncIterator[inference_pb2.GenerateChunk]:
         """Chunks of one generation, moved to another replica if its worker fails."""
-        async with self._admit(api_key, request.model) as ticket:
-            async for chunk in self._stream(request, timeout, affinity_key(request, session)):
-                if chunk.finish_reason:
-                    ticket.tokens = chunk.usage.prompt_tokens + chunk.usage.completion_tokens
-                yield chunk
+        record = _Record(self._label(request.model), time.perf_counter())
+        try:
+            async with self._admit(api_key, request.model) as ticket:
+                record.tenant = ticket.tenant
+                async for chunk in self._stream(request, timeout, affinity_key(request, session)):
+                    record.chunk(time.perf_counter())
+                    if chunk.finish_reason:
+                        ticket.tokens = record.usage(chunk.usage)
+                    yield chunk
+        except BaseException as e:
+            record.status = _status(e)
+            raise
+        finally:
+            record.done()
 
     async def _stream(self, request: inference_pb2.GenerateRequest, timeout: float | None,
                       affinity: str) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        entered = time.perf_counter()
         metadata = self.prepare(request)
         params = request.params
         if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0):
@@ -101,6 +163,8 @@ class Forwarder:
         tried: set[str] = set()
         for attempt in range(self.max_attempts):
             replica = await self.pool.pick(request.model, tried, _remaining(deadline), affinity)
+            if not tried:
+                OVERHEAD.observe(time.perf_counter() - entered)
             tried.add(replica.replica_id)
             sent = request
             if produced:
@@ -144,18 +208,35 @@ class Forwarder:
     async def generate(self, request: inference_pb2.GenerateRequest, timeout: float | None,
                        api_key: str = "", session: str = "") -> inference_pb2.GenerateResponse:
         """One whole completion, retried on another replica if its worker fails."""
-        async with self._admit(api_key, request.model) as ticket:
-            response = await self._generate(request, timeout, affinity_key(request, session))
-            ticket.tokens = response.usage.prompt_tokens + response.usage.completion_tokens
-            return response
+        record = _Record(self._label(request.model), time.perf_counter())
+        try:
+            async with self._admit(api_key, request.model) as ticket:
+                record.tenant = ticket.tenant
+                response = await self._generate(request, timeout, affinity_key(request, session))
+                ticket.tokens = record.usage(response.usage)
+                return response
+        except BaseException as e:
+            record.status = _status(e)
+            raise
+        finally:
+            record.done()
+
+    def _label(self, model: str) -> str:
+        """The model as a metric label: a deployment's name, or "other" (callers choose the
+        string, and every distinct label value is a time series)."""
+        name = model.partition("@")[0]
+        return name if name in self.pool.deployments.items else "other"
 
     async def _generate(self, request: inference_pb2.GenerateRequest, timeout: float | None,
                         affinity: str) -> inference_pb2.GenerateResponse:
+        entered = time.perf_counter()
         metadata = self.prepare(request)
         deadline = None if timeout is None else time.monotonic() + timeout
         tried: set[str] = set()
         for attempt in range(self.max_attempts):
             replica = await self.pool.pick(request.model, tried, _remaining(deadline), affinity)
+            if not tried:
+                OVERHEAD.observe(time.perf_counter() - entered)
             tried.add(replica.replica_id)
             try:
                 with self.pool.track(replica):
