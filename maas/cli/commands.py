@@ -95,7 +95,8 @@ def _print_status(snap: Snapshot, as_json: bool) -> None:
             "workers": [MessageToDict(w) for w in snap.workers],
         }, indent=2))
         return
-    rows = [[s.kind, s.instance, s.endpoint, s.metrics_endpoint] for k in SERVICE_KINDS for s in snap.services[k]]
+    rows = [[s.kind, s.instance, s.endpoint + (f"  http://{s.http_endpoint}/v1" if s.http_endpoint else ""),
+             s.metrics_endpoint] for k in SERVICE_KINDS for s in snap.services[k]]
     print(_table(rows, ["service", "instance", "endpoint", "metrics"]))
     print()
     rows = [[w.worker.worker_id, w.worker.endpoint, ",".join(d.id for d in w.worker.devices),

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--etcd", default=os.environ.get("MAAS_ETCD", ""), help="use this etcd instead of starting one")
     up.add_argument("--nats", default=os.environ.get("MAAS_NATS", ""), help="use this NATS instead of starting one")
     up.add_argument("--router-port", type=int, default=50051)
+    up.add_argument("--http-port", type=int, default=8000, help="router's OpenAI HTTP API (-1: off)")
     up.add_argument("--cpu-memory-gib", type=float, default=0.0, help="CPU device budget per worker")
 
     status = sub.add_parser("status", help="services, workers, deployments and replicas")
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_args = ("--cpu-memory-gib", str(ns.cpu_memory_gib)) if ns.cpu_memory_gib else ()
         return run_up(UpConfig(data_dir=Path(ns.data_dir).resolve(), workers=ns.workers, model=ns.model,
                                model_name=ns.name, model_format=ns.format, etcd=ns.etcd, nats=ns.nats,
-                               router_port=ns.router_port, worker_args=worker_args))
+                               router_port=ns.router_port, http_port=ns.http_port, worker_args=worker_args))
     etcd, nats = resolve_urls(ns)
     handlers = {
         "status": lambda: commands.status(ns, etcd),

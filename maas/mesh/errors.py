@@ -73,8 +73,13 @@ class StartupError(Exception):
     """A service cannot start (etcd unreachable, port taken). Printed without a traceback."""
 
 
+FIELD_METADATA = "maas-field"  # trailing metadata naming the bad field of an error (MaasError.field)
+
+
 def from_rpc_error(e: grpc.aio.AioRpcError, context: str = "") -> MaasError:
-    """Pass a downstream service's status through unchanged (its message already names the problem)."""
-    err = MaasError(f"{context}{e.details() or e.code().name}")
+    """Pass a downstream service's status through unchanged (its message already names the
+    problem, its trailing metadata the field)."""
+    field = next((str(v) for k, v in e.trailing_metadata() or () if k == FIELD_METADATA), None)
+    err = MaasError(f"{context}{e.details() or e.code().name}", field=field)
     err.code = e.code()
     return err

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from maas import __version__
 from maas.mesh.config import MeshConfig
-from maas.mesh.errors import MaasError, StartupError
+from maas.mesh.errors import FIELD_METADATA, MaasError, StartupError
 from maas.mesh.etcd import EtcdError, EtcdSession
 from maas.mesh.events import EventBus
 from maas.mesh.logs import new_request_id, request_id_var
@@ -88,8 +88,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     @staticmethod
     async def _fail(context: grpc.aio.ServicerContext, e: BaseException) -> str:
         if isinstance(e, MaasError):
+            trailers = []
             if (retry_after := getattr(e, "retry_after", None)) is not None:
-                context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(retry_after)))),))
+                trailers.append(("retry-after", str(max(1, math.ceil(retry_after)))))
+            if e.field:
+                trailers.append((FIELD_METADATA, e.field))  # from_rpc_error restores it one hop on
+            if trailers:
+                context.set_trailing_metadata(tuple(trailers))
             await context.abort(e.code, e.message)
         if isinstance(e, EtcdError):
             log.warning("etcd call failed: %s", e)

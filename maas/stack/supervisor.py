@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -43,8 +44,14 @@ class UpConfig:
     etcd: str = ""           # external etcd; "" starts one
     nats: str = ""           # external NATS; "" starts one
     router_port: int = 50051
+    http_port: int = 8000    # the router's OpenAI-compatible HTTP API; -1: off
     worker_args: tuple[str, ...] = ()
     ready_timeout: float = 300.0
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI base URL of the router's HTTP API ("" when it is off)."""
+        return f"http://127.0.0.1:{self.http_port}/v1" if self.http_port >= 0 else ""
 
 
 RESTART_MAX_DELAY = 30.0  # seconds between restarts of a process that keeps dying
@@ -73,6 +80,9 @@ class Stack:
         if port_in_use(cfg.router_port):
             raise StartupError(f"router port {cfg.router_port} on 127.0.0.1 is already in use "
                                "(another `maas up`?); pass --router-port")
+        if cfg.http_port >= 0 and port_in_use(cfg.http_port):
+            raise StartupError(f"router HTTP port {cfg.http_port} on 127.0.0.1 is already in use "
+                               "(another `maas up`?); pass --http-port (-1: no HTTP API)")
         if cfg.etcd:
             self.etcd = cfg.etcd
         else:
@@ -94,18 +104,32 @@ class Stack:
         self.children.append(child)
         return child
 
+    def admin_token(self) -> Path:
+        """The registry's admin credential for this data directory (made once, owner-only)."""
+        path = self.config.data_dir / "admin-token"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(32) + "\n")
+        return path
+
     def start_services(self) -> None:
-        self._service("registry", "--blob-dir", str(self.config.data_dir / "blobs"))
+        self._service("registry", "--blob-dir", str(self.config.data_dir / "blobs"),
+                      "--admin-token-file", str(self.admin_token()))
         self._service("scheduler")
         self._service("scheduler")  # a standby: takes over within the lease TTL if the leader dies
-        self._service("router", "--port", str(self.config.router_port))
+        self._service("router", "--port", str(self.config.router_port), "--http-port", str(self.config.http_port))
         for _ in range(self.config.workers):
             self._service("worker", *self.config.worker_args)
 
-    def write_stack_file(self) -> None:
+    def write_stack_file(self, api_key: str = "") -> None:
+        """`.maas/stack.json`: how CLI commands run here find the stack, and the credentials
+        they send (owner-only, like the token files)."""
         doc = {"etcd": self.etcd, "nats": self.nats, "router": f"127.0.0.1:{self.config.router_port}",
-               "deployments": [self.config.model_name], "pid": os.getpid(), "started": time.time()}
+               "http": self.config.http_url,
+               "deployments": [self.config.model_name], "pid": os.getpid(), "started": time.time(),
+               "admin_token": self.admin_token().read_text().strip(), "api_key": api_key}
         path = self.config.data_dir / STACK_FILE
+        path.touch(mode=0o600)
         path.write_text(json.dumps(doc, indent=2))
 
     def check_children(self) -> None:
@@ -182,6 +206,23 @@ async def register_and_deploy(mesh: MeshClient, name: str, source: str, fmt: str
     return ref
 
 
+async def development_key(mesh: MeshClient, data_dir: Path, admin_token: str) -> str:
+    """The development key of this data directory: the saved one while the mesh still
+    knows it, else a new one for tenant `dev` (creating it locks the router, see docs/router.md)."""
+    registry = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
+    metadata = (("authorization", f"Bearer {admin_token}"),)
+    path = data_dir / "dev-api-key"
+    if path.exists():
+        key = path.read_text().strip()
+        known = await registry.ListKeys(registry_pb2.ListKeysRequest(tenant="dev"), metadata=metadata, timeout=10)
+        if any(k.id == key.split("_")[1] for k in known.keys):
+            return key
+    created = await registry.CreateKey(registry_pb2.CreateKeyRequest(tenant="dev"), metadata=metadata, timeout=10)
+    path.touch(mode=0o600)
+    path.write_text(created.key + "\n")
+    return created.key
+
+
 async def _deployments_ready(mesh: MeshClient, names: list[str]) -> tuple[bool, str]:
     scheduler = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
     listing = await scheduler.ListDeployments(scheduler_pb2.ListDeploymentsRequest(), timeout=5)
@@ -229,6 +270,8 @@ async def _up(stack: Stack, stop: asyncio.Event) -> None:
         elif fmt == "hf" and Path(source).expanduser().is_dir():
             source = str(Path(source).expanduser().resolve())
         ref = await register_and_deploy(mesh, cfg.model_name, source, fmt)
+        api_key = await development_key(mesh, cfg.data_dir, stack.admin_token().read_text().strip())
+        stack.write_stack_file(api_key)
         deadline = time.monotonic() + cfg.ready_timeout
         while True:
             stack.check_children()
@@ -239,9 +282,11 @@ async def _up(stack: Stack, stop: asyncio.Event) -> None:
                 raise StartupError(f"{ref} did not become ready in {cfg.ready_timeout:.0f}s: {why}")
             await asyncio.sleep(0.2)
     took = time.monotonic() - started
+    http = f"\n  router HTTP   {cfg.http_url}  (OpenAI base URL)" if cfg.http_url else ""
     print(f"""
 maas-mesh is up ({took:.1f}s): {ref} ready on {cfg.workers} worker(s)
-  router gRPC   127.0.0.1:{cfg.router_port}
+  router gRPC   127.0.0.1:{cfg.router_port}{http}
+  API key       {api_key}  (tenant dev; `maas` commands here send it)
   etcd          {stack.etcd}
   nats          {stack.nats}
   logs          {cfg.data_dir / 'logs'}

@@ -6,11 +6,17 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from maas.v1 import common_pb2, inference_pb2, mesh_pb2
+from maas.v1 import common_pb2, inference_pb2, mesh_pb2, scheduler_pb2
 
-from .conftest import MeshHarness
+from .conftest import MeshHarness, eventually
 
 STREAMS = 32
+
+
+async def _workers(mesh: MeshHarness, n: int) -> bool:
+    stub = await mesh.stub("scheduler")
+    listing = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)  # type: ignore[attr-defined]
+    return len(listing.workers) == n
 MAX_TOKENS = 60
 
 
@@ -35,6 +41,7 @@ async def test_streams_survive_a_worker_killed_mid_stream_with_exactly_the_same_
     await mesh.core()
     workers = {"w1": mesh.spawn("worker", "--instance", "w1", "--cpu-memory-gib", "2"),
                "w2": mesh.spawn("worker", "--instance", "w2", "--cpu-memory-gib", "2")}
+    await eventually(lambda: _workers(mesh, 2), timeout=30)  # both registered, or both replicas may go to one
     await mesh.register("echo", token_delay_ms="25")
     await mesh.deploy("echo", replicas=2)
     st = await mesh.wait_ready("echo", replicas=2, timeout=60)
@@ -70,6 +77,7 @@ async def test_an_unseeded_sampled_stream_is_moved_too(mesh: MeshHarness):
     await mesh.core()
     w1 = mesh.spawn("worker", "--instance", "w1", "--cpu-memory-gib", "2")
     mesh.spawn("worker", "--instance", "w2", "--cpu-memory-gib", "2")
+    await eventually(lambda: _workers(mesh, 2), timeout=30)  # both registered, or both replicas may go to one
     await mesh.register("echo", token_delay_ms="25")
     await mesh.deploy("echo", replicas=2)
     await mesh.wait_ready("echo", replicas=2, timeout=60)

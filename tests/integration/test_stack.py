@@ -4,6 +4,7 @@ transformers engine."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,8 +29,9 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
     # reuse the session's forged model so this test does not train it again
     (tmp_path / ".maas" / "models").mkdir(parents=True)
     os.symlink(demo_model_dir, tmp_path / ".maas" / "models" / "demo")
-    router_port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "maas", "up", "--router-port", str(router_port)],
+    router_port, http_port = free_port(), free_port()
+    up = subprocess.Popen([sys.executable, "-m", "maas", "up", "--router-port", str(router_port),
+                           "--http-port", str(http_port)],
                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         def maas(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -52,6 +54,21 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
         chunks = [line for line in streamed.stdout.splitlines() if line.startswith("{")]
         assert len(chunks) >= 2, "tokens are streamed as they are produced"
 
+        # the OpenAI-compatible HTTP API, with the official client (the demo model has a chat template)
+        import openai
+
+        stack = json.loads((tmp_path / ".maas" / "stack.json").read_text())
+        base_url, api_key = stack["http"], stack["api_key"]
+        assert base_url == f"http://127.0.0.1:{http_port}/v1" and api_key.startswith("maas_")
+        with openai.OpenAI(base_url=base_url, api_key="maas_wrong_key", max_retries=0) as client:
+            with pytest.raises(openai.AuthenticationError):  # `maas up` made a key: the router wants one
+                client.models.list()
+        with openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0) as client:
+            chat = client.chat.completions.create(model="demo", max_tokens=8, temperature=0,
+                                                  messages=[{"role": "user", "content": "def add(a, b):"}])
+        assert chat.choices[0].finish_reason in ("stop", "length") and chat.model == "demo"
+        assert chat.usage is not None and chat.usage.prompt_tokens > 0 and chat.usage.completion_tokens > 0
+
         workers = maas("workers")
         assert workers.returncode == 0 and "demo@1 ready" in workers.stdout, workers.stdout + workers.stderr
 
@@ -68,6 +85,7 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
         out, _ = up.communicate(timeout=60)
     print(out)
     assert "maas-mesh is up" in out
+    assert f"router HTTP   http://127.0.0.1:{http_port}/v1  (OpenAI base URL)" in out
     assert up.returncode == 0
     alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
              and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]

@@ -1,19 +1,23 @@
-"""`maas router`: the front door (gRPC Inference on 127.0.0.1:50051 by default)."""
+"""`maas router`: the front door: gRPC Inference on 127.0.0.1:50051 and the
+OpenAI-compatible HTTP API on 127.0.0.1:8000 (base URL http://127.0.0.1:8000/v1) by default."""
 
 from __future__ import annotations
 
 import argparse
 
 from maas.mesh.config import MeshConfig
+from maas.mesh.errors import StartupError
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.services.router.forward import Forwarder
+from maas.services.router.http import HttpApi
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
 from maas.services.router.service import RouterInferenceServicer
 from maas.services.router.tenants import AUTH_MODES, Gate
 from maas.v1 import inference_pb2, inference_pb2_grpc
 
 DEFAULT_PORT = 50051
+DEFAULT_HTTP_PORT = 8000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,11 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a request waits for a model scaled to zero to load")
     parser.add_argument("--auth", choices=AUTH_MODES, default="auto",
                         help="API keys: required, off, or auto (required once any key exists; default)")
+    parser.add_argument("--http-host", default=None, help="address the HTTP API binds (default: --host)")
+    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                        help="port of the OpenAI-compatible HTTP API (0: any free port, -1: off)")
 
 
 async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SECONDS,
-                auth: str = "auto") -> ReplicaPool:
-    """Wire a router into a runtime (also used by in-process tests)."""
+                auth: str = "auto", http_host: str | None = None, http_port: int = -1) -> ReplicaPool:
+    """Wire a router into a runtime (also used by in-process tests). `http_port` -1 serves
+    no HTTP API; the endpoint it serves is published as the router's `http_endpoint`."""
+    if not -1 <= http_port <= 65535:
+        raise StartupError(f"HTTP port {http_port} is out of range (-1 turns the HTTP API off)")
     pool = ReplicaPool(rt.etcd, cold_start_timeout=cold_start_timeout)
     gate = Gate(rt.etcd, auth)
     forwarder = Forwarder(pool, gate)
@@ -34,7 +44,13 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
                    inference_pb2_grpc.add_InferenceServicer_to_server, RouterInferenceServicer(forwarder))
     rt.add_closer(pool.close)
     rt.add_closer(gate.close)
-    await rt.start()
+    info: dict[str, str] = {}
+    if http_port >= 0:
+        http = HttpApi(forwarder, http_host or rt.config.host, http_port, grace=rt.config.grace)
+        rt.before_stop(http.stop_accepting)  # no new requests once shutdown begins
+        rt.add_closer(http.close)            # closers run newest first: requests in flight end first
+        info["http_endpoint"] = await http.start()
+    await rt.start(**info)
     await pool.start()
     await gate.start()
     await rt.events.subscribe_load(pool.observe)
@@ -47,7 +63,8 @@ def main(ns: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with ServiceRuntime(config) as rt:
-            await build(rt, cold_start_timeout=ns.cold_start_timeout, auth=ns.auth)
+            await build(rt, cold_start_timeout=ns.cold_start_timeout, auth=ns.auth, http_host=ns.http_host,
+                        http_port=ns.http_port)
             await rt.wait()
 
     return run_service(serve)

@@ -1,14 +1,20 @@
-"""Worker Inference servicer: a thin adapter from protobuf to the replica's engine."""
+"""Worker Inference servicer: a thin adapter from protobuf to the replica's engine.
+
+A chat request (`messages` instead of `prompt`) is rendered here by the replica's engine,
+which owns the tokenizer and so the model's chat template."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 
 from maas.mesh.clients import REPLICA_HEADER
 from maas.mesh.errors import InvalidArgument
+from maas.services.worker.coalesce import batches
 from maas.services.worker.convert import chunk_from_delta, request_from_proto
+from maas.services.worker.engines.base import ChatMessage, Engine
 from maas.services.worker.replicas import ReplicaManager
 from maas.v1 import common_pb2, inference_pb2, inference_pb2_grpc, mesh_pb2
 
@@ -21,6 +27,34 @@ def _replica_hint(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
+def _render_chat(request: inference_pb2.GenerateRequest, engine: Engine) -> inference_pb2.GenerateRequest:
+    """The request with its chat rendered into `prompt` (unchanged if it has no messages)."""
+    if not request.messages:
+        return request
+    if request.prompt:
+        raise InvalidArgument("give either prompt or messages, not both", field="messages")
+    chat = [ChatMessage(role=m.role, content=m.content) for m in request.messages]
+    rendered = inference_pb2.GenerateRequest()
+    rendered.CopyFrom(request)
+    del rendered.messages[:]
+    rendered.prompt = engine.render_chat(chat)
+    return rendered
+
+
+def merge_chunks(chunks: list[inference_pb2.GenerateChunk]) -> inference_pb2.GenerateChunk:
+    """Consecutive chunks of one stream as one: text and tokens in order, the end (finish
+    reason and usage) from the last."""
+    out = chunks[0]
+    for chunk in chunks[1:]:
+        out.text += chunk.text
+        out.token_ids.extend(chunk.token_ids)
+        out.logprobs.extend(chunk.logprobs)
+        if chunk.finish_reason:
+            out.finish_reason = chunk.finish_reason
+            out.usage.CopyFrom(chunk.usage)
+    return out
+
+
 class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, replicas: ReplicaManager) -> None:
         self.replicas = replicas
@@ -28,14 +62,14 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
         async with self.replicas.serve(request.model, _replica_hint(context)) as (replica, engine):
-            req = request_from_proto(request, await self.replicas.adapter(replica, request.adapter))
-            stream = engine.generate(req)
-            try:
-                async for delta in stream:
-                    yield chunk_from_delta(delta, request_id=req.request_id, model=replica.ref,
-                                           replica_id=replica.info.replica_id)
-            finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+            req = request_from_proto(_render_chat(request, engine),
+                                     await self.replicas.adapter(replica, request.adapter))
+            # a reader that falls behind gets the tokens produced meanwhile in one message
+            async with contextlib.aclosing(batches(engine.generate(req))) as stream:
+                async for deltas in stream:
+                    chunks = [chunk_from_delta(d, request_id=req.request_id, model=replica.ref,
+                                               replica_id=replica.info.replica_id) for d in deltas]
+                    yield merge_chunks(chunks)
 
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:

@@ -7,7 +7,7 @@ converts back; engines never see protobuf or gRPC.
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -80,6 +80,36 @@ class GenerationRequest:
             raise InvalidArgument("prompt must not be empty", field="prompt")
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a chat; engines render a list of them into a prompt (`render_chat`)."""
+
+    role: str
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in CHAT_ROLES:
+            raise InvalidArgument(f"message role must be one of {', '.join(CHAT_ROLES)}, got {self.role!r}",
+                                  field="messages")
+
+
+def plain_chat(messages: Sequence[ChatMessage]) -> str:
+    """The chat format for models without a chat template: one `Role: content` paragraph
+    per message, then `Assistant:` for the model to continue.
+
+        System: You are terse.
+
+        User: Hi!
+
+        Assistant:
+    """
+    turns = [f"{m.role.capitalize()}: {m.content}" for m in messages]
+    return "\n\n".join([*turns, "Assistant:"])
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     """Log-probability of a generated token under the model, and the top alternatives."""
@@ -136,6 +166,11 @@ class Engine(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Yield deltas until one carries finish_reason. Cancelling the consumer
         (closing the iterator) stops the sequence at the next step."""
+        ...
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt for a chat: the model's chat template applied, ending where the
+        assistant's reply begins. Raises InvalidArgument if the template rejects the chat."""
         ...
 
     async def close(self) -> None: ...

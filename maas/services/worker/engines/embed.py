@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 
 from maas.mesh.errors import EngineDead, FailedPrecondition, InvalidArgument
-from maas.services.worker.engines.base import WEIGHTS_LOCK, Delta, EngineStats, GenerationRequest, ModelSpec
+from maas.services.worker.engines.base import (
+    WEIGHTS_LOCK,
+    ChatMessage,
+    Delta,
+    EngineStats,
+    GenerationRequest,
+    ModelSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,10 @@ class EmbedEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(running=self._running)
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        raise InvalidArgument(f"model {self.spec.name} is an embedding model: use Embed, not Generate",
+                              field="model")
 
     async def generate(self, request: GenerationRequest) -> Any:
         raise InvalidArgument(f"model {self.spec.name} is an embedding model: use Embed, not Generate",

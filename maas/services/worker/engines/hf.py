@@ -28,7 +28,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,12 +47,14 @@ from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import (
     WEIGHTS_LOCK,
     AdapterRef,
+    ChatMessage,
     Delta,
     EngineStats,
     FinishReason,
     GenerationRequest,
     ModelSpec,
     TokenLogprob,
+    plain_chat,
 )
 from maas.services.worker.engines.batch import DecodeBatch
 from maas.services.worker.engines.prefix import KV, PrefixCache
@@ -228,6 +230,21 @@ class HFEngine:
                            prefix_hit_rate=self._prefix.hit_rate)
 
     # ---- the asyncio side --------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """The tokenizer's chat template (with the generation prompt), or `plain_chat` for a
+        tokenizer without one."""
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
+        if not getattr(tokenizer, "chat_template", None):
+            return plain_chat(messages)
+        try:
+            return str(tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                                     tokenize=False, add_generation_prompt=True))
+        except Exception as exc:  # templates reject chats with raise_exception (e.g. roles out of order)
+            raise InvalidArgument(f"the chat template of {self.spec.name} rejected the messages: {exc}",
+                                  field="messages") from None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the request's deltas. Closing the iterator (or cancelling its consumer)

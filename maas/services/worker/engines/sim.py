@@ -8,17 +8,25 @@ a word picked by hashing (prompt, seed, absolute position), so a request resumed
 with its already-produced tokens continues exactly as it would have. Temperature 0
 ignores the seed (greedy is always the same); an unseeded sampled request derives
 its seed from its request id. Stop strings, max_tokens, the context limit and the
-finish reasons behave as in the real engines.
+finish reasons behave as in the real engines. A chat is rendered with the plain
+`Role: content` format (`base.plain_chat`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from maas.mesh.errors import FailedPrecondition, InvalidArgument
-from maas.services.worker.engines.base import Delta, EngineStats, GenerationRequest, ModelSpec
+from maas.services.worker.engines.base import (
+    ChatMessage,
+    Delta,
+    EngineStats,
+    GenerationRequest,
+    ModelSpec,
+    plain_chat,
+)
 from maas.services.worker.engines.text import DeltaAssembler
 
 WORDS = (
@@ -97,6 +105,9 @@ class SimEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(running=self._running)
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        return plain_chat(messages)
 
     async def _decode(self, out: DeltaAssembler, prompt_key: str, seed: int, prompt_tokens: int,
                       max_tokens: int) -> AsyncIterator[Delta]:

@@ -1,0 +1,730 @@
+"""Benchmark: what the router costs, against the same calls sent straight to a worker.
+
+Real etcd and nats-server (from the pip wheels) run in a temporary directory; a registry,
+a scheduler, a router and N workers (default 2) run as separate processes
+(`python -m maas <kind>`), as in production, so the load generator (this process), the
+router and the workers each have their own event loop and GIL. Models are `sim` (words
+instead of a model, a fixed delay per token), so model compute does not hide the router:
+
+  bench-fast    token_delay_ms=0, 1 replica: the worker answers at once (unary overhead)
+  bench-stream  token_delay_ms=--stream-delay-ms (0), one replica per worker (streaming)
+
+Then, each against a baseline measured in the same run:
+
+  unary      the same Generate calls (max_tokens 2) sent directly to the worker (with the
+             `x-maas-replica` header naming the replica, as the router sends it) and through
+             the router, at each level of --concurrency (1 and 64); rounds alternate
+             direct and router. Per-request latency (p50, p90) and requests/s.
+  streaming  --streams (256) concurrent GenerateStream calls of --tokens (300) tokens each
+             (greedy, ignore_eos), spread over the replicas directly, and through the
+             router. Tokens/s received by the client (token ids counted, not chunks),
+             chunks/s and tokens per chunk (coalescing shows there); every routed stream
+             is checked against the direct one for the same prompt (nothing dropped or
+             reordered).
+  prefix     prefix affinity (time to first token with shared system prompts on the real
+             engine, routed by prefix vs least load) is not measured yet: a hook
+             (bench_prefix_affinity) that says so.
+
+Each row also shows where the CPU went: CPU seconds per process (this client, the router,
+the workers) divided by the wall time, i.e. cores busy. The last line is machine-readable:
+
+  router_overhead_ms=<a> router_vs_direct=<b> stream_tokens_s=<c>
+
+a = p50(router) - p50(direct) at concurrency 1 (target under 0.5 ms); b = requests/s
+through the router / requests/s direct at the highest concurrency (target at least 0.8);
+c = tokens/s the client received through the router (target at least 50,000 on a 2-core
+machine). A figure that could not be measured prints as nan and the exit status is 1.
+
+    python bench/router.py                      # 2,000 requests per row, 256 streams x 300 tokens
+    python bench/router.py --quick              # small sizes, a quick check
+    python bench/router.py --py-spy /tmp/prof   # sample the router (and workers) with py-spy
+    python bench/router.py --profile-router /tmp/router.prof   # cProfile the router process
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import platform
+import pstats
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from maas.mesh.clients import REPLICA_HEADER, MeshClient, dial
+from maas.mesh.errors import MaasError
+from maas.stack.servers import Child, start_etcd, start_nats
+from maas.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    mesh_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
+
+FAST, STREAM = "bench-fast", "bench-stream"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+ROUNDS = 2  # unary rounds per level, alternating direct and router
+CALL_TIMEOUT = 60.0
+
+
+class Stop:
+    """Set by SIGINT/SIGTERM; besides cancelling the main task, waits check it."""
+
+    requested = False
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.requested:
+            raise asyncio.CancelledError
+
+
+def sig(x: float, fmt: str = ".3g") -> str:
+    return "nan" if math.isnan(x) else format(x, fmt)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[min(len(s) - 1, int(len(s) * q))]
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int | None, *, loop_only: bool = False) -> float:
+    """User + system CPU seconds of a process (None: this one): all its threads, or only
+    its main thread, the one that runs the asyncio event loop (gRPC's poller thread and
+    the default executor are the others)."""
+    pid = os.getpid() if pid is None else pid
+    path = f"/proc/{pid}/task/{pid}/stat" if loop_only else f"/proc/{pid}/stat"
+    try:
+        fields = Path(path).read_text().rpartition(")")[2].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15)
+
+
+@dataclass
+class Mesh:
+    etcd: str
+    nats: str
+    prefix: str
+    tmp: Path
+    log_level: str
+    children: list[Child] = field(default_factory=list)
+    named: dict[str, Child] = field(default_factory=dict)
+
+    def spawn(self, name: str, kind: str, *args: str, profile: str = "") -> Child:
+        cmd = [sys.executable]
+        if profile:
+            cmd += ["-m", "cProfile", "-o", profile]
+        cmd += ["-m", "maas", kind, "--etcd", self.etcd, "--nats", self.nats, "--prefix", self.prefix,
+                "--lease-ttl", "10", "--metrics-port", "-1", "--grace", "1", "--log-level", self.log_level, *args]
+        child = Child(name, cmd, self.tmp / "logs" / f"{name}.log",
+                      env={**os.environ, "PYTHONUNBUFFERED": "1"}).start()
+        self.children.append(child)
+        self.named[name] = child
+        return child
+
+    def check_alive(self) -> None:
+        for c in self.children:
+            if not c.alive:
+                raise RuntimeError(f"{c.name} exited (log {c.log_path}):\n{c.tail()}")
+
+    def pids(self) -> dict[str, int | None]:
+        """The processes whose CPU time is shown: this client, the router, the workers."""
+        out: dict[str, int | None] = {"client": None}
+        for name, c in self.named.items():
+            if (name == "router" or name.startswith("w")) and c.proc is not None:
+                out[name] = c.proc.pid
+        return out
+
+    def stop(self) -> None:
+        for c in reversed(self.children):  # all at once, then wait for each
+            c.signal(signal.SIGTERM)
+        for c in reversed(self.children):
+            c.stop(timeout=15)
+
+
+def leftovers(*markers: str) -> list[str]:
+    """Processes still running whose command line names one of `markers` (the bench's own
+    etcd prefix and temporary directory, so nothing else can match)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if any(m in cmd for m in markers):
+                found.append(f"{d.name}: {cmd[:120]}")
+    return found
+
+
+class Cpu:
+    """CPU time per process over a phase, as cores busy: the whole process and (after the
+    slash) its event-loop thread alone; a loop thread near 1.00 is that process's limit."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = pids
+        self.start = {n: self._read(p) for n, p in pids.items()}
+        self.t0 = time.perf_counter()
+        self.used: dict[str, tuple[float, float]] = {}
+        self.wall = math.nan
+
+    @staticmethod
+    def _read(pid: int | None) -> tuple[float, float]:
+        return cpu_seconds(pid), cpu_seconds(pid, loop_only=True)
+
+    def stop(self) -> Cpu:
+        self.wall = time.perf_counter() - self.t0
+        for n, p in self.pids.items():
+            (t0, l0), (t1, l1) = self.start[n], self._read(p)
+            self.used[n] = (t1 - t0, l1 - l0)
+        return self
+
+    @staticmethod
+    def merge(parts: list[Cpu]) -> Cpu:
+        out = Cpu({})
+        out.wall = sum(p.wall for p in parts)
+        for p in parts:
+            for n, (t, lo) in p.used.items():
+                t0, l0 = out.used.get(n, (0.0, 0.0))
+                out.used[n] = (t0 + t, l0 + lo)
+        return out
+
+    def cores(self) -> str:
+        busy = " ".join(f"{n} {t / self.wall:.2f}/{lo / self.wall:.2f}" for n, (t, lo) in self.used.items()
+                        if t / self.wall >= 0.005)
+        return f"{busy} (sum {sum(t for t, _ in self.used.values()) / self.wall:.2f})"
+
+
+class PySpy:
+    """py-spy record on some processes during a phase; prints the functions that took the
+    most samples (own time, Python frames; --native adds C frames)."""
+
+    def __init__(self, exe: str, out_dir: Path, rate: int, native: bool) -> None:
+        self.exe, self.out_dir, self.rate, self.native = exe, out_dir, rate, native
+        self.running: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
+
+    def start(self, label: str, pids: dict[str, int]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name, pid in pids.items():
+            out = self.out_dir / f"{label}-{name}.txt"
+            # --native (C frames: gRPC's core, protobuf) needs to pause the process to unwind
+            cmd = [self.exe, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw",
+                   "--output", str(out), *(["--native"] if self.native else ["--nonblocking"])]
+            with open(out.with_suffix(".log"), "wb") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.running.append((name, out, proc))
+
+    def stop(self, top: int = 14) -> None:
+        for _, _, proc in self.running:
+            proc.send_signal(signal.SIGINT)
+        for name, out, proc in self.running:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            summarize_stacks(name, out, top)
+        self.running.clear()
+
+    def kill(self) -> None:
+        for _, _, proc in self.running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        self.running.clear()
+
+
+def _frame(frame: str) -> str:
+    """'name (path/to/file.py:12)' -> 'name (file.py)'."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rpartition(":")[0] or where.rstrip(")")
+    parts = Path(path).parts
+    short = "/".join(parts[-2:]) if len(parts) > 1 else path
+    return f"{name} ({short})" if short else name
+
+
+def _category(leaf: str) -> str:
+    """Who a sample's own time belongs to, from its innermost Python frame. Without
+    --native, C and Cython code shows as the Python frame that called it: gRPC's Cython
+    callbacks run under asyncio's Handle._run, and its poller thread (the gRPC core's
+    I/O and HTTP/2 work) as Thread.run."""
+    if leaf.startswith(("Handle._run ", "Thread.run ")) or "grpc" in leaf:
+        return "grpc"
+    if "maas/" in leaf or "router/" in leaf or "worker/" in leaf or "engines/" in leaf or "mesh/" in leaf:
+        return "maas"
+    if "prometheus_client" in leaf:
+        return "metrics"
+    if "asyncio/" in leaf or "selectors" in leaf:
+        return "asyncio"
+    if "protobuf" in leaf or "_pb2" in leaf:
+        return "protobuf"
+    return "other"
+
+
+def summarize_stacks(name: str, path: Path, top: int) -> None:
+    own: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    total = 0
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        print(f"    py-spy {name}: no samples ({path} missing; see {path.with_suffix('.log')})")
+        return
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        leaf = stack.split(";")[-1]
+        own[_frame(leaf)] += n
+        kinds[_category(leaf)] += n
+    print(f"    py-spy {name}: {total} samples (raw stacks in {path}); own time by kind: "
+          + ", ".join(f"{k} {v / max(1, total):.0%}" for k, v in kinds.most_common()) + "; most own time:")
+    for frame, n in own.most_common(top):
+        print(f"      {n / max(1, total):6.1%}  {frame}")
+
+
+# -- setting up the mesh ---------------------------------------------------------------------
+
+
+async def channel_to(client: MeshClient, mesh: Mesh, kind: str, timeout: float = 120.0) -> grpc.aio.Channel:
+    deadline = time.monotonic() + timeout
+    while True:
+        Stop.check()
+        mesh.check_alive()
+        try:
+            return await client.channel(kind)
+        except MaasError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def wait_workers(client: MeshClient, mesh: Mesh, count: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(await client.etcd.get_prefix(client.keys.workers())) < count:
+        Stop.check()
+        mesh.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fewer than {count} workers registered after {timeout:.0f}s")
+        await asyncio.sleep(0.2)
+
+
+async def deploy(registry: grpc.aio.Channel, scheduler: grpc.aio.Channel, name: str, replicas: int,
+                 **options: str) -> None:
+    await registry_pb2_grpc.RegistryStub(registry).RegisterModel(registry_pb2.RegisterModelRequest(
+        name=name, format="sim", task="generate", description="bench/router.py", options=options), timeout=10)
+    await scheduler_pb2_grpc.SchedulerStub(scheduler).CreateDeployment(scheduler_pb2.CreateDeploymentRequest(
+        deployment=scheduler_pb2.Deployment(name=name, model=name, replicas=replicas)), timeout=10)
+
+
+async def wait_ready(client: MeshClient, mesh: Mesh, name: str, replicas: int,
+                     timeout: float = 120.0) -> list[mesh_pb2.ReplicaInfo]:
+    """The deployment's ready replicas, once there are `replicas` of them (read from etcd)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        Stop.check()
+        mesh.check_alive()
+        ready = []
+        for kv in await client.etcd.get_prefix(client.keys.replicas()):
+            info = mesh_pb2.ReplicaInfo.FromString(kv.value)
+            if info.deployment == name and info.state == mesh_pb2.REPLICA_STATE_READY:
+                ready.append(info)
+        if len(ready) >= replicas:
+            return sorted(ready, key=lambda r: r.worker_id)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: {len(ready)}/{replicas} replicas ready after {timeout:.0f}s")
+        await asyncio.sleep(0.1)
+
+
+async def until_routed(router: inference_pb2_grpc.InferenceStub, model: str, timeout: float = 30.0) -> None:
+    """Wait until the router's pool has the deployment (its etcd mirror lags a little)."""
+    deadline = time.monotonic() + timeout
+    request = unary_request(model, 1)
+    while True:
+        Stop.check()
+        try:
+            await router.Generate(request, timeout=5)
+            return
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+# -- load ----------------------------------------------------------------------------------
+
+
+def unary_request(model: str, max_tokens: int) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(model=model, prompt="the quick brown fox",
+                                         params=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0))
+
+
+@dataclass
+class Unary:
+    latencies: list[float] = field(default_factory=list)
+    requests: int = 0
+    wall: float = 0.0
+    cpus: list[Cpu] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.wall if self.wall else math.nan
+
+
+async def unary_load(call: Callable[[], Awaitable[object]], total: int, concurrency: int, out: Unary) -> None:
+    left = total
+
+    async def loop() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            t = time.perf_counter()
+            await call()
+            out.latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    out.wall += time.perf_counter() - start
+    out.requests += total
+
+
+@dataclass
+class Streams:
+    tokens: list[list[int]]
+    chunks: int
+    wall: float
+    first_token: list[float]
+    cpu: Cpu
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_s(self) -> float:
+        return self.total_tokens / self.wall if self.wall else math.nan
+
+
+def stream_request(i: int, tokens: int) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(
+        model=STREAM, prompt=f"stream {i} of the router benchmark",
+        params=common_pb2.SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+
+
+async def stream_load(targets: list[tuple[inference_pb2_grpc.InferenceStub, tuple[tuple[str, str], ...]]],
+                      streams: int, tokens: int, pids: dict[str, int | None]) -> Streams:
+    """`streams` concurrent GenerateStream calls, stream i on targets[i % len(targets)]."""
+    got: list[list[int]] = [[] for _ in range(streams)]
+    first: list[float] = []
+    chunks = 0
+
+    async def one(i: int) -> None:
+        nonlocal chunks
+        stub, metadata = targets[i % len(targets)]
+        call = stub.GenerateStream(stream_request(i, tokens), timeout=CALL_TIMEOUT, metadata=metadata)
+        out = got[i]
+        t0 = time.perf_counter()
+        n = 0
+        while (msg := await call.read()) is not grpc.aio.EOF:
+            n += 1
+            if not out and msg.token_ids:
+                first.append(time.perf_counter() - t0)
+            out.extend(msg.token_ids)
+        chunks += n
+
+    cpu = Cpu(pids)
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    wall = time.perf_counter() - start
+    return Streams(got, chunks, wall, first, cpu.stop())
+
+
+# -- the phases ----------------------------------------------------------------------------
+
+
+async def bench_unary(args: argparse.Namespace, mesh: Mesh, router: inference_pb2_grpc.InferenceStub,
+                      replica: mesh_pb2.ReplicaInfo, spy: PySpy | None) -> tuple[float, float]:
+    direct_channel = dial(replica.endpoint)
+    try:
+        direct = inference_pb2_grpc.InferenceStub(direct_channel)
+        request = unary_request(FAST, args.max_tokens)
+        header = ((REPLICA_HEADER, replica.replica_id),)
+        paths: dict[str, Callable[[], Awaitable[object]]] = {
+            "direct": lambda: direct.Generate(request, timeout=CALL_TIMEOUT, metadata=header),
+            "router": lambda: router.Generate(request, timeout=CALL_TIMEOUT),
+        }
+        for call in paths.values():  # warm up: connections, code paths
+            await unary_load(call, max(50, args.requests // 10), 8, Unary())
+        worker = f"w{replica.worker_id.removeprefix('bench-w')}"
+        pids = {n: p for n, p in mesh.pids().items() if n in ("client", "router", worker)}
+        print(f"\nunary Generate of {FAST} (sim, token_delay_ms=0) on {replica.worker_id}, max_tokens="
+              f"{args.max_tokens}, {args.requests} requests per row in {ROUNDS} rounds alternating direct and "
+              f"router; cpu = cores busy, process/event-loop thread")
+        print(f"{'concurrent':>10} {'path':>7} {'p50 ms':>8} {'p90 ms':>8} {'req/s':>8}   cpu")
+        rows: dict[tuple[int, str], Unary] = {}
+        for level in args.levels:
+            results = {p: Unary() for p in paths}
+            profile_now = spy is not None and level == max(args.levels)
+            for r in range(ROUNDS):
+                for path, call in paths.items():
+                    Stop.check()
+                    share = args.requests // ROUNDS + (args.requests % ROUNDS if r == 0 else 0)
+                    if profile_now and path == "router" and r == 0:
+                        spy.start(f"unary{level}", {"router": pids["router"]})  # type: ignore[union-attr,dict-item]
+                    cpu = Cpu(pids)
+                    await unary_load(call, share, level, results[path])
+                    results[path].cpus.append(cpu.stop())
+                    if profile_now and path == "router" and r == 0:
+                        print(f"  (py-spy: router, unary at concurrency {level})")
+                        spy.stop()  # type: ignore[union-attr]
+            for path, res in results.items():
+                rows[(level, path)] = res
+                print(f"{level:>10} {path:>7} {pct(res.latencies, 0.5) * 1e3:>8.3f} "
+                      f"{pct(res.latencies, 0.9) * 1e3:>8.3f} {res.rate:>8.0f}   {Cpu.merge(res.cpus).cores()}")
+        low, high = min(args.levels), max(args.levels)
+        overhead = (pct(rows[(low, "router")].latencies, 0.5) - pct(rows[(low, "direct")].latencies, 0.5)) * 1e3
+        ratio = rows[(high, "router")].rate / rows[(high, "direct")].rate
+        for level in args.levels:
+            d, r = rows[(level, "direct")], rows[(level, "router")]
+            print(f"  at {level:>3}: router adds {(pct(r.latencies, 0.5) - pct(d.latencies, 0.5)) * 1e3:.3f} ms "
+                  f"at p50, {(pct(r.latencies, 0.9) - pct(d.latencies, 0.9)) * 1e3:.3f} ms at p90; "
+                  f"throughput {r.rate / d.rate:.2f}x direct")
+        print(f"  router_overhead_ms (p50 added at {low}) {overhead:.3f} ms (target < 0.5); "
+              f"router_vs_direct (req/s at {high}) {ratio:.2f}x (target >= 0.8)")
+        return overhead, ratio
+    finally:
+        await direct_channel.close()
+
+
+async def bench_streaming(args: argparse.Namespace, mesh: Mesh, router: inference_pb2_grpc.InferenceStub,
+                          replicas: list[mesh_pb2.ReplicaInfo], spy: PySpy | None) -> float:
+    channels = {r.endpoint: dial(r.endpoint) for r in replicas}
+    try:
+        direct = [(inference_pb2_grpc.InferenceStub(channels[r.endpoint]), ((REPLICA_HEADER, r.replica_id),))
+                  for r in replicas]
+        routed = [(router, ())]
+        pids = mesh.pids()
+        # warm up both paths (connections, code paths) with a few short streams
+        await stream_load(direct, 16, 20, pids)
+        await stream_load(routed, 16, 20, pids)  # type: ignore[arg-type]
+
+        n, t = args.streams, args.tokens
+        print(f"\nstreaming: {n} concurrent GenerateStream of {STREAM} (sim, token_delay_ms={args.stream_delay_ms:g}), "
+              f"{t} tokens each ({n * t:,} tokens), over {len(replicas)} replicas "
+              f"({', '.join(r.worker_id for r in replicas)}); cpu = cores busy, process/event-loop thread")
+        print(f"{'path':>7} {'wall s':>7} {'tokens/s':>9} {'chunks/s':>9} {'tok/chunk':>9} {'ttft p50':>9} "
+              f"{'ttft p90':>9}   cpu")
+        results: dict[str, Streams] = {}
+        for path, targets in (("direct", direct), ("router", routed)):
+            Stop.check()
+            if spy is not None and path == "router":
+                spy.start("stream", {k: v for k, v in pids.items() if v is not None})
+            res = results[path] = await stream_load(targets, n, t, pids)  # type: ignore[arg-type]
+            print(f"{path:>7} {res.wall:>7.2f} {res.tokens_s:>9.0f} {res.chunks / res.wall:>9.0f} "
+                  f"{res.total_tokens / max(1, res.chunks):>9.2f} {pct(res.first_token, 0.5) * 1e3:>7.1f}ms "
+                  f"{pct(res.first_token, 0.9) * 1e3:>7.1f}ms   {res.cpu.cores()}")
+            if spy is not None and path == "router":
+                print("  (py-spy: every process but this client, streaming through the router)")
+                spy.stop()
+        d, r = results["direct"], results["router"]
+        short = sum(len(x) != t for x in r.tokens)
+        wrong = sum(a != b for a, b in zip(d.tokens, r.tokens, strict=True))
+        print(f"  router: {r.tokens_s / d.tokens_s:.2f}x direct tokens/s; stream_tokens_s {r.tokens_s:,.0f} "
+              f"(target >= 50,000)")
+        if short or wrong:
+            print(f"  ROUTED STREAMS DIFFER from direct: {short} of {n} not {t} tokens long, {wrong} not the "
+                  "same tokens in the same order")
+            return math.nan
+        print(f"  every routed stream matches the direct one for its prompt ({t} tokens, same order)")
+        return r.tokens_s
+    finally:
+        for ch in channels.values():
+            await ch.close()
+
+
+async def bench_prefix_affinity(args: argparse.Namespace, mesh: Mesh) -> float | None:
+    """Hook for issue 5's third measurement, prefix affinity on the real engine: workers
+    serving the forged demo model (format hf) with its prefix cache; requests that share
+    a few long system prompts (different user turns), sent through the router (routed by
+    prompt prefix) and, as the baseline in the same run, spread by least load; compare time
+    to first token (p50/p90) and the engines' prefix hit rate (LoadReport.prefix_hit_rate).
+    Not measured yet: returns None, and the bench says so rather than print a made-up figure."""
+    from maas.services.router import forward
+
+    if hasattr(forward, "affinity_key"):
+        print("\nprefix affinity: not measured yet (the router routes by prompt prefix; "
+              "bench_prefix_affinity in bench/router.py is the hook)")
+    else:
+        print("\nprefix affinity: not implemented in the router yet (issue 5)")
+    return None
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+async def bench(args: argparse.Namespace, mesh: Mesh, spy: PySpy | None) -> int:
+    main = asyncio.current_task()
+    assert main is not None
+
+    def interrupt() -> None:
+        Stop.requested = True
+        main.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, interrupt)
+
+    client = MeshClient(mesh.etcd, mesh.prefix)
+    try:
+        t0 = time.perf_counter()
+        mesh.spawn("registry", "registry", "--blob-dir", str(mesh.tmp / "blobs"))
+        mesh.spawn("scheduler", "scheduler")
+        mesh.spawn("router", "router", "--port", "0", *router_extra_flags(), profile=args.profile_router)
+        for i in range(args.workers):
+            mesh.spawn(f"w{i}", "worker", "--instance", f"bench-w{i}", "--device", "cpu", "--cpu-memory-gib", "2",
+                       "--cache-dir", str(mesh.tmp / f"cache-w{i}"))
+        registry = await channel_to(client, mesh, "registry")
+        scheduler = await channel_to(client, mesh, "scheduler")
+        router = inference_pb2_grpc.InferenceStub(await channel_to(client, mesh, "router"))
+        await wait_workers(client, mesh, args.workers)
+        await deploy(registry, scheduler, FAST, 1, token_delay_ms="0")
+        await deploy(registry, scheduler, STREAM, args.workers, token_delay_ms=f"{args.stream_delay_ms:g}")
+        fast = await wait_ready(client, mesh, FAST, 1)
+        stream = await wait_ready(client, mesh, STREAM, args.workers)
+        await until_routed(router, FAST)
+        await until_routed(router, STREAM)
+        print(f"mesh: etcd, nats-server, registry, scheduler, router and {args.workers} workers as separate "
+              f"processes, up in {time.perf_counter() - t0:.1f} s (python {platform.python_version()}, grpcio "
+              f"{grpc.__version__}, {os.cpu_count()} CPUs)")
+        where = Counter(r.worker_id for r in stream)
+        if len(where) < len(stream):
+            print(f"  note: {STREAM} replicas share workers: {dict(where)}")
+        if args.profile_router:
+            print(f"  the router runs under cProfile (slower): {args.profile_router}")
+
+        overhead, ratio = await bench_unary(args, mesh, router, fast[0], spy)
+        tokens_s = await bench_streaming(args, mesh, router, stream, spy)
+        await bench_prefix_affinity(args, mesh)
+        mesh.check_alive()
+
+        print(f"router_overhead_ms={sig(overhead)} router_vs_direct={sig(ratio)} "
+              f"stream_tokens_s={sig(tokens_s, '.0f')}", flush=True)
+        return 1 if any(math.isnan(x) for x in (overhead, ratio, tokens_s)) else 0
+    finally:
+        if spy is not None:
+            spy.kill()
+        with contextlib.suppress(Exception):
+            await client.close()
+
+
+def router_extra_flags() -> list[str]:
+    """No HTTP API (the bench speaks gRPC; its default port may be taken), where the
+    router has one."""
+    from maas.services.router import main as router_main
+
+    parser = argparse.ArgumentParser()
+    router_main.add_arguments(parser)
+    _, unknown = parser.parse_known_args(["--http-port", "-1"])
+    return [] if unknown else ["--http-port", "-1"]
+
+
+def parse_levels(text: str) -> list[int]:
+    levels = [int(x) for x in text.split(",") if x.strip()]
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("--concurrency takes positive integers, e.g. 1,64")
+    return levels
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000, help="unary requests per row (path x concurrency)")
+    parser.add_argument("--concurrency", type=parse_levels, default=[1, 64], dest="levels",
+                        help="unary concurrency levels, comma-separated (overhead: the lowest; ratio: the highest)")
+    parser.add_argument("--max-tokens", type=int, default=2, help="max_tokens of each unary request")
+    parser.add_argument("--streams", type=int, default=256, help="concurrent streams")
+    parser.add_argument("--tokens", type=int, default=300, help="tokens per stream")
+    parser.add_argument("--stream-delay-ms", type=float, default=0.0,
+                        help="sim token_delay_ms of the streaming model (0: as fast as the worker can)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (one streaming replica each)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: 300 requests, 32 streams x 100 tokens")
+    parser.add_argument("--py-spy", default="", metavar="DIR",
+                        help="sample the router (unary at the highest concurrency) and the router and workers "
+                             "(routed streaming) with py-spy; raw stacks go to DIR")
+    parser.add_argument("--py-spy-native", action="store_true", help="py-spy --native (C frames too)")
+    parser.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--profile-router", default="", metavar="FILE",
+                        help="run the router under cProfile, stats to FILE (printed at the end; slows it down)")
+    parser.add_argument("--keep-logs", default="", metavar="DIR", help="copy the processes' logs to DIR")
+    parser.add_argument("--log-level", default="WARNING", help="of the mesh processes")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.streams, args.tokens = 300, 32, 100
+    spy = None
+    if args.py_spy:
+        exe = shutil.which("py-spy") or os.environ.get("PY_SPY", "")
+        if not exe:
+            parser.error("--py-spy: py-spy not found on PATH (pip install py-spy, or set PY_SPY to its path)")
+        spy = PySpy(exe, Path(args.py_spy), args.py_spy_rate, args.py_spy_native)
+    if args.profile_router:
+        args.profile_router = str(Path(args.profile_router).resolve())
+
+    prefix = f"/bench-router-{random.getrandbits(32):08x}/"
+    status = 1
+    with tempfile.TemporaryDirectory(prefix="maas-bench-router-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        mesh: Mesh | None = None
+        try:
+            with contextlib.ExitStack() as stack:
+                etcd, etcd_url = start_etcd(tmp / "etcd" / "data", log_dir=tmp / "logs")
+                stack.callback(etcd.stop)
+                nats, nats_url = start_nats(tmp / "nats" / "js", log_dir=tmp / "logs")
+                stack.callback(nats.stop)
+                mesh = Mesh(etcd_url, nats_url, prefix, tmp, args.log_level)
+                stack.callback(mesh.stop)
+                status = asyncio.run(bench(args, mesh, spy))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            print("interrupted", file=sys.stderr)
+            status = 130
+        except Exception as e:  # a process that died, a deployment that never got ready
+            print(f"bench failed: {type(e).__name__}: {e}", file=sys.stderr)
+            print("router_overhead_ms=nan router_vs_direct=nan stream_tokens_s=nan", flush=True)
+            status = 1
+        finally:
+            if args.keep_logs:
+                shutil.copytree(tmp / "logs", args.keep_logs, dirs_exist_ok=True)
+            left = leftovers(prefix, tmp_dir)
+            if left:
+                print(f"WARNING: {len(left)} processes left running:\n  " + "\n  ".join(left), file=sys.stderr)
+            else:
+                print("cleanup: every process the bench started has exited", file=sys.stderr)
+    if args.profile_router and Path(args.profile_router).is_file():
+        print(f"\ncProfile of the router process ({args.profile_router}), top 25 by own time:", file=sys.stderr)
+        pstats.Stats(args.profile_router, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

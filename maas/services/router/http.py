@@ -1,0 +1,302 @@
+"""The router's OpenAI-compatible HTTP API: aiohttp in the router's event loop, beside the
+gRPC `Inference` service and over the same `Forwarder` (one routing path for both).
+
+Endpoints: POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models,
+/v1/models/{model}, /openapi.json (also /v1/openapi.json) and /health. See
+docs/http-api.md.
+
+A client that goes away cancels its request: the server runs with handler cancellation,
+so a dropped connection cancels the handler and with it the downstream gRPC call; a
+failed write to an event stream ends it the same way. Errors have OpenAI's body
+(`{"error": {"message", "type", "param", "code"}}`) and the status `HTTP_STATUS` maps
+from the domain error's gRPC code (`_error_response`, the one place); nothing
+unexpected reaches a client beyond "internal error" and the request id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import socket
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from maas.mesh.auth import bearer
+from maas.mesh.errors import MaasError, NotFound, StartupError, from_rpc_error
+from maas.mesh.etcd import EtcdError
+from maas.mesh.logs import new_request_id, request_id_var
+from maas.services.router import openai_api, openapi
+from maas.services.router.forward import SESSION_HEADER, Forwarder
+from maas.v1 import inference_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+"""gRPC code of a domain error -> (HTTP status, OpenAI error type); anything else is a 500."""
+
+REQUESTS = Counter("maas_http_requests_total", "HTTP API requests, by route and status.", ["route", "status"])
+LATENCY = Histogram("maas_http_request_seconds", "Time to complete an HTTP API request (whole stream).",
+                    ["route"], buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+
+
+class HttpError(Exception):
+    """An HTTP-level refusal that has no gRPC code (body too large, unknown path)."""
+
+    def __init__(self, status: int, message: str, *, code: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+
+
+def error_body(message: str, kind: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, OpenAI error body, extra headers) for an exception: the one mapping."""
+    if isinstance(e, grpc.aio.AioRpcError):
+        e = from_rpc_error(e)
+    if isinstance(e, HttpError):
+        return e.status, error_body(e.message, "invalid_request_error", code=e.code), e.headers
+    if isinstance(e, MaasError) and e.code in HTTP_STATUS:
+        status, kind = HTTP_STATUS[e.code]
+        headers = {}
+        if status == 429 and (retry_after := getattr(e, "retry_after", None)) is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        return status, error_body(e.message, kind, param=e.field, code=e.code.name.lower()), headers
+    if isinstance(e, EtcdError):
+        log.warning("etcd call failed: %s", e)
+        return 503, error_body("the mesh's etcd is unavailable; retry shortly", "service_unavailable_error",
+                               code="unavailable"), {}
+    log.error("unexpected error", exc_info=e)
+    return 500, error_body(f"internal error (request id {request_id_var.get()})", "server_error",
+                           code="internal"), {}
+
+
+def _error_response(e: BaseException) -> web.Response:
+    status, body, headers = _error(e)
+    return web.json_response(body, status=status, headers=headers, dumps=_dumps)
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _api_key(request: web.Request) -> str:
+    return bearer(request.headers.get("Authorization", "")) or request.headers.get("x-api-key", "").strip()
+
+
+class HttpApi:
+    """The HTTP server: `start()` binds (a taken port is a StartupError), `stop_accepting()`
+    closes the listening socket, `close()` waits up to `grace` for requests in flight."""
+
+    def __init__(self, forwarder: Forwarder, host: str, port: int, *, grace: float = 10.0,
+                 max_body: int = MAX_BODY_BYTES) -> None:
+        self.forwarder = forwarder
+        self.host, self.port = host, port
+        self.max_body = max_body
+        self.endpoint = ""
+        self.app = web.Application(client_max_size=max_body, middlewares=[self._middleware])
+        self.app.add_routes([
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/embeddings", self.embeddings),
+            web.get("/v1/models", self.list_models),
+            web.get("/v1/models/{model}", self.get_model),
+            web.get("/openapi.json", self.openapi),
+            web.get("/v1/openapi.json", self.openapi),
+            web.get("/health", self.health),
+        ])
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+                                     shutdown_timeout=grace)
+        self._site: web.TCPSite | None = None
+        self._closed = False
+
+    async def start(self) -> str:
+        """Listen; returns "host:port" as other machines dial it."""
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.host, self.port)
+        try:
+            await self._site.start()
+        except OSError as e:
+            self._site = None
+            await self.close()
+            raise StartupError(f"cannot serve HTTP on {self.host}:{self.port}: {e.strerror or e} "
+                               "(the port is in use or the address is invalid; pass --http-port)") from None
+        port = self._runner.addresses[0][1]
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        self.endpoint = f"{host}:{port}"
+        log.info("router serving the OpenAI HTTP API on http://%s/v1", self.endpoint)
+        return self.endpoint
+
+    async def stop_accepting(self) -> None:
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+
+    async def close(self) -> None:
+        """Idempotent: stop listening, give requests in flight the grace period, then cancel them."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.stop_accepting()
+        await self._runner.cleanup()
+
+    # ---- plumbing --------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        rid = request.headers.get("x-request-id", "")[:64] or new_request_id()
+        token = request_id_var.set(rid)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        start, status = time.perf_counter(), 499
+        try:
+            try:
+                response = await handler(request)
+            except web.HTTPException as e:  # aiohttp's own refusals: no such path, wrong method
+                if e.status < 400:
+                    raise
+                response = _error_response(HttpError(e.status, f"{e.reason}: {request.method} {request.path}",
+                                                     code=e.reason.lower().replace(" ", "_")))
+            except Exception as e:
+                response = _error_response(e)
+            if not response.prepared:  # a stream set it before its headers went out
+                response.headers["x-request-id"] = rid
+            status = response.status
+            return response
+        finally:
+            REQUESTS.labels(route, str(status)).inc()
+            LATENCY.labels(route).observe(time.perf_counter() - start)
+            request_id_var.reset(token)
+
+    async def _body(self, request: web.Request) -> Any:
+        if request.content_length is not None and request.content_length > self.max_body:
+            raise self._too_large(request.content_length)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise self._too_large(None) from None
+        if not raw.strip():
+            raise HttpError(400, "the request body is empty: send a JSON object", code="invalid_json")
+        try:
+            return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except UnicodeDecodeError:
+            raise HttpError(400, "invalid JSON: the body is not UTF-8", code="invalid_json") from None
+        except json.JSONDecodeError as e:
+            raise HttpError(400, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                            code="invalid_json") from None
+        except ValueError as e:
+            raise HttpError(400, f"invalid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise HttpError(400, "invalid JSON: nested too deeply", code="invalid_json") from None
+
+    def _too_large(self, size: int | None) -> HttpError:
+        got = f"{size} bytes" if size is not None else "larger"
+        return HttpError(413, f"the request body is {got}; the limit is {self.max_body} bytes",
+                         code="request_too_large")
+
+    # ---- endpoints -------------------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, *openai_api.chat_request(await self._body(request)))
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, *openai_api.completion_request(await self._body(request)))
+
+    async def _generate(self, request: web.Request, req: inference_pb2.GenerateRequest,
+                        opts: openai_api.Options) -> web.StreamResponse:
+        req.request_id = rid = request_id_var.get()
+        created = int(time.time())
+        if opts.stream:
+            return await self._stream(request, req, opts, created)
+        reply = await self.forwarder.generate(req, None, _api_key(request), request.headers.get(SESSION_HEADER, ""))
+        return web.json_response(openai_api.completion(reply, opts, rid, created), dumps=_dumps)
+
+    async def _stream(self, request: web.Request, req: inference_pb2.GenerateRequest, opts: openai_api.Options,
+                      created: int) -> web.StreamResponse:
+        """Server-sent events. Errors before the first chunk are ordinary HTTP errors; after
+        it, an `{"error": ...}` event ends the stream. Leaving this function any way (a
+        write to a closed connection, cancellation) closes the forwarder's stream, which
+        cancels the downstream call."""
+        encoder = openai_api.StreamEncoder(opts, req.request_id, created)
+        stream = cast(AsyncGenerator[inference_pb2.GenerateChunk, None],  # an async generator function
+                      self.forwarder.stream(req, None, _api_key(request), request.headers.get(SESSION_HEADER, "")))
+        async with contextlib.aclosing(stream):
+            chunk = await anext(stream, None)  # raises before any byte is sent: no replica, bad request, ...
+            response = web.StreamResponse(headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                "x-request-id": req.request_id})
+            await response.prepare(request)
+            try:
+                await self._send(response, encoder.start())
+                while chunk is not None:
+                    await self._send(response, encoder.chunk(chunk))
+                    chunk = None if chunk.finish_reason else await anext(stream, None)
+                if encoder.usage is None:
+                    raise MaasError("the stream ended before its last chunk")
+                await self._send(response, encoder.end())
+                await response.write(b"data: [DONE]\n\n")
+            except ConnectionError:
+                log.info("client went away mid-stream; request cancelled")
+                return response
+            except Exception as e:
+                _, body, _ = _error(e)
+                with contextlib.suppress(ConnectionError):
+                    await response.write(f"data: {_dumps(body)}\n\n".encode())
+            with contextlib.suppress(ConnectionError):
+                await response.write_eof()
+            return response
+
+    @staticmethod
+    async def _send(response: web.StreamResponse, events: list[dict[str, Any]]) -> None:
+        if events:
+            await response.write("".join(f"data: {_dumps(e)}\n\n" for e in events).encode())
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        req, opts = openai_api.embedding_request(await self._body(request))
+        req.request_id = request_id_var.get()
+        reply = await self.forwarder.embed(req, None, _api_key(request))
+        return web.json_response(openai_api.embedding_list(reply, opts), dumps=_dumps)
+
+    async def list_models(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(openai_api.model_list(self.forwarder.models(_api_key(request))), dumps=_dumps)
+
+    async def get_model(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["model"]
+        for m in self.forwarder.models(_api_key(request)).models:
+            if m.name == name:
+                return web.json_response(openai_api.model_object(m), dumps=_dumps)
+        raise NotFound(f"model {name!r} is not served here (GET /v1/models lists those that are)", field="model")
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(openapi.document(), dumps=_dumps)
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok"})
+

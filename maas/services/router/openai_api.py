@@ -1,0 +1,477 @@
+"""OpenAI request bodies to `maas.v1` requests, and `maas.v1` replies to OpenAI bodies.
+
+Pure functions, no I/O: `http.py` reads the body, calls these, and hands the protobuf
+request to the router's `Forwarder`. Every refusal is an `InvalidArgument` naming the
+parameter (it becomes a 400 with `param` set), so a client learns exactly what to change.
+
+Each endpoint's accepted fields are a table (`CHAT_FIELDS`, ...): the validator rejects
+any other top-level field, and `openapi.py` builds the OpenAPI schemas from the same
+tables, so the description cannot drift from what is accepted.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import grpc
+
+from maas.mesh.errors import InvalidArgument, MaasError
+from maas.v1 import common_pb2, inference_pb2
+
+DEFAULT_CHAT_MAX_TOKENS = 1024
+"""max_tokens of a chat completion that does not set it (OpenAI: the rest of the context).
+Bounded because an engine reserves KV cache for prompt + max_tokens; the engine still
+stops at the model's context. /v1/completions keeps OpenAI's default of 16."""
+
+MAX_STOP = 16
+INT32 = 2**31
+OWNER = "maas-mesh"
+
+JsonType = Literal["string", "integer", "number", "boolean", "array", "object"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One accepted top-level field: its JSON types (null always means "not given")."""
+
+    types: tuple[JsonType, ...]
+    doc: str
+    required: bool = False
+
+
+def _f(*types: JsonType, doc: str, required: bool = False) -> Field:
+    return Field(types, doc, required)
+
+
+_SAMPLING: dict[str, Field] = {
+    "model": _f("string", required=True, doc="Deployment to serve the request: `name` (or `name@version`)."),
+    "max_tokens": _f("integer", doc="Most tokens to generate (> 0)."),
+    "temperature": _f("number", doc=">= 0; 0 is greedy. Default 1."),
+    "top_p": _f("number", doc="Nucleus sampling, in (0, 1]. Default 1."),
+    "stop": _f("string", "array", doc=f"A stop string or up to {MAX_STOP}; never part of the output."),
+    "seed": _f("integer", doc="Same seed and input, same output."),
+    "presence_penalty": _f("number", doc="In [-2, 2]."),
+    "frequency_penalty": _f("number", doc="In [-2, 2]."),
+    "n": _f("integer", doc="Choices to return: only 1 is supported."),
+    "stream": _f("boolean", doc="Stream the output as server-sent events."),
+    "stream_options": _f("object", doc="`{\"include_usage\": true}` adds a final chunk with the usage."),
+    "user": _f("string", doc="Accepted and ignored."),
+    "logit_bias": _f("object", doc="Only an empty object is supported."),
+    "top_k": _f("integer", doc="Extension: sample from the k most likely tokens (0: off)."),
+    "repetition_penalty": _f("number", doc="Extension: > 0; 1 is off."),
+    "ignore_eos": _f("boolean", doc="Extension: keep generating past end-of-sequence (benchmarks)."),
+    "adapter": _f("string", doc="Extension: a LoRA adapter registered against the model."),
+}
+
+CHAT_FIELDS: dict[str, Field] = {
+    **_SAMPLING,
+    "messages": _f("array", required=True,
+                   doc="The chat: objects with `role` (system, developer, user, assistant, tool) and "
+                       "`content` (a string or text parts)."),
+    "max_completion_tokens": _f("integer", doc="Most tokens to generate; wins over max_tokens. "
+                                               f"Default {DEFAULT_CHAT_MAX_TOKENS}."),
+    "logprobs": _f("boolean", doc="Return the log probability of each output token."),
+    "top_logprobs": _f("integer", doc="With logprobs: also the N most likely tokens at each position (0-20)."),
+    "store": _f("boolean", doc="Accepted and ignored."),
+    "metadata": _f("object", doc="Accepted and ignored."),
+    "service_tier": _f("string", doc="Accepted and ignored."),
+    "prompt_cache_key": _f("string", doc="Accepted and ignored (the prefix cache needs no key)."),
+    "safety_identifier": _f("string", doc="Accepted and ignored."),
+    "parallel_tool_calls": _f("boolean", doc="Accepted and ignored."),
+    "tools": _f("array", doc="Tool calling is not supported: only an empty array."),
+    "tool_choice": _f("string", "object", doc="Only \"none\" or \"auto\" (with no tools)."),
+    "functions": _f("array", doc="Deprecated function calling: only an empty array."),
+    "function_call": _f("string", "object", doc="Only \"none\" or \"auto\"."),
+    "response_format": _f("object", doc="Only `{\"type\": \"text\"}`."),
+    "modalities": _f("array", doc="Only `[\"text\"]`."),
+}
+
+COMPLETION_FIELDS: dict[str, Field] = {
+    **_SAMPLING,
+    "prompt": _f("string", "array", required=True, doc="The prompt: a string (or an array of one string)."),
+    "max_tokens": _f("integer", doc="Most tokens to generate (> 0). Default 16."),
+    "logprobs": _f("integer", doc="Return log probabilities of the output tokens and the N most likely (0-20)."),
+    "echo": _f("boolean", doc="Only false."),
+    "suffix": _f("string", doc="Not supported: only null or empty."),
+    "best_of": _f("integer", doc="Only 1."),
+}
+
+EMBEDDING_FIELDS: dict[str, Field] = {
+    "model": _SAMPLING["model"],
+    "input": _f("string", "array", required=True, doc="A string or an array of strings."),
+    "encoding_format": _f("string", doc="\"float\" (default) or \"base64\" (little-endian float32)."),
+    "dimensions": _f("integer", doc="Not supported: leave it out."),
+    "user": _SAMPLING["user"],
+}
+
+MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls", "refusal"})
+STREAM_OPTION_KEYS = frozenset({"include_usage", "include_obfuscation"})
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object" if isinstance(value, dict) else type(value).__name__
+
+
+def _is(value: object, types: tuple[JsonType, ...]) -> bool:
+    kind = _json_type(value)
+    return kind in types or (kind == "integer" and "number" in types)
+
+
+def checked(body: object, fields: Mapping[str, Field]) -> dict[str, Any]:
+    """The body's given fields (nulls dropped), after checking names and JSON types."""
+    if not isinstance(body, dict):
+        raise InvalidArgument(f"the request body must be a JSON object, got {_json_type(body)}")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise InvalidArgument(f"unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}",
+                              field=unknown[0])
+    out: dict[str, Any] = {}
+    for name, value in body.items():
+        if value is None:
+            continue
+        types = fields[name].types
+        if not _is(value, types):
+            raise InvalidArgument(f"{name} must be {' or '.join(_article(t) for t in types)}, "
+                                  f"got {_json_type(value)}", field=name)
+        out[name] = value
+    for name, spec in fields.items():
+        if spec.required and name not in out:
+            raise InvalidArgument(f"{name} is required", field=name)
+    return out
+
+
+def _article(t: str) -> str:
+    return f"an {t}" if t[0] in "aeiou" else f"a {t}"
+
+
+def _int(body: Mapping[str, Any], name: str, lo: int = -INT32, hi: int = INT32 - 1) -> int | None:
+    value = body.get(name)
+    if value is not None and not lo <= value <= hi:
+        raise InvalidArgument(f"{name} must be in [{lo}, {hi}], got {value}", field=name)
+    return value
+
+
+def _only(body: Mapping[str, Any], name: str, allowed: Sequence[object], what: str) -> None:
+    value = body.get(name)
+    if value is not None and value not in allowed:
+        raise InvalidArgument(f"{name} {what}", field=name)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What shapes the reply, apart from the protobuf request itself."""
+
+    kind: Literal["chat", "text"]
+    model: str            # as the client asked for it (echoed in every reply)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+
+
+def _common(body: Mapping[str, Any], request: inference_pb2.GenerateRequest) -> None:
+    """Sampling parameters and the refusals both generate endpoints share."""
+    p = request.params
+    if not body["model"]:
+        raise InvalidArgument("model must not be empty", field="model")
+    request.model = body["model"]
+    request.adapter = body.get("adapter", "")
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if name in body:
+            setattr(p, name, body[name])
+    if (top_k := _int(body, "top_k")) is not None:
+        p.top_k = top_k
+    if (seed := _int(body, "seed", -(2**63), 2**64 - 1)) is not None:
+        p.seed = seed % 2**64  # OpenAI's seeds are signed 64-bit; ours unsigned
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > MAX_STOP:
+        raise InvalidArgument(f"stop takes at most {MAX_STOP} strings, got {len(stops)}", field="stop")
+    for i, s in enumerate(stops):
+        if not isinstance(s, str):
+            raise InvalidArgument(f"stop[{i}] must be a string, got {_json_type(s)}", field="stop")
+    p.stop.extend(stops)
+    p.ignore_eos = body.get("ignore_eos", False)
+    _only(body, "n", [1], "must be 1: one choice per request is supported")
+    if body.get("logit_bias"):
+        raise InvalidArgument("logit_bias is not supported (only an empty object)", field="logit_bias")
+    options = body.get("stream_options") or {}
+    unknown = sorted(set(options) - STREAM_OPTION_KEYS)
+    if unknown:
+        raise InvalidArgument(f"unknown stream_options field: {', '.join(unknown)}", field="stream_options")
+    for key in STREAM_OPTION_KEYS & set(options):
+        if not isinstance(options[key], bool):
+            raise InvalidArgument(f"stream_options.{key} must be a boolean", field="stream_options")
+
+
+def _max_tokens(p: common_pb2.SamplingParams, value: int | None, default: int | None) -> None:
+    if value is not None:
+        p.max_tokens = value
+    elif default is not None:
+        p.max_tokens = default
+
+
+def chat_request(body: object) -> tuple[inference_pb2.GenerateRequest, Options]:
+    b = checked(body, CHAT_FIELDS)
+    request = inference_pb2.GenerateRequest()
+    _common(b, request)
+    request.messages.extend(chat_messages(b["messages"]))
+    max_tokens = _int(b, "max_completion_tokens")
+    _max_tokens(request.params, max_tokens if max_tokens is not None else _int(b, "max_tokens"),
+                DEFAULT_CHAT_MAX_TOKENS)
+    top = _int(b, "top_logprobs")
+    if b.get("logprobs"):
+        request.params.logprobs = top or 0
+    elif top is not None:
+        raise InvalidArgument("top_logprobs needs logprobs: true", field="top_logprobs")
+    if b.get("tools"):
+        raise InvalidArgument("tools are not supported", field="tools")
+    if b.get("functions"):
+        raise InvalidArgument("functions are not supported", field="functions")
+    _only(b, "tool_choice", ["none", "auto"], "is not supported: tools are not (only \"none\" or \"auto\")")
+    _only(b, "function_call", ["none", "auto"], "is not supported (only \"none\" or \"auto\")")
+    _only(b, "response_format", [{"type": "text"}], "is not supported: only {\"type\": \"text\"}")
+    _only(b, "modalities", [["text"]], "is not supported: only [\"text\"]")
+    return request, _options("chat", b)
+
+
+def completion_request(body: object) -> tuple[inference_pb2.GenerateRequest, Options]:
+    b = checked(body, COMPLETION_FIELDS)
+    request = inference_pb2.GenerateRequest()
+    _common(b, request)
+    prompt = b["prompt"]
+    if isinstance(prompt, list):
+        if any(not isinstance(x, str) for x in prompt):
+            raise InvalidArgument("token-id prompts are not supported: send the prompt as text", field="prompt")
+        if len(prompt) != 1:
+            raise InvalidArgument(f"send one prompt per request (got {len(prompt)})", field="prompt")
+        prompt = prompt[0]
+    request.prompt = prompt
+    _max_tokens(request.params, _int(b, "max_tokens"), None)
+    if (logprobs := _int(b, "logprobs")) is not None:
+        request.params.logprobs = logprobs
+    _only(b, "echo", [False], "is not supported (only false)")
+    _only(b, "suffix", [""], "is not supported (only null)")
+    _only(b, "best_of", [1], "must be 1")
+    return request, _options("text", b)
+
+
+def _options(kind: Literal["chat", "text"], b: Mapping[str, Any]) -> Options:
+    stream = b.get("stream", False)
+    return Options(kind=kind, model=b["model"], stream=stream,
+                   include_usage=stream and (b.get("stream_options") or {}).get("include_usage", False),
+                   logprobs=b.get("logprobs") is True if kind == "chat" else "logprobs" in b)
+
+
+def chat_messages(messages: list[Any]) -> list[inference_pb2.ChatMessage]:
+    """OpenAI messages to ChatMessage: text parts joined, "developer" is "system". The
+    worker checks the roles (it renders the chat with the model's template)."""
+    if not messages:
+        raise InvalidArgument("messages must not be empty", field="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidArgument(f"{where} must be an object, got {_json_type(m)}", field=where)
+        unknown = sorted(set(m) - MESSAGE_KEYS)
+        if unknown:
+            raise InvalidArgument(f"unknown field in {where}: {', '.join(unknown)}", field=f"{where}.{unknown[0]}")
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise InvalidArgument(f"{where}.role must be a string, got {_json_type(role)}", field=f"{where}.role")
+        if m.get("tool_calls"):
+            raise InvalidArgument(f"{where}.tool_calls: tool calls are not supported", field=f"{where}.tool_calls")
+        for key in ("name", "tool_call_id", "refusal"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise InvalidArgument(f"{where}.{key} must be a string", field=f"{where}.{key}")
+        content = _content(m.get("content"), where, role)
+        out.append(inference_pb2.ChatMessage(role="system" if role == "developer" else role, content=content))
+    return out
+
+
+def _content(content: object, where: str, role: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        if role == "assistant":
+            return ""
+        raise InvalidArgument(f"{where}.content is required", field=f"{where}.content")
+    if not isinstance(content, list):
+        raise InvalidArgument(f"{where}.content must be a string or an array of text parts, "
+                              f"got {_json_type(content)}", field=f"{where}.content")
+    texts = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        if not isinstance(part, dict):
+            raise InvalidArgument(f"{at} must be an object, got {_json_type(part)}", field=at)
+        if part.get("type") != "text":
+            raise InvalidArgument(f"{at}: only text parts are supported, got type {part.get('type')!r}", field=at)
+        if not isinstance(part.get("text"), str):
+            raise InvalidArgument(f"{at}.text must be a string", field=at)
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    model: str
+    base64: bool
+
+
+def embedding_request(body: object) -> tuple[inference_pb2.EmbedRequest, EmbedOptions]:
+    b = checked(body, EMBEDDING_FIELDS)
+    if not b["model"]:
+        raise InvalidArgument("model must not be empty", field="model")
+    inputs = b["input"]
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not inputs:
+        raise InvalidArgument("input must not be empty", field="input")
+    for i, x in enumerate(inputs):
+        if not isinstance(x, str):
+            raise InvalidArgument(f"input[{i}] must be a string (token-id inputs are not supported), "
+                                  f"got {_json_type(x)}", field="input")
+    _only(b, "encoding_format", ["float", "base64"], "must be \"float\" or \"base64\"")
+    if "dimensions" in b:
+        raise InvalidArgument("dimensions is not supported: the model's own size is returned", field="dimensions")
+    return (inference_pb2.EmbedRequest(model=b["model"], inputs=inputs),
+            EmbedOptions(model=b["model"], base64=b.get("encoding_format") == "base64"))
+
+
+# ---- replies ------------------------------------------------------------------------------
+
+
+def finish_reason(code: int) -> str:
+    """OpenAI's finish_reason; a cancelled or failed sequence is an error, not a reply."""
+    if code == common_pb2.FINISH_REASON_STOP:
+        return "stop"
+    if code == common_pb2.FINISH_REASON_LENGTH:
+        return "length"
+    err = MaasError("the request was cancelled before it finished" if code == common_pb2.FINISH_REASON_CANCELLED
+                    else "the engine failed while producing this completion")
+    err.code = grpc.StatusCode.CANCELLED if code == common_pb2.FINISH_REASON_CANCELLED else grpc.StatusCode.INTERNAL
+    raise err
+
+
+def usage(u: common_pb2.Usage) -> dict[str, Any]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
+
+
+def _token(lp: common_pb2.TokenLogprob | common_pb2.TopLogprob) -> str:
+    # the worker sends ids; without the text, name the id the way vLLM does
+    return lp.token or f"token_id:{lp.token_id}"
+
+
+def chat_logprobs(lps: Sequence[common_pb2.TokenLogprob]) -> dict[str, Any]:
+    return {"content": [{"token": _token(lp), "logprob": lp.logprob, "bytes": None,
+                         "top_logprobs": [{"token": _token(t), "logprob": t.logprob, "bytes": None}
+                                          for t in lp.top]} for lp in lps],
+            "refusal": None}
+
+
+def text_logprobs(lps: Sequence[common_pb2.TokenLogprob]) -> dict[str, Any]:
+    return {"tokens": [_token(lp) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{_token(t): t.logprob for t in lp.top} for lp in lps], "text_offset": None}
+
+
+def completion_id(kind: Literal["chat", "text"], request_id: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
+
+
+def completion(reply: inference_pb2.GenerateResponse, opts: Options, request_id: str,
+               created: int) -> dict[str, Any]:
+    """The non-streamed reply of /v1/chat/completions or /v1/completions."""
+    reason = finish_reason(reply.finish_reason)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+    if opts.kind == "chat":
+        choice["message"] = {"role": "assistant", "content": reply.text, "refusal": None}
+        choice["logprobs"] = chat_logprobs(reply.logprobs) if opts.logprobs else None
+        kind = "chat.completion"
+    else:
+        choice["text"] = reply.text
+        choice["logprobs"] = text_logprobs(reply.logprobs) if opts.logprobs else None
+        kind = "text_completion"
+    return {"id": completion_id(opts.kind, request_id), "object": kind, "created": created,
+            "model": opts.model, "system_fingerprint": None, "choices": [choice], "usage": usage(reply.usage)}
+
+
+class StreamEncoder:
+    """The server-sent events of one streamed completion, as JSON objects: `start()`, then
+    `chunk()` for each GenerateChunk, then `end()` (the usage chunk, if asked for)."""
+
+    def __init__(self, opts: Options, request_id: str, created: int) -> None:
+        self.opts = opts
+        self.head = {"id": completion_id(opts.kind, request_id),
+                     "object": "chat.completion.chunk" if opts.kind == "chat" else "text_completion",
+                     "created": created, "model": opts.model, "system_fingerprint": None}
+        self.usage: dict[str, Any] | None = None
+
+    def _event(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        event = {**self.head, "choices": choices}
+        if self.opts.include_usage:
+            event["usage"] = None
+        return event
+
+    def start(self) -> list[dict[str, Any]]:
+        if self.opts.kind != "chat":
+            return []
+        return [self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])]
+
+    def chunk(self, chunk: inference_pb2.GenerateChunk) -> list[dict[str, Any]]:
+        reason = finish_reason(chunk.finish_reason) if chunk.finish_reason else None
+        if reason is not None:
+            self.usage = usage(chunk.usage)
+        if not chunk.text and reason is None and not (self.opts.logprobs and chunk.logprobs):
+            return []
+        logprobs = None
+        if self.opts.logprobs:
+            logprobs = chat_logprobs(chunk.logprobs) if self.opts.kind == "chat" else text_logprobs(chunk.logprobs)
+        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": reason}
+        if self.opts.kind == "chat":
+            choice["delta"] = {"content": chunk.text} if chunk.text or reason is None else {}
+        else:
+            choice["text"] = chunk.text
+        return [self._event([choice])]
+
+    def end(self) -> list[dict[str, Any]]:
+        if not self.opts.include_usage or self.usage is None:
+            return []
+        return [{**self.head, "choices": [], "usage": self.usage}]
+
+
+def embedding_list(reply: inference_pb2.EmbedResponse, opts: EmbedOptions) -> dict[str, Any]:
+    data = []
+    for i, e in enumerate(reply.data):
+        values: Any = list(e.values)
+        if opts.base64:
+            values = base64.b64encode(struct.pack(f"<{len(e.values)}f", *e.values)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": values})
+    tokens = reply.usage.prompt_tokens
+    return {"object": "list", "data": data, "model": opts.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def model_object(m: inference_pb2.ServedModel) -> dict[str, Any]:
+    """OpenAI's Model, plus what the mesh knows (extension fields)."""
+    return {"id": m.name, "object": "model", "created": 0, "owned_by": OWNER, "version": m.version,
+            "task": m.task or "generate", "context_length": m.context_length, "ready_replicas": m.ready_replicas}
+
+
+def model_list(reply: inference_pb2.ListModelsResponse) -> dict[str, Any]:
+    return {"object": "list", "data": [model_object(m) for m in reply.models]}

