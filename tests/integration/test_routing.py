@@ -64,3 +64,28 @@ async def test_router_metrics_count_requests_tokens_and_latency(mesh: MeshHarnes
              value("maas_router_time_to_first_token_seconds_count", model="echo"),
              value("maas_router_requests_total", model="other", tenant="-", status="NOT_FOUND"))
     assert [a - b for a, b in zip(after, before, strict=True)] == [2, 4, 1, 1]
+
+
+async def test_a_full_model_queues_briefly_then_sheds(mesh: MeshHarness):
+    import grpc
+    import pytest
+
+    await mesh.core()
+    await mesh.worker()
+    await mesh.register("echo", token_delay_ms="50", max_running="1")  # one request at a time
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+
+    short = asyncio.create_task(mesh.generate("echo", max_tokens=10))  # about 0.5 s
+    await asyncio.sleep(0.1)
+    waited = await mesh.generate("echo", max_tokens=2)  # full: it waits for room, then runs
+    assert waited[-1].usage.completion_tokens == 2
+    await short
+
+    long = asyncio.create_task(mesh.generate("echo", max_tokens=200, ignore_eos=True))  # about 10 s
+    await asyncio.sleep(0.1)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.generate("echo", max_tokens=2)  # still full after the 2 s the router queues: shed
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at capacity" in err.value.details()
+    assert dict(err.value.trailing_metadata() or ()).get("retry-after") == "1"
+    long.cancel()

@@ -23,7 +23,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from maas.mesh.clients import REPLICA_HEADER
-from maas.mesh.errors import MaasError, Unavailable, from_rpc_error
+from maas.mesh.errors import MaasError, ResourceExhausted, Unavailable, from_rpc_error
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.services.router.pool import ReplicaPool
 from maas.services.router.tenants import Gate, Ticket
@@ -32,9 +32,14 @@ from maas.v1 import common_pb2, inference_pb2, mesh_pb2
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # replicas one request may try (first attempt included)
+QUEUE_SECONDS = 2.0  # how long a request waits when every replica is full, before it is shed
+MAX_WAITING = 1024   # requests allowed to wait that way in one router
+QUEUE_POLL = 0.1
 
 RETRIES = Counter("maas_router_retries_total", "Requests re-sent to another replica before their first token.",
                   ["model"])
+SHED = Counter("maas_router_shed_requests_total",
+               "Requests refused because every replica was full for the whole queueing time.", ["model"])
 MIGRATIONS = Counter("maas_router_migrations_total",
                      "Streams moved to another replica after their worker failed mid-stream.", ["model"])
 
@@ -113,10 +118,14 @@ class Forwarder:
     """`api_key` is the caller's credential as sent (gRPC metadata or an HTTP bearer
     token); tenants, keys and limits check it here, for both front ends."""
 
-    def __init__(self, pool: ReplicaPool, gate: Gate | None = None, *, max_attempts: int = MAX_ATTEMPTS) -> None:
+    def __init__(self, pool: ReplicaPool, gate: Gate | None = None, *, max_attempts: int = MAX_ATTEMPTS,
+                 queue_timeout: float = QUEUE_SECONDS, max_waiting: int = MAX_WAITING) -> None:
         self.pool = pool
         self.gate = gate
         self.max_attempts = max_attempts
+        self.queue_timeout = queue_timeout
+        self.max_waiting = max_waiting
+        self.waiting = 0  # requests waiting for a full model to have room
 
     @contextlib.asynccontextmanager
     async def _admit(self, api_key: str, model: str) -> AsyncIterator[Ticket]:
@@ -160,12 +169,11 @@ class Forwarder:
             params.seed = random.getrandbits(63)  # a resumed stream must sample as the first attempt would
         deadline = None if timeout is None else time.monotonic() + timeout
         produced: list[int] = []
-        tried: set[str] = set()
-        for attempt in range(self.max_attempts):
-            replica = await self.pool.pick(request.model, tried, _remaining(deadline), affinity)
-            if not tried:
+        attempts = _Attempts(self, request.model, deadline)
+        while True:
+            replica = await attempts.next(affinity)
+            if attempts.first:
                 OVERHEAD.observe(time.perf_counter() - entered)
-            tried.add(replica.replica_id)
             sent = request
             if produced:
                 sent = inference_pb2.GenerateRequest()
@@ -180,30 +188,9 @@ class Forwarder:
                         yield chunk
                 return
             except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise from_rpc_error(e) from None
-                self._failed(replica, request, e, produced, tried, last=attempt + 1 >= self.max_attempts)
+                attempts.failed(replica, e, len(produced))
             finally:
                 call.cancel()
-
-    def _failed(self, replica: mesh_pb2.ReplicaInfo, request: inference_pb2.GenerateRequest,
-                e: grpc.aio.AioRpcError, produced: list[int], tried: set[str], *, last: bool) -> None:
-        """A replica failed a request (its worker died, or is going away): avoid it for a
-        while, and try another unless this was the last attempt."""
-        self.pool.mark_failed(replica)
-        where = f"after {len(produced)} tokens" if produced else "before the first token"
-        if last:
-            raise Unavailable(f"worker {replica.worker_id} failed {where} ({e.details()}), "
-                              f"and {self.max_attempts} attempts were used up")
-        if not any(r.replica_id not in tried for r in self.pool.ready(request.model)):
-            raise Unavailable(f"worker {replica.worker_id} failed {where} ({e.details()}), "
-                              "and no other replica is ready")
-        if produced:
-            MIGRATIONS.labels(request.model).inc()
-            log.warning("worker %s failed %s (%s); moving the stream to another replica",
-                        replica.worker_id, where, e.details())
-        else:
-            RETRIES.labels(request.model).inc()
 
     async def generate(self, request: inference_pb2.GenerateRequest, timeout: float | None,
                        api_key: str = "", session: str = "") -> inference_pb2.GenerateResponse:
@@ -232,22 +219,18 @@ class Forwarder:
         entered = time.perf_counter()
         metadata = self.prepare(request)
         deadline = None if timeout is None else time.monotonic() + timeout
-        tried: set[str] = set()
-        for attempt in range(self.max_attempts):
-            replica = await self.pool.pick(request.model, tried, _remaining(deadline), affinity)
-            if not tried:
+        attempts = _Attempts(self, request.model, deadline)
+        while True:
+            replica = await attempts.next(affinity)
+            if attempts.first:
                 OVERHEAD.observe(time.perf_counter() - entered)
-            tried.add(replica.replica_id)
             try:
                 with self.pool.track(replica):
                     return await self.pool.stub(replica).Generate(
                         request, timeout=_remaining(deadline),
                         metadata=(*metadata, (REPLICA_HEADER, replica.replica_id)))
             except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise from_rpc_error(e) from None
-                self._failed(replica, request, e, [], tried, last=attempt + 1 >= self.max_attempts)
-        raise AssertionError("unreachable")
+                attempts.failed(replica, e, 0)
 
     async def embed(self, request: inference_pb2.EmbedRequest, timeout: float | None,
                     api_key: str = "") -> inference_pb2.EmbedResponse:
@@ -275,3 +258,74 @@ class Forwarder:
                     context_length=r.context_length)
             by_name[r.deployment].ready_replicas += 1
         return inference_pb2.ListModelsResponse(models=[by_name[name] for name in sorted(by_name)])
+
+
+class _Attempts:
+    """The replicas one request tries, and why it stops trying.
+
+    - UNAVAILABLE (the worker died or is draining): avoid that worker for a while and try
+      another replica, at most `max_attempts` in all; a stream resumes where it was.
+    - RESOURCE_EXHAUSTED before the first token (the replica's queue is full): try the
+      others; when every one is full, wait (polling every 0.1 s) for up to `queue_timeout`
+      seconds, with at most `max_waiting` requests waiting in this router, then shed the
+      request with RESOURCE_EXHAUSTED and a retry-after hint. Never an unbounded queue.
+    - Anything else is the request's own answer and is passed on.
+    """
+
+    def __init__(self, forwarder: Forwarder, model: str, deadline: float | None) -> None:
+        self.fw, self.model, self.deadline = forwarder, model, deadline
+        self.tried: set[str] = set()      # failed (UNAVAILABLE) or in use by this attempt
+        self.full: set[str] = set()       # refused for being full, this round
+        self.failures = 0
+        self.queued_since: float | None = None
+        self.first = True
+
+    async def next(self, affinity: str) -> mesh_pb2.ReplicaInfo:
+        pool = self.fw.pool
+        if self.full and not any(r.replica_id not in self.tried | self.full for r in pool.ready(self.model)):
+            await self._wait_for_room()
+        replica = await pool.pick(self.model, self.tried | self.full, _remaining(self.deadline), affinity)
+        self.first = not self.tried and not self.full and self.queued_since is None
+        self.tried.add(replica.replica_id)
+        return replica
+
+    async def _wait_for_room(self) -> None:
+        now = time.monotonic()
+        self.queued_since = self.queued_since or now
+        out_of_time = now - self.queued_since >= self.fw.queue_timeout or (
+            self.deadline is not None and now + QUEUE_POLL >= self.deadline)
+        if out_of_time or self.fw.waiting >= self.fw.max_waiting:
+            SHED.labels(self.fw._label(self.model)).inc()
+            raise ResourceExhausted(f"every replica of {self.model!r} is at capacity; retry shortly",
+                                    retry_after=1)
+        self.fw.waiting += 1
+        try:
+            await asyncio.sleep(QUEUE_POLL)
+        finally:
+            self.fw.waiting -= 1
+        self.full.clear()
+
+    def failed(self, replica: mesh_pb2.ReplicaInfo, e: grpc.aio.AioRpcError, produced: int) -> None:
+        """Decide after a failed call: return to try again, or raise the request's error."""
+        code = e.code()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not produced:
+            self.tried.discard(replica.replica_id)
+            self.full.add(replica.replica_id)
+            return
+        if code != grpc.StatusCode.UNAVAILABLE:
+            raise from_rpc_error(e) from None
+        self.failures += 1
+        self.fw.pool.mark_failed(replica)
+        where = f"after {produced} tokens" if produced else "before the first token"
+        if self.failures >= self.fw.max_attempts:
+            raise Unavailable(f"worker {replica.worker_id} failed {where} ({e.details()}), "
+                              f"and {self.fw.max_attempts} attempts were used up")
+        if not any(r.replica_id not in self.tried for r in self.fw.pool.ready(self.model)):
+            raise Unavailable(f"worker {replica.worker_id} failed {where} ({e.details()}), "
+                              "and no other replica is ready")
+        if produced:
+            MIGRATIONS.labels(self.fw._label(self.model)).inc()
+            log.warning("worker %s failed %s (%s); moving the stream to another replica",
+                        replica.worker_id, where, e.details())
+        else:
+            RETRIES.labels(self.fw._label(self.model)).inc()

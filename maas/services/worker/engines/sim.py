@@ -2,7 +2,9 @@
 
 Options (all strings, from the model spec): `token_delay_ms` (default 5) is the
 pause before each token, `context_length` (default 2048) the context size in words,
-`load_delay_ms` (default 0) how long loading takes.
+`load_delay_ms` (default 0) how long loading takes, `max_running` (default 0: no limit)
+how many requests it serves at once before refusing more (RESOURCE_EXHAUSTED, like a
+full queue in the real engine).
 Prompt "tokens" are the prompt's whitespace-separated words. Each generated token is
 a word picked by hashing (prompt, seed, absolute position), so a request resumed
 with its already-produced tokens continues exactly as it would have. Temperature 0
@@ -18,7 +20,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Sequence
 
-from maas.mesh.errors import FailedPrecondition, InvalidArgument
+from maas.mesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from maas.services.worker.engines.base import (
     ChatMessage,
     Delta,
@@ -58,6 +60,7 @@ class SimEngine:
         self.token_delay = _option(spec, "token_delay_ms", 5.0, minimum=0) / 1000
         self.context_length = int(_option(spec, "context_length", 2048, minimum=2))
         self.load_delay = _option(spec, "load_delay_ms", 0.0, minimum=0) / 1000
+        self.max_running = int(_option(spec, "max_running", 0, minimum=0))  # 0: unlimited
         self._loaded = False
         self._running = 0
 
@@ -96,6 +99,8 @@ class SimEngine:
         if len(resumed) >= params.max_tokens:
             yield out.finish("length")
             return
+        if self.max_running and self._running >= self.max_running:
+            raise ResourceExhausted(f"model {self.spec.name} is running {self._running} requests, its limit")
         self._running += 1
         try:
             async for delta in self._decode(out, prompt_key, seed, prompt_tokens, params.max_tokens):
