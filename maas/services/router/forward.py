@@ -49,11 +49,13 @@ MIN_PREFIX_CHARS = 128  # shorter prompts gain little from a cached prefix: leas
 SESSION_HEADER = "x-session-id"
 
 
-def affinity_key(request: inference_pb2.GenerateRequest, session: str = "") -> str:
+def affinity_key(request: inference_pb2.GenerateRequest, session: str = "", *, prefix: bool = True) -> str:
     """Where a request would rather go: its session's replica; else the replica likely to
     hold its prompt's prefix (and adapter) in cache; else anywhere ("")."""
     if session:
         return f"session|{session}"
+    if not prefix:
+        return ""
     text = request.prompt or "".join(f"{m.role}:{m.content}\n" for m in getattr(request, "messages", ()))
     if len(text) >= MIN_PREFIX_CHARS:
         return f"prefix|{request.model}|{request.adapter}|{text[:PREFIX_CHARS]}"
@@ -119,8 +121,10 @@ class Forwarder:
     token); tenants, keys and limits check it here, for both front ends."""
 
     def __init__(self, pool: ReplicaPool, gate: Gate | None = None, *, max_attempts: int = MAX_ATTEMPTS,
-                 queue_timeout: float = QUEUE_SECONDS, max_waiting: int = MAX_WAITING) -> None:
+                 queue_timeout: float = QUEUE_SECONDS, max_waiting: int = MAX_WAITING,
+                 prefix_affinity: bool = True) -> None:
         self.pool = pool
+        self.prefix_affinity = prefix_affinity
         self.gate = gate
         self.max_attempts = max_attempts
         self.queue_timeout = queue_timeout
@@ -149,7 +153,7 @@ class Forwarder:
         try:
             async with self._admit(api_key, request.model) as ticket:
                 record.tenant = ticket.tenant
-                async for chunk in self._stream(request, timeout, affinity_key(request, session)):
+                async for chunk in self._stream(request, timeout, affinity_key(request, session, prefix=self.prefix_affinity)):
                     record.chunk(time.perf_counter())
                     if chunk.finish_reason:
                         ticket.tokens = record.usage(chunk.usage)
@@ -199,7 +203,7 @@ class Forwarder:
         try:
             async with self._admit(api_key, request.model) as ticket:
                 record.tenant = ticket.tenant
-                response = await self._generate(request, timeout, affinity_key(request, session))
+                response = await self._generate(request, timeout, affinity_key(request, session, prefix=self.prefix_affinity))
                 ticket.tokens = record.usage(response.usage)
                 return response
         except BaseException as e:

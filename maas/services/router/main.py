@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     MeshConfig.add_arguments(parser, default_port=DEFAULT_PORT)
     parser.add_argument("--cold-start-timeout", type=float, default=COLD_START_SECONDS,
                         help="seconds a request waits for a model scaled to zero to load")
+    parser.add_argument("--no-prefix-affinity", dest="prefix_affinity", action="store_false",
+                        help="route by load only (sessions still stick): for comparisons and A/B tests")
     parser.add_argument("--auth", choices=AUTH_MODES, default="auto",
                         help="API keys: required, off, or auto (required once any key exists; default)")
     parser.add_argument("--http-host", default=None, help="address the HTTP API binds (default: --host)")
@@ -32,14 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SECONDS,
-                auth: str = "auto", http_host: str | None = None, http_port: int = -1) -> ReplicaPool:
+                auth: str = "auto", http_host: str | None = None, http_port: int = -1,
+                prefix_affinity: bool = True) -> ReplicaPool:
     """Wire a router into a runtime (also used by in-process tests). `http_port` -1 serves
     no HTTP API; the endpoint it serves is published as the router's `http_endpoint`."""
     if not -1 <= http_port <= 65535:
         raise StartupError(f"HTTP port {http_port} is out of range (-1 turns the HTTP API off)")
     pool = ReplicaPool(rt.etcd, cold_start_timeout=cold_start_timeout)
     gate = Gate(rt.etcd, auth)
-    forwarder = Forwarder(pool, gate)
+    forwarder = Forwarder(pool, gate, prefix_affinity=prefix_affinity)
     rt.add_service(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                    inference_pb2_grpc.add_InferenceServicer_to_server, RouterInferenceServicer(forwarder))
     rt.add_closer(pool.close)
@@ -64,6 +67,7 @@ def main(ns: argparse.Namespace) -> int:
     async def serve() -> None:
         async with ServiceRuntime(config) as rt:
             await build(rt, cold_start_timeout=ns.cold_start_timeout, auth=ns.auth, http_host=ns.http_host,
+                        prefix_affinity=ns.prefix_affinity,
                         http_port=ns.http_port)
             await rt.wait()
 
