@@ -3,11 +3,18 @@
 Real etcd and nats-server (from the pip wheels) run in a temporary directory; a registry,
 a scheduler, a router and N workers (default 2) run as separate processes
 (`python -m maas <kind>`), as in production, so the load generator (this process), the
-router and the workers each have their own event loop and GIL. Models are `sim` (words
-instead of a model, a fixed delay per token), so model compute does not hide the router:
+router and the workers each have their own event loop and GIL. The unary and streaming
+models are `sim` (words instead of a model, a fixed delay per token), so model compute does
+not hide the router; the prefix part uses the real engine:
 
   bench-fast    token_delay_ms=0, 1 replica: the worker answers at once (unary overhead)
   bench-stream  token_delay_ms=--stream-delay-ms (0), one replica per worker (streaming)
+  bench-prefix  the forged demo model (format hf, the directory tests/conftest.py's
+                demo_model_dir uses; forged only if missing), prefix_cache_mb=1024, one
+                replica per worker; the workers run with OMP_NUM_THREADS = CPUs / workers
+                (with torch's default, every CPU in each worker, two engines sharing two
+                cores ran about 25 times slower); a second router, --no-prefix-affinity,
+                is its baseline
 
 Then, each against a baseline measured in the same run:
 
@@ -21,22 +28,33 @@ Then, each against a baseline measured in the same run:
              chunks/s and tokens per chunk (coalescing shows there); every routed stream
              is checked against the direct one for the same prompt (nothing dropped or
              reordered).
-  prefix     prefix affinity (time to first token with shared system prompts on the real
-             engine, routed by prefix vs least load) is not measured yet: a hook
-             (bench_prefix_affinity) that says so.
+  prefix     time to first token with shared system prompts on the real engine, through
+             the router (routed by prompt prefix) and through the second router (least
+             load). Each phase: --prefix-requests (128) GenerateStream calls (a system
+             message of 1,250-1,400 characters, about 600 tokens, and a short question of
+             its own; max_tokens 4, greedy) at --prefix-concurrency (8), over
+             --prefix-prompts (4) system prompts that no earlier phase used, so no phase
+             finds another's prefixes in cache; 2 rounds, ABBA. TTFT p50/p90 (to the first
+             chunk with tokens), the prompt tokens served from the prefix cache
+             (cached_prompt_tokens / prompt_tokens from the last chunk's usage), requests
+             that found nothing cached, distinct replicas per system prompt, and TTFT of
+             cached vs uncached requests.
 
 Each row also shows where the CPU went: CPU seconds per process (this client, the router,
 the workers) divided by the wall time, i.e. cores busy. The last line is machine-readable:
 
-  router_overhead_ms=<a> router_vs_direct=<b> stream_tokens_s=<c>
+  router_overhead_ms=<a> router_vs_direct=<b> stream_tokens_s=<c> prefix_ttft_speedup=<d>
 
 a = p50(router) - p50(direct) at concurrency 1 (target under 0.5 ms); b = requests/s
 through the router / requests/s direct at the highest concurrency (target at least 0.8);
 c = tokens/s the client received through the router (target at least 50,000 on a 2-core
-machine). A figure that could not be measured prints as nan and the exit status is 1.
+machine); d = TTFT p50 least-load / TTFT p50 affinity (above 1: affinity is faster). A
+figure that could not be measured prints as nan and the exit status is 1; --no-prefix
+skips the prefix part (d prints as nan, and does not count).
 
     python bench/router.py                      # 2,000 requests per row, 256 streams x 300 tokens
-    python bench/router.py --quick              # small sizes, a quick check
+    python bench/router.py --quick              # small sizes, a quick check (32 prefix requests per phase)
+    python bench/router.py --no-prefix          # without the prefix part (no hf model, no second router)
     python bench/router.py --py-spy /tmp/prof   # sample the router (and workers) with py-spy
     python bench/router.py --profile-router /tmp/router.prof   # cProfile the router process
 """
@@ -64,7 +82,7 @@ from pathlib import Path
 
 import grpc
 
-from maas.mesh.clients import REPLICA_HEADER, MeshClient, dial
+from maas.mesh.clients import REPLICA_HEADER, MeshClient, dial, live_services
 from maas.mesh.errors import MaasError
 from maas.stack.servers import Child, start_etcd, start_nats
 from maas.v1 import (
@@ -78,7 +96,10 @@ from maas.v1 import (
     scheduler_pb2_grpc,
 )
 
-FAST, STREAM = "bench-fast", "bench-stream"
+FAST, STREAM, PREFIX = "bench-fast", "bench-stream", "bench-prefix"
+ROUTER_NAMES = {"affinity": "router", "least-load": "router-lb"}  # prefix part: path -> process
+PREFIX_ROUNDS = 2  # prefix phases per router, alternating (ABBA)
+KV_CACHE_MB = 512  # the hf engine's default KV budget on CPU
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ROUNDS = 2  # unary rounds per level, alternating direct and router
 CALL_TIMEOUT = 60.0
@@ -132,14 +153,15 @@ class Mesh:
     children: list[Child] = field(default_factory=list)
     named: dict[str, Child] = field(default_factory=dict)
 
-    def spawn(self, name: str, kind: str, *args: str, profile: str = "") -> Child:
+    def spawn(self, name: str, kind: str, *args: str, profile: str = "", env: dict[str, str] | None = None
+              ) -> Child:
         cmd = [sys.executable]
         if profile:
             cmd += ["-m", "cProfile", "-o", profile]
         cmd += ["-m", "maas", kind, "--etcd", self.etcd, "--nats", self.nats, "--prefix", self.prefix,
                 "--lease-ttl", "10", "--metrics-port", "-1", "--grace", "1", "--log-level", self.log_level, *args]
         child = Child(name, cmd, self.tmp / "logs" / f"{name}.log",
-                      env={**os.environ, "PYTHONUNBUFFERED": "1"}).start()
+                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}).start()
         self.children.append(child)
         self.named[name] = child
         return child
@@ -323,6 +345,46 @@ async def channel_to(client: MeshClient, mesh: Mesh, kind: str, timeout: float =
             await asyncio.sleep(0.2)
 
 
+async def router_channel(client: MeshClient, mesh: Mesh, instance: str,
+                         timeout: float = 120.0) -> grpc.aio.Channel:
+    """A channel to the router registered as `instance` (there may be two)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        Stop.check()
+        mesh.check_alive()
+        found = [s for s in await live_services(client.etcd, client.keys, "router") if s.instance == instance]
+        if found:
+            channel = dial(found[0].endpoint)
+            await asyncio.wait_for(channel.channel_ready(), 10)
+            return channel
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"router {instance} not registered after {timeout:.0f}s")
+        await asyncio.sleep(0.2)
+
+
+FORGE = """import os
+from pathlib import Path
+from maas.models.forge import DEFAULT_STEPS, FORGE_VERSION, forge_demo_model
+root = Path(os.environ.get("MAAS_TEST_CACHE") or Path.home() / ".cache" / "maas-mesh" / "test-models")
+print(forge_demo_model(root / f"demo-v{FORGE_VERSION}-seed0-steps{DEFAULT_STEPS}", seed=0))
+"""  # the directory tests/conftest.py's demo_model_dir uses: forged once, then reused
+
+
+async def demo_model(timeout: float = 900.0) -> str:
+    """The forged demo model's directory (forged, in a subprocess, only if not cached)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", FORGE, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode:
+        raise RuntimeError(f"forging the demo model failed:\n{err.decode(errors='replace')[-2000:]}")
+    return out.decode().strip().splitlines()[-1]
+
+
 async def wait_workers(client: MeshClient, mesh: Mesh, count: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while len(await client.etcd.get_prefix(client.keys.workers())) < count:
@@ -334,9 +396,10 @@ async def wait_workers(client: MeshClient, mesh: Mesh, count: int, timeout: floa
 
 
 async def deploy(registry: grpc.aio.Channel, scheduler: grpc.aio.Channel, name: str, replicas: int,
-                 **options: str) -> None:
+                 fmt: str = "sim", source: str = "", memory_bytes: int = 0, **options: str) -> None:
     await registry_pb2_grpc.RegistryStub(registry).RegisterModel(registry_pb2.RegisterModelRequest(
-        name=name, format="sim", task="generate", description="bench/router.py", options=options), timeout=10)
+        name=name, format=fmt, source=source, task="generate", description="bench/router.py", options=options,
+        resources=common_pb2.Resources(memory_bytes=memory_bytes)), timeout=10)
     await scheduler_pb2_grpc.SchedulerStub(scheduler).CreateDeployment(scheduler_pb2.CreateDeploymentRequest(
         deployment=scheduler_pb2.Deployment(name=name, model=name, replicas=replicas)), timeout=10)
 
@@ -509,10 +572,10 @@ async def bench_unary(args: argparse.Namespace, mesh: Mesh, router: inference_pb
         overhead = (pct(rows[(low, "router")].latencies, 0.5) - pct(rows[(low, "direct")].latencies, 0.5)) * 1e3
         ratio = rows[(high, "router")].rate / rows[(high, "direct")].rate
         for level in args.levels:
-            d, r = rows[(level, "direct")], rows[(level, "router")]
-            print(f"  at {level:>3}: router adds {(pct(r.latencies, 0.5) - pct(d.latencies, 0.5)) * 1e3:.3f} ms "
-                  f"at p50, {(pct(r.latencies, 0.9) - pct(d.latencies, 0.9)) * 1e3:.3f} ms at p90; "
-                  f"throughput {r.rate / d.rate:.2f}x direct")
+            dr, rr = rows[(level, "direct")], rows[(level, "router")]
+            print(f"  at {level:>3}: router adds {(pct(rr.latencies, 0.5) - pct(dr.latencies, 0.5)) * 1e3:.3f} ms "
+                  f"at p50, {(pct(rr.latencies, 0.9) - pct(dr.latencies, 0.9)) * 1e3:.3f} ms at p90; "
+                  f"throughput {rr.rate / dr.rate:.2f}x direct")
         print(f"  router_overhead_ms (p50 added at {low}) {overhead:.3f} ms (target < 0.5); "
               f"router_vs_direct (req/s at {high}) {ratio:.2f}x (target >= 0.8)")
         return overhead, ratio
@@ -524,8 +587,9 @@ async def bench_streaming(args: argparse.Namespace, mesh: Mesh, router: inferenc
                           replicas: list[mesh_pb2.ReplicaInfo], spy: PySpy | None) -> float:
     channels = {r.endpoint: dial(r.endpoint) for r in replicas}
     try:
-        direct = [(inference_pb2_grpc.InferenceStub(channels[r.endpoint]), ((REPLICA_HEADER, r.replica_id),))
-                  for r in replicas]
+        direct: list[tuple[inference_pb2_grpc.InferenceStub, tuple[tuple[str, str], ...]]] = [
+            (inference_pb2_grpc.InferenceStub(channels[r.endpoint]), ((REPLICA_HEADER, r.replica_id),))
+            for r in replicas]
         routed = [(router, ())]
         pids = mesh.pids()
         # warm up both paths (connections, code paths) with a few short streams
@@ -566,21 +630,263 @@ async def bench_streaming(args: argparse.Namespace, mesh: Mesh, router: inferenc
             await ch.close()
 
 
-async def bench_prefix_affinity(args: argparse.Namespace, mesh: Mesh) -> float | None:
-    """Hook for issue 5's third measurement, prefix affinity on the real engine: workers
-    serving the forged demo model (format hf) with its prefix cache; requests that share
-    a few long system prompts (different user turns), sent through the router (routed by
-    prompt prefix) and, as the baseline in the same run, spread by least load; compare time
-    to first token (p50/p90) and the engines' prefix hit rate (LoadReport.prefix_hit_rate).
-    Not measured yet: returns None, and the bench says so rather than print a made-up figure."""
-    from maas.services.router import forward
+# -- prefix affinity -------------------------------------------------------------------------
 
-    if hasattr(forward, "affinity_key"):
-        print("\nprefix affinity: not measured yet (the router routes by prompt prefix; "
-              "bench_prefix_affinity in bench/router.py is the hook)")
-    else:
-        print("\nprefix affinity: not implemented in the router yet (issue 5)")
-    return None
+# The system prompts: the customer-service assistant of an organisation (another one, or
+# another branch of one, for each prompt: they differ from their first words on), then
+# seven house rules drawn from a pool. The user turns: a question and a reference number.
+ORGS = (
+    ("Northbridge Rail", "a regional rail operator", "timetables, tickets, season passes, refunds, "
+     "accessibility assistance and planned engineering works"),
+    ("Harbour & Vale Building Society", "a mutual savings and mortgage lender", "savings accounts, mortgage "
+     "applications, overpayments, branch opening hours and card security"),
+    ("St Columba's Community Clinic", "an outpatient clinic", "appointments, repeat prescriptions, vaccination "
+     "schedules, test results and how to reach the out-of-hours service"),
+    ("Lumen Analytics", "a software company selling a data dashboard product", "plans and billing, single "
+     "sign-on, data connectors, API limits and incident status"),
+    ("Copperfield Mutual Insurance", "a home and motor insurer", "policy cover, claims, excess amounts, "
+     "renewals, named drivers and windscreen repairs"),
+    ("Aurora Skyways", "a short-haul airline", "bookings, baggage allowances, seat selection, check-in, "
+     "delays and compensation"),
+    ("Greenline Energy", "an electricity and gas supplier", "meter readings, tariffs, direct debits, smart "
+     "meters, moving home and power cuts"),
+    ("Kestrel University Library", "a university library", "borrowing, renewals, fines, inter-library loans, "
+     "study-room bookings and access to electronic journals"),
+    ("Meadowbrook Veterinary Practice", "a veterinary practice for small animals", "appointments, "
+     "vaccinations, pet insurance forms, emergency care and repeat medication"),
+    ("Tidewater Water Services", "a water utility", "bills, leaks, water quality notices, metering and "
+     "planned supply interruptions"),
+    ("Orchard Lane Grocers", "an online grocery delivery service", "delivery slots, substitutions, missing "
+     "items, refunds, the loyalty scheme and allergens"),
+    ("Pinecrest Property Management", "a residential letting agent", "rent payments, repairs, deposits, "
+     "inspections, notice periods and tenancy renewals"),
+    ("Brightwater Council", "a district council", "council tax, bin collections, parking permits, planning "
+     "applications and library services"),
+    ("Summit Outdoor Gear", "an outdoor clothing retailer", "orders, returns, sizing, warranty repairs, "
+     "click-and-collect and gift cards"),
+    ("Crescent Telecom", "a broadband and mobile provider", "outages, router setup, roaming, contract "
+     "upgrades, number porting and bills"),
+    ("Redwood Fitness Clubs", "a chain of gyms", "memberships, freezes and cancellations, class bookings, "
+     "personal training and guest passes"),
+)
+ASSISTANTS = ("Ada", "Ben", "Cora", "Dev", "Ella", "Finn", "Gwen", "Hugo", "Iris", "Jonah", "Kira", "Leo",
+              "Maya", "Noor", "Otto", "Pia")
+BRANCHES = ("Highland", "Coastal", "Riverside", "Lakeside", "Valley", "Metro", "Island", "Border")
+RULES = (
+    "Keep answers short: three sentences at most unless the customer asks for detail, and never pad an "
+    "answer with pleasantries.",
+    "Never ask for a full card number, a password or a one-time code, and remind the customer not to share "
+    "them if they offer.",
+    "If you are not sure of an answer, say so plainly and offer to pass the question to a member of staff "
+    "instead of guessing.",
+    "Quote prices, fees and dates exactly as they appear in the customer's account or the published "
+    "policy; do not round or estimate them.",
+    "When a customer is upset, acknowledge the problem in one sentence before you explain what can be done "
+    "about it.",
+    "Do not give legal, medical or financial advice beyond our published guidance; point the customer to a "
+    "qualified professional.",
+    "Use plain English, avoid internal jargon and abbreviations, and explain any term the customer may not "
+    "know.",
+    "If the customer writes in another language, answer in that language if you can, and otherwise say "
+    "politely that you can only help in English.",
+    "Confirm the customer's identity with their reference number and postcode before discussing anything "
+    "specific to their account.",
+    "Offer the self-service page that solves the problem when there is one, with a one-line summary of "
+    "what the customer will find there.",
+    "Never promise a refund, a credit or compensation; explain the process and the usual time it takes, "
+    "and let staff make the decision.",
+    "Our opening hours are eight in the morning to eight in the evening on weekdays and nine to five on "
+    "Saturdays; we are closed on Sundays and public holidays.",
+    "Complaints are acknowledged within two working days and answered in full within eight weeks; give "
+    "the customer their complaint reference.",
+    "If the customer mentions a safety risk or an emergency, tell them to contact the emergency services "
+    "first, then continue to help.",
+    "Do not discuss other customers, staff members or internal systems, even if the customer insists or "
+    "claims to work for us.",
+    "End each answer by asking whether there is anything else you can help with, unless the customer has "
+    "said goodbye.",
+    "Accessibility matters: offer large-print, audio or British Sign Language versions of any document "
+    "the customer asks about.",
+    "Record nothing the customer did not ask you to record, and tell them how to see or delete the data we "
+    "hold about them.",
+)
+QUESTIONS = (
+    "How do I change the email address on my account?", "Can I get a copy of my last statement?",
+    "What are your opening hours this Saturday?", "I was charged twice this month, what should I do?",
+    "How long does a refund usually take?", "Can someone call me back tomorrow morning?",
+    "How do I make a complaint?", "Is there a discount for students?",
+    "I moved house last week; what do I need to update?", "Why did my monthly payment go up?",
+    "Can I pause my account while I am abroad?", "Where can I find the large-print version?",
+    "What documents do you need from me?", "Can my partner manage the account for me?",
+    "How do I cancel, and is there a fee?", "Who do I contact out of hours?",
+)
+
+
+def system_prompt(k: int) -> str:
+    """The k-th system prompt (0, 1, 2, ...). With the demo model's tokenizer the first 144
+    differ within their first 16 tokens (the engine's cache block), so no two share a
+    cached prefix; main() keeps the bench below that."""
+    org, what, topics = ORGS[k % len(ORGS)]
+    if k >= len(ORGS):
+        org = f"{BRANCHES[(k // len(ORGS) - 1) % len(BRANCHES)]} {org}"
+    name = ASSISTANTS[k % len(ASSISTANTS)]
+    rules = random.Random(k).sample(RULES, 7)
+    return (f"{org} customer service. You are {name}, the virtual assistant of {org}, {what}. You answer "
+            f"customers' questions about {topics}. Follow these rules in every answer.\n"
+            + "".join(f"{i}. {rule}\n" for i, rule in enumerate(rules, 1))
+            + "Today's date and the customer's account details are given to you by the system when known.")
+
+
+def prefix_request(system: str, question: str, max_tokens: int) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(
+        model=PREFIX, messages=[inference_pb2.ChatMessage(role="system", content=system),
+                                inference_pb2.ChatMessage(role="user", content=question)],
+        params=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+
+
+@dataclass
+class PrefixPhase:
+    """Requests of one or more phases: (system prompt, ttft s, prompt tokens, cached prompt
+    tokens, replica id) each; the wall time and CPU of each phase."""
+
+    rows: list[tuple[int, float, int, int, str]] = field(default_factory=list)
+    walls: list[float] = field(default_factory=list)
+    cpus: list[Cpu] = field(default_factory=list)
+
+    def ttft(self, q: float) -> float:
+        return pct([r[1] for r in self.rows], q)
+
+    @property
+    def hit_share(self) -> float:
+        prompt = sum(r[2] for r in self.rows)
+        return sum(r[3] for r in self.rows) / prompt if prompt else math.nan
+
+    @property
+    def misses(self) -> int:
+        """Requests that found none of their prompt in the replica's prefix cache."""
+        return sum(not r[3] for r in self.rows)
+
+    def row(self, label: str, path: str, replicas: list[mesh_pb2.ReplicaInfo]) -> str:
+        return (f"{label:>5} {path:>10} {self.ttft(0.5) * 1e3:>7.1f}ms {self.ttft(0.9) * 1e3:>7.1f}ms "
+                f"{self.hit_share:>7.1%} {self.misses:>6} {self.replicas_per_prefix:>8.2f} "
+                f"{self.split(replicas):>7} {len(self.rows) / sum(self.walls):>6.1f}   "
+                f"{Cpu.merge(self.cpus).cores()}")
+
+    @property
+    def replicas_per_prefix(self) -> float:
+        seen: dict[int, set[str]] = {}
+        for system, *_, replica in self.rows:
+            seen.setdefault(system, set()).add(replica)
+        return sum(map(len, seen.values())) / len(seen) if seen else math.nan
+
+    def split(self, replicas: list[mesh_pb2.ReplicaInfo]) -> str:
+        count = Counter(r[4] for r in self.rows)
+        return "/".join(str(count[r.replica_id]) for r in replicas)
+
+    def extend(self, other: PrefixPhase) -> None:
+        self.rows += other.rows
+        self.walls += other.walls
+        self.cpus += other.cpus
+
+
+async def prefix_load(stub: inference_pb2_grpc.InferenceStub, systems: dict[int, str], requests: int,
+                      concurrency: int, max_tokens: int, pids: dict[str, int | None]) -> PrefixPhase:
+    """`requests` streams at `concurrency`, request j with system prompt j mod len(systems)
+    and its own question; the time to the first chunk that carries tokens, and the usage."""
+    keys = sorted(systems)
+    out = PrefixPhase()
+    left = iter(range(requests))
+
+    async def loop() -> None:
+        for j in left:
+            Stop.check()
+            system = keys[j % len(keys)]
+            question = f"{QUESTIONS[j // len(keys) % len(QUESTIONS)]} My reference is {40213 + 7919 * j}."
+            t0 = time.perf_counter()
+            ttft, usage, replica = math.nan, common_pb2.Usage(), ""
+            async for chunk in stub.GenerateStream(prefix_request(systems[system], question, max_tokens),
+                                                   timeout=CALL_TIMEOUT):
+                if chunk.token_ids and math.isnan(ttft):
+                    ttft = time.perf_counter() - t0
+                replica = chunk.replica_id or replica
+                if chunk.finish_reason:
+                    usage = chunk.usage
+            out.rows.append((system, ttft, usage.prompt_tokens, usage.cached_prompt_tokens, replica))
+
+    cpu = Cpu(pids)
+    start = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    out.walls.append(time.perf_counter() - start)
+    out.cpus.append(cpu.stop())
+    return out
+
+
+async def bench_prefix_affinity(args: argparse.Namespace, mesh: Mesh,
+                                routers: dict[str, inference_pb2_grpc.InferenceStub],
+                                replicas: list[mesh_pb2.ReplicaInfo]) -> float:
+    """Prefix affinity on the real engine: the forged demo model (format hf) with its prefix
+    cache on one replica per worker; requests that share a few long system prompts (each
+    with its own question), through the router (routed by prompt prefix) and through a
+    second router started with --no-prefix-affinity (least load), phases alternating, each
+    with system prompts no earlier phase used. Returns p50 TTFT least-load / affinity."""
+    n, conc, per = args.prefix_requests, args.prefix_concurrency, args.prefix_prompts
+    next_prompt = 0
+
+    def fresh(count: int) -> dict[int, str]:
+        nonlocal next_prompt
+        ks = range(next_prompt, next_prompt + count)
+        next_prompt += count
+        return {k: system_prompt(k) for k in ks}
+
+    workers = {r.worker_id for r in replicas}
+    pids = {name: pid for name, pid in mesh.pids().items()
+            if name == "client" or f"bench-{name}" in workers}
+    # warm up both paths (connections, the engines' first forward passes) with their own prompts
+    for stub in routers.values():
+        await prefix_load(stub, fresh(2), 2 * conc, conc, args.prefix_max_tokens, {})
+    print(f"\nprefix affinity: {PREFIX} (the forged demo model, format hf, prefix_cache_mb="
+          f"{args.prefix_cache_mb}, {args.torch_threads} torch thread(s) per worker) on {len(replicas)} replicas ({', '.join(r.worker_id for r in replicas)}); "
+          f"each phase {n} GenerateStream (system + user message, max_tokens {args.prefix_max_tokens}, greedy) at "
+          f"{conc} concurrent over {per} system prompts no earlier phase used; {PREFIX_ROUNDS} rounds, "
+          "through the router (affinity: by prompt prefix) and a second router with --no-prefix-affinity "
+          "(least-load); ttft = time to the first chunk with tokens")
+    print(f"{'round':>5} {'router':>10} {'ttft p50':>9} {'ttft p90':>9} {'cached':>7} {'misses':>6} "
+          f"{'replicas':>8} {'split':>7} {'req/s':>6}   cpu")
+    results = {path: PrefixPhase() for path in routers}
+    for r in range(PREFIX_ROUNDS):
+        order = list(routers) if r % 2 == 0 else list(reversed(routers))  # ABBA: drift hits both alike
+        for path in order:
+            Stop.check()
+            mesh.check_alive()
+            phase_pids = {**pids, path: mesh.named[ROUTER_NAMES[path]].proc.pid}  # type: ignore[union-attr]
+            res = await prefix_load(routers[path], fresh(per), n, conc, args.prefix_max_tokens, phase_pids)
+            results[path].extend(res)
+            print(res.row(str(r + 1), path, replicas))
+    every = [row for res in results.values() for row in res.rows]
+    bad = [row for row in every if math.isnan(row[1]) or not row[2]]
+    tokens = sorted(row[2] for row in every)
+    print(f"  cached: prompt tokens served from the prefix cache (cached_prompt_tokens / prompt_tokens); "
+          f"misses: requests with none; replicas: distinct replicas per system prompt; split: requests per "
+          f"replica; prompts "
+          f"{tokens[0]}-{tokens[-1]} tokens ({min(map(len, map(system_prompt, range(next_prompt))))}-"
+          f"{max(map(len, map(system_prompt, range(next_prompt))))} character system prompts)")
+    for path, res in results.items():
+        print(res.row("all", path, replicas))
+    outcome = []
+    for path, res in results.items():
+        hit = [row[1] for row in res.rows if row[3]]
+        miss = [row[1] for row in res.rows if not row[3]]
+        outcome.append(f"{path} {pct(hit, 0.5) * 1e3:.1f} ms ({len(hit)}) / {pct(miss, 0.5) * 1e3:.1f} ms "
+                       f"({len(miss)})")
+    print("  ttft p50 with the prefix cached / not cached (requests): " + "; ".join(outcome))
+    if bad:
+        print(f"  {len(bad)} requests had no token or no usage: prefix_ttft_speedup not measured")
+        return math.nan
+    aff, load = results["affinity"], results["least-load"]
+    speedup = load.ttft(0.5) / aff.ttft(0.5)
+    print(f"  prefix_ttft_speedup (ttft p50 least-load / affinity) {speedup:.2f}x; p90 "
+          f"{load.ttft(0.9) / aff.ttft(0.9):.2f}x")
+    return speedup
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -598,42 +904,79 @@ async def bench(args: argparse.Namespace, mesh: Mesh, spy: PySpy | None) -> int:
         asyncio.get_running_loop().add_signal_handler(signum, interrupt)
 
     client = MeshClient(mesh.etcd, mesh.prefix)
+    forge: asyncio.Task[str] | None = None
+    channels: list[grpc.aio.Channel] = []  # to the routers
     try:
         t0 = time.perf_counter()
+        prefix_memory = (KV_CACHE_MB + args.prefix_cache_mb + 64) * 1024**2  # KV, prefix cache, weights
+        worker_gib = max(2, math.ceil(prefix_memory / 1024**3) + 1) if args.prefix else 2
+        if args.prefix:
+            forge = asyncio.ensure_future(demo_model())  # meanwhile, the mesh starts
         mesh.spawn("registry", "registry", "--blob-dir", str(mesh.tmp / "blobs"))
         mesh.spawn("scheduler", "scheduler")
-        mesh.spawn("router", "router", "--port", "0", *router_extra_flags(), profile=args.profile_router)
+        mesh.spawn("router", "router", "--port", "0", "--instance", "bench-router", *router_extra_flags(),
+                   profile=args.profile_router)
+        if args.prefix:  # the baseline of the prefix part: the same router, routing by load only
+            mesh.spawn("router-lb", "router", "--port", "0", "--instance", "bench-router-lb",
+                       "--no-prefix-affinity", *router_extra_flags())
         for i in range(args.workers):
-            mesh.spawn(f"w{i}", "worker", "--instance", f"bench-w{i}", "--device", "cpu", "--cpu-memory-gib", "2",
-                       "--cache-dir", str(mesh.tmp / f"cache-w{i}"))
+            mesh.spawn(f"w{i}", "worker", "--instance", f"bench-w{i}", "--device", "cpu",
+                       "--cpu-memory-gib", str(worker_gib), "--cache-dir", str(mesh.tmp / f"cache-w{i}"),
+                       env={"OMP_NUM_THREADS": str(args.torch_threads)})
         registry = await channel_to(client, mesh, "registry")
         scheduler = await channel_to(client, mesh, "scheduler")
-        router = inference_pb2_grpc.InferenceStub(await channel_to(client, mesh, "router"))
+        channels.append(await router_channel(client, mesh, "bench-router"))
+        router = inference_pb2_grpc.InferenceStub(channels[-1])
         await wait_workers(client, mesh, args.workers)
         await deploy(registry, scheduler, FAST, 1, token_delay_ms="0")
         await deploy(registry, scheduler, STREAM, args.workers, token_delay_ms=f"{args.stream_delay_ms:g}")
+        if forge is not None:
+            source = await forge
+            await deploy(registry, scheduler, PREFIX, args.workers, fmt="hf", source=source,
+                         memory_bytes=prefix_memory, prefix_cache_mb=str(args.prefix_cache_mb))
         fast = await wait_ready(client, mesh, FAST, 1)
         stream = await wait_ready(client, mesh, STREAM, args.workers)
         await until_routed(router, FAST)
         await until_routed(router, STREAM)
-        print(f"mesh: etcd, nats-server, registry, scheduler, router and {args.workers} workers as separate "
-              f"processes, up in {time.perf_counter() - t0:.1f} s (python {platform.python_version()}, grpcio "
-              f"{grpc.__version__}, {os.cpu_count()} CPUs)")
-        where = Counter(r.worker_id for r in stream)
-        if len(where) < len(stream):
-            print(f"  note: {STREAM} replicas share workers: {dict(where)}")
+        routers: dict[str, inference_pb2_grpc.InferenceStub] = {}
+        prefix_replicas: list[mesh_pb2.ReplicaInfo] = []
+        if args.prefix:
+            channels.append(await router_channel(client, mesh, "bench-router-lb"))
+            routers = {"affinity": router, "least-load": inference_pb2_grpc.InferenceStub(channels[-1])}
+            prefix_replicas = await wait_ready(client, mesh, PREFIX, args.workers, timeout=300)
+            for stub in routers.values():
+                await until_routed(stub, PREFIX, timeout=60)
+        print(f"mesh: etcd, nats-server, registry, scheduler, {len(routers) or 1} router(s) and {args.workers} "
+              f"workers as separate processes, up in {time.perf_counter() - t0:.1f} s (python "
+              f"{platform.python_version()}, grpcio {grpc.__version__}, {os.cpu_count()} CPUs)")
+        for name, placed in ((STREAM, stream), (PREFIX, prefix_replicas)):
+            where = Counter(r.worker_id for r in placed)
+            if len(where) < len(placed):
+                print(f"  note: {name} replicas share workers: {dict(where)}")
         if args.profile_router:
             print(f"  the router runs under cProfile (slower): {args.profile_router}")
 
         overhead, ratio = await bench_unary(args, mesh, router, fast[0], spy)
         tokens_s = await bench_streaming(args, mesh, router, stream, spy)
-        await bench_prefix_affinity(args, mesh)
+        speedup = math.nan
+        if args.prefix:
+            speedup = await bench_prefix_affinity(args, mesh, routers, prefix_replicas)
+        else:
+            print("\nprefix affinity: skipped (--no-prefix)")
         mesh.check_alive()
 
         print(f"router_overhead_ms={sig(overhead)} router_vs_direct={sig(ratio)} "
-              f"stream_tokens_s={sig(tokens_s, '.0f')}", flush=True)
-        return 1 if any(math.isnan(x) for x in (overhead, ratio, tokens_s)) else 0
+              f"stream_tokens_s={sig(tokens_s, '.0f')} prefix_ttft_speedup={sig(speedup)}", flush=True)
+        measured = (overhead, ratio, tokens_s, speedup) if args.prefix else (overhead, ratio, tokens_s)
+        return 1 if any(math.isnan(x) for x in measured) else 0
     finally:
+        if forge is not None and not forge.done():
+            forge.cancel()
+            with contextlib.suppress(BaseException):
+                await forge
+        for channel in channels:
+            with contextlib.suppress(Exception):
+                await channel.close()
         if spy is not None:
             spy.kill()
         with contextlib.suppress(Exception):
@@ -669,7 +1012,19 @@ def main() -> int:
     parser.add_argument("--stream-delay-ms", type=float, default=0.0,
                         help="sim token_delay_ms of the streaming model (0: as fast as the worker can)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (one streaming replica each)")
-    parser.add_argument("--quick", action="store_true", help="small sizes: 300 requests, 32 streams x 100 tokens")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes: 300 requests, 32 streams x 100 tokens, 32 prefix requests per phase")
+    parser.add_argument("--no-prefix", dest="prefix", action="store_false",
+                        help="skip the prefix-affinity part (no hf model, no second router)")
+    parser.add_argument("--prefix-requests", type=int, default=128, help="prefix part: requests per phase")
+    parser.add_argument("--prefix-concurrency", type=int, default=8, help="prefix part: concurrent requests")
+    parser.add_argument("--prefix-prompts", type=int, default=4, help="prefix part: system prompts per phase")
+    parser.add_argument("--prefix-max-tokens", type=int, default=4, help="prefix part: max_tokens per request")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="each worker's OMP_NUM_THREADS (default: $OMP_NUM_THREADS, else the "
+                             "CPUs divided by the workers; torch's default, every CPU in each worker, thrashes)")
+    parser.add_argument("--prefix-cache-mb", type=int, default=1024,
+                        help="prefix part: the engines' prefix_cache_mb (generous: no phase evicts its own prefixes)")
     parser.add_argument("--py-spy", default="", metavar="DIR",
                         help="sample the router (unary at the highest concurrency) and the router and workers "
                              "(routed streaming) with py-spy; raw stacks go to DIR")
@@ -682,6 +1037,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.requests, args.streams, args.tokens = 300, 32, 100
+        args.prefix_requests = min(args.prefix_requests, 32)
+    if args.torch_threads < 1:
+        args.torch_threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // args.workers))
+    if args.prefix and 2 * (2 + PREFIX_ROUNDS * args.prefix_prompts) > len(ORGS) * (1 + len(BRANCHES)):
+        parser.error("--prefix-prompts: too many for the distinct system prompts bench/router.py writes")
+    if args.prefix and args.workers < 2:
+        parser.error("the prefix part compares two replicas' caches: --workers 2 or more (or --no-prefix)")
     spy = None
     if args.py_spy:
         exe = shutil.which("py-spy") or os.environ.get("PY_SPY", "")
@@ -710,7 +1072,8 @@ def main() -> int:
             status = 130
         except Exception as e:  # a process that died, a deployment that never got ready
             print(f"bench failed: {type(e).__name__}: {e}", file=sys.stderr)
-            print("router_overhead_ms=nan router_vs_direct=nan stream_tokens_s=nan", flush=True)
+            print("router_overhead_ms=nan router_vs_direct=nan stream_tokens_s=nan prefix_ttft_speedup=nan",
+                  flush=True)
             status = 1
         finally:
             if args.keep_logs:
