@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import grpc
+import pytest
+
 from maas.v1 import common_pb2, inference_pb2, mesh_pb2, scheduler_pb2
 
 from .conftest import MeshHarness, eventually
@@ -89,3 +92,58 @@ async def test_an_unseeded_sampled_stream_is_moved_too(mesh: MeshHarness):
         assert len(tokens) == MAX_TOKENS == last.usage.completion_tokens
     ready = [r for r in (await mesh.wait_ready("echo")).replicas if r.state == mesh_pb2.REPLICA_STATE_READY]
     assert ready
+
+
+async def test_a_stream_waits_for_a_replacement_when_no_other_replica_is_ready(mesh: MeshHarness):
+    """The only worker dies mid-stream; a second worker joins after that, the scheduler
+    places the replica there, and every stream resumes on it with exactly the tokens of a
+    fault-free run."""
+    await mesh.core()
+    w1 = mesh.spawn("worker", "--instance", "w1", "--cpu-memory-gib", "2")
+    await eventually(lambda: _workers(mesh, 1), timeout=30)
+    await mesh.register("echo", token_delay_ms="25")
+    await mesh.deploy("echo", replicas=1)
+    first = await mesh.wait_ready("echo", timeout=60)
+    assert [r.worker_id for r in first.replicas] == ["w1"]
+
+    def params(i: int) -> dict[str, object]:
+        return {"seed": 2000 + i, "temperature": 0.8} if i % 2 else {"temperature": 0.0}
+
+    n = 8
+    expected = await asyncio.gather(*(_stream(mesh, i, **params(i)) for i in range(n)))
+
+    started = asyncio.Event()
+    runs = [asyncio.create_task(_stream(mesh, i, started if i == 0 else None, **params(i))) for i in range(n)]
+    await started.wait()
+    w1.signal(signal.SIGKILL)
+    mesh.spawn("worker", "--instance", "w2", "--cpu-memory-gib", "2")  # joins after the only worker died
+    got = await asyncio.gather(*runs)  # raises if any stream failed
+
+    for i, ((tokens, text, last, replicas), (want_tokens, want_text, _, _)) in enumerate(
+            zip(got, expected, strict=True)):
+        assert tokens == want_tokens, f"stream {i}: tokens differ from the fault-free run"
+        assert text == want_text, f"stream {i}: text differs"
+        assert last.usage.completion_tokens == MAX_TOKENS
+        assert len(replicas) == 2, f"stream {i} was not moved (replicas {replicas})"
+    st = await mesh.wait_ready("echo")
+    assert [r.worker_id for r in st.replicas if r.state == mesh_pb2.REPLICA_STATE_READY] == ["w2"]
+
+
+async def test_the_wait_for_a_replacement_is_bounded(mesh: MeshHarness):
+    await mesh.registry()
+    await mesh.scheduler()
+    await mesh.router(failover_timeout=1.0)
+    w1 = mesh.spawn("worker", "--instance", "w1", "--cpu-memory-gib", "2")
+    await eventually(lambda: _workers(mesh, 1), timeout=30)
+    await mesh.register("echo", token_delay_ms="25")
+    await mesh.deploy("echo", replicas=1)
+    await mesh.wait_ready("echo", timeout=60)
+    started = asyncio.Event()
+    run = asyncio.create_task(_stream(mesh, 0, started, temperature=0.0))
+    await started.wait()
+    w1.signal(signal.SIGKILL)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await run
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "worker w1 failed after" in (failed.value.details() or "")
+    assert "no other replica was ready within 1s" in (failed.value.details() or "")

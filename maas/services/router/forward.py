@@ -23,7 +23,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from maas.mesh.clients import REPLICA_HEADER
-from maas.mesh.errors import MaasError, ResourceExhausted, Unavailable, from_rpc_error
+from maas.mesh.errors import DeadlineExceeded, MaasError, ResourceExhausted, Unavailable, from_rpc_error
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.services.router.pool import ReplicaPool
 from maas.services.router.tenants import Gate, Ticket
@@ -35,6 +35,7 @@ MAX_ATTEMPTS = 3  # replicas one request may try (first attempt included)
 QUEUE_SECONDS = 2.0  # how long a request waits when every replica is full, before it is shed
 MAX_WAITING = 1024   # requests allowed to wait that way in one router
 QUEUE_POLL = 0.1
+FAILOVER_SECONDS = 30.0  # how long a request whose worker failed waits for another replica to be ready
 
 RETRIES = Counter("maas_router_retries_total", "Requests re-sent to another replica before their first token.",
                   ["model"])
@@ -122,13 +123,14 @@ class Forwarder:
 
     def __init__(self, pool: ReplicaPool, gate: Gate | None = None, *, max_attempts: int = MAX_ATTEMPTS,
                  queue_timeout: float = QUEUE_SECONDS, max_waiting: int = MAX_WAITING,
-                 prefix_affinity: bool = True) -> None:
+                 failover_timeout: float = FAILOVER_SECONDS, prefix_affinity: bool = True) -> None:
         self.pool = pool
         self.prefix_affinity = prefix_affinity
         self.gate = gate
         self.max_attempts = max_attempts
         self.queue_timeout = queue_timeout
         self.max_waiting = max_waiting
+        self.failover_timeout = failover_timeout
         self.waiting = 0  # requests waiting for a full model to have room
 
     @contextlib.asynccontextmanager
@@ -268,7 +270,9 @@ class _Attempts:
     """The replicas one request tries, and why it stops trying.
 
     - UNAVAILABLE (the worker died or is draining): avoid that worker for a while and try
-      another replica, at most `max_attempts` in all; a stream resumes where it was.
+      another replica, at most `max_attempts` in all; a stream resumes where it was. When no
+      other replica is ready, wait for one (the scheduler re-places the lost replica, a worker
+      joins) for up to `failover_timeout` seconds and never past the request's deadline.
     - RESOURCE_EXHAUSTED before the first token (the replica's queue is full): try the
       others; when every one is full, wait (polling every 0.1 s) for up to `queue_timeout`
       seconds, with at most `max_waiting` requests waiting in this router, then shed the
@@ -283,9 +287,12 @@ class _Attempts:
         self.failures = 0
         self.queued_since: float | None = None
         self.first = True
+        self.lost = ""  # the last failure, for the error if no replica takes over
 
     async def next(self, affinity: str) -> mesh_pb2.ReplicaInfo:
         pool = self.fw.pool
+        if self.lost and not self._untried():
+            await self._wait_for_replica()
         if self.full and not any(r.replica_id not in self.tried | self.full for r in pool.ready(self.model)):
             await self._wait_for_room()
         replica = await pool.pick(self.model, self.tried | self.full, _remaining(self.deadline), affinity)
@@ -309,6 +316,23 @@ class _Attempts:
             self.fw.waiting -= 1
         self.full.clear()
 
+    def _untried(self) -> bool:
+        return any(r.replica_id not in self.tried for r in self.fw.pool.ready(self.model))
+
+    async def _wait_for_replica(self) -> None:
+        """Wait for a ready replica this request has not tried, within its deadline."""
+        wait = self.fw.failover_timeout
+        left = _remaining(self.deadline)
+        bound_by_deadline = left is not None and left < wait
+        if left is not None:
+            wait = min(wait, left)
+        log.info("%s; waiting up to %.1fs for another replica of %s", self.lost, wait, self.model)
+        if wait > 0 and await self.fw.pool.replicas.wait_for(lambda _: self._untried(), wait):
+            return
+        if bound_by_deadline:
+            raise DeadlineExceeded(f"{self.lost}, and no other replica was ready before the request's deadline")
+        raise Unavailable(f"{self.lost}, and no other replica was ready within {self.fw.failover_timeout:g}s")
+
     def failed(self, replica: mesh_pb2.ReplicaInfo, e: grpc.aio.AioRpcError, produced: int) -> None:
         """Decide after a failed call: return to try again, or raise the request's error."""
         code = e.code()
@@ -324,12 +348,9 @@ class _Attempts:
         if self.failures >= self.fw.max_attempts:
             raise Unavailable(f"worker {replica.worker_id} failed {where} ({e.details()}), "
                               f"and {self.fw.max_attempts} attempts were used up")
-        if not any(r.replica_id not in self.tried for r in self.fw.pool.ready(self.model)):
-            raise Unavailable(f"worker {replica.worker_id} failed {where} ({e.details()}), "
-                              "and no other replica is ready")
+        self.lost = f"worker {replica.worker_id} failed {where} ({e.details()})"
         if produced:
             MIGRATIONS.labels(self.fw._label(self.model)).inc()
-            log.warning("worker %s failed %s (%s); moving the stream to another replica",
-                        replica.worker_id, where, e.details())
+            log.warning("%s; moving the stream to another replica", self.lost)
         else:
             RETRIES.labels(self.fw._label(self.model)).inc()

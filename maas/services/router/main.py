@@ -9,7 +9,7 @@ from maas.mesh.config import MeshConfig
 from maas.mesh.errors import StartupError
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
-from maas.services.router.forward import Forwarder
+from maas.services.router.forward import FAILOVER_SECONDS, Forwarder
 from maas.services.router.http import HttpApi
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
 from maas.services.router.service import RouterInferenceServicer
@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     MeshConfig.add_arguments(parser, default_port=DEFAULT_PORT)
     parser.add_argument("--cold-start-timeout", type=float, default=COLD_START_SECONDS,
                         help="seconds a request waits for a model scaled to zero to load")
+    parser.add_argument("--failover-timeout", type=float, default=FAILOVER_SECONDS,
+                        help="seconds a request whose worker failed waits for another ready replica "
+                             "(never past its deadline) before it fails")
     parser.add_argument("--no-prefix-affinity", dest="prefix_affinity", action="store_false",
                         help="route by load only (sessions still stick): for comparisons and A/B tests")
     parser.add_argument("--auth", choices=AUTH_MODES, default="auto",
@@ -35,14 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SECONDS,
                 auth: str = "auto", http_host: str | None = None, http_port: int = -1,
-                prefix_affinity: bool = True) -> ReplicaPool:
+                prefix_affinity: bool = True, failover_timeout: float = FAILOVER_SECONDS) -> ReplicaPool:
     """Wire a router into a runtime (also used by in-process tests). `http_port` -1 serves
     no HTTP API; the endpoint it serves is published as the router's `http_endpoint`."""
     if not -1 <= http_port <= 65535:
         raise StartupError(f"HTTP port {http_port} is out of range (-1 turns the HTTP API off)")
+    if not 0 <= failover_timeout <= 3600:
+        raise StartupError(f"--failover-timeout {failover_timeout:g} must be between 0 and 3600 seconds")
     pool = ReplicaPool(rt.etcd, cold_start_timeout=cold_start_timeout)
     gate = Gate(rt.etcd, auth)
-    forwarder = Forwarder(pool, gate, prefix_affinity=prefix_affinity)
+    forwarder = Forwarder(pool, gate, prefix_affinity=prefix_affinity, failover_timeout=failover_timeout)
     rt.add_service(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                    inference_pb2_grpc.add_InferenceServicer_to_server, RouterInferenceServicer(forwarder))
     rt.add_closer(pool.close)
@@ -67,7 +72,7 @@ def main(ns: argparse.Namespace) -> int:
     async def serve() -> None:
         async with ServiceRuntime(config) as rt:
             await build(rt, cold_start_timeout=ns.cold_start_timeout, auth=ns.auth, http_host=ns.http_host,
-                        prefix_affinity=ns.prefix_affinity,
+                        prefix_affinity=ns.prefix_affinity, failover_timeout=ns.failover_timeout,
                         http_port=ns.http_port)
             await rt.wait()
 
