@@ -38,10 +38,10 @@ class Api:
         return self.base_url.removesuffix("/v1")
 
 
-async def _serve(mesh: MeshHarness, **sim_options: str) -> Api:
+async def _serve(mesh: MeshHarness, http_timeout: float = 600.0, **sim_options: str) -> Api:
     await mesh.registry()
     await mesh.scheduler()
-    router = await mesh.router(http_port=0)
+    router = await mesh.router(http_port=0, http_timeout=http_timeout)
     replicas = await mesh.worker()
     await mesh.register("echo", **sim_options)
     await mesh.deploy("echo")
@@ -267,6 +267,46 @@ async def test_client_disconnect_cancels_the_downstream_request(mesh: MeshHarnes
     with pytest.raises(asyncio.CancelledError):
         await task
     await eventually(lambda: api.replicas.in_flight == 0, timeout=10)
+    await api.client.close()
+
+
+async def test_a_request_past_its_deadline_gets_504_and_its_work_is_cancelled(mesh: MeshHarness):
+    """x-request-timeout (seconds) gives a request its deadline, else the router's
+    --http-timeout does; it reaches the worker as the gRPC deadline, and its expiry is a
+    timeout_error with 504 (an error event once a stream has started), never a 500."""
+    api = await _serve(mesh, http_timeout=1.0, token_delay_ms="100")  # 100 tokens take about 10 s
+    short = {"x-request-timeout": "0.5"}
+    with pytest.raises(openai.APIStatusError) as late:
+        await api.client.completions.create(model="echo", prompt="x", max_tokens=100, extra_headers=short)
+    assert late.value.status_code == 504 and late.value.type == "timeout_error"
+    assert "deadline of 0.5s (x-request-timeout)" in late.value.message
+    await eventually(lambda: api.replicas.in_flight == 0, timeout=10)
+
+    stream = await api.client.chat.completions.create(model="echo", messages=CHAT, max_tokens=100, stream=True,
+                                                      extra_headers=short)
+    seen = []
+    with pytest.raises(openai.APIError, match=r"deadline of 0\.5s"):
+        async for chunk in stream:
+            seen.append(chunk)
+    assert seen, "the stream started before its deadline"
+    await eventually(lambda: api.replicas.in_flight == 0, timeout=10)
+
+    # without the header: the router's default (1 s here)
+    with pytest.raises(openai.APIStatusError) as late:
+        await api.client.chat.completions.create(model="echo", messages=CHAT, max_tokens=100)
+    assert late.value.status_code == 504 and "deadline of 1s (the router's default" in late.value.message
+    # a longer deadline of its own lets a request finish
+    ok = await api.client.completions.create(model="echo", prompt="x", max_tokens=15,
+                                             extra_headers={"x-request-timeout": "60"})
+    assert ok.choices[0].finish_reason == "length"
+
+    async with aiohttp.ClientSession() as http:
+        for bad in ("soon", "0", "-1", "nan", "inf", "1e9", ""):
+            async with http.post(f"{api.base_url}/completions", json={"model": "echo", "prompt": "x"},
+                                 headers={"x-request-timeout": bad}) as resp:
+                assert resp.status == 400, (bad, await resp.text())
+                error = (await resp.json())["error"]
+            assert error["code"] == "invalid_request_timeout" and "x-request-timeout must be" in error["message"]
     await api.client.close()
 
 

@@ -15,13 +15,14 @@ unexpected reaches a client beyond "internal error" and the request id.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import math
 import socket
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import grpc
@@ -29,7 +30,7 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from maas.mesh.auth import bearer
-from maas.mesh.errors import MaasError, NotFound, StartupError, from_rpc_error
+from maas.mesh.errors import DeadlineExceeded, MaasError, NotFound, StartupError, from_rpc_error
 from maas.mesh.etcd import EtcdError
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.services.router import openai_api, openapi
@@ -39,6 +40,9 @@ from maas.v1 import inference_pb2
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_TIMEOUT = 600.0  # seconds a request may take when it does not say (the openai client's own default)
+MAX_TIMEOUT = 3600.0     # the most a request may ask for with TIMEOUT_HEADER
+TIMEOUT_HEADER = "x-request-timeout"
 
 HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -110,15 +114,47 @@ def _api_key(request: web.Request) -> str:
     return bearer(request.headers.get("Authorization", "")) or request.headers.get("x-api-key", "").strip()
 
 
+class _Deadline:
+    """When a request must be answered by. The forwarder gets the time left (each call to a
+    worker carries it as its gRPC deadline); `bound()` also cancels whatever the router
+    itself is waiting on then. Either way the client gets DEADLINE_EXCEEDED: 504."""
+
+    def __init__(self, seconds: float, source: str) -> None:
+        self.seconds, self.source = seconds, source
+        self.at = asyncio.get_running_loop().time() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - asyncio.get_running_loop().time())
+
+    def expired(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"the request did not finish within its deadline of {self.seconds:g}s "
+                                f"({self.source}); send {TIMEOUT_HEADER}: <seconds> for more time")
+
+    @contextlib.asynccontextmanager
+    async def bound(self) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout_at(self.at):
+                yield
+        except TimeoutError:
+            raise self.expired() from None
+        except MaasError as e:
+            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED and e.message == "Deadline Exceeded":
+                raise self.expired() from None  # gRPC's own words for the worker call's deadline
+            raise
+
+
 class HttpApi:
     """The HTTP server: `start()` binds (a taken port is a StartupError), `stop_accepting()`
     closes the listening socket, `close()` waits up to `grace` for requests in flight."""
 
     def __init__(self, forwarder: Forwarder, host: str, port: int, *, grace: float = 10.0,
-                 max_body: int = MAX_BODY_BYTES) -> None:
+                 max_body: int = MAX_BODY_BYTES, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if not 0 < timeout <= MAX_TIMEOUT:
+            raise StartupError(f"the HTTP request timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout:g}")
         self.forwarder = forwarder
         self.host, self.port = host, port
         self.max_body = max_body
+        self.timeout = timeout
         self.endpoint = ""
         self.app = web.Application(client_max_size=max_body, middlewares=[self._middleware])
         self.app.add_routes([
@@ -216,6 +252,21 @@ class HttpApi:
         except RecursionError:
             raise HttpError(400, "invalid JSON: nested too deeply", code="invalid_json") from None
 
+    def _deadline(self, request: web.Request) -> _Deadline:
+        """The request's deadline: `x-request-timeout` seconds from now, else the router's default."""
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return _Deadline(self.timeout, "the router's default, --http-timeout")
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = math.nan
+        if not 0 < seconds <= MAX_TIMEOUT:  # NaN fails too
+            shown = raw if len(raw) <= 32 else raw[:32] + "..."
+            raise HttpError(400, f"{TIMEOUT_HEADER} must be a number of seconds greater than 0 and at most "
+                                 f"{MAX_TIMEOUT:g}, got {shown!r}", code="invalid_request_timeout")
+        return _Deadline(seconds, TIMEOUT_HEADER)
+
     def _too_large(self, size: int | None) -> HttpError:
         got = f"{size} bytes" if size is not None else "larger"
         return HttpError(413, f"the request body is {got}; the limit is {self.max_body} bytes",
@@ -224,44 +275,51 @@ class HttpApi:
     # ---- endpoints -------------------------------------------------------------------------
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, *openai_api.chat_request(await self._body(request)))
+        deadline = self._deadline(request)
+        return await self._generate(request, deadline, *openai_api.chat_request(await self._body(request)))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, *openai_api.completion_request(await self._body(request)))
+        deadline = self._deadline(request)
+        return await self._generate(request, deadline, *openai_api.completion_request(await self._body(request)))
 
-    async def _generate(self, request: web.Request, req: inference_pb2.GenerateRequest,
+    async def _generate(self, request: web.Request, deadline: _Deadline, req: inference_pb2.GenerateRequest,
                         opts: openai_api.Options) -> web.StreamResponse:
         req.request_id = rid = request_id_var.get()
         created = int(time.time())
         if opts.stream:
-            return await self._stream(request, req, opts, created)
-        reply = await self.forwarder.generate(req, None, _api_key(request), request.headers.get(SESSION_HEADER, ""))
+            return await self._stream(request, deadline, req, opts, created)
+        async with deadline.bound():
+            reply = await self.forwarder.generate(req, deadline.remaining(), _api_key(request),
+                                                  request.headers.get(SESSION_HEADER, ""))
         return web.json_response(openai_api.completion(reply, opts, rid, created), dumps=_dumps)
 
-    async def _stream(self, request: web.Request, req: inference_pb2.GenerateRequest, opts: openai_api.Options,
-                      created: int) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, deadline: _Deadline, req: inference_pb2.GenerateRequest,
+                      opts: openai_api.Options, created: int) -> web.StreamResponse:
         """Server-sent events. Errors before the first chunk are ordinary HTTP errors; after
         it, an `{"error": ...}` event ends the stream. Leaving this function any way (a
-        write to a closed connection, cancellation) closes the forwarder's stream, which
-        cancels the downstream call."""
+        write to a closed connection, cancellation, the deadline) closes the forwarder's
+        stream, which cancels the downstream call."""
         encoder = openai_api.StreamEncoder(opts, req.request_id, created)
         stream = cast(AsyncGenerator[inference_pb2.GenerateChunk, None],  # an async generator function
-                      self.forwarder.stream(req, None, _api_key(request), request.headers.get(SESSION_HEADER, "")))
+                      self.forwarder.stream(req, deadline.remaining(), _api_key(request),
+                                            request.headers.get(SESSION_HEADER, "")))
         async with contextlib.aclosing(stream):
-            chunk = await anext(stream, None)  # raises before any byte is sent: no replica, bad request, ...
+            async with deadline.bound():
+                chunk = await anext(stream, None)  # raises before any byte is sent: no replica, bad request, ...
             response = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                 "x-request-id": req.request_id})
             await response.prepare(request)
             try:
-                await self._send(response, encoder.start())
-                while chunk is not None:
-                    await self._send(response, encoder.chunk(chunk))
-                    chunk = None if chunk.finish_reason else await anext(stream, None)
-                if encoder.usage is None:
-                    raise MaasError("the stream ended before its last chunk")
-                await self._send(response, encoder.end())
-                await response.write(b"data: [DONE]\n\n")
+                async with deadline.bound():
+                    await self._send(response, encoder.start())
+                    while chunk is not None:
+                        await self._send(response, encoder.chunk(chunk))
+                        chunk = None if chunk.finish_reason else await anext(stream, None)
+                    if encoder.usage is None:
+                        raise MaasError("the stream ended before its last chunk")
+                    await self._send(response, encoder.end())
+                    await response.write(b"data: [DONE]\n\n")
             except ConnectionError:
                 log.info("client went away mid-stream; request cancelled")
                 return response
@@ -279,9 +337,11 @@ class HttpApi:
             await response.write("".join(f"data: {_dumps(e)}\n\n" for e in events).encode())
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        deadline = self._deadline(request)
         req, opts = openai_api.embedding_request(await self._body(request))
         req.request_id = request_id_var.get()
-        reply = await self.forwarder.embed(req, None, _api_key(request))
+        async with deadline.bound():
+            reply = await self.forwarder.embed(req, deadline.remaining(), _api_key(request))
         return web.json_response(openai_api.embedding_list(reply, opts), dumps=_dumps)
 
     async def list_models(self, request: web.Request) -> web.StreamResponse:

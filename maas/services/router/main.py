@@ -10,7 +10,7 @@ from maas.mesh.errors import StartupError
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.services.router.forward import FAILOVER_SECONDS, Forwarder
-from maas.services.router.http import HttpApi
+from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
 from maas.services.router.service import RouterInferenceServicer
 from maas.services.router.tenants import AUTH_MODES, Gate
@@ -34,11 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-host", default=None, help="address the HTTP API binds (default: --host)")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
                         help="port of the OpenAI-compatible HTTP API (0: any free port, -1: off)")
+    parser.add_argument("--http-timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help=f"seconds an HTTP API request may take unless its {TIMEOUT_HEADER} header says "
+                             "otherwise (then 504)")
 
 
 async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SECONDS,
                 auth: str = "auto", http_host: str | None = None, http_port: int = -1,
-                prefix_affinity: bool = True, failover_timeout: float = FAILOVER_SECONDS) -> ReplicaPool:
+                prefix_affinity: bool = True, failover_timeout: float = FAILOVER_SECONDS,
+                http_timeout: float = DEFAULT_TIMEOUT) -> ReplicaPool:
     """Wire a router into a runtime (also used by in-process tests). `http_port` -1 serves
     no HTTP API; the endpoint it serves is published as the router's `http_endpoint`."""
     if not -1 <= http_port <= 65535:
@@ -54,7 +58,8 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     rt.add_closer(gate.close)
     info: dict[str, str] = {}
     if http_port >= 0:
-        http = HttpApi(forwarder, http_host or rt.config.host, http_port, grace=rt.config.grace)
+        http = HttpApi(forwarder, http_host or rt.config.host, http_port, grace=rt.config.grace,
+                       timeout=http_timeout)
         rt.before_stop(http.stop_accepting)  # no new requests once shutdown begins
         rt.add_closer(http.close)            # closers run newest first: requests in flight end first
         info["http_endpoint"] = await http.start()
@@ -73,7 +78,7 @@ def main(ns: argparse.Namespace) -> int:
         async with ServiceRuntime(config) as rt:
             await build(rt, cold_start_timeout=ns.cold_start_timeout, auth=ns.auth, http_host=ns.http_host,
                         prefix_affinity=ns.prefix_affinity, failover_timeout=ns.failover_timeout,
-                        http_port=ns.http_port)
+                        http_port=ns.http_port, http_timeout=ns.http_timeout)
             await rt.wait()
 
     return run_service(serve)
