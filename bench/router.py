@@ -11,7 +11,7 @@ not hide the router; the prefix part uses the real engine:
   bench-stream  token_delay_ms=--stream-delay-ms (0), one replica per worker (streaming)
   bench-prefix  the forged demo model (format hf, the directory tests/conftest.py's
                 demo_model_dir uses; forged only if missing), prefix_cache_mb=1024, one
-                replica per worker; the workers run with OMP_NUM_THREADS = CPUs / workers
+                replica per worker; the workers run with --torch-threads = CPUs / workers
                 (with torch's default, every CPU in each worker, two engines sharing two
                 cores ran about 25 times slower); a second router, --no-prefix-affinity,
                 is its baseline
@@ -922,7 +922,7 @@ async def bench(args: argparse.Namespace, mesh: Mesh, spy: PySpy | None) -> int:
         for i in range(args.workers):
             mesh.spawn(f"w{i}", "worker", "--instance", f"bench-w{i}", "--device", "cpu",
                        "--cpu-memory-gib", str(worker_gib), "--cache-dir", str(mesh.tmp / f"cache-w{i}"),
-                       env={"OMP_NUM_THREADS": str(args.torch_threads)})
+                       "--torch-threads", str(args.torch_threads))
         registry = await channel_to(client, mesh, "registry")
         scheduler = await channel_to(client, mesh, "scheduler")
         channels.append(await router_channel(client, mesh, "bench-router"))
@@ -1021,7 +1021,7 @@ def main() -> int:
     parser.add_argument("--prefix-prompts", type=int, default=4, help="prefix part: system prompts per phase")
     parser.add_argument("--prefix-max-tokens", type=int, default=4, help="prefix part: max_tokens per request")
     parser.add_argument("--torch-threads", type=int, default=0,
-                        help="each worker's OMP_NUM_THREADS (default: $OMP_NUM_THREADS, else the "
+                        help="each worker's --torch-threads (default: $OMP_NUM_THREADS, else the "
                              "CPUs divided by the workers; torch's default, every CPU in each worker, thrashes)")
     parser.add_argument("--prefix-cache-mb", type=int, default=1024,
                         help="prefix part: the engines' prefix_cache_mb (generous: no phase evicts its own prefixes)")

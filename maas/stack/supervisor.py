@@ -119,7 +119,14 @@ class Stack:
         self._service("scheduler")  # a standby: takes over within the lease TTL if the leader dies
         self._service("router", "--port", str(self.config.router_port), "--http-port", str(self.config.http_port))
         for _ in range(self.config.workers):
-            self._service("worker", *self.config.worker_args)
+            self._service("worker", *self._torch_threads(), *self.config.worker_args)
+
+    def _torch_threads(self) -> tuple[str, ...]:
+        """Split this host's cores among the workers (each torch would use all of them and
+        they would fight), unless MAAS_TORCH_THREADS or --torch-threads says otherwise."""
+        if os.environ.get("MAAS_TORCH_THREADS") or "--torch-threads" in self.config.worker_args:
+            return ()
+        return ("--torch-threads", str(max(1, len(os.sched_getaffinity(0)) // self.config.workers)))
 
     def write_stack_file(self, api_key: str = "") -> None:
         """`.maas/stack.json`: how CLI commands run here find the stack, and the credentials

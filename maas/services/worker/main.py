@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from maas.services.worker.service import WorkerInferenceServicer
 from maas.v1 import inference_pb2, inference_pb2_grpc, mesh_pb2
 
 LOAD_REPORT_INTERVAL = 0.5
+TORCH_THREADS_ENV = "MAAS_TORCH_THREADS"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +34,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where artifacts fetched from the registry are unpacked (env MAAS_CACHE_DIR)")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                         help="worker label used by deployment selectors (repeatable)")
+    parser.add_argument("--torch-threads", type=int, default=os.environ.get(TORCH_THREADS_ENV, "0"),
+                        help=f"torch's intra-op threads (env {TORCH_THREADS_ENV}); 0: torch's default, every "
+                             "core. `maas up` gives each of its workers the host's cores divided among them")
+
+
+def limit_torch_threads(threads: int) -> None:
+    """At most `threads` CPU threads per torch operation (0: leave torch's default). Two
+    workers on one host each using every core run far slower than with the cores split.
+    Set before torch is imported where possible (OMP_NUM_THREADS also reaches OpenMP)."""
+    if threads < 0:
+        raise StartupError(f"--torch-threads must be 0 (torch's default) or more, got {threads}")
+    if threads == 0:
+        return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if "torch" in sys.modules:  # already imported: its pool exists, resize it
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def parse_labels(items: list[str]) -> dict[str, str]:
@@ -93,6 +112,7 @@ def main(ns: argparse.Namespace) -> int:
     setup_logging(config.log_level, json_output=config.log_json, name="worker")
 
     async def serve() -> None:
+        limit_torch_threads(ns.torch_threads)  # before detect_devices, which may import torch
         labels = parse_labels(ns.label)
         devices = detect_devices(ns.device, int(ns.cpu_memory_gib * 1024**3))
         async with ServiceRuntime(config) as rt:
