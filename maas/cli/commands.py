@@ -10,7 +10,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,9 +19,9 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
-from maas.mesh.artifacts import ARTIFACT, CHUNK, pack_directory, unpack
+from maas.mesh.artifacts import ARTIFACT, unpack
 from maas.mesh.auth import API_KEY_ENV
-from maas.mesh.clients import MeshClient, dial, live_services
+from maas.mesh.clients import MeshClient, dial, live_services, upload_directory
 from maas.mesh.events import read_events
 from maas.v1 import (
     common_pb2,
@@ -211,22 +210,12 @@ async def _upload(stub: registry_pb2_grpc.RegistryStub, directory: Path) -> str:
     """Pack `directory` and stream it to the registry with a progress bar; return the source."""
     if not directory.is_dir():
         raise SystemExit(f"error: {directory} is not a directory")
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = Path(tmp) / "artifact.tar"
-        sha, size = await asyncio.to_thread(pack_directory, directory, archive)
-        with tqdm(total=size, unit="B", unit_scale=True, desc=f"uploading {directory.name}",
-                  file=sys.stderr) as bar:
-            async def chunks() -> AsyncIterator[registry_pb2.ArtifactChunk]:
-                with open(archive, "rb") as f:
-                    first = True
-                    while data := await asyncio.to_thread(f.read, CHUNK):
-                        bar.update(len(data))
-                        yield registry_pb2.ArtifactChunk(data=data, sha256=sha if first else "",
-                                                         total_bytes=size if first else 0)
-                        first = False
+    with tqdm(unit="B", unit_scale=True, desc=f"uploading {directory.name}", file=sys.stderr) as bar:
+        def sized(size: int) -> None:
+            bar.total = size
+            bar.refresh()
 
-            artifact = await stub.UploadArtifact(chunks(), timeout=3600)
-    return f"{ARTIFACT}{artifact.sha256}"
+        return await upload_directory(stub, directory, progress=bar.update, on_size=sized)
 
 
 async def _download(stub: registry_pb2_grpc.RegistryStub, ref: str, directory: Path) -> None:

@@ -64,7 +64,7 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from maas.cli import admin, deployments, keys
+    from maas.cli import admin, deployments, finetune, keys
     from maas.services.registry import main as registry_main
     from maas.services.router import main as router_main
     from maas.services.scheduler import main as scheduler_main
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin.add_parser(sub, _client_args)
     keys.add_parser(sub, _client_args)
+    finetune.add_parser(sub, _client_args)
 
     ev = sub.add_parser("events", help="print lifecycle events")
     _client_args(ev)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(legacy_argv(sys.argv[1:] if argv is None else argv))
     if hasattr(ns, "service_main"):
         return int(ns.service_main(ns))
-    from maas.cli import admin, commands, deployments, keys
+    from maas.cli import admin, commands, deployments, finetune, keys
 
     if ns.command == "up":
         from maas.stack.supervisor import UpConfig, run_up
@@ -189,5 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         "events": lambda: commands.events(ns, nats),
         "admin": lambda: admin.run(ns, etcd),
         "keys": lambda: keys.run(ns, etcd),
+        "finetune": lambda: finetune.run(ns, etcd, nats),
     }
     return _run(handlers[ns.command])

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from types import TracebackType
 
 import aetcd
 import aetcd.exceptions
 import grpc
 
+from maas.mesh.artifacts import ARTIFACT, CHUNK, pack_directory
 from maas.mesh.config import parse_host_port
 from maas.mesh.errors import InvalidArgument, NotFound, StartupError, Unavailable, from_rpc_error
 from maas.mesh.etcd import EtcdSession
@@ -42,6 +46,54 @@ async def pick_endpoint(client: aetcd.Client, keys: Keys, kind: str) -> str:
 
 def dial(endpoint: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS)
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(sha256, size) of a file."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+async def upload_file(stub: registry_pb2_grpc.RegistryStub, path: Path, *, timeout: float = 3600.0,
+                      metadata: tuple[tuple[str, str], ...] = (),
+                      progress: Callable[[int], object] | None = None) -> registry_pb2.Artifact:
+    """Stream a file to the registry's artifact store in CHUNK pieces. The registry checks
+    the digest sent with the first chunk and keeps nothing if the bytes differ.
+    `progress` is called with each chunk's size (for a progress bar)."""
+    sha, size = await asyncio.to_thread(file_digest, path)
+
+    async def chunks() -> AsyncIterator[registry_pb2.ArtifactChunk]:
+        with open(path, "rb") as f:  # noqa: ASYNC230 - reads go through to_thread below
+            first = True
+            while data := await asyncio.to_thread(f.read, CHUNK):
+                if progress is not None:
+                    progress(len(data))
+                yield registry_pb2.ArtifactChunk(data=data, sha256=sha if first else "",
+                                                 total_bytes=size if first else 0)
+                first = False
+
+    try:
+        return await stub.UploadArtifact(chunks(), timeout=timeout, metadata=metadata)
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e, f"uploading {path.name}: ") from None
+
+
+async def upload_directory(stub: registry_pb2_grpc.RegistryStub, directory: Path, *,
+                           progress: Callable[[int], object] | None = None,
+                           on_size: Callable[[int], object] | None = None) -> str:
+    """Pack a model, adapter or checkpoint directory as an artifact and upload it; returns
+    its source ("artifact:<sha256>")."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "artifact.tar"
+        _, size = await asyncio.to_thread(pack_directory, directory, archive)
+        if on_size is not None:
+            on_size(size)
+        artifact = await upload_file(stub, archive, progress=progress)
+    return f"{ARTIFACT}{artifact.sha256}"
 
 
 class MeshClient:
@@ -143,6 +195,11 @@ class RegistryClient:
                 yield chunk
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e, f"downloading artifact {sha[:12]}: ") from None
+
+    async def stub(self) -> registry_pb2_grpc.RegistryStub:
+        if self._channel is None:
+            self._channel = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"))
+        return registry_pb2_grpc.RegistryStub(self._channel)
 
     async def exists(self, ref: str) -> bool:
         try:

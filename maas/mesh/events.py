@@ -152,22 +152,24 @@ class EventBus:
                 await asyncio.wait_for(self.nc.drain(), flush_timeout)
 
 
-async def read_events(url: str, *, follow: bool, timeout: float = 5.0) -> AsyncIterator[events_pb2.Event]:
-    """Every stored event in order; with follow, keep yielding new ones."""
+async def read_events(url: str, *, follow: bool, timeout: float = 5.0,
+                      subject: str = EVENT_SUBJECTS) -> AsyncIterator[events_pb2.Event]:
+    """Every stored event on `subject` (a wildcard under maas.events) in order; with follow,
+    keep yielding new ones."""
     nc = await connect_nats(url, name="maas-events", timeout=timeout)
     try:
         js = nc.jetstream(timeout=5)
         await ensure_stream(js)
-        info = await js.stream_info(STREAM)
-        remaining = info.state.messages
-        sub = await js.subscribe(EVENT_SUBJECTS, ordered_consumer=True,
+        info = await js.stream_info(STREAM, subjects_filter=subject)
+        remaining = info.state.messages if subject == EVENT_SUBJECTS else sum((info.state.subjects or {}).values())
+        sub = await js.subscribe(subject, ordered_consumer=True,
                                  deliver_policy=js_api.DeliverPolicy.ALL)
         while follow or remaining > 0:
             try:
                 msg = await sub.next_msg(timeout=None if follow else 2.0)
             except nats.errors.TimeoutError:
                 break
-            remaining -= 1
+            remaining = msg.metadata.num_pending if msg.metadata else remaining - 1
             event = events_pb2.Event()
             event.ParseFromString(msg.data)
             yield event

@@ -50,6 +50,13 @@ class Keys:
     def deployments(self) -> bytes:
         return self._k("deployments/")
 
+    # fine-tuning jobs (created by the scheduler API, placed by its leader, run by workers)
+    def job(self, job_id: str) -> bytes:
+        return self._k("jobs", job_id)
+
+    def jobs(self) -> bytes:
+        return self._k("jobs/")
+
     # tenants (written by the registry, mirrored by routers)
     def api_key(self, sha256: str) -> bytes:
         return self._k("tenants", "keys", sha256)

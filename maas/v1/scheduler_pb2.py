@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from maas.v1 import common_pb2 as maas_dot_v1_dot_common__pb2
+from maas.v1 import jobs_pb2 as maas_dot_v1_dot_jobs__pb2
 from maas.v1 import mesh_pb2 as maas_dot_v1_dot_mesh__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17maas/v1/scheduler.proto\x12\x07maas.v1\x1a\x14maas/v1/common.proto\x1a\x12maas/v1/mesh.proto\"\x9f\x01\n\tAutoscale\x12\x14\n\x0cmin_replicas\x18\x01 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\r\x12\x18\n\x10target_in_flight\x18\x03 \x01(\x02\x12\x1d\n\x10scale_up_seconds\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x10\x63ooldown_seconds\x18\x05 \x01(\x02\x42\x13\n\x11_scale_up_seconds\"-\n\x0cTrafficSplit\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\"\xf3\x02\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12%\n\tautoscale\x18\x04 \x01(\x0b\x32\x12.maas.v1.Autoscale\x12%\n\tresources\x18\x05 \x01(\x0b\x32\x12.maas.v1.Resources\x12\x33\n\x08selector\x18\x06 \x03(\x0b\x32!.maas.v1.Deployment.SelectorEntry\x12&\n\x07traffic\x18\x07 \x03(\x0b\x32\x15.maas.v1.TrafficSplit\x12\x18\n\x10resolved_version\x18\x08 \x01(\t\x12\x12\n\ncreated_ms\x18\t \x01(\x03\x12\x12\n\nupdated_ms\x18\n \x01(\x03\x12\x18\n\x10previous_version\x18\x0b \x01(\t\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x01\n\x10\x44\x65ploymentStatus\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\x12&\n\x08replicas\x18\x02 \x03(\x0b\x32\x14.maas.v1.ReplicaInfo\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"B\n\x17\x43reateDeploymentRequest\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\"B\n\x17UpdateDeploymentRequest\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16ListDeploymentsRequest\"I\n\x17ListDeploymentsResponse\x12.\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x19.maas.v1.DeploymentStatus\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteDeploymentResponse\"\x1f\n\x0f\x41\x63tivateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListWorkersRequest\"=\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.maas.v1.WorkerStatus\"z\n\x0cWorkerStatus\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.maas.v1.WorkerInfo\x12&\n\x08replicas\x18\x02 \x03(\x0b\x32\x14.maas.v1.ReplicaInfo\x12\x1d\n\x15memory_assigned_bytes\x18\x03 \x01(\x04\x32\xb2\x04\n\tScheduler\x12O\n\x10\x43reateDeployment\x12 .maas.v1.CreateDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\x12O\n\x10UpdateDeployment\x12 .maas.v1.UpdateDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\x12I\n\rGetDeployment\x12\x1d.maas.v1.GetDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\x12T\n\x0fListDeployments\x12\x1f.maas.v1.ListDeploymentsRequest\x1a .maas.v1.ListDeploymentsResponse\x12W\n\x10\x44\x65leteDeployment\x12 .maas.v1.DeleteDeploymentRequest\x1a!.maas.v1.DeleteDeploymentResponse\x12H\n\x0bListWorkers\x12\x1b.maas.v1.ListWorkersRequest\x1a\x1c.maas.v1.ListWorkersResponse\x12?\n\x08\x41\x63tivate\x12\x18.maas.v1.ActivateRequest\x1a\x19.maas.v1.DeploymentStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17maas/v1/scheduler.proto\x12\x07maas.v1\x1a\x14maas/v1/common.proto\x1a\x12maas/v1/jobs.proto\x1a\x12maas/v1/mesh.proto\"\x9f\x01\n\tAutoscale\x12\x14\n\x0cmin_replicas\x18\x01 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\r\x12\x18\n\x10target_in_flight\x18\x03 \x01(\x02\x12\x1d\n\x10scale_up_seconds\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x10\x63ooldown_seconds\x18\x05 \x01(\x02\x42\x13\n\x11_scale_up_seconds\"-\n\x0cTrafficSplit\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\"\x85\x03\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12%\n\tautoscale\x18\x04 \x01(\x0b\x32\x12.maas.v1.Autoscale\x12%\n\tresources\x18\x05 \x01(\x0b\x32\x12.maas.v1.Resources\x12\x33\n\x08selector\x18\x06 \x03(\x0b\x32!.maas.v1.Deployment.SelectorEntry\x12&\n\x07traffic\x18\x07 \x03(\x0b\x32\x15.maas.v1.TrafficSplit\x12\x18\n\x10resolved_version\x18\x08 \x01(\t\x12\x12\n\ncreated_ms\x18\t \x01(\x03\x12\x12\n\nupdated_ms\x18\n \x01(\x03\x12\x18\n\x10previous_version\x18\x0b \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x0c \x03(\t\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x01\n\x10\x44\x65ploymentStatus\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\x12&\n\x08replicas\x18\x02 \x03(\x0b\x32\x14.maas.v1.ReplicaInfo\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"B\n\x17\x43reateDeploymentRequest\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\"B\n\x17UpdateDeploymentRequest\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16ListDeploymentsRequest\"I\n\x17ListDeploymentsResponse\x12.\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x19.maas.v1.DeploymentStatus\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteDeploymentResponse\"\x1f\n\x0f\x41\x63tivateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListWorkersRequest\"=\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.maas.v1.WorkerStatus\"z\n\x0cWorkerStatus\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.maas.v1.WorkerInfo\x12&\n\x08replicas\x18\x02 \x03(\x0b\x32\x14.maas.v1.ReplicaInfo\x12\x1d\n\x15memory_assigned_bytes\x18\x03 \x01(\x04\x32\x8f\x06\n\tScheduler\x12O\n\x10\x43reateDeployment\x12 .maas.v1.CreateDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\x12O\n\x10UpdateDeployment\x12 .maas.v1.UpdateDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\x12I\n\rGetDeployment\x12\x1d.maas.v1.GetDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\x12T\n\x0fListDeployments\x12\x1f.maas.v1.ListDeploymentsRequest\x1a .maas.v1.ListDeploymentsResponse\x12W\n\x10\x44\x65leteDeployment\x12 .maas.v1.DeleteDeploymentRequest\x1a!.maas.v1.DeleteDeploymentResponse\x12H\n\x0bListWorkers\x12\x1b.maas.v1.ListWorkersRequest\x1a\x1c.maas.v1.ListWorkersResponse\x12?\n\x08\x41\x63tivate\x12\x18.maas.v1.ActivateRequest\x1a\x19.maas.v1.DeploymentStatus\x12\x34\n\tCreateJob\x12\x19.maas.v1.CreateJobRequest\x1a\x0c.maas.v1.Job\x12.\n\x06GetJob\x12\x16.maas.v1.GetJobRequest\x1a\x0c.maas.v1.Job\x12?\n\x08ListJobs\x12\x18.maas.v1.ListJobsRequest\x1a\x19.maas.v1.ListJobsResponse\x12\x34\n\tCancelJob\x12\x19.maas.v1.CancelJobRequest\x1a\x0c.maas.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,38 +36,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEPLOYMENT_SELECTORENTRY']._loaded_options = None
   _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_options = b'8\001'
-  _globals['_AUTOSCALE']._serialized_start=79
-  _globals['_AUTOSCALE']._serialized_end=238
-  _globals['_TRAFFICSPLIT']._serialized_start=240
-  _globals['_TRAFFICSPLIT']._serialized_end=285
-  _globals['_DEPLOYMENT']._serialized_start=288
-  _globals['_DEPLOYMENT']._serialized_end=659
-  _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_start=612
-  _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_end=659
-  _globals['_DEPLOYMENTSTATUS']._serialized_start=662
-  _globals['_DEPLOYMENTSTATUS']._serialized_end=802
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=804
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=870
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=872
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=938
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=940
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=976
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=978
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1002
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1004
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1077
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1079
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1118
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=1120
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=1146
-  _globals['_ACTIVATEREQUEST']._serialized_start=1148
-  _globals['_ACTIVATEREQUEST']._serialized_end=1179
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1181
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1201
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1203
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1264
-  _globals['_WORKERSTATUS']._serialized_start=1266
-  _globals['_WORKERSTATUS']._serialized_end=1388
-  _globals['_SCHEDULER']._serialized_start=1391
-  _globals['_SCHEDULER']._serialized_end=1953
+  _globals['_AUTOSCALE']._serialized_start=99
+  _globals['_AUTOSCALE']._serialized_end=258
+  _globals['_TRAFFICSPLIT']._serialized_start=260
+  _globals['_TRAFFICSPLIT']._serialized_end=305
+  _globals['_DEPLOYMENT']._serialized_start=308
+  _globals['_DEPLOYMENT']._serialized_end=697
+  _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_start=650
+  _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_end=697
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=700
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=840
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=842
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=908
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=910
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=976
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=978
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1014
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1016
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1040
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1042
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1115
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1117
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1156
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=1158
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=1184
+  _globals['_ACTIVATEREQUEST']._serialized_start=1186
+  _globals['_ACTIVATEREQUEST']._serialized_end=1217
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1219
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1239
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1241
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1302
+  _globals['_WORKERSTATUS']._serialized_start=1304
+  _globals['_WORKERSTATUS']._serialized_end=1426
+  _globals['_SCHEDULER']._serialized_start=1429
+  _globals['_SCHEDULER']._serialized_end=2212
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from maas.v1 import common_pb2 as _common_pb2
+from maas.v1 import jobs_pb2 as _jobs_pb2
 from maas.v1 import mesh_pb2 as _mesh_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -31,7 +32,7 @@ class TrafficSplit(_message.Message):
     def __init__(self, model: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "model", "replicas", "autoscale", "resources", "selector", "traffic", "resolved_version", "created_ms", "updated_ms", "previous_version")
+    __slots__ = ("name", "model", "replicas", "autoscale", "resources", "selector", "traffic", "resolved_version", "created_ms", "updated_ms", "previous_version", "adapters")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +51,7 @@ class Deployment(_message.Message):
     CREATED_MS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_MS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     replicas: int
@@ -61,7 +63,8 @@ class Deployment(_message.Message):
     created_ms: int
     updated_ms: int
     previous_version: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., replicas: _Optional[int] = ..., autoscale: _Optional[_Union[Autoscale, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., selector: _Optional[_Mapping[str, str]] = ..., traffic: _Optional[_Iterable[_Union[TrafficSplit, _Mapping]]] = ..., resolved_version: _Optional[str] = ..., created_ms: _Optional[int] = ..., updated_ms: _Optional[int] = ..., previous_version: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., replicas: _Optional[int] = ..., autoscale: _Optional[_Union[Autoscale, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., selector: _Optional[_Mapping[str, str]] = ..., traffic: _Optional[_Iterable[_Union[TrafficSplit, _Mapping]]] = ..., resolved_version: _Optional[str] = ..., created_ms: _Optional[int] = ..., updated_ms: _Optional[int] = ..., previous_version: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeploymentStatus(_message.Message):
     __slots__ = ("deployment", "replicas", "ready_replicas", "message")

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from maas.v1 import jobs_pb2 as maas_dot_v1_dot_jobs__pb2
 from maas.v1 import scheduler_pb2 as maas_dot_v1_dot_scheduler__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -71,6 +72,26 @@ class SchedulerStub:
                 request_serializer=maas_dot_v1_dot_scheduler__pb2.ActivateRequest.SerializeToString,
                 response_deserializer=maas_dot_v1_dot_scheduler__pb2.DeploymentStatus.FromString,
                 _registered_method=True)
+        self.CreateJob = channel.unary_unary(
+                '/maas.v1.Scheduler/CreateJob',
+                request_serializer=maas_dot_v1_dot_jobs__pb2.CreateJobRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/maas.v1.Scheduler/GetJob',
+                request_serializer=maas_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/maas.v1.Scheduler/ListJobs',
+                request_serializer=maas_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/maas.v1.Scheduler/CancelJob',
+                request_serializer=maas_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -122,6 +143,32 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateJob(self, request, context):
+        """Fine-tuning jobs: queued by priority, placed on free devices by the leader, run by
+        workers in child processes (see docs/finetuning.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +206,26 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Activate,
                     request_deserializer=maas_dot_v1_dot_scheduler__pb2.ActivateRequest.FromString,
                     response_serializer=maas_dot_v1_dot_scheduler__pb2.DeploymentStatus.SerializeToString,
+            ),
+            'CreateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJob,
+                    request_deserializer=maas_dot_v1_dot_jobs__pb2.CreateJobRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=maas_dot_v1_dot_jobs__pb2.GetJobRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=maas_dot_v1_dot_jobs__pb2.ListJobsRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_jobs__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=maas_dot_v1_dot_jobs__pb2.CancelJobRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_jobs__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +419,114 @@ class Scheduler:
             '/maas.v1.Scheduler/Activate',
             maas_dot_v1_dot_scheduler__pb2.ActivateRequest.SerializeToString,
             maas_dot_v1_dot_scheduler__pb2.DeploymentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.v1.Scheduler/CreateJob',
+            maas_dot_v1_dot_jobs__pb2.CreateJobRequest.SerializeToString,
+            maas_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.v1.Scheduler/GetJob',
+            maas_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
+            maas_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.v1.Scheduler/ListJobs',
+            maas_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
+            maas_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.v1.Scheduler/CancelJob',
+            maas_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
+            maas_dot_v1_dot_jobs__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

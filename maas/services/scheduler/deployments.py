@@ -52,6 +52,18 @@ class DeploymentStore:
             split.model = f"{canary.name}@{canary.version}"
             if split.model == out.resolved_version:
                 raise InvalidArgument(f"the canary {split.model} is the version already deployed", field="canary")
+        served = {out.resolved_version, *(split.model for split in out.traffic)}
+        for adapter in out.adapters:
+            version = await self.resolver.resolve(adapter)
+            if not version.base:
+                raise InvalidArgument(f"{adapter!r} is not an adapter (it has no base model)", field="adapters")
+            if version.base not in served:
+                raise InvalidArgument(f"adapter {adapter!r} is for {version.base}, but deployment {out.name!r} "
+                                      f"serves {out.resolved_version}", field="adapters")
+            if adapter.partition("@")[0] == out.name:
+                raise InvalidArgument(f"adapter {adapter!r} has the deployment's own name", field="adapters")
+        if len(set(out.adapters)) != len(out.adapters):
+            raise InvalidArgument("adapters are listed more than once", field="adapters")
         out.updated_ms = int(time.time() * 1000)
         return out
 

@@ -9,6 +9,7 @@ from maas.mesh.config import MeshConfig
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.services.scheduler.deployments import DeploymentStore
+from maas.services.scheduler.jobs import MAX_JOBS_PER_TENANT, MAX_RUNNING_PER_TENANT, JobStore
 from maas.services.scheduler.reconciler import EVICT_IDLE_SECONDS, Reconciler
 from maas.services.scheduler.service import SchedulerServicer
 from maas.services.scheduler.state import ClusterState
@@ -20,16 +21,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evict-idle-seconds", type=float, default=EVICT_IDLE_SECONDS,
                         help="a replica of an autoscaled deployment unused this long may be unloaded "
                              "to make room for another model (least recently used first)")
+    parser.add_argument("--max-jobs-per-tenant", type=int, default=MAX_JOBS_PER_TENANT,
+                        help="fine-tuning jobs a tenant may have queued or running")
+    parser.add_argument("--max-running-jobs-per-tenant", type=int, default=MAX_RUNNING_PER_TENANT,
+                        help="fine-tuning jobs of one tenant that run at once (the rest wait in the queue)")
 
 
-async def build(rt: ServiceRuntime, *, evict_idle_seconds: float = EVICT_IDLE_SECONDS) -> Reconciler:
+async def build(rt: ServiceRuntime, *, evict_idle_seconds: float = EVICT_IDLE_SECONDS,
+                max_jobs_per_tenant: int = MAX_JOBS_PER_TENANT,
+                max_running_jobs_per_tenant: int = MAX_RUNNING_PER_TENANT) -> Reconciler:
     """Wire the scheduler into a runtime (also used by in-process tests)."""
     state = ClusterState(rt.etcd)
     resolver = RegistryClient(rt.etcd)
-    reconciler = Reconciler(rt, state, resolver, evict_idle_seconds=evict_idle_seconds)
+    deployments = DeploymentStore(rt.etcd, resolver)
+    reconciler = Reconciler(rt, state, resolver, evict_idle_seconds=evict_idle_seconds, deployments=deployments,
+                            max_running_jobs_per_tenant=max_running_jobs_per_tenant)
     rt.add_service(scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
                    scheduler_pb2_grpc.add_SchedulerServicer_to_server,
-                   SchedulerServicer(DeploymentStore(rt.etcd, resolver), state, reconciler, rt.events))
+                   SchedulerServicer(deployments, state, reconciler, rt.events,
+                                     JobStore(rt.etcd, resolver, max_jobs_per_tenant=max_jobs_per_tenant)))
     rt.before_stop(reconciler.close)
     rt.add_closer(state.close)
     rt.add_closer(resolver.close)
@@ -45,7 +55,8 @@ def main(ns: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with ServiceRuntime(config) as rt:
-            await build(rt, evict_idle_seconds=ns.evict_idle_seconds)
+            await build(rt, evict_idle_seconds=ns.evict_idle_seconds, max_jobs_per_tenant=ns.max_jobs_per_tenant,
+                        max_running_jobs_per_tenant=ns.max_running_jobs_per_tenant)
             await rt.wait()
 
     return run_service(serve)

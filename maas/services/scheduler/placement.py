@@ -61,6 +61,19 @@ class Want:
         return [(self.version, replicas), (self.canary, max(1, math.ceil(replicas * weight / 100)) if replicas else 0)]
 
 
+@dataclass(frozen=True)
+class JobWant:
+    """A fine-tuning job as placement sees it: queued (slot None) or running on `slot`."""
+
+    job_id: str
+    memory: int
+    priority: int = 0
+    created_ms: int = 0
+    tenant: str = ""
+    slot: Slot | None = None
+    yielding: bool = False  # asked to give its device back; still holds it until it stops
+
+
 @dataclass
 class Plan:
     add: list[tuple[str, mesh_pb2.Assignment]] = field(default_factory=list)      # (worker, assignment)
@@ -68,6 +81,8 @@ class Plan:
     unplaced: dict[str, str] = field(default_factory=dict)                       # deployment -> why
     evicted: list[tuple[str, str, str]] = field(default_factory=list)           # (worker, replica, for whom)
     scale: dict[str, int] = field(default_factory=dict)                          # deployment -> new replicas
+    start_jobs: list[tuple[str, Slot, int]] = field(default_factory=list)       # (job, slot, memory)
+    preempt: list[tuple[str, str]] = field(default_factory=list)                # (job, for which deployment)
 
     def __bool__(self) -> bool:
         return bool(self.add or self.remove)
@@ -123,16 +138,29 @@ def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
          assignments: dict[tuple[str, str], mesh_pb2.Assignment], ready: frozenset[str] = frozenset(),
          new_id: Callable[[str], str] = lambda name: f"{name}-{uuid.uuid4().hex[:6]}",
          avoid: dict[str, set[str]] | None = None, hold: frozenset[str] = frozenset(),
-         idle: dict[str, float] | None = None) -> Plan:
+         idle: dict[str, float] | None = None, jobs: list[JobWant] | tuple[JobWant, ...] = (),
+         max_running_jobs_per_tenant: int = 0) -> Plan:
     """`ready` holds the ids of replicas that serve now. `avoid` names, per deployment,
     workers where its replicas recently failed to load (used only when no other worker
     fits); deployments in `hold` get no new replicas this time. `idle` maps the ids of
     replicas that have served nothing for a while to when they were last used: those of
-    autoscaled deployments above their minimum may be evicted to make room."""
+    autoscaled deployments above their minimum may be evicted to make room.
+
+    `jobs` are the fine-tuning jobs, running and queued. Serving comes first: a replica
+    that fits nowhere else makes the lowest-priority running jobs on a device yield it
+    (they checkpoint and queue again; the replica is placed once they are gone), and no
+    queued job starts while one is yielding. Queued jobs then take what replicas left, in
+    order of priority (then age), at most `max_running_jobs_per_tenant` (0: no limit) of
+    a tenant's at once."""
     avoid = avoid or {}
     idle = idle or {}
     result = Plan()
     fleet = Fleet(workers)
+    training: dict[Slot, list[JobWant]] = {}  # running jobs by device
+    for job in jobs:
+        if job.slot is not None and job.slot in fleet.free:
+            fleet.take(job.slot, job.memory)
+            training.setdefault(job.slot, []).append(job)
 
     current: dict[tuple[str, str], list[tuple[str, mesh_pb2.Assignment]]] = {}  # (deployment, ref)
     outdated: dict[str, list[tuple[str, mesh_pb2.Assignment]]] = {}
@@ -200,6 +228,10 @@ def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
                  else _many_devices(fleet, per_device, devices, ok, spread, shunned))
         if slots is None and devices == 1 and name not in outdated:  # a rollout frees room by itself
             slots = _evict(fleet, per_device, ok, shunned, name, victims, allowance, targets, result)
+        if slots is None and devices == 1 and (waiting := _preempt(fleet, per_device, ok, training, name, result)):
+            failed.add(shape)
+            result.unplaced[name] = f"waiting for fine-tuning job(s) {', '.join(waiting)} to yield their device"
+            continue
         if slots is None:
             failed.add(shape)
             largest = fleet.largest()
@@ -216,7 +248,66 @@ def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
             replica_id=new_id(name), deployment=name, model_name=version.name, model_version=version.version,
             format=version.format, source=version.source, task=version.task, options=dict(version.options),
             device_ids=[dev for _, dev in slots], memory_bytes=per_device)))
+
+    # 3. fine-tuning jobs take what serving left
+    if not result.preempt and not any(j.yielding for j in jobs):
+        _place_jobs(fleet, workers, jobs, max_running_jobs_per_tenant, result)
     return result
+
+
+def _preempt(fleet: Fleet, need: int, ok: Callable[[str], bool], training: dict[Slot, list[JobWant]],
+             name: str, result: Plan) -> list[str]:
+    """Find a device where stopping running jobs (those already yielding first, then the
+    lowest priority, newest first) frees `need` bytes; ask those jobs to yield. Returns
+    the jobs the replica waits for (empty: no device would do)."""
+    best: tuple[tuple[int, float], Slot, list[JobWant]] | None = None
+    for slot, running in training.items():
+        if not ok(slot[0]):
+            continue
+        free, taken = fleet.free[slot], []
+        for job in sorted(running, key=lambda j: (not j.yielding, j.priority, -j.created_ms)):
+            if free >= need:
+                break
+            taken.append(job)
+            free += job.memory
+        if free >= need and taken:
+            # cheapest: fewest jobs not yet yielding, then the lowest top priority among them
+            fresh = [j for j in taken if not j.yielding]
+            cost = (len(fresh), max((j.priority for j in fresh), default=-math.inf))
+            if best is None or cost < best[0]:
+                best = (cost, slot, taken)
+    if best is None:
+        return []
+    _, slot, taken = best
+    for job in taken:
+        if not job.yielding:
+            result.preempt.append((job.job_id, name))
+    training[slot] = [j for j in training[slot] if j not in taken]  # not asked twice in one plan
+    return [j.job_id for j in taken]
+
+
+def _place_jobs(fleet: Fleet, workers: dict[str, mesh_pb2.WorkerInfo], jobs: list[JobWant] | tuple[JobWant, ...],
+                per_tenant: int, result: Plan) -> None:
+    """Queued jobs in order of priority, then age, each on the tightest device that fits.
+    A job that fits no device now waits, and so do the jobs behind it (no lower-priority
+    job overtakes it), unless it is larger than any device: that one waits alone."""
+    trainers = {wid for wid, info in workers.items() if "hf" in (info.formats or ["hf"])}
+    largest = max((d.memory_total_bytes for wid in trainers for d in workers[wid].devices), default=0)
+    running: dict[str, int] = {}
+    for job in jobs:
+        if job.slot is not None:
+            running[job.tenant] = running.get(job.tenant, 0) + 1
+    for job in sorted((j for j in jobs if j.slot is None), key=lambda j: (-j.priority, j.created_ms, j.job_id)):
+        if job.memory > largest:
+            continue
+        if per_tenant and running.get(job.tenant, 0) >= per_tenant:
+            continue
+        slot = next((s for s in fleet.fitting(job.memory) if s[0] in trainers), None)
+        if slot is None:
+            return
+        fleet.take(slot, job.memory)
+        running[job.tenant] = running.get(job.tenant, 0) + 1
+        result.start_jobs.append((job.job_id, slot, job.memory))
 
 
 def _release(fleet: Fleet, wid: str, a: mesh_pb2.Assignment) -> None:

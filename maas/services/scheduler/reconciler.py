@@ -8,20 +8,25 @@ restart or fail-over the new leader rebuilds everything from etcd.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from maas.mesh.aio import stop_task, wait_event
 from maas.mesh.clients import RegistryClient
-from maas.mesh.errors import MaasError
+from maas.mesh.errors import FailedPrecondition, MaasError, NotFound
 from maas.mesh.etcd import LeaderElection
+from maas.mesh.jobs import now_ms, update_job
 from maas.mesh.server import ServiceRuntime
 from maas.services.scheduler import metrics, placement
 from maas.services.scheduler.autoscaler import Autoscaler
+from maas.services.scheduler.deployments import DeploymentStore
 from maas.services.scheduler.state import ClusterState
-from maas.v1 import mesh_pb2, scheduler_pb2
+from maas.v1 import jobs_pb2, mesh_pb2, registry_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,10 @@ MAX_BACKOFF = 60.0  # seconds between attempts to load a deployment that keeps f
 AVOID_SECONDS = 300.0  # how long a worker where a load failed is avoided for that deployment
 CATCH_UP_SECONDS = 5.0  # how long to wait for the mirrors to show the leader's own writes
 EVICT_IDLE_SECONDS = 30.0  # a replica unused this long may be evicted to make room for another
+# Device memory a fine-tuning job reserves, as a multiple of its base model's serving memory:
+# LoRA keeps the frozen weights plus activations and a small adapter with its optimizer state;
+# full fine-tuning adds gradients and two AdamW moments for every weight.
+JOB_MEMORY_FACTOR = {"lora": 2, "full": 4}
 
 
 @dataclass
@@ -48,8 +57,11 @@ class LostLeadership(Exception):
 
 class Reconciler:
     def __init__(self, rt: ServiceRuntime, state: ClusterState, resolver: RegistryClient, *,
-                 evict_idle_seconds: float = EVICT_IDLE_SECONDS) -> None:
+                 evict_idle_seconds: float = EVICT_IDLE_SECONDS, deployments: DeploymentStore | None = None,
+                 max_running_jobs_per_tenant: int = 0) -> None:
         self.rt = rt
+        self.deployments = deployments or DeploymentStore(rt.etcd, resolver)
+        self.max_running_jobs_per_tenant = max_running_jobs_per_tenant
         self.state = state
         self.resolver = resolver
         self.autoscaler = Autoscaler()
@@ -143,8 +155,10 @@ class Reconciler:
         hold = frozenset(d for d, r in self.retries.items() if r.next_try > now)
         avoid = {d: {w for w, until in r.avoid.items() if until > now} for d, r in self.retries.items()}
         idle = {rid: t for rid, t in self.autoscaler.idle_replicas(self.evict_idle_seconds).items() if rid in ready}
+        jobs = await self._jobs(election)
         result = placement.plan(wants, dict(self.state.workers.items), assignments, ready, avoid=avoid, hold=hold,
-                                idle=idle)
+                                idle=idle, jobs=jobs, max_running_jobs_per_tenant=self.max_running_jobs_per_tenant)
+        await self._apply_jobs(election, result)
         for name, replicas in result.scale.items():  # evictions shrink their deployments first
             if not await self._set_replicas(election, deployments[name], replicas):
                 self.state.changed.set()  # it changed under us: plan again
@@ -236,3 +250,155 @@ class Reconciler:
         if not await election.is_leader():
             raise LostLeadership
         return None
+
+    # -- fine-tuning jobs --
+
+    def _fenced(self, election: LeaderElection) -> Callable[[list[Any], list[Any]], Awaitable[bool]]:
+        """Job writes by the leader, fenced on its election like its assignment writes."""
+        async def fenced(ops: list[Any], compare: list[Any]) -> bool:
+            metrics.TXNS.inc()
+            return await election.fenced_txn(ops, compare=compare)
+        return fenced
+
+    async def _jobs(self, election: LeaderElection) -> list[placement.JobWant]:
+        """The jobs placement sees. On the way: a running job whose worker is gone goes back
+        to the queue (it resumes from its last checkpoint) or, if it was being cancelled, is
+        cancelled; a queued job whose base model is gone fails; a finished job that asked
+        to be deployed is deployed."""
+        wants = []
+        workers = self.state.workers.items
+        for job in list(self.state.jobs.items.values()):
+            spec = job.spec
+            if job.state == jobs_pb2.JOB_STATE_RUNNING:
+                if job.worker_id in workers:
+                    wants.append(placement.JobWant(job.id, job.memory_bytes, spec.priority, job.created_ms,
+                                                   spec.tenant, (job.worker_id, job.device_id), job.yield_requested))
+                else:
+                    await self._lost(election, job)
+            elif job.state == jobs_pb2.JOB_STATE_QUEUED:
+                try:
+                    base = await self.resolver.resolve(spec.base)
+                except NotFound as e:
+                    await self._finish_job(election, job, jobs_pb2.JOB_STATE_FAILED, f"base model gone: {e.message}")
+                    continue
+                except MaasError:
+                    continue  # registry hiccup: next pass
+                memory = base.resources.memory_bytes * JOB_MEMORY_FACTOR.get(spec.method, 4)
+                wants.append(placement.JobWant(job.id, memory, spec.priority, job.created_ms, spec.tenant))
+            elif job.state == jobs_pb2.JOB_STATE_SUCCEEDED and spec.deploy and job.result and not job.deployment:
+                await self._deploy_result(election, job)
+        return wants
+
+    async def _lost(self, election: LeaderElection, job: jobs_pb2.Job) -> None:
+        worker = job.worker_id
+
+        def requeue(j: jobs_pb2.Job) -> jobs_pb2.Job | None:
+            if j.state != jobs_pb2.JOB_STATE_RUNNING or j.worker_id != worker:
+                return None
+            if j.cancel_requested:
+                j.state, j.message, j.finished_ms = jobs_pb2.JOB_STATE_CANCELLED, "cancelled (its worker was lost)", \
+                    now_ms()
+            else:
+                j.state = jobs_pb2.JOB_STATE_QUEUED
+                j.message = (f"worker {worker} was lost; queued to resume from the checkpoint at step "
+                             f"{j.checkpoint_step}" if j.checkpoint_sha256 else
+                             f"worker {worker} was lost before the first checkpoint; queued to start again")
+            j.worker_id, j.device_id, j.memory_bytes, j.yield_requested = "", "", 0, False
+            return j
+
+        if done := await update_job(self.rt.etcd, job.id, requeue, fenced=self._fenced(election)):
+            what = "cancelled" if done.state == jobs_pb2.JOB_STATE_CANCELLED else "requeued"
+            log.warning("job %s: %s", job.id, done.message)
+            self.rt.events.publish("job", what, job.id, done.message, worker=worker,
+                                   checkpoint_step=str(done.checkpoint_step))
+
+    async def _finish_job(self, election: LeaderElection, job: jobs_pb2.Job, state: int, message: str) -> None:
+        def finish(j: jobs_pb2.Job) -> jobs_pb2.Job | None:
+            if j.state != job.state:
+                return None
+            j.state, j.message, j.finished_ms = state, message, now_ms()  # type: ignore[assignment]
+            return j
+
+        if await update_job(self.rt.etcd, job.id, finish, fenced=self._fenced(election)):
+            self.rt.events.publish("job", "failed", job.id, message)
+
+    async def _apply_jobs(self, election: LeaderElection, result: placement.Plan) -> None:
+        for job_id, (worker, device), memory in result.start_jobs:
+            def start(j: jobs_pb2.Job, worker: str = worker, device: str = device,
+                      memory: int = memory) -> jobs_pb2.Job | None:
+                if j.state != jobs_pb2.JOB_STATE_QUEUED:
+                    return None
+                j.state, j.worker_id, j.device_id, j.memory_bytes = jobs_pb2.JOB_STATE_RUNNING, worker, device, memory
+                j.attempts += 1
+                j.started_ms = j.started_ms or now_ms()
+                j.message = (f"resuming from step {j.checkpoint_step} on {worker}" if j.checkpoint_sha256
+                             else f"starting on {worker}")
+                return j
+
+            with contextlib.suppress(NotFound):
+                if placed := await update_job(self.rt.etcd, job_id, start, fenced=self._fenced(election)):
+                    log.info("job %s placed on %s %s (%d MiB)", job_id, worker, device, memory >> 20)
+                    self.rt.events.publish("job", "placed", job_id, placed.message, worker=worker, device=device,
+                                           attempt=str(placed.attempts))
+        for job_id, deployment in result.preempt:
+            def yield_(j: jobs_pb2.Job, deployment: str = deployment) -> jobs_pb2.Job | None:
+                if j.state != jobs_pb2.JOB_STATE_RUNNING or j.yield_requested:
+                    return None
+                j.yield_requested = True
+                j.message = f"yielding {j.device_id} on {j.worker_id} to deployment {deployment}"
+                return j
+
+            with contextlib.suppress(NotFound):
+                if asked := await update_job(self.rt.etcd, job_id, yield_, fenced=self._fenced(election)):
+                    log.info("job %s: %s", job_id, asked.message)
+                    self.rt.events.publish("job", "preempted", job_id, asked.message, deployment=deployment)
+
+    async def _deploy_result(self, election: LeaderElection, job: jobs_pb2.Job) -> None:
+        """Serve a finished job's result: an adapter joins a deployment of its base (one is
+        created, named after the base model, if none serves it); a fully fine-tuned model
+        gets a deployment of its own name (or rolls that deployment to the new version)."""
+        try:
+            version = await self.resolver.resolve(job.result)
+            name = await self._deploy(version, job.spec.name)
+            message = f"{job.result} deployed on {name}"
+        except MaasError as e:
+            name, message = "-", f"{job.result} registered, but deploying it failed: {e.message}"
+
+        def deployed(j: jobs_pb2.Job) -> jobs_pb2.Job | None:
+            if j.deployment:
+                return None
+            j.deployment, j.message = name, message
+            return j
+
+        if await update_job(self.rt.etcd, job.id, deployed, fenced=self._fenced(election)):
+            self.rt.events.publish("job", "deployed" if name != "-" else "deploy_failed", job.id, message,
+                                   deployment=name, result=job.result)
+
+    async def _deploy(self, version: registry_pb2.ModelVersion, adapter_name: str) -> str:
+        ref = f"{version.name}@{version.version}"
+        current = self.state.deployments.items
+        if not version.base:
+            if adapter_name in current:
+                dep = scheduler_pb2.Deployment()
+                dep.CopyFrom(current[adapter_name])
+                dep.model = ref
+                await self.deployments.update(dep)
+            else:
+                await self.deployments.create(scheduler_pb2.Deployment(name=adapter_name, model=ref, replicas=1))
+            return adapter_name
+        serving = sorted(d.name for d in current.values() if d.resolved_version == version.base)
+        if serving:
+            name = serving[0]
+            dep = scheduler_pb2.Deployment()
+            dep.CopyFrom(current[name])
+            if version.name not in dep.adapters:
+                dep.adapters.append(version.name)
+                await self.deployments.update(dep)
+            return name
+        name = version.base.partition("@")[0]
+        if name in current:
+            raise FailedPrecondition(f"deployment {name!r} serves {current[name].resolved_version}, not the base "
+                                  f"{version.base}; deploy the base and add the adapter with maas deploy")
+        await self.deployments.create(scheduler_pb2.Deployment(name=name, model=version.base, replicas=1,
+                                                               adapters=[version.name]))
+        return name

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import grpc
 
+from maas.mesh.auth import key_from_metadata
 from maas.mesh.events import EventBus
+from maas.mesh.jobs import state_name
 from maas.services.scheduler.deployments import DeploymentStore
+from maas.services.scheduler.jobs import JobStore
 from maas.services.scheduler.reconciler import Reconciler
 from maas.services.scheduler.state import ClusterState
-from maas.v1 import scheduler_pb2, scheduler_pb2_grpc
+from maas.v1 import jobs_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, store: DeploymentStore, state: ClusterState, reconciler: Reconciler,
-                 events: EventBus) -> None:
+                 events: EventBus, jobs: JobStore) -> None:
         self.store = store
+        self.jobs = jobs
         self.state = state
         self.reconciler = reconciler
         self.events = events
@@ -66,3 +70,29 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def ListWorkers(self, request: scheduler_pb2.ListWorkersRequest,
                           context: grpc.aio.ServicerContext) -> scheduler_pb2.ListWorkersResponse:
         return scheduler_pb2.ListWorkersResponse(workers=self.state.worker_statuses())
+
+    # -- fine-tuning jobs --
+
+    async def CreateJob(self, request: jobs_pb2.CreateJobRequest,
+                        context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
+        job = await self.jobs.create(request.spec, key_from_metadata(context.invocation_metadata()))
+        spec = job.spec
+        self.events.publish("job", "queued", job.id,
+                            f"{job.id}: {spec.method} on {spec.base}, {job.examples} examples -> {spec.name}",
+                            base=spec.base, tenant=spec.tenant, priority=str(spec.priority), name=spec.name)
+        return job
+
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
+        return await self.jobs.get(request.id)
+
+    async def ListJobs(self, request: jobs_pb2.ListJobsRequest,
+                       context: grpc.aio.ServicerContext) -> jobs_pb2.ListJobsResponse:
+        return jobs_pb2.ListJobsResponse(jobs=await self.jobs.list(request.tenant, request.active))
+
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest,
+                        context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
+        job = await self.jobs.cancel(request.id)
+        if job.state == jobs_pb2.JOB_STATE_CANCELLED or job.cancel_requested:
+            what = "cancelled" if job.state == jobs_pb2.JOB_STATE_CANCELLED else "cancelling"
+            self.events.publish("job", what, job.id, f"{job.id}: {job.message}", state=state_name(job.state))
+        return job

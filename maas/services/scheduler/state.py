@@ -6,7 +6,7 @@ import asyncio
 
 from maas.mesh.discovery import PrefixMirror
 from maas.mesh.etcd import EtcdSession
-from maas.v1 import mesh_pb2, scheduler_pb2
+from maas.v1 import jobs_pb2, mesh_pb2, scheduler_pb2
 
 
 class ClusterState:
@@ -17,7 +17,8 @@ class ClusterState:
         self.replicas = PrefixMirror(session, keys.replicas(), mesh_pb2.ReplicaInfo)
         self.assignments = PrefixMirror(session, keys.assignments(), mesh_pb2.Assignment)
         self.deployments = PrefixMirror(session, keys.deployments(), scheduler_pb2.Deployment)
-        self.mirrors = (self.workers, self.replicas, self.assignments, self.deployments)
+        self.jobs = PrefixMirror(session, keys.jobs(), jobs_pb2.Job)
+        self.mirrors = (self.workers, self.replicas, self.assignments, self.deployments, self.jobs)
         self.changed = asyncio.Event()
         for m in self.mirrors:
             m.add_listener(lambda *_: self.changed.set())

@@ -16,6 +16,7 @@ from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.services.worker.devices import detect_devices
 from maas.services.worker.engines import create_engine
+from maas.services.worker.jobs import JobRunner
 from maas.services.worker.replicas import DEFAULT_CACHE, EngineFactory, ReplicaManager
 from maas.services.worker.service import WorkerInferenceServicer
 from maas.v1 import inference_pb2, inference_pb2_grpc, mesh_pb2
@@ -71,7 +72,10 @@ async def build(rt: ServiceRuntime, *, devices: list[mesh_pb2.Device], labels: d
                               cache_dir=cache_dir)
     rt.add_service(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                    inference_pb2_grpc.add_InferenceServicer_to_server, WorkerInferenceServicer(replicas))
+    jobs = JobRunner(rt, worker_id, replicas.artifacts, cache_dir.parent / "jobs" / worker_id)
     rt.before_stop(replicas.drain)
+    rt.before_stop(jobs.drain)  # trainers checkpoint and their jobs queue again, while etcd is still ours
+    rt.add_closer(jobs.close)
     rt.add_closer(replicas.close)
     await rt.start()
     info = mesh_pb2.WorkerInfo(worker_id=worker_id, endpoint=rt.endpoint, devices=devices, labels=labels or {},
@@ -80,6 +84,7 @@ async def build(rt: ServiceRuntime, *, devices: list[mesh_pb2.Device], labels: d
     rt.events.publish("worker", "joined", worker_id,
                       f"worker {worker_id} joined with {', '.join(d.id for d in devices)}", endpoint=rt.endpoint)
     await replicas.start()
+    await jobs.start()
     reporter = asyncio.create_task(_report_load(rt, replicas), name="load-report")
 
     async def stop_reporter() -> None:

@@ -107,6 +107,21 @@ def _option_int(spec: ModelSpec, name: str, default: int, minimum: int = 1) -> i
     return int(raw)
 
 
+def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], model: str) -> str:
+    """A chat as the prompt `model` continues: its tokenizer's chat template (with the
+    generation prompt), or `plain_chat` for a tokenizer without one. Serving and
+    fine-tuning (maas.finetune) both render chats here, so training sees the prompts
+    inference builds."""
+    if not getattr(tokenizer, "chat_template", None):
+        return plain_chat(messages)
+    try:
+        return str(tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                                 tokenize=False, add_generation_prompt=True))
+    except Exception as exc:  # templates reject chats with raise_exception (e.g. roles out of order)
+        raise InvalidArgument(f"the chat template of {model} rejected the messages: {exc}",
+                              field="messages") from None
+
+
 class HFEngine:
     """A `transformers` causal LM loaded from `spec.source` with `from_pretrained`."""
 
@@ -234,17 +249,9 @@ class HFEngine:
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         """The tokenizer's chat template (with the generation prompt), or `plain_chat` for a
         tokenizer without one."""
-        tokenizer = self._tokenizer
-        if tokenizer is None:
+        if self._tokenizer is None:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
-        if not getattr(tokenizer, "chat_template", None):
-            return plain_chat(messages)
-        try:
-            return str(tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                                     tokenize=False, add_generation_prompt=True))
-        except Exception as exc:  # templates reject chats with raise_exception (e.g. roles out of order)
-            raise InvalidArgument(f"the chat template of {self.spec.name} rejected the messages: {exc}",
-                                  field="messages") from None
+        return render_chat(self._tokenizer, messages, self.spec.name)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the request's deltas. Closing the iterator (or cancelling its consumer)

@@ -1,0 +1,676 @@
+"""Run one fine-tuning job: the program a worker starts in a child process.
+
+    python -m maas.finetune.train --base DIR --data FILE.jsonl --out DIR
+        [--method lora|full] [--epochs N] [--lr X] [--lora-rank R] [--lora-alpha A]
+        [--batch-size B] [--checkpoint-every STEPS] [--seed S] [--max-steps N]
+        [--max-length TOKENS] [--log-every STEPS] [--base-ref NAME@VERSION] [--exit-with-parent]
+
+`--data` holds one {"prompt": str, "completion": str} object a line. The job is handed
+pairs already rendered (`maas.finetune.datasets.training_examples` turns chat and
+prompt/completion files into them with the serving engine's chat template), so this
+program reads only that simple form. Each pair is tokenised as the engine tokenises a
+prompt (with the tokenizer's special tokens), followed by the completion and the EOS
+token; only the completion and EOS count in the loss.
+
+`--method lora` (the default) trains a peft LoRA adapter on every linear projection of
+the attention and MLP blocks and saves it with `save_pretrained` in OUT/adapter, which the
+worker's engine loads with `PeftModel.from_pretrained`. `--method full` trains every
+weight and saves model and tokenizer in OUT/model. AdamW, constant learning rate after a
+short warm-up, deterministic for a given seed on a given machine; CUDA if there is one.
+
+Output: one JSON object a line on stdout (nothing else is written there; logs go to
+stderr):
+
+    {"event": "start", "step": 0, "total_steps": 40, "examples": 16, ...}
+    {"event": "progress", "step": 1, "total_steps": 40, "epoch": 0.25, "loss": 5.1,
+     "tokens_per_s": 2100.0, "eta_s": 12.3}
+    {"event": "checkpoint", "step": 20, "path": "OUT/checkpoints/step-000020"}
+    {"event": "done", "steps": 40, "loss_first": 5.1, "loss_last": 0.4,
+     "train_seconds": 9.8, "tokens_per_s": 2100.0, "adapter_dir": "OUT/adapter"}
+    {"event": "stopped", "step": 12, "path": "OUT/checkpoints/step-000012"}
+    {"event": "error", "message": "..."}
+
+Checkpoints (every `--checkpoint-every` steps, and when stopped) are directories
+OUT/checkpoints/step-NNNNNN holding the trainable weights (`weights.pt`: the adapter's,
+or the whole model's), the optimizer state (`optimizer.pt`), the RNG state (`rng.pt`)
+and `state.json` (step, epoch, losses, the job's fingerprint). Each is written in a
+temporary directory beside them and renamed into place, so a killed job never leaves a
+half-written one; the last two are kept. Started again with the same OUT, a job resumes
+from its latest checkpoint: the step count goes on and the data order is the one an
+uninterrupted run would have seen. Checkpoints of a different job (other data, base,
+method or hyperparameters) are refused rather than mixed in. Once the result is saved,
+OUT/result.json marks the job finished (starting it again only repeats its "done" line)
+and the checkpoints are removed.
+
+SIGTERM (or SIGINT) stops the job at the next step boundary: it checkpoints, prints
+"stopped" and exits with 75 (EX_TEMPFAIL: try again later), which is how a job yields
+its device to serving. Exit codes: 0 done, 1 training failed, 2 bad arguments or
+input (the error line names the problem; no traceback), 75 stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_STOPPED",
+    "EXIT_USAGE",
+    "JobConfig",
+    "JobError",
+    "main",
+    "read_pairs",
+    "run_job",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, resumable from its checkpoint
+
+DEFAULT_LR = {"lora": 1e-3, "full": 1e-4}
+WARMUP_STEPS = 5
+KEEP_CHECKPOINTS = 2
+CHECKPOINTS = "checkpoints"
+RESULT = "result.json"
+MAX_DATA_ERRORS = 5
+_CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})$")
+
+Method = Literal["lora", "full"]
+Emit = Callable[..., None]
+
+
+class JobError(Exception):
+    """Bad arguments or input: reported as an error line without a traceback."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One fine-tuning job, validated at construction."""
+
+    base: Path
+    """Base model directory (`from_pretrained`), with its tokenizer."""
+    data: Path
+    """JSONL of {"prompt", "completion"} pairs."""
+    out: Path
+    """Job directory: checkpoints, then the adapter (or model) and result.json."""
+    method: Method = "lora"
+    """"lora" (a peft adapter) or "full" (every weight; for small models)."""
+    epochs: int = 3
+    """Passes over the data."""
+    lr: float | None = None
+    """AdamW learning rate; None: 1e-3 for LoRA, 1e-4 for full fine-tuning."""
+    lora_rank: int = 16
+    """LoRA rank r."""
+    lora_alpha: int | None = None
+    """LoRA scaling numerator; None: twice the rank."""
+    batch_size: int = 8
+    """Examples a step."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints; 0: only when stopped."""
+    seed: int = 0
+    """Seeds the adapter's initialisation, the data order and dropout."""
+    max_steps: int | None = None
+    """Stop after this many steps in all, even before `epochs` passes."""
+    max_length: int | None = None
+    """Tokens an example keeps (longer ones lose their end); None: the model's context."""
+    log_every: int = 1
+    """Steps between progress lines (the last step always prints one)."""
+    base_ref: str | None = None
+    """What names the base model in checkpoints (a worker passes "name@version", so another
+    worker, with the base unpacked elsewhere, can resume them); None: the directory's path."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise JobError(f"--method must be lora or full, not {self.method!r}")
+        for name in ("epochs", "lora_rank", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise JobError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise JobError(f"--checkpoint-every must be 0 or more, not {self.checkpoint_every}")
+        for name in ("max_steps", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise JobError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        for name in ("lr", "lora_alpha"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise JobError(f"--{name.replace('_', '-')} must be a positive number, not {value}")
+        if not self.base.is_dir():
+            raise JobError(f"base model directory {self.base} does not exist")
+        if not (self.base / "config.json").is_file():
+            raise JobError(f"base model directory {self.base} has no config.json")
+        if not self.data.is_file():
+            raise JobError(f"data file {self.data} does not exist")
+        if self.out.exists() and not self.out.is_dir():
+            raise JobError(f"output {self.out} exists and is not a directory")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    @property
+    def alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+
+# --- input ------------------------------------------------------------------------------
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    """The (prompt, completion) pairs of a JSONL file; JobError naming the bad lines."""
+    pairs: list[tuple[str, str]] = []
+    errors: list[str] = []
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobError(f"cannot read data file {path}: {exc}") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            pairs.append(_pair(line))
+        except ValueError as exc:
+            errors.append(f"line {number}: {exc}")
+    if errors:
+        more = f" (and {len(errors) - MAX_DATA_ERRORS} more)" if len(errors) > MAX_DATA_ERRORS else ""
+        raise JobError(f"data file {path}: " + "; ".join(errors[:MAX_DATA_ERRORS]) + more)
+    if not pairs:
+        raise JobError(f"data file {path} has no examples")
+    return pairs
+
+
+def _pair(line: str) -> tuple[str, str]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected an object with prompt and completion, got {type(obj).__name__}")
+    extra = sorted(set(obj) - {"prompt", "completion"})
+    if extra:
+        raise ValueError(f"unknown key {extra[0]!r} (expected prompt and completion)")
+    for key in ("prompt", "completion"):
+        if not isinstance(obj.get(key), str):
+            raise ValueError(f"{key!r} must be a string" if key in obj else f"missing {key!r}")
+    if not obj["completion"]:
+        raise ValueError("'completion' is empty")
+    return obj["prompt"], obj["completion"]
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+
+def _fingerprint(config: JobConfig) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed: everything that shapes the run."""
+    return {
+        "base": config.base_ref or str(config.base.resolve()),
+        "data_sha256": hashlib.sha256(config.data.read_bytes()).hexdigest(),
+        "method": config.method,
+        "lr": config.learning_rate,
+        "lora_rank": config.lora_rank if config.method == "lora" else None,
+        "lora_alpha": config.alpha if config.method == "lora" else None,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "max_length": config.max_length,
+    }
+
+
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under OUT, oldest first."""
+    root = out / CHECKPOINTS
+    found = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            match = _CHECKPOINT_NAME.match(entry.name)
+            if match and (entry / "state.json").is_file():
+                found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Put a fully written `tmp` at `dest`, replacing what was there."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
+    _fsync_dir(dest.parent)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --- training ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    loss_first: float | None = None
+    loss_last: float | None = None
+    train_seconds: float = 0.0  # all runs of the job
+    tokens: int = 0  # all runs of the job
+
+
+class _Trainer:
+    """The model, optimizer and data of one job; `run` trains until done or stopped."""
+
+    def __init__(self, config: JobConfig, pairs: Sequence[tuple[str, str]], emit: Emit) -> None:
+        import torch
+
+        self.config = config
+        self.emit = emit
+        self.fingerprint = _fingerprint(config)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(config.seed)
+        self.tokenizer, model = self._load_base()
+        self.examples, self.skipped = self._encode(pairs, model.config)
+        if not self.examples:
+            raise JobError(f"no example of {config.data} fits in {self._max_length(model.config)} tokens")
+        self.model = self._prepare(model).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=0.0)
+        self.steps_per_epoch = math.ceil(len(self.examples) / config.batch_size)
+        total = config.epochs * self.steps_per_epoch
+        self.total_steps = min(total, config.max_steps) if config.max_steps else total
+        self.progress = _Progress()
+        self.resumed_from: Path | None = None
+        self.last_checkpoint = 0
+
+    def _load_base(self) -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.config.base)
+            model = AutoModelForCausalLM.from_pretrained(self.config.base, dtype="float32")
+        except (OSError, ValueError) as exc:
+            raise JobError(f"cannot load base model from {self.config.base}: {exc}") from None
+        if tokenizer.eos_token_id is None:
+            raise JobError(f"the tokenizer of {self.config.base} has no end-of-sequence token")
+        return tokenizer, model
+
+    def _max_length(self, model_config: Any) -> int:
+        context = getattr(model_config, "max_position_embeddings", None) or 2048
+        return min(self.config.max_length or context, context)
+
+    def _encode(self, pairs: Sequence[tuple[str, str]], model_config: Any) -> tuple[list[tuple[list[int], int]], int]:
+        """(token ids, prompt length) per pair; pairs whose prompt leaves no room are skipped."""
+        limit = self._max_length(model_config)
+        examples, skipped = [], 0
+        for prompt, completion in pairs:
+            prompt_ids = list(self.tokenizer(prompt)["input_ids"])
+            completion_ids = list(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
+            ids = (prompt_ids + completion_ids + [self.tokenizer.eos_token_id])[:limit]
+            if len(prompt_ids) >= len(ids):
+                skipped += 1
+                continue
+            examples.append((ids, len(prompt_ids)))
+        return examples, skipped
+
+    def _prepare(self, model: Any) -> Any:
+        if self.config.method == "full":
+            model.train()
+            return model
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.alpha, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        model.train()
+        return model
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        """Example indices of each step of `epoch`: a permutation fixed by (seed, epoch)."""
+        import torch
+
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.examples), generator=generator).tolist()
+        size = self.config.batch_size
+        return [order[i:i + size] for i in range(0, len(order), size)]
+
+    def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        import torch
+
+        rows = [self.examples[i] for i in indices]
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (ids, prompt_len) in enumerate(rows):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            labels[row, prompt_len:len(ids)] = torch.tensor(ids[prompt_len:])
+            mask[row, :len(ids)] = 1
+        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
+                "labels": labels.to(self.device)}
+
+    def _step(self, step: int, batch: dict[str, torch.Tensor]) -> float:
+        lr = self.config.learning_rate * min(1.0, (step + 1) / WARMUP_STEPS)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.model(**batch).loss
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise JobError(f"the loss is not finite at step {step + 1} (learning rate {lr:g}); try a lower --lr")
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def run(self, stop: threading.Event) -> int:
+        self._resume()
+        config, progress = self.config, self.progress
+        self.emit("start", step=progress.step, total_steps=self.total_steps, method=config.method,
+                  examples=len(self.examples), skipped=self.skipped,
+                  tokens_per_epoch=sum(len(ids) for ids, _ in self.examples),
+                  trainable_parameters=sum(p.numel() for p in self.params),
+                  device=str(self.device), threads=_threads(),
+                  resumed_from=str(self.resumed_from) if self.resumed_from else None)
+        started, tokens_this_run, steps_this_run = time.perf_counter(), 0, 0
+        epoch_batches: tuple[int, list[list[int]]] | None = None
+        while progress.step < self.total_steps:
+            if stop.is_set():
+                path = self._checkpoint()
+                self.emit("stopped", step=progress.step, path=str(path) if path else None)
+                return EXIT_STOPPED
+            epoch, index = divmod(progress.step, self.steps_per_epoch)
+            if epoch_batches is None or epoch_batches[0] != epoch:
+                epoch_batches = (epoch, self._batches(epoch))
+            batch = self._collate(epoch_batches[1][index])
+            step_started = time.perf_counter()
+            loss = self._step(progress.step, batch)
+            progress.train_seconds += time.perf_counter() - step_started
+            tokens = int(batch["attention_mask"].sum())
+            progress.tokens += tokens
+            tokens_this_run += tokens
+            steps_this_run += 1
+            progress.step += 1
+            progress.loss_last = loss
+            if progress.loss_first is None:
+                progress.loss_first = loss
+            elapsed = time.perf_counter() - started
+            if progress.step % config.log_every == 0 or progress.step == self.total_steps:
+                self.emit("progress", step=progress.step, total_steps=self.total_steps,
+                          epoch=round(progress.step / self.steps_per_epoch, 3), loss=round(loss, 5),
+                          tokens_per_s=round(tokens_this_run / elapsed, 1),
+                          eta_s=round(elapsed / steps_this_run * (self.total_steps - progress.step), 1))
+            if (config.checkpoint_every and progress.step % config.checkpoint_every == 0
+                    and progress.step < self.total_steps):
+                self._checkpoint()
+        return self._finish(tokens_this_run / max(time.perf_counter() - started, 1e-9))
+
+    # -- checkpoints --
+
+    def _checkpoint(self) -> Path | None:
+        """Save the job's state as OUT/checkpoints/step-NNNNNN; None if there is nothing new."""
+        import torch
+
+        progress = self.progress
+        if progress.step == 0 or progress.step == self.last_checkpoint:
+            latest = _checkpoints(self.config.out)
+            return latest[-1][1] if latest and progress.step else None
+        root = self.config.out / CHECKPOINTS
+        root.mkdir(parents=True, exist_ok=True)
+        dest = root / f"step-{progress.step:06d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=root))
+        try:
+            trainable = {name: p.detach().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            for name, obj in (("weights.pt", trainable), ("optimizer.pt", self.optimizer.state_dict()),
+                              ("rng.pt", rng)):
+                with open(tmp / name, "wb") as f:
+                    torch.save(obj, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            _write_json(tmp / "state.json", {
+                **asdict(progress), "epoch": progress.step / self.steps_per_epoch,
+                "total_steps": self.total_steps, "fingerprint": self.fingerprint})
+            _replace_dir(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.last_checkpoint = progress.step
+        for _, old in _checkpoints(self.config.out)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.emit("checkpoint", step=progress.step, path=str(dest))
+        return dest
+
+    def _resume(self) -> None:
+        """Load the latest checkpoint that loads (an unreadable one is skipped, with a warning).
+
+        If there are checkpoints and none loads, the job fails rather than start from zero
+        with weights a failed load may have half overwritten.
+        """
+        root = self.config.out / CHECKPOINTS
+        if root.is_dir():
+            for stale in root.glob(".step-*"):  # left by a job killed while checkpointing
+                shutil.rmtree(stale, ignore_errors=True)
+        failures = []
+        for step, path in reversed(_checkpoints(self.config.out)):
+            try:
+                state = json.loads((path / "state.json").read_text())
+            except (OSError, ValueError) as exc:
+                failures.append(f"{path.name}: {exc}")
+                continue
+            _check_same_job(state.get("fingerprint", {}), self.fingerprint, self.config.out)
+            try:
+                self._load_checkpoint(path)
+            except Exception as exc:
+                failures.append(f"{path.name}: {type(exc).__name__}: {exc}")
+                print(f"skipping checkpoint {path}: {exc}", file=sys.stderr)
+                continue
+            self.progress = _Progress(step=step, loss_first=state.get("loss_first"),
+                                      loss_last=state.get("loss_last"),
+                                      train_seconds=float(state.get("train_seconds", 0.0)),
+                                      tokens=int(state.get("tokens", 0)))
+            self.resumed_from, self.last_checkpoint = path, step
+            return
+        if failures:
+            raise JobError(f"no checkpoint in {root} can be resumed ({'; '.join(failures)}); "
+                           "remove them to start afresh")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        import torch
+
+        weights = torch.load(path / "weights.pt", map_location=self.device, weights_only=True)
+        named = dict(self.model.named_parameters())
+        missing = [name for name, p in named.items() if p.requires_grad and name not in weights]
+        if missing or set(weights) - set(named):
+            raise ValueError(f"its weights do not match the model (missing {missing[:3]})")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                named[name].copy_(tensor)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
+                                                  weights_only=True))
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+    # -- result --
+
+    def _finish(self, tokens_per_s: float) -> int:
+        out = self.config.out
+        name, key = ("adapter", "adapter_dir") if self.config.method == "lora" else ("model", "model_dir")
+        dest = out / name
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+        try:
+            self.model.save_pretrained(tmp)
+            if self.config.method == "full":
+                self.tokenizer.save_pretrained(tmp)
+            _replace_dir(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        progress = self.progress
+        done = {"steps": progress.step, "loss_first": progress.loss_first, "loss_last": progress.loss_last,
+                "train_seconds": round(progress.train_seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
+                key: str(dest)}
+        _write_json(out / RESULT, {"fingerprint": self.fingerprint, "done": done})
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        self.emit("done", **done)
+        return EXIT_OK
+
+
+def _check_same_job(found: dict[str, Any], wanted: dict[str, Any], out: Path) -> None:
+    differ = [key for key in wanted if found.get(key) != wanted[key]]
+    if differ:
+        key = differ[0]
+        raise JobError(f"{out} holds a different job ({key} was {found.get(key)!r}, now {wanted[key]!r}); "
+                       "use another --out to start afresh")
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# --- entry points -----------------------------------------------------------------------
+
+
+def run_job(config: JobConfig, emit: Emit, stop: threading.Event | None = None) -> int:
+    """Run (or resume, or only report) the job; returns the exit code. Raises JobError."""
+    pairs = read_pairs(config.data)  # before the training stack loads: bad data fails fast
+    result = config.out / RESULT
+    if result.is_file():
+        finished = json.loads(result.read_text())
+        _check_same_job(finished.get("fingerprint", {}), _fingerprint(config), config.out)
+        emit("done", **finished["done"])
+        return EXIT_OK
+    config.out.mkdir(parents=True, exist_ok=True)
+    return _Trainer(config, pairs, emit).run(stop or threading.Event())
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would print usage and exit 2
+        raise JobError(message)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
+    parser = _Parser(prog="python -m maas.finetune.train",
+                     description="Fine-tune a causal LM (LoRA or full); progress as JSON lines on stdout.")
+    parser.add_argument("--base", type=Path, required=True, help="base model directory")
+    parser.add_argument("--data", type=Path, required=True, help='JSONL of {"prompt", "completion"}')
+    parser.add_argument("--out", type=Path, required=True, help="job directory (resumed if it has checkpoints)")
+    parser.add_argument("--method", default="lora", help="lora (default) or full")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, help="learning rate (1e-3 for lora, 1e-4 for full)")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, help="LoRA alpha (twice the rank)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps; 0: only when stopped")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--max-length", type=int, help="tokens an example keeps (the model's context)")
+    parser.add_argument("--log-every", type=int, default=1, help="steps between progress lines")
+    parser.add_argument("--base-ref", help="names the base in checkpoints (default: its directory)")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="die with the process that started this one (a worker's training child)")
+    args = vars(parser.parse_args(argv))
+    if args.pop("exit_with_parent"):
+        _exit_with_parent()
+    return JobConfig(**args)
+
+
+def _exit_with_parent() -> None:
+    """Be killed when the parent dies (Linux: PR_SET_PDEATHSIG), so a worker killed with
+    SIGKILL leaves no training process behind to hold its device; its job resumes
+    elsewhere from the last checkpoint the worker saved. Elsewhere: a thread that watches
+    for the parent's exit."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(EXIT_FAILED)
+
+        threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(EXIT_FAILED)
+
+
+def _emitter(stream: IO[str]) -> Emit:
+    def emit(event: str, **fields: Any) -> None:
+        stream.write(json.dumps({"event": event, **fields}) + "\n")
+        stream.flush()
+
+    return emit
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Set `stop` on SIGTERM/SIGINT while inside; the old handlers come back after."""
+    handler = lambda signum, frame: stop.set()  # noqa: E731
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    stdout = sys.stdout
+    emit = _emitter(stdout)
+    sys.stdout = sys.stderr  # a stray print() from a library must not corrupt the event stream
+    stop = threading.Event()
+    try:
+        with _stop_on_signals(stop):
+            return run_job(parse_args(argv), emit, stop)
+    except JobError as exc:
+        emit("error", message=str(exc))
+        return EXIT_USAGE
+    except Exception as exc:
+        traceback.print_exc()
+        emit("error", message=f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    finally:
+        sys.stdout = stdout
+
+
+if __name__ == "__main__":
+    sys.exit(main())

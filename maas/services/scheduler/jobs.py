@@ -1,0 +1,154 @@
+"""Fine-tuning jobs: the API side (create, read, cancel) of `jobs/{id}` in etcd.
+
+A job is checked in full before it is queued: its base model resolves to a version that
+a worker can train, its hyperparameters are in range, and its dataset (already uploaded
+to the registry's artifact store) is fetched and validated line by line, so a malformed
+line is reported with its number and nothing is queued. Any scheduler instance serves
+these calls; the leader places the queued jobs (see reconciler.py and placement.py).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+from maas.finetune.datasets import MAX_FILE_BYTES, Dataset, load_dataset
+from maas.mesh.artifacts import check_digest
+from maas.mesh.auth import key_hash
+from maas.mesh.clients import RegistryClient
+from maas.mesh.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
+from maas.mesh.etcd import EtcdSession
+from maas.mesh.jobs import TERMINAL, get_job, now_ms, state_name, update_job
+from maas.mesh.names import validate_name
+from maas.v1 import jobs_pb2, registry_pb2
+
+DEFAULT_TENANT = "default"
+MAX_JOBS_PER_TENANT = 20      # queued + running, per tenant
+MAX_RUNNING_PER_TENANT = 2    # running at once, per tenant (the leader enforces it)
+DEFAULTS = {"method": "lora", "epochs": 3, "lora_rank": 16, "batch_size": 8, "checkpoint_every": 20}
+LIMITS = {"epochs": 1000, "lora_rank": 256, "batch_size": 1024, "max_steps": 1_000_000,
+          "checkpoint_every": 100_000}
+MAX_PRIORITY = 1000
+
+
+class JobStore:
+    def __init__(self, session: EtcdSession, registry: RegistryClient, *,
+                 max_jobs_per_tenant: int = MAX_JOBS_PER_TENANT) -> None:
+        self.session = session
+        self.registry = registry
+        self.max_jobs_per_tenant = max_jobs_per_tenant
+
+    async def tenant(self, api_key: str) -> str:
+        """The tenant a caller's API key belongs to; DEFAULT_TENANT without a key."""
+        if not api_key:
+            return DEFAULT_TENANT
+        raw = await self.session.get(self.session.keys.api_key(key_hash(api_key)))
+        if raw is None:
+            raise Unauthenticated("the API key is not valid (unknown or revoked)")
+        return registry_pb2.ApiKey.FromString(raw).tenant
+
+    async def create(self, spec: jobs_pb2.JobSpec, api_key: str = "") -> jobs_pb2.Job:
+        job = jobs_pb2.Job(id=f"ft-{uuid.uuid4().hex[:10]}", state=jobs_pb2.JOB_STATE_QUEUED)
+        job.spec.CopyFrom(spec)
+        spec = job.spec
+        spec.tenant = await self.tenant(api_key)
+        await self._check(spec)
+        base = await self.registry.resolve(spec.base)
+        if base.base:
+            raise InvalidArgument(f"{base.name}@{base.version} is an adapter; fine-tune its base {base.base} "
+                                  "instead", field="base")
+        if base.format != "hf" or base.task not in ("", "generate"):
+            raise InvalidArgument(f"{base.name}@{base.version} is a {base.format} {base.task or 'generate'} model; "
+                                  "only hf text-generation models can be fine-tuned", field="base")
+        spec.base = f"{base.name}@{base.version}"
+        if not spec.name:
+            spec.name = f"{base.name}-ft-{job.id.removeprefix('ft-')[:6]}"
+        validate_name(spec.name, "name")
+        if spec.name == base.name:
+            raise InvalidArgument(f"the result cannot be registered under its base's name {base.name!r}; "
+                                  "choose another --name", field="name")
+        dataset = await self._dataset(spec.dataset_sha256)
+        job.dataset_digest, job.examples = dataset.sha256, len(dataset)
+        active = [j for j in await self.list(spec.tenant) if j.state not in TERMINAL]
+        if len(active) >= self.max_jobs_per_tenant:
+            raise ResourceExhausted(f"tenant {spec.tenant!r} has {len(active)} queued or running jobs, the most "
+                                    f"allowed ({self.max_jobs_per_tenant}); wait for one to finish or cancel one")
+        job.created_ms = job.updated_ms = now_ms()
+        key, tx = self.session.keys.job(job.id), self.session.client.transactions
+        await self.session.client.transaction(compare=[tx.create(key) == 0],
+                                              success=[tx.put(key, job.SerializeToString())], failure=[])
+        return job
+
+    async def _check(self, spec: jobs_pb2.JobSpec) -> None:
+        for name, default in DEFAULTS.items():
+            if not getattr(spec, name):
+                setattr(spec, name, default)
+        if spec.method not in ("lora", "full"):
+            raise InvalidArgument(f"method must be lora or full, not {spec.method!r}", field="method")
+        for name, limit in LIMITS.items():
+            if getattr(spec, name) > limit:
+                raise InvalidArgument(f"{name} must be at most {limit}, not {getattr(spec, name)}", field=name)
+        if spec.HasField("learning_rate") and not (math.isfinite(spec.learning_rate)
+                                                   and 0 < spec.learning_rate <= 1):
+            raise InvalidArgument(f"learning_rate must be in (0, 1], not {spec.learning_rate}",
+                                  field="learning_rate")
+        if abs(spec.priority) > MAX_PRIORITY:
+            raise InvalidArgument(f"priority must be within -{MAX_PRIORITY}..{MAX_PRIORITY}, not {spec.priority}",
+                                  field="priority")
+        if not spec.base:
+            raise InvalidArgument("base (the model to fine-tune, NAME or NAME@VERSION) is required", field="base")
+        if spec.method != "lora" and spec.lora_rank != DEFAULTS["lora_rank"]:
+            raise InvalidArgument("lora_rank applies to method lora only", field="lora_rank")
+
+    async def _dataset(self, sha: str) -> Dataset:
+        if not sha:
+            raise InvalidArgument("dataset_sha256 is required: upload the JSONL file to the registry first "
+                                  "(`maas finetune create --data FILE` does)", field="dataset_sha256")
+        check_digest(sha)
+        data, size = bytearray(), 0
+        try:
+            async for chunk in self.registry.download(sha, timeout=120):
+                size += len(chunk.data)
+                if size > MAX_FILE_BYTES:
+                    raise InvalidArgument(f"the dataset is over the limit of {MAX_FILE_BYTES >> 20} MiB",
+                                          field="data")
+                data += chunk.data
+        except NotFound:
+            raise NotFound(f"dataset artifact {sha[:12]} is not in the registry; upload it first") from None
+        return load_dataset(bytes(data))
+
+    async def get(self, job_id: str) -> jobs_pb2.Job:
+        _check_id(job_id)
+        return await get_job(self.session, job_id)
+
+    async def list(self, tenant: str = "", active: bool = False) -> list[jobs_pb2.Job]:
+        pairs, _ = await self.session.get_prefix(self.session.keys.jobs())
+        jobs = [jobs_pb2.Job.FromString(v) for _, v in pairs]
+        return sorted((j for j in jobs if (not tenant or j.spec.tenant == tenant)
+                       and (not active or j.state not in TERMINAL)), key=lambda j: (j.created_ms, j.id))
+
+    async def cancel(self, job_id: str) -> jobs_pb2.Job:
+        """A queued job is cancelled at once; a running one is asked to stop (its worker stops
+        the training process, frees the device and marks it cancelled)."""
+        job = await self.get(job_id)
+        if job.state in TERMINAL:
+            return job
+
+        def cancel(job: jobs_pb2.Job) -> jobs_pb2.Job | None:
+            if job.state in TERMINAL:
+                return None
+            if job.state == jobs_pb2.JOB_STATE_RUNNING:
+                job.cancel_requested = True
+                job.message = f"cancelling (was {state_name(job.state)} on {job.worker_id})"
+            else:
+                job.state = jobs_pb2.JOB_STATE_CANCELLED
+                job.message = "cancelled while queued"
+                job.finished_ms = now_ms()
+            return job
+
+        return await update_job(self.session, job_id, cancel) or await self.get(job_id)
+
+
+def _check_id(job_id: str) -> None:
+    if not job_id or len(job_id) > 64 or not all(c.isalnum() or c in "-_" for c in job_id):
+        raise InvalidArgument(f"{job_id!r} is not a job id (like ft-0123456789)", field="id")
