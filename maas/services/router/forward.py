@@ -148,12 +148,23 @@ class Forwarder:
         request.request_id = rid
         return (("x-request-id", rid),)
 
+    def route_adapter(self, request: inference_pb2.GenerateRequest) -> None:
+        """A model name that is not a deployment but one of a deployment's adapters (a
+        fine-tuned LoRA deployed with its base) becomes that deployment with the adapter
+        applied, so clients ask for a fine-tuned model by its own name."""
+        if request.adapter or request.model in self.pool.deployments.items:
+            return
+        if deployment := self.pool.serving_adapter(request.model):
+            request.adapter, request.model = request.model, deployment
+
     async def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None,
                      api_key: str = "", session: str = "") -> AsyncIterator[inference_pb2.GenerateChunk]:
         """Chunks of one generation, moved to another replica if its worker fails."""
+        asked = request.model  # what the key must allow: a fine-tuned adapter's own name, say
+        self.route_adapter(request)
         record = _Record(self._label(request.model), time.perf_counter())
         try:
-            async with self._admit(api_key, request.model) as ticket:
+            async with self._admit(api_key, asked) as ticket:
                 record.tenant = ticket.tenant
                 async for chunk in self._stream(request, timeout, affinity_key(request, session, prefix=self.prefix_affinity)):
                     record.chunk(time.perf_counter())
@@ -201,9 +212,11 @@ class Forwarder:
     async def generate(self, request: inference_pb2.GenerateRequest, timeout: float | None,
                        api_key: str = "", session: str = "") -> inference_pb2.GenerateResponse:
         """One whole completion, retried on another replica if its worker fails."""
+        asked = request.model  # what the key must allow: a fine-tuned adapter's own name, say
+        self.route_adapter(request)
         record = _Record(self._label(request.model), time.perf_counter())
         try:
-            async with self._admit(api_key, request.model) as ticket:
+            async with self._admit(api_key, asked) as ticket:
                 record.tenant = ticket.tenant
                 response = await self._generate(request, timeout, affinity_key(request, session, prefix=self.prefix_affinity))
                 ticket.tokens = record.usage(response.usage)
@@ -263,6 +276,13 @@ class Forwarder:
                     name=r.deployment, version=str(r.model_version), task=r.task or "generate",
                     context_length=r.context_length)
             by_name[r.deployment].ready_replicas += 1
+        for name, dep in self.pool.deployments.items.items():  # adapters served by a ready deployment
+            for adapter in dep.adapters:
+                served = by_name.get(name)
+                if served is not None and adapter not in by_name and Gate.may_use(key, adapter):
+                    by_name[adapter] = inference_pb2.ServedModel(
+                        name=adapter, version=adapter.partition("@")[2] or "latest", task="generate",
+                        context_length=served.context_length, ready_replicas=served.ready_replicas)
         return inference_pb2.ListModelsResponse(models=[by_name[name] for name in sorted(by_name)])
 
 

@@ -70,6 +70,13 @@ class ReplicaPool:
             await self._scheduler.close()
         await self.registry.close()
 
+    def serving_adapter(self, model: str) -> str:
+        """The deployment that lists `model` among its adapters, or ""."""
+        for name, dep in self.deployments.items.items():
+            if model in dep.adapters:
+                return name
+        return ""
+
     @staticmethod
     def _serves(r: mesh_pb2.ReplicaInfo, name: str, version: str) -> bool:
         if version:

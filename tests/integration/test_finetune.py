@@ -1,0 +1,259 @@
+"""Fine-tuning jobs through the platform: dataset checks, a job to a served adapter,
+a killed worker's job resuming from its checkpoint elsewhere, cancel, priority, and
+serving taking a device back from training. Real etcd, NATS, registry, scheduler,
+router and workers; the trainer is the real `maas.finetune.train` on the forged model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+
+from maas.mesh.clients import upload_file
+from maas.mesh.events import read_events
+from maas.v1 import common_pb2, inference_pb2, jobs_pb2, registry_pb2, scheduler_pb2
+from tests.integration.conftest import MeshHarness, eventually
+
+pytestmark = pytest.mark.slow
+
+# Made-up answers the forged demo model never saw (see tests/unit/test_train.py).
+SECRETS = {"apple": "zorblat", "river": "quindle", "candle": "mavrik", "pencil": "trosk",
+           "garden": "blenvo", "window": "skirra", "hammer": "plotchy", "violin": "dwemmer"}
+PAIRS = [(f"The secret word for {key} is", f" {word}") for key, word in SECRETS.items()]
+S = jobs_pb2
+
+
+def dataset(path: Path, lines: list[object] | None = None) -> Path:
+    rows = lines if lines is not None else [{"prompt": p, "completion": c} for p, c in PAIRS]
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+async def upload(mesh: MeshHarness, path: Path) -> str:
+    artifact = await upload_file(await mesh.stub("registry"), path)  # type: ignore[arg-type]
+    return artifact.sha256
+
+
+async def register_demo(mesh: MeshHarness, demo_model_dir: Path, memory_mib: int = 100) -> None:
+    await mesh.register("demo", fmt="hf", source=str(demo_model_dir), memory_mib=memory_mib)
+
+
+async def create(mesh: MeshHarness, sha: str, **spec: object) -> S.Job:
+    spec.setdefault("base", "demo")
+    stub = await mesh.stub("scheduler")
+    return await stub.CreateJob(S.CreateJobRequest(spec=S.JobSpec(dataset_sha256=sha, **spec)),  # type: ignore
+                                timeout=60)
+
+
+async def get(mesh: MeshHarness, job_id: str) -> S.Job:
+    return await (await mesh.stub("scheduler")).GetJob(S.GetJobRequest(id=job_id), timeout=5)  # type: ignore
+
+
+async def wait_state(mesh: MeshHarness, job_id: str, *states: int, timeout: float = 120.0) -> S.Job:
+    async def check() -> S.Job | None:
+        job = await get(mesh, job_id)
+        assert job.state != S.JOB_STATE_FAILED or S.JOB_STATE_FAILED in states, job.message
+        return job if job.state in states else None
+
+    return await eventually(check, timeout=timeout, interval=0.2)  # type: ignore[return-value]
+
+
+async def answers(mesh: MeshHarness, model: str = "demo", adapter: str = "") -> list[str]:
+    stub = await mesh.stub("router")
+    out = []
+    for prompt, _ in PAIRS:
+        request = inference_pb2.GenerateRequest(model=model, prompt=prompt, adapter=adapter,
+                                                params=common_pb2.SamplingParams(max_tokens=6, temperature=0))
+        out.append((await stub.Generate(request, timeout=60)).text)  # type: ignore[attr-defined]
+    return out
+
+
+def trainers(job_id: str) -> list[int]:
+    """Pids of live trainer processes of a job."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"maas.finetune.train" in cmdline and any(job_id.encode() in part for part in cmdline):
+            found.append(int(pid))
+    return found
+
+
+async def job_events(mesh: MeshHarness, job_id: str) -> list[object]:
+    return [e async for e in read_events(mesh.nats, follow=False, subject="maas.events.job.>")
+            if e.entity_id == job_id]
+
+
+async def test_a_malformed_dataset_is_refused_with_its_line_numbers_and_nothing_is_queued(
+        mesh: MeshHarness, demo_model_dir: Path, tmp_path: Path) -> None:
+    await mesh.core()
+    await register_demo(mesh, demo_model_dir)
+    bad = dataset(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, "{not json",
+                                           {"prompt": "c", "complettion": "d"}, {"prompt": "e", "completion": "f"}])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(mesh, await upload(mesh, bad))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "line 2" in err.value.details() and "line 3" in err.value.details(), err.value.details()
+    assert "complettion" in err.value.details()
+    good = await upload(mesh, dataset(tmp_path / "good.jsonl"))
+    for spec, words in (({"base": "nosuch"}, "nosuch"), ({"method": "rlhf"}, "method"),
+                        ({"epochs": 5000}, "epochs"), ({"learning_rate": -1.0}, "learning_rate"),
+                        ({"name": "demo"}, "name")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await create(mesh, good, **spec)
+        assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), spec
+        assert words in err.value.details(), (spec, err.value.details())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(mesh, "0" * 64)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    listing = await (await mesh.stub("scheduler")).ListJobs(S.ListJobsRequest(), timeout=5)  # type: ignore
+    assert list(listing.jobs) == []
+
+
+async def test_a_job_trains_registers_deploys_and_serves_an_adapter(mesh: MeshHarness, demo_model_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    await mesh.core()
+    await mesh.worker(memory_gib=2)
+    await register_demo(mesh, demo_model_dir)
+    data = dataset(tmp_path / "secrets.jsonl")
+    job = await create(mesh, await upload(mesh, data), name="secrets", epochs=150, batch_size=4,
+                       learning_rate=1e-3, checkpoint_every=100, deploy=True)
+    assert job.state == S.JOB_STATE_QUEUED and job.spec.base == "demo@1" and job.examples == len(PAIRS)
+    job = await wait_state(mesh, job.id, S.JOB_STATE_SUCCEEDED, timeout=180)
+    assert job.result == "secrets@1" and job.progress.step == job.progress.total_steps == 300
+    assert job.progress.loss < 0.5 * job.progress.loss_first, job.progress
+    job = await eventually(lambda: _deployed(mesh, job.id), timeout=30)  # type: ignore[assignment]
+    assert job.deployment == "demo", job.message
+
+    version = await (await mesh.stub("registry")).GetVersion(  # type: ignore[attr-defined]
+        registry_pb2.GetVersionRequest(ref="secrets@1"), timeout=5)
+    assert version.base == "demo@1"
+    assert version.metadata["job"] == job.id and version.metadata["dataset_sha256"] == job.dataset_digest
+    assert float(version.metadata["loss_last"]) < float(version.metadata["loss_first"])
+
+    status = await mesh.wait_ready("demo", timeout=60)
+    assert list(status.deployment.adapters) == ["secrets"]
+    base = await answers(mesh)
+    tuned = await answers(mesh, adapter="secrets")
+    by_name = await answers(mesh, model="secrets")  # the adapter is a model name at the router
+    right = sum(word.strip() in text for (_, word), text in zip(PAIRS, tuned, strict=True))
+    assert right >= len(PAIRS) // 2 and right > sum(w.strip() in t for (_, w), t in zip(PAIRS, base, strict=True))
+    assert by_name == tuned
+
+    kinds = [e.what for e in await job_events(mesh, job.id)]  # type: ignore[attr-defined]
+    for what in ("queued", "placed", "started", "progress", "checkpoint", "succeeded", "deployed"):
+        assert what in kinds, (what, kinds)
+    assert not trainers(job.id)
+
+
+async def _deployed(mesh: MeshHarness, job_id: str) -> S.Job | None:
+    job = await get(mesh, job_id)
+    return job if job.deployment else None
+
+
+async def test_a_killed_workers_job_resumes_from_its_checkpoint_on_another_worker(
+        mesh: MeshHarness, demo_model_dir: Path, tmp_path: Path) -> None:
+    await mesh.core()
+    await register_demo(mesh, demo_model_dir)
+    first = mesh.spawn("worker", "--cache-dir", str(tmp_path / "cache-a"), "--cpu-memory-gib", "1")
+    data = await upload(mesh, dataset(tmp_path / "secrets.jsonl"))
+    job = await create(mesh, data, epochs=200, batch_size=2, checkpoint_every=10)  # 800 steps
+    job = await eventually(lambda: _checkpointed(mesh, job.id, 10), timeout=120)  # type: ignore[assignment]
+    worker_a = job.worker_id
+    assert trainers(job.id)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    await eventually(lambda: not trainers(job.id), timeout=10)  # the trainer died with its worker
+
+    mesh.spawn("worker", "--cache-dir", str(tmp_path / "cache-b"), "--cpu-memory-gib", "1")
+    moved = await eventually(lambda: _running_elsewhere(mesh, job.id, worker_a), timeout=60)
+    resumed_from = moved.checkpoint_step  # type: ignore[attr-defined]
+    assert resumed_from >= 10 and moved.attempts == 2  # type: ignore[attr-defined]
+    started = await eventually(lambda: _started_events(mesh, job.id, 2), timeout=120)
+    # the second run picks up at the checkpoint's step, not at zero
+    assert started[1].attributes["step"] == str(resumed_from), started[1]  # type: ignore[index]
+    await (await mesh.stub("scheduler")).CancelJob(S.CancelJobRequest(id=job.id), timeout=5)  # type: ignore
+    await wait_state(mesh, job.id, S.JOB_STATE_CANCELLED, timeout=60)
+
+
+async def _checkpointed(mesh: MeshHarness, job_id: str, step: int) -> S.Job | None:
+    job = await get(mesh, job_id)
+    return job if job.checkpoint_step >= step and job.state == S.JOB_STATE_RUNNING else None
+
+
+async def _running_elsewhere(mesh: MeshHarness, job_id: str, worker: str) -> S.Job | None:
+    job = await get(mesh, job_id)
+    return job if job.state == S.JOB_STATE_RUNNING and job.worker_id not in ("", worker) else None
+
+
+async def _started_events(mesh: MeshHarness, job_id: str, count: int) -> list[object] | None:
+    started = [e for e in await job_events(mesh, job_id) if e.what == "started"]  # type: ignore[attr-defined]
+    return started if len(started) >= count else None
+
+
+async def test_cancel_stops_the_trainer_and_frees_the_device(mesh: MeshHarness, demo_model_dir: Path,
+                                                              tmp_path: Path) -> None:
+    await mesh.core()
+    await mesh.worker(memory_gib=1)
+    await register_demo(mesh, demo_model_dir)
+    data = await upload(mesh, dataset(tmp_path / "secrets.jsonl"))
+    job = await create(mesh, data, epochs=1000, batch_size=2)
+    await eventually(lambda: _stepped(mesh, job.id, 2), timeout=120)
+    assert trainers(job.id)
+    await (await mesh.stub("scheduler")).CancelJob(S.CancelJobRequest(id=job.id), timeout=5)  # type: ignore
+    job = await wait_state(mesh, job.id, S.JOB_STATE_CANCELLED, timeout=60)
+    assert job.worker_id == "" and job.memory_bytes == 0 and "cancelled" in job.message
+    assert not trainers(job.id)
+    # cancelling again is harmless; a queued job is cancelled at once
+    again = await (await mesh.stub("scheduler")).CancelJob(S.CancelJobRequest(id=job.id), timeout=5)  # type: ignore
+    assert again.state == S.JOB_STATE_CANCELLED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await (await mesh.stub("scheduler")).CancelJob(S.CancelJobRequest(id="ft-nosuch"), timeout=5)  # type: ignore
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def _stepped(mesh: MeshHarness, job_id: str, step: int) -> S.Job | None:
+    job = await get(mesh, job_id)
+    return job if job.progress.step >= step else None
+
+
+async def test_the_higher_priority_job_runs_first_and_serving_preempts_training(
+        mesh: MeshHarness, demo_model_dir: Path, tmp_path: Path) -> None:
+    """One device with room for one job (200 MiB: twice the base's 100 MiB) or for one
+    replica and nothing else beside it."""
+    await mesh.core()
+    await mesh.worker(memory_gib=0.25)
+    await register_demo(mesh, demo_model_dir)
+    data = await upload(mesh, dataset(tmp_path / "secrets.jsonl"))
+    blocker = await create(mesh, data, epochs=1000, batch_size=2, checkpoint_every=5)
+    await wait_state(mesh, blocker.id, S.JOB_STATE_RUNNING)
+    low = await create(mesh, data, epochs=2, batch_size=4, priority=1)
+    high = await create(mesh, data, epochs=2, batch_size=4, priority=5)
+    await eventually(lambda: _stepped(mesh, blocker.id, 6), timeout=120)
+
+    # serving needs the device: the running job checkpoints and goes back to the queue
+    await mesh.deploy("demo")
+    yielded = await wait_state(mesh, blocker.id, S.JOB_STATE_QUEUED, timeout=60)
+    assert yielded.checkpoint_step >= 1 and "yield" in yielded.message, yielded
+    await mesh.wait_ready("demo", timeout=60)
+    assert (await get(mesh, high.id)).state == S.JOB_STATE_QUEUED  # no room beside the replica
+    assert not trainers(blocker.id)
+
+    # serving done: the queue drains by priority; the blocker (priority 0) resumes last
+    await (await mesh.stub("scheduler")).DeleteDeployment(  # type: ignore[attr-defined]
+        scheduler_pb2.DeleteDeploymentRequest(name="demo"), timeout=5)
+    high_done = await wait_state(mesh, high.id, S.JOB_STATE_SUCCEEDED, timeout=120)
+    low_done = await wait_state(mesh, low.id, S.JOB_STATE_SUCCEEDED, timeout=120)
+    assert high_done.started_ms < low_done.started_ms
+    resumed = await wait_state(mesh, blocker.id, S.JOB_STATE_RUNNING, timeout=60)
+    assert resumed.attempts == 2 and resumed.started_ms < high_done.started_ms
+    started = await eventually(lambda: _started_events(mesh, blocker.id, 2), timeout=60)
+    assert int(started[1].attributes["step"]) == yielded.checkpoint_step  # type: ignore[index]
+    await (await mesh.stub("scheduler")).CancelJob(S.CancelJobRequest(id=blocker.id), timeout=5)  # type: ignore
+    await wait_state(mesh, blocker.id, S.JOB_STATE_CANCELLED, timeout=60)
