@@ -74,5 +74,6 @@ class Keys:
     def version(self, name: str, version: int) -> bytes:
         return self._k("registry", "versions", name, f"{version:08d}")
 
-    def versions(self, name: str) -> bytes:
-        return self._k("registry", "versions", name + "/")
+    def versions(self, name: str = "") -> bytes:
+        """One model's versions; every model's with no name."""
+        return self._k("registry", "versions", name + "/") if name else self._k("registry", "versions/")

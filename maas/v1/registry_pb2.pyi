@@ -259,6 +259,18 @@ class DownloadArtifactRequest(_message.Message):
     sha256: str
     def __init__(self, sha256: _Optional[str] = ...) -> None: ...
 
+class DeleteArtifactRequest(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
+class DeleteArtifactResponse(_message.Message):
+    __slots__ = ("size_bytes",)
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
+
 class BackupCounts(_message.Message):
     __slots__ = ("keys", "models", "versions", "adapters", "aliases", "deployments", "artifacts", "artifact_bytes")
     KEYS_FIELD_NUMBER: _ClassVar[int]

@@ -80,6 +80,11 @@ class RegistryStub:
                 request_serializer=maas_dot_v1_dot_registry__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=maas_dot_v1_dot_registry__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
+        self.DeleteArtifact = channel.unary_unary(
+                '/maas.v1.Registry/DeleteArtifact',
+                request_serializer=maas_dot_v1_dot_registry__pb2.DeleteArtifactRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_registry__pb2.DeleteArtifactResponse.FromString,
+                _registered_method=True)
         self.Backup = channel.unary_stream(
                 '/maas.v1.Registry/Backup',
                 request_serializer=maas_dot_v1_dot_registry__pb2.BackupRequest.SerializeToString,
@@ -168,6 +173,14 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteArtifact(self, request, context):
+        """Removes an artifact no model version and no unfinished fine-tuning job uses
+        (FAILED_PRECONDITION naming the user otherwise); workers drop superseded checkpoints.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Backup(self, request, context):
         """Backup and restore of the mesh's durable etcd state (registry, deployments) plus the
         manifest of the artifacts it references; the artifact bytes are not included.
@@ -250,6 +263,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=maas_dot_v1_dot_registry__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=maas_dot_v1_dot_registry__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'DeleteArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteArtifact,
+                    request_deserializer=maas_dot_v1_dot_registry__pb2.DeleteArtifactRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_registry__pb2.DeleteArtifactResponse.SerializeToString,
             ),
             'Backup': grpc.unary_stream_rpc_method_handler(
                     servicer.Backup,
@@ -521,6 +539,33 @@ class Registry:
             '/maas.v1.Registry/DownloadArtifact',
             maas_dot_v1_dot_registry__pb2.DownloadArtifactRequest.SerializeToString,
             maas_dot_v1_dot_registry__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.v1.Registry/DeleteArtifact',
+            maas_dot_v1_dot_registry__pb2.DeleteArtifactRequest.SerializeToString,
+            maas_dot_v1_dot_registry__pb2.DeleteArtifactResponse.FromString,
             options,
             channel_credentials,
             insecure,

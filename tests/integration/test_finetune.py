@@ -136,6 +136,14 @@ async def test_a_job_trains_registers_deploys_and_serves_an_adapter(mesh: MeshHa
     assert version.base == "demo@1"
     assert version.metadata["job"] == job.id and version.metadata["dataset_sha256"] == job.dataset_digest
     assert float(version.metadata["loss_last"]) < float(version.metadata["loss_first"])
+    # checkpoints were uploaded and then dropped once superseded; what stays is the dataset
+    # and the adapter, which the registry refuses to delete while a version uses it
+    blobs = sorted(p.name for p in (mesh.tmp / "blobs").glob("*/*"))
+    assert blobs == sorted([job.spec.dataset_sha256, version.source.removeprefix("artifact:")]), blobs
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await (await mesh.stub("registry")).DeleteArtifact(  # type: ignore[attr-defined]
+            registry_pb2.DeleteArtifactRequest(sha256=version.source.removeprefix("artifact:")), timeout=5)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "used by" in err.value.details()
 
     status = await mesh.wait_ready("demo", timeout=60)
     assert list(status.deployment.adapters) == ["secrets"]

@@ -36,6 +36,7 @@ class BlobStore(Protocol):
     def writer(self) -> BlobWriter: ...
     def size(self, sha: str) -> int: ...
     def read(self, sha: str) -> Iterator[bytes]: ...
+    def delete(self, sha: str) -> int: ...
 
 
 class _LocalWriter:
@@ -86,6 +87,13 @@ class LocalBlobStore:
 
     def size(self, sha: str) -> int:
         return self._path(sha).stat().st_size
+
+    def delete(self, sha: str) -> int:
+        """Remove a blob; the bytes freed. NotFound if there is none."""
+        path = self._path(sha)
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        return size
 
     def read(self, sha: str) -> Iterator[bytes]:
         digest = hashlib.sha256()

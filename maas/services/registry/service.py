@@ -10,7 +10,7 @@ import grpc
 
 from maas.mesh.artifacts import CHUNK, check_digest
 from maas.mesh.auth import key_from_metadata
-from maas.mesh.errors import InvalidArgument
+from maas.mesh.errors import FailedPrecondition, InvalidArgument
 from maas.mesh.events import EventBus
 from maas.services.registry import backup
 from maas.services.registry.apikeys import KeyStore
@@ -112,6 +112,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             yield registry_pb2.ArtifactChunk(data=data, sha256=request.sha256 if first else "",
                                              total_bytes=size if first else 0)
             first = False
+
+    async def DeleteArtifact(self, request: registry_pb2.DeleteArtifactRequest,
+                             context: grpc.aio.ServicerContext) -> registry_pb2.DeleteArtifactResponse:
+        sha = check_digest(request.sha256)
+        if user := await self.store.artifact_user(sha):
+            raise FailedPrecondition(f"artifact {sha[:12]} is used by {user}; it stays")
+        size = await asyncio.to_thread(self.blobs.delete, sha)
+        self.events.publish("artifact", "deleted", sha, f"artifact {sha[:12]} deleted ({size} bytes)", size=str(size))
+        return registry_pb2.DeleteArtifactResponse(size_bytes=size)
 
     async def Backup(self, request: registry_pb2.BackupRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[registry_pb2.BackupChunk]:

@@ -132,6 +132,25 @@ class ModelStore:
         pairs, _ = await self.session.get_prefix(self.keys.models())
         return sorted((registry_pb2.Model.FromString(v) for _, v in pairs), key=lambda m: m.name)
 
+    async def artifact_user(self, sha: str) -> str:
+        """What still needs an artifact: a model version made from it, or an unfinished
+        fine-tuning job reading it (its dataset or the checkpoint it resumes from); "" if
+        nothing does."""
+        from maas.mesh.jobs import TERMINAL
+        from maas.v1 import jobs_pb2
+
+        versions, _ = await self.session.get_prefix(self.session.keys.versions())
+        for _, raw in versions:
+            v = registry_pb2.ModelVersion.FromString(raw)
+            if sha in (v.artifact_digest, v.source.removeprefix("artifact:")):
+                return f"model version {v.name}@{v.version}"
+        jobs, _ = await self.session.get_prefix(self.session.keys.jobs())
+        for _, raw in jobs:
+            job = jobs_pb2.Job.FromString(raw)
+            if job.state not in TERMINAL and sha in (job.spec.dataset_sha256, job.checkpoint_sha256):
+                return f"fine-tuning job {job.id}"
+        return ""
+
     async def list_versions(self, name: str) -> list[registry_pb2.ModelVersion]:
         await self.get_model(name)
         pairs, _ = await self.session.get_prefix(self.keys.versions(name))

@@ -231,10 +231,13 @@ class JobRunner:
             log.warning("job %s: checkpoint at step %d not saved: %s", job_id, step, e)
             return
         sha = source.removeprefix("artifact:")
+        previous = ""
 
         def record(j: jobs_pb2.Job) -> jobs_pb2.Job | None:
+            nonlocal previous
             if j.worker_id != self.worker_id or step <= j.checkpoint_step:
                 return None
+            previous = j.checkpoint_sha256
             j.checkpoint_step, j.checkpoint_sha256 = step, sha
             j.progress.CopyFrom(report.progress)
             return j
@@ -242,6 +245,20 @@ class JobRunner:
         if await update_job(self.rt.etcd, job_id, record):
             self.rt.events.publish("job", "checkpoint", job_id, f"{job_id}: checkpoint at step {step} saved",
                                    step=str(step), artifact=sha)
+            await self._drop_artifact(previous, sha)
+        else:
+            await self._drop_artifact(sha)  # not recorded: nobody will resume from it
+
+    async def _drop_artifact(self, sha: str, keep: str = "") -> None:
+        """Remove a checkpoint nothing resumes from any more (the registry refuses, and it
+        stays, if something still uses it)."""
+        if not sha or sha == keep:
+            return
+        try:
+            stub = await self.registry.stub()
+            await stub.DeleteArtifact(registry_pb2.DeleteArtifactRequest(sha256=sha), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            log.info("checkpoint %s kept: %s", sha[:12], e.details())
 
     async def _upload(self, directory: Path) -> str:
         from maas.mesh.clients import upload_directory
@@ -283,6 +300,7 @@ class JobRunner:
                                    step=str(done.progress.step))
             if what == "cancelled":
                 shutil.rmtree(self.work_dir / job.id, ignore_errors=True)
+                await self._drop_artifact(done.checkpoint_sha256)
 
     async def _succeeded(self, job: jobs_pb2.Job, report: _Reporter, done: dict[str, Any]) -> None:
         spec = job.spec
@@ -318,8 +336,9 @@ class JobRunner:
             j.worker_id, j.device_id, j.memory_bytes = "", "", 0
             return j
 
-        if await update_job(self.rt.etcd, job.id, succeed):
+        if finished := await update_job(self.rt.etcd, job.id, succeed):
             self.rt.events.publish("job", "succeeded", job.id, f"{job.id}: {message}", result=result)
+            await self._drop_artifact(finished.checkpoint_sha256)
 
     async def _registered(self, stub: Any, name: str, job_id: str) -> str | None:
         """The version a previous run of this job already registered (a worker that died
