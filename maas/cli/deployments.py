@@ -41,9 +41,11 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
     create.add_argument("--model", default="", help="model ref (name, name@version, name@alias); default NAME")
     _scaling(create)
     _resources(create)
-    update = action("update", "change the model version or resources (a rolling update)")
+    _adapters(create)
+    update = action("update", "change the model version, resources or adapters (a rolling update)")
     update.add_argument("--model", default="", help="the new model ref")
     _resources(update)
+    _adapters(update)
     scale = action("scale", "set the replica count, or autoscaling bounds")
     _scaling(scale)
     canary = action("canary", "send a share of requests to another version")
@@ -79,6 +81,12 @@ def _scaling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-up-seconds", type=float, default=None, help="autoscale: sustained demand before scaling up")
     p.add_argument("--cooldown", type=float, default=None,
                    help="autoscale: seconds of lower demand (or idleness) before scaling down (default 60)")
+
+
+def _adapters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapters", nargs="*", default=None, metavar="ADAPTER",
+                   help="LoRA adapters of the model served beside it, each a model name of its own "
+                        "(replaces the list; --adapters alone clears it)")
 
 
 def _resources(p: argparse.ArgumentParser) -> None:
@@ -208,6 +216,8 @@ def _print_show(st: scheduler_pb2.DeploymentStatus) -> None:
         lines.append(("resources", f"{d.resources.memory_bytes / 2**30:.2f} GiB x{d.resources.devices or 1} device(s)"))
     if d.selector:
         lines.append(("selector", ",".join(f"{k}={v}" for k, v in sorted(d.selector.items()))))
+    if d.adapters:
+        lines.append(("adapters", ", ".join(d.adapters)))
     if st.message:
         lines.append(("status", st.message))
     width = max(len(k) for k, _ in lines)
@@ -268,16 +278,21 @@ async def _run(ns: argparse.Namespace, stub: scheduler_pb2_grpc.SchedulerStub) -
         dep = scheduler_pb2.Deployment(name=ns.name, model=ns.model or ns.name)
         _apply_scaling(ns, dep, new=True)
         _apply_resources(ns, dep)
+        dep.adapters.extend(ns.adapters or [])
         st = await stub.CreateDeployment(scheduler_pb2.CreateDeploymentRequest(deployment=dep), timeout=10)
         verb = "created"
     else:
         dep = await _get(stub, ns.name)
         dep.model = dep.resolved_version  # keep the version unless asked: an alias moving must not roll out
         if action == "update":
-            if not ns.model and ns.memory_gib is None and ns.devices is None and ns.selector is None:
-                raise UsageError("nothing to change: give --model, --memory-gib, --devices or --selector")
+            if not ns.model and ns.memory_gib is None and ns.devices is None and ns.selector is None \
+                    and ns.adapters is None:
+                raise UsageError("nothing to change: give --model, --memory-gib, --devices, --selector or --adapters")
             dep.model = ns.model or dep.model
             _apply_resources(ns, dep)
+            if ns.adapters is not None:
+                del dep.adapters[:]
+                dep.adapters.extend(ns.adapters)
         elif action == "scale":
             _apply_scaling(ns, dep, new=False)
         elif action == "canary":
