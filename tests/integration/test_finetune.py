@@ -265,3 +265,52 @@ async def test_the_higher_priority_job_runs_first_and_serving_preempts_training(
     assert int(started[1].attributes["step"]) == yielded.checkpoint_step  # type: ignore[index]
     await (await mesh.stub("scheduler")).CancelJob(S.CancelJobRequest(id=blocker.id), timeout=5)  # type: ignore
     await wait_state(mesh, blocker.id, S.JOB_STATE_CANCELLED, timeout=60)
+
+
+async def test_full_fine_tuning_registers_a_model_and_deploys_it_under_its_own_name(
+        mesh: MeshHarness, demo_model_dir: Path, tmp_path: Path) -> None:
+    await mesh.core()
+    await mesh.worker(memory_gib=2)
+    await register_demo(mesh, demo_model_dir)
+    data = await upload(mesh, dataset(tmp_path / "secrets.jsonl"))
+    job = await create(mesh, data, method="full", name="demo-full", max_steps=6, batch_size=4, deploy=True)
+    job = await wait_state(mesh, job.id, S.JOB_STATE_SUCCEEDED, timeout=120)
+    assert job.result == "demo-full@1" and job.progress.step == 6
+    job = await eventually(lambda: _deployed(mesh, job.id), timeout=30)  # type: ignore[assignment]
+    assert job.deployment == "demo-full", job.message
+    version = await (await mesh.stub("registry")).GetVersion(  # type: ignore[attr-defined]
+        registry_pb2.GetVersionRequest(ref="demo-full@1"), timeout=5)
+    assert version.base == "" and version.metadata["method"] == "full"
+    await mesh.wait_ready("demo-full", timeout=60)
+    chunks = await mesh.generate("demo-full", PAIRS[0][0], max_tokens=4, temperature=0)
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+async def test_a_tenant_over_its_job_quota_is_refused_and_others_are_not(
+        mesh: MeshHarness, demo_model_dir: Path, tmp_path: Path) -> None:
+    await mesh.registry()
+    await mesh.scheduler(max_jobs_per_tenant=1)
+    await register_demo(mesh, demo_model_dir)
+    data = await upload(mesh, dataset(tmp_path / "secrets.jsonl"))
+    registry = await mesh.stub("registry")
+    keys = {t: (await registry.CreateKey(registry_pb2.CreateKeyRequest(tenant=t), timeout=5)).key  # type: ignore
+            for t in ("a", "b")}
+    stub = await mesh.stub("scheduler")
+
+    async def create_as(tenant: str) -> S.Job:
+        return await stub.CreateJob(S.CreateJobRequest(spec=S.JobSpec(base="demo", dataset_sha256=data)),  # type: ignore
+                                    metadata=(("authorization", f"Bearer {keys[tenant]}"),), timeout=60)
+
+    first = await create_as("a")
+    assert first.spec.tenant == "a" and first.state == S.JOB_STATE_QUEUED  # no worker: it stays queued
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create_as("a")
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "tenant 'a'" in err.value.details()
+    assert (await create_as("b")).spec.tenant == "b"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CreateJob(S.CreateJobRequest(spec=S.JobSpec(base="demo", dataset_sha256=data)),  # type: ignore
+                             metadata=(("authorization", "Bearer maas_nope_nope"),), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # cancelling the queued job frees the tenant's quota
+    await stub.CancelJob(S.CancelJobRequest(id=first.id), timeout=5)  # type: ignore[attr-defined]
+    assert (await create_as("a")).state == S.JOB_STATE_QUEUED
