@@ -29,7 +29,7 @@ from maas.mesh.auth import API_KEY_ENV
 from maas.mesh.clients import MeshClient, upload_file
 from maas.mesh.events import read_events
 from maas.mesh.jobs import TERMINAL, state_name
-from maas.v1 import events_pb2, jobs_pb2, registry_pb2_grpc, scheduler_pb2_grpc
+from maas.v1 import events_pb2, jobs_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 ClientArgs = Callable[[argparse.ArgumentParser], None]
 POLL_SECONDS = 1.0
@@ -204,6 +204,9 @@ async def _follow(stub: scheduler_pb2_grpc.SchedulerStub, nats: str, job_id: str
             else:
                 bar.set_postfix_str(state_name(job.state))
             if _finished(job):
+                if _succeeded(job) and job.spec.deploy:
+                    bar.set_postfix_str(f"deploying on {job.deployment}")
+                    await _until_ready(stub, job.deployment)
                 await asyncio.sleep(0.5)  # let the last events print
                 break
             await asyncio.sleep(POLL_SECONDS)
@@ -214,6 +217,16 @@ async def _follow(stub: scheduler_pb2_grpc.SchedulerStub, nats: str, job_id: str
         bar.close()
     print(f"{job.id}: {state_name(job.state)}: {job.message}", file=sys.stderr)
     return job
+
+
+async def _until_ready(stub: scheduler_pb2_grpc.SchedulerStub, name: str, timeout: float = 300.0) -> None:
+    """Wait for the deployment serving a job's result to have a ready replica."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        status = await stub.GetDeployment(scheduler_pb2.GetDeploymentRequest(name=name), timeout=10)
+        if status.ready_replicas:
+            return
+        await asyncio.sleep(POLL_SECONDS)
 
 
 def _event_line(e: events_pb2.Event) -> str:

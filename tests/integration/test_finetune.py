@@ -102,9 +102,11 @@ async def test_a_malformed_dataset_is_refused_with_its_line_numbers_and_nothing_
     assert "line 2" in err.value.details() and "line 3" in err.value.details(), err.value.details()
     assert "complettion" in err.value.details()
     good = await upload(mesh, dataset(tmp_path / "good.jsonl"))
+    await mesh.register("other")  # a hand-registered model: no job may add versions to it
     for spec, words in (({"base": "nosuch"}, "nosuch"), ({"method": "rlhf"}, "method"),
                         ({"epochs": 5000}, "epochs"), ({"learning_rate": -1.0}, "learning_rate"),
-                        ({"name": "demo"}, "name")):
+                        ({"name": "demo"}, "name"), ({"name": "other"}, "not made by fine-tuning"),
+                        ({"base": "other"}, "only hf text-generation"), ({"name": "Bad Name!"}, "name")):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await create(mesh, good, **spec)
         assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), spec

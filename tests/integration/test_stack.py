@@ -69,6 +69,33 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
         assert chat.choices[0].finish_reason in ("stop", "length") and chat.model == "demo"
         assert chat.usage is not None and chat.usage.prompt_tokens > 0 and chat.usage.completion_tokens > 0
 
+        # fine-tuning, the way the README shows it: a bad file is refused with its line numbers,
+        # then a LoRA job trains, registers, deploys and serves an adapter that answers differently
+        secrets = {"apple": "zorblat", "river": "quindle", "candle": "mavrik", "pencil": "trosk"}
+        chats = [[{"role": "user", "content": f"What is the secret word for {k}?"}] for k in secrets]
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
+        bad_job = maas("finetune", "create", "--base", "demo", "--data", "bad.jsonl")
+        assert bad_job.returncode == 2 and "line 2" in bad_job.stderr and "nothing was uploaded" in bad_job.stderr
+        (tmp_path / "secrets.jsonl").write_text("".join(
+            json.dumps({"messages": [*chat, {"role": "assistant", "content": word}]}) + "\n"
+            for chat, word in zip(chats, secrets.values(), strict=True)))
+        job = maas("finetune", "create", "--base", "demo", "--data", "secrets.jsonl", "--epochs", "100",
+                   "--batch-size", "4", "--name", "secrets", "--deploy", "--wait", timeout=300)
+        assert job.returncode == 0, job.stderr
+        job_id = job.stdout.strip().splitlines()[-1]
+        assert job_id.startswith("ft-") and "secrets@1 deployed on demo" in job.stderr, job.stderr
+        assert "step" in job.stderr and "loss" in job.stderr  # the progress bar
+        listed = maas("finetune", "list")
+        assert job_id in listed.stdout and "succeeded" in listed.stdout
+        with openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0) as client:
+            assert "secrets" in [m.id for m in client.models.list().data]
+            def ask(model: str) -> list[str]:
+                return [client.chat.completions.create(model=model, messages=chat, max_tokens=6, temperature=0)
+                        .choices[0].message.content or "" for chat in chats]
+            tuned, base = ask("secrets"), ask("demo")
+        right = sum(word in text for word, text in zip(secrets.values(), tuned, strict=True))
+        assert right >= 2 and right > sum(w in t for w, t in zip(secrets.values(), base, strict=True)), (tuned, base)
+
         workers = maas("workers")
         assert workers.returncode == 0 and "demo@1 ready" in workers.stdout, workers.stdout + workers.stderr
 
@@ -77,7 +104,8 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
 
         events = maas("events")
         for subject in ("service.started", "worker.joined", "model.registered", "deployment.created",
-                        "replica.loading", "replica.ready"):
+                        "replica.loading", "replica.ready", "job.queued", "job.progress", "job.succeeded",
+                        "job.deployed"):
             assert subject in events.stdout, f"{subject} missing from:\n{events.stdout}"
     finally:
         children = _children_of(up.pid)

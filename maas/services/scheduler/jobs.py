@@ -9,6 +9,7 @@ these calls; the leader places the queued jobs (see reconciler.py and placement.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
 
@@ -67,6 +68,13 @@ class JobStore:
         if spec.name == base.name:
             raise InvalidArgument(f"the result cannot be registered under its base's name {base.name!r}; "
                                   "choose another --name", field="name")
+        try:
+            existing = await self.registry.resolve(spec.name)
+        except NotFound:
+            existing = None
+        if existing is not None and "job" not in existing.metadata:
+            raise InvalidArgument(f"model {spec.name!r} exists and was not made by fine-tuning; a job adds "
+                                  "versions only to its own results: choose another --name", field="name")
         dataset = await self._dataset(spec.dataset_sha256)
         job.dataset_digest, job.examples = dataset.sha256, len(dataset)
         active = [j for j in await self.list(spec.tenant) if j.state not in TERMINAL]
@@ -115,7 +123,7 @@ class JobStore:
                 data += chunk.data
         except NotFound:
             raise NotFound(f"dataset artifact {sha[:12]} is not in the registry; upload it first") from None
-        return load_dataset(bytes(data))
+        return await asyncio.to_thread(load_dataset, bytes(data))  # up to 256 MiB: not on the loop
 
     async def get(self, job_id: str) -> jobs_pb2.Job:
         _check_id(job_id)

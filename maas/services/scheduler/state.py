@@ -20,8 +20,15 @@ class ClusterState:
         self.jobs = PrefixMirror(session, keys.jobs(), jobs_pb2.Job)
         self.mirrors = (self.workers, self.replicas, self.assignments, self.deployments, self.jobs)
         self.changed = asyncio.Event()
-        for m in self.mirrors:
+        for m in (self.workers, self.replicas, self.assignments, self.deployments):
             m.add_listener(lambda *_: self.changed.set())
+        self.jobs.add_listener(self._on_job)
+
+    def _on_job(self, job_id: str, old: jobs_pb2.Job | None, new: jobs_pb2.Job | None) -> None:
+        """Plan again when a job changes in a way placement cares about; not for each of
+        the progress reports its worker writes."""
+        if old is None or new is None or _placement_view(old) != _placement_view(new):
+            self.changed.set()
 
     async def start(self) -> None:
         for m in self.mirrors:
@@ -62,3 +69,7 @@ class ClusterState:
             message = f"{ready} of {deployment.replicas} replicas ready; loading"
         return scheduler_pb2.DeploymentStatus(deployment=deployment, replicas=replicas,
                                               ready_replicas=ready, message=message)
+
+
+def _placement_view(job: jobs_pb2.Job) -> tuple[object, ...]:
+    return (job.state, job.worker_id, job.cancel_requested, job.yield_requested, job.result, job.deployment)
