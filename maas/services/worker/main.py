@@ -72,7 +72,8 @@ async def build(rt: ServiceRuntime, *, devices: list[mesh_pb2.Device], labels: d
                               cache_dir=cache_dir)
     rt.add_service(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                    inference_pb2_grpc.add_InferenceServicer_to_server, WorkerInferenceServicer(replicas))
-    jobs = JobRunner(rt, worker_id, replicas.artifacts, cache_dir.parent / "jobs" / worker_id)
+    # fine-tuning work directories live beside the artifacts (the one place a worker must be able to write)
+    jobs = JobRunner(rt, worker_id, replicas.artifacts, cache_dir / "jobs" / worker_id)
     rt.before_stop(replicas.drain)
     rt.before_stop(jobs.drain)  # trainers checkpoint and their jobs queue again, while etcd is still ours
     rt.add_closer(jobs.close)
