@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from maas.v1 import (
     common_pb2,
     inference_pb2,
     inference_pb2_grpc,
+    jobs_pb2,
     mesh_pb2,
     registry_pb2,
     registry_pb2_grpc,
@@ -53,6 +54,7 @@ class Snapshot:
     services: dict[str, list[mesh_pb2.ServiceInfo]]
     deployments: list[scheduler_pb2.DeploymentStatus]
     workers: list[scheduler_pb2.WorkerStatus]
+    jobs: list[jobs_pb2.Job] = field(default_factory=list)  # queued and running fine-tuning jobs
 
 
 async def _snapshot(mesh: MeshClient) -> Snapshot:
@@ -62,6 +64,7 @@ async def _snapshot(mesh: MeshClient) -> Snapshot:
         stub = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
         snap.deployments = list((await stub.ListDeployments(scheduler_pb2.ListDeploymentsRequest(), timeout=5)).deployments)
         snap.workers = list((await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)).workers)
+        snap.jobs = list((await stub.ListJobs(jobs_pb2.ListJobsRequest(active=True), timeout=5)).jobs)
     return snap
 
 
@@ -92,6 +95,7 @@ def _print_status(snap: Snapshot, as_json: bool) -> None:
             "services": {k: [MessageToDict(s) for s in v] for k, v in snap.services.items()},
             "deployments": [MessageToDict(d) for d in snap.deployments],
             "workers": [MessageToDict(w) for w in snap.workers],
+            "jobs": [MessageToDict(j) for j in snap.jobs],
         }, indent=2))
         return
     rows = [[s.kind, s.instance, s.endpoint + (f"  http://{s.http_endpoint}/v1" if s.http_endpoint else ""),
@@ -110,6 +114,12 @@ def _print_status(snap: Snapshot, as_json: bool) -> None:
         rows.append([d.deployment.name, d.deployment.resolved_version, f"{d.ready_replicas}/{d.deployment.replicas}",
                      states or "-", d.message])
     print(_table(rows, ["deployment", "model", "ready", "replicas", "message"]))
+    if snap.jobs:
+        from maas.cli.finetune import job_row
+
+        print()
+        print(_table([job_row(j)[:-1] for j in snap.jobs], ["job", "state", "base", "result", "method", "step", "loss",
+                                                         "priority", "tenant", "worker"]))
 
 
 async def status(ns: argparse.Namespace, etcd: str) -> int:

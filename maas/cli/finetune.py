@@ -132,7 +132,7 @@ async def run(ns: argparse.Namespace, etcd: str, nats: str) -> int:
             else:
                 from maas.cli.commands import _table
 
-                print(_table([_row(j) for j in jobs], ["id", "state", "base", "result", "method", "step", "loss",
+                print(_table([job_row(j) for j in jobs], ["id", "state", "base", "result", "method", "step", "loss",
                                                        "priority", "tenant", "worker", "created"]))
             return 0
         if command == "show":
@@ -238,7 +238,7 @@ def _print_event(e: events_pb2.Event, as_json: bool) -> None:
     print(json.dumps(MessageToDict(e)) if as_json else _event_line(e), flush=True)
 
 
-def _row(j: jobs_pb2.Job) -> list[str]:
+def job_row(j: jobs_pb2.Job) -> list[str]:
     p = j.progress
     return [j.id, state_name(j.state), j.spec.base, j.result or j.spec.name, j.spec.method,
             f"{p.step}/{p.total_steps}" if p.total_steps else "-", f"{p.loss:.4f}" if p.step else "-",
