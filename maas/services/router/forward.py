@@ -12,12 +12,10 @@ pinned here, before the first attempt, so that holds for them too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 from prometheus_client import Counter, Histogram
@@ -86,40 +84,61 @@ def _status(e: BaseException) -> str:
     return "INTERNAL"
 
 
-@dataclass
-class _Record:
-    """One request's figures, recorded when it ends."""
+class _Series:
+    """The metric children of one model label (and of its tenants), looked up once: a
+    `labels()` call takes a lock and validates its arguments, on every chunk otherwise.
+    Bounded: models are deployments' names or "other", tenants are keys' tenants."""
 
-    model: str
-    started: float
-    tenant: str = "-"
-    status: str = "OK"
-    last: float | None = None
+    __slots__ = ("model", "ttft", "itl", "e2e", "_tenants")
 
-    def chunk(self, now: float) -> None:
-        if self.last is None:
-            TTFT.labels(self.model).observe(now - self.started)
-        else:
-            ITL.labels(self.model).observe(now - self.last)
-        self.last = now
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.ttft, self.itl, self.e2e = TTFT.labels(model), ITL.labels(model), E2E.labels(model)
+        self._tenants: dict[str, tuple[Counter, Counter]] = {}
 
-    def usage(self, usage: common_pb2.Usage) -> int:
-        TOKENS.labels(self.model, self.tenant, "prompt").inc(usage.prompt_tokens)
-        TOKENS.labels(self.model, self.tenant, "completion").inc(usage.completion_tokens)
+    def tokens(self, tenant: str, usage: common_pb2.Usage) -> int:
+        children = self._tenants.get(tenant)
+        if children is None:
+            children = self._tenants[tenant] = (TOKENS.labels(self.model, tenant, "prompt"),
+                                                TOKENS.labels(self.model, tenant, "completion"))
+        children[0].inc(usage.prompt_tokens)
+        children[1].inc(usage.completion_tokens)
         return usage.prompt_tokens + usage.completion_tokens
 
-    def done(self) -> None:
-        REQUESTS.labels(self.model, self.tenant, self.status).inc()
-        E2E.labels(self.model).observe(time.perf_counter() - self.started)
+    def done(self, tenant: str, status: str, started: float) -> None:
+        REQUESTS.labels(self.model, tenant, status).inc()  # once a request: not worth a cache
+        self.e2e.observe(time.perf_counter() - started)
+
+
+_SERIES: dict[str, _Series] = {}
+
+
+def _series(model: str) -> _Series:
+    series = _SERIES.get(model)
+    if series is None:
+        series = _SERIES[model] = _Series(model)
+    return series
 
 
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+Chunk = tuple[inference_pb2.GenerateChunk, bytes]
+Reply = tuple[inference_pb2.GenerateResponse, bytes]
+"""What a worker sent: parsed (the router reads it) and as received (passed on unchanged)."""
+
+
 class Forwarder:
     """`api_key` is the caller's credential as sent (gRPC metadata or an HTTP bearer
-    token); tenants, keys and limits check it here, for both front ends."""
+    token); tenants, keys and limits check it here, for both front ends.
+
+    Requests travel as bytes: `payload` is the request as the caller serialized it (the gRPC
+    front end passes it on as received; None serializes `request`). What the router adds
+    (a request id, a pinned seed, the tokens to resume after) is appended as a second
+    serialized GenerateRequest: parsing concatenated messages merges them (a later value
+    wins for a singular field, repeated fields append), so the worker reads exactly the
+    amended request and nothing is parsed and serialized again on the way through."""
 
     def __init__(self, pool: ReplicaPool, gate: Gate | None = None, *, max_attempts: int = MAX_ATTEMPTS,
                  queue_timeout: float = QUEUE_SECONDS, max_waiting: int = MAX_WAITING,
@@ -133,22 +152,23 @@ class Forwarder:
         self.failover_timeout = failover_timeout
         self.waiting = 0  # requests waiting for a full model to have room
 
-    @contextlib.asynccontextmanager
-    async def _admit(self, api_key: str, model: str) -> AsyncIterator[Ticket]:
-        if self.gate is None:
-            yield Ticket(None)
-            return
-        async with self.gate.admit(api_key, model) as ticket:
-            yield ticket
+    def _admit(self, api_key: str, model: str) -> Ticket:
+        return Ticket(None) if self.gate is None else self.gate.admit(api_key, model)
 
     @staticmethod
-    def prepare(request: inference_pb2.GenerateRequest) -> tuple[tuple[str, str], ...]:
-        """Give the request an id (the caller's, the log context's, or a new one)."""
-        rid = request.request_id or (request_id_var.get() if request_id_var.get() != "-" else new_request_id())
-        request.request_id = rid
+    def prepare(request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest
+                ) -> tuple[tuple[str, str], ...]:
+        """Give the request an id (the caller's, the log context's, or a new one); an id the
+        router chose goes into `added` too."""
+        rid = request.request_id
+        if not rid:
+            rid = request_id_var.get()
+            if rid == "-":
+                rid = new_request_id()
+            request.request_id = added.request_id = rid
         return (("x-request-id", rid),)
 
-    def route_adapter(self, request: inference_pb2.GenerateRequest) -> None:
+    def route_adapter(self, request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest) -> None:
         """A model name that is not a deployment but one of a deployment's adapters (a
         fine-tuned LoRA deployed with its base) becomes that deployment with the adapter
         applied, so clients ask for a fine-tuned model by its own name."""
@@ -156,76 +176,115 @@ class Forwarder:
             return
         if deployment := self.pool.serving_adapter(request.model):
             request.adapter, request.model = request.model, deployment
+            added.adapter, added.model = request.adapter, request.model
 
-    async def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None,
-                     api_key: str = "", session: str = "") -> AsyncIterator[inference_pb2.GenerateChunk]:
+    async def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None, api_key: str = "",
+                     session: str = "", payload: bytes | None = None) -> AsyncIterator[Chunk]:
         """Chunks of one generation, moved to another replica if its worker fails."""
-        asked = request.model  # what the key must allow: a fine-tuned adapter's own name, say
-        self.route_adapter(request)
-        record = _Record(self._label(request.model), time.perf_counter())
-        try:
-            async with self._admit(api_key, asked) as ticket:
-                record.tenant = ticket.tenant
-                async for chunk in self._stream(request, timeout, affinity_key(request, session, prefix=self.prefix_affinity)):
-                    record.chunk(time.perf_counter())
-                    if chunk.finish_reason:
-                        ticket.tokens = record.usage(chunk.usage)
-                    yield chunk
-        except BaseException as e:
-            record.status = _status(e)
-            raise
-        finally:
-            record.done()
-
-    async def _stream(self, request: inference_pb2.GenerateRequest, timeout: float | None,
-                      affinity: str) -> AsyncIterator[inference_pb2.GenerateChunk]:
         entered = time.perf_counter()
-        metadata = self.prepare(request)
-        params = request.params
-        if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0):
-            params.seed = random.getrandbits(63)  # a resumed stream must sample as the first attempt would
-        deadline = None if timeout is None else time.monotonic() + timeout
-        produced: list[int] = []
-        attempts = _Attempts(self, request.model, deadline)
-        while True:
-            replica = await attempts.next(affinity)
-            if attempts.first:
-                OVERHEAD.observe(time.perf_counter() - entered)
-            sent = request
-            if produced:
-                sent = inference_pb2.GenerateRequest()
-                sent.CopyFrom(request)
-                sent.resume_token_ids.extend(produced)
-            call = self.pool.stub(replica).GenerateStream(
-                sent, timeout=_remaining(deadline), metadata=(*metadata, (REPLICA_HEADER, replica.replica_id)))
-            try:
-                with self.pool.track(replica):
-                    async for chunk in call:
-                        produced.extend(chunk.token_ids)
-                        yield chunk
-                return
-            except grpc.aio.AioRpcError as e:
-                attempts.failed(replica, e, len(produced))
-            finally:
-                call.cancel()
-
-    async def generate(self, request: inference_pb2.GenerateRequest, timeout: float | None,
-                       api_key: str = "", session: str = "") -> inference_pb2.GenerateResponse:
-        """One whole completion, retried on another replica if its worker fails."""
         asked = request.model  # what the key must allow: a fine-tuned adapter's own name, say
-        self.route_adapter(request)
-        record = _Record(self._label(request.model), time.perf_counter())
+        added = inference_pb2.GenerateRequest()  # what the router changes, sent after the payload
+        self.route_adapter(request, added)
+        series = _series(self._label(request.model))
+        tenant, status = "-", "OK"
         try:
-            async with self._admit(api_key, asked) as ticket:
-                record.tenant = ticket.tenant
-                response = await self._generate(request, timeout, affinity_key(request, session, prefix=self.prefix_affinity))
-                ticket.tokens = record.usage(response.usage)
-                return response
+            ticket = self._admit(api_key, asked)
+            tenant = ticket.tenant
+            try:
+                metadata = self.prepare(request, added)
+                params = request.params
+                if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0):
+                    # a resumed stream must sample as the first attempt would
+                    params.seed = added.params.seed = random.getrandbits(63)
+                payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
+                affinity = affinity_key(request, session, prefix=self.prefix_affinity)
+                deadline = None if timeout is None else time.monotonic() + timeout
+                produced: list[int] = []
+                attempts = _Attempts(self, request.model, deadline)
+                in_flight = self.pool.in_flight
+                last: float | None = None
+                while True:
+                    replica = await attempts.next(affinity)
+                    if attempts.first:
+                        OVERHEAD.observe(time.perf_counter() - entered)
+                    sent = payload
+                    if produced:
+                        sent += inference_pb2.GenerateRequest(resume_token_ids=produced).SerializeToString()
+                    rid = replica.replica_id
+                    call = self.pool.calls(replica).stream(
+                        sent, timeout=_remaining(deadline), metadata=(*metadata, (REPLICA_HEADER, rid)))
+                    in_flight[rid] = in_flight.get(rid, 0) + 1
+                    try:
+                        while (relayed := await call.read()) is not grpc.aio.EOF:
+                            chunk = relayed[0]
+                            produced.extend(chunk.token_ids)
+                            now = time.perf_counter()
+                            if last is None:
+                                series.ttft.observe(now - entered)
+                            else:
+                                series.itl.observe(now - last)
+                            last = now
+                            if chunk.finish_reason:
+                                ticket.tokens = series.tokens(tenant, chunk.usage)
+                            yield relayed
+                        return
+                    except grpc.aio.AioRpcError as e:
+                        attempts.failed(replica, e, len(produced))
+                    finally:
+                        call.cancel()
+                        _untrack(in_flight, rid)
+            finally:
+                if ticket.state is not None:
+                    Gate.release(ticket)
         except BaseException as e:
-            record.status = _status(e)
+            status = _status(e)
             raise
         finally:
-            record.done()
+            series.done(tenant, status, entered)
+
+    async def generate(self, request: inference_pb2.GenerateRequest, timeout: float | None, api_key: str = "",
+                       session: str = "", payload: bytes | None = None) -> Reply:
+        """One whole completion, retried on another replica if its worker fails."""
+        entered = time.perf_counter()
+        asked = request.model  # what the key must allow: a fine-tuned adapter's own name, say
+        added = inference_pb2.GenerateRequest()  # what the router changes, sent after the payload
+        self.route_adapter(request, added)
+        series = _series(self._label(request.model))
+        tenant, status = "-", "OK"
+        try:
+            ticket = self._admit(api_key, asked)
+            tenant = ticket.tenant
+            try:
+                metadata = self.prepare(request, added)
+                payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
+                deadline = None if timeout is None else time.monotonic() + timeout
+                attempts = _Attempts(self, request.model, deadline)
+                affinity = affinity_key(request, session, prefix=self.prefix_affinity)
+                in_flight = self.pool.in_flight
+                while True:
+                    replica = await attempts.next(affinity)
+                    if attempts.first:
+                        OVERHEAD.observe(time.perf_counter() - entered)
+                    rid = replica.replica_id
+                    in_flight[rid] = in_flight.get(rid, 0) + 1
+                    try:
+                        relayed = await self.pool.calls(replica).generate(
+                            payload, timeout=_remaining(deadline), metadata=(*metadata, (REPLICA_HEADER, rid)))
+                        break
+                    except grpc.aio.AioRpcError as e:
+                        attempts.failed(replica, e, 0)
+                    finally:
+                        _untrack(in_flight, rid)
+                ticket.tokens = series.tokens(tenant, relayed[0].usage)
+                return relayed
+            finally:
+                if ticket.state is not None:
+                    Gate.release(ticket)
+        except BaseException as e:
+            status = _status(e)
+            raise
+        finally:
+            series.done(tenant, status, entered)
 
     def _label(self, model: str) -> str:
         """The model as a metric label: a deployment's name, or "other" (callers choose the
@@ -233,36 +292,21 @@ class Forwarder:
         name = model.partition("@")[0]
         return name if name in self.pool.deployments.items else "other"
 
-    async def _generate(self, request: inference_pb2.GenerateRequest, timeout: float | None,
-                        affinity: str) -> inference_pb2.GenerateResponse:
-        entered = time.perf_counter()
-        metadata = self.prepare(request)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempts = _Attempts(self, request.model, deadline)
-        while True:
-            replica = await attempts.next(affinity)
-            if attempts.first:
-                OVERHEAD.observe(time.perf_counter() - entered)
-            try:
-                with self.pool.track(replica):
-                    return await self.pool.stub(replica).Generate(
-                        request, timeout=_remaining(deadline),
-                        metadata=(*metadata, (REPLICA_HEADER, replica.replica_id)))
-            except grpc.aio.AioRpcError as e:
-                attempts.failed(replica, e, 0)
-
     async def embed(self, request: inference_pb2.EmbedRequest, timeout: float | None,
                     api_key: str = "") -> inference_pb2.EmbedResponse:
-        async with self._admit(api_key, request.model) as ticket:
+        ticket = self._admit(api_key, request.model)
+        try:
             replica = await self.pool.pick(request.model, deadline=timeout)
-            try:
-                with self.pool.track(replica):
-                    response = await self.pool.stub(replica).Embed(
-                        request, timeout=timeout, metadata=((REPLICA_HEADER, replica.replica_id),))
-            except grpc.aio.AioRpcError as e:
-                raise from_rpc_error(e) from None
+            with self.pool.track(replica):
+                response = await self.pool.stub(replica).Embed(
+                    request, timeout=timeout, metadata=((REPLICA_HEADER, replica.replica_id),))
             ticket.tokens = response.usage.prompt_tokens
             return response
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            if ticket.state is not None:
+                Gate.release(ticket)
 
     def models(self, api_key: str = "") -> inference_pb2.ListModelsResponse:
         """Deployments with at least one ready replica (those the caller's key may use)."""
@@ -284,6 +328,14 @@ class Forwarder:
                         name=adapter, version=adapter.partition("@")[2] or "latest", task="generate",
                         context_length=served.context_length, ready_replicas=served.ready_replicas)
         return inference_pb2.ListModelsResponse(models=[by_name[name] for name in sorted(by_name)])
+
+
+def _untrack(in_flight: dict[str, int], rid: str) -> None:
+    n = in_flight[rid] - 1
+    if n > 0:
+        in_flight[rid] = n
+    else:
+        del in_flight[rid]
 
 
 class _Attempts:

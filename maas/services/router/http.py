@@ -34,7 +34,7 @@ from maas.mesh.errors import DeadlineExceeded, MaasError, NotFound, StartupError
 from maas.mesh.etcd import EtcdError
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.services.router import openai_api, openapi
-from maas.services.router.forward import SESSION_HEADER, Forwarder
+from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder
 from maas.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,11 @@ def _reject_constant(name: str) -> None:
 
 def _api_key(request: web.Request) -> str:
     return bearer(request.headers.get("Authorization", "")) or request.headers.get("x-api-key", "").strip()
+
+
+async def _next(stream: AsyncGenerator[Chunk, None]) -> inference_pb2.GenerateChunk | None:
+    relayed = await anext(stream, None)
+    return None if relayed is None else relayed[0]
 
 
 class _Deadline:
@@ -289,8 +294,8 @@ class HttpApi:
         if opts.stream:
             return await self._stream(request, deadline, req, opts, created)
         async with deadline.bound():
-            reply = await self.forwarder.generate(req, deadline.remaining(), _api_key(request),
-                                                  request.headers.get(SESSION_HEADER, ""))
+            reply, _ = await self.forwarder.generate(req, deadline.remaining(), _api_key(request),
+                                                     request.headers.get(SESSION_HEADER, ""))
         return web.json_response(openai_api.completion(reply, opts, rid, created), dumps=_dumps)
 
     async def _stream(self, request: web.Request, deadline: _Deadline, req: inference_pb2.GenerateRequest,
@@ -300,12 +305,12 @@ class HttpApi:
         write to a closed connection, cancellation, the deadline) closes the forwarder's
         stream, which cancels the downstream call."""
         encoder = openai_api.StreamEncoder(opts, req.request_id, created)
-        stream = cast(AsyncGenerator[inference_pb2.GenerateChunk, None],  # an async generator function
+        stream = cast(AsyncGenerator[Chunk, None],  # an async generator function
                       self.forwarder.stream(req, deadline.remaining(), _api_key(request),
                                             request.headers.get(SESSION_HEADER, "")))
         async with contextlib.aclosing(stream):
             async with deadline.bound():
-                chunk = await anext(stream, None)  # raises before any byte is sent: no replica, bad request, ...
+                chunk = await _next(stream)  # raises before any byte is sent: no replica, bad request, ...
             response = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                 "x-request-id": req.request_id})
@@ -315,7 +320,7 @@ class HttpApi:
                     await self._send(response, encoder.start())
                     while chunk is not None:
                         await self._send(response, encoder.chunk(chunk))
-                        chunk = None if chunk.finish_reason else await anext(stream, None)
+                        chunk = None if chunk.finish_reason else await _next(stream)
                     if encoder.usage is None:
                         raise MaasError("the stream ended before its last chunk")
                     await self._send(response, encoder.end())

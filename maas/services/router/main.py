@@ -12,9 +12,8 @@ from maas.mesh.server import ServiceRuntime, run_service
 from maas.services.router.forward import FAILOVER_SECONDS, Forwarder
 from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
-from maas.services.router.service import RouterInferenceServicer
+from maas.services.router.service import SERVICE, RouterInferenceServicer, add_to_server
 from maas.services.router.tenants import AUTH_MODES, Gate
-from maas.v1 import inference_pb2, inference_pb2_grpc
 
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
@@ -52,8 +51,7 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     pool = ReplicaPool(rt.etcd, cold_start_timeout=cold_start_timeout)
     gate = Gate(rt.etcd, auth)
     forwarder = Forwarder(pool, gate, prefix_affinity=prefix_affinity, failover_timeout=failover_timeout)
-    rt.add_service(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-                   inference_pb2_grpc.add_InferenceServicer_to_server, RouterInferenceServicer(forwarder))
+    rt.add_service(SERVICE, add_to_server, RouterInferenceServicer(forwarder))
     rt.add_closer(pool.close)
     rt.add_closer(gate.close)
     info: dict[str, str] = {}

@@ -12,7 +12,8 @@ import contextlib
 import hashlib
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -27,7 +28,7 @@ from maas.mesh.errors import (
     from_rpc_error,
 )
 from maas.mesh.etcd import EtcdSession
-from maas.v1 import inference_pb2_grpc, mesh_pb2, scheduler_pb2, scheduler_pb2_grpc
+from maas.v1 import inference_pb2, inference_pb2_grpc, mesh_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 SUSPECT_SECONDS = 5.0
 COLD_START_SECONDS = 60.0  # how long a request waits for a scaled-to-zero model to load
@@ -42,6 +43,36 @@ def _rank(key: str, replica_id: str) -> bytes:
     return hashlib.blake2b(f"{key}|{replica_id}".encode(), digest_size=8).digest()
 
 
+_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+def relay_response(raw: bytes) -> tuple[inference_pb2.GenerateResponse, bytes]:
+    return inference_pb2.GenerateResponse.FromString(raw), raw
+
+
+def relay_chunk(raw: bytes) -> tuple[inference_pb2.GenerateChunk, bytes]:
+    return inference_pb2.GenerateChunk.FromString(raw), raw
+
+
+@dataclass(frozen=True, slots=True)
+class Calls:
+    """One worker endpoint's generation calls, made once per endpoint. They relay bytes: the
+    request goes out as given (already serialized), and each reply comes back both parsed
+    (the router reads tokens and usage) and as received, to be passed on unchanged."""
+
+    generate: grpc.aio.UnaryUnaryMultiCallable[bytes, tuple[inference_pb2.GenerateResponse, bytes]]
+    stream: grpc.aio.UnaryStreamMultiCallable[bytes, tuple[inference_pb2.GenerateChunk, bytes]]
+    stub: inference_pb2_grpc.InferenceStub
+
+    @classmethod
+    def of(cls, channel: grpc.aio.Channel) -> Calls:
+        return cls(channel.unary_unary(f"/{_SERVICE}/Generate", request_serializer=None,
+                                       response_deserializer=relay_response, _registered_method=True),
+                   channel.unary_stream(f"/{_SERVICE}/GenerateStream", request_serializer=None,
+                                        response_deserializer=relay_chunk, _registered_method=True),
+                   inference_pb2_grpc.InferenceStub(channel))
+
+
 class ReplicaPool:
     def __init__(self, session: EtcdSession, *, cold_start_timeout: float = COLD_START_SECONDS) -> None:
         self.session = session
@@ -54,7 +85,12 @@ class ReplicaPool:
         self._suspect: dict[str, float] = {}
         self._reported: dict[str, tuple[int, float]] = {}  # replica -> (in flight, when reported)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._calls: dict[str, Calls] = {}
+        self._ready: dict[str, list[mesh_pb2.ReplicaInfo]] = {}  # model -> ready replicas, until a change
         self.registry = RegistryClient(session)
+        forget: Callable[..., None] = lambda *_: self._ready.clear()  # noqa: E731
+        self.replicas.add_listener(forget)
+        self.deployments.add_listener(forget)
 
     async def start(self) -> None:
         await self.replicas.start()
@@ -66,6 +102,7 @@ class ReplicaPool:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+        self._calls.clear()
         if self._scheduler is not None:
             await self._scheduler.close()
         await self.registry.close()
@@ -84,9 +121,17 @@ class ReplicaPool:
         return r.deployment == name or r.model_name == name
 
     def ready(self, model: str) -> list[mesh_pb2.ReplicaInfo]:
-        name, _, version = model.partition("@")
-        return [r for r in self.replicas.items.values()
-                if r.state == mesh_pb2.REPLICA_STATE_READY and self._serves(r, name, version)]
+        """Ready replicas serving `model` (kept until the next change under replicas/ or
+        deployments/; do not modify the list)."""
+        found = self._ready.get(model)
+        if found is None:
+            name, _, version = model.partition("@")
+            found = [r for r in self.replicas.items.values()
+                     if r.state == mesh_pb2.REPLICA_STATE_READY and self._serves(r, name, version)]
+            if len(self._ready) >= 4096:  # callers choose model strings: bounded
+                self._ready.clear()
+            self._ready[model] = found
+        return found
 
     def observe(self, report: mesh_pb2.LoadReport) -> None:
         """A worker's load report: its replicas' requests in flight, from every router."""
@@ -123,22 +168,25 @@ class ReplicaPool:
         zero is started and waited for (at most `deadline` seconds)."""
         if not model:
             raise InvalidArgument("model must not be empty", field="model")
-        ready = [r for r in self.ready(model) if r.replica_id not in exclude]
+        ready = self.ready(model)
+        if exclude:
+            ready = [r for r in ready if r.replica_id not in exclude]
         if not ready and not exclude and await self._cold_start(model, deadline):
             ready = self.ready(model)
         if not ready:
             await self._explain_none(model, tried=bool(exclude))
         ready = self._split(model, ready)
-        now = time.monotonic()
-        healthy = [r for r in ready if self._suspect.get(r.endpoint, 0) < now] or ready
-        return self.choose(healthy, affinity)
+        if self._suspect:
+            now = time.monotonic()
+            ready = [r for r in ready if self._suspect.get(r.endpoint, 0) < now] or ready
+        return self.choose(ready, affinity)
 
     def _split(self, model: str, ready: list[mesh_pb2.ReplicaInfo]) -> list[mesh_pb2.ReplicaInfo]:
         """The replicas of the version this request goes to: a canary gets its weight's share
         of requests; otherwise the deployment's version (older versions serve only until it is
         ready during a rollout)."""
         dep = self.deployments.items.get(model)
-        if dep is None:
+        if dep is None or (len(ready) == 1 and not dep.traffic):
             return ready
 
         def of(ref: str) -> list[mesh_pb2.ReplicaInfo]:
@@ -222,14 +270,22 @@ class ReplicaPool:
         except Unavailable:
             raise Unavailable(f"model {ref!r} has no ready replica and the registry is unreachable") from None
 
+    def calls(self, replica: mesh_pb2.ReplicaInfo) -> Calls:
+        calls = self._calls.get(replica.endpoint)
+        if calls is None:
+            channel = self._channels.get(replica.endpoint)
+            if channel is None:
+                channel = self._channels[replica.endpoint] = dial(replica.endpoint)
+            calls = self._calls[replica.endpoint] = Calls.of(channel)
+        return calls
+
     def stub(self, replica: mesh_pb2.ReplicaInfo) -> inference_pb2_grpc.InferenceStub:
-        channel = self._channels.get(replica.endpoint)
-        if channel is None:
-            channel = self._channels[replica.endpoint] = dial(replica.endpoint)
-        return inference_pb2_grpc.InferenceStub(channel)
+        return self.calls(replica).stub
 
     def mark_failed(self, replica: mesh_pb2.ReplicaInfo) -> None:
-        self._suspect[replica.endpoint] = time.monotonic() + SUSPECT_SECONDS
+        now = time.monotonic()
+        self._suspect = {e: t for e, t in self._suspect.items() if t > now}  # forget the ones that expired
+        self._suspect[replica.endpoint] = now + SUSPECT_SECONDS
 
     @contextlib.contextmanager
     def track(self, replica: mesh_pb2.ReplicaInfo) -> Iterator[None]:

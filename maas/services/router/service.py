@@ -1,49 +1,80 @@
 """Router Inference servicer: the gRPC face of the forwarder (forward.py). Deadlines
 propagate (each call gets the caller's remaining time) and a cancelled client call
-cancels the downstream call."""
+cancels the downstream call.
+
+Generate and GenerateStream relay bytes: the request is parsed to read what routing needs
+but sent on as it came (see `Forwarder`), and the worker's replies go back to the client as
+the worker serialized them (`add_to_server` registers serializers that pick those bytes),
+so the router never serializes a message it only passes through."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from operator import itemgetter
 
 import grpc
 
 from maas.mesh.auth import key_from_metadata
-from maas.services.router.forward import SESSION_HEADER, Forwarder
-from maas.v1 import inference_pb2, inference_pb2_grpc
+from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder, Reply
+from maas.v1 import inference_pb2
+
+SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+
+Request = tuple[inference_pb2.GenerateRequest, bytes]
 
 
-def _key(context: grpc.aio.ServicerContext) -> str:
-    return key_from_metadata(context.invocation_metadata())
+def _request(raw: bytes) -> Request:
+    return inference_pb2.GenerateRequest.FromString(raw), raw
 
 
-def _session(context: grpc.aio.ServicerContext) -> str:
-    """Session affinity: requests with the same `x-session-id` go to the same replica."""
-    for name, value in context.invocation_metadata() or ():
+_as_received = itemgetter(1)  # a relayed reply's bytes
+
+
+def _caller(context: grpc.aio.ServicerContext) -> tuple[str, str]:
+    """(API key, session) from the call's metadata: requests with the same `x-session-id`
+    go to the same replica."""
+    metadata = context.invocation_metadata() or ()
+    session = ""
+    for name, value in metadata:
         if name == SESSION_HEADER:
-            return value.decode(errors="replace") if isinstance(value, bytes) else value
-    return ""
+            session = value.decode(errors="replace") if isinstance(value, bytes) else value
+            break
+    return key_from_metadata(metadata), session
 
 
-class RouterInferenceServicer(inference_pb2_grpc.InferenceServicer):
+class RouterInferenceServicer:
     def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
 
-    async def GenerateStream(self, request: inference_pb2.GenerateRequest,
-                             context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        async for chunk in self.forwarder.stream(request, context.time_remaining(), _key(context),
-                                                     _session(context)):
-            yield chunk
+    def GenerateStream(self, request: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[Chunk]:
+        return self.forwarder.stream(request[0], context.time_remaining(), *_caller(context), payload=request[1])
 
-    async def Generate(self, request: inference_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
-        return await self.forwarder.generate(request, context.time_remaining(), _key(context),
-                                                 _session(context))
+    async def Generate(self, request: Request, context: grpc.aio.ServicerContext) -> Reply:
+        return await self.forwarder.generate(request[0], context.time_remaining(), *_caller(context),
+                                             payload=request[1])
 
     async def Embed(self, request: inference_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> inference_pb2.EmbedResponse:
-        return await self.forwarder.embed(request, context.time_remaining(), _key(context))
+        return await self.forwarder.embed(request, context.time_remaining(), _caller(context)[0])
 
     async def ListModels(self, request: inference_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:
-        return self.forwarder.models(_key(context))
+        return self.forwarder.models(_caller(context)[0])
+
+
+def add_to_server(servicer: RouterInferenceServicer, server: grpc.aio.Server) -> None:
+    """Like the generated `add_InferenceServicer_to_server`, with the relaying (de)serializers."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, request_deserializer=_request, response_serializer=_as_received),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream, request_deserializer=_request, response_serializer=_as_received),
+        "Embed": grpc.unary_unary_rpc_method_handler(
+            servicer.Embed, request_deserializer=inference_pb2.EmbedRequest.FromString,
+            response_serializer=inference_pb2.EmbedResponse.SerializeToString),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels, request_deserializer=inference_pb2.ListModelsRequest.FromString,
+            response_serializer=inference_pb2.ListModelsResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

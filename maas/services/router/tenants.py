@@ -14,11 +14,9 @@ one exists, so a fresh development mesh works without keys and `maas keys create
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
@@ -75,16 +73,16 @@ class _Tenant:
     in_flight: int = 0
 
 
-@dataclass
 class Ticket:
     """An admitted request: who sent it, and the tokens it used (set when known)."""
 
-    key: registry_pb2.ApiKey | None
-    tokens: int = 0
+    __slots__ = ("key", "tenant", "tokens", "state")
 
-    @property
-    def tenant(self) -> str:
-        return self.key.tenant if self.key is not None else "-"
+    def __init__(self, key: registry_pb2.ApiKey | None, state: _Tenant | None = None) -> None:
+        self.key = key
+        self.tenant = key.tenant if key is not None else "-"
+        self.tokens = 0
+        self.state = state  # the tenant's counters, while the request holds a place in them
 
 
 class Gate:
@@ -122,14 +120,11 @@ class Gate:
     def may_use(info: registry_pb2.ApiKey | None, model: str) -> bool:
         return info is None or not info.models or model.partition("@")[0] in info.models
 
-    @contextlib.asynccontextmanager
-    async def admit(self, api_key: str, model: str) -> AsyncIterator[Ticket]:
-        """Admit one request for `model` (or raise), and account for it until it ends."""
+    def admit(self, api_key: str, model: str) -> Ticket:
+        """Admit one request for `model` (or raise); `release` the ticket when it ends."""
         info = self.identify(api_key)
-        ticket = Ticket(info)
         if info is None:
-            yield ticket
-            return
+            return Ticket(None)
         if not self.may_use(info, model):
             REJECTED.labels(info.tenant, "model").inc()
             raise PermissionDenied(f"tenant {info.tenant!r} may not use model {model!r} "
@@ -156,10 +151,15 @@ class Gate:
         if info.rpm:
             state.requests.take(1)
         state.in_flight += 1
-        try:
-            yield ticket
-        finally:
-            state.in_flight -= 1
-            if info.tpm:  # tokens are known at the end: the bucket may go below zero, then refills
-                state.tokens.refill(time.monotonic())
-                state.tokens.take(ticket.tokens)
+        return Ticket(info, state)
+
+    @staticmethod
+    def release(ticket: Ticket) -> None:
+        """The request ended: its place and its tokens are accounted for (once)."""
+        state, ticket.state = ticket.state, None
+        if state is None or ticket.key is None:
+            return
+        state.in_flight -= 1
+        if ticket.key.tpm:  # tokens are known at the end: the bucket may go below zero, then refills
+            state.tokens.refill(time.monotonic())
+            state.tokens.take(ticket.tokens)
