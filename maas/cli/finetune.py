@@ -33,6 +33,7 @@ from maas.v1 import events_pb2, jobs_pb2, registry_pb2_grpc, scheduler_pb2, sche
 
 ClientArgs = Callable[[argparse.ArgumentParser], None]
 POLL_SECONDS = 1.0
+READY_SECONDS = 300.0  # --wait --deploy: how long the result's deployment may take to serve
 
 
 def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None:
@@ -206,7 +207,9 @@ async def _follow(stub: scheduler_pb2_grpc.SchedulerStub, nats: str, job_id: str
             if _finished(job):
                 if _succeeded(job) and job.spec.deploy:
                     bar.set_postfix_str(f"deploying on {job.deployment}")
-                    await _until_ready(stub, job.deployment)
+                    if not await _until_ready(stub, job.deployment):
+                        job.message += f"; deployment {job.deployment} has no ready replica after {READY_SECONDS:.0f}s"
+                        job.deployment = "-"  # not served: not a success
                 await asyncio.sleep(0.5)  # let the last events print
                 break
             await asyncio.sleep(POLL_SECONDS)
@@ -219,14 +222,15 @@ async def _follow(stub: scheduler_pb2_grpc.SchedulerStub, nats: str, job_id: str
     return job
 
 
-async def _until_ready(stub: scheduler_pb2_grpc.SchedulerStub, name: str, timeout: float = 300.0) -> None:
+async def _until_ready(stub: scheduler_pb2_grpc.SchedulerStub, name: str, timeout: float = READY_SECONDS) -> bool:
     """Wait for the deployment serving a job's result to have a ready replica."""
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         status = await stub.GetDeployment(scheduler_pb2.GetDeploymentRequest(name=name), timeout=10)
         if status.ready_replicas:
-            return
+            return True
         await asyncio.sleep(POLL_SECONDS)
+    return False
 
 
 def _event_line(e: events_pb2.Event) -> str:

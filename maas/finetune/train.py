@@ -3,7 +3,7 @@
     python -m maas.finetune.train --base DIR --data FILE.jsonl --out DIR
         [--method lora|full] [--epochs N] [--lr X] [--lora-rank R] [--lora-alpha A]
         [--batch-size B] [--checkpoint-every STEPS] [--seed S] [--max-steps N]
-        [--max-length TOKENS] [--log-every STEPS] [--base-ref NAME@VERSION] [--exit-with-parent]
+        [--max-length TOKENS] [--log-every STEPS] [--base-ref NAME@VERSION] [--parent-pid PID]
 
 `--data` holds one {"prompt": str, "completion": str} object a line. The job is handed
 pairs already rendered (`maas.finetune.datasets.training_examples` turns chat and
@@ -602,20 +602,20 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
     parser.add_argument("--max-length", type=int, help="tokens an example keeps (the model's context)")
     parser.add_argument("--log-every", type=int, default=1, help="steps between progress lines")
     parser.add_argument("--base-ref", help="names the base in checkpoints (default: its directory)")
-    parser.add_argument("--exit-with-parent", action="store_true",
-                        help="die with the process that started this one (a worker's training child)")
+    parser.add_argument("--parent-pid", type=int, default=0,
+                        help="die with this process, the one that started this one (a worker)")
     args = vars(parser.parse_args(argv))
-    if args.pop("exit_with_parent"):
-        _exit_with_parent()
+    if parent := args.pop("parent_pid"):
+        _exit_with_parent(parent)
     return JobConfig(**args)
 
 
-def _exit_with_parent() -> None:
-    """Be killed when the parent dies (Linux: PR_SET_PDEATHSIG), so a worker killed with
-    SIGKILL leaves no training process behind to hold its device; its job resumes
-    elsewhere from the last checkpoint the worker saved. Elsewhere: a thread that watches
-    for the parent's exit."""
-    parent = os.getppid()
+def _exit_with_parent(parent: int) -> None:
+    """Be killed when the parent (the worker, pid `parent`) dies: Linux's PR_SET_PDEATHSIG,
+    so a worker killed with SIGKILL leaves no training process behind to hold its device;
+    its job resumes elsewhere from the last checkpoint the worker saved. Elsewhere: a
+    thread that watches for the parent's exit. If the parent died before this was armed
+    (we were already adopted), exit at once."""
     try:
         import ctypes
 

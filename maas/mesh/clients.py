@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import random
 import tempfile
 import time
@@ -18,11 +19,13 @@ import grpc
 
 from maas.mesh.artifacts import ARTIFACT, CHUNK, pack_directory
 from maas.mesh.config import parse_host_port
-from maas.mesh.errors import InvalidArgument, NotFound, StartupError, Unavailable, from_rpc_error
+from maas.mesh.errors import InvalidArgument, MaasError, NotFound, StartupError, Unavailable, from_rpc_error
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.keys import Keys
 from maas.mesh.server import GRPC_OPTIONS
 from maas.v1 import mesh_pb2, registry_pb2, registry_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 # gRPC metadata a router sets on calls to a worker: the replica it picked for the request.
 REPLICA_HEADER = "x-maas-replica"
@@ -200,6 +203,18 @@ class RegistryClient:
         if self._channel is None:
             self._channel = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"))
         return registry_pb2_grpc.RegistryStub(self._channel)
+
+    async def delete_artifact(self, sha: str) -> bool:
+        """Best effort: remove an artifact nothing needs any more (a superseded checkpoint).
+        The registry keeps it if something still uses it; False then, or if it is away."""
+        try:
+            await (await self.stub()).DeleteArtifact(registry_pb2.DeleteArtifactRequest(sha256=sha), timeout=10)
+            return True
+        except grpc.aio.AioRpcError as e:
+            log.info("artifact %s kept: %s", sha[:12], e.details())
+        except MaasError as e:
+            log.info("artifact %s kept: %s", sha[:12], e.message)
+        return False
 
     async def exists(self, ref: str) -> bool:
         try:

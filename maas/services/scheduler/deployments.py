@@ -7,6 +7,7 @@ once. Any scheduler instance serves these calls; only the leader acts on them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from maas.mesh.clients import RegistryClient
 from maas.mesh.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
@@ -101,6 +102,32 @@ class DeploymentStore:
             if ok:
                 return out
         raise Unavailable(f"deployment {dep.name!r} keeps changing; try again")
+
+    async def modify(self, name: str,
+                     change: Callable[[scheduler_pb2.Deployment], bool]) -> scheduler_pb2.Deployment:
+        """Read-modify-write the stored deployment: `change` edits a copy (returning False
+        when there is nothing to change), compared on the revision it was read at, so a
+        concurrent write (a user's, another job's adapter) is never overwritten."""
+        key, tx = self.session.keys.deployment(name), self.session.client.transactions
+        for _ in range(10):
+            got = await self.session.client.get(key)
+            if got is None:
+                raise NotFound(f"deployment {name!r} does not exist")
+            current = scheduler_pb2.Deployment.FromString(got.value)
+            wanted = scheduler_pb2.Deployment()
+            wanted.CopyFrom(current)
+            wanted.model = current.resolved_version  # an alias moving meanwhile must not roll it out
+            if not change(wanted):
+                return current
+            out = await self._prepare(wanted)
+            out.created_ms, out.replicas = current.created_ms, current.replicas
+            out.previous_version = (current.resolved_version if out.resolved_version != current.resolved_version
+                                    else current.previous_version)
+            ok, _ = await self.session.client.transaction(
+                compare=[tx.mod(key) == got.mod_revision], success=[tx.put(key, out.SerializeToString())], failure=[])
+            if ok:
+                return out
+        raise Unavailable(f"deployment {name!r} keeps changing; try again")
 
     async def get(self, name: str) -> scheduler_pb2.Deployment:
         validate_name(name, "deployment")

@@ -30,6 +30,8 @@ DEFAULTS = {"method": "lora", "epochs": 3, "lora_rank": 16, "batch_size": 8, "ch
 LIMITS = {"epochs": 1000, "lora_rank": 256, "batch_size": 1024, "max_steps": 1_000_000,
           "checkpoint_every": 100_000}
 MAX_PRIORITY = 1000
+MAX_SEED = 2**32 - 1
+MAX_CHECKS = 2  # datasets validated at once (each is held in memory, up to 256 MiB)
 
 
 class JobStore:
@@ -38,21 +40,25 @@ class JobStore:
         self.session = session
         self.registry = registry
         self.max_jobs_per_tenant = max_jobs_per_tenant
+        self._checking = asyncio.Semaphore(MAX_CHECKS)
 
-    async def tenant(self, api_key: str) -> str:
-        """The tenant a caller's API key belongs to; DEFAULT_TENANT without a key."""
+    async def caller(self, api_key: str) -> tuple[str, bool]:
+        """(tenant, sees every tenant's jobs) of a caller. A tenant's key sees its own jobs
+        only; an admin key, or no key (the scheduler API, like deployments, trusts its
+        network), sees all, and a job created without a key counts against DEFAULT_TENANT."""
         if not api_key:
-            return DEFAULT_TENANT
+            return DEFAULT_TENANT, True
         raw = await self.session.get(self.session.keys.api_key(key_hash(api_key)))
         if raw is None:
             raise Unauthenticated("the API key is not valid (unknown or revoked)")
-        return registry_pb2.ApiKey.FromString(raw).tenant
+        key = registry_pb2.ApiKey.FromString(raw)
+        return key.tenant, key.admin
 
     async def create(self, spec: jobs_pb2.JobSpec, api_key: str = "") -> jobs_pb2.Job:
         job = jobs_pb2.Job(id=f"ft-{uuid.uuid4().hex[:10]}", state=jobs_pb2.JOB_STATE_QUEUED)
         job.spec.CopyFrom(spec)
         spec = job.spec
-        spec.tenant = await self.tenant(api_key)
+        spec.tenant, _ = await self.caller(api_key)
         await self._check(spec)
         base = await self.registry.resolve(spec.base)
         if base.base:
@@ -75,6 +81,12 @@ class JobStore:
         if existing is not None and "job" not in existing.metadata:
             raise InvalidArgument(f"model {spec.name!r} exists and was not made by fine-tuning; a job adds "
                                   "versions only to its own results: choose another --name", field="name")
+        if existing is not None and (existing.base != (spec.base if spec.method == "lora" else "")
+                                     or existing.metadata.get("method", "lora") != spec.method):
+            what = f"a LoRA adapter of {existing.base}" if existing.base else "a fully fine-tuned model"
+            raise InvalidArgument(f"model {spec.name!r} is {what}; a new version must be the same kind on the same "
+                                  f"base (adapters served under that name would break): choose another --name",
+                                  field="name")
         dataset = await self._dataset(spec.dataset_sha256)
         job.dataset_digest, job.examples = dataset.sha256, len(dataset)
         active = [j for j in await self.list(spec.tenant) if j.state not in TERMINAL]
@@ -100,6 +112,8 @@ class JobStore:
                                                    and 0 < spec.learning_rate <= 1):
             raise InvalidArgument(f"learning_rate must be in (0, 1], not {spec.learning_rate}",
                                   field="learning_rate")
+        if spec.seed > MAX_SEED:
+            raise InvalidArgument(f"seed must be at most {MAX_SEED}, not {spec.seed}", field="seed")
         if abs(spec.priority) > MAX_PRIORITY:
             raise InvalidArgument(f"priority must be within -{MAX_PRIORITY}..{MAX_PRIORITY}, not {spec.priority}",
                                   field="priority")
@@ -113,21 +127,35 @@ class JobStore:
             raise InvalidArgument("dataset_sha256 is required: upload the JSONL file to the registry first "
                                   "(`maas finetune create --data FILE` does)", field="dataset_sha256")
         check_digest(sha)
-        data, size = bytearray(), 0
-        try:
-            async for chunk in self.registry.download(sha, timeout=120):
-                size += len(chunk.data)
-                if size > MAX_FILE_BYTES:
-                    raise InvalidArgument(f"the dataset is over the limit of {MAX_FILE_BYTES >> 20} MiB",
-                                          field="data")
-                data += chunk.data
-        except NotFound:
-            raise NotFound(f"dataset artifact {sha[:12]} is not in the registry; upload it first") from None
-        return await asyncio.to_thread(load_dataset, bytes(data))  # up to 256 MiB: not on the loop
+        async with self._checking:  # each check holds a whole file in memory: a few at a time
+            chunks, size = [], 0
+            try:
+                async for chunk in self.registry.download(sha, timeout=120):
+                    size += len(chunk.data)
+                    if size > MAX_FILE_BYTES:
+                        raise InvalidArgument(f"the dataset is over the limit of {MAX_FILE_BYTES >> 20} MiB",
+                                              field="data")
+                    chunks.append(chunk.data)
+            except NotFound:
+                raise NotFound(f"dataset artifact {sha[:12]} is not in the registry; upload it first") from None
+            return await asyncio.to_thread(load_dataset, b"".join(chunks))  # up to 256 MiB: not on the loop
 
-    async def get(self, job_id: str) -> jobs_pb2.Job:
+    async def get(self, job_id: str, api_key: str = "") -> jobs_pb2.Job:
         _check_id(job_id)
-        return await get_job(self.session, job_id)
+        job = await get_job(self.session, job_id)
+        tenant, sees_all = await self.caller(api_key)
+        if not sees_all and job.spec.tenant != tenant:
+            raise NotFound(f"job {job_id!r} does not exist")  # not "forbidden": ids of others stay private
+        return job
+
+    async def visible(self, api_key: str, tenant: str = "", active: bool = False) -> list[jobs_pb2.Job]:
+        """The jobs a caller may see: its own tenant's (with a tenant key), else `tenant`'s or all."""
+        own, sees_all = await self.caller(api_key)
+        if not sees_all:
+            if tenant and tenant != own:
+                return []
+            tenant = own
+        return await self.list(tenant, active)
 
     async def list(self, tenant: str = "", active: bool = False) -> list[jobs_pb2.Job]:
         pairs, _ = await self.session.get_prefix(self.session.keys.jobs())
@@ -135,12 +163,13 @@ class JobStore:
         return sorted((j for j in jobs if (not tenant or j.spec.tenant == tenant)
                        and (not active or j.state not in TERMINAL)), key=lambda j: (j.created_ms, j.id))
 
-    async def cancel(self, job_id: str) -> jobs_pb2.Job:
+    async def cancel(self, job_id: str, api_key: str = "") -> tuple[jobs_pb2.Job, bool]:
         """A queued job is cancelled at once; a running one is asked to stop (its worker stops
-        the training process, frees the device and marks it cancelled)."""
-        job = await self.get(job_id)
+        the training process, frees the device and marks it cancelled). Returns the job and
+        whether this call changed it."""
+        job = await self.get(job_id, api_key)
         if job.state in TERMINAL:
-            return job
+            return job, False
 
         def cancel(job: jobs_pb2.Job) -> jobs_pb2.Job | None:
             if job.state in TERMINAL:
@@ -154,7 +183,12 @@ class JobStore:
                 job.finished_ms = now_ms()
             return job
 
-        return await update_job(self.session, job_id, cancel) or await self.get(job_id)
+        done = await update_job(self.session, job_id, cancel)
+        if done is None or done == job and job.cancel_requested:
+            return done or await get_job(self.session, job_id), False
+        if done.state == jobs_pb2.JOB_STATE_CANCELLED and done.checkpoint_sha256:
+            await self.registry.delete_artifact(done.checkpoint_sha256)  # nothing will resume it
+        return done, True
 
 
 def _check_id(job_id: str) -> None:

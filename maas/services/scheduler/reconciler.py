@@ -18,7 +18,7 @@ from typing import Any
 
 from maas.mesh.aio import stop_task, wait_event
 from maas.mesh.clients import RegistryClient
-from maas.mesh.errors import FailedPrecondition, MaasError, NotFound
+from maas.mesh.errors import AlreadyExists, FailedPrecondition, MaasError, NotFound
 from maas.mesh.etcd import LeaderElection
 from maas.mesh.jobs import now_ms, update_job
 from maas.mesh.server import ServiceRuntime
@@ -311,6 +311,8 @@ class Reconciler:
             log.warning("job %s: %s", job.id, done.message)
             self.rt.events.publish("job", what, job.id, done.message, worker=worker,
                                    checkpoint_step=str(done.checkpoint_step))
+            if what == "cancelled" and done.checkpoint_sha256:
+                await self.resolver.delete_artifact(done.checkpoint_sha256)
 
     async def _finish_job(self, election: LeaderElection, job: jobs_pb2.Job, state: int, message: str) -> None:
         def finish(j: jobs_pb2.Job) -> jobs_pb2.Job | None:
@@ -319,10 +321,13 @@ class Reconciler:
             j.state, j.message, j.finished_ms = state, message, now_ms()  # type: ignore[assignment]
             return j
 
-        if await update_job(self.rt.etcd, job.id, finish, fenced=self._fenced(election)):
+        if done := await update_job(self.rt.etcd, job.id, finish, fenced=self._fenced(election)):
             self.rt.events.publish("job", "failed", job.id, message)
+            if done.checkpoint_sha256:
+                await self.resolver.delete_artifact(done.checkpoint_sha256)
 
     async def _apply_jobs(self, election: LeaderElection, result: placement.Plan) -> None:
+        written: dict[str, jobs_pb2.Job] = {}
         for job_id, (worker, device), memory in result.start_jobs:
             def start(j: jobs_pb2.Job, worker: str = worker, device: str = device,
                       memory: int = memory) -> jobs_pb2.Job | None:
@@ -337,6 +342,7 @@ class Reconciler:
 
             with contextlib.suppress(NotFound):
                 if placed := await update_job(self.rt.etcd, job_id, start, fenced=self._fenced(election)):
+                    written[job_id] = placed
                     log.info("job %s placed on %s %s (%d MiB)", job_id, worker, device, memory >> 20)
                     self.rt.events.publish("job", "placed", job_id, placed.message, worker=worker, device=device,
                                            attempt=str(placed.attempts))
@@ -350,8 +356,22 @@ class Reconciler:
 
             with contextlib.suppress(NotFound):
                 if asked := await update_job(self.rt.etcd, job_id, yield_, fenced=self._fenced(election)):
+                    written[job_id] = asked
                     log.info("job %s: %s", job_id, asked.message)
                     self.rt.events.publish("job", "preempted", job_id, asked.message, deployment=deployment)
+        # plan next from a mirror that shows these writes (or later ones: the job's worker may
+        # already have reported), or a started job's device looks free
+        def shown(items: dict[str, jobs_pb2.Job]) -> bool:
+            for job_id, job in written.items():
+                seen = items.get(job_id)
+                if seen is not None and (seen.attempts < job.attempts or (
+                        seen.attempts == job.attempts and job.yield_requested
+                        and seen.state == jobs_pb2.JOB_STATE_RUNNING and not seen.yield_requested)):
+                    return False
+            return True
+
+        if written and not await self.state.jobs.wait_for(shown, CATCH_UP_SECONDS):
+            log.warning("the jobs watch has not shown our writes after %.0fs", CATCH_UP_SECONDS)
 
     async def _deploy_result(self, election: LeaderElection, job: jobs_pb2.Job) -> None:
         """Serve a finished job's result: an adapter joins a deployment of its base (one is
@@ -374,31 +394,52 @@ class Reconciler:
             self.rt.events.publish("job", "deployed" if name != "-" else "deploy_failed", job.id, message,
                                    deployment=name, result=job.result)
 
-    async def _deploy(self, version: registry_pb2.ModelVersion, adapter_name: str) -> str:
+    async def _deploy(self, version: registry_pb2.ModelVersion, name: str) -> str:
         ref = f"{version.name}@{version.version}"
         current = self.state.deployments.items
-        if not version.base:
-            if adapter_name in current:
-                dep = scheduler_pb2.Deployment()
-                dep.CopyFrom(current[adapter_name])
+        if not version.base:  # a full fine-tune: the deployment of its own name, new or rolled to it
+            existing = current.get(name)
+            if existing is not None and existing.resolved_version.partition("@")[0] != version.name:
+                raise FailedPrecondition(f"deployment {name!r} serves {existing.resolved_version}, not a version "
+                                         f"of {version.name}; it is left alone")
+
+            def roll(dep: scheduler_pb2.Deployment) -> bool:
+                if dep.resolved_version.partition("@")[0] != version.name:
+                    raise FailedPrecondition(f"deployment {name!r} serves {dep.resolved_version}, not a version "
+                                             f"of {version.name}; it is left alone")
                 dep.model = ref
-                await self.deployments.update(dep)
-            else:
-                await self.deployments.create(scheduler_pb2.Deployment(name=adapter_name, model=ref, replicas=1))
-            return adapter_name
-        serving = sorted(d.name for d in current.values() if d.resolved_version == version.base)
-        if serving:
-            name = serving[0]
-            dep = scheduler_pb2.Deployment()
-            dep.CopyFrom(current[name])
-            if version.name not in dep.adapters:
-                dep.adapters.append(version.name)
-                await self.deployments.update(dep)
+                del dep.adapters[:]  # adapters of the old version cannot follow it
+                return dep.resolved_version != ref
+
+            await self._create_or_modify(scheduler_pb2.Deployment(name=name, model=ref, replicas=1), roll)
             return name
-        name = version.base.partition("@")[0]
-        if name in current:
-            raise FailedPrecondition(f"deployment {name!r} serves {current[name].resolved_version}, not the base "
-                                  f"{version.base}; deploy the base and add the adapter with maas deploy")
-        await self.deployments.create(scheduler_pb2.Deployment(name=name, model=version.base, replicas=1,
-                                                               adapters=[version.name]))
-        return name
+
+        def add(dep: scheduler_pb2.Deployment) -> bool:
+            if dep.resolved_version != version.base:
+                raise FailedPrecondition(f"deployment {dep.name!r} serves {dep.resolved_version}, not the base "
+                                         f"{version.base}; deploy the base and add the adapter with maas deploy")
+            if version.name in dep.adapters:
+                return False
+            dep.adapters.append(version.name)
+            return True
+
+        serving = sorted(d.name for d in current.values() if d.resolved_version == version.base)
+        target = serving[0] if serving else version.base.partition("@")[0]
+        await self._create_or_modify(scheduler_pb2.Deployment(name=target, model=version.base, replicas=1,
+                                                              adapters=[version.name]), add)
+        return target
+
+    async def _create_or_modify(self, fresh: scheduler_pb2.Deployment,
+                                change: Callable[[scheduler_pb2.Deployment], bool]) -> None:
+        for _ in range(3):
+            try:
+                await self.deployments.modify(fresh.name, change)
+                return
+            except NotFound:
+                pass
+            try:
+                await self.deployments.create(fresh)
+                return
+            except AlreadyExists:
+                continue  # created meanwhile: modify it
+        raise FailedPrecondition(f"deployment {fresh.name!r} keeps appearing and disappearing; try again")

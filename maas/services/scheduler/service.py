@@ -83,16 +83,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return job
 
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
-        return await self.jobs.get(request.id)
+        return await self.jobs.get(request.id, key_from_metadata(context.invocation_metadata()))
 
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest,
                        context: grpc.aio.ServicerContext) -> jobs_pb2.ListJobsResponse:
-        return jobs_pb2.ListJobsResponse(jobs=await self.jobs.list(request.tenant, request.active))
+        return jobs_pb2.ListJobsResponse(jobs=await self.jobs.visible(
+            key_from_metadata(context.invocation_metadata()), request.tenant, request.active))
 
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
-        job = await self.jobs.cancel(request.id)
-        if job.state == jobs_pb2.JOB_STATE_CANCELLED or job.cancel_requested:
+        job, changed = await self.jobs.cancel(request.id, key_from_metadata(context.invocation_metadata()))
+        if changed:
             what = "cancelled" if job.state == jobs_pb2.JOB_STATE_CANCELLED else "cancelling"
             self.events.publish("job", what, job.id, f"{job.id}: {job.message}", state=state_name(job.state))
         return job

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -38,8 +40,16 @@ from typing import Any
 
 import grpc
 
+from maas.mesh.artifacts import unpack
 from maas.mesh.discovery import PrefixMirror
-from maas.mesh.errors import MaasError, NotFound, from_rpc_error
+from maas.mesh.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    MaasError,
+    NotFound,
+    Unavailable,
+    from_rpc_error,
+)
 from maas.mesh.jobs import TERMINAL, now_ms, update_job
 from maas.mesh.server import ServiceRuntime
 from maas.services.worker.artifacts import ArtifactCache
@@ -63,13 +73,24 @@ class _Run:
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     def stop(self, reason: str) -> None:
+        """Ask the trainer to checkpoint and exit; kill it if it has not after STOP_GRACE."""
         if self.stop_reason:
             return
         self.stop_reason = reason
         self.stopped.set()
+        self.signal()
+
+    def signal(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
+            asyncio.get_running_loop().call_later(STOP_GRACE, self.kill)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            log.warning("job %s: the trainer did not stop within %.0fs; killing it", self.job_id, STOP_GRACE)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
 
 
 class JobRunner:
@@ -81,6 +102,7 @@ class JobRunner:
         self.work_dir = work_dir
         self.jobs = PrefixMirror(rt.etcd, rt.etcd.keys.jobs(), jobs_pb2.Job)
         self.runs: dict[str, _Run] = {}
+        self._ran: set[tuple[str, int]] = set()  # (job, attempt) run here already: never started twice
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._closing = False
@@ -94,24 +116,42 @@ class JobRunner:
         while True:
             self._wake.clear()
             if not self._closing:
-                for job in list(self.jobs.items.values()):
-                    mine = job.state == jobs_pb2.JOB_STATE_RUNNING and job.worker_id == self.worker_id
-                    run = self.runs.get(job.id)
-                    if mine and run is None and not job.cancel_requested:
-                        run = self.runs[job.id] = _Run(job.id)
-                        run.task = asyncio.create_task(self._run(run, job), name=f"job-{job.id}")
-                    elif run is not None and not mine:
-                        run.stop("moved")
-                    elif run is not None and job.cancel_requested:
-                        run.stop("cancel")
-                    elif run is not None and job.yield_requested:
-                        run.stop("yield")
-                    elif mine and run is None and job.cancel_requested:
-                        await self._settle(job.id, jobs_pb2.JOB_STATE_CANCELLED, "cancelled before it started")
-                for job_id, run in list(self.runs.items()):
-                    if job_id not in self.jobs.items:
-                        run.stop("cancel")
+                try:
+                    await self._reconcile()
+                except Exception as e:  # etcd away for a moment: look again on the next change
+                    log.warning("following jobs failed (%s: %s); retrying", type(e).__name__, e)
+                    await asyncio.sleep(1.0)
+                    self._wake.set()
             await self._wake.wait()
+
+    async def _reconcile(self) -> None:
+        """Start the jobs placed here, stop those that must stop, and settle the ones
+        whose run here ended without its outcome being recorded."""
+        for job in list(self.jobs.items.values()):
+            mine = job.state == jobs_pb2.JOB_STATE_RUNNING and job.worker_id == self.worker_id
+            run = self.runs.get(job.id)
+            if run is not None:
+                if not mine:
+                    run.stop("moved")
+                elif job.cancel_requested:
+                    run.stop("cancel")
+                elif job.yield_requested:
+                    run.stop("yield")
+                continue
+            if not mine:
+                continue
+            if job.cancel_requested:
+                await self._settle(job.id, jobs_pb2.JOB_STATE_CANCELLED, "cancelled before it started")
+            elif job.yield_requested or (job.id, job.attempts) in self._ran:
+                # asked to yield before it started, or its run here ended and recording that
+                # failed (or the mirror is behind our own write: then this changes nothing)
+                await self._requeue(job.id, f"its run on {self.worker_id} ended without an outcome")
+            else:
+                run = self.runs[job.id] = _Run(job.id)
+                run.task = asyncio.create_task(self._run(run, job), name=f"job-{job.id}")
+        for job_id, run in list(self.runs.items()):
+            if job_id not in self.jobs.items:
+                run.stop("cancel")
 
     # -- one job --
 
@@ -129,7 +169,7 @@ class JobRunner:
                     sys.executable, "-m", "maas.finetune.train", *argv,
                     stdout=asyncio.subprocess.PIPE, stderr=stderr, limit=1 << 20)
             if run.stop_reason:  # asked to stop while it was starting
-                run.proc.send_signal(signal.SIGTERM)
+                run.signal()
             final = await self._read(run, report)
             code = await run.proc.wait()
             if final.get("event") == "done" and code == 0:
@@ -144,17 +184,31 @@ class JobRunner:
                 await self._settle(job.id, jobs_pb2.JOB_STATE_FAILED, message, report.progress)
                 shutil.rmtree(directory, ignore_errors=True)
         except asyncio.CancelledError:
-            if run.proc is not None and run.proc.returncode is None:
-                run.proc.kill()
             raise
         except Exception as e:
-            message = e.message if isinstance(e, MaasError) else f"{type(e).__name__}: {e}"
-            log.exception("job %s failed on %s", job.id, self.worker_id)
-            with contextlib.suppress(Exception):
-                await self._settle(job.id, jobs_pb2.JOB_STATE_FAILED, message[:1000], report.progress)
+            await self._end(run)
+            if isinstance(e, MaasError) and not isinstance(e, Unavailable | DeadlineExceeded):
+                log.warning("job %s failed on %s: %s", job.id, self.worker_id, e.message)
+                with contextlib.suppress(Exception):
+                    await self._settle(job.id, jobs_pb2.JOB_STATE_FAILED, e.message[:1000], report.progress)
+            else:  # the mesh, not the job: etcd or the registry away, a full disk. Let another try
+                log.exception("job %s: running it on %s failed", job.id, self.worker_id)
+                with contextlib.suppress(Exception):
+                    await self._requeue(job.id, f"worker {self.worker_id} failed to run it "
+                                                f"({type(e).__name__}: {e})"[:1000], report.progress)
         finally:
+            await self._end(run)
+            self._ran.add((job.id, job.attempts))
             self.runs.pop(job.id, None)
             self._wake.set()
+
+    async def _end(self, run: _Run) -> None:
+        """Make sure the trainer is gone (it is, unless this run failed half-way)."""
+        proc = run.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
 
     async def _prepare(self, job: jobs_pb2.Job, directory: Path) -> list[str]:
         """Fetch what the trainer needs into `directory`; its command-line arguments."""
@@ -171,7 +225,7 @@ class JobRunner:
         argv = ["--base", base_dir, "--data", str(pairs), "--out", str(directory), "--method", spec.method,
                 "--epochs", str(spec.epochs), "--batch-size", str(spec.batch_size),
                 "--checkpoint-every", str(spec.checkpoint_every), "--seed", str(spec.seed),
-                "--base-ref", spec.base, "--exit-with-parent"]
+                "--base-ref", spec.base, "--parent-pid", str(os.getpid())]
         if spec.method == "lora":
             argv += ["--lora-rank", str(spec.lora_rank)]
         if spec.HasField("learning_rate"):
@@ -182,10 +236,15 @@ class JobRunner:
         return argv
 
     async def _download(self, sha: str, dest: Path) -> None:
-        tmp = dest.with_suffix(".part")
+        """An artifact's bytes into `dest`, checked against its digest."""
+        tmp, digest = dest.with_suffix(".part"), hashlib.sha256()
         with open(tmp, "wb") as f:  # noqa: ASYNC230 - local file; writes go through to_thread
             async for chunk in self.registry.download(sha, timeout=600):
+                digest.update(chunk.data)
                 await asyncio.to_thread(f.write, chunk.data)
+        if digest.hexdigest() != sha:
+            tmp.unlink(missing_ok=True)
+            raise FailedPrecondition(f"artifact {sha[:12]} arrived with sha256 {digest.hexdigest()[:12]}; refusing it")
         tmp.replace(dest)
 
     async def _restore(self, job: jobs_pb2.Job, directory: Path) -> None:
@@ -197,10 +256,11 @@ class JobRunner:
         local = [int(p.name.removeprefix("step-")) for p in root.glob("step-*") if (p / "state.json").is_file()]
         if local and max(local) >= job.checkpoint_step:
             return
-        unpacked = await self.artifacts.fetch(job.checkpoint_sha256)
-        dest = root / f"step-{job.checkpoint_step:06d}"
         await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(shutil.copytree, unpacked, dest, dirs_exist_ok=True)
+        archive = directory / "checkpoint.tar"
+        await self._download(job.checkpoint_sha256, archive)
+        dest, work = root / f"step-{job.checkpoint_step:06d}", root / f".restore-{job.checkpoint_step:06d}"
+        await asyncio.to_thread(_unpack_into, archive, work, dest)
         log.info("job %s: resuming from the checkpoint at step %d", job.id, job.checkpoint_step)
 
     async def _read(self, run: _Run, report: _Reporter) -> dict[str, Any]:
@@ -242,7 +302,12 @@ class JobRunner:
             j.progress.CopyFrom(report.progress)
             return j
 
-        if await update_job(self.rt.etcd, job_id, record):
+        try:
+            recorded = await update_job(self.rt.etcd, job_id, record)
+        except Exception as e:  # etcd away: the next checkpoint will do
+            log.warning("job %s: checkpoint at step %d not recorded: %s", job_id, step, e)
+            recorded = None
+        if recorded:
             self.rt.events.publish("job", "checkpoint", job_id, f"{job_id}: checkpoint at step {step} saved",
                                    step=str(step), artifact=sha)
             await self._drop_artifact(previous, sha)
@@ -254,11 +319,7 @@ class JobRunner:
         stays, if something still uses it)."""
         if not sha or sha == keep:
             return
-        try:
-            stub = await self.registry.stub()
-            await stub.DeleteArtifact(registry_pb2.DeleteArtifactRequest(sha256=sha), timeout=10)
-        except grpc.aio.AioRpcError as e:
-            log.info("checkpoint %s kept: %s", sha[:12], e.details())
+        await self.registry.delete_artifact(sha)
 
     async def _upload(self, directory: Path) -> str:
         from maas.mesh.clients import upload_directory
@@ -266,20 +327,26 @@ class JobRunner:
         return await upload_directory(await self.registry.stub(), directory)
 
     async def _stopped(self, run: _Run, job: jobs_pb2.Job, report: _Reporter, checkpoint: str | None) -> None:
-        """The trainer stopped on request: keep its checkpoint, then queue or cancel the job."""
+        """The trainer stopped on request. Yielding (or this worker shutting down): save its
+        checkpoint and queue the job again. Cancelled: mark it so. Moved (the leader gave
+        the job to another worker): leave the record alone."""
+        reason = run.stop_reason or "shutdown"
+        if reason == "moved":
+            shutil.rmtree(self.work_dir / job.id, ignore_errors=True)
+            return
         step, sha = 0, ""
-        if checkpoint:
+        if checkpoint and reason != "cancel":
             path = Path(checkpoint)
             step = int(path.name.removeprefix("step-"))
             with contextlib.suppress(OSError, MaasError):
                 sha = (await self._upload(path)).removeprefix("artifact:")
-        reason = run.stop_reason or "shutdown"
-        if reason == "moved":
-            return  # someone else owns the job now (the leader requeued it): leave the record alone
+        previous = ""
 
         def settle(j: jobs_pb2.Job) -> jobs_pb2.Job | None:
+            nonlocal previous
             if j.state != jobs_pb2.JOB_STATE_RUNNING or j.worker_id != self.worker_id:
                 return None
+            previous = j.checkpoint_sha256
             if sha and step > j.checkpoint_step:
                 j.checkpoint_step, j.checkpoint_sha256 = step, sha
             j.progress.CopyFrom(report.progress)
@@ -294,13 +361,31 @@ class JobRunner:
             return j
 
         done = await update_job(self.rt.etcd, job.id, settle)
-        if done is not None:
-            what = "cancelled" if done.state == jobs_pb2.JOB_STATE_CANCELLED else "requeued"
-            self.rt.events.publish("job", what, job.id, f"{job.id}: {done.message}", worker=self.worker_id,
-                                   step=str(done.progress.step))
-            if what == "cancelled":
-                shutil.rmtree(self.work_dir / job.id, ignore_errors=True)
-                await self._drop_artifact(done.checkpoint_sha256)
+        if done is None:
+            await self._drop_artifact(sha)  # not recorded: nobody resumes from it
+            return
+        await self._drop_artifact(previous, done.checkpoint_sha256)
+        what = "cancelled" if done.state == jobs_pb2.JOB_STATE_CANCELLED else "requeued"
+        self.rt.events.publish("job", what, job.id, f"{job.id}: {done.message}", worker=self.worker_id,
+                               step=str(done.progress.step))
+        if what == "cancelled":
+            shutil.rmtree(self.work_dir / job.id, ignore_errors=True)
+            await self._drop_artifact(done.checkpoint_sha256)
+
+    async def _requeue(self, job_id: str, message: str, progress: jobs_pb2.JobProgress | None = None) -> None:
+        """Give a job running here back to the queue (it resumes from its last checkpoint)."""
+        def requeue(j: jobs_pb2.Job) -> jobs_pb2.Job | None:
+            if j.state != jobs_pb2.JOB_STATE_RUNNING or j.worker_id != self.worker_id:
+                return None
+            if progress is not None:
+                j.progress.CopyFrom(progress)
+            j.state, j.message = jobs_pb2.JOB_STATE_QUEUED, f"{message}; queued again"
+            j.worker_id, j.device_id, j.memory_bytes, j.yield_requested = "", "", 0, False
+            return j
+
+        with contextlib.suppress(NotFound):
+            if done := await update_job(self.rt.etcd, job_id, requeue):
+                self.rt.events.publish("job", "requeued", job_id, f"{job_id}: {done.message}", worker=self.worker_id)
 
     async def _succeeded(self, job: jobs_pb2.Job, report: _Reporter, done: dict[str, Any]) -> None:
         spec = job.spec
@@ -325,6 +410,7 @@ class JobRunner:
                 raise from_rpc_error(e, f"registering {spec.name}: ") from None
             result = f"{version.name}@{version.version}"
         report.progress.loss = float(done.get("loss_last") or 0.0)
+        report.progress.train_seconds = float(done.get("train_seconds") or 0.0)
         message = (f"registered {result}: loss {done.get('loss_first', 0):.3f} -> {done.get('loss_last', 0):.3f} "
                    f"in {done.get('steps')} steps, {done.get('tokens_per_s')} tokens/s")
 
@@ -367,6 +453,8 @@ class JobRunner:
             if done := await update_job(self.rt.etcd, job_id, settle):
                 what = jobs_pb2.JobState.Name(done.state).removeprefix("JOB_STATE_").lower()
                 self.rt.events.publish("job", what, job_id, f"{job_id}: {message}", worker=self.worker_id)
+                shutil.rmtree(self.work_dir / job_id, ignore_errors=True)
+                await self._drop_artifact(done.checkpoint_sha256)  # nothing will resume it
 
     # -- lifecycle --
 
@@ -447,8 +535,10 @@ class _Reporter:
             j.progress.CopyFrom(progress)
             return j
 
-        with contextlib.suppress(MaasError):
+        try:
             await update_job(self.runner.rt.etcd, self.job_id, record)
+        except Exception as e:  # progress is best effort: the next report carries it
+            log.debug("job %s: progress not saved: %s", self.job_id, e)
 
 
 def _render_pairs(dataset: Path, base_dir: Path, base: str, out: Path) -> int:
@@ -465,6 +555,18 @@ def _render_pairs(dataset: Path, base_dir: Path, base: str, out: Path) -> int:
         for prompt, completion in pairs:
             f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
     return len(pairs)
+
+
+def _unpack_into(archive: Path, work: Path, dest: Path) -> None:
+    """Unpack a checkpoint artifact and rename it into place (never half there)."""
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        unpack(archive, work)
+        shutil.rmtree(dest, ignore_errors=True)
+        work.rename(dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        archive.unlink(missing_ok=True)
 
 
 def _tail(path: Path) -> str:
