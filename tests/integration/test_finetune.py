@@ -313,6 +313,35 @@ async def test_a_tenant_over_its_job_quota_is_refused_and_others_are_not(
         await stub.CreateJob(S.CreateJobRequest(spec=S.JobSpec(base="demo", dataset_sha256=data)),  # type: ignore
                              metadata=(("authorization", "Bearer maas_nope_nope"),), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # a tenant's key sees and cancels its own jobs only; no key (the internal plane) sees all
+    as_b = (("authorization", f"Bearer {keys['b']}"),)
+    listed = await stub.ListJobs(S.ListJobsRequest(), metadata=as_b, timeout=5)  # type: ignore[attr-defined]
+    assert {j.spec.tenant for j in listed.jobs} == {"b"}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CancelJob(S.CancelJobRequest(id=first.id), metadata=as_b, timeout=5)  # type: ignore
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert {j.spec.tenant for j in (await stub.ListJobs(S.ListJobsRequest(), timeout=5)).jobs} == {"a", "b"}  # type: ignore
     # cancelling the queued job frees the tenant's quota
-    await stub.CancelJob(S.CancelJobRequest(id=first.id), timeout=5)  # type: ignore[attr-defined]
+    await stub.CancelJob(S.CancelJobRequest(id=first.id), metadata=(("authorization", f"Bearer {keys['a']}"),),  # type: ignore
+                         timeout=5)
     assert (await create_as("a")).state == S.JOB_STATE_QUEUED
+
+
+async def test_two_adapters_finishing_together_are_both_deployed_beside_their_base(
+        mesh: MeshHarness, demo_model_dir: Path, tmp_path: Path) -> None:
+    await mesh.core()
+    await mesh.worker(memory_gib=2)
+    await register_demo(mesh, demo_model_dir)
+    await mesh.deploy("demo")
+    data = await upload(mesh, dataset(tmp_path / "secrets.jsonl"))
+    jobs = [await create(mesh, data, name=f"quick-{i}", max_steps=3, batch_size=4, seed=i, deploy=True)
+            for i in range(2)]
+    for job in jobs:
+        await wait_state(mesh, job.id, S.JOB_STATE_SUCCEEDED, timeout=120)
+        assert (await eventually(lambda job=job: _deployed(mesh, job.id), timeout=30)).deployment == "demo"  # type: ignore
+    status = await mesh.wait_ready("demo", timeout=60)
+    assert sorted(status.deployment.adapters) == ["quick-0", "quick-1"]
+    # a later job under one of those names must stay an adapter of the same base
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(mesh, data, name="quick-0", method="full")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "same kind" in err.value.details()
