@@ -5,9 +5,16 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from maas.mesh.errors import InvalidArgument, MaasError, NotFound, ResourceExhausted, Unauthenticated
+from maas.mesh.errors import (
+    InvalidArgument,
+    MaasError,
+    NotFound,
+    ResourceExhausted,
+    StartupError,
+    Unauthenticated,
+)
 from maas.services.router import openai_api, openapi
-from maas.services.router.http import HTTP_STATUS, HttpError, _error
+from maas.services.router.http import HTTP_STATUS, HttpApi, HttpError, _error
 from maas.v1 import common_pb2, inference_pb2
 
 
@@ -128,3 +135,9 @@ def test_a_cancelled_or_failed_sequence_is_an_error_not_a_reply() -> None:
     text = openai_api.completion(reply, openai_api.Options(kind="text", model="m", logprobs=True), "r", 0)
     assert text["choices"][0]["logprobs"] == {"tokens": ["x"], "token_logprobs": [-1.0], "top_logprobs": [{}],
                                               "text_offset": None}
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 3601])
+def test_the_routers_http_timeout_is_checked_at_start(timeout: float) -> None:
+    with pytest.raises(StartupError, match="HTTP request timeout"):
+        HttpApi(None, "127.0.0.1", 0, timeout=timeout)  # type: ignore[arg-type]
