@@ -544,12 +544,17 @@ class _Reporter:
 def _render_pairs(dataset: Path, base_dir: Path, base: str, out: Path) -> int:
     """Write the dataset's (prompt, completion) pairs, chats rendered with the base model's
     chat template (the one serving uses), as the trainer's JSONL. Returns how many."""
-    from transformers import AutoTokenizer
-
     from maas.finetune.datasets import load_dataset, training_examples
-    from maas.services.worker.engines.hf import render_chat
+    from maas.services.worker.engines.base import WEIGHTS_LOCK
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    # transformers only through the engine's module, whose import lock serializes this
+    # thread with an engine being loaded at the same time (importing transformers from two
+    # threads at once fails: "cannot import name 'AutoTokenizer'", seen when a replica and
+    # a job landed on a worker together)
+    from maas.services.worker.engines.hf import AutoTokenizer, render_chat
+
+    with WEIGHTS_LOCK:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pairs = training_examples(load_dataset(dataset), lambda messages: render_chat(tokenizer, messages, base))
     with open(out, "w", encoding="utf-8") as f:
         for prompt, completion in pairs:
