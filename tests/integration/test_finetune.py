@@ -155,6 +155,13 @@ async def test_a_job_trains_registers_deploys_and_serves_an_adapter(mesh: MeshHa
     right = sum(word.strip() in text for (_, word), text in zip(PAIRS, tuned, strict=True))
     assert right >= len(PAIRS) // 2 and right > sum(w.strip() in t for (_, w), t in zip(PAIRS, base, strict=True))
     assert by_name == tuned
+    # an adapter that no deployment lists is not a model of its own yet: the error says how
+    await (await mesh.stub("registry")).RegisterModel(registry_pb2.RegisterModelRequest(  # type: ignore
+        name="copycat", format="hf", source=version.source, base="demo@1"), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await answers(mesh, model="copycat")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "maas deploy update demo --adapters copycat" in err.value.details(), err.value.details()
 
     kinds = [e.what for e in await job_events(mesh, job.id)]  # type: ignore[attr-defined]
     for what in ("queued", "placed", "started", "progress", "checkpoint", "succeeded", "deployed"):

@@ -259,8 +259,18 @@ class ReplicaPool:
                       for r in self.replicas.items.values() if r.deployment == name]
             raise Unavailable(f"model {model!r} has no ready replica (0 of {dep.replicas} ready"
                               + (f"; replicas: {', '.join(states)}" if states else "; none placed yet") + ")")
-        if not await self._registered(name):
-            raise NotFound(f"model {name!r} is not registered (see `maas models list`)")
+        try:
+            version = await self.registry.resolve(name, timeout=2.0)  # only on the failure path
+        except NotFound:
+            raise NotFound(f"model {name!r} is not registered (see `maas models list`)") from None
+        except Unavailable:
+            raise Unavailable(f"model {name!r} has no ready replica and the registry is unreachable") from None
+        if version.base:  # an adapter: served beside its base, not on its own
+            serving = sorted(d for d, dep in self.deployments.items.items() if dep.resolved_version == version.base)
+            where = serving[0] if serving else "<a deployment of " + version.base + ">"
+            raise Unavailable(f"model {name!r} is a LoRA adapter of {version.base} that no deployment serves under "
+                              f"its name; add it with `maas deploy update {where} --adapters {name}`, or ask "
+                              f"for model {where!r} with adapter {name!r}")
         raise Unavailable(f"model {name!r} is registered but not deployed (run `maas deploy create {name}`)")
 
     async def _registered(self, ref: str) -> bool:

@@ -62,6 +62,7 @@ SAVE_EVERY = 2.0       # seconds between progress writes to the job's etcd recor
 STOP_GRACE = 60.0      # seconds a trainer has to checkpoint after SIGTERM before SIGKILL
 EXIT_STOPPED = 75      # the trainer's exit code after a requested stop (maas.finetune.train)
 TAIL_LINES = 20        # stderr lines kept for a failure's message
+PRUNE_AFTER = 3600.0   # seconds untouched before a gone worker's work directory is removed
 
 
 @dataclass
@@ -110,7 +111,23 @@ class JobRunner:
 
     async def start(self) -> None:
         await self.jobs.start()
+        await self._prune()
         self._loop = asyncio.create_task(self._follow(), name="jobs")
+
+    async def _prune(self) -> None:
+        """Remove the work directories that workers which are gone left in this cache (a
+        killed worker's; its jobs resumed elsewhere from the registry's checkpoints). Only
+        those untouched for PRUNE_AFTER: another mesh's workers may share the cache."""
+        root = self.work_dir.parent
+        if not root.is_dir():
+            return
+        pairs, _ = await self.rt.etcd.get_prefix(self.rt.etcd.keys.workers())
+        live = {key.decode().rsplit("/", 1)[-1] for key, _ in pairs} | {self.worker_id}
+        for entry in root.iterdir():
+            if entry.is_dir() and entry.name not in live \
+                    and time.time() - await asyncio.to_thread(_newest_mtime, entry) > PRUNE_AFTER:
+                log.info("removing %s, left by worker %s (gone)", entry, entry.name)
+                await asyncio.to_thread(shutil.rmtree, entry, True)
 
     async def _follow(self) -> None:
         while True:
@@ -560,6 +577,15 @@ def _render_pairs(dataset: Path, base_dir: Path, base: str, out: Path) -> int:
         for prompt, completion in pairs:
             f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
     return len(pairs)
+
+
+def _newest_mtime(root: Path) -> float:
+    newest = root.stat().st_mtime
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(os.path.join(directory, name)).st_mtime)
+    return newest
 
 
 def _unpack_into(archive: Path, work: Path, dest: Path) -> None:
