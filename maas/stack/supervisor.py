@@ -197,7 +197,9 @@ async def register_and_deploy(mesh: MeshClient, name: str, source: str, fmt: str
     version = None
     with contextlib.suppress(grpc.aio.AioRpcError):
         latest = await registry.GetVersion(registry_pb2.GetVersionRequest(ref=name), timeout=10)
-        if latest.source == str(source) and latest.format == fmt:
+        # the registry keeps a local source's resolved path (a symlinked model dir)
+        same = latest.source in (str(source), str(Path(source).resolve()) if Path(source).exists() else "")
+        if same and latest.format == fmt:
             version = latest
     if version is None:
         version = await registry.RegisterModel(
@@ -209,7 +211,11 @@ async def register_and_deploy(mesh: MeshClient, name: str, source: str, fmt: str
     except grpc.aio.AioRpcError as e:
         if e.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise
-        await scheduler.UpdateDeployment(scheduler_pb2.UpdateDeploymentRequest(deployment=dep), timeout=10)
+        current = (await scheduler.GetDeployment(scheduler_pb2.GetDeploymentRequest(name=name), timeout=10)).deployment
+        if current.resolved_version != ref:  # keep what else it has (replicas, adapters of this version)
+            current.model = ref
+            del current.adapters[:]  # adapters of the old version cannot follow it
+            await scheduler.UpdateDeployment(scheduler_pb2.UpdateDeploymentRequest(deployment=current), timeout=10)
     return ref
 
 
