@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+import pytest
+
 from maas.v1 import common_pb2, inference_pb2
 
-from .conftest import MeshHarness
+from .conftest import MeshHarness, eventually
 
 SYSTEM = "You answer questions about the standard library, briefly and exactly. " * 4
 
@@ -89,3 +92,31 @@ async def test_a_full_model_queues_briefly_then_sheds(mesh: MeshHarness):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at capacity" in err.value.details()
     assert dict(err.value.trailing_metadata() or ()).get("retry-after") == "1"
     long.cancel()
+
+
+async def test_a_grpc_call_without_a_deadline_gets_the_routers_default(mesh: MeshHarness) -> None:
+    """--grpc-timeout bounds a call that set no deadline (as --http-timeout does for HTTP),
+    and the worker drops the work when it expires; a call's own deadline takes precedence."""
+    await mesh.registry()
+    await mesh.scheduler()
+    await mesh.router(grpc_timeout=1.0)
+    replicas = await mesh.worker()
+    await mesh.register("slow", token_delay_ms="100")  # 100 tokens take about 10 s
+    await mesh.deploy("slow")
+    await mesh.wait_ready("slow")
+    stub = await mesh.stub("router")
+
+    def request(tokens: int) -> inference_pb2.GenerateRequest:
+        return inference_pb2.GenerateRequest(model="slow", prompt="x",
+                                             params=common_pb2.SamplingParams(max_tokens=tokens))
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Generate(request(100))  # type: ignore[attr-defined]
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+    await eventually(lambda: replicas.in_flight == 0, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stub.GenerateStream(request(100)):  # type: ignore[attr-defined]
+            pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+    ok = await stub.Generate(request(15), timeout=30)  # type: ignore[attr-defined]
+    assert ok.usage.completion_tokens == 15

@@ -36,12 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-timeout", type=float, default=DEFAULT_TIMEOUT,
                         help=f"seconds an HTTP API request may take unless its {TIMEOUT_HEADER} header says "
                              "otherwise (then 504)")
+    parser.add_argument("--grpc-timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help="seconds a gRPC call that sets no deadline may take (then DEADLINE_EXCEEDED)")
 
 
 async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SECONDS,
                 auth: str = "auto", http_host: str | None = None, http_port: int = -1,
                 prefix_affinity: bool = True, failover_timeout: float = FAILOVER_SECONDS,
-                http_timeout: float = DEFAULT_TIMEOUT) -> ReplicaPool:
+                http_timeout: float = DEFAULT_TIMEOUT, grpc_timeout: float = DEFAULT_TIMEOUT) -> ReplicaPool:
     """Wire a router into a runtime (also used by in-process tests). `http_port` -1 serves
     no HTTP API; the endpoint it serves is published as the router's `http_endpoint`."""
     if not -1 <= http_port <= 65535:
@@ -51,7 +53,9 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     pool = ReplicaPool(rt.etcd, cold_start_timeout=cold_start_timeout)
     gate = Gate(rt.etcd, auth)
     forwarder = Forwarder(pool, gate, prefix_affinity=prefix_affinity, failover_timeout=failover_timeout)
-    rt.add_service(SERVICE, add_to_server, RouterInferenceServicer(forwarder))
+    if not 0 < grpc_timeout <= 86400:
+        raise StartupError(f"--grpc-timeout {grpc_timeout:g} must be more than 0 and at most 86400 seconds")
+    rt.add_service(SERVICE, add_to_server, RouterInferenceServicer(forwarder, grpc_timeout))
     rt.add_closer(pool.close)
     rt.add_closer(gate.close)
     info: dict[str, str] = {}
@@ -76,7 +80,7 @@ def main(ns: argparse.Namespace) -> int:
         async with ServiceRuntime(config) as rt:
             await build(rt, cold_start_timeout=ns.cold_start_timeout, auth=ns.auth, http_host=ns.http_host,
                         prefix_affinity=ns.prefix_affinity, failover_timeout=ns.failover_timeout,
-                        http_port=ns.http_port, http_timeout=ns.http_timeout)
+                        http_port=ns.http_port, http_timeout=ns.http_timeout, grpc_timeout=ns.grpc_timeout)
             await rt.wait()
 
     return run_service(serve)

@@ -43,19 +43,27 @@ def _caller(context: grpc.aio.ServicerContext) -> tuple[str, str]:
 
 
 class RouterInferenceServicer:
-    def __init__(self, forwarder: Forwarder) -> None:
+    """`default_timeout` bounds a call that came without a deadline (seconds; None: unbounded),
+    as the HTTP API's default does, so no request holds a replica forever."""
+
+    def __init__(self, forwarder: Forwarder, default_timeout: float | None = None) -> None:
         self.forwarder = forwarder
+        self.default_timeout = default_timeout
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return self.default_timeout if remaining is None else remaining
 
     def GenerateStream(self, request: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[Chunk]:
-        return self.forwarder.stream(request[0], context.time_remaining(), *_caller(context), payload=request[1])
+        return self.forwarder.stream(request[0], self._timeout(context), *_caller(context), payload=request[1])
 
     async def Generate(self, request: Request, context: grpc.aio.ServicerContext) -> Reply:
-        return await self.forwarder.generate(request[0], context.time_remaining(), *_caller(context),
+        return await self.forwarder.generate(request[0], self._timeout(context), *_caller(context),
                                              payload=request[1])
 
     async def Embed(self, request: inference_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> inference_pb2.EmbedResponse:
-        return await self.forwarder.embed(request, context.time_remaining(), _caller(context)[0])
+        return await self.forwarder.embed(request, self._timeout(context), _caller(context)[0])
 
     async def ListModels(self, request: inference_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:
