@@ -82,32 +82,19 @@ class DeploymentStore:
         """Replace a deployment. An autoscaled one keeps the replica count the scheduler set
         (within the new bounds): a client's copy of it may be stale. Compared on the stored
         revision, so a concurrent write (the autoscaler's, a cold start's) is never lost."""
-        await self.get(dep.name)
-        prepared = await self._prepare(dep)
-        key, tx = self.session.keys.deployment(dep.name), self.session.client.transactions
-        for _ in range(10):
-            got = await self.session.client.get(key)
-            if got is None:
-                raise NotFound(f"deployment {dep.name!r} does not exist")
-            current = scheduler_pb2.Deployment.FromString(got.value)
-            out = scheduler_pb2.Deployment()
-            out.CopyFrom(prepared)
-            out.created_ms = current.created_ms
-            out.previous_version = (current.resolved_version if out.resolved_version != current.resolved_version
-                                    else current.previous_version)
-            if out.autoscale.max_replicas and current.autoscale.max_replicas:
-                out.replicas = min(out.autoscale.max_replicas, max(out.autoscale.min_replicas, current.replicas))
-            ok, _ = await self.session.client.transaction(
-                compare=[tx.mod(key) == got.mod_revision], success=[tx.put(key, out.SerializeToString())], failure=[])
-            if ok:
-                return out
-        raise Unavailable(f"deployment {dep.name!r} keeps changing; try again")
+        def replace(wanted: scheduler_pb2.Deployment) -> bool:
+            wanted.CopyFrom(dep)
+            return True
+
+        return await self.modify(dep.name, replace)
 
     async def modify(self, name: str,
                      change: Callable[[scheduler_pb2.Deployment], bool]) -> scheduler_pb2.Deployment:
         """Read-modify-write the stored deployment: `change` edits a copy (returning False
         when there is nothing to change), compared on the revision it was read at, so a
-        concurrent write (a user's, another job's adapter) is never overwritten."""
+        concurrent write (a user's, the autoscaler's, another job's adapter) is never
+        overwritten: on a conflict `change` is applied again to what is stored now."""
+        validate_name(name, "deployment")
         key, tx = self.session.keys.deployment(name), self.session.client.transactions
         for _ in range(10):
             got = await self.session.client.get(key)
@@ -120,7 +107,9 @@ class DeploymentStore:
             if not change(wanted):
                 return current
             out = await self._prepare(wanted)
-            out.created_ms, out.replicas = current.created_ms, current.replicas
+            out.created_ms = current.created_ms
+            if out.autoscale.max_replicas and current.autoscale.max_replicas:  # the scheduler's count stands
+                out.replicas = min(out.autoscale.max_replicas, max(out.autoscale.min_replicas, current.replicas))
             out.previous_version = (current.resolved_version if out.resolved_version != current.resolved_version
                                     else current.previous_version)
             ok, _ = await self.session.client.transaction(
