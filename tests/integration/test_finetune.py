@@ -5,6 +5,7 @@ router and workers; the trainer is the real `maas.finetune.train` on the forged 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -188,15 +189,24 @@ async def test_a_killed_workers_job_resumes_from_its_checkpoint_on_another_worke
     first.proc.wait()
     await eventually(lambda: not trainers(job.id), timeout=10)  # the trainer died with its worker
 
-    mesh.spawn("worker", "--cache-dir", str(tmp_path / "cache-b"), "--cpu-memory-gib", "1")
+    second = mesh.spawn("worker", "--cache-dir", str(tmp_path / "cache-b"), "--cpu-memory-gib", "1")
     moved = await eventually(lambda: _running_elsewhere(mesh, job.id, worker_a), timeout=60)
     resumed_from = moved.checkpoint_step  # type: ignore[attr-defined]
     assert resumed_from >= 10 and moved.attempts == 2  # type: ignore[attr-defined]
     started = await eventually(lambda: _started_events(mesh, job.id, 2), timeout=120)
     # the second run picks up at the checkpoint's step, not at zero
     assert started[1].attributes["step"] == str(resumed_from), started[1]  # type: ignore[index]
-    await (await mesh.stub("scheduler")).CancelJob(S.CancelJobRequest(id=job.id), timeout=5)  # type: ignore
-    await wait_state(mesh, job.id, S.JOB_STATE_CANCELLED, timeout=60)
+
+    # a worker that shuts down (SIGTERM) checkpoints its job and gives it back to the queue
+    await eventually(lambda: _stepped(mesh, job.id, resumed_from + 2), timeout=60)
+    second.proc.send_signal(signal.SIGTERM)
+    # (wait off the loop: this test's loop serves the registry the worker uploads to)
+    assert await asyncio.to_thread(second.proc.wait, 60) == 0
+    queued = await get(mesh, job.id)
+    assert queued.state == S.JOB_STATE_QUEUED and "stopped; queued to resume" in queued.message, queued
+    assert queued.checkpoint_step > resumed_from and not trainers(job.id)
+    cancelled = await (await mesh.stub("scheduler")).CancelJob(S.CancelJobRequest(id=job.id), timeout=5)  # type: ignore
+    assert cancelled.state == S.JOB_STATE_CANCELLED  # a queued job is cancelled at once
 
 
 async def _checkpointed(mesh: MeshHarness, job_id: str, step: int) -> S.Job | None:
