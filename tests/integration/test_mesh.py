@@ -216,9 +216,13 @@ async def test_health_reflection_and_metrics_are_served(mesh: MeshHarness):
         with urllib.request.urlopen(f"http://{router.metrics_endpoint}/metrics", timeout=5) as r:
             return r.read().decode()
 
-    text = await asyncio.to_thread(scrape)
     code = err.value.code().name
-    assert f'grpc_server_handled_total{{grpc_code="{code}",grpc_method="Generate",grpc_service="maas.v1.Inference"}} 1.0' in text
+    line = f'grpc_server_handled_total{{grpc_code="{code}",grpc_method="Generate",grpc_service="maas.v1.Inference"}} 1.0'
+
+    async def counted() -> bool:  # the server counts the call as it ends, maybe after the client saw it end
+        return line in await asyncio.to_thread(scrape)
+
+    await eventually(counted, timeout=10)
 
 
 async def test_events_are_deduplicated_by_id_and_read_back_in_order(mesh: MeshHarness):
