@@ -197,6 +197,20 @@ async def test_health_reflection_and_metrics_are_served(mesh: MeshHarness):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     router = await mesh.router(metrics_port=0)
+
+    def scrape() -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{router.metrics_endpoint}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def handled(text: str, code: str) -> float:
+        """The Generate calls counted with `code`. The registry is the process's: other tests'
+        in-process services count there too, so compare before and after."""
+        line = f'grpc_server_handled_total{{grpc_code="{code}",grpc_method="Generate",grpc_service="maas.v1.Inference"}} '
+        return next((float(x.removeprefix(line)) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+    before = await asyncio.to_thread(scrape)
     async with grpc.aio.insecure_channel(router.endpoint) as channel:
         health = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="maas.v1.Inference"), timeout=5)
@@ -210,17 +224,10 @@ async def test_health_reflection_and_metrics_are_served(mesh: MeshHarness):
                 inference_pb2.GenerateRequest(model="nope", prompt="x"), timeout=5)
         assert "registry" in err.value.details()
 
-    def scrape() -> str:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://{router.metrics_endpoint}/metrics", timeout=5) as r:
-            return r.read().decode()
-
     code = err.value.code().name
-    line = f'grpc_server_handled_total{{grpc_code="{code}",grpc_method="Generate",grpc_service="maas.v1.Inference"}} 1.0'
 
     async def counted() -> bool:  # the server counts the call as it ends, maybe after the client saw it end
-        return line in await asyncio.to_thread(scrape)
+        return handled(await asyncio.to_thread(scrape), code) == handled(before, code) + 1
 
     await eventually(counted, timeout=10)
 
