@@ -308,7 +308,7 @@ async def test_full_fine_tuning_registers_a_model_and_deploys_it_under_its_own_n
 async def test_a_tenant_over_its_job_quota_is_refused_and_others_are_not(
         mesh: MeshHarness, demo_model_dir: Path, tmp_path: Path) -> None:
     await mesh.registry()
-    await mesh.scheduler(max_jobs_per_tenant=1)
+    await mesh.scheduler(max_jobs_per_tenant=1, job_retention_seconds=1)
     await register_demo(mesh, demo_model_dir)
     data = await upload(mesh, dataset(tmp_path / "secrets.jsonl"))
     registry = await mesh.stub("registry")
@@ -342,6 +342,16 @@ async def test_a_tenant_over_its_job_quota_is_refused_and_others_are_not(
     await stub.CancelJob(S.CancelJobRequest(id=first.id), metadata=(("authorization", f"Bearer {keys['a']}"),),  # type: ignore
                          timeout=5)
     assert (await create_as("a")).state == S.JOB_STATE_QUEUED
+
+    # a finished job is listed for the retention time (1 s here), then forgotten
+    async def forgotten() -> bool:
+        listed = await stub.ListJobs(S.ListJobsRequest(), timeout=5)  # type: ignore[attr-defined]
+        return first.id not in {j.id for j in listed.jobs}
+
+    await eventually(forgotten, timeout=15)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await get(mesh, first.id)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_two_adapters_finishing_together_are_both_deployed_beside_their_base(

@@ -6,11 +6,12 @@ import argparse
 
 from maas.mesh.clients import RegistryClient
 from maas.mesh.config import MeshConfig
+from maas.mesh.errors import StartupError
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.services.scheduler.deployments import DeploymentStore
 from maas.services.scheduler.jobs import MAX_JOBS_PER_TENANT, MAX_RUNNING_PER_TENANT, JobStore
-from maas.services.scheduler.reconciler import EVICT_IDLE_SECONDS, Reconciler
+from maas.services.scheduler.reconciler import EVICT_IDLE_SECONDS, JOB_RETENTION_SECONDS, Reconciler
 from maas.services.scheduler.service import SchedulerServicer
 from maas.services.scheduler.state import ClusterState
 from maas.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -25,17 +26,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tuning jobs a tenant may have queued or running")
     parser.add_argument("--max-running-jobs-per-tenant", type=int, default=MAX_RUNNING_PER_TENANT,
                         help="fine-tuning jobs of one tenant that run at once (the rest wait in the queue)")
+    parser.add_argument("--job-retention-hours", type=float, default=JOB_RETENTION_SECONDS / 3600,
+                        help="finished fine-tuning jobs are listed this long, then forgotten (results stay)")
 
 
 async def build(rt: ServiceRuntime, *, evict_idle_seconds: float = EVICT_IDLE_SECONDS,
                 max_jobs_per_tenant: int = MAX_JOBS_PER_TENANT,
-                max_running_jobs_per_tenant: int = MAX_RUNNING_PER_TENANT) -> Reconciler:
+                max_running_jobs_per_tenant: int = MAX_RUNNING_PER_TENANT,
+                job_retention_seconds: float = JOB_RETENTION_SECONDS) -> Reconciler:
     """Wire the scheduler into a runtime (also used by in-process tests)."""
+    if max_jobs_per_tenant < 1 or max_running_jobs_per_tenant < 0 or not job_retention_seconds > 0:
+        raise StartupError("--max-jobs-per-tenant must be at least 1, --max-running-jobs-per-tenant at least 0 "
+                           "(0: no limit) and --job-retention-hours more than 0")
     state = ClusterState(rt.etcd)
     resolver = RegistryClient(rt.etcd)
     deployments = DeploymentStore(rt.etcd, resolver)
     reconciler = Reconciler(rt, state, resolver, evict_idle_seconds=evict_idle_seconds, deployments=deployments,
-                            max_running_jobs_per_tenant=max_running_jobs_per_tenant)
+                            max_running_jobs_per_tenant=max_running_jobs_per_tenant,
+                            job_retention_seconds=job_retention_seconds)
     rt.add_service(scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
                    scheduler_pb2_grpc.add_SchedulerServicer_to_server,
                    SchedulerServicer(deployments, state, reconciler, rt.events,
@@ -56,7 +64,8 @@ def main(ns: argparse.Namespace) -> int:
     async def serve() -> None:
         async with ServiceRuntime(config) as rt:
             await build(rt, evict_idle_seconds=ns.evict_idle_seconds, max_jobs_per_tenant=ns.max_jobs_per_tenant,
-                        max_running_jobs_per_tenant=ns.max_running_jobs_per_tenant)
+                        max_running_jobs_per_tenant=ns.max_running_jobs_per_tenant,
+                        job_retention_seconds=ns.job_retention_hours * 3600)
             await rt.wait()
 
     return run_service(serve)

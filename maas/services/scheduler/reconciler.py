@@ -20,7 +20,7 @@ from maas.mesh.aio import stop_task, wait_event
 from maas.mesh.clients import RegistryClient
 from maas.mesh.errors import AlreadyExists, FailedPrecondition, MaasError, NotFound
 from maas.mesh.etcd import LeaderElection
-from maas.mesh.jobs import now_ms, update_job
+from maas.mesh.jobs import TERMINAL, now_ms, update_job
 from maas.mesh.server import ServiceRuntime
 from maas.services.scheduler import metrics, placement
 from maas.services.scheduler.autoscaler import Autoscaler
@@ -39,6 +39,7 @@ EVICT_IDLE_SECONDS = 30.0  # a replica unused this long may be evicted to make r
 # LoRA keeps the frozen weights plus activations and a small adapter with its optimizer state;
 # full fine-tuning adds gradients and two AdamW moments for every weight.
 JOB_MEMORY_FACTOR = {"lora": 2, "full": 4}
+JOB_RETENTION_SECONDS = 7 * 24 * 3600.0  # finished jobs stay listed this long, then their records go
 
 
 @dataclass
@@ -58,8 +59,9 @@ class LostLeadership(Exception):
 class Reconciler:
     def __init__(self, rt: ServiceRuntime, state: ClusterState, resolver: RegistryClient, *,
                  evict_idle_seconds: float = EVICT_IDLE_SECONDS, deployments: DeploymentStore | None = None,
-                 max_running_jobs_per_tenant: int = 0) -> None:
+                 max_running_jobs_per_tenant: int = 0, job_retention_seconds: float = JOB_RETENTION_SECONDS) -> None:
         self.rt = rt
+        self.job_retention_ms = job_retention_seconds * 1000
         self.deployments = deployments or DeploymentStore(rt.etcd, resolver)
         self.max_running_jobs_per_tenant = max_running_jobs_per_tenant
         self.state = state
@@ -287,7 +289,17 @@ class Reconciler:
                 wants.append(placement.JobWant(job.id, memory, spec.priority, job.created_ms, spec.tenant))
             elif job.state == jobs_pb2.JOB_STATE_SUCCEEDED and spec.deploy and job.result and not job.deployment:
                 await self._deploy_result(election, job)
+            elif job.state in TERMINAL and job.finished_ms and now_ms() - job.finished_ms > self.job_retention_ms:
+                await self._forget_job(election, job)
         return wants
+
+    async def _forget_job(self, election: LeaderElection, job: jobs_pb2.Job) -> None:
+        """Delete a job finished longer ago than the retention (its result, registered with the
+        job's id and metrics in its metadata, stays; so does its dataset, named there)."""
+        key, tx = self.rt.etcd.keys.job(job.id), self.rt.etcd.client.transactions
+        metrics.TXNS.inc()
+        if await election.fenced_txn([tx.delete(key)], compare=[tx.mod(key) > 0]):
+            log.info("job %s (%s) forgotten: finished over %.0f h ago", job.id, job.state, self.job_retention_ms / 3.6e6)
 
     async def _lost(self, election: LeaderElection, job: jobs_pb2.Job) -> None:
         worker = job.worker_id
