@@ -41,6 +41,7 @@ class JobStore:
         self.registry = registry
         self.max_jobs_per_tenant = max_jobs_per_tenant
         self._checking = asyncio.Semaphore(MAX_CHECKS)
+        self._creating = asyncio.Lock()
 
     async def caller(self, api_key: str) -> tuple[str, bool]:
         """(tenant, sees every tenant's jobs) of a caller. A tenant's key sees its own jobs
@@ -89,14 +90,17 @@ class JobStore:
                                   field="name")
         dataset = await self._dataset(spec.dataset_sha256)
         job.dataset_digest, job.examples = dataset.sha256, len(dataset)
-        active = [j for j in await self.list(spec.tenant) if j.state not in TERMINAL]
-        if len(active) >= self.max_jobs_per_tenant:
-            raise ResourceExhausted(f"tenant {spec.tenant!r} has {len(active)} queued or running jobs, the most "
-                                    f"allowed ({self.max_jobs_per_tenant}); wait for one to finish or cancel one")
-        job.created_ms = job.updated_ms = now_ms()
-        key, tx = self.session.keys.job(job.id), self.session.client.transactions
-        await self.session.client.transaction(compare=[tx.create(key) == 0],
-                                              success=[tx.put(key, job.SerializeToString())], failure=[])
+        # count and write under one lock, so concurrent creates through this scheduler cannot
+        # both pass the quota (through two scheduler instances they still can, by one)
+        async with self._creating:
+            active = [j for j in await self.list(spec.tenant) if j.state not in TERMINAL]
+            if len(active) >= self.max_jobs_per_tenant:
+                raise ResourceExhausted(f"tenant {spec.tenant!r} has {len(active)} queued or running jobs, the most "
+                                        f"allowed ({self.max_jobs_per_tenant}); wait for one to finish or cancel one")
+            job.created_ms = job.updated_ms = now_ms()
+            key, tx = self.session.keys.job(job.id), self.session.client.transactions
+            await self.session.client.transaction(compare=[tx.create(key) == 0],
+                                                  success=[tx.put(key, job.SerializeToString())], failure=[])
         return job
 
     async def _check(self, spec: jobs_pb2.JobSpec) -> None:
