@@ -34,11 +34,17 @@ def pack_directory(directory: Path, archive: Path) -> tuple[str, int]:
     with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(p for p in directory.rglob("*") if p.is_file()):
             tar.add(path, arcname=str(path.relative_to(directory)), filter=clean)
-    digest = hashlib.sha256()
-    with open(archive, "rb") as f:
+    return file_digest(archive)
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(sha256, size) of a file: what names it as an artifact."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
-    return digest.hexdigest(), archive.stat().st_size
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def unpack(archive: Path, dest: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 import tempfile
@@ -17,7 +16,7 @@ import aetcd
 import aetcd.exceptions
 import grpc
 
-from maas.mesh.artifacts import ARTIFACT, CHUNK, pack_directory
+from maas.mesh.artifacts import ARTIFACT, CHUNK, file_digest, pack_directory
 from maas.mesh.config import parse_host_port
 from maas.mesh.errors import InvalidArgument, MaasError, NotFound, StartupError, Unavailable, from_rpc_error
 from maas.mesh.etcd import EtcdSession
@@ -51,23 +50,15 @@ def dial(endpoint: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS)
 
 
-def file_digest(path: Path) -> tuple[str, int]:
-    """(sha256, size) of a file."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 async def upload_file(stub: registry_pb2_grpc.RegistryStub, path: Path, *, timeout: float = 3600.0,
                       metadata: tuple[tuple[str, str], ...] = (),
-                      progress: Callable[[int], object] | None = None) -> registry_pb2.Artifact:
+                      progress: Callable[[int], object] | None = None,
+                      digest: tuple[str, int] | None = None) -> registry_pb2.Artifact:
     """Stream a file to the registry's artifact store in CHUNK pieces. The registry checks
     the digest sent with the first chunk and keeps nothing if the bytes differ.
-    `progress` is called with each chunk's size (for a progress bar)."""
-    sha, size = await asyncio.to_thread(file_digest, path)
+    `progress` is called with each chunk's size (for a progress bar); `digest` is the
+    file's (sha256, size) when the caller has it already."""
+    sha, size = digest if digest is not None else await asyncio.to_thread(file_digest, path)
 
     async def chunks() -> AsyncIterator[registry_pb2.ArtifactChunk]:
         with open(path, "rb") as f:  # noqa: ASYNC230 - reads go through to_thread below
@@ -92,10 +83,10 @@ async def upload_directory(stub: registry_pb2_grpc.RegistryStub, directory: Path
     its source ("artifact:<sha256>")."""
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "artifact.tar"
-        _, size = await asyncio.to_thread(pack_directory, directory, archive)
+        digest = await asyncio.to_thread(pack_directory, directory, archive)
         if on_size is not None:
-            on_size(size)
-        artifact = await upload_file(stub, archive, progress=progress)
+            on_size(digest[1])
+        artifact = await upload_file(stub, archive, progress=progress, digest=digest)
     return f"{ARTIFACT}{artifact.sha256}"
 
 
@@ -170,10 +161,7 @@ class RegistryClient:
             return self._cache[ref]
         for attempt in range(2):
             try:
-                if self._channel is None:
-                    self._channel = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"))
-                version = await registry_pb2_grpc.RegistryStub(self._channel).GetVersion(
-                    registry_pb2.GetVersionRequest(ref=ref), timeout=timeout)
+                version = await (await self.stub()).GetVersion(registry_pb2.GetVersionRequest(ref=ref), timeout=timeout)
                 break
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
@@ -189,9 +177,7 @@ class RegistryClient:
 
     async def download(self, sha: str, *, timeout: float = 3600.0) -> AsyncIterator[registry_pb2.ArtifactChunk]:
         """Stream an artifact's chunks from the registry."""
-        if self._channel is None:
-            self._channel = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"))
-        call = registry_pb2_grpc.RegistryStub(self._channel).DownloadArtifact(
+        call = (await self.stub()).DownloadArtifact(
             registry_pb2.DownloadArtifactRequest(sha256=sha), timeout=timeout)
         try:
             async for chunk in call:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -40,11 +39,9 @@ from typing import Any
 
 import grpc
 
-from maas.mesh.artifacts import unpack
 from maas.mesh.discovery import PrefixMirror
 from maas.mesh.errors import (
     DeadlineExceeded,
-    FailedPrecondition,
     MaasError,
     NotFound,
     Unavailable,
@@ -234,7 +231,7 @@ class JobRunner:
         base_dir = await self.artifacts.resolve(base.source)
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         dataset = directory / "dataset.jsonl"
-        await self._download(spec.dataset_sha256, dataset)
+        await self.artifacts.download(spec.dataset_sha256, dataset)
         pairs = directory / "pairs.jsonl"
         count = await asyncio.to_thread(_render_pairs, dataset, Path(base_dir), spec.base, pairs)
         if job.checkpoint_sha256:
@@ -252,18 +249,6 @@ class JobRunner:
         log.info("job %s: %d training pairs from %s on %s", job.id, count, spec.dataset_sha256[:12], spec.base)
         return argv
 
-    async def _download(self, sha: str, dest: Path) -> None:
-        """An artifact's bytes into `dest`, checked against its digest."""
-        tmp, digest = dest.with_suffix(".part"), hashlib.sha256()
-        with open(tmp, "wb") as f:  # noqa: ASYNC230 - local file; writes go through to_thread
-            async for chunk in self.registry.download(sha, timeout=600):
-                digest.update(chunk.data)
-                await asyncio.to_thread(f.write, chunk.data)
-        if digest.hexdigest() != sha:
-            tmp.unlink(missing_ok=True)
-            raise FailedPrecondition(f"artifact {sha[:12]} arrived with sha256 {digest.hexdigest()[:12]}; refusing it")
-        tmp.replace(dest)
-
     async def _restore(self, job: jobs_pb2.Job, directory: Path) -> None:
         """Put the job's last uploaded checkpoint where the trainer resumes from it (unless a
         newer one is already here: the job ran on this worker before)."""
@@ -274,10 +259,7 @@ class JobRunner:
         if local and max(local) >= job.checkpoint_step:
             return
         await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
-        archive = directory / "checkpoint.tar"
-        await self._download(job.checkpoint_sha256, archive)
-        dest, work = root / f"step-{job.checkpoint_step:06d}", root / f".restore-{job.checkpoint_step:06d}"
-        await asyncio.to_thread(_unpack_into, archive, work, dest)
+        await self.artifacts.fetch_into(job.checkpoint_sha256, root / f"step-{job.checkpoint_step:06d}")
         log.info("job %s: resuming from the checkpoint at step %d", job.id, job.checkpoint_step)
 
     async def _read(self, run: _Run, report: _Reporter) -> dict[str, Any]:
@@ -586,18 +568,6 @@ def _newest_mtime(root: Path) -> float:
             with contextlib.suppress(OSError):
                 newest = max(newest, os.stat(os.path.join(directory, name)).st_mtime)
     return newest
-
-
-def _unpack_into(archive: Path, work: Path, dest: Path) -> None:
-    """Unpack a checkpoint artifact and rename it into place (never half there)."""
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        unpack(archive, work)
-        shutil.rmtree(dest, ignore_errors=True)
-        work.rename(dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        archive.unlink(missing_ok=True)
 
 
 def _tail(path: Path) -> str:
