@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -19,9 +18,9 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
+from maas.cli.main import credential
 from maas.mesh.artifacts import ARTIFACT, unpack
-from maas.mesh.auth import API_KEY_ENV
-from maas.mesh.clients import MeshClient, dial, live_services, upload_directory
+from maas.mesh.clients import MeshClient, credential_metadata, dial, live_services, upload_directory
 from maas.mesh.events import read_events
 from maas.v1 import (
     common_pb2,
@@ -131,7 +130,7 @@ async def status(ns: argparse.Namespace, etcd: str) -> int:
         expected = list(_stack_file().get("deployments", [])) if not ns.etcd else []
         snap = None
         try:
-            async with MeshClient(etcd, ns.prefix) as mesh:
+            async with MeshClient(etcd, ns.prefix, credential=credential(ns)) as mesh:
                 snap = await _snapshot(mesh)
             ok, why = _ready(snap, expected)
         except aetcd.exceptions.ClientError:
@@ -162,7 +161,7 @@ def _options(items: list[str]) -> dict[str, str]:
 
 
 async def models(ns: argparse.Namespace, etcd: str) -> int:
-    async with MeshClient(etcd, ns.prefix) as mesh:
+    async with MeshClient(etcd, ns.prefix, credential=credential(ns)) as mesh:
         stub = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
         action = ns.models_command
         if action in ("register", "upload"):
@@ -256,7 +255,7 @@ async def _download(stub: registry_pb2_grpc.RegistryStub, ref: str, directory: P
 
 
 async def workers(ns: argparse.Namespace, etcd: str) -> int:
-    async with MeshClient(etcd, ns.prefix) as mesh:
+    async with MeshClient(etcd, ns.prefix, credential=credential(ns)) as mesh:
         stub = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
         listing = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=10)
     if ns.json:
@@ -281,11 +280,9 @@ async def generate(ns: argparse.Namespace, etcd: str) -> int:
         if getattr(ns, name) is not None:
             setattr(params, name, getattr(ns, name))
     request = inference_pb2.GenerateRequest(model=ns.model, prompt=ns.prompt, params=params, adapter=ns.adapter)
-    from maas.cli.main import _stack_file
-
-    key = ns.api_key or os.environ.get(API_KEY_ENV, "") or _stack_file().get("api_key", "")
-    metadata = (("authorization", f"Bearer {key}"),) if key else ()
-    async with MeshClient(etcd, ns.prefix) as mesh:
+    key = credential(ns, as_tenant=True)
+    metadata = credential_metadata(key)
+    async with MeshClient(etcd, ns.prefix, credential=key) as mesh:
         channel = dial(ns.router) if ns.router else await mesh.channel("router")
         stub = inference_pb2_grpc.InferenceStub(channel)
         last = None
@@ -310,5 +307,6 @@ async def events(ns: argparse.Namespace, nats: str) -> int:
             print(json.dumps(MessageToDict(e)), flush=True)
         else:
             t = datetime.fromtimestamp(e.time_ms / 1000).strftime("%H:%M:%S.%f")[:-3]
-            print(f"{t}  {e.entity}.{e.what:<10} {e.entity_id:<28} {e.message}", flush=True)
+            by = f"  (by {e.principal})" if e.principal else ""
+            print(f"{t}  {e.entity}.{e.what:<10} {e.entity_id:<28} {e.message}{by}", flush=True)
     return 0

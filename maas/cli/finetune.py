@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -25,8 +24,8 @@ from pathlib import Path
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
-from maas.mesh.auth import API_KEY_ENV
-from maas.mesh.clients import MeshClient, upload_file
+from maas.cli.main import credential
+from maas.mesh.clients import MeshClient, credential_metadata, upload_file
 from maas.mesh.events import read_events
 from maas.mesh.jobs import TERMINAL, state_name
 from maas.v1 import events_pb2, jobs_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -43,8 +42,6 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
     def action(name: str, help: str) -> argparse.ArgumentParser:
         p = fsub.add_parser(name, help=help)
         client_args(p)
-        p.add_argument("--api-key", default=None, help=f"API key naming the tenant (default: {API_KEY_ENV}, "
-                                                       "else .maas/stack.json)")
         return p
 
     create = action("create", "queue a job; prints its id alone on the last line")
@@ -76,10 +73,7 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
 
 
 def _metadata(ns: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    from maas.cli.main import _stack_file
-
-    key = ns.api_key or os.environ.get(API_KEY_ENV, "") or _stack_file().get("api_key", "")
-    return (("authorization", f"Bearer {key}"),) if key else ()
+    return credential_metadata(credential(ns, as_tenant=True))
 
 
 async def run(ns: argparse.Namespace, etcd: str, nats: str) -> int:
@@ -100,7 +94,7 @@ async def run(ns: argparse.Namespace, etcd: str, nats: str) -> int:
             return 2
         print(f"{ns.data}: {len(dataset)} {dataset.format.replace('_', '/')} records, valid", file=sys.stderr)
     metadata = _metadata(ns)
-    async with MeshClient(etcd, ns.prefix) as mesh:
+    async with MeshClient(etcd, ns.prefix, credential=credential(ns, as_tenant=True)) as mesh:
         stub = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
         command = ns.finetune_command
         if command == "create":

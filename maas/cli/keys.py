@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -34,12 +33,17 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
         return p
 
     create = action("create", "create a key; prints it alone on the last line (it is shown once)")
-    create.add_argument("--tenant", required=True)
+    create.add_argument("--tenant", default="", help="the tenant the key acts for (not for --admin or --service)")
+    create.add_argument("--role", choices=["inference", "developer"], default="inference",
+                        help="inference: call models (default); developer: also manage the tenant's models, "
+                             "deployments, jobs and inference keys")
+    create.add_argument("--service", choices=["router", "worker", "scheduler", "registry"], default="",
+                        help="a service's credential (admin only): hand it to that service's --credential-file")
     create.add_argument("--rpm", type=int, default=0, help="requests per minute (0: unlimited)")
     create.add_argument("--tpm", type=int, default=0, help="tokens per minute, prompt + completion (0: unlimited)")
     create.add_argument("--max-concurrent", type=int, default=0, help="requests in flight (0: unlimited)")
     create.add_argument("--models", nargs="+", default=[], metavar="MODEL", help="deployments it may use (default all)")
-    create.add_argument("--admin", action="store_true", help="the key may also manage keys")
+    create.add_argument("--admin", action="store_true", help="a platform admin key (every tenant, the catalog, keys)")
     lst = action("list", "keys (ids, tenants, limits; never the keys themselves)")
     lst.add_argument("--tenant", default="")
     revoke = action("revoke", "revoke a key by its id (routers refuse it at once)")
@@ -47,9 +51,9 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
 
 
 def _admin_token(ns: argparse.Namespace) -> str:
-    from maas.cli.main import _stack_file
+    from maas.cli.main import credential
 
-    return ns.admin_token or os.environ.get(ADMIN_TOKEN_ENV, "") or _stack_file().get("admin_token", "")
+    return ns.admin_token or credential(ns)
 
 
 async def run(ns: argparse.Namespace, etcd: str) -> int:
@@ -65,12 +69,14 @@ async def run(ns: argparse.Namespace, etcd: str) -> int:
         if ns.keys_command == "create":
             created = await stub.CreateKey(registry_pb2.CreateKeyRequest(
                 tenant=ns.tenant, rpm=ns.rpm, tpm=ns.tpm, max_concurrent=ns.max_concurrent, models=ns.models,
-                admin=ns.admin), metadata=metadata, timeout=10)
+                admin=ns.admin, role="" if ns.admin or ns.service else ns.role, service=ns.service),
+                metadata=metadata, timeout=10)
             if ns.json:
                 print(json.dumps({"key": created.key, **MessageToDict(created.info)}))
             else:
                 i = created.info
-                print(f"created key {i.id} for tenant {i.tenant} ({_limits(i)}); it is shown only now:")
+                whose = f"service {i.service}" if i.service else "the admin" if i.admin else f"tenant {i.tenant}"
+                print(f"created {i.role or 'service'} key {i.id} for {whose} ({_limits(i)}); it is shown only now:")
             print(created.key)
         elif ns.keys_command == "list":
             keys = (await stub.ListKeys(registry_pb2.ListKeysRequest(tenant=ns.tenant), metadata=metadata,
@@ -79,9 +85,10 @@ async def run(ns: argparse.Namespace, etcd: str) -> int:
                 print(json.dumps([MessageToDict(k) for k in keys], indent=2))
             else:
                 from maas.cli.commands import _table
-                print(_table([[k.id, k.tenant, _limits(k), ",".join(k.models) or "all", "yes" if k.admin else "-",
+                print(_table([[k.id, k.tenant or "-", k.service or k.role or "inference", _limits(k),
+                               ",".join(k.models) or "all",
                                datetime.fromtimestamp(k.created_ms / 1000).strftime("%Y-%m-%d %H:%M")]
-                              for k in keys], ["id", "tenant", "limits", "models", "admin", "created"]))
+                              for k in keys], ["id", "tenant", "role", "limits", "models", "created"]))
         else:
             await stub.RevokeKey(registry_pb2.RevokeKeyRequest(id=ns.id), metadata=metadata, timeout=10)
             print(json.dumps({"revoked": ns.id}) if ns.json else f"revoked key {ns.id}")

@@ -30,7 +30,25 @@ def _stack_file() -> dict[str, str]:
         return {}
 
 
+def credential(ns: argparse.Namespace, *, as_tenant: bool = False) -> str:
+    """The key a command presents: --api-key, else MAAS_API_KEY; else, where `maas up` runs,
+    its development key (tenant dev) for tenant work (`as_tenant`: generate, finetune) and
+    the admin token (MAAS_ADMIN_TOKEN, else .maas/stack.json) for the rest."""
+    from maas.mesh.auth import ADMIN_TOKEN_ENV, API_KEY_ENV
+
+    explicit = getattr(ns, "api_key", None) or os.environ.get(API_KEY_ENV, "")
+    if explicit:
+        return str(explicit)
+    stack = _stack_file()
+    admin = os.environ.get(ADMIN_TOKEN_ENV, "") or stack.get("admin_token", "")
+    tenant = stack.get("api_key", "")
+    return (tenant or admin) if as_tenant else (admin or tenant)
+
+
 def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=None,
+                   help="key to act with (default: MAAS_API_KEY; where `maas up` runs, its admin token, "
+                        "or its tenant dev key for generate and finetune)")
     p.add_argument("--etcd", default=None, help="etcd URL (default: MAAS_ETCD, else .maas/stack.json)")
     p.add_argument("--nats", default=None, help="NATS URL (default: MAAS_NATS, else .maas/stack.json)")
     p.add_argument("--prefix", default=os.environ.get("MAAS_PREFIX", "/maas/"), help="etcd key prefix")
@@ -84,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--router-port", type=int, default=50051)
     up.add_argument("--http-port", type=int, default=8000, help="router's OpenAI HTTP API (-1: off)")
     up.add_argument("--cpu-memory-gib", type=float, default=0.0, help="CPU device budget per worker")
+    up.add_argument("--insecure", action="store_true",
+                    help="no credentials anywhere: anyone who reaches a port is the admin (development only)")
 
     status = sub.add_parser("status", help="services, workers, deployments and replicas")
     _client_args(status)
@@ -145,7 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[])
     gen.add_argument("--router", default=None, help="router address (default: found in etcd)")
-    gen.add_argument("--api-key", default=None, help="API key (default: MAAS_API_KEY, else .maas/stack.json)")
     gen.add_argument("--timeout", type=float, default=120.0)
     gen.add_argument("prompt")
 
@@ -179,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         worker_args = ("--cpu-memory-gib", str(ns.cpu_memory_gib)) if ns.cpu_memory_gib else ()
         return run_up(UpConfig(data_dir=Path(ns.data_dir).resolve(), workers=ns.workers, model=ns.model,
                                model_name=ns.name, model_format=ns.format, etcd=ns.etcd, nats=ns.nats,
-                               router_port=ns.router_port, http_port=ns.http_port, worker_args=worker_args))
+                               router_port=ns.router_port, http_port=ns.http_port, worker_args=worker_args,
+                               insecure=ns.insecure))
     etcd, nats = resolve_urls(ns)
     handlers = {
         "status": lambda: commands.status(ns, etcd),

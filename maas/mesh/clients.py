@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import aetcd
 import aetcd.exceptions
@@ -46,8 +47,54 @@ async def pick_endpoint(client: aetcd.Client, keys: Keys, kind: str) -> str:
     return random.choice(services).endpoint
 
 
-def dial(endpoint: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS)
+def credential_metadata(credential: str) -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata that presents a key (empty without one)."""
+    return (("authorization", f"Bearer {credential}"),) if credential else ()
+
+
+class _Credential:
+    """Sends one key with every call on a channel, unless the call brings its own. gRPC takes
+    one interceptor per call type (a class that is several is registered as the first only),
+    hence the four below."""
+
+    def __init__(self, credential: str) -> None:
+        self.metadata = credential_metadata(credential)
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        if "authorization" not in metadata and "x-api-key" not in metadata:
+            for key, value in self.metadata:
+                metadata.add(key, value)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+
+class _UnaryUnary(_Credential, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _UnaryStream(_Credential, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _StreamUnary(_Credential, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
+class _StreamStream(_Credential, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
+def dial(endpoint: str, credential: str = "") -> grpc.aio.Channel:
+    """A channel to `endpoint` whose calls present `credential` (a key), if given. The
+    router's calls to workers pass the key per call instead (no interceptor on its hot path)."""
+    interceptors = ([kind(credential) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+                    if credential else None)
+    return grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS, interceptors=interceptors)
 
 
 async def upload_file(stub: registry_pb2_grpc.RegistryStub, path: Path, *, timeout: float = 3600.0,
@@ -93,9 +140,10 @@ async def upload_directory(stub: registry_pb2_grpc.RegistryStub, directory: Path
 class MeshClient:
     """A read-only view of a mesh for the CLI and tests: etcd lookups plus channels by kind."""
 
-    def __init__(self, etcd_url: str, prefix: str = "/maas/", timeout: float = 5.0) -> None:
+    def __init__(self, etcd_url: str, prefix: str = "/maas/", timeout: float = 5.0, credential: str = "") -> None:
         host, port = parse_host_port(etcd_url, 2379)
         self.etcd_url = etcd_url
+        self.credential = credential  # the key every call on its channels presents
         self.keys = Keys(prefix)
         self.etcd = aetcd.Client(host=host, port=port, timeout=timeout)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -126,7 +174,7 @@ class MeshClient:
                                   f"{self.keys.services(kind).decode()})")
             random.shuffle(services)
             for info in services:
-                channel = dial(info.endpoint)
+                channel = dial(info.endpoint, self.credential)
                 try:
                     async with asyncio.timeout(2.0):
                         await channel.channel_ready()
@@ -187,7 +235,8 @@ class RegistryClient:
 
     async def stub(self) -> registry_pb2_grpc.RegistryStub:
         if self._channel is None:
-            self._channel = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"))
+            self._channel = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"),
+                                 self.session.config.credential)
         return registry_pb2_grpc.RegistryStub(self._channel)
 
     async def delete_artifact(self, sha: str) -> bool:

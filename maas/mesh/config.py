@@ -57,6 +57,12 @@ class MeshConfig:
     """Seconds in-flight requests get to finish on shutdown."""
     log_json: bool = False
     log_level: str = "INFO"
+    credential: str = field(default="", repr=False)
+    """This service's own key (a service credential, see docs/security.md), sent on every
+    call it makes to another service (--credential-file, MAAS_CREDENTIAL_FILE or MAAS_CREDENTIAL)."""
+    insecure: bool = False
+    """Trust every caller as the admin, checking no credential (--insecure, MAAS_INSECURE=1).
+    For a throwaway development mesh only."""
 
     def __post_init__(self) -> None:
         if self.lease_ttl < 2:
@@ -92,6 +98,11 @@ class MeshConfig:
         g.add_argument("--grace", type=float, default=10.0, help="seconds to finish requests on shutdown")
         g.add_argument("--log-json", action="store_true", default=_env("MAAS_LOG_JSON", "") == "1")
         g.add_argument("--log-level", default=_env("MAAS_LOG_LEVEL", "INFO"))
+        g.add_argument("--credential-file", default=_env("MAAS_CREDENTIAL_FILE", ""),
+                       help="file holding this service's key, made with `maas keys create --service KIND` "
+                            "(env MAAS_CREDENTIAL_FILE, or the key itself in MAAS_CREDENTIAL)")
+        g.add_argument("--insecure", action="store_true", default=_env("MAAS_INSECURE", "") == "1",
+                       help="check no credentials: every caller is the admin (development only; env MAAS_INSECURE=1)")
 
     @classmethod
     def from_args(cls, kind: str, ns: argparse.Namespace) -> MeshConfig:
@@ -99,4 +110,15 @@ class MeshConfig:
         return cls(kind=kind, etcd=ns.etcd, nats=ns.nats, prefix=ns.prefix, lease_ttl=ns.lease_ttl,
                    host=ns.host, advertise_host=ns.advertise_host, port=ns.port,
                    metrics_port=ns.metrics_port, grace=ns.grace, log_json=ns.log_json,
-                   log_level=ns.log_level, **extra)
+                   log_level=ns.log_level, credential=read_credential(ns.credential_file, "MAAS_CREDENTIAL"),
+                   insecure=ns.insecure, **extra)
+
+
+def read_credential(path: str, env: str) -> str:
+    """A secret from a file (stripped), else from the environment variable `env`."""
+    if path:
+        try:
+            return open(path).read().strip()  # noqa: SIM115 - read once at start
+        except OSError as e:
+            raise StartupError(f"cannot read the credential file {path}: {e.strerror}") from None
+    return os.environ.get(env, "").strip()

@@ -8,6 +8,8 @@ stack trace. "This request failed" (MaasError) is kept apart from "this engine i
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 
@@ -74,12 +76,36 @@ class StartupError(Exception):
 
 
 FIELD_METADATA = "maas-field"  # trailing metadata naming the bad field of an error (MaasError.field)
+RETRY_AFTER_METADATA = "retry-after"  # trailing metadata: seconds until a retry may succeed (ResourceExhausted)
+
+BY_CODE: dict[grpc.StatusCode, type[MaasError]] = {
+    cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
+                              Unavailable, DeadlineExceeded, Unauthenticated, PermissionDenied)
+}
+"""The exception class a status code is rebuilt as one hop on (`from_rpc_error`); EngineDead,
+also UNAVAILABLE, stays on the worker that raised it."""
 
 
 def from_rpc_error(e: grpc.aio.AioRpcError, context: str = "") -> MaasError:
-    """Pass a downstream service's status through unchanged (its message already names the
-    problem, its trailing metadata the field)."""
-    field = next((str(v) for k, v in e.trailing_metadata() or () if k == FIELD_METADATA), None)
-    err = MaasError(f"{context}{e.details() or e.code().name}", field=field)
-    err.code = e.code()
+    """A downstream service's status as the same exception class (`BY_CODE`; a MaasError
+    with that code for the rest), its message prefixed with `context`, its field and
+    retry-after restored from the trailing metadata."""
+    trailers = {k: str(v) for k, v in e.trailing_metadata() or ()}
+    message, field, code = f"{context}{e.details() or e.code().name}", trailers.get(FIELD_METADATA), e.code()
+    cls = BY_CODE.get(code)
+    if cls is ResourceExhausted:
+        return ResourceExhausted(message, field=field, retry_after=_seconds(trailers.get(RETRY_AFTER_METADATA)))
+    if cls is not None:
+        return cls(message, field=field)
+    err = MaasError(message, field=field)
+    err.code = code
     return err
+
+
+def _seconds(raw: str | None) -> float | None:
+    """A retry-after value as seconds (None if absent or not a finite number >= 0)."""
+    try:
+        seconds = float(raw) if raw is not None else math.nan
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

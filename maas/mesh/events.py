@@ -22,6 +22,7 @@ import nats.js.api as js_api
 import nats.js.errors
 from nats.aio.msg import Msg
 
+from maas.mesh.authz import ANONYMOUS, caller
 from maas.mesh.config import MeshConfig
 from maas.mesh.errors import StartupError
 from maas.mesh.logs import request_id_var
@@ -65,6 +66,12 @@ async def ensure_stream(js: nats.js.JetStreamContext) -> None:
         await js.update_stream(config)
 
 
+def _principal() -> str:
+    """The audit name of the caller whose request this event records ("" outside one)."""
+    who = caller()
+    return "" if who is ANONYMOUS else who.audit()
+
+
 class EventBus:
     """Publishes lifecycle events and load reports for one process."""
 
@@ -92,8 +99,10 @@ class EventBus:
         event = events_pb2.Event(
             id=uuid.uuid4().hex, entity=entity, what=what, entity_id=entity_id, source=self.source,
             time_ms=int(time.time() * 1000), message=message,
-            attributes={k: str(v) for k, v in attributes.items()}, request_id=request_id_var.get("-"))
-        log.info("event %s.%s %s %s", entity, what, entity_id, message)
+            attributes={k: str(v) for k, v in attributes.items()}, request_id=request_id_var.get("-"),
+            principal=_principal())
+        log.info("event %s.%s %s %s%s", entity, what, entity_id, message,
+                 f" (by {event.principal})" if event.principal else "")
         try:
             self._outbox.put_nowait((event_subject(entity, what), event.SerializeToString(), event.id))
         except asyncio.QueueFull:

@@ -71,6 +71,11 @@ class Keys:
     def models(self) -> bytes:
         return self._k("registry", "models/")
 
+    def upload(self, tenant: str, sha256: str) -> bytes:
+        """Marks an artifact a tenant uploaded: a tenant may read or register only artifacts it
+        uploaded or that a model version it can see is made of."""
+        return self._k("registry", "uploads", tenant, sha256)
+
     def version(self, name: str, version: int) -> bytes:
         return self._k("registry", "versions", name, f"{version:08d}")
 

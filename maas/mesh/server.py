@@ -1,8 +1,8 @@
 """The gRPC server bootstrap every service uses.
 
 `ServiceRuntime` owns a process's mesh membership: its etcd session, event bus, gRPC
-server (health, reflection, the error interceptor) and Prometheus endpoint. Services add
-their servicers and hooks and call `run()`.
+server (health, reflection, the interceptor that authorizes every call and maps errors)
+and Prometheus endpoint. Services add their servicers and hooks and call `run()`.
 
 Shutdown order (STYLE.md): signal -> health NOT_SERVING -> revoke the lease (the process
 disappears from etcd, so routers stop sending) -> server.stop(grace) (in-flight requests
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import math
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -27,8 +28,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from maas import __version__
+from maas.mesh.authz import Authorizer, acting_as, restore
 from maas.mesh.config import MeshConfig
-from maas.mesh.errors import FIELD_METADATA, MaasError, StartupError
+from maas.mesh.errors import FIELD_METADATA, InvalidArgument, MaasError, StartupError
 from maas.mesh.etcd import EtcdError, EtcdSession
 from maas.mesh.events import EventBus
 from maas.mesh.logs import new_request_id, request_id_var
@@ -59,31 +61,82 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     return new_request_id()
 
 
+class Malformed:
+    """What a request that does not parse deserializes to; the handler wrapper turns it into
+    INVALID_ARGUMENT (gRPC itself would answer INTERNAL or UNKNOWN)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as e:
+            return Malformed(str(e) or type(e).__name__)
+    return parse
+
+
+def _check_parsed(request: Any, method: str) -> None:
+    if type(request) is Malformed:
+        raise InvalidArgument(f"the request is not a valid message for {method}: {request.error}")
+
+
+async def _parsed_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async for request in requests:
+        _check_parsed(request, method)
+        yield request
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps MaasError to its status code, hides unexpected errors behind INTERNAL, sets the
-    request id for logging and records per-method metrics. The one place errors become statuses."""
+    """The one place every call passes: authenticates and authorizes it (`Authorizer`, the
+    caller then in `authz.caller()`), answers a request that does not parse with
+    INVALID_ARGUMENT, maps MaasError to its status code, hides unexpected errors behind
+    INTERNAL, sets the request id for logging and records per-method metrics."""
+
+    def __init__(self, authorizer: Authorizer | None = None) -> None:
+        self.authorizer = authorizer
 
     async def intercept_service(self, continuation: Callable[..., Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None:
             return None
-        service, _, method = details.method.lstrip("/").rpartition("/")
+        path = details.method
+        service, _, method = path.lstrip("/").rpartition("/")
+        deserialize = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, service, method),
-                handler.request_deserializer, handler.response_serializer)
+                self._wrap_unary(handler.unary_unary, service, method, path, streamed=False),
+                deserialize, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, service, method),
-                handler.request_deserializer, handler.response_serializer)
+                self._wrap_stream(handler.unary_stream, service, method, path, streamed=False),
+                deserialize, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, service, method),
-                handler.request_deserializer, handler.response_serializer)
+                self._wrap_unary(handler.stream_unary, service, method, path, streamed=True),
+                deserialize, handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, service, method),
-            handler.request_deserializer, handler.response_serializer)
+            self._wrap_stream(handler.stream_stream, service, method, path, streamed=True),
+            deserialize, handler.response_serializer)
+
+    async def _admit(self, request: Any, context: grpc.aio.ServicerContext, path: str,
+                     streamed: bool) -> tuple[Any, contextvars.Token[Any] | None]:
+        """(the request to hand on, the caller's context token). Raises MaasError."""
+        token = None
+        if self.authorizer is not None:
+            token = acting_as(await self.authorizer.check(path, context.invocation_metadata()))
+        if streamed:
+            return _parsed_stream(request, path), token
+        _check_parsed(request, path)
+        return request, token
 
     @staticmethod
     async def _fail(context: grpc.aio.ServicerContext, e: BaseException) -> str:
@@ -96,6 +149,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             if trailers:
                 context.set_trailing_metadata(tuple(trailers))
             await context.abort(e.code, e.message)
+        if isinstance(e, NotImplementedError):  # a servicer method left to its generated base
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not implemented by this server")
         if isinstance(e, EtcdError):
             log.warning("etcd call failed: %s", e)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the mesh's etcd is unavailable; retry shortly")
@@ -103,11 +158,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()})")
         return "INTERNAL"  # not reached: abort raises
 
-    def _wrap_unary(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
+    def _wrap_unary(self, behavior: Callable[..., Any], service: str, method: str, path: str,
+                    streamed: bool) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             token = request_id_var.set(_request_id(context))
             start, code = time.perf_counter(), "OK"
+            caller = None
             try:
+                request, caller = await self._admit(request, context, path, streamed)
                 result = behavior(request, context)
                 return await result if inspect.isawaitable(result) else result
             except asyncio.CancelledError:
@@ -122,14 +180,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 HANDLED.labels(service, method, code).inc()
                 LATENCY.labels(service, method).observe(time.perf_counter() - start)
+                if caller is not None:
+                    restore(caller)
                 request_id_var.reset(token)
         return wrapped
 
-    def _wrap_stream(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
+    def _wrap_stream(self, behavior: Callable[..., Any], service: str, method: str, path: str,
+                     streamed: bool) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             token = request_id_var.set(_request_id(context))
             start, code = time.perf_counter(), "OK"
+            caller = None
             try:
+                request, caller = await self._admit(request, context, path, streamed)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -148,6 +211,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 HANDLED.labels(service, method, code).inc()
                 LATENCY.labels(service, method).observe(time.perf_counter() - start)
+                if caller is not None:
+                    restore(caller)
                 request_id_var.reset(token)
         return wrapped
 
@@ -155,6 +220,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 def _status_name(e: BaseException) -> str:
     if isinstance(e, MaasError):
         return e.code.name
+    if isinstance(e, NotImplementedError):
+        return "UNIMPLEMENTED"
     return "UNAVAILABLE" if isinstance(e, EtcdError) else "INTERNAL"
 
 
@@ -193,7 +260,8 @@ class ServiceRuntime:
         self.config = config
         self.etcd = EtcdSession(config)
         self.events = EventBus(config)
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=GRPC_OPTIONS)
+        self.authorizer = Authorizer(self.etcd, config.kind, enforce=not config.insecure)
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(self.authorizer)], options=GRPC_OPTIONS)
         self.health = health.aio.HealthServicer()
         self.endpoint = ""
         self.metrics_endpoint = ""
@@ -223,6 +291,9 @@ class ServiceRuntime:
         self.endpoint = f"{cfg.dial_host}:{port}"
         self.metrics_endpoint = start_metrics(cfg.host, cfg.metrics_port)
         await self.etcd.start()
+        await self.authorizer.start()
+        if cfg.insecure:
+            log.warning("%s %s runs with --insecure: every caller is trusted as the admin", cfg.kind, cfg.instance)
         await self.events.start()
         reflection.enable_server_reflection(self._service_names, self.server)
         await self.server.start()
@@ -266,6 +337,7 @@ class ServiceRuntime:
         self.events.publish("service", "stopped", f"{cfg.kind}/{cfg.instance}", f"{cfg.kind} stopped")
         await self.etcd.close()
         await self.server.stop(cfg.grace)
+        await self.authorizer.close()
         await self.events.close()
         for closer in reversed(self._closers):
             try:

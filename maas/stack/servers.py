@@ -32,7 +32,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on the port: a bind test with SO_REUSEADDR, as the servers
+    bind, so the TIME_WAIT connections a stack that just stopped left behind do not count."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

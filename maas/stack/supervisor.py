@@ -25,8 +25,10 @@ import grpc
 
 from maas.cli.commands import deployments_ready
 from maas.mesh.aio import wait_event
+from maas.mesh.auth import new_key
 from maas.mesh.clients import MeshClient, live_services
 from maas.mesh.errors import StartupError
+from maas.services.registry.apikeys import install_admin_token, put_key
 from maas.stack.servers import Child, port_in_use, start_etcd, start_nats
 from maas.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -47,6 +49,7 @@ class UpConfig:
     http_port: int = 8000    # the router's OpenAI-compatible HTTP API; -1: off
     worker_args: tuple[str, ...] = ()
     ready_timeout: float = 300.0
+    insecure: bool = False   # every service trusts every caller (development only)
 
     @property
     def http_url(self) -> str:
@@ -98,19 +101,43 @@ class Stack:
     def _service(self, kind: str, *extra: str) -> Child:
         n = sum(c.name.startswith(kind) for c in self.children)
         name = f"{kind}-{n}" if kind in ("worker", "scheduler") else kind
-        args = [sys.executable, "-m", "maas", kind, "--etcd", self.etcd, "--nats", self.nats, *extra]
+        security = ("--insecure",) if self.config.insecure else ("--credential-file", str(self.credential(kind)))
+        args = [sys.executable, "-m", "maas", kind, "--etcd", self.etcd, "--nats", self.nats, *security, *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         child = Child(name, args, self.config.data_dir / "logs" / f"{name}.log", env=env).start()
         self.children.append(child)
         return child
 
     def admin_token(self) -> Path:
-        """The registry's admin credential for this data directory (made once, owner-only)."""
+        """The platform admin's credential for this data directory (made once, owner-only)."""
         path = self.config.data_dir / "admin-token"
         if not path.exists():
             path.touch(mode=0o600)
             path.write_text(secrets.token_urlsafe(32) + "\n")
         return path
+
+    def credential(self, kind: str) -> Path:
+        """A service kind's key file in this data directory (made once, owner-only); every
+        instance of the kind presents it (see install_credentials)."""
+        path = self.config.data_dir / "credentials" / f"{kind}.key"
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(new_key()[0] + "\n")
+        return path
+
+    async def install_credentials(self) -> None:
+        """Put the admin token's and the services' key records into etcd (hashes only), before
+        any service starts: a local stack's operator holds its etcd, as an operator would make
+        them with `maas keys create --service KIND` and a Secret per service in a cluster."""
+        if self.config.insecure:
+            return
+        async with MeshClient(self.etcd) as mesh:
+            await install_admin_token(mesh.etcd, mesh.keys, self.admin_token().read_text().strip())
+            for kind in (*SERVICES, "worker"):
+                key = self.credential(kind).read_text().strip()
+                await put_key(mesh.etcd, mesh.keys, key, registry_pb2.ApiKey(
+                    id=f"svc-{kind}", service=kind, created_ms=int(time.time() * 1000)))
 
     def start_services(self) -> None:
         self._service("registry", "--blob-dir", str(self.config.data_dir / "blobs"),
@@ -219,18 +246,17 @@ async def register_and_deploy(mesh: MeshClient, name: str, source: str, fmt: str
     return ref
 
 
-async def development_key(mesh: MeshClient, data_dir: Path, admin_token: str) -> str:
-    """The development key of this data directory: the saved one while the mesh still
-    knows it, else a new one for tenant `dev` (creating it locks the router, see docs/router.md)."""
+async def development_key(mesh: MeshClient, data_dir: Path) -> str:
+    """The development key of this data directory (a developer key of tenant `dev`): the
+    saved one while the mesh still knows it, else a new one."""
     registry = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
-    metadata = (("authorization", f"Bearer {admin_token}"),)
     path = data_dir / "dev-api-key"
     if path.exists():
         key = path.read_text().strip()
-        known = await registry.ListKeys(registry_pb2.ListKeysRequest(tenant="dev"), metadata=metadata, timeout=10)
-        if any(k.id == key.split("_")[1] for k in known.keys):
+        known = await registry.ListKeys(registry_pb2.ListKeysRequest(tenant="dev"), timeout=10)
+        if any(k.id == key.split("_")[1] and k.role == "developer" for k in known.keys):
             return key
-    created = await registry.CreateKey(registry_pb2.CreateKeyRequest(tenant="dev"), metadata=metadata, timeout=10)
+    created = await registry.CreateKey(registry_pb2.CreateKeyRequest(tenant="dev", role="developer"), timeout=10)
     path.touch(mode=0o600)
     path.write_text(created.key + "\n")
     return created.key
@@ -269,8 +295,12 @@ async def _up(stack: Stack, stop: asyncio.Event) -> None:
         forge = _forge_in_background(demo)
     stack.start_servers()
     stack.write_stack_file()  # from here on `maas status --wait` in this directory finds the stack
+    await stack.install_credentials()
     stack.start_services()
-    async with MeshClient(stack.etcd) as mesh:
+    if cfg.insecure:
+        print("warning: --insecure: no service checks a credential; anyone who reaches a port is the admin",
+              file=sys.stderr, flush=True)
+    async with MeshClient(stack.etcd, credential=stack.admin_token().read_text().strip()) as mesh:
         await _wait_services(mesh, stack, 60)
         source, fmt = cfg.model, cfg.model_format
         if forge is not None:
@@ -283,7 +313,7 @@ async def _up(stack: Stack, stop: asyncio.Event) -> None:
         elif fmt == "hf" and Path(source).expanduser().is_dir():
             source = str(Path(source).expanduser().resolve())
         ref = await register_and_deploy(mesh, cfg.model_name, source, fmt)
-        api_key = await development_key(mesh, cfg.data_dir, stack.admin_token().read_text().strip())
+        api_key = await development_key(mesh, cfg.data_dir)
         stack.write_stack_file(api_key)
         deadline = time.monotonic() + cfg.ready_timeout
         while True:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14maas/v1/events.proto\x12\x07maas.v1\"\xf1\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x02 \x01(\t\x12\x0c\n\x04what\x18\x03 \x01(\t\x12\x11\n\tentity_id\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x0f\n\x07time_ms\x18\x06 \x01(\x03\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x32\n\nattributes\x18\x08 \x03(\x0b\x32\x1e.maas.v1.Event.AttributesEntry\x12\x12\n\nrequest_id\x18\t \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14maas/v1/events.proto\x12\x07maas.v1\"\x84\x02\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x02 \x01(\t\x12\x0c\n\x04what\x18\x03 \x01(\t\x12\x11\n\tentity_id\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x0f\n\x07time_ms\x18\x06 \x01(\x03\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x32\n\nattributes\x18\x08 \x03(\x0b\x32\x1e.maas.v1.Event.AttributesEntry\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x11\n\tprincipal\x18\n \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_EVENT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_EVENT']._serialized_start=34
-  _globals['_EVENT']._serialized_end=275
-  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=226
-  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=275
+  _globals['_EVENT']._serialized_end=294
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=245
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=294
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Event(_message.Message):
-    __slots__ = ("id", "entity", "what", "entity_id", "source", "time_ms", "message", "attributes", "request_id")
+    __slots__ = ("id", "entity", "what", "entity_id", "source", "time_ms", "message", "attributes", "request_id", "principal")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class Event(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     id: str
     entity: str
     what: str
@@ -33,4 +34,5 @@ class Event(_message.Message):
     message: str
     attributes: _containers.ScalarMap[str, str]
     request_id: str
-    def __init__(self, id: _Optional[str] = ..., entity: _Optional[str] = ..., what: _Optional[str] = ..., entity_id: _Optional[str] = ..., source: _Optional[str] = ..., time_ms: _Optional[int] = ..., message: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    principal: str
+    def __init__(self, id: _Optional[str] = ..., entity: _Optional[str] = ..., what: _Optional[str] = ..., entity_id: _Optional[str] = ..., source: _Optional[str] = ..., time_ms: _Optional[int] = ..., message: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ..., principal: _Optional[str] = ...) -> None: ...

@@ -1,3 +1,4 @@
+from maas.v1 import access_pb2 as _access_pb2
 from maas.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -8,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ApiKey(_message.Message):
-    __slots__ = ("id", "tenant", "rpm", "tpm", "max_concurrent", "models", "created_ms", "admin")
+    __slots__ = ("id", "tenant", "rpm", "tpm", "max_concurrent", "models", "created_ms", "admin", "role", "service")
     ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     RPM_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +18,8 @@ class ApiKey(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     CREATED_MS_FIELD_NUMBER: _ClassVar[int]
     ADMIN_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     rpm: int
@@ -25,23 +28,29 @@ class ApiKey(_message.Message):
     models: _containers.RepeatedScalarFieldContainer[str]
     created_ms: int
     admin: bool
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., created_ms: _Optional[int] = ..., admin: _Optional[bool] = ...) -> None: ...
+    role: str
+    service: str
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., created_ms: _Optional[int] = ..., admin: _Optional[bool] = ..., role: _Optional[str] = ..., service: _Optional[str] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("tenant", "rpm", "tpm", "max_concurrent", "models", "admin")
+    __slots__ = ("tenant", "rpm", "tpm", "max_concurrent", "models", "admin", "role", "service")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     RPM_FIELD_NUMBER: _ClassVar[int]
     TPM_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     ADMIN_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     rpm: int
     tpm: int
     max_concurrent: int
     models: _containers.RepeatedScalarFieldContainer[str]
     admin: bool
-    def __init__(self, tenant: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., admin: _Optional[bool] = ...) -> None: ...
+    role: str
+    service: str
+    def __init__(self, tenant: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., admin: _Optional[bool] = ..., role: _Optional[str] = ..., service: _Optional[str] = ...) -> None: ...
 
 class CreateKeyResponse(_message.Message):
     __slots__ = ("key", "info")
@@ -74,7 +83,7 @@ class RevokeKeyResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "description", "tags", "latest_version", "aliases", "created_ms")
+    __slots__ = ("name", "description", "tags", "latest_version", "aliases", "created_ms", "owner")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,16 +104,18 @@ class Model(_message.Message):
     LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     tags: _containers.ScalarMap[str, str]
     latest_version: int
     aliases: _containers.ScalarMap[str, int]
     created_ms: int
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., latest_version: _Optional[int] = ..., aliases: _Optional[_Mapping[str, int]] = ..., created_ms: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., latest_version: _Optional[int] = ..., aliases: _Optional[_Mapping[str, int]] = ..., created_ms: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("name", "version", "format", "source", "base", "task", "resources", "options", "metadata", "artifact_digest", "created_ms")
+    __slots__ = ("name", "version", "format", "source", "base", "task", "resources", "options", "metadata", "artifact_digest", "created_ms", "owner")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +141,7 @@ class ModelVersion(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     format: str
@@ -141,10 +153,11 @@ class ModelVersion(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     artifact_digest: str
     created_ms: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[str] = ..., source: _Optional[str] = ..., base: _Optional[str] = ..., task: _Optional[str] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., options: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., artifact_digest: _Optional[str] = ..., created_ms: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[str] = ..., source: _Optional[str] = ..., base: _Optional[str] = ..., task: _Optional[str] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., options: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., artifact_digest: _Optional[str] = ..., created_ms: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class RegisterModelRequest(_message.Message):
-    __slots__ = ("name", "format", "source", "base", "task", "resources", "options", "metadata", "description")
+    __slots__ = ("name", "format", "source", "base", "task", "resources", "options", "metadata", "description", "owner")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +181,7 @@ class RegisterModelRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: str
     source: str
@@ -177,7 +191,8 @@ class RegisterModelRequest(_message.Message):
     options: _containers.ScalarMap[str, str]
     metadata: _containers.ScalarMap[str, str]
     description: str
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[str] = ..., source: _Optional[str] = ..., base: _Optional[str] = ..., task: _Optional[str] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., options: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., description: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[str] = ..., source: _Optional[str] = ..., base: _Optional[str] = ..., task: _Optional[str] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., options: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., description: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("name",)

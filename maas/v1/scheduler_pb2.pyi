@@ -1,3 +1,4 @@
+from maas.v1 import access_pb2 as _access_pb2
 from maas.v1 import common_pb2 as _common_pb2
 from maas.v1 import jobs_pb2 as _jobs_pb2
 from maas.v1 import mesh_pb2 as _mesh_pb2
@@ -32,7 +33,7 @@ class TrafficSplit(_message.Message):
     def __init__(self, model: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "model", "replicas", "autoscale", "resources", "selector", "traffic", "resolved_version", "created_ms", "updated_ms", "previous_version", "adapters")
+    __slots__ = ("name", "model", "replicas", "autoscale", "resources", "selector", "traffic", "resolved_version", "created_ms", "updated_ms", "previous_version", "adapters", "owner")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +53,7 @@ class Deployment(_message.Message):
     UPDATED_MS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     replicas: int
@@ -64,7 +66,8 @@ class Deployment(_message.Message):
     updated_ms: int
     previous_version: str
     adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., replicas: _Optional[int] = ..., autoscale: _Optional[_Union[Autoscale, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., selector: _Optional[_Mapping[str, str]] = ..., traffic: _Optional[_Iterable[_Union[TrafficSplit, _Mapping]]] = ..., resolved_version: _Optional[str] = ..., created_ms: _Optional[int] = ..., updated_ms: _Optional[int] = ..., previous_version: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., replicas: _Optional[int] = ..., autoscale: _Optional[_Union[Autoscale, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., selector: _Optional[_Mapping[str, str]] = ..., traffic: _Optional[_Iterable[_Union[TrafficSplit, _Mapping]]] = ..., resolved_version: _Optional[str] = ..., created_ms: _Optional[int] = ..., updated_ms: _Optional[int] = ..., previous_version: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class DeploymentStatus(_message.Message):
     __slots__ = ("deployment", "replicas", "ready_replicas", "message")

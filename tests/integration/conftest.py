@@ -17,10 +17,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from maas.mesh.auth import ADMIN_TOKEN_ENV, new_key
 from maas.mesh.clients import MeshClient
 from maas.mesh.config import MeshConfig
 from maas.mesh.server import ServiceRuntime
 from maas.services.registry import main as registry_main
+from maas.services.registry.apikeys import install_admin_token, put_key
 from maas.services.router import main as router_main
 from maas.services.scheduler import main as scheduler_main
 from maas.services.worker import main as worker_main
@@ -53,9 +55,14 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     child.stop()
 
 
+SERVICE_KINDS = ("router", "worker", "scheduler", "registry")
+
+
 @dataclass
 class MeshHarness:
-    """A mesh under one test's private etcd prefix."""
+    """A mesh under one test's private etcd prefix. Secure as `maas up` makes it: every
+    service presents its own service key, and the test's client is the admin
+    (`admin_token`); `key(tenant, role)` makes tenants' keys."""
 
     etcd: str
     nats: str
@@ -64,10 +71,27 @@ class MeshHarness:
     runtimes: list[ServiceRuntime] = field(default_factory=list)
     children: list[Child] = field(default_factory=list)
     _client: MeshClient | None = None
+    admin_token: str = field(default_factory=lambda: new_key()[0])
+    service_keys: dict[str, str] = field(default_factory=lambda: {k: new_key()[0] for k in SERVICE_KINDS})
+
+    async def install_credentials(self) -> None:
+        """The admin token's and the services' key records, as `maas up` writes them."""
+        async with MeshClient(self.etcd, self.prefix) as m:
+            await install_admin_token(m.etcd, m.keys, self.admin_token)
+            for kind, key in self.service_keys.items():
+                await put_key(m.etcd, m.keys, key, registry_pb2.ApiKey(id=f"svc-{kind}", service=kind))
+
+    async def key(self, tenant: str, role: str = "developer", **limits: object) -> str:
+        """A new key of `tenant` (made by the admin through the registry)."""
+        stub = await self.stub("registry")
+        created = await stub.CreateKey(registry_pb2.CreateKeyRequest(  # type: ignore[attr-defined]
+            tenant=tenant, role=role, **limits), timeout=10)
+        return str(created.key)
 
     def config(self, kind: str, **kw: object) -> MeshConfig:
         kw.setdefault("lease_ttl", 2)
         kw.setdefault("metrics_port", -1)
+        kw.setdefault("credential", self.service_keys[kind])
         return MeshConfig(kind=kind, etcd=self.etcd, nats=self.nats, prefix=self.prefix, grace=2.0,
                           **kw)  # type: ignore[arg-type]
 
@@ -78,7 +102,7 @@ class MeshHarness:
 
     async def registry(self) -> ServiceRuntime:
         rt = await self._runtime("registry")
-        await registry_main.build(rt, self.tmp / "blobs")
+        await registry_main.build(rt, self.tmp / "blobs", admin_token=self.admin_token)
         return rt
 
     async def scheduler(self, **build_kw: float) -> ServiceRuntime:
@@ -112,13 +136,14 @@ class MeshHarness:
         name = f"{kind}-{len(self.children)}"
         child = Child(name, [sys.executable, "-m", "maas", kind, "--etcd", self.etcd, "--nats", self.nats,
                              "--prefix", self.prefix, "--lease-ttl", "2", "--metrics-port", "-1", *args],
-                      self.tmp / f"{name}.log", env={**os.environ, "PYTHONUNBUFFERED": "1"}).start()
+                      self.tmp / f"{name}.log",
+                      env={**os.environ, "PYTHONUNBUFFERED": "1", "MAAS_CREDENTIAL": self.service_keys[kind]}).start()
         self.children.append(child)
         return child
 
     async def client(self) -> MeshClient:
         if self._client is None:
-            self._client = MeshClient(self.etcd, self.prefix)
+            self._client = MeshClient(self.etcd, self.prefix, credential=self.admin_token)
         return self._client
 
     async def stub(self, kind: str) -> object:
@@ -172,8 +197,11 @@ class MeshHarness:
 
 
 @pytest.fixture
-async def mesh(etcd_url: str, nats_url: str, tmp_path: Path) -> AsyncIterator[MeshHarness]:
+async def mesh(etcd_url: str, nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+               ) -> AsyncIterator[MeshHarness]:
     m = MeshHarness(etcd=etcd_url, nats=nats_url, prefix=f"/t{uuid.uuid4().hex[:10]}/", tmp=tmp_path)
+    await m.install_credentials()
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, m.admin_token)  # `maas` commands the test runs act as the admin
     yield m
     await m.close()
 

@@ -174,7 +174,7 @@ async def test_restore_under_another_prefix_verifies_artifacts_first(mesh: MeshH
     rt = ServiceRuntime(dataclasses.replace(mesh.config("registry"), prefix=copy))
     mesh.runtimes.append(rt)
     blobs = tmp_path / "blobs-copy"
-    await registry_main.build(rt, blobs)
+    await registry_main.build(rt, blobs, admin_token=mesh.admin_token)  # the same operator
 
     rc, _, err = await cli(mesh, capsys, "admin", "restore", str(backup), prefix=copy)
     assert rc == 1 and "FAILED_PRECONDITION" in err and artifact.sha256 in err and "shipped@1" in err, err

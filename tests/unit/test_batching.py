@@ -151,7 +151,7 @@ async def test_closing_the_engine_fails_in_flight_requests_instead_of_hanging(de
 
     e = HFEngine(ModelSpec("demo", 1, "hf", str(demo_model_dir), options={"max_batch": "1"}))
     await e.load()
-    running = e.generate(GenerationRequest("a", PROMPTS[0], SamplingParams(max_tokens=5000, ignore_eos=True)))
+    running = e.generate(GenerationRequest("a", PROMPTS[0], SamplingParams(max_tokens=1000, ignore_eos=True)))
     await anext(running)  # type: ignore[call-overload]
     waiting = asyncio.ensure_future(anext(e.generate(  # type: ignore[call-overload]
         GenerationRequest("b", PROMPTS[1], SamplingParams(max_tokens=5)))))
@@ -171,7 +171,7 @@ async def test_cancelled_waiting_requests_free_their_queue_place(demo_model_dir:
     e = HFEngine(ModelSpec("demo", 1, "hf", str(demo_model_dir), options={"max_batch": "1", "max_queue": "2"}))
     await e.load()
     try:
-        busy = e.generate(GenerationRequest("busy", PROMPTS[0], SamplingParams(max_tokens=5000, ignore_eos=True)))
+        busy = e.generate(GenerationRequest("busy", PROMPTS[0], SamplingParams(max_tokens=1000, ignore_eos=True)))
         await anext(busy)  # type: ignore[call-overload]
         queued = [asyncio.ensure_future(anext(e.generate(GenerationRequest(  # type: ignore[call-overload]
             f"q{i}", PROMPTS[1], SamplingParams(max_tokens=3))))) for i in range(2)]

@@ -61,8 +61,10 @@ async def test_sim_max_tokens_and_context(sim: Engine) -> None:
     last = deltas[-1]
     assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", 3, 5)
     assert len(_tokens(deltas)) == 5
-    full = await _collect(sim, "w " * 60, max_tokens=100)  # 60 prompt words, context 64
+    full = await _collect(sim, "w " * 60, max_tokens=4)  # 60 prompt words, context 64: fills it
     assert full[-1].finish_reason == "length" and full[-1].completion_tokens == 4
+    with pytest.raises(InvalidArgument, match="max_tokens 5 plus the prompt's 60 tokens exceeds .* 64"):
+        await _collect(sim, "w " * 60, max_tokens=5)
     with pytest.raises(InvalidArgument, match="context"):
         await _collect(sim, "w " * 64)
 

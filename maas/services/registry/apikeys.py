@@ -1,68 +1,97 @@
-"""API keys of tenants in etcd: created (the key shown once), listed, revoked.
+"""Keys in etcd: created (the key shown once), listed, revoked.
 
-Routers mirror `tenants/keys/` and admit requests from it without a round trip; a
-revoked key stops working as soon as their watch sees the delete.
+Every service mirrors `tenants/keys/` and authenticates calls from it without a round trip
+(`maas.mesh.authz`); a revoked key stops working as soon as the watches see the delete.
+The admin manages every key (service credentials and admin keys included); a tenant's
+developer key manages its own tenant's inference keys.
 """
 
 from __future__ import annotations
 
 import time
 
-from maas.mesh.auth import key_hash, new_key, same_secret
-from maas.mesh.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+import aetcd
+
+from maas.mesh.auth import key_hash, new_key
+from maas.mesh.authz import SERVICES, TENANT_ROLES, caller
+from maas.mesh.errors import InvalidArgument, NotFound, PermissionDenied
 from maas.mesh.etcd import EtcdSession
+from maas.mesh.keys import Keys
 from maas.mesh.names import validate_name
 from maas.v1 import registry_pb2
 
+ADMIN_TOKEN_ID = "admin"  # the id of the admin token's record (generated ids are 8 hex digits)
+
+
+async def put_key(client: aetcd.Client, keys: Keys, key: str, info: registry_pb2.ApiKey) -> None:
+    """Store a key's record under its hash (the key itself is never stored)."""
+    await client.put(keys.api_key(key_hash(key)), info.SerializeToString())
+
+
+async def install_admin_token(client: aetcd.Client, keys: Keys, token: str) -> None:
+    """Make `token` the admin credential: its record replaces the previous admin token's, so
+    changing the token (and restarting the registry) rotates it."""
+    mine = keys.api_key(key_hash(token))
+    for kv in await client.get_prefix(keys.api_keys()):
+        if kv.key != mine and registry_pb2.ApiKey.FromString(kv.value).id == ADMIN_TOKEN_ID:
+            await client.delete(kv.key)
+    await put_key(client, keys, token, registry_pb2.ApiKey(
+        id=ADMIN_TOKEN_ID, role="admin", admin=True, created_ms=int(time.time() * 1000)))
+
 
 class KeyStore:
-    def __init__(self, session: EtcdSession, admin_token: str = "") -> None:
+    def __init__(self, session: EtcdSession) -> None:
         self.session = session
-        self.admin_token = admin_token
 
     async def _all(self) -> list[registry_pb2.ApiKey]:
         pairs, _ = await self.session.get_prefix(self.session.keys.api_keys())
         return [registry_pb2.ApiKey.FromString(v) for _, v in pairs]
 
-    async def require_admin(self, credential: str) -> None:
-        """Key management needs the registry's admin token or an admin key. A mesh with
-        neither (a fresh one) is open, so that the first admin key can be made."""
-        if credential and self.admin_token and same_secret(credential, self.admin_token):
-            return
-        if credential:
-            raw = await self.session.get(self.session.keys.api_key(key_hash(credential)))
-            if raw is not None:
-                if registry_pb2.ApiKey.FromString(raw).admin:
-                    return
-                raise PermissionDenied("this key may not manage keys (it is not an admin key)")
-        if not self.admin_token and not any(k.admin for k in await self._all()):
-            return
-        raise Unauthenticated("managing keys needs an admin credential: pass --admin-token or set "
-                              "MAAS_ADMIN_TOKEN (or use an admin key)" if not credential
-                              else "the admin credential is not valid")
-
     async def create(self, request: registry_pb2.CreateKeyRequest) -> registry_pb2.CreateKeyResponse:
-        validate_name(request.tenant, "tenant")
+        role = "admin" if request.admin else (request.role or "inference")
+        if role not in TENANT_ROLES:
+            raise InvalidArgument(f"role {role!r} is not one of {', '.join(TENANT_ROLES)}", field="role")
+        me = caller()
+        if request.service:
+            if request.service not in SERVICES:
+                raise InvalidArgument(f"service {request.service!r} is not one of {', '.join(SERVICES)}",
+                                      field="service")
+            if request.tenant or role != "inference" or request.models:
+                raise InvalidArgument("a service credential has no tenant, role or models", field="service")
+            role = ""
+        elif role == "admin":
+            if request.tenant:
+                raise InvalidArgument("an admin key belongs to no tenant; leave --tenant out", field="tenant")
+        else:
+            validate_name(request.tenant, "tenant")
+        if not me.is_admin and (request.service or role != "inference" or request.tenant != me.tenant):
+            raise PermissionDenied(f"{me.describe()} may create inference keys of tenant {me.tenant!r} only; "
+                                   "other keys need the admin")
         for model in request.models:
             validate_name(model, "model")
         key, key_id = new_key()
         info = registry_pb2.ApiKey(id=key_id, tenant=request.tenant, rpm=request.rpm, tpm=request.tpm,
                                    max_concurrent=request.max_concurrent, models=sorted(set(request.models)),
-                                   admin=request.admin, created_ms=int(time.time() * 1000))
-        await self.session.client.put(self.session.keys.api_key(key_hash(key)), info.SerializeToString())
+                                   admin=role == "admin", role=role, service=request.service,
+                                   created_ms=int(time.time() * 1000))
+        await put_key(self.session.client, self.session.keys, key, info)
         return registry_pb2.CreateKeyResponse(key=key, info=info)
 
     async def list(self, tenant: str = "") -> list[registry_pb2.ApiKey]:
+        me = caller()
+        if not me.is_admin:
+            tenant = me.tenant  # a tenant lists its own keys, whatever it asked
         return sorted((k for k in await self._all() if not tenant or k.tenant == tenant),
                       key=lambda k: (k.tenant, k.created_ms))
 
     async def revoke(self, key_id: str) -> registry_pb2.ApiKey:
         if not key_id:
             raise InvalidArgument("give the id of the key to revoke (see `maas keys list`)", field="id")
+        me = caller()
         pairs, _ = await self.session.get_prefix(self.session.keys.api_keys())
         for raw_key, raw in pairs:
             info = registry_pb2.ApiKey.FromString(raw)
-            if info.id == key_id:
+            if info.id == key_id and (me.is_admin or (info.tenant == me.tenant and not info.service)):
                 await self.session.client.delete(raw_key)
                 return info
         raise NotFound(f"no key with id {key_id!r} (see `maas keys list`)")

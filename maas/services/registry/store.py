@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from maas.mesh.artifacts import ARTIFACT, check_digest
-from maas.mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from maas.mesh.authz import caller, hidden, owner_for_new, require_owner
+from maas.mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.names import validate_name
 from maas.services.registry.blobs import BlobStore
@@ -21,6 +22,7 @@ FORMATS = ("hf", "sim")
 TASKS = ("generate", "embed")
 DEFAULT_SIM_MEMORY = 64 * 1024 * 1024
 DEFAULT_HUB_MEMORY = 2 * 1024 * 1024 * 1024
+ADMIN_OPTIONS = ("trust_remote_code",)  # options that run code from the model's source
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
@@ -79,6 +81,10 @@ class ModelStore:
         task = req.task or "generate"
         if task not in TASKS:
             raise InvalidArgument(f"task {task!r} is not supported: use one of {', '.join(TASKS)}", field="task")
+        owner = owner_for_new(req.owner)
+        await self._check_source_allowed(req, owner)
+        if req.source.strip().startswith(ARTIFACT):
+            await self.check_artifact(check_digest(req.source.strip().removeprefix(ARTIFACT)))
         base = ""
         if req.base:
             try:
@@ -101,17 +107,18 @@ class ModelStore:
             got = await client.get(model_key)
             model = registry_pb2.Model()
             if got is None:
-                model.name, model.description = req.name, req.description
+                model.name, model.description, model.owner = req.name, req.description, owner
                 model.created_ms = int(time.time() * 1000)
                 guard = tx.create(model_key) == 0
             else:
                 model.ParseFromString(got.value)
+                self._may_add_version(model, owner)
                 guard = tx.mod(model_key) == got.mod_revision
             model.latest_version += 1
             version = registry_pb2.ModelVersion(
                 name=req.name, version=model.latest_version, format=fmt, source=source, base=base,
                 task=task, resources=resources, options=dict(req.options), metadata=dict(req.metadata),
-                created_ms=int(time.time() * 1000))
+                created_ms=int(time.time() * 1000), owner=model.owner)
             ok, _ = await client.transaction(
                 compare=[guard],
                 success=[tx.put(model_key, model.SerializeToString()),
@@ -121,16 +128,66 @@ class ModelStore:
                 return version
         raise FailedPrecondition(f"model {req.name!r} is being registered concurrently; retry")
 
+    @staticmethod
+    async def _check_source_allowed(req: registry_pb2.RegisterModelRequest, owner: str) -> None:
+        """Sources that read the registry's host and options that run the model's code are
+        the admin's to register (a tenant uploads a directory instead)."""
+        if caller().is_admin:
+            return
+        source = req.source.strip()
+        if source and not source.startswith(ARTIFACT) and await asyncio.to_thread(looks_local, source):
+            raise PermissionDenied("a local path reads the registry's own disk, so only the admin may register "
+                                   "one; upload the directory instead (`maas models upload NAME DIR`)", field="source")
+        for option in ADMIN_OPTIONS:
+            if option in req.options:
+                raise PermissionDenied(f"option {option!r} runs code from the model's source; only the admin "
+                                       "may set it", field="options")
+
+    @staticmethod
+    def _may_add_version(model: registry_pb2.Model, owner: str) -> None:
+        name = model.name
+        require_owner(model.owner, f"model {name!r} is not registered", f"model {name!r}")
+        if caller().trusted and owner != model.owner:
+            raise FailedPrecondition(f"model {name!r} belongs to {model.owner or 'the platform'}; a new version "
+                                     f"for {owner or 'the platform'} needs another name", field="name")
+
     async def get_model(self, name: str) -> registry_pb2.Model:
         validate_name(name, "model")
         raw = await self.session.get(self.keys.model(name))
+        missing = f"model {name!r} is not registered"
         if raw is None:
-            raise NotFound(f"model {name!r} is not registered")
-        return registry_pb2.Model.FromString(raw)
+            raise NotFound(missing)
+        model = registry_pb2.Model.FromString(raw)
+        hidden(model.owner, missing)
+        return model
 
     async def list_models(self) -> list[registry_pb2.Model]:
+        """The models the caller may see (its tenant's and the platform's)."""
+        me = caller()
         pairs, _ = await self.session.get_prefix(self.keys.models())
-        return sorted((registry_pb2.Model.FromString(v) for _, v in pairs), key=lambda m: m.name)
+        return sorted((m for m in (registry_pb2.Model.FromString(v) for _, v in pairs) if me.may_see(m.owner)),
+                      key=lambda m: m.name)
+
+    async def uploaded(self, sha: str) -> None:
+        """Remember that the calling tenant uploaded `sha` (artifacts are shared by content,
+        so who may read one is recorded apart from the bytes)."""
+        tenant = caller().tenant
+        if tenant:
+            await self.session.client.put(self.keys.upload(tenant, sha), b"")
+
+    async def check_artifact(self, sha: str) -> None:
+        """NotFound, as for a missing artifact, unless the caller may read `sha`: the admin and
+        services may; a tenant if it uploaded it or can see a version made of it."""
+        me = caller()
+        if me.trusted or await self.session.get(self.keys.upload(me.tenant, sha)) is not None:
+            return
+        models = {m.name: m.owner for m in await self.list_models()}
+        pairs, _ = await self.session.get_prefix(self.keys.versions())
+        for _, raw in pairs:
+            v = registry_pb2.ModelVersion.FromString(raw)
+            if v.name in models and sha in (v.artifact_digest, v.source.removeprefix(ARTIFACT)):
+                return
+        raise NotFound(f"artifact {sha} does not exist")
 
     async def artifact_user(self, sha: str) -> str:
         """What still needs an artifact: a model version made from it, or an unfinished
@@ -170,7 +227,9 @@ class ModelStore:
         raw = await self.session.get(self.keys.version(name, number))
         if raw is None:
             raise NotFound(f"model {name!r} has no version {number}")
-        return registry_pb2.ModelVersion.FromString(raw)
+        version = registry_pb2.ModelVersion.FromString(raw)
+        version.owner = model.owner  # versions stored before owners existed carry none
+        return version
 
     async def set_alias(self, name: str, alias: str, version: int) -> registry_pb2.Model:
         validate_name(alias, "alias")
@@ -182,6 +241,7 @@ class ModelStore:
             if got is None:
                 raise NotFound(f"model {name!r} is not registered")
             model = registry_pb2.Model.FromString(got.value)
+            require_owner(model.owner, f"model {name!r} is not registered", f"model {name!r}")
             if await self.session.get(self.keys.version(name, version)) is None:
                 raise NotFound(f"model {name!r} has no version {version}")
             model.aliases[alias] = version
@@ -196,6 +256,7 @@ class ModelStore:
         """Delete one version, unless a deployment, an alias or an adapter still uses it."""
         ref = f"{name}@{version}"
         model = await self.get_model(name)
+        require_owner(model.owner, f"model {name!r} is not registered", f"model {name!r}")
         raw = await self.session.get(self.keys.version(name, version))
         if raw is None:
             raise NotFound(f"model {name!r} has no version {version}")

@@ -20,12 +20,12 @@ from collections.abc import AsyncIterator
 import grpc
 from prometheus_client import Counter, Histogram
 
-from maas.mesh.clients import REPLICA_HEADER
+from maas.mesh.clients import REPLICA_HEADER, credential_metadata
 from maas.mesh.errors import DeadlineExceeded, MaasError, ResourceExhausted, Unavailable, from_rpc_error
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.services.router.pool import ReplicaPool
 from maas.services.router.tenants import Gate, Ticket
-from maas.v1 import common_pb2, inference_pb2, mesh_pb2
+from maas.v1 import common_pb2, inference_pb2, mesh_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,10 @@ class Forwarder:
 
     def __init__(self, pool: ReplicaPool, gate: Gate | None = None, *, max_attempts: int = MAX_ATTEMPTS,
                  queue_timeout: float = QUEUE_SECONDS, max_waiting: int = MAX_WAITING,
-                 failover_timeout: float = FAILOVER_SECONDS, prefix_affinity: bool = True) -> None:
+                 failover_timeout: float = FAILOVER_SECONDS, prefix_affinity: bool = True,
+                 credential: str = "") -> None:
         self.pool = pool
+        self.credential = credential_metadata(credential)  # the router's own key: workers serve routers only
         self.prefix_affinity = prefix_affinity
         self.gate = gate
         self.max_attempts = max_attempts
@@ -152,21 +154,20 @@ class Forwarder:
         self.failover_timeout = failover_timeout
         self.waiting = 0  # requests waiting for a full model to have room
 
-    def _admit(self, api_key: str, model: str) -> Ticket:
-        return Ticket(None) if self.gate is None else self.gate.admit(api_key, model)
+    def _admit(self, api_key: str, model: str, adapter: str = "") -> Ticket:
+        return Ticket(None) if self.gate is None else self.gate.admit(api_key, model, adapter)
 
-    @staticmethod
-    def prepare(request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest
+    def prepare(self, request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest
                 ) -> tuple[tuple[str, str], ...]:
         """Give the request an id (the caller's, the log context's, or a new one); an id the
-        router chose goes into `added` too."""
+        router chose goes into `added` too. Returns the metadata of the call to a worker."""
         rid = request.request_id
         if not rid:
             rid = request_id_var.get()
             if rid == "-":
                 rid = new_request_id()
             request.request_id = added.request_id = rid
-        return (("x-request-id", rid),)
+        return (("x-request-id", rid), *self.credential)
 
     def route_adapter(self, request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest) -> None:
         """A model name that is not a deployment but one of a deployment's adapters (a
@@ -188,7 +189,7 @@ class Forwarder:
         series = _series(self._label(request.model))
         tenant, status = "-", "OK"
         try:
-            ticket = self._admit(api_key, asked)
+            ticket = self._admit(api_key, asked, request.adapter)
             tenant = ticket.tenant
             try:
                 metadata = self.prepare(request, added)
@@ -252,7 +253,7 @@ class Forwarder:
         series = _series(self._label(request.model))
         tenant, status = "-", "OK"
         try:
-            ticket = self._admit(api_key, asked)
+            ticket = self._admit(api_key, asked, request.adapter)
             tenant = ticket.tenant
             try:
                 metadata = self.prepare(request, added)
@@ -299,7 +300,7 @@ class Forwarder:
             replica = await self.pool.pick(request.model, deadline=timeout)
             with self.pool.track(replica):
                 response = await self.pool.stub(replica).Embed(
-                    request, timeout=timeout, metadata=((REPLICA_HEADER, replica.replica_id),))
+                    request, timeout=timeout, metadata=((REPLICA_HEADER, replica.replica_id), *self.credential))
             ticket.tokens = response.usage.prompt_tokens
             return response
         except grpc.aio.AioRpcError as e:
@@ -308,12 +309,15 @@ class Forwarder:
             if ticket.state is not None:
                 Gate.release(ticket)
 
+    def _may_use(self, key: registry_pb2.ApiKey | None, model: str) -> bool:
+        return self.gate is None or self.gate.may_use(key, model)
+
     def models(self, api_key: str = "") -> inference_pb2.ListModelsResponse:
         """Deployments with at least one ready replica (those the caller's key may use)."""
         key = self.gate.identify(api_key) if self.gate is not None else None
         by_name: dict[str, inference_pb2.ServedModel] = {}
         for r in self.pool.replicas.items.values():
-            if r.state != mesh_pb2.REPLICA_STATE_READY or not Gate.may_use(key, r.deployment):
+            if r.state != mesh_pb2.REPLICA_STATE_READY or not self._may_use(key, r.deployment):
                 continue
             if r.deployment not in by_name:
                 by_name[r.deployment] = inference_pb2.ServedModel(
@@ -323,7 +327,7 @@ class Forwarder:
         for name, dep in self.pool.deployments.items.items():  # adapters served by a ready deployment
             for adapter in dep.adapters:
                 served = by_name.get(name)
-                if served is not None and adapter not in by_name and Gate.may_use(key, adapter):
+                if served is not None and adapter not in by_name and self._may_use(key, adapter):
                     by_name[adapter] = inference_pb2.ServedModel(
                         name=adapter, version=adapter.partition("@")[2] or "latest", task="generate",
                         context_length=served.context_length, ready_replicas=served.ready_replicas)

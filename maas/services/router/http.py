@@ -30,7 +30,14 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from maas.mesh.auth import bearer
-from maas.mesh.errors import DeadlineExceeded, MaasError, NotFound, StartupError, from_rpc_error
+from maas.mesh.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MaasError,
+    NotFound,
+    StartupError,
+    from_rpc_error,
+)
 from maas.mesh.etcd import EtcdError
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.services.router import openai_api, openapi
@@ -281,11 +288,30 @@ class HttpApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         deadline = self._deadline(request)
-        return await self._generate(request, deadline, *openai_api.chat_request(await self._body(request)))
+        req, opts = openai_api.chat_request(await self._body(request))
+        if opts.max_tokens_given:
+            return await self._generate(request, deadline, req, opts)
+        req.params.max_tokens = default = openai_api.chat_max_tokens(self._context_length(req.model))
+        try:
+            return await self._generate(request, deadline, req, opts)
+        except InvalidArgument as e:  # the prompt leaves less room than the default
+            if e.field != "max_tokens":
+                raise
+            raise InvalidArgument(f"{e.message}; the request did not set max_tokens and a chat's default is "
+                                  f"{default}: set max_tokens (or max_completion_tokens) to what fits",
+                                  field="max_tokens") from None
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         deadline = self._deadline(request)
         return await self._generate(request, deadline, *openai_api.completion_request(await self._body(request)))
+
+    def _context_length(self, model: str) -> int:
+        """The context of `model`'s ready replicas (a fine-tuned adapter's: its deployment's);
+        0 while none is ready, when the router does not know it."""
+        pool = self.forwarder.pool
+        if model not in pool.deployments.items:
+            model = pool.serving_adapter(model) or model
+        return min((r.context_length for r in pool.ready(model) if r.context_length), default=0)
 
     async def _generate(self, request: web.Request, deadline: _Deadline, req: inference_pb2.GenerateRequest,
                         opts: openai_api.Options) -> web.StreamResponse:

@@ -13,7 +13,7 @@ from maas.services.router.forward import FAILOVER_SECONDS, Forwarder
 from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
 from maas.services.router.service import SERVICE, RouterInferenceServicer, add_to_server
-from maas.services.router.tenants import AUTH_MODES, Gate
+from maas.services.router.tenants import Gate
 
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
@@ -28,8 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(never past its deadline) before it fails")
     parser.add_argument("--no-prefix-affinity", dest="prefix_affinity", action="store_false",
                         help="route by load only (sessions still stick): for comparisons and A/B tests")
-    parser.add_argument("--auth", choices=AUTH_MODES, default="auto",
-                        help="API keys: required, off, or auto (required once any key exists; default)")
     parser.add_argument("--http-host", default=None, help="address the HTTP API binds (default: --host)")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
                         help="port of the OpenAI-compatible HTTP API (0: any free port, -1: off)")
@@ -41,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SECONDS,
-                auth: str = "auto", http_host: str | None = None, http_port: int = -1,
+                http_host: str | None = None, http_port: int = -1,
                 prefix_affinity: bool = True, failover_timeout: float = FAILOVER_SECONDS,
                 http_timeout: float = DEFAULT_TIMEOUT, grpc_timeout: float = DEFAULT_TIMEOUT) -> ReplicaPool:
     """Wire a router into a runtime (also used by in-process tests). `http_port` -1 serves
@@ -51,8 +49,9 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     if not 0 <= failover_timeout <= 3600:
         raise StartupError(f"--failover-timeout {failover_timeout:g} must be between 0 and 3600 seconds")
     pool = ReplicaPool(rt.etcd, cold_start_timeout=cold_start_timeout)
-    gate = Gate(rt.etcd, auth)
-    forwarder = Forwarder(pool, gate, prefix_affinity=prefix_affinity, failover_timeout=failover_timeout)
+    gate = Gate(rt.etcd, rt.authorizer, owner=pool.owner, not_found=pool.not_found)
+    forwarder = Forwarder(pool, gate, prefix_affinity=prefix_affinity, failover_timeout=failover_timeout,
+                          credential=rt.config.credential)
     if not 0 < grpc_timeout <= 86400:
         raise StartupError(f"--grpc-timeout {grpc_timeout:g} must be more than 0 and at most 86400 seconds")
     rt.add_service(SERVICE, add_to_server, RouterInferenceServicer(forwarder, grpc_timeout))
@@ -78,7 +77,7 @@ def main(ns: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with ServiceRuntime(config) as rt:
-            await build(rt, cold_start_timeout=ns.cold_start_timeout, auth=ns.auth, http_host=ns.http_host,
+            await build(rt, cold_start_timeout=ns.cold_start_timeout, http_host=ns.http_host,
                         prefix_affinity=ns.prefix_affinity, failover_timeout=ns.failover_timeout,
                         http_port=ns.http_port, http_timeout=ns.http_timeout, grpc_timeout=ns.grpc_timeout)
             await rt.wait()

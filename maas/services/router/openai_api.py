@@ -23,9 +23,15 @@ from maas.mesh.errors import InvalidArgument, MaasError
 from maas.v1 import common_pb2, inference_pb2
 
 DEFAULT_CHAT_MAX_TOKENS = 1024
-"""max_tokens of a chat completion that does not set it (OpenAI: the rest of the context).
-Bounded because an engine reserves KV cache for prompt + max_tokens; the engine still
-stops at the model's context. /v1/completions keeps OpenAI's default of 16."""
+"""max_tokens of a chat completion that does not set it (OpenAI: the rest of the context),
+at most half the model's context where the router knows it (`chat_max_tokens`). Bounded
+because an engine reserves KV cache for prompt + max_tokens, and refuses a prompt plus
+max_tokens beyond the model's context. /v1/completions keeps OpenAI's default of 16."""
+
+MAX_TOKENS = 1 << 20
+"""The most max_tokens (or max_completion_tokens) any request may ask for: a cheap bound at
+the door. The worker refuses a prompt plus max_tokens beyond the model's own context (a
+400 naming that context)."""
 
 MAX_STOP = 16
 INT32 = 2**31
@@ -49,7 +55,8 @@ def _f(*types: JsonType, doc: str, required: bool = False) -> Field:
 
 _SAMPLING: dict[str, Field] = {
     "model": _f("string", required=True, doc="Deployment to serve the request: `name` (or `name@version`)."),
-    "max_tokens": _f("integer", doc="Most tokens to generate (> 0)."),
+    "max_tokens": _f("integer", doc=f"Most tokens to generate, 1 to {MAX_TOKENS}; the prompt plus these must fit "
+                                    "the model's context (`context_length`)."),
     "temperature": _f("number", doc=">= 0; 0 is greedy. Default 1."),
     "top_p": _f("number", doc="Nucleus sampling, in (0, 1]. Default 1."),
     "stop": _f("string", "array", doc=f"A stop string or up to {MAX_STOP}; never part of the output."),
@@ -72,8 +79,9 @@ CHAT_FIELDS: dict[str, Field] = {
     "messages": _f("array", required=True,
                    doc="The chat: objects with `role` (system, developer, user, assistant, tool) and "
                        "`content` (a string or text parts)."),
-    "max_completion_tokens": _f("integer", doc="Most tokens to generate; wins over max_tokens. "
-                                               f"Default {DEFAULT_CHAT_MAX_TOKENS}."),
+    "max_completion_tokens": _f("integer", doc=f"Most tokens to generate, 1 to {MAX_TOKENS}; wins over "
+                                               f"max_tokens. Default {DEFAULT_CHAT_MAX_TOKENS}, at most half "
+                                               "the model's context."),
     "logprobs": _f("boolean", doc="Return the log probability of each output token."),
     "top_logprobs": _f("integer", doc="With logprobs: also the N most likely tokens at each position (0-20)."),
     "store": _f("boolean", doc="Accepted and ignored."),
@@ -93,7 +101,8 @@ CHAT_FIELDS: dict[str, Field] = {
 COMPLETION_FIELDS: dict[str, Field] = {
     **_SAMPLING,
     "prompt": _f("string", "array", required=True, doc="The prompt: a string (or an array of one string)."),
-    "max_tokens": _f("integer", doc="Most tokens to generate (> 0). Default 16."),
+    "max_tokens": _f("integer", doc=f"Most tokens to generate, 1 to {MAX_TOKENS}; the prompt plus these must fit "
+                                    "the model's context (`context_length`). Default 16."),
     "logprobs": _f("integer", doc="Return log probabilities of the output tokens and the N most likely (0-20)."),
     "echo": _f("boolean", doc="Only false."),
     "suffix": _f("string", doc="Not supported: only null or empty."),
@@ -180,6 +189,7 @@ class Options:
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
+    max_tokens_given: bool = True  # False: a chat's max_tokens is the default (`chat_max_tokens`)
 
 
 def _common(body: Mapping[str, Any], request: inference_pb2.GenerateRequest) -> None:
@@ -224,14 +234,22 @@ def _max_tokens(p: common_pb2.SamplingParams, value: int | None, default: int | 
         p.max_tokens = default
 
 
+def chat_max_tokens(context_length: int) -> int:
+    """max_tokens of a chat that does not set it, for a model of `context_length` tokens (0:
+    not known): DEFAULT_CHAT_MAX_TOKENS, at most half the context, so that a prompt of up to
+    the other half fits (the engine refuses a prompt plus max_tokens beyond the context)."""
+    return min(DEFAULT_CHAT_MAX_TOKENS, context_length // 2) if context_length > 0 else DEFAULT_CHAT_MAX_TOKENS
+
+
 def chat_request(body: object) -> tuple[inference_pb2.GenerateRequest, Options]:
     b = checked(body, CHAT_FIELDS)
     request = inference_pb2.GenerateRequest()
     _common(b, request)
     request.messages.extend(chat_messages(b["messages"]))
-    max_tokens = _int(b, "max_completion_tokens")
-    _max_tokens(request.params, max_tokens if max_tokens is not None else _int(b, "max_tokens"),
-                DEFAULT_CHAT_MAX_TOKENS)
+    max_tokens = _int(b, "max_completion_tokens", 1, MAX_TOKENS)
+    if max_tokens is None:
+        max_tokens = _int(b, "max_tokens", 1, MAX_TOKENS)
+    _max_tokens(request.params, max_tokens, DEFAULT_CHAT_MAX_TOKENS)
     top = _int(b, "top_logprobs")
     if b.get("logprobs"):
         request.params.logprobs = top or 0
@@ -245,7 +263,7 @@ def chat_request(body: object) -> tuple[inference_pb2.GenerateRequest, Options]:
     _only(b, "function_call", ["none", "auto"], "is not supported (only \"none\" or \"auto\")")
     _only(b, "response_format", [{"type": "text"}], "is not supported: only {\"type\": \"text\"}")
     _only(b, "modalities", [["text"]], "is not supported: only [\"text\"]")
-    return request, _options("chat", b)
+    return request, _options("chat", b, max_tokens_given=max_tokens is not None)
 
 
 def completion_request(body: object) -> tuple[inference_pb2.GenerateRequest, Options]:
@@ -260,7 +278,7 @@ def completion_request(body: object) -> tuple[inference_pb2.GenerateRequest, Opt
             raise InvalidArgument(f"send one prompt per request (got {len(prompt)})", field="prompt")
         prompt = prompt[0]
     request.prompt = prompt
-    _max_tokens(request.params, _int(b, "max_tokens"), None)
+    _max_tokens(request.params, _int(b, "max_tokens", 1, MAX_TOKENS), None)
     if (logprobs := _int(b, "logprobs")) is not None:
         request.params.logprobs = logprobs
     _only(b, "echo", [False], "is not supported (only false)")
@@ -269,11 +287,12 @@ def completion_request(body: object) -> tuple[inference_pb2.GenerateRequest, Opt
     return request, _options("text", b)
 
 
-def _options(kind: Literal["chat", "text"], b: Mapping[str, Any]) -> Options:
+def _options(kind: Literal["chat", "text"], b: Mapping[str, Any], *, max_tokens_given: bool = True) -> Options:
     stream = b.get("stream", False)
     return Options(kind=kind, model=b["model"], stream=stream,
                    include_usage=stream and (b.get("stream_options") or {}).get("include_usage", False),
-                   logprobs=b.get("logprobs") is True if kind == "chat" else "logprobs" in b)
+                   logprobs=b.get("logprobs") is True if kind == "chat" else "logprobs" in b,
+                   max_tokens_given=max_tokens_given)
 
 
 def chat_messages(messages: list[Any]) -> list[inference_pb2.ChatMessage]:

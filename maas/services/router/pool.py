@@ -28,7 +28,14 @@ from maas.mesh.errors import (
     from_rpc_error,
 )
 from maas.mesh.etcd import EtcdSession
-from maas.v1 import inference_pb2, inference_pb2_grpc, mesh_pb2, scheduler_pb2, scheduler_pb2_grpc
+from maas.v1 import (
+    inference_pb2,
+    inference_pb2_grpc,
+    mesh_pb2,
+    registry_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 
 SUSPECT_SECONDS = 5.0
 COLD_START_SECONDS = 60.0  # how long a request waits for a scaled-to-zero model to load
@@ -81,6 +88,7 @@ class ReplicaPool:
         self._activating: dict[str, asyncio.Future[None]] = {}
         self.replicas = PrefixMirror(session, session.keys.replicas(), mesh_pb2.ReplicaInfo)
         self.deployments = PrefixMirror(session, session.keys.deployments(), scheduler_pb2.Deployment)
+        self.models = PrefixMirror(session, session.keys.models(), registry_pb2.Model)  # owners of adapters
         self.in_flight: dict[str, int] = {}
         self._suspect: dict[str, float] = {}
         self._reported: dict[str, tuple[int, float]] = {}  # replica -> (in flight, when reported)
@@ -95,10 +103,12 @@ class ReplicaPool:
     async def start(self) -> None:
         await self.replicas.start()
         await self.deployments.start()
+        await self.models.start()
 
     async def close(self) -> None:
         await self.replicas.close()
         await self.deployments.close()
+        await self.models.close()
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
@@ -106,6 +116,25 @@ class ReplicaPool:
         if self._scheduler is not None:
             await self._scheduler.close()
         await self.registry.close()
+
+    def owner(self, model: str) -> str:
+        """The tenant `model` belongs to: a deployment's owner for a deployment's name, the
+        model's for `name@version` and for a model or adapter by name (what `ready` routes
+        it to); "" for the platform's, and for a name nobody knows (which fails as not found)."""
+        name, _, version = model.partition("@")
+        dep = self.deployments.items.get(name)
+        if dep is not None and not version:
+            return dep.owner
+        registered = self.models.items.get(name)
+        return registered.owner if registered is not None else ""
+
+    @staticmethod
+    def not_found(model: str) -> str:
+        """What a request for a model that does not exist is told (and one the caller may not see)."""
+        name, _, version = model.partition("@")
+        if version:
+            return f"model {name!r} has no version {version!r} (see `maas models list`)"
+        return f"model {name!r} is not registered (see `maas models list`)"
 
     def serving_adapter(self, model: str) -> str:
         """The deployment that lists `model` among its adapters, or ""."""
@@ -115,10 +144,14 @@ class ReplicaPool:
         return ""
 
     @staticmethod
-    def _serves(r: mesh_pb2.ReplicaInfo, name: str, version: str) -> bool:
+    def _serves(r: mesh_pb2.ReplicaInfo, name: str, version: str, deployment: bool) -> bool:
+        """Whether a replica answers for `name[@version]`: a deployment's name means its own
+        replicas only (names of deployments and of models are chosen apart, by different
+        tenants, so a name never reaches another deployment's replicas through the model it
+        happens to serve); `name@version` and an undeployed model's name mean its versions."""
         if version:
             return r.model_name == name and str(r.model_version) == version
-        return r.deployment == name or r.model_name == name
+        return r.deployment == name if deployment else r.model_name == name
 
     def ready(self, model: str) -> list[mesh_pb2.ReplicaInfo]:
         """Ready replicas serving `model` (kept until the next change under replicas/ or
@@ -126,8 +159,9 @@ class ReplicaPool:
         found = self._ready.get(model)
         if found is None:
             name, _, version = model.partition("@")
+            deployment = name in self.deployments.items
             found = [r for r in self.replicas.items.values()
-                     if r.state == mesh_pb2.REPLICA_STATE_READY and self._serves(r, name, version)]
+                     if r.state == mesh_pb2.REPLICA_STATE_READY and self._serves(r, name, version, deployment)]
             if len(self._ready) >= 4096:  # callers choose model strings: bounded
                 self._ready.clear()
             self._ready[model] = found
@@ -232,7 +266,8 @@ class ReplicaPool:
         for attempt in range(2):
             try:
                 if self._scheduler is None:
-                    self._scheduler = dial(await pick_endpoint(self.session.client, self.session.keys, "scheduler"))
+                    self._scheduler = dial(await pick_endpoint(self.session.client, self.session.keys, "scheduler"),
+                                           self.session.config.credential)
                 await scheduler_pb2_grpc.SchedulerStub(self._scheduler).Activate(
                     scheduler_pb2.ActivateRequest(name=name), timeout=min(5.0, self.cold_start_timeout))
                 return
@@ -248,7 +283,7 @@ class ReplicaPool:
             raise Unavailable(f"model {model!r}: every ready replica failed this request; try again")
         if version:
             if not await self._registered(model):
-                raise NotFound(f"model {name!r} has no version {version!r} (see `maas models list`)")
+                raise NotFound(self.not_found(model))
             raise Unavailable(f"{model} is registered but no replica of that version is ready")
         dep = self.deployments.items.get(name)
         if dep is not None and dep.replicas == 0:
@@ -262,7 +297,7 @@ class ReplicaPool:
         try:
             version = await self.registry.resolve(name, timeout=2.0)  # only on the failure path
         except NotFound:
-            raise NotFound(f"model {name!r} is not registered (see `maas models list`)") from None
+            raise NotFound(self.not_found(name)) from None
         except Unavailable:
             raise Unavailable(f"model {name!r} has no ready replica and the registry is unreachable") from None
         if version.base:  # an adapter: served beside its base, not on its own

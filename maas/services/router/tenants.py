@@ -7,9 +7,11 @@ With several routers, each enforces its share of a limit (limit / live routers, 
 request. Buckets refill continuously: a tenant at 60 requests per minute may send one
 more each second, and a burst of up to a minute's worth.
 
-Auth modes: `required` refuses requests without a valid key; `off` admits everyone;
-`auto` (the default) is open while the mesh has no key at all and required as soon as
-one exists, so a fresh development mesh works without keys and `maas keys create` locks it.
+Keys come from the runtime's `Authorizer` (one mirror of `tenants/keys/` per process), so
+the HTTP API and gRPC admit the same callers: a key whose role may call models (a tenant's
+`inference` or `developer` key, or the admin), for a deployment its tenant may see (its
+own or the platform's; another tenant's is NOT_FOUND, as if it did not exist). A mesh
+started with `--insecure` admits everyone, unlimited.
 """
 
 from __future__ import annotations
@@ -17,19 +19,19 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
 
 from maas.mesh.auth import key_hash
+from maas.mesh.authz import Authorizer, principal_of
 from maas.mesh.discovery import PrefixMirror
-from maas.mesh.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from maas.mesh.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from maas.mesh.etcd import EtcdSession
 from maas.v1 import mesh_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
-
-AUTH_MODES = ("auto", "required", "off")
 
 REJECTED = Counter("maas_router_rejected_requests_total", "Requests refused at the front door.",
                    ["tenant", "reason"])
@@ -85,26 +87,36 @@ class Ticket:
         self.state = state  # the tenant's counters, while the request holds a place in them
 
 
+def _everyone(model: str) -> str:
+    return ""
+
+
+def _missing(model: str) -> str:
+    return f"model {model!r} is not registered"
+
+
 class Gate:
-    def __init__(self, session: EtcdSession, mode: str = "auto") -> None:
-        if mode not in AUTH_MODES:
-            raise ValueError(f"auth mode must be one of {', '.join(AUTH_MODES)}")
-        self.mode = mode
-        self.keys = PrefixMirror(session, session.keys.api_keys(), registry_pb2.ApiKey)
+    """`owner(model)` names the tenant a model or deployment belongs to ("" for the platform)."""
+
+    def __init__(self, session: EtcdSession, authorizer: Authorizer,
+                 owner: Callable[[str], str] = _everyone, not_found: Callable[[str], str] = _missing) -> None:
+        self.authorizer = authorizer
+        self.keys = authorizer.keys
+        self.owner = owner
+        self.not_found = not_found  # the message a missing model gets: another tenant's gets the same
         self.routers = PrefixMirror(session, session.keys.services("router"), mesh_pb2.ServiceInfo)
         self.tenants: dict[str, _Tenant] = {}
 
     async def start(self) -> None:
-        await self.keys.start()
         await self.routers.start()
 
     async def close(self) -> None:
-        await self.keys.close()
         await self.routers.close()
 
     def identify(self, api_key: str) -> registry_pb2.ApiKey | None:
-        """The key's record; None when the mesh is open. Unauthenticated otherwise."""
-        if self.mode == "off" or (self.mode == "auto" and not self.keys.items):
+        """The key's record; None on an --insecure mesh. Unauthenticated for no key or one
+        the mesh does not know, PermissionDenied for a key that may not call models."""
+        if not self.authorizer.enforce:
             return None
         if not api_key:
             REJECTED.labels("-", "no_key").inc()
@@ -114,17 +126,29 @@ class Gate:
         if info is None:
             REJECTED.labels("-", "bad_key").inc()
             raise Unauthenticated("the API key is not valid (unknown or revoked)")
+        if "inference" not in principal_of(info).roles:
+            REJECTED.labels("-", "role").inc()
+            raise PermissionDenied(f"{principal_of(info).describe()} may not call models")
         return info
 
-    @staticmethod
-    def may_use(info: registry_pb2.ApiKey | None, model: str) -> bool:
-        return info is None or not info.models or model.partition("@")[0] in info.models
+    def visible(self, info: registry_pb2.ApiKey | None, model: str) -> bool:
+        """Whether the key's tenant may see `model` at all (its own or the platform's)."""
+        return info is None or principal_of(info).may_see(self.owner(model))
 
-    def admit(self, api_key: str, model: str) -> Ticket:
-        """Admit one request for `model` (or raise); `release` the ticket when it ends."""
+    def may_use(self, info: registry_pb2.ApiKey | None, model: str) -> bool:
+        return info is None or (self.visible(info, model) and (
+            not info.models or model.partition("@")[0] in info.models))
+
+    def admit(self, api_key: str, model: str, adapter: str = "") -> Ticket:
+        """Admit one request for `model` (with `adapter`, if any) or raise; `release` the
+        ticket when it ends."""
         info = self.identify(api_key)
         if info is None:
             return Ticket(None)
+        for name, field_name in ((model, "model"), (adapter, "adapter")):
+            if name and not self.visible(info, name):
+                REJECTED.labels(info.tenant, "model").inc()
+                raise NotFound(self.not_found(name), field=field_name)
         if not self.may_use(info, model):
             REJECTED.labels(info.tenant, "model").inc()
             raise PermissionDenied(f"tenant {info.tenant!r} may not use model {model!r} "

@@ -2,6 +2,11 @@
 
 Reads go to etcd rather than the scheduler's mirror, so a client sees its own writes at
 once. Any scheduler instance serves these calls; only the leader acts on them.
+
+A deployment belongs to a tenant or to the platform (`owner`). Calls made for a client pass
+its principal (`who`): a tenant sees its own deployments and the platform's, changes only its
+own, and deploys only versions it may see; another tenant's are NOT_FOUND. The leader's own
+writes (a job's result deployed) pass none.
 """
 
 from __future__ import annotations
@@ -9,13 +14,31 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from maas.mesh.authz import Principal
 from maas.mesh.clients import RegistryClient
-from maas.mesh.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from maas.mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.names import validate_name
-from maas.v1 import scheduler_pb2
+from maas.v1 import registry_pb2, scheduler_pb2
 
 MAX_REPLICAS = 256
+
+
+def _missing(name: str) -> str:
+    return f"deployment {name!r} does not exist"
+
+
+def _may_see(who: Principal | None, dep: scheduler_pb2.Deployment) -> bool:
+    return who is None or who.may_see(dep.owner)
+
+
+def _check_change(who: Principal | None, dep: scheduler_pb2.Deployment) -> None:
+    if who is None:
+        return
+    if not who.may_see(dep.owner):
+        raise NotFound(_missing(dep.name))
+    if not who.may_change(dep.owner):
+        raise PermissionDenied(f"deployment {dep.name!r} belongs to the platform; only the admin may change it")
 
 
 class DeploymentStore:
@@ -23,7 +46,15 @@ class DeploymentStore:
         self.session = session
         self.resolver = resolver
 
-    async def _prepare(self, dep: scheduler_pb2.Deployment) -> scheduler_pb2.Deployment:
+    async def _resolve(self, ref: str, who: Principal | None) -> registry_pb2.ModelVersion:
+        """The version `ref` names, if `who` may see it (the registry answers the scheduler
+        for any tenant, so the tenant's view is applied here)."""
+        version = await self.resolver.resolve(ref)
+        if who is not None and not who.may_see(version.owner):
+            raise NotFound(f"model {ref.partition('@')[0]!r} is not registered")
+        return version
+
+    async def _prepare(self, dep: scheduler_pb2.Deployment, who: Principal | None = None) -> scheduler_pb2.Deployment:
         validate_name(dep.name, "deployment")
         if dep.replicas > MAX_REPLICAS:
             raise InvalidArgument(f"replicas must be <= {MAX_REPLICAS}", field="replicas")
@@ -42,20 +73,20 @@ class DeploymentStore:
             # the scheduler owns the count from here on; start within the bounds
             out.replicas = min(auto.max_replicas, max(auto.min_replicas, dep.replicas))
         out.model = dep.model or dep.name
-        version = await self.resolver.resolve(out.model)
+        version = await self._resolve(out.model, who)
         out.resolved_version = f"{version.name}@{version.version}"
         if len(out.traffic) > 1:
             raise InvalidArgument("one canary at a time: traffic takes at most one entry", field="traffic")
         for split in out.traffic:
             if not 1 <= split.weight <= 99:
                 raise InvalidArgument(f"canary weight must be 1..99 percent, got {split.weight}", field="weight")
-            canary = await self.resolver.resolve(split.model)
+            canary = await self._resolve(split.model, who)
             split.model = f"{canary.name}@{canary.version}"
             if split.model == out.resolved_version:
                 raise InvalidArgument(f"the canary {split.model} is the version already deployed", field="canary")
         served = {out.resolved_version, *(split.model for split in out.traffic)}
         for adapter in out.adapters:
-            version = await self.resolver.resolve(adapter)
+            version = await self._resolve(adapter, who)
             if not version.base:
                 raise InvalidArgument(f"{adapter!r} is not an adapter (it has no base model)", field="adapters")
             if version.base not in served:
@@ -68,8 +99,13 @@ class DeploymentStore:
         out.updated_ms = int(time.time() * 1000)
         return out
 
-    async def create(self, dep: scheduler_pb2.Deployment) -> scheduler_pb2.Deployment:
-        dep = await self._prepare(dep)
+    async def create(self, dep: scheduler_pb2.Deployment, who: Principal | None = None) -> scheduler_pb2.Deployment:
+        if who is not None and who.kind == "tenant":
+            if dep.owner and dep.owner != who.tenant:
+                raise PermissionDenied(f"{who.describe()} cannot create deployments for tenant {dep.owner!r}",
+                                       field="owner")
+            dep.owner = who.tenant
+        dep = await self._prepare(dep, who)
         dep.created_ms = dep.updated_ms
         key, tx = self.session.keys.deployment(dep.name), self.session.client.transactions
         ok, _ = await self.session.client.transaction(
@@ -78,18 +114,20 @@ class DeploymentStore:
             raise AlreadyExists(f"deployment {dep.name!r} already exists; use update or scale")
         return dep
 
-    async def update(self, dep: scheduler_pb2.Deployment) -> scheduler_pb2.Deployment:
+    async def update(self, dep: scheduler_pb2.Deployment, who: Principal | None = None) -> scheduler_pb2.Deployment:
         """Replace a deployment. An autoscaled one keeps the replica count the scheduler set
         (within the new bounds): a client's copy of it may be stale. Compared on the stored
         revision, so a concurrent write (the autoscaler's, a cold start's) is never lost."""
         def replace(wanted: scheduler_pb2.Deployment) -> bool:
+            owner = wanted.owner
             wanted.CopyFrom(dep)
+            wanted.owner = owner if who is None or who.kind == "tenant" or not dep.owner else dep.owner
             return True
 
-        return await self.modify(dep.name, replace)
+        return await self.modify(dep.name, replace, who)
 
-    async def modify(self, name: str,
-                     change: Callable[[scheduler_pb2.Deployment], bool]) -> scheduler_pb2.Deployment:
+    async def modify(self, name: str, change: Callable[[scheduler_pb2.Deployment], bool],
+                     who: Principal | None = None) -> scheduler_pb2.Deployment:
         """Read-modify-write the stored deployment: `change` edits a copy (returning False
         when there is nothing to change), compared on the revision it was read at, so a
         concurrent write (a user's, the autoscaler's, another job's adapter) is never
@@ -99,14 +137,15 @@ class DeploymentStore:
         for _ in range(10):
             got = await self.session.client.get(key)
             if got is None:
-                raise NotFound(f"deployment {name!r} does not exist")
+                raise NotFound(_missing(name))
             current = scheduler_pb2.Deployment.FromString(got.value)
+            _check_change(who, current)
             wanted = scheduler_pb2.Deployment()
             wanted.CopyFrom(current)
             wanted.model = current.resolved_version  # an alias moving meanwhile must not roll it out
             if not change(wanted):
                 return current
-            out = await self._prepare(wanted)
+            out = await self._prepare(wanted, who)
             out.created_ms = current.created_ms
             if out.autoscale.max_replicas and current.autoscale.max_replicas:  # the scheduler's count stands
                 out.replicas = min(out.autoscale.max_replicas, max(out.autoscale.min_replicas, current.replicas))
@@ -118,19 +157,23 @@ class DeploymentStore:
                 return out
         raise Unavailable(f"deployment {name!r} keeps changing; try again")
 
-    async def get(self, name: str) -> scheduler_pb2.Deployment:
+    async def get(self, name: str, who: Principal | None = None) -> scheduler_pb2.Deployment:
         validate_name(name, "deployment")
         raw = await self.session.get(self.session.keys.deployment(name))
         if raw is None:
-            raise NotFound(f"deployment {name!r} does not exist")
-        return scheduler_pb2.Deployment.FromString(raw)
+            raise NotFound(_missing(name))
+        dep = scheduler_pb2.Deployment.FromString(raw)
+        if not _may_see(who, dep):
+            raise NotFound(_missing(name))
+        return dep
 
-    async def list(self) -> list[scheduler_pb2.Deployment]:
+    async def list(self, who: Principal | None = None) -> list[scheduler_pb2.Deployment]:
         pairs, _ = await self.session.get_prefix(self.session.keys.deployments())
-        return sorted((scheduler_pb2.Deployment.FromString(v) for _, v in pairs), key=lambda d: d.name)
+        return sorted((d for d in (scheduler_pb2.Deployment.FromString(v) for _, v in pairs) if _may_see(who, d)),
+                      key=lambda d: d.name)
 
-    async def delete(self, name: str) -> None:
-        await self.get(name)
+    async def delete(self, name: str, who: Principal | None = None) -> None:
+        _check_change(who, await self.get(name, who))
         await self.session.client.delete(self.session.keys.deployment(name))
 
     async def activate(self, name: str) -> tuple[scheduler_pb2.Deployment, bool]:

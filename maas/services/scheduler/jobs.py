@@ -14,16 +14,15 @@ import math
 import uuid
 
 from maas.finetune.datasets import MAX_FILE_BYTES, Dataset, load_dataset
+from maas.mesh import authz
 from maas.mesh.artifacts import check_digest
-from maas.mesh.auth import key_hash
 from maas.mesh.clients import RegistryClient
-from maas.mesh.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
+from maas.mesh.errors import InvalidArgument, NotFound, ResourceExhausted
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.jobs import TERMINAL, get_job, now_ms, state_name, update_job
 from maas.mesh.names import validate_name
 from maas.v1 import jobs_pb2, registry_pb2
 
-DEFAULT_TENANT = "default"
 MAX_JOBS_PER_TENANT = 20      # queued + running, per tenant
 MAX_RUNNING_PER_TENANT = 2    # running at once, per tenant (the leader enforces it)
 DEFAULTS = {"method": "lora", "epochs": 3, "lora_rank": 16, "batch_size": 8, "checkpoint_every": 20}
@@ -43,25 +42,20 @@ class JobStore:
         self._checking = asyncio.Semaphore(MAX_CHECKS)
         self._creating = asyncio.Lock()
 
-    async def caller(self, api_key: str) -> tuple[str, bool]:
-        """(tenant, sees every tenant's jobs) of a caller. A tenant's key sees its own jobs
-        only; an admin key, or no key (the scheduler API, like deployments, trusts its
-        network), sees all, and a job created without a key counts against DEFAULT_TENANT."""
-        if not api_key:
-            return DEFAULT_TENANT, True
-        raw = await self.session.get(self.session.keys.api_key(key_hash(api_key)))
-        if raw is None:
-            raise Unauthenticated("the API key is not valid (unknown or revoked)")
-        key = registry_pb2.ApiKey.FromString(raw)
-        return key.tenant, key.admin
+    @staticmethod
+    def caller() -> tuple[str, bool]:
+        """(tenant, sees every tenant's jobs) of the caller: a tenant's key sees its own jobs;
+        the admin sees all, and its own jobs are the platform's (tenant "")."""
+        me = authz.caller()
+        return me.tenant, me.trusted
 
-    async def create(self, spec: jobs_pb2.JobSpec, api_key: str = "") -> jobs_pb2.Job:
+    async def create(self, spec: jobs_pb2.JobSpec) -> jobs_pb2.Job:
         job = jobs_pb2.Job(id=f"ft-{uuid.uuid4().hex[:10]}", state=jobs_pb2.JOB_STATE_QUEUED)
         job.spec.CopyFrom(spec)
         spec = job.spec
-        spec.tenant, _ = await self.caller(api_key)
+        spec.tenant, _ = self.caller()
         await self._check(spec)
-        base = await self.registry.resolve(spec.base)
+        base = await self._visible(spec.base)
         if base.base:
             raise InvalidArgument(f"{base.name}@{base.version} is an adapter; fine-tune its base {base.base} "
                                   "instead", field="base")
@@ -79,6 +73,8 @@ class JobStore:
             existing = await self.registry.resolve(spec.name)
         except NotFound:
             existing = None
+        if existing is not None and existing.owner != spec.tenant:
+            raise InvalidArgument(f"the name {spec.name!r} is taken; choose another --name", field="name")
         if existing is not None and "job" not in existing.metadata:
             raise InvalidArgument(f"model {spec.name!r} exists and was not made by fine-tuning; a job adds "
                                   "versions only to its own results: choose another --name", field="name")
@@ -88,12 +84,16 @@ class JobStore:
             raise InvalidArgument(f"model {spec.name!r} is {what}; a new version must be the same kind on the same "
                                   f"base (adapters served under that name would break): choose another --name",
                                   field="name")
+        tenant = authz.caller().tenant
+        if tenant and spec.dataset_sha256 and await self.session.get(
+                self.session.keys.upload(tenant, check_digest(spec.dataset_sha256))) is None:
+            raise NotFound(f"dataset artifact {spec.dataset_sha256[:12]} is not in the registry; upload it first")
         dataset = await self._dataset(spec.dataset_sha256)
         job.dataset_digest, job.examples = dataset.sha256, len(dataset)
         # count and write under one lock, so concurrent creates through this scheduler cannot
         # both pass the quota (through two scheduler instances they still can, by one)
         async with self._creating:
-            active = [j for j in await self.list(spec.tenant) if j.state not in TERMINAL]
+            active = [j for j in await self.list(active=True) if j.spec.tenant == spec.tenant]
             if len(active) >= self.max_jobs_per_tenant:
                 raise ResourceExhausted(f"tenant {spec.tenant!r} has {len(active)} queued or running jobs, the most "
                                         f"allowed ({self.max_jobs_per_tenant}); wait for one to finish or cancel one")
@@ -144,17 +144,25 @@ class JobStore:
                 raise NotFound(f"dataset artifact {sha[:12]} is not in the registry; upload it first") from None
             return await asyncio.to_thread(load_dataset, b"".join(chunks))  # up to 256 MiB: not on the loop
 
-    async def get(self, job_id: str, api_key: str = "") -> jobs_pb2.Job:
+    async def _visible(self, ref: str) -> registry_pb2.ModelVersion:
+        """The version `ref` names, if the caller may see it (the registry answers the
+        scheduler for every tenant)."""
+        version = await self.registry.resolve(ref)
+        if not authz.caller().may_see(version.owner):
+            raise NotFound(f"model {ref.partition('@')[0]!r} is not registered")
+        return version
+
+    async def get(self, job_id: str) -> jobs_pb2.Job:
         _check_id(job_id)
         job = await get_job(self.session, job_id)
-        tenant, sees_all = await self.caller(api_key)
+        tenant, sees_all = self.caller()
         if not sees_all and job.spec.tenant != tenant:
             raise NotFound(f"job {job_id!r} does not exist")  # not "forbidden": ids of others stay private
         return job
 
-    async def visible(self, api_key: str, tenant: str = "", active: bool = False) -> list[jobs_pb2.Job]:
+    async def visible(self, tenant: str = "", active: bool = False) -> list[jobs_pb2.Job]:
         """The jobs a caller may see: its own tenant's (with a tenant key), else `tenant`'s or all."""
-        own, sees_all = await self.caller(api_key)
+        own, sees_all = self.caller()
         if not sees_all:
             if tenant and tenant != own:
                 return []
@@ -167,11 +175,11 @@ class JobStore:
         return sorted((j for j in jobs if (not tenant or j.spec.tenant == tenant)
                        and (not active or j.state not in TERMINAL)), key=lambda j: (j.created_ms, j.id))
 
-    async def cancel(self, job_id: str, api_key: str = "") -> tuple[jobs_pb2.Job, bool]:
+    async def cancel(self, job_id: str) -> tuple[jobs_pb2.Job, bool]:
         """A queued job is cancelled at once; a running one is asked to stop (its worker stops
         the training process, frees the device and marks it cancelled). Returns the job and
         whether this call changed it."""
-        job = await self.get(job_id, api_key)
+        job = await self.get(job_id)
         if job.state in TERMINAL:
             return job, False
 

@@ -423,7 +423,8 @@ class Reconciler:
                 del dep.adapters[:]  # adapters of the old version cannot follow it
                 return dep.resolved_version != ref
 
-            await self._create_or_modify(scheduler_pb2.Deployment(name=name, model=ref, replicas=1), roll)
+            await self._create_or_modify(scheduler_pb2.Deployment(name=name, model=ref, replicas=1,
+                                                                  owner=version.owner), roll)
             return name
 
         def add(dep: scheduler_pb2.Deployment) -> bool:
@@ -438,7 +439,7 @@ class Reconciler:
         serving = sorted(d.name for d in current.values() if d.resolved_version == version.base)
         target = serving[0] if serving else version.base.partition("@")[0]
         await self._create_or_modify(scheduler_pb2.Deployment(name=target, model=version.base, replicas=1,
-                                                              adapters=[version.name]), add)
+                                                              adapters=[version.name], owner=version.owner), add)
         return target
 
     async def _create_or_modify(self, fresh: scheduler_pb2.Deployment,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from maas.mesh.auth import key_from_metadata
+from maas.mesh.authz import caller
 from maas.mesh.events import EventBus
 from maas.mesh.jobs import state_name
 from maas.services.scheduler.deployments import DeploymentStore
@@ -35,27 +35,27 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def CreateDeployment(self, request: scheduler_pb2.CreateDeploymentRequest,
                                context: grpc.aio.ServicerContext) -> scheduler_pb2.DeploymentStatus:
-        dep = await self.store.create(request.deployment)
+        dep = await self.store.create(request.deployment, caller())
         self._changed("created", dep)
         return self._status(dep)
 
     async def UpdateDeployment(self, request: scheduler_pb2.UpdateDeploymentRequest,
                                context: grpc.aio.ServicerContext) -> scheduler_pb2.DeploymentStatus:
-        dep = await self.store.update(request.deployment)
+        dep = await self.store.update(request.deployment, caller())
         self._changed("updated", dep)
         return self._status(dep)
 
     async def GetDeployment(self, request: scheduler_pb2.GetDeploymentRequest,
                             context: grpc.aio.ServicerContext) -> scheduler_pb2.DeploymentStatus:
-        return self._status(await self.store.get(request.name))
+        return self._status(await self.store.get(request.name, caller()))
 
     async def ListDeployments(self, request: scheduler_pb2.ListDeploymentsRequest,
                               context: grpc.aio.ServicerContext) -> scheduler_pb2.ListDeploymentsResponse:
-        return scheduler_pb2.ListDeploymentsResponse(deployments=[self._status(d) for d in await self.store.list()])
+        return scheduler_pb2.ListDeploymentsResponse(deployments=[self._status(d) for d in await self.store.list(caller())])
 
     async def DeleteDeployment(self, request: scheduler_pb2.DeleteDeploymentRequest,
                                context: grpc.aio.ServicerContext) -> scheduler_pb2.DeleteDeploymentResponse:
-        await self.store.delete(request.name)
+        await self.store.delete(request.name, caller())
         self.events.publish("deployment", "deleted", request.name, f"{request.name} deleted")
         return scheduler_pb2.DeleteDeploymentResponse()
 
@@ -75,7 +75,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def CreateJob(self, request: jobs_pb2.CreateJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
-        job = await self.jobs.create(request.spec, key_from_metadata(context.invocation_metadata()))
+        job = await self.jobs.create(request.spec)
         spec = job.spec
         self.events.publish("job", "queued", job.id,
                             f"{job.id}: {spec.method} on {spec.base}, {job.examples} examples -> {spec.name}",
@@ -83,16 +83,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return job
 
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
-        return await self.jobs.get(request.id, key_from_metadata(context.invocation_metadata()))
+        return await self.jobs.get(request.id)
 
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest,
                        context: grpc.aio.ServicerContext) -> jobs_pb2.ListJobsResponse:
-        return jobs_pb2.ListJobsResponse(jobs=await self.jobs.visible(
-            key_from_metadata(context.invocation_metadata()), request.tenant, request.active))
+        return jobs_pb2.ListJobsResponse(jobs=await self.jobs.visible(request.tenant, request.active))
 
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
-        job, changed = await self.jobs.cancel(request.id, key_from_metadata(context.invocation_metadata()))
+        job, changed = await self.jobs.cancel(request.id)
         if changed:
             what = "cancelled" if job.state == jobs_pb2.JOB_STATE_CANCELLED else "cancelling"
             self.events.publish("job", what, job.id, f"{job.id}: {job.message}", state=state_name(job.state))

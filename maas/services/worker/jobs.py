@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import grpc
 
@@ -201,12 +201,14 @@ class JobRunner:
             raise
         except Exception as e:
             await self._end(run)
-            if isinstance(e, MaasError) and not isinstance(e, Unavailable | DeadlineExceeded):
+            if job_at_fault(e):
                 log.warning("job %s failed on %s: %s", job.id, self.worker_id, e.message)
                 with contextlib.suppress(Exception):
                     await self._settle(job.id, jobs_pb2.JOB_STATE_FAILED, e.message[:1000], report.progress)
             else:  # the mesh, not the job: etcd or the registry away, a full disk. Let another try
                 log.exception("job %s: running it on %s failed", job.id, self.worker_id)
+                if isinstance(e, Unavailable):  # the registry may be back elsewhere (a restart): look it up again
+                    await self.registry.close()
                 with contextlib.suppress(Exception):
                     await self._requeue(job.id, f"worker {self.worker_id} failed to run it "
                                                 f"({type(e).__name__}: {e})"[:1000], report.progress)
@@ -538,6 +540,14 @@ class _Reporter:
             await update_job(self.runner.rt.etcd, self.job_id, record)
         except Exception as e:  # progress is best effort: the next report carries it
             log.debug("job %s: progress not saved: %s", self.job_id, e)
+
+
+def job_at_fault(e: BaseException) -> TypeGuard[MaasError]:
+    """Whether a run's error is the job's own (fail it) rather than the mesh's (queue it again
+    for another try): a MaasError, a downstream one included (`from_rpc_error` rebuilds its
+    class), unless it says a service was unavailable or too slow; never an OSError, an etcd
+    error or anything unexpected."""
+    return isinstance(e, MaasError) and not isinstance(e, Unavailable | DeadlineExceeded)
 
 
 def _render_pairs(dataset: Path, base_dir: Path, base: str, out: Path) -> int:

@@ -58,6 +58,16 @@ class SamplingParams:
             raise InvalidArgument("stop strings must not be empty", field="stop")
 
 
+def check_context(params: SamplingParams, prompt_tokens: int, context_length: int) -> None:
+    """Refuse a request the model's context cannot hold: its prompt plus max_tokens (tokens
+    resumed from elsewhere count within max_tokens) over `context_length`. Checked before
+    anything is reserved, so a huge max_tokens is a clear INVALID_ARGUMENT, not a request
+    that silently stops at the context."""
+    if prompt_tokens + params.max_tokens > context_length:
+        raise InvalidArgument(f"max_tokens {params.max_tokens} plus the prompt's {prompt_tokens} tokens exceeds "
+                              f"the model's context of {context_length} tokens", field="max_tokens")
+
+
 @dataclass(frozen=True)
 class AdapterRef:
     """A LoRA adapter: a registered version whose base is the replica's model."""

@@ -54,6 +54,7 @@ from maas.services.worker.engines.base import (
     GenerationRequest,
     ModelSpec,
     TokenLogprob,
+    check_context,
     plain_chat,
 )
 from maas.services.worker.engines.batch import DecodeBatch
@@ -64,7 +65,8 @@ from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetoken
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DEFAULT_CONTEXT = 2048
+_DEFAULT_CONTEXT = 2048     # tokens, for a model that states no context length
+_MAX_STATED_CONTEXT = 1 << 24  # a tokenizer's model_max_length above this means "not set" (transformers: 1e30)
 MiB = 1024 * 1024
 
 
@@ -105,6 +107,19 @@ def _option_int(spec: ModelSpec, name: str, default: int, minimum: int = 1) -> i
     if not raw.isdigit() or int(raw) < minimum:
         raise InvalidArgument(f"option {name} must be an integer >= {minimum}, got {raw!r}", field=name)
     return int(raw)
+
+
+def _context_length(config: Any, tokenizer: Any) -> int:
+    """The model's context in tokens: its config's `max_position_embeddings` (transformers maps
+    other names, such as GPT-2's n_positions, onto it), else its tokenizer's `model_max_length`
+    when that is a real limit, else _DEFAULT_CONTEXT."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        return positions
+    stated = getattr(tokenizer, "model_max_length", None)
+    if isinstance(stated, int) and 0 < stated <= _MAX_STATED_CONTEXT:
+        return stated
+    return _DEFAULT_CONTEXT
 
 
 def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], model: str) -> str:
@@ -199,7 +214,7 @@ class HFEngine:
         except Exception as exc:
             raise EngineDead(f"cannot load model {spec.name} from {spec.source}: {exc}") from exc
         config = model.config
-        context = getattr(config, "max_position_embeddings", None) or _DEFAULT_CONTEXT
+        context = _context_length(config, tokenizer)
         if "context_length" in spec.options:
             context = min(context, _option_int(spec, "context_length", context, minimum=2))
         eos: set[int] = set()
@@ -303,7 +318,8 @@ class HFEngine:
         if total >= self.context_length:
             raise InvalidArgument(f"prompt is {total} tokens but the context of {self.spec.name} is "
                                   f"{self.context_length}", field="prompt")
-        reserved = min(len(prompt_ids) + request.params.max_tokens, self.context_length)
+        check_context(request.params, len(prompt_ids), self.context_length)
+        reserved = len(prompt_ids) + request.params.max_tokens
         if reserved > self._kv_budget_tokens:
             raise ResourceExhausted(f"prompt plus max_tokens ({reserved} tokens) exceeds the KV-cache budget of "
                                     f"{self._label} ({self._kv_budget_tokens} tokens); lower max_tokens")

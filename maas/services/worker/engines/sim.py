@@ -27,6 +27,7 @@ from maas.services.worker.engines.base import (
     EngineStats,
     GenerationRequest,
     ModelSpec,
+    check_context,
     plain_chat,
 )
 from maas.services.worker.engines.text import DeltaAssembler
@@ -86,6 +87,7 @@ class SimEngine:
                 f"prompt is {prompt_tokens + len(resumed)} tokens but the context is {self.context_length}",
                 field="prompt",
             )
+        check_context(params, prompt_tokens, self.context_length)
         # Greedy ignores the seed; an unseeded sampled request takes one from its id.
         seed = 0 if params.temperature == 0 else params.seed
         if seed is None:
