@@ -141,6 +141,10 @@ class MeshHarness:
         self.children.append(child)
         return child
 
+    def endpoint(self, kind: str) -> str:
+        """The gRPC endpoint of the first in-process service of `kind`."""
+        return next(rt.endpoint for rt in self.runtimes if rt.config.kind == kind)
+
     async def client(self) -> MeshClient:
         if self._client is None:
             self._client = MeshClient(self.etcd, self.prefix, credential=self.admin_token)

@@ -204,8 +204,11 @@ def expectation(rule: authz.Rule | None, who: Principal | None) -> str:
 
 
 def judge(expected: str, code: grpc.StatusCode, details: str, *, unserved: bool) -> bool:
-    if unserved:  # a standard service this server does not carry: gRPC answers before any check
-        return code == grpc.StatusCode.UNIMPLEMENTED
+    if unserved:
+        # not carried by this server: gRPC answers before any check (reflection v1); carried
+        # but left unimplemented (health List): the credential is checked first, as for any RPC
+        return code == grpc.StatusCode.UNIMPLEMENTED or (
+            expected == "UNAUTHENTICATED" and code == grpc.StatusCode.UNAUTHENTICATED)
     from_interceptor = code == grpc.StatusCode.PERMISSION_DENIED and any(m in details for m in INTERCEPTOR_DENIALS)
     if expected == "admitted":
         # the handler ran: any answer of its own is fine, but not a refusal of the caller,

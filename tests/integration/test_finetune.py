@@ -34,8 +34,10 @@ def dataset(path: Path, lines: list[object] | None = None) -> Path:
     return path
 
 
-async def upload(mesh: MeshHarness, path: Path) -> str:
-    artifact = await upload_file(await mesh.stub("registry"), path)  # type: ignore[arg-type]
+async def upload(mesh: MeshHarness, path: Path, key: str = "") -> str:
+    """Upload as the admin, or as the tenant of `key` (a tenant trains on what it uploaded)."""
+    metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    artifact = await upload_file(await mesh.stub("registry"), path, metadata=metadata)  # type: ignore[arg-type]
     return artifact.sha256
 
 
@@ -310,10 +312,9 @@ async def test_a_tenant_over_its_job_quota_is_refused_and_others_are_not(
     await mesh.registry()
     await mesh.scheduler(max_jobs_per_tenant=1, job_retention_seconds=1)
     await register_demo(mesh, demo_model_dir)
-    data = await upload(mesh, dataset(tmp_path / "secrets.jsonl"))
-    registry = await mesh.stub("registry")
-    keys = {t: (await registry.CreateKey(registry_pb2.CreateKeyRequest(tenant=t), timeout=5)).key  # type: ignore
-            for t in ("a", "b")}
+    keys = {t: await mesh.key(t, "developer") for t in ("a", "b")}
+    data = await upload(mesh, dataset(tmp_path / "secrets.jsonl"), keys["a"])
+    assert await upload(mesh, dataset(tmp_path / "secrets.jsonl"), keys["b"]) == data  # the same bytes, B's upload too
     stub = await mesh.stub("scheduler")
 
     async def create_as(tenant: str) -> S.Job:
@@ -330,7 +331,7 @@ async def test_a_tenant_over_its_job_quota_is_refused_and_others_are_not(
         await stub.CreateJob(S.CreateJobRequest(spec=S.JobSpec(base="demo", dataset_sha256=data)),  # type: ignore
                              metadata=(("authorization", "Bearer maas_nope_nope"),), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    # a tenant's key sees and cancels its own jobs only; no key (the internal plane) sees all
+    # a tenant's key sees and cancels its own jobs only; the admin sees all
     as_b = (("authorization", f"Bearer {keys['b']}"),)
     listed = await stub.ListJobs(S.ListJobsRequest(), metadata=as_b, timeout=5)  # type: ignore[attr-defined]
     assert {j.spec.tenant for j in listed.jobs} == {"b"}

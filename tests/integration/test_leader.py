@@ -154,7 +154,7 @@ async def scale(mesh: MeshHarness, name: str, replicas: int, avoid: str = "") ->
         return
     client = await mesh.client()
     (endpoint,) = [s.endpoint for s in await _services(client, "scheduler") if s.instance != avoid]
-    async with dial(endpoint) as channel:
+    async with dial(endpoint, mesh.admin_token) as channel:
         await scheduler_pb2_grpc.SchedulerStub(channel).UpdateDeployment(request, timeout=10)
 
 

@@ -221,7 +221,8 @@ async def test_health_reflection_and_metrics_are_served(mesh: MeshHarness):
         assert {"maas.v1.Inference", "grpc.health.v1.Health"} <= names
         with pytest.raises(grpc.aio.AioRpcError) as err:  # no registry runs: UNAVAILABLE
             await inference_pb2_grpc.InferenceStub(channel).Generate(
-                inference_pb2.GenerateRequest(model="nope", prompt="x"), timeout=5)
+                inference_pb2.GenerateRequest(model="nope", prompt="x"), timeout=5,
+                metadata=(("authorization", f"Bearer {mesh.admin_token}"),))
         assert "registry" in err.value.details()
 
     code = err.value.code().name

@@ -32,6 +32,11 @@ class Api:
     base_url: str  # http://host:port/v1
     client: AsyncOpenAI
     replicas: ReplicaManager
+    key: str  # an inference key of tenant "t"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
 
     @property
     def root(self) -> str:
@@ -47,7 +52,8 @@ async def _serve(mesh: MeshHarness, http_timeout: float = 600.0, **sim_options: 
     await mesh.deploy("echo")
     await mesh.wait_ready("echo")
     base_url = f"http://{router.info.http_endpoint}/v1"
-    return Api(mesh, base_url, AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0), replicas)
+    key = await mesh.key("t", "inference")
+    return Api(mesh, base_url, AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0), replicas, key)
 
 
 @pytest.fixture
@@ -108,7 +114,7 @@ async def test_chat_stream_with_usage(api: Api):
     assert all(c.choices for c in plain), "no usage chunk unless asked for"
 
     # on the wire: `data: <json>` events, then `data: [DONE]`
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=api.headers) as http:
         async with http.post(f"{api.base_url}/chat/completions", headers={"x-request-id": "sse-1"},
                              json={"model": "echo", "messages": CHAT, "max_tokens": 3, "stream": True}) as resp:
             assert resp.content_type == "text/event-stream" and resp.headers["x-request-id"] == "sse-1"
@@ -215,7 +221,7 @@ async def test_errors_have_openai_bodies_and_statuses(api: Api):
     (b'{"messages": [{"role": "user", "content": "x"}]}', "model", "model is required"),
 ])
 async def test_malformed_requests_get_a_clear_4xx(api: Api, body: bytes, param: str | None, says: str):
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=api.headers) as http:
         async with http.post(f"{api.base_url}/chat/completions", data=body,
                              headers={"Content-Type": "application/json"}) as resp:
             assert resp.status == 400, await resp.text()
@@ -224,7 +230,7 @@ async def test_malformed_requests_get_a_clear_4xx(api: Api, body: bytes, param: 
 
 
 async def test_huge_bodies_unknown_paths_and_methods_are_4xx(api: Api):
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=api.headers) as http:
         huge = json.dumps({"model": "echo", "prompt": "x" * (5 * 1024 * 1024)}).encode()
         async with http.post(f"{api.base_url}/completions", data=huge) as resp:
             assert resp.status == 413
@@ -300,7 +306,7 @@ async def test_a_request_past_its_deadline_gets_504_and_its_work_is_cancelled(me
                                              extra_headers={"x-request-timeout": "60"})
     assert ok.choices[0].finish_reason == "length"
 
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=api.headers) as http:
         for bad in ("soon", "0", "-1", "nan", "inf", "1e9", ""):
             async with http.post(f"{api.base_url}/completions", json={"model": "echo", "prompt": "x"},
                                  headers={"x-request-timeout": bad}) as resp:
@@ -334,7 +340,8 @@ async def test_embeddings_through_the_http_api(mesh: MeshHarness):
         name="minilm", format="hf", task="embed", source=str(Path(gt.__file__).parent / "model")), timeout=10)
     await mesh.deploy("minilm")
     await mesh.wait_ready("minilm", timeout=60)
-    async with AsyncOpenAI(base_url=f"http://{router.info.http_endpoint}/v1", api_key="x", max_retries=0) as client:
+    async with AsyncOpenAI(base_url=f"http://{router.info.http_endpoint}/v1", api_key=await mesh.key("t", "inference"),
+                           max_retries=0) as client:
         # left out, the client asks for base64 and decodes it; "float" gets JSON numbers
         for given in ({}, {"encoding_format": "float"}):
             reply = await client.embeddings.create(model="minilm", input=["hello", "world"], **given)  # type: ignore[arg-type]
@@ -370,7 +377,8 @@ async def test_an_error_after_the_stream_started_is_an_error_event(mesh: MeshHar
     await mesh.register("echo", token_delay_ms="1")
     await mesh.deploy("echo")
     await mesh.wait_ready("echo")
-    async with AsyncOpenAI(base_url=f"http://{router.info.http_endpoint}/v1", api_key="x", max_retries=0) as client:
+    async with AsyncOpenAI(base_url=f"http://{router.info.http_endpoint}/v1", api_key=await mesh.key("t", "inference"),
+                           max_retries=0) as client:
         stream = await client.chat.completions.create(model="echo", messages=CHAT, max_tokens=10, stream=True)
         seen = []
         with pytest.raises(openai.APIError, match="out of KV cache mid-stream"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 
 import grpc
@@ -59,22 +60,14 @@ async def test_keys_lock_the_mesh_and_limit_each_tenant_alone(mesh: MeshHarness,
     await mesh.deploy("other")
     await mesh.wait_ready("echo")
     await mesh.wait_ready("other")
-    stub = await mesh.stub("router")
-    assert (await ask(stub)).usage.completion_tokens == 2  # no key exists yet: the mesh is open
+    stub = await mesh.stub("router")  # sends the admin token unless a call brings a key
+    anonymous = inference_pb2_grpc.InferenceStub(dial(mesh.endpoint("router")))  # no credential
+    err = await refused(ask(anonymous))  # locked from the first request: no open mode
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "needs a credential" in err.details()
 
     slow = await new_key(mesh, capsys, "--tenant", "slow", "--rpm", "3", "--models", "echo")
     free = await new_key(mesh, capsys, "--tenant", "free")
     assert slow.startswith("maas_") and slow != free
-
-    async def locked() -> bool:
-        try:
-            await ask(stub)
-        except grpc.aio.AioRpcError as e:
-            return e.code() == grpc.StatusCode.UNAUTHENTICATED
-        return False
-    await eventually(locked, timeout=10)  # the router's mirror has seen the keys
-    err = await refused(ask(stub))
-    assert "API key is required" in err.details()
     err = await refused(ask(stub, "maas_nope_nope"))
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "not valid" in err.details()
 
@@ -118,7 +111,6 @@ async def test_concurrency_and_token_limits(mesh: MeshHarness, capsys: pytest.Ca
     one = await new_key(mesh, capsys, "--tenant", "one", "--max-concurrent", "1")
     tokens = await new_key(mesh, capsys, "--tenant", "tok", "--tpm", "20")
     stub = await mesh.stub("router")
-    await eventually(lambda: refused(ask(stub)), timeout=10)
 
     first = asyncio.create_task(ask(stub, one, max_tokens=20))  # about 1 s
     await asyncio.sleep(0.3)
@@ -143,7 +135,6 @@ async def test_each_router_enforces_its_share_of_a_limit(mesh: MeshHarness, caps
     await mesh.wait_ready("echo")
     key = await new_key(mesh, capsys, "--tenant", "shared", "--rpm", "4")
     stubs = [inference_pb2_grpc.InferenceStub(dial(rt.endpoint)) for rt in routers]
-    await eventually(lambda: refused(ask(stubs[0])), timeout=10)
     for stub in stubs:  # 4 per minute across two routers: 2 each
         await ask(stub, key)
         await ask(stub, key)
@@ -151,14 +142,23 @@ async def test_each_router_enforces_its_share_of_a_limit(mesh: MeshHarness, caps
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-async def test_managing_keys_needs_an_admin_credential_once_one_exists(mesh: MeshHarness,
-                                                                       capsys: pytest.CaptureFixture[str]):
+async def test_keys_are_the_admins_to_make_and_a_developers_for_its_own_inference_keys(
+        mesh: MeshHarness, capsys: pytest.CaptureFixture[str]):
     await mesh.core()
-    admin = await new_key(mesh, capsys, "--tenant", "ops", "--admin")  # a fresh mesh is open: bootstrap
-    rc, out, err = await cli(mesh, capsys, "keys", "create", "--tenant", "x")
+    rc, out, err = await cli(mesh, capsys, "keys", "create", "--tenant", "x", "--api-key", "maas_nope_nope")
     assert rc == 1 and "UNAUTHENTICATED" in err, err
-    user = await new_key(mesh, capsys, "--tenant", "x", "--admin-token", admin)
-    rc, out, err = await cli(mesh, capsys, "keys", "list", "--admin-token", user)
-    assert rc == 1 and "PERMISSION_DENIED" in err and "not an admin key" in err, err
-    rc, out, err = await cli(mesh, capsys, "keys", "create", "--tenant", "Bad Name!", "--admin-token", admin)
+    dev = await new_key(mesh, capsys, "--tenant", "x", "--role", "developer")  # the admin (the test's default)
+    inference = await new_key(mesh, capsys, "--tenant", "x", "--api-key", dev)  # a developer: its inference keys
+    for refused_args in (("--tenant", "x", "--role", "developer"), ("--tenant", "y"), ("--admin",),
+                         ("--service", "worker")):
+        rc, out, err = await cli(mesh, capsys, "keys", "create", *refused_args, "--api-key", dev)
+        assert rc == 1 and "PERMISSION_DENIED" in err, (refused_args, err)
+    await new_key(mesh, capsys, "--tenant", "y")
+    rc, out, err = await cli(mesh, capsys, "keys", "list", "--api-key", dev, "--json")
+    assert rc == 0 and {k["tenant"] for k in json.loads(out)} == {"x"}, (out, err)
+    rc, out, err = await cli(mesh, capsys, "keys", "list", "--api-key", inference)
+    assert rc == 1 and "PERMISSION_DENIED" in err and "may not call" in err, err
+    admin = await new_key(mesh, capsys, "--admin")
+    assert await new_key(mesh, capsys, "--tenant", "z", "--role", "developer", "--api-key", admin)
+    rc, out, err = await cli(mesh, capsys, "keys", "create", "--tenant", "Bad Name!", "--api-key", admin)
     assert rc == 1 and "INVALID_ARGUMENT" in err and "tenant" in err, err

@@ -157,17 +157,18 @@ class Forwarder:
     def _admit(self, api_key: str, model: str, adapter: str = "") -> Ticket:
         return Ticket(None) if self.gate is None else self.gate.admit(api_key, model, adapter)
 
-    def prepare(self, request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest
+    @staticmethod
+    def prepare(request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest
                 ) -> tuple[tuple[str, str], ...]:
         """Give the request an id (the caller's, the log context's, or a new one); an id the
-        router chose goes into `added` too. Returns the metadata of the call to a worker."""
+        router chose goes into `added` too."""
         rid = request.request_id
         if not rid:
             rid = request_id_var.get()
             if rid == "-":
                 rid = new_request_id()
             request.request_id = added.request_id = rid
-        return (("x-request-id", rid), *self.credential)
+        return (("x-request-id", rid),)
 
     def route_adapter(self, request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest) -> None:
         """A model name that is not a deployment but one of a deployment's adapters (a
@@ -192,7 +193,7 @@ class Forwarder:
             ticket = self._admit(api_key, asked, request.adapter)
             tenant = ticket.tenant
             try:
-                metadata = self.prepare(request, added)
+                metadata = (*self.prepare(request, added), *self.credential)
                 params = request.params
                 if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0):
                     # a resumed stream must sample as the first attempt would
@@ -256,7 +257,7 @@ class Forwarder:
             ticket = self._admit(api_key, asked, request.adapter)
             tenant = ticket.tenant
             try:
-                metadata = self.prepare(request, added)
+                metadata = (*self.prepare(request, added), *self.credential)
                 payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
                 deadline = None if timeout is None else time.monotonic() + timeout
                 attempts = _Attempts(self, request.model, deadline)

@@ -82,7 +82,7 @@ class Ticket:
 
     def __init__(self, key: registry_pb2.ApiKey | None, state: _Tenant | None = None) -> None:
         self.key = key
-        self.tenant = key.tenant if key is not None else "-"
+        self.tenant = (key.tenant or "-") if key is not None else "-"  # "-": no tenant (the admin)
         self.tokens = 0
         self.state = state  # the tenant's counters, while the request holds a place in them
 
@@ -122,7 +122,7 @@ class Gate:
             REJECTED.labels("-", "no_key").inc()
             raise Unauthenticated("an API key is required: send `Authorization: Bearer <key>` "
                                   "(create one with `maas keys create --tenant NAME`)")
-        info = self.keys.items.get(key_hash(api_key))
+        info = self.authorizer.known(key_hash(api_key))
         if info is None:
             REJECTED.labels("-", "bad_key").inc()
             raise Unauthenticated("the API key is not valid (unknown or revoked)")

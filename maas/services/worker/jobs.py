@@ -406,7 +406,8 @@ class JobRunner:
             try:
                 version = await stub.RegisterModel(registry_pb2.RegisterModelRequest(
                     name=spec.name, format="hf", source=source, base=spec.base if spec.method == "lora" else "",
-                    metadata=metadata, description=f"fine-tuned from {spec.base} by job {job.id}"), timeout=60)
+                    metadata=metadata, description=f"fine-tuned from {spec.base} by job {job.id}",
+                    owner=spec.tenant), timeout=60)
             except grpc.aio.AioRpcError as e:
                 raise from_rpc_error(e, f"registering {spec.name}: ") from None
             result = f"{version.name}@{version.version}"
