@@ -20,9 +20,8 @@ from pathlib import Path
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
-from maas.cli.main import credential
+from maas.cli.main import mesh_client
 from maas.mesh.artifacts import CHUNK
-from maas.mesh.clients import MeshClient
 from maas.v1 import registry_pb2, registry_pb2_grpc
 
 TIMEOUT = 3600.0
@@ -86,7 +85,7 @@ async def backup(ns: argparse.Namespace, etcd: str) -> int:
     if not path.parent.is_dir():
         raise SystemExit(f"error: cannot write {path}: directory {path.parent} does not exist")
     partial = path.with_name(f".{path.name}.part")
-    async with MeshClient(etcd, ns.prefix, credential=credential(ns)) as mesh:
+    async with mesh_client(ns, etcd) as mesh:
         stub = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
         first: registry_pb2.BackupChunk | None = None
         digest, size = hashlib.sha256(), 0
@@ -131,7 +130,7 @@ async def restore(ns: argparse.Namespace, etcd: str) -> int:
         data = await asyncio.to_thread(path.read_bytes)
     except OSError as e:
         raise SystemExit(f"error: cannot read {path}: {e.strerror or e}") from None
-    async with MeshClient(etcd, ns.prefix, credential=credential(ns)) as mesh:
+    async with mesh_client(ns, etcd) as mesh:
         stub = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
         with tqdm(total=len(data), unit="B", unit_scale=True, desc=f"restore {path.name}", file=sys.stderr) as bar:
             async def chunks() -> AsyncIterator[registry_pb2.RestoreChunk]:

@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
-from maas.cli.main import credential
+from maas.cli.main import client_tls, credential, mesh_client
 from maas.mesh.artifacts import ARTIFACT, unpack
 from maas.mesh.clients import MeshClient, credential_metadata, dial, live_services, upload_directory
 from maas.mesh.events import read_events
@@ -54,6 +54,7 @@ class Snapshot:
     deployments: list[scheduler_pb2.DeploymentStatus]
     workers: list[scheduler_pb2.WorkerStatus]
     jobs: list[jobs_pb2.Job] = field(default_factory=list)  # queued and running fine-tuning jobs
+    https: bool = False  # the mesh speaks TLS (the router's HTTP API too)
 
 
 async def _snapshot(mesh: MeshClient) -> Snapshot:
@@ -62,7 +63,12 @@ async def _snapshot(mesh: MeshClient) -> Snapshot:
     if services["scheduler"]:
         stub = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
         snap.deployments = list((await stub.ListDeployments(scheduler_pb2.ListDeploymentsRequest(), timeout=5)).deployments)
-        snap.workers = list((await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)).workers)
+        try:
+            snap.workers = list((await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)).workers)
+        except grpc.aio.AioRpcError as e:  # the fleet is the admin's to see; a tenant gets the rest
+            if e.code() != grpc.StatusCode.PERMISSION_DENIED:
+                raise
+        snap.https = mesh.tls is not None
         snap.jobs = list((await stub.ListJobs(jobs_pb2.ListJobsRequest(active=True), timeout=5)).jobs)
     return snap
 
@@ -97,7 +103,8 @@ def _print_status(snap: Snapshot, as_json: bool) -> None:
             "jobs": [MessageToDict(j) for j in snap.jobs],
         }, indent=2))
         return
-    rows = [[s.kind, s.instance, s.endpoint + (f"  http://{s.http_endpoint}/v1" if s.http_endpoint else ""),
+    scheme = "https" if snap.https else "http"
+    rows = [[s.kind, s.instance, s.endpoint + (f"  {scheme}://{s.http_endpoint}/v1" if s.http_endpoint else ""),
              s.metrics_endpoint] for k in SERVICE_KINDS for s in snap.services[k]]
     print(_table(rows, ["service", "instance", "endpoint", "metrics"]))
     print()
@@ -130,7 +137,7 @@ async def status(ns: argparse.Namespace, etcd: str) -> int:
         expected = list(_stack_file().get("deployments", [])) if not ns.etcd else []
         snap = None
         try:
-            async with MeshClient(etcd, ns.prefix, credential=credential(ns)) as mesh:
+            async with mesh_client(ns, etcd) as mesh:
                 snap = await _snapshot(mesh)
             ok, why = _ready(snap, expected)
         except aetcd.exceptions.ClientError:
@@ -161,7 +168,7 @@ def _options(items: list[str]) -> dict[str, str]:
 
 
 async def models(ns: argparse.Namespace, etcd: str) -> int:
-    async with MeshClient(etcd, ns.prefix, credential=credential(ns)) as mesh:
+    async with mesh_client(ns, etcd) as mesh:
         stub = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
         action = ns.models_command
         if action in ("register", "upload"):
@@ -255,7 +262,7 @@ async def _download(stub: registry_pb2_grpc.RegistryStub, ref: str, directory: P
 
 
 async def workers(ns: argparse.Namespace, etcd: str) -> int:
-    async with MeshClient(etcd, ns.prefix, credential=credential(ns)) as mesh:
+    async with mesh_client(ns, etcd) as mesh:
         stub = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
         listing = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=10)
     if ns.json:
@@ -282,8 +289,8 @@ async def generate(ns: argparse.Namespace, etcd: str) -> int:
     request = inference_pb2.GenerateRequest(model=ns.model, prompt=ns.prompt, params=params, adapter=ns.adapter)
     key = credential(ns, as_tenant=True)
     metadata = credential_metadata(key)
-    async with MeshClient(etcd, ns.prefix, credential=key) as mesh:
-        channel = dial(ns.router) if ns.router else await mesh.channel("router")
+    async with mesh_client(ns, etcd, as_tenant=True) as mesh:
+        channel = dial(ns.router, tls=client_tls()) if ns.router else await mesh.channel("router")
         stub = inference_pb2_grpc.InferenceStub(channel)
         last = None
         async for chunk in stub.GenerateStream(request, timeout=ns.timeout, metadata=metadata):

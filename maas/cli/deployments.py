@@ -14,8 +14,7 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from maas.cli.main import credential
-from maas.mesh.clients import MeshClient
+from maas.cli.main import mesh_client
 from maas.v1 import mesh_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 ACTIONS = ("create", "update", "scale", "canary", "promote", "rollback", "list", "show", "delete")
@@ -232,7 +231,7 @@ def _print_show(st: scheduler_pb2.DeploymentStatus) -> None:
 
 async def run(ns: argparse.Namespace, etcd: str) -> int:
     try:
-        async with MeshClient(etcd, ns.prefix, credential=credential(ns)) as mesh:
+        async with mesh_client(ns, etcd) as mesh:
             stub = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
             return await _run(ns, stub)
     except UsageError as e:

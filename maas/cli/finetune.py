@@ -24,8 +24,8 @@ from pathlib import Path
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
-from maas.cli.main import credential
-from maas.mesh.clients import MeshClient, credential_metadata, upload_file
+from maas.cli.main import credential, mesh_client
+from maas.mesh.clients import credential_metadata, upload_file
 from maas.mesh.events import read_events
 from maas.mesh.jobs import TERMINAL, state_name
 from maas.v1 import events_pb2, jobs_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -94,7 +94,7 @@ async def run(ns: argparse.Namespace, etcd: str, nats: str) -> int:
             return 2
         print(f"{ns.data}: {len(dataset)} {dataset.format.replace('_', '/')} records, valid", file=sys.stderr)
     metadata = _metadata(ns)
-    async with MeshClient(etcd, ns.prefix, credential=credential(ns, as_tenant=True)) as mesh:
+    async with mesh_client(ns, etcd, as_tenant=True) as mesh:
         stub = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
         command = ns.finetune_command
         if command == "create":

@@ -14,8 +14,8 @@ from datetime import datetime
 
 from google.protobuf.json_format import MessageToDict
 
+from maas.cli.main import mesh_client
 from maas.mesh.auth import ADMIN_TOKEN_ENV
-from maas.mesh.clients import MeshClient
 from maas.v1 import registry_pb2, registry_pb2_grpc
 
 ClientArgs = Callable[[argparse.ArgumentParser], None]
@@ -64,7 +64,7 @@ async def run(ns: argparse.Namespace, etcd: str) -> int:
             return 2
     token = _admin_token(ns)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    async with MeshClient(etcd, ns.prefix) as mesh:
+    async with mesh_client(ns, etcd) as mesh:
         stub = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
         if ns.keys_command == "create":
             created = await stub.CreateKey(registry_pb2.CreateKeyRequest(

@@ -13,11 +13,15 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from maas.mesh.errors import MaasError, StartupError
+
+if TYPE_CHECKING:
+    from maas.mesh.clients import MeshClient
+    from maas.mesh.tls import TlsFiles
 
 DEFAULT_DATA_DIR = ".maas"
 
@@ -43,6 +47,21 @@ def credential(ns: argparse.Namespace, *, as_tenant: bool = False) -> str:
     admin = os.environ.get(ADMIN_TOKEN_ENV, "") or stack.get("admin_token", "")
     tenant = stack.get("api_key", "")
     return (tenant or admin) if as_tenant else (admin or tenant)
+
+
+def client_tls() -> TlsFiles | None:
+    """The CA the CLI verifies services with: MAAS_TLS_CA, else the one `maas up` made here."""
+    from maas.mesh.tls import TlsFiles
+
+    path = os.environ.get("MAAS_TLS_CA") or _stack_file().get("tls_ca", "")
+    return TlsFiles.load(ca=path) if path else None
+
+
+def mesh_client(ns: argparse.Namespace, etcd: str, *, as_tenant: bool = False) -> MeshClient:
+    """A client of the mesh that acts with `credential(ns)` and verifies services over TLS."""
+    from maas.mesh.clients import MeshClient
+
+    return MeshClient(etcd, ns.prefix, credential=credential(ns, as_tenant=as_tenant), tls=client_tls())
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from maas.mesh.errors import InvalidArgument, MaasError, NotFound, StartupError,
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.keys import Keys
 from maas.mesh.server import GRPC_OPTIONS
+from maas.mesh.tls import TlsFiles
 from maas.v1 import mesh_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,15 @@ class _StreamStream(_Credential, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), request_iterator)
 
 
-def dial(endpoint: str, credential: str = "") -> grpc.aio.Channel:
-    """A channel to `endpoint` whose calls present `credential` (a key), if given. The
-    router's calls to workers pass the key per call instead (no interceptor on its hot path)."""
+def dial(endpoint: str, credential: str = "", tls: TlsFiles | None = None) -> grpc.aio.Channel:
+    """A channel to `endpoint` whose calls present `credential` (a key), if given, over TLS
+    verified against `tls.ca` when there is one. The router's calls to workers pass the key
+    per call instead (no interceptor on its hot path)."""
     interceptors = ([kind(credential) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
                     if credential else None)
+    if tls is not None and tls.dials:
+        return grpc.aio.secure_channel(endpoint, tls.channel_credentials(), options=GRPC_OPTIONS,
+                                       interceptors=interceptors)
     return grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS, interceptors=interceptors)
 
 
@@ -140,10 +145,12 @@ async def upload_directory(stub: registry_pb2_grpc.RegistryStub, directory: Path
 class MeshClient:
     """A read-only view of a mesh for the CLI and tests: etcd lookups plus channels by kind."""
 
-    def __init__(self, etcd_url: str, prefix: str = "/maas/", timeout: float = 5.0, credential: str = "") -> None:
+    def __init__(self, etcd_url: str, prefix: str = "/maas/", timeout: float = 5.0, credential: str = "",
+                 tls: TlsFiles | None = None) -> None:
         host, port = parse_host_port(etcd_url, 2379)
         self.etcd_url = etcd_url
         self.credential = credential  # the key every call on its channels presents
+        self.tls = tls  # the CA its channels verify services with (TLS), if any
         self.keys = Keys(prefix)
         self.etcd = aetcd.Client(host=host, port=port, timeout=timeout)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -174,7 +181,7 @@ class MeshClient:
                                   f"{self.keys.services(kind).decode()})")
             random.shuffle(services)
             for info in services:
-                channel = dial(info.endpoint, self.credential)
+                channel = dial(info.endpoint, self.credential, self.tls)
                 try:
                     async with asyncio.timeout(2.0):
                         await channel.channel_ready()
@@ -235,8 +242,9 @@ class RegistryClient:
 
     async def stub(self) -> registry_pb2_grpc.RegistryStub:
         if self._channel is None:
+            config = self.session.config
             self._channel = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"),
-                                 self.session.config.credential)
+                                 config.credential, config.tls)
         return registry_pb2_grpc.RegistryStub(self._channel)
 
     async def delete_artifact(self, sha: str) -> bool:

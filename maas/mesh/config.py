@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 from maas.mesh.errors import StartupError
+from maas.mesh.tls import TlsFiles
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 DEFAULT_NATS = "nats://127.0.0.1:4222"
@@ -63,6 +64,9 @@ class MeshConfig:
     insecure: bool = False
     """Trust every caller as the admin, checking no credential (--insecure, MAAS_INSECURE=1).
     For a throwaway development mesh only."""
+    tls: TlsFiles = field(default_factory=TlsFiles, repr=False)
+    """Serve over TLS with this certificate and key; dial the other services over TLS,
+    verifying them against this CA (--tls-cert, --tls-key, --tls-ca; see maas/mesh/tls.py)."""
 
     def __post_init__(self) -> None:
         if self.lease_ttl < 2:
@@ -101,6 +105,12 @@ class MeshConfig:
         g.add_argument("--credential-file", default=_env("MAAS_CREDENTIAL_FILE", ""),
                        help="file holding this service's key, made with `maas keys create --service KIND` "
                             "(env MAAS_CREDENTIAL_FILE, or the key itself in MAAS_CREDENTIAL)")
+        g.add_argument("--tls-ca", default=_env("MAAS_TLS_CA", ""),
+                       help="CA certificate (PEM) to verify the other services with; dial them over TLS (env MAAS_TLS_CA)")
+        g.add_argument("--tls-cert", default=_env("MAAS_TLS_CERT", ""),
+                       help="certificate (PEM) to serve gRPC (and the router's HTTP API) over TLS (env MAAS_TLS_CERT)")
+        g.add_argument("--tls-key", default=_env("MAAS_TLS_KEY", ""),
+                       help="the certificate's private key (PEM; env MAAS_TLS_KEY)")
         g.add_argument("--insecure", action="store_true", default=_env("MAAS_INSECURE", "") == "1",
                        help="check no credentials: every caller is the admin (development only; env MAAS_INSECURE=1)")
 
@@ -111,7 +121,7 @@ class MeshConfig:
                    host=ns.host, advertise_host=ns.advertise_host, port=ns.port,
                    metrics_port=ns.metrics_port, grace=ns.grace, log_json=ns.log_json,
                    log_level=ns.log_level, credential=read_credential(ns.credential_file, "MAAS_CREDENTIAL"),
-                   insecure=ns.insecure, **extra)
+                   insecure=ns.insecure, tls=TlsFiles.load(ns.tls_ca, ns.tls_cert, ns.tls_key), **extra)
 
 
 def read_credential(path: str, env: str) -> str:

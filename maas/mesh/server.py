@@ -34,6 +34,7 @@ from maas.mesh.errors import FIELD_METADATA, InvalidArgument, MaasError, Startup
 from maas.mesh.etcd import EtcdError, EtcdSession
 from maas.mesh.events import EventBus
 from maas.mesh.logs import new_request_id, request_id_var
+from maas.mesh.tls import TlsFiles
 from maas.v1 import mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -233,9 +234,13 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
     return "UNKNOWN"
 
 
-def bind_port(server: grpc.aio.Server, host: str, port: int) -> int:
+def bind_port(server: grpc.aio.Server, host: str, port: int, tls: TlsFiles | None = None) -> int:
+    """Listen on host:port, over TLS when `tls` has a certificate; the port bound."""
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if tls is not None and tls.serves:
+            bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials())
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -287,7 +292,7 @@ class ServiceRuntime:
 
     async def start(self, **info: str) -> None:
         cfg = self.config
-        port = bind_port(self.server, cfg.host, cfg.port)
+        port = bind_port(self.server, cfg.host, cfg.port, cfg.tls)
         self.endpoint = f"{cfg.dial_host}:{port}"
         self.metrics_endpoint = start_metrics(cfg.host, cfg.metrics_port)
         await self.etcd.start()

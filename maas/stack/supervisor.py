@@ -28,6 +28,7 @@ from maas.mesh.aio import wait_event
 from maas.mesh.auth import new_key
 from maas.mesh.clients import MeshClient, live_services
 from maas.mesh.errors import StartupError
+from maas.mesh.tls import TlsFiles, issue, local_hosts, make_ca
 from maas.services.registry.apikeys import install_admin_token, put_key
 from maas.stack.servers import Child, port_in_use, start_etcd, start_nats
 from maas.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -52,9 +53,15 @@ class UpConfig:
     insecure: bool = False   # every service trusts every caller (development only)
 
     @property
+    def tls(self) -> bool:
+        """TLS on every link the stack serves (all but an --insecure stack)."""
+        return not self.insecure
+
+    @property
     def http_url(self) -> str:
         """The OpenAI base URL of the router's HTTP API ("" when it is off)."""
-        return f"http://127.0.0.1:{self.http_port}/v1" if self.http_port >= 0 else ""
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}/v1" if self.http_port >= 0 else ""
 
 
 RESTART_MAX_DELAY = 30.0  # seconds between restarts of a process that keeps dying
@@ -101,7 +108,8 @@ class Stack:
     def _service(self, kind: str, *extra: str) -> Child:
         n = sum(c.name.startswith(kind) for c in self.children)
         name = f"{kind}-{n}" if kind in ("worker", "scheduler") else kind
-        security = ("--insecure",) if self.config.insecure else ("--credential-file", str(self.credential(kind)))
+        security = ("--insecure",) if self.config.insecure else (
+            "--credential-file", str(self.credential(kind)), *self.tls_args(kind))
         args = [sys.executable, "-m", "maas", kind, "--etcd", self.etcd, "--nats", self.nats, *security, *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         child = Child(name, args, self.config.data_dir / "logs" / f"{name}.log", env=env).start()
@@ -125,6 +133,21 @@ class Stack:
             path.touch(mode=0o600)
             path.write_text(new_key()[0] + "\n")
         return path
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.config.data_dir / "tls"
+
+    def tls_args(self, kind: str) -> tuple[str, ...]:
+        """A kind's TLS flags: its certificate for this host, and the stack's CA (made once)."""
+        if not self.config.tls:
+            return ()
+        make_ca(self.tls_dir)
+        cert, key = issue(self.tls_dir, kind, local_hosts())
+        return ("--tls-ca", str(self.tls_dir / "ca.pem"), "--tls-cert", str(cert), "--tls-key", str(key))
+
+    def client_tls(self) -> TlsFiles | None:
+        return TlsFiles.load(ca=str(self.tls_dir / "ca.pem")) if self.config.tls else None
 
     async def install_credentials(self) -> None:
         """Put the admin token's and the services' key records into etcd (hashes only), before
@@ -161,7 +184,8 @@ class Stack:
         doc = {"etcd": self.etcd, "nats": self.nats, "router": f"127.0.0.1:{self.config.router_port}",
                "http": self.config.http_url,
                "deployments": [self.config.model_name], "pid": os.getpid(), "started": time.time(),
-               "admin_token": self.admin_token().read_text().strip(), "api_key": api_key}
+               "admin_token": self.admin_token().read_text().strip(), "api_key": api_key,
+               "tls_ca": str(self.tls_dir / "ca.pem") if self.config.tls else ""}
         path = self.config.data_dir / STACK_FILE
         path.touch(mode=0o600)
         path.write_text(json.dumps(doc, indent=2))
@@ -300,7 +324,8 @@ async def _up(stack: Stack, stop: asyncio.Event) -> None:
     if cfg.insecure:
         print("warning: --insecure: no service checks a credential; anyone who reaches a port is the admin",
               file=sys.stderr, flush=True)
-    async with MeshClient(stack.etcd, credential=stack.admin_token().read_text().strip()) as mesh:
+    async with MeshClient(stack.etcd, credential=stack.admin_token().read_text().strip(),
+                          tls=stack.client_tls()) as mesh:
         await _wait_services(mesh, stack, 60)
         source, fmt = cfg.model, cfg.model_format
         if forge is not None:
@@ -326,10 +351,13 @@ async def _up(stack: Stack, stop: asyncio.Event) -> None:
             await asyncio.sleep(0.2)
     took = time.monotonic() - started
     http = f"\n  router HTTP   {cfg.http_url}  (OpenAI base URL)" if cfg.http_url else ""
+    tls = (f"\n  TLS CA        {stack.tls_dir / 'ca.pem'}  (clients verify the stack with it: SSL_CERT_FILE, MAAS_TLS_CA)"
+           if cfg.tls else "")
     print(f"""
 maas-mesh is up ({took:.1f}s): {ref} ready on {cfg.workers} worker(s)
   router gRPC   127.0.0.1:{cfg.router_port}{http}
-  API key       {api_key}  (tenant dev; `maas` commands here send it)
+  API key       {api_key}  (tenant dev, developer)
+  admin token   {cfg.data_dir / 'admin-token'}  (`maas` commands here act as the admin){tls}
   etcd          {stack.etcd}
   nats          {stack.nats}
   logs          {cfg.data_dir / 'logs'}

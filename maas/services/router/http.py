@@ -40,6 +40,7 @@ from maas.mesh.errors import (
 )
 from maas.mesh.etcd import EtcdError
 from maas.mesh.logs import new_request_id, request_id_var
+from maas.mesh.tls import TlsFiles
 from maas.services.router import openai_api, openapi
 from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder
 from maas.v1 import inference_pb2
@@ -160,13 +161,15 @@ class HttpApi:
     closes the listening socket, `close()` waits up to `grace` for requests in flight."""
 
     def __init__(self, forwarder: Forwarder, host: str, port: int, *, grace: float = 10.0,
-                 max_body: int = MAX_BODY_BYTES, timeout: float = DEFAULT_TIMEOUT) -> None:
+                 max_body: int = MAX_BODY_BYTES, timeout: float = DEFAULT_TIMEOUT,
+                 tls: TlsFiles | None = None) -> None:
         if not 0 < timeout <= MAX_TIMEOUT:
             raise StartupError(f"the HTTP request timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout:g}")
         self.forwarder = forwarder
         self.host, self.port = host, port
         self.max_body = max_body
         self.timeout = timeout
+        self.tls = tls if tls is not None and tls.serves else None  # HTTPS with the router's certificate
         self.endpoint = ""
         self.app = web.Application(client_max_size=max_body, middlewares=[self._middleware])
         self.app.add_routes([
@@ -187,7 +190,8 @@ class HttpApi:
     async def start(self) -> str:
         """Listen; returns "host:port" as other machines dial it."""
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self.port)
+        self._site = web.TCPSite(self._runner, self.host, self.port,
+                                 ssl_context=self.tls.server_ssl_context() if self.tls is not None else None)
         try:
             await self._site.start()
         except OSError as e:
@@ -198,7 +202,7 @@ class HttpApi:
         port = self._runner.addresses[0][1]
         host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
         self.endpoint = f"{host}:{port}"
-        log.info("router serving the OpenAI HTTP API on http://%s/v1", self.endpoint)
+        log.info("router serving the OpenAI HTTP API on %s://%s/v1", "https" if self.tls else "http", self.endpoint)
         return self.endpoint
 
     async def stop_accepting(self) -> None:

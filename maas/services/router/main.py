@@ -9,6 +9,7 @@ from maas.mesh.config import MeshConfig
 from maas.mesh.errors import StartupError
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
+from maas.mesh.usage import UsageMeter
 from maas.services.router.forward import FAILOVER_SECONDS, Forwarder
 from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
@@ -50,8 +51,10 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
         raise StartupError(f"--failover-timeout {failover_timeout:g} must be between 0 and 3600 seconds")
     pool = ReplicaPool(rt.etcd, cold_start_timeout=cold_start_timeout)
     gate = Gate(rt.etcd, rt.authorizer, owner=pool.owner, not_found=pool.not_found)
+    usage = UsageMeter(rt.config)  # its closer is added first, so it runs last: it stores every request's record
+    rt.add_closer(usage.close)
     forwarder = Forwarder(pool, gate, prefix_affinity=prefix_affinity, failover_timeout=failover_timeout,
-                          credential=rt.config.credential)
+                          credential=rt.config.credential, usage=usage)
     if not 0 < grpc_timeout <= 86400:
         raise StartupError(f"--grpc-timeout {grpc_timeout:g} must be more than 0 and at most 86400 seconds")
     rt.add_service(SERVICE, add_to_server, RouterInferenceServicer(forwarder, grpc_timeout))
@@ -60,11 +63,12 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     info: dict[str, str] = {}
     if http_port >= 0:
         http = HttpApi(forwarder, http_host or rt.config.host, http_port, grace=rt.config.grace,
-                       timeout=http_timeout)
+                       timeout=http_timeout, tls=rt.config.tls)
         rt.before_stop(http.stop_accepting)  # no new requests once shutdown begins
         rt.add_closer(http.close)            # closers run newest first: requests in flight end first
         info["http_endpoint"] = await http.start()
     await rt.start(**info)
+    await usage.start()
     await pool.start()
     await gate.start()
     await rt.events.subscribe_load(pool.observe)

@@ -267,7 +267,7 @@ class ReplicaPool:
             try:
                 if self._scheduler is None:
                     self._scheduler = dial(await pick_endpoint(self.session.client, self.session.keys, "scheduler"),
-                                           self.session.config.credential)
+                                           self.session.config.credential, self.session.config.tls)
                 await scheduler_pb2_grpc.SchedulerStub(self._scheduler).Activate(
                     scheduler_pb2.ActivateRequest(name=name), timeout=min(5.0, self.cold_start_timeout))
                 return
@@ -320,7 +320,7 @@ class ReplicaPool:
         if calls is None:
             channel = self._channels.get(replica.endpoint)
             if channel is None:
-                channel = self._channels[replica.endpoint] = dial(replica.endpoint)
+                channel = self._channels[replica.endpoint] = dial(replica.endpoint, tls=self.session.config.tls)
             calls = self._calls[replica.endpoint] = Calls.of(channel)
         return calls
 
