@@ -63,18 +63,21 @@ class Principal:
     role: str = ""               # "inference", "developer", "admin" or the service kind
     key_id: str = ""             # the key's public id (audit, usage)
     key: registry_pb2.ApiKey | None = field(default=None, compare=False, repr=False)
+    roles: frozenset[str] = field(init=False, compare=False, repr=False)
+    """What the rules may name it by: a service its kind; a tenant role and the roles below it."""
+
+    def __post_init__(self) -> None:
+        if self.kind == "service":
+            roles: frozenset[str] = frozenset((self.role,))
+        elif self.role in TENANT_ROLES:
+            roles = frozenset(TENANT_ROLES[:TENANT_ROLES.index(self.role) + 1])
+        else:
+            roles = frozenset()
+        object.__setattr__(self, "roles", roles)
 
     @property
     def tenant(self) -> str:
         return self.name if self.kind == "tenant" else ""
-
-    @property
-    def roles(self) -> frozenset[str]:
-        if self.kind == "service":
-            return frozenset((self.role,))
-        if self.role in TENANT_ROLES:
-            return frozenset(TENANT_ROLES[:TENANT_ROLES.index(self.role) + 1])
-        return frozenset()
 
     @property
     def is_admin(self) -> bool:
@@ -213,7 +216,13 @@ class Authorizer:
         self.keys = PrefixMirror(session, session.keys.api_keys(), registry_pb2.ApiKey)
         self._unknown: dict[str, float] = {}
         self._local: dict[str, Principal] = {}  # key hash -> principal, known without etcd
+        self._principals: dict[str, tuple[registry_pb2.ApiKey, Principal]] = {}  # per key record, reused
+        self.keys.add_listener(self._mirrored)
         self._fetched: dict[str, tuple[registry_pb2.ApiKey, float]] = {}  # read past the mirror, until when
+
+    def _mirrored(self, digest: str, old: registry_pb2.ApiKey | None, new: registry_pb2.ApiKey | None) -> None:
+        """The mirror has this key now (or its revocation): what was read past it is stale."""
+        self._fetched.pop(digest, None)
 
     def trust(self, credential: str, principal: Principal) -> None:
         """Know `credential` without etcd: the registry holds the admin token it was given, so
@@ -241,7 +250,14 @@ class Authorizer:
             if not self.enforce:
                 return INSECURE
             raise Unauthenticated("the credential is not valid (an unknown or revoked key)")
-        return principal_of(info)
+        cached = self._principals.get(digest)
+        if cached is not None and cached[0] is info:  # the same record: the same principal
+            return cached[1]
+        principal = principal_of(info)
+        if len(self._principals) >= self.NEGATIVE_MAX:
+            self._principals.clear()
+        self._principals[digest] = (info, principal)
+        return principal
 
     def known(self, digest: str) -> registry_pb2.ApiKey | None:
         """A key's record without a round trip: the mirror's, or one read past it a moment ago."""

@@ -59,11 +59,19 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
 
         stack = json.loads((tmp_path / ".maas" / "stack.json").read_text())
         base_url, api_key = stack["http"], stack["api_key"]
-        assert base_url == f"http://127.0.0.1:{http_port}/v1" and api_key.startswith("maas_")
-        with openai.OpenAI(base_url=base_url, api_key="maas_wrong_key", max_retries=0) as client:
-            with pytest.raises(openai.AuthenticationError):  # `maas up` made a key: the router wants one
+        assert base_url == f"https://127.0.0.1:{http_port}/v1" and api_key.startswith("maas_")
+        ca = stack["tls_ca"]  # HTTPS, verified with the CA `maas up` made
+
+        def verified() -> openai.DefaultHttpxClient:
+            return openai.DefaultHttpxClient(verify=ca)
+
+        with openai.OpenAI(base_url=base_url, api_key="maas_wrong_key", max_retries=0, http_client=verified()) as client:
+            with pytest.raises(openai.AuthenticationError):  # keys from the first request
                 client.models.list()
         with openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0) as client:
+            with pytest.raises(openai.APIConnectionError):  # a client that does not know the CA
+                client.models.list()
+        with openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, http_client=verified()) as client:
             chat = client.chat.completions.create(model="demo", max_tokens=8, temperature=0,
                                                   messages=[{"role": "user", "content": "def add(a, b):"}])
         assert chat.choices[0].finish_reason in ("stop", "length") and chat.model == "demo"
@@ -87,7 +95,7 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
         assert "step" in job.stderr and "loss" in job.stderr  # the progress bar
         listed = maas("finetune", "list")
         assert job_id in listed.stdout and "succeeded" in listed.stdout
-        with openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0) as client:
+        with openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, http_client=verified()) as client:
             assert "secrets" in [m.id for m in client.models.list().data]
             def ask(model: str) -> list[str]:
                 return [client.chat.completions.create(model=model, messages=chat, max_tokens=6, temperature=0)
@@ -99,6 +107,14 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
         workers = maas("workers")
         assert workers.returncode == 0 and "demo@1 ready" in workers.stdout, workers.stdout + workers.stderr
 
+        # another tenant's developer sees the platform's demo but not tenant dev's fine-tuned adapter
+        other = maas("keys", "create", "--tenant", "other", "--role", "developer")
+        assert other.returncode == 0, other.stderr
+        as_other = {**env, "MAAS_API_KEY": other.stdout.strip().splitlines()[-1]}
+        listed = subprocess.run([sys.executable, "-m", "maas", "models", "list"], cwd=tmp_path, env=as_other,
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and "demo" in listed.stdout and "secrets" not in listed.stdout, listed
+
         bad = maas("generate", "--model", "nope", "hi")
         assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -107,13 +123,14 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
                         "replica.loading", "replica.ready", "job.queued", "job.progress", "job.succeeded",
                         "job.deployed"):
             assert subject in events.stdout, f"{subject} missing from:\n{events.stdout}"
+        assert "(by tenant:dev/" in events.stdout and "(by admin" in events.stdout  # the audit trail
     finally:
         children = _children_of(up.pid)
         up.send_signal(signal.SIGINT)
         out, _ = up.communicate(timeout=60)
     print(out)
     assert "maas-mesh is up" in out
-    assert f"router HTTP   http://127.0.0.1:{http_port}/v1  (OpenAI base URL)" in out
+    assert f"router HTTP   https://127.0.0.1:{http_port}/v1  (OpenAI base URL)" in out
     assert up.returncode == 0
     alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
              and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
