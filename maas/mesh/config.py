@@ -28,6 +28,13 @@ def parse_host_port(url: str, default_port: int) -> tuple[str, int]:
     return parsed.hostname, parsed.port or default_port
 
 
+def redact(url: str) -> str:
+    """A URL fit to print or log: the credentials in it (a NATS token, a password) hidden."""
+    scheme, sep, rest = url.partition("://")
+    _, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}***@{host}" if at else url
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     """How a process joins the mesh."""

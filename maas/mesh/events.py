@@ -23,7 +23,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from maas.mesh.authz import ANONYMOUS, caller
-from maas.mesh.config import MeshConfig
+from maas.mesh.config import MeshConfig, redact
 from maas.mesh.errors import StartupError
 from maas.mesh.logs import request_id_var
 from maas.v1 import events_pb2, mesh_pb2
@@ -48,7 +48,7 @@ async def connect_nats(url: str, *, name: str, timeout: float) -> nats.NATS:
                          error_cb=_quiet_error, disconnected_cb=None),
             timeout)
     except (TimeoutError, OSError, nats.errors.Error) as e:
-        raise StartupError(f"cannot reach NATS at {url} ({type(e).__name__}); start nats-server -js "
+        raise StartupError(f"cannot reach NATS at {redact(url)} ({type(e).__name__}); start nats-server -js "
                            "or pass --nats / MAAS_NATS") from None
 
 
@@ -90,7 +90,7 @@ class EventBus:
         try:
             await ensure_stream(js)
         except Exception as e:
-            raise StartupError(f"NATS at {self.config.nats} has no usable JetStream ({e}); "
+            raise StartupError(f"NATS at {redact(self.config.nats)} has no usable JetStream ({e}); "
                                "run nats-server with -js") from None
         self._sender = asyncio.create_task(self._send_loop(js), name="event-outbox")
 

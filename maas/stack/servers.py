@@ -9,6 +9,7 @@ threads through Python's fork path can wedge the child before it execs.)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -170,11 +171,23 @@ def start_etcd(data_dir: Path, *, port: int = 0, peer_port: int = 0, log_dir: Pa
     return child, url
 
 
-def start_nats(store_dir: Path, *, port: int = 0, log_dir: Path | None = None, timeout: float = 20.0) -> tuple[Child, str]:
+def start_nats(store_dir: Path, *, port: int = 0, log_dir: Path | None = None, timeout: float = 20.0,
+               token: str = "") -> tuple[Child, str]:
+    """A nats-server with JetStream; with `token`, clients must present it (the URL returned
+    carries it: nats://TOKEN@host:port). The token goes in a config file (owner-only), not
+    on the command line, where any local user could read it."""
     port = port or free_port()
     monitor = free_port()
+    config: list[str] = []
+    if token:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        conf = store_dir.parent / "nats.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"authorization {{ token: {json.dumps(token)} }}\n")
+        config = ["-c", str(conf)]
     child = Child("nats-server", [
-        find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
+        find_binary("nats-server"), *config, "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
         "-js", "-sd", str(store_dir),
     ], (log_dir or store_dir.parent) / "nats.log").start()
 
@@ -183,4 +196,4 @@ def start_nats(store_dir: Path, *, port: int = 0, log_dir: Path | None = None, t
             return r.status == 200
 
     _wait_until(healthy, child, f"nats://127.0.0.1:{port}", timeout)
-    return child, f"nats://127.0.0.1:{port}"
+    return child, f"nats://{token + '@' if token else ''}127.0.0.1:{port}"

@@ -27,6 +27,7 @@ from maas.cli.commands import deployments_ready
 from maas.mesh.aio import wait_event
 from maas.mesh.auth import new_key
 from maas.mesh.clients import MeshClient, live_services
+from maas.mesh.config import redact
 from maas.mesh.errors import StartupError
 from maas.mesh.tls import TlsFiles, issue, local_hosts, make_ca
 from maas.services.registry.apikeys import install_admin_token, put_key
@@ -101,28 +102,34 @@ class Stack:
         if cfg.nats:
             self.nats = cfg.nats
         else:
-            child, self.nats = start_nats(cfg.data_dir / "nats", log_dir=logs)
+            token = "" if cfg.insecure else self.secret("nats-token")
+            child, self.nats = start_nats(cfg.data_dir / "nats", log_dir=logs, token=token)
             self.children.append(child)
-        self._say(f"etcd {self.etcd}   nats {self.nats}")
+        self._say(f"etcd {self.etcd}   nats {redact(self.nats)}")
 
     def _service(self, kind: str, *extra: str) -> Child:
         n = sum(c.name.startswith(kind) for c in self.children)
         name = f"{kind}-{n}" if kind in ("worker", "scheduler") else kind
         security = ("--insecure",) if self.config.insecure else (
             "--credential-file", str(self.credential(kind)), *self.tls_args(kind))
-        args = [sys.executable, "-m", "maas", kind, "--etcd", self.etcd, "--nats", self.nats, *security, *extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        args = [sys.executable, "-m", "maas", kind, "--etcd", self.etcd, *security, *extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MAAS_NATS": self.nats}  # not argv: it may carry a token
         child = Child(name, args, self.config.data_dir / "logs" / f"{name}.log", env=env).start()
         self.children.append(child)
         return child
 
     def admin_token(self) -> Path:
         """The platform admin's credential for this data directory (made once, owner-only)."""
-        path = self.config.data_dir / "admin-token"
+        self.secret("admin-token")
+        return self.config.data_dir / "admin-token"
+
+    def secret(self, name: str) -> str:
+        """A random secret kept in the data directory (made once, owner-only)."""
+        path = self.config.data_dir / name
         if not path.exists():
             path.touch(mode=0o600)
             path.write_text(secrets.token_urlsafe(32) + "\n")
-        return path
+        return path.read_text().strip()
 
     def credential(self, kind: str) -> Path:
         """A service kind's key file in this data directory (made once, owner-only); every
@@ -359,7 +366,7 @@ maas-mesh is up ({took:.1f}s): {ref} ready on {cfg.workers} worker(s)
   API key       {api_key}  (tenant dev, developer)
   admin token   {cfg.data_dir / 'admin-token'}  (`maas` commands here act as the admin){tls}
   etcd          {stack.etcd}
-  nats          {stack.nats}
+  nats          {redact(stack.nats)}
   logs          {cfg.data_dir / 'logs'}
 
   try:  maas generate --model {cfg.model_name} "def add(a, b):"
