@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -63,7 +64,7 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
         ca = stack["tls_ca"]  # HTTPS, verified with the CA `maas up` made
 
         def verified() -> openai.DefaultHttpxClient:
-            return openai.DefaultHttpxClient(verify=ca)
+            return openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=ca))
 
         with openai.OpenAI(base_url=base_url, api_key="maas_wrong_key", max_retries=0, http_client=verified()) as client:
             with pytest.raises(openai.AuthenticationError):  # keys from the first request

@@ -5,6 +5,7 @@ client without the CA, or speaking plaintext, gets nowhere."""
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from pathlib import Path
 
 import grpc
@@ -68,7 +69,8 @@ async def test_every_link_is_tls_and_clients_verify_the_stack(mesh: MeshHarness,
     # serves from this test's event loop)
     base_url = f"https://{router.info.http_endpoint}/v1"
     async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0,
-                                  http_client=openai.DefaultAsyncHttpxClient(verify=str(ca_dir / "ca.pem"))) as client:
+                                  http_client=openai.DefaultAsyncHttpxClient(
+                                      verify=ssl.create_default_context(cafile=ca_dir / "ca.pem"))) as client:
         reply = await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}],
                                                      max_tokens=3)
         assert reply.usage is not None and reply.usage.completion_tokens == 3
