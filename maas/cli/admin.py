@@ -28,7 +28,7 @@ TIMEOUT = 3600.0
 
 
 def add_parser(sub: argparse._SubParsersAction, client_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    admin = sub.add_parser("admin", help="operator commands: backup and restore")
+    admin = sub.add_parser("admin", help="operator commands: backup, restore, credentials for a deployment")
     asub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
     backup = asub.add_parser("backup", help="write the registry, deployments and artifact manifest to FILE",
                              description="Write a point-in-time backup of the mesh's durable etcd keys (models, "
@@ -49,9 +49,24 @@ def add_parser(sub: argparse._SubParsersAction, client_args: Callable[[argparse.
                               "the keys the backup holds (other keys are kept)")
     restore.add_argument("--allow-missing-artifacts", action="store_true",
                          help="restore even if artifacts are missing or corrupt (their versions will not load)")
+    secrets = asub.add_parser(
+        "init-secrets", help="make the admin token and the services' keys in DIR (keeps those already there)",
+        description="Write DIR/admin-token and DIR/<kind>.key for router, worker, scheduler and registry "
+                    "(owner-only; files already there are kept). Give the registry --admin-token-file "
+                    "DIR/admin-token and --service-keys-dir DIR (it installs their hashes in etcd), and each "
+                    "service --credential-file DIR/<kind>.key; in Kubernetes, `kubectl create secret generic "
+                    "maas-credentials --from-file=DIR` (deploy/k8s/maas-mesh.yaml mounts it). `maas up` does "
+                    "this by itself.")
+    secrets.add_argument("dir")
 
 
 async def run(ns: argparse.Namespace, etcd: str) -> int:
+    if ns.admin_command == "init-secrets":
+        from maas.services.registry.apikeys import write_secrets
+
+        made = write_secrets(Path(ns.dir))
+        print(f"{ns.dir}: made {', '.join(made)}" if made else f"{ns.dir}: every credential was there already; kept")
+        return 0
     if ns.admin_command == "backup":
         return await backup(ns, etcd)
     return await restore(ns, etcd)

@@ -76,8 +76,8 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_urls(ns: argparse.Namespace) -> tuple[str, str]:
     stack = _stack_file()
-    etcd = ns.etcd or os.environ.get("MAAS_ETCD") or stack.get("etcd") or "http://127.0.0.1:2379"
-    nats = ns.nats or os.environ.get("MAAS_NATS") or stack.get("nats") or "nats://127.0.0.1:4222"
+    etcd = getattr(ns, "etcd", None) or os.environ.get("MAAS_ETCD") or stack.get("etcd") or "http://127.0.0.1:2379"
+    nats = getattr(ns, "nats", None) or os.environ.get("MAAS_NATS") or stack.get("nats") or "nats://127.0.0.1:4222"
     return etcd, nats
 
 
@@ -101,7 +101,7 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from maas.cli import admin, deployments, finetune, keys
+    from maas.cli import admin, deployments, finetune, keys, usage
     from maas.services.registry import main as registry_main
     from maas.services.router import main as router_main
     from maas.services.scheduler import main as scheduler_main
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_parser(sub, _client_args)
     keys.add_parser(sub, _client_args)
     finetune.add_parser(sub, _client_args)
+    usage.add_parser(sub, _client_args)
 
     ev = sub.add_parser("events", help="print lifecycle events")
     _client_args(ev)
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(legacy_argv(sys.argv[1:] if argv is None else argv))
     if hasattr(ns, "service_main"):
         return int(ns.service_main(ns))
-    from maas.cli import admin, commands, deployments, finetune, keys
+    from maas.cli import admin, commands, deployments, finetune, keys, usage
 
     if ns.command == "up":
         from maas.stack.supervisor import UpConfig, run_up
@@ -230,5 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         "admin": lambda: admin.run(ns, etcd),
         "keys": lambda: keys.run(ns, etcd),
         "finetune": lambda: finetune.run(ns, etcd, nats),
+        "usage": lambda: usage.run(ns, etcd),
     }
     return _run(handlers[ns.command])

@@ -30,7 +30,7 @@ from maas.mesh.clients import MeshClient, live_services
 from maas.mesh.config import redact
 from maas.mesh.errors import StartupError
 from maas.mesh.tls import TlsFiles, issue, local_hosts, make_ca
-from maas.services.registry.apikeys import install_admin_token, put_key
+from maas.services.registry.apikeys import install_admin_token, install_service_keys
 from maas.stack.servers import Child, port_in_use, start_etcd, start_nats
 from maas.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -162,12 +162,11 @@ class Stack:
         them with `maas keys create --service KIND` and a Secret per service in a cluster."""
         if self.config.insecure:
             return
+        for kind in (*SERVICES, "worker"):
+            self.credential(kind)
         async with MeshClient(self.etcd) as mesh:
             await install_admin_token(mesh.etcd, mesh.keys, self.admin_token().read_text().strip())
-            for kind in (*SERVICES, "worker"):
-                key = self.credential(kind).read_text().strip()
-                await put_key(mesh.etcd, mesh.keys, key, registry_pb2.ApiKey(
-                    id=f"svc-{kind}", service=kind, created_ms=int(time.time() * 1000)))
+            await install_service_keys(mesh.etcd, mesh.keys, self.config.data_dir / "credentials")
 
     def start_services(self) -> None:
         self._service("registry", "--blob-dir", str(self.config.data_dir / "blobs"),

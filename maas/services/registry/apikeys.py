@@ -8,7 +8,10 @@ developer key manages its own tenant's inference keys.
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
+from pathlib import Path
 
 import aetcd
 
@@ -37,6 +40,45 @@ async def install_admin_token(client: aetcd.Client, keys: Keys, token: str) -> N
             await client.delete(kv.key)
     await put_key(client, keys, token, registry_pb2.ApiKey(
         id=ADMIN_TOKEN_ID, role="admin", admin=True, created_ms=int(time.time() * 1000)))
+
+
+SERVICE_KEY_FILE = "{kind}.key"  # a service's key in a credentials directory
+
+
+def write_secrets(directory: Path) -> list[str]:
+    """Make the files a mesh needs in `directory` (owner-only), keeping any already there:
+    `admin-token` and one `<kind>.key` per service kind. Returns the names it made."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    made = []
+    for name in ("admin-token", *(SERVICE_KEY_FILE.format(kind=k) for k in SERVICES)):
+        path = directory / name
+        if path.exists():
+            continue
+        secret = new_key()[0] if name.endswith(".key") else secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        made.append(name)
+    return made
+
+
+async def install_service_keys(client: aetcd.Client, keys: Keys, directory: Path) -> list[str]:
+    """Install the service keys found in `directory` (`<kind>.key`): each replaces the record
+    of that kind's previous key (rotation). Returns the kinds installed."""
+    installed = []
+    current = {registry_pb2.ApiKey.FromString(kv.value).id: kv.key for kv in await client.get_prefix(keys.api_keys())}
+    for kind in SERVICES:
+        path = directory / SERVICE_KEY_FILE.format(kind=kind)
+        if not path.is_file():
+            continue
+        key = path.read_text().strip()
+        record_id = f"svc-{kind}"
+        if (old := current.get(record_id)) is not None and old != keys.api_key(key_hash(key)):
+            await client.delete(old)
+        await put_key(client, keys, key, registry_pb2.ApiKey(id=record_id, service=kind,
+                                                             created_ms=int(time.time() * 1000)))
+        installed.append(kind)
+    return installed
 
 
 class KeyStore:

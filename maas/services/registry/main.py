@@ -10,9 +10,10 @@ from pathlib import Path
 from maas.mesh.auth import ADMIN_TOKEN_ENV
 from maas.mesh.authz import ADMIN
 from maas.mesh.config import MeshConfig
+from maas.mesh.errors import StartupError
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
-from maas.services.registry.apikeys import KeyStore, install_admin_token
+from maas.services.registry.apikeys import KeyStore, install_admin_token, install_service_keys
 from maas.services.registry.blobs import LocalBlobStore
 from maas.services.registry.service import RegistryServicer
 from maas.services.registry.store import ModelStore
@@ -26,9 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-token-file", default="",
                         help=f"file holding the platform admin's credential (else env {ADMIN_TOKEN_ENV}); the "
                              "registry installs it at start, replacing the previous one (rotation)")
+    parser.add_argument("--service-keys-dir", default=os.environ.get("MAAS_SERVICE_KEYS_DIR", ""),
+                        help="directory of the services' keys (router.key, worker.key, scheduler.key, registry.key; "
+                             "`maas admin init-secrets` makes them): the registry installs their records at start, "
+                             "each replacing its kind's previous key (env MAAS_SERVICE_KEYS_DIR)")
 
 
-async def build(rt: ServiceRuntime, blob_dir: Path, *, admin_token: str = "") -> None:
+async def build(rt: ServiceRuntime, blob_dir: Path, *, admin_token: str = "",
+                service_keys_dir: Path | None = None) -> None:
     """Wire a registry into a runtime (also used by in-process tests)."""
     blobs = LocalBlobStore(blob_dir)
     rt.add_service(registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
@@ -39,6 +45,11 @@ async def build(rt: ServiceRuntime, blob_dir: Path, *, admin_token: str = "") ->
     await rt.start()
     if admin_token:
         await install_admin_token(rt.etcd.client, rt.etcd.keys, admin_token)
+    if service_keys_dir is not None:
+        kinds = await install_service_keys(rt.etcd.client, rt.etcd.keys, service_keys_dir)
+        if not kinds:
+            raise StartupError(f"--service-keys-dir {service_keys_dir} holds no <kind>.key file "
+                               "(make them with `maas admin init-secrets DIR`)")
 
 
 def main(ns: argparse.Namespace) -> int:
@@ -55,7 +66,8 @@ def main(ns: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with ServiceRuntime(config) as rt:
-            await build(rt, Path(ns.blob_dir), admin_token=admin_token)
+            await build(rt, Path(ns.blob_dir), admin_token=admin_token,
+                        service_keys_dir=Path(ns.service_keys_dir) if ns.service_keys_dir else None)
             await rt.wait()
 
     return run_service(serve)
