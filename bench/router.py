@@ -3,7 +3,17 @@
 Real etcd and nats-server (from the pip wheels) run in a temporary directory; a registry,
 a scheduler, a router and N workers (default 2) run as separate processes
 (`python -m maas <kind>`), as in production, so the load generator (this process), the
-router and the workers each have their own event loop and GIL. The unary and streaming
+router and the workers each have their own event loop and GIL. The mesh is secure as
+`maas up` makes it (docs/security.md): the bench makes an admin token, a service key per
+kind and a CA with a certificate per kind in its temporary directory, installs the keys'
+records in etcd before any service starts, and starts each service with its
+--credential-file and --tls-ca/--tls-cert/--tls-key (the registry with --admin-token-file).
+The bench talks to the registry and the scheduler as the admin, creates a tenant's
+inference key through the registry (`CreateKey(tenant="bench", role="inference")`) and
+sends it on every call through the router; on the direct calls to a worker it plays the
+router and sends the router's service key. Every channel verifies the services' TLS
+against the CA, and every call passes its key as metadata itself (no channel
+interceptor), so the client pays what any client does. The unary and streaming
 models are `sim` (words instead of a model, a fixed delay per token), so model compute does
 not hide the router; the prefix part uses the real engine:
 
@@ -39,23 +49,42 @@ Then, each against a baseline measured in the same run:
              (cached_prompt_tokens / prompt_tokens from the last chunk's usage), requests
              that found nothing cached, distinct replicas per system prompt, and TTFT of
              cached vs uncached requests.
+  security   what authentication and TLS cost. A second mesh runs in the same etcd and
+             NATS under its own prefix, idle until this phase: its own registry,
+             scheduler, router and as many workers, every one with --insecure and no TLS,
+             bench-fast and bench-stream deployed on it as on the secure one. The same
+             loads go through each mesh's router: the streaming load (--streams x
+             --tokens), then --requests unary Generate at the highest --concurrency; the
+             secure mesh's calls carry the tenant's key, the insecure one's none.
+             --security-rounds (4) rounds per mesh, alternating secure, insecure,
+             insecure, secure, ... (ABBA), after an untimed warm-up of each. Per round and
+             over all: tokens/s, TTFT p50/p90, requests/s, latency p50/p90, cores busy per
+             process; then CPU per token and per request (router, and all processes shown),
+             the per-round ratios (their spread is the noise) and secure / insecure overall.
 
 Each row also shows where the CPU went: CPU seconds per process (this client, the router,
 the workers) divided by the wall time, i.e. cores busy. The last line is machine-readable:
 
   router_overhead_ms=<a> router_vs_direct=<b> stream_tokens_s=<c> prefix_ttft_speedup=<d>
+  auth_tls_stream_ratio=<e> auth_tls_unary_ratio=<f>   (one line)
 
 a = p50(router) - p50(direct) at concurrency 1 (target under 0.5 ms); b = requests/s
 through the router / requests/s direct at the highest concurrency (target at least 0.8);
 c = tokens/s the client received through the router (target at least 50,000 on a 2-core
-machine); d = TTFT p50 least-load / TTFT p50 affinity (above 1: affinity is faster). A
-figure that could not be measured prints as nan and the exit status is 1; --no-prefix
-skips the prefix part (d prints as nan, and does not count).
+machine); d = TTFT p50 least-load / TTFT p50 affinity (above 1: affinity is faster);
+e = tokens/s through the secure router / through the insecure one (the security phase's
+streaming, all rounds; goal: above 0.9, i.e. authentication and TLS cost under 10%);
+f = the same for unary requests/s. A figure that could not be measured prints as nan and
+the exit status is 1; --no-prefix skips the prefix part (d prints as nan, and does not
+count), --no-security the security phase and the insecure mesh (e and f print as nan, and
+do not count).
 
     python bench/router.py                      # 2,000 requests per row, 256 streams x 300 tokens
     python bench/router.py --quick              # small sizes, a quick check (32 prefix requests per phase)
     python bench/router.py --no-prefix          # without the prefix part (no hf model, no second router)
-    python bench/router.py --py-spy /tmp/prof   # sample the router (and workers) with py-spy
+    python bench/router.py --no-security        # without the security phase (no insecure mesh)
+    python bench/router.py --security-rounds 8  # a longer A/B of authentication and TLS
+    python bench/router.py --py-spy /tmp/prof   # sample the routers (and workers) with py-spy
     python bench/router.py --profile-router /tmp/router.prof   # cProfile the router process
 """
 
@@ -82,8 +111,11 @@ from pathlib import Path
 
 import grpc
 
-from maas.mesh.clients import REPLICA_HEADER, MeshClient, dial, live_services
+from maas.mesh.auth import new_key
+from maas.mesh.clients import REPLICA_HEADER, MeshClient, credential_metadata, dial, live_services
 from maas.mesh.errors import MaasError
+from maas.mesh.tls import TlsFiles, issue, make_ca
+from maas.services.registry.apikeys import install_admin_token, put_key
 from maas.stack.servers import Child, start_etcd, start_nats
 from maas.v1 import (
     common_pb2,
@@ -103,6 +135,12 @@ KV_CACHE_MB = 512  # the hf engine's default KV budget on CPU
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ROUNDS = 2  # unary rounds per level, alternating direct and router
 CALL_TIMEOUT = 60.0
+SERVICE_KINDS = ("registry", "scheduler", "router", "worker")
+TLS_HOSTS = ["127.0.0.1", "localhost"]  # services bind and advertise 127.0.0.1
+# the children get every setting as a flag; none of these may leak in from this environment
+SECURITY_ENV = ("MAAS_INSECURE", "MAAS_CREDENTIAL", "MAAS_CREDENTIAL_FILE", "MAAS_TLS_CA", "MAAS_TLS_CERT",
+                "MAAS_TLS_KEY", "MAAS_ADMIN_TOKEN", "MAAS_SERVICE_KEYS_DIR")
+Metadata = tuple[tuple[str, str], ...]
 
 
 class Stop:
@@ -143,25 +181,120 @@ def cpu_seconds(pid: int | None, *, loop_only: bool = False) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15)
 
 
+def _write_secret(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # owner-only from the start
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+
+
+@dataclass
+class Security:
+    """A secure mesh's credentials, as `maas up` makes them, in the bench's temporary
+    directory: the admin token, one service key per kind, a CA and a certificate per kind
+    for 127.0.0.1 and localhost (maas/stack/supervisor.py: credential(), tls_args())."""
+
+    directory: Path
+    admin_token: str
+    service_keys: dict[str, str]
+
+    @classmethod
+    def make(cls, directory: Path) -> Security:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sec = cls(directory, new_key()[0], {kind: new_key()[0] for kind in SERVICE_KINDS})
+        _write_secret(directory / "admin-token", sec.admin_token)
+        for kind, key in sec.service_keys.items():
+            _write_secret(directory / f"{kind}.key", key)
+        make_ca(sec.tls_dir)
+        for kind in SERVICE_KINDS:
+            issue(sec.tls_dir, kind, TLS_HOSTS)
+        return sec
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.directory / "tls"
+
+    def tls(self) -> TlsFiles:
+        """What a client needs to verify the services: the CA."""
+        return TlsFiles(ca=(self.tls_dir / "ca.pem").read_bytes())
+
+    def flags(self, kind: str) -> list[str]:
+        """A service's key and TLS flags (and the registry's admin token), as `maas up` gives them."""
+        tls = self.tls_dir
+        out = ["--credential-file", str(self.directory / f"{kind}.key"), "--tls-ca", str(tls / "ca.pem"),
+               "--tls-cert", str(tls / f"{kind}.pem"), "--tls-key", str(tls / f"{kind}-key.pem")]
+        if kind == "registry":
+            out += ["--admin-token-file", str(self.directory / "admin-token")]
+        return out
+
+    async def install(self, etcd: str, prefix: str) -> None:
+        """The admin token's and the service keys' records (hashes) into etcd, before any
+        service starts (maas/stack/supervisor.py: install_credentials)."""
+        async with MeshClient(etcd, prefix) as m:
+            await install_admin_token(m.etcd, m.keys, self.admin_token)
+            for kind, key in self.service_keys.items():
+                await put_key(m.etcd, m.keys, key, registry_pb2.ApiKey(
+                    id=f"svc-{kind}", service=kind, created_ms=int(time.time() * 1000)))
+
+
 @dataclass
 class Mesh:
+    """One mesh under its own etcd prefix: secure (service keys and TLS on every link, the
+    registry holding the admin token) when `security` is given, else every service runs
+    with --insecure and no TLS. Its services' files (logs, blobs, caches) go under `home`."""
+
     etcd: str
     nats: str
     prefix: str
-    tmp: Path
+    home: Path
     log_level: str
+    security: Security | None = None
+    instance_prefix: str = "bench-"  # instance ids: bench-router, bench-w0, ...
     children: list[Child] = field(default_factory=list)
     named: dict[str, Child] = field(default_factory=dict)
+    client_metadata: Metadata = ()  # what a client sends the router: a tenant's inference key (secure)
+
+    @property
+    def label(self) -> str:
+        return "secure" if self.security else "insecure"
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        return self.security.tls() if self.security else None
+
+    def instance(self, name: str) -> str:
+        return f"{self.instance_prefix}{name}"
+
+    def worker_name(self, worker_id: str) -> str:
+        """The process name (w0, w1, ...) of a worker instance id."""
+        return worker_id.removeprefix(self.instance_prefix)
+
+    def service_metadata(self, kind: str) -> Metadata:
+        """What a call made as the service `kind` carries: its key (secure), else nothing."""
+        return credential_metadata(self.security.service_keys[kind]) if self.security else ()
+
+    def admin_client(self) -> MeshClient:
+        """Registry, scheduler and etcd lookups as the admin, verifying the services' TLS."""
+        if self.security is None:
+            return MeshClient(self.etcd, self.prefix)
+        return MeshClient(self.etcd, self.prefix, credential=self.security.admin_token, tls=self.tls)
+
+    def dial(self, endpoint: str) -> grpc.aio.Channel:
+        """A channel with no credential of its own (calls pass their metadata explicitly, so
+        the client pays what any client does), over TLS on a secure mesh."""
+        return dial(endpoint, tls=self.tls)
 
     def spawn(self, name: str, kind: str, *args: str, profile: str = "", env: dict[str, str] | None = None
               ) -> Child:
         cmd = [sys.executable]
         if profile:
             cmd += ["-m", "cProfile", "-o", profile]
+        security = self.security.flags(kind) if self.security else ["--insecure"]
         cmd += ["-m", "maas", kind, "--etcd", self.etcd, "--nats", self.nats, "--prefix", self.prefix,
-                "--lease-ttl", "10", "--metrics-port", "-1", "--grace", "1", "--log-level", self.log_level, *args]
-        child = Child(name, cmd, self.tmp / "logs" / f"{name}.log",
-                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}).start()
+                "--lease-ttl", "10", "--metrics-port", "-1", "--grace", "1", "--log-level", self.log_level,
+                *security, *args]
+        base = {k: v for k, v in os.environ.items() if k not in SECURITY_ENV}
+        child = Child(name, cmd, self.home / "logs" / f"{name}.log",
+                      env={**base, "PYTHONUNBUFFERED": "1", **(env or {})}).start()
         self.children.append(child)
         self.named[name] = child
         return child
@@ -169,7 +302,7 @@ class Mesh:
     def check_alive(self) -> None:
         for c in self.children:
             if not c.alive:
-                raise RuntimeError(f"{c.name} exited (log {c.log_path}):\n{c.tail()}")
+                raise RuntimeError(f"{self.label} mesh: {c.name} exited (log {c.log_path}):\n{c.tail()}")
 
     def pids(self) -> dict[str, int | None]:
         """The processes whose CPU time is shown: this client, the router, the workers."""
@@ -354,7 +487,7 @@ async def router_channel(client: MeshClient, mesh: Mesh, instance: str,
         mesh.check_alive()
         found = [s for s in await live_services(client.etcd, client.keys, "router") if s.instance == instance]
         if found:
-            channel = dial(found[0].endpoint)
+            channel = mesh.dial(found[0].endpoint)
             await asyncio.wait_for(channel.channel_ready(), 10)
             return channel
         if time.monotonic() > deadline:
@@ -423,17 +556,20 @@ async def wait_ready(client: MeshClient, mesh: Mesh, name: str, replicas: int,
         await asyncio.sleep(0.1)
 
 
-async def until_routed(router: inference_pb2_grpc.InferenceStub, model: str, timeout: float = 30.0) -> None:
-    """Wait until the router's pool has the deployment (its etcd mirror lags a little)."""
+async def until_routed(router: inference_pb2_grpc.InferenceStub, model: str, metadata: Metadata,
+                       timeout: float = 30.0) -> None:
+    """Wait until the router's pool has the deployment and its key mirror the client's key
+    (its etcd mirrors lag a little)."""
     deadline = time.monotonic() + timeout
     request = unary_request(model, 1)
     while True:
         Stop.check()
         try:
-            await router.Generate(request, timeout=5)
+            await router.Generate(request, timeout=5, metadata=metadata)
             return
         except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+            lag = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+            if e.code() not in lag or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
 
@@ -498,7 +634,7 @@ def stream_request(i: int, tokens: int) -> inference_pb2.GenerateRequest:
         params=common_pb2.SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
 
 
-async def stream_load(targets: list[tuple[inference_pb2_grpc.InferenceStub, tuple[tuple[str, str], ...]]],
+async def stream_load(targets: list[tuple[inference_pb2_grpc.InferenceStub, Metadata]],
                       streams: int, tokens: int, pids: dict[str, int | None]) -> Streams:
     """`streams` concurrent GenerateStream calls, stream i on targets[i % len(targets)]."""
     got: list[list[int]] = [[] for _ in range(streams)]
@@ -531,18 +667,20 @@ async def stream_load(targets: list[tuple[inference_pb2_grpc.InferenceStub, tupl
 
 async def bench_unary(args: argparse.Namespace, mesh: Mesh, router: inference_pb2_grpc.InferenceStub,
                       replica: mesh_pb2.ReplicaInfo, spy: PySpy | None) -> tuple[float, float]:
-    direct_channel = dial(replica.endpoint)
+    direct_channel = mesh.dial(replica.endpoint)
     try:
         direct = inference_pb2_grpc.InferenceStub(direct_channel)
         request = unary_request(FAST, args.max_tokens)
-        header = ((REPLICA_HEADER, replica.replica_id),)
+        # direct: the bench plays the router (the replica header, the router's service key)
+        header = ((REPLICA_HEADER, replica.replica_id), *mesh.service_metadata("router"))
+        routed = mesh.client_metadata  # a tenant's inference key
         paths: dict[str, Callable[[], Awaitable[object]]] = {
             "direct": lambda: direct.Generate(request, timeout=CALL_TIMEOUT, metadata=header),
-            "router": lambda: router.Generate(request, timeout=CALL_TIMEOUT),
+            "router": lambda: router.Generate(request, timeout=CALL_TIMEOUT, metadata=routed),
         }
         for call in paths.values():  # warm up: connections, code paths
             await unary_load(call, max(50, args.requests // 10), 8, Unary())
-        worker = f"w{replica.worker_id.removeprefix('bench-w')}"
+        worker = mesh.worker_name(replica.worker_id)
         pids = {n: p for n, p in mesh.pids().items() if n in ("client", "router", worker)}
         print(f"\nunary Generate of {FAST} (sim, token_delay_ms=0) on {replica.worker_id}, max_tokens="
               f"{args.max_tokens}, {args.requests} requests per row in {ROUNDS} rounds alternating direct and "
@@ -585,16 +723,17 @@ async def bench_unary(args: argparse.Namespace, mesh: Mesh, router: inference_pb
 
 async def bench_streaming(args: argparse.Namespace, mesh: Mesh, router: inference_pb2_grpc.InferenceStub,
                           replicas: list[mesh_pb2.ReplicaInfo], spy: PySpy | None) -> float:
-    channels = {r.endpoint: dial(r.endpoint) for r in replicas}
+    channels = {r.endpoint: mesh.dial(r.endpoint) for r in replicas}
     try:
-        direct: list[tuple[inference_pb2_grpc.InferenceStub, tuple[tuple[str, str], ...]]] = [
-            (inference_pb2_grpc.InferenceStub(channels[r.endpoint]), ((REPLICA_HEADER, r.replica_id),))
+        as_router = mesh.service_metadata("router")  # direct: the bench plays the router
+        direct: list[tuple[inference_pb2_grpc.InferenceStub, Metadata]] = [
+            (inference_pb2_grpc.InferenceStub(channels[r.endpoint]), ((REPLICA_HEADER, r.replica_id), *as_router))
             for r in replicas]
-        routed = [(router, ())]
+        routed = [(router, mesh.client_metadata)]
         pids = mesh.pids()
         # warm up both paths (connections, code paths) with a few short streams
         await stream_load(direct, 16, 20, pids)
-        await stream_load(routed, 16, 20, pids)  # type: ignore[arg-type]
+        await stream_load(routed, 16, 20, pids)
 
         n, t = args.streams, args.tokens
         print(f"\nstreaming: {n} concurrent GenerateStream of {STREAM} (sim, token_delay_ms={args.stream_delay_ms:g}), "
@@ -607,7 +746,7 @@ async def bench_streaming(args: argparse.Namespace, mesh: Mesh, router: inferenc
             Stop.check()
             if spy is not None and path == "router":
                 spy.start("stream", {k: v for k, v in pids.items() if v is not None})
-            res = results[path] = await stream_load(targets, n, t, pids)  # type: ignore[arg-type]
+            res = results[path] = await stream_load(targets, n, t, pids)
             print(f"{path:>7} {res.wall:>7.2f} {res.tokens_s:>9.0f} {res.chunks / res.wall:>9.0f} "
                   f"{res.total_tokens / max(1, res.chunks):>9.2f} {pct(res.first_token, 0.5) * 1e3:>7.1f}ms "
                   f"{pct(res.first_token, 0.9) * 1e3:>7.1f}ms   {res.cpu.cores()}")
@@ -790,7 +929,8 @@ class PrefixPhase:
 
 
 async def prefix_load(stub: inference_pb2_grpc.InferenceStub, systems: dict[int, str], requests: int,
-                      concurrency: int, max_tokens: int, pids: dict[str, int | None]) -> PrefixPhase:
+                      concurrency: int, max_tokens: int, pids: dict[str, int | None],
+                      metadata: Metadata = ()) -> PrefixPhase:
     """`requests` streams at `concurrency`, request j with system prompt j mod len(systems)
     and its own question; the time to the first chunk that carries tokens, and the usage."""
     keys = sorted(systems)
@@ -805,7 +945,7 @@ async def prefix_load(stub: inference_pb2_grpc.InferenceStub, systems: dict[int,
             t0 = time.perf_counter()
             ttft, usage, replica = math.nan, common_pb2.Usage(), ""
             async for chunk in stub.GenerateStream(prefix_request(systems[system], question, max_tokens),
-                                                   timeout=CALL_TIMEOUT):
+                                                   timeout=CALL_TIMEOUT, metadata=metadata):
                 if chunk.token_ids and math.isnan(ttft):
                     ttft = time.perf_counter() - t0
                 replica = chunk.replica_id or replica
@@ -840,10 +980,11 @@ async def bench_prefix_affinity(args: argparse.Namespace, mesh: Mesh,
 
     workers = {r.worker_id for r in replicas}
     pids = {name: pid for name, pid in mesh.pids().items()
-            if name == "client" or f"bench-{name}" in workers}
+            if name == "client" or mesh.instance(name) in workers}
+    md = mesh.client_metadata
     # warm up both paths (connections, the engines' first forward passes) with their own prompts
     for stub in routers.values():
-        await prefix_load(stub, fresh(2), 2 * conc, conc, args.prefix_max_tokens, {})
+        await prefix_load(stub, fresh(2), 2 * conc, conc, args.prefix_max_tokens, {}, md)
     print(f"\nprefix affinity: {PREFIX} (the forged demo model, format hf, prefix_cache_mb="
           f"{args.prefix_cache_mb}, {args.torch_threads} torch thread(s) per worker) on {len(replicas)} replicas ({', '.join(r.worker_id for r in replicas)}); "
           f"each phase {n} GenerateStream (system + user message, max_tokens {args.prefix_max_tokens}, greedy) at "
@@ -859,7 +1000,7 @@ async def bench_prefix_affinity(args: argparse.Namespace, mesh: Mesh,
             Stop.check()
             mesh.check_alive()
             phase_pids = {**pids, path: mesh.named[ROUTER_NAMES[path]].proc.pid}  # type: ignore[union-attr]
-            res = await prefix_load(routers[path], fresh(per), n, conc, args.prefix_max_tokens, phase_pids)
+            res = await prefix_load(routers[path], fresh(per), n, conc, args.prefix_max_tokens, phase_pids, md)
             results[path].extend(res)
             print(res.row(str(r + 1), path, replicas))
     every = [row for res in results.values() for row in res.rows]
@@ -889,10 +1030,198 @@ async def bench_prefix_affinity(args: argparse.Namespace, mesh: Mesh,
     return speedup
 
 
+# -- security ------------------------------------------------------------------------------
+
+
+@dataclass
+class SecurityResult:
+    """One mesh's rounds of the security phase: its streaming loads and its unary load."""
+
+    streams: list[Streams] = field(default_factory=list)
+    unary: Unary = field(default_factory=Unary)  # every round's requests together
+    unary_rates: list[float] = field(default_factory=list)  # req/s of each round
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.total_tokens for s in self.streams)
+
+    @property
+    def tokens_s(self) -> float:
+        wall = sum(s.wall for s in self.streams)
+        return self.tokens / wall if wall else math.nan
+
+    def ttft(self, q: float) -> float:
+        return pct([x for s in self.streams for x in s.first_token], q)
+
+    @property
+    def stream_cpu(self) -> Cpu:
+        return Cpu.merge([s.cpu for s in self.streams])
+
+    @property
+    def unary_cpu(self) -> Cpu:
+        return Cpu.merge(self.unary.cpus)
+
+
+def generate_call(stub: inference_pb2_grpc.InferenceStub, request: inference_pb2.GenerateRequest,
+                  metadata: Metadata) -> Callable[[], Awaitable[object]]:
+    """One unary Generate on `stub`, carrying `metadata` (a key, or nothing)."""
+    return lambda: stub.Generate(request, timeout=CALL_TIMEOUT, metadata=metadata)
+
+
+def per_unit(cpu: Cpu, units: int, who: str = "") -> float:
+    """CPU microseconds per unit of work (a token, a request): of one process, or of all shown."""
+    if not units:
+        return math.nan
+    used = cpu.used.get(who, (math.nan, 0.0))[0] if who else sum(t for t, _ in cpu.used.values())
+    return used / units * 1e6
+
+
+def security_row(label: str, mesh: str, load: str, wall: float, tokens_s: float, ttft50: float, ttft90: float,
+                 rate: float, p50: float, p90: float, cpu: Cpu) -> str:
+    def num(x: float, width: int, fmt: str, unit: str = "") -> str:
+        return f"{'-':>{width + len(unit)}}" if math.isnan(x) else f"{x:>{width}{fmt}}{unit}"
+
+    return (f"{label:>5} {mesh:>8} {load:>6} {wall:>7.2f} {num(tokens_s, 9, '.0f')} "
+            f"{num(ttft50 * 1e3, 7, '.1f', 'ms')} {num(ttft90 * 1e3, 7, '.1f', 'ms')} {num(rate, 7, '.0f')} "
+            f"{num(p50 * 1e3, 7, '.2f')} {num(p90 * 1e3, 7, '.2f')}   {cpu.cores()}")
+
+
+async def bench_security(args: argparse.Namespace,
+                         meshes: dict[str, tuple[Mesh, inference_pb2_grpc.InferenceStub]],
+                         spy: PySpy | None) -> tuple[float, float]:
+    """The cost of authentication and TLS: the same streaming load (--streams x --tokens of
+    the streaming model) and the same unary Generate load (--requests at the highest
+    --concurrency, the unary model) through the secure mesh's router (a tenant's key on
+    every call, TLS on every link) and through the insecure mesh's (--insecure, no TLS, no
+    key sent); rounds alternate ABBA. Returns (secure / insecure tokens/s, req/s)."""
+    n, t, level = args.streams, args.tokens, max(args.levels)
+    request = unary_request(FAST, args.max_tokens)
+    for mesh, stub in meshes.values():  # warm up both alike at the phase's concurrency (untimed)
+        md = mesh.client_metadata
+        await stream_load([(stub, md)], n, min(t, 20), {})
+        await unary_load(generate_call(stub, request, md), max(100, args.requests // 4), level, Unary())
+    secure, insecure = meshes["secure"][0], meshes["insecure"][0]
+    print(f"\nsecurity: what authentication and TLS cost. The secure mesh (the one above, as `maas up` makes it: "
+          f"a service key per kind, TLS on every link, a tenant's inference key on every call to the router) "
+          f"against a second mesh in the same etcd and NATS (prefix {insecure.prefix}) whose registry, "
+          f"scheduler, router and {args.workers} workers run with --insecure and no TLS (no key "
+          f"sent). Per round and mesh: {n} concurrent GenerateStream of {STREAM} x {t} tokens, then "
+          f"{args.requests} unary Generate of {FAST} (max_tokens {args.max_tokens}) at {level} concurrent; "
+          f"{args.security_rounds} rounds per mesh, ABBA; cpu = cores busy, process/event-loop thread")
+    print(f"{'round':>5} {'mesh':>8} {'load':>6} {'wall s':>7} {'tokens/s':>9} {'ttft p50':>9} {'ttft p90':>9} "
+          f"{'req/s':>7} {'p50 ms':>7} {'p90 ms':>7}   cpu")
+    results = {label: SecurityResult() for label in meshes}
+    for r in range(args.security_rounds):
+        order = list(meshes) if r % 2 == 0 else list(reversed(meshes))  # ABBA: drift hits both alike
+        for label in order:
+            mesh, stub = meshes[label]
+            md = mesh.client_metadata
+            Stop.check()
+            secure.check_alive()
+            insecure.check_alive()
+            pids = mesh.pids()
+            profile = spy is not None and r == 0
+            if profile:
+                spy.start(f"security-{label}-stream", {k: v for k, v in pids.items() if v is not None})  # type: ignore[union-attr]
+            got = await stream_load([(stub, md)], n, t, pids)
+            if profile:
+                print(f"  (py-spy: the {label} mesh's router and workers, streaming)")
+                spy.stop()  # type: ignore[union-attr]
+            results[label].streams.append(got)
+            print(security_row(str(r + 1), label, "stream", got.wall, got.tokens_s, pct(got.first_token, 0.5),
+                               pct(got.first_token, 0.9), math.nan, math.nan, math.nan, got.cpu))
+            if profile:
+                spy.start(f"security-{label}-unary{level}", {"router": pids["router"]})  # type: ignore[union-attr,dict-item]
+            one = Unary()
+            cpu = Cpu(pids)
+            await unary_load(generate_call(stub, request, md), args.requests, level, one)
+            one.cpus.append(cpu.stop())
+            if profile:
+                print(f"  (py-spy: the {label} mesh's router, unary at concurrency {level})")
+                spy.stop()  # type: ignore[union-attr]
+            results[label].unary_rates.append(one.rate)
+            u = results[label].unary
+            u.latencies += one.latencies
+            u.requests += one.requests
+            u.wall += one.wall
+            u.cpus += one.cpus
+            print(security_row(str(r + 1), label, "unary", one.wall, math.nan, math.nan, math.nan, one.rate,
+                               pct(one.latencies, 0.5), pct(one.latencies, 0.9), one.cpus[0]))
+    for label, res in results.items():
+        print(security_row("all", label, "stream", sum(s.wall for s in res.streams), res.tokens_s, res.ttft(0.5),
+                           res.ttft(0.9), math.nan, math.nan, math.nan, res.stream_cpu))
+    for label, res in results.items():
+        u = res.unary
+        print(security_row("all", label, "unary", u.wall, math.nan, math.nan, math.nan, u.rate,
+                           pct(u.latencies, 0.5), pct(u.latencies, 0.9), res.unary_cpu))
+    s, i = results["secure"], results["insecure"]
+    print("  cpu per unit of work, secure / insecure (less noisy than throughput on a shared machine): "
+          f"router {per_unit(s.stream_cpu, s.tokens, 'router'):.1f} / {per_unit(i.stream_cpu, i.tokens, 'router'):.1f} "
+          f"us per token, {per_unit(s.unary_cpu, s.unary.requests, 'router'):.0f} / "
+          f"{per_unit(i.unary_cpu, i.unary.requests, 'router'):.0f} us per request; every process shown "
+          f"{per_unit(s.stream_cpu, s.tokens):.1f} / {per_unit(i.stream_cpu, i.tokens):.1f} us per token, "
+          f"{per_unit(s.unary_cpu, s.unary.requests):.0f} / {per_unit(i.unary_cpu, i.unary.requests):.0f} "
+          "us per request")
+    # every stream must be whole, and the same tokens through either mesh (one model, one prompt)
+    reference = s.streams[0].tokens
+    short = sum(len(x) != t for res in results.values() for st in res.streams for x in st.tokens)
+    wrong = sum(a != b for res in results.values() for st in res.streams
+                for a, b in zip(st.tokens, reference, strict=True))
+    stream_ratio = s.tokens_s / i.tokens_s
+    unary_ratio = s.unary.rate / i.unary.rate
+    rounds = range(args.security_rounds)  # the spread of the rounds shows what the noise alone does
+    print("  per round, secure / insecure: streaming tokens/s "
+          + " ".join(f"{s.streams[r].tokens_s / i.streams[r].tokens_s:.2f}" for r in rounds)
+          + "; unary req/s " + " ".join(f"{s.unary_rates[r] / i.unary_rates[r]:.2f}" for r in rounds))
+    print(f"  secure / insecure: streaming {stream_ratio:.3f}x tokens/s (cost {1 - stream_ratio:.1%}; goal under "
+          f"10%), ttft p50 {s.ttft(0.5) / i.ttft(0.5):.2f}x; unary {unary_ratio:.3f}x req/s (cost "
+          f"{1 - unary_ratio:.1%}), p50 {pct(s.unary.latencies, 0.5) / pct(i.unary.latencies, 0.5):.2f}x")
+    if short or wrong:
+        print(f"  STREAMS DIFFER: {short} not {t} tokens long, {wrong} not the tokens of the first secure round's "
+              "stream for the same prompt: auth_tls_stream_ratio not measured")
+        stream_ratio = math.nan
+    return stream_ratio, unary_ratio
+
+
 # -- the run -------------------------------------------------------------------------------
 
 
-async def bench(args: argparse.Namespace, mesh: Mesh, spy: PySpy | None) -> int:
+def start_services(mesh: Mesh, args: argparse.Namespace, worker_gib: int, *, lb_router: bool = False,
+                   profile: str = "") -> None:
+    """A registry, a scheduler, a router (and the least-load router), --workers workers."""
+    mesh.spawn("registry", "registry", "--blob-dir", str(mesh.home / "blobs"))
+    mesh.spawn("scheduler", "scheduler")
+    mesh.spawn("router", "router", "--port", "0", "--instance", mesh.instance("router"), *router_extra_flags(),
+               profile=profile)
+    if lb_router:  # the baseline of the prefix part: the same router, routing by load only
+        mesh.spawn("router-lb", "router", "--port", "0", "--instance", mesh.instance("router-lb"),
+                   "--no-prefix-affinity", *router_extra_flags())
+    for i in range(args.workers):
+        mesh.spawn(f"w{i}", "worker", "--instance", mesh.instance(f"w{i}"), "--device", "cpu",
+                   "--cpu-memory-gib", str(worker_gib), "--cache-dir", str(mesh.home / f"cache-w{i}"),
+                   "--torch-threads", str(args.torch_threads))
+
+
+async def sim_models(args: argparse.Namespace, mesh: Mesh, client: MeshClient
+                     ) -> tuple[grpc.aio.Channel, grpc.aio.Channel, grpc.aio.Channel]:
+    """The registry's and the scheduler's channels (as the admin), a tenant key on a secure
+    mesh, the router's channel, and the two sim models deployed (not yet waited for)."""
+    registry = await channel_to(client, mesh, "registry")
+    scheduler = await channel_to(client, mesh, "scheduler")
+    if mesh.security is not None:  # a tenant's inference key, made by the admin through the registry
+        created = await registry_pb2_grpc.RegistryStub(registry).CreateKey(
+            registry_pb2.CreateKeyRequest(tenant="bench", role="inference"), timeout=10)
+        mesh.client_metadata = credential_metadata(created.key)
+    router = await router_channel(client, mesh, mesh.instance("router"))
+    await wait_workers(client, mesh, args.workers)
+    await deploy(registry, scheduler, FAST, 1, token_delay_ms="0")
+    await deploy(registry, scheduler, STREAM, args.workers, token_delay_ms=f"{args.stream_delay_ms:g}")
+    return registry, scheduler, router
+
+
+async def bench(args: argparse.Namespace, mesh: Mesh, plain: Mesh | None, spy: PySpy | None) -> int:
+    """`mesh` is the secure mesh every phase measures; `plain`, the insecure one the
+    security phase compares it with (None with --no-security)."""
     main = asyncio.current_task()
     assert main is not None
 
@@ -903,7 +1232,9 @@ async def bench(args: argparse.Namespace, mesh: Mesh, spy: PySpy | None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(signum, interrupt)
 
-    client = MeshClient(mesh.etcd, mesh.prefix)
+    assert mesh.security is not None
+    client = mesh.admin_client()
+    plain_client = plain.admin_client() if plain is not None else None
     forge: asyncio.Task[str] | None = None
     channels: list[grpc.aio.Channel] = []  # to the routers
     try:
@@ -912,49 +1243,55 @@ async def bench(args: argparse.Namespace, mesh: Mesh, spy: PySpy | None) -> int:
         worker_gib = max(2, math.ceil(prefix_memory / 1024**3) + 1) if args.prefix else 2
         if args.prefix:
             forge = asyncio.ensure_future(demo_model())  # meanwhile, the mesh starts
-        mesh.spawn("registry", "registry", "--blob-dir", str(mesh.tmp / "blobs"))
-        mesh.spawn("scheduler", "scheduler")
-        mesh.spawn("router", "router", "--port", "0", "--instance", "bench-router", *router_extra_flags(),
-                   profile=args.profile_router)
-        if args.prefix:  # the baseline of the prefix part: the same router, routing by load only
-            mesh.spawn("router-lb", "router", "--port", "0", "--instance", "bench-router-lb",
-                       "--no-prefix-affinity", *router_extra_flags())
-        for i in range(args.workers):
-            mesh.spawn(f"w{i}", "worker", "--instance", f"bench-w{i}", "--device", "cpu",
-                       "--cpu-memory-gib", str(worker_gib), "--cache-dir", str(mesh.tmp / f"cache-w{i}"),
-                       "--torch-threads", str(args.torch_threads))
-        registry = await channel_to(client, mesh, "registry")
-        scheduler = await channel_to(client, mesh, "scheduler")
-        channels.append(await router_channel(client, mesh, "bench-router"))
-        router = inference_pb2_grpc.InferenceStub(channels[-1])
-        await wait_workers(client, mesh, args.workers)
-        await deploy(registry, scheduler, FAST, 1, token_delay_ms="0")
-        await deploy(registry, scheduler, STREAM, args.workers, token_delay_ms=f"{args.stream_delay_ms:g}")
+        await mesh.security.install(mesh.etcd, mesh.prefix)  # before any service starts, as `maas up`
+        start_services(mesh, args, worker_gib, lb_router=args.prefix, profile=args.profile_router)
+        if plain is not None:  # under cProfile too when the secure router is, so that the two compare
+            start_services(plain, args, 2, profile=f"{args.profile_router}.insecure" if args.profile_router else "")
+        registry, scheduler, router_ch = await sim_models(args, mesh, client)
+        channels.append(router_ch)
+        router = inference_pb2_grpc.InferenceStub(router_ch)
+        plain_router: inference_pb2_grpc.InferenceStub | None = None
+        if plain is not None and plain_client is not None:
+            channels.append((await sim_models(args, plain, plain_client))[2])
+            plain_router = inference_pb2_grpc.InferenceStub(channels[-1])
         if forge is not None:
             source = await forge
             await deploy(registry, scheduler, PREFIX, args.workers, fmt="hf", source=source,
                          memory_bytes=prefix_memory, prefix_cache_mb=str(args.prefix_cache_mb))
         fast = await wait_ready(client, mesh, FAST, 1)
         stream = await wait_ready(client, mesh, STREAM, args.workers)
-        await until_routed(router, FAST)
-        await until_routed(router, STREAM)
+        md = mesh.client_metadata
+        await until_routed(router, FAST, md)
+        await until_routed(router, STREAM, md)
+        if plain is not None and plain_client is not None and plain_router is not None:
+            await wait_ready(plain_client, plain, FAST, 1)
+            await wait_ready(plain_client, plain, STREAM, args.workers)
+            await until_routed(plain_router, FAST, ())
+            await until_routed(plain_router, STREAM, ())
         routers: dict[str, inference_pb2_grpc.InferenceStub] = {}
         prefix_replicas: list[mesh_pb2.ReplicaInfo] = []
         if args.prefix:
-            channels.append(await router_channel(client, mesh, "bench-router-lb"))
+            channels.append(await router_channel(client, mesh, mesh.instance("router-lb")))
             routers = {"affinity": router, "least-load": inference_pb2_grpc.InferenceStub(channels[-1])}
             prefix_replicas = await wait_ready(client, mesh, PREFIX, args.workers, timeout=300)
             for stub in routers.values():
-                await until_routed(stub, PREFIX, timeout=60)
+                await until_routed(stub, PREFIX, md, timeout=60)
         print(f"mesh: etcd, nats-server, registry, scheduler, {len(routers) or 1} router(s) and {args.workers} "
               f"workers as separate processes, up in {time.perf_counter() - t0:.1f} s (python "
-              f"{platform.python_version()}, grpcio {grpc.__version__}, {os.cpu_count()} CPUs)")
+              f"{platform.python_version()}, grpcio {grpc.__version__}, {os.cpu_count()} CPUs); secure as "
+              "`maas up` makes it: every service has its own key and serves and dials over TLS (a CA and a "
+              "certificate per kind), the client sends a tenant's inference key to the router and, on the "
+              "direct path, the router's service key to the worker")
+        if plain is not None:
+            print(f"  and the insecure mesh for the security phase (prefix {plain.prefix}): registry, scheduler, "
+                  f"router and {args.workers} workers with --insecure and no TLS, idle until then")
         for name, placed in ((STREAM, stream), (PREFIX, prefix_replicas)):
             where = Counter(r.worker_id for r in placed)
             if len(where) < len(placed):
                 print(f"  note: {name} replicas share workers: {dict(where)}")
         if args.profile_router:
-            print(f"  the router runs under cProfile (slower): {args.profile_router}")
+            print(f"  the router runs under cProfile (slower): {args.profile_router}"
+                  + (f"; the insecure mesh's too: {args.profile_router}.insecure" if plain is not None else ""))
 
         overhead, ratio = await bench_unary(args, mesh, router, fast[0], spy)
         tokens_s = await bench_streaming(args, mesh, router, stream, spy)
@@ -963,11 +1300,22 @@ async def bench(args: argparse.Namespace, mesh: Mesh, spy: PySpy | None) -> int:
             speedup = await bench_prefix_affinity(args, mesh, routers, prefix_replicas)
         else:
             print("\nprefix affinity: skipped (--no-prefix)")
+        auth_stream = auth_unary = math.nan
+        if plain is not None and plain_router is not None:
+            auth_stream, auth_unary = await bench_security(
+                args, {"secure": (mesh, router), "insecure": (plain, plain_router)}, spy)
+        else:
+            print("\nsecurity: skipped (--no-security)")
         mesh.check_alive()
 
         print(f"router_overhead_ms={sig(overhead)} router_vs_direct={sig(ratio)} "
-              f"stream_tokens_s={sig(tokens_s, '.0f')} prefix_ttft_speedup={sig(speedup)}", flush=True)
-        measured = (overhead, ratio, tokens_s, speedup) if args.prefix else (overhead, ratio, tokens_s)
+              f"stream_tokens_s={sig(tokens_s, '.0f')} prefix_ttft_speedup={sig(speedup)} "
+              f"auth_tls_stream_ratio={sig(auth_stream)} auth_tls_unary_ratio={sig(auth_unary)}", flush=True)
+        measured = [overhead, ratio, tokens_s]
+        if args.prefix:
+            measured.append(speedup)
+        if plain is not None:
+            measured += [auth_stream, auth_unary]
         return 1 if any(math.isnan(x) for x in measured) else 0
     finally:
         if forge is not None and not forge.done():
@@ -979,8 +1327,10 @@ async def bench(args: argparse.Namespace, mesh: Mesh, spy: PySpy | None) -> int:
                 await channel.close()
         if spy is not None:
             spy.kill()
-        with contextlib.suppress(Exception):
-            await client.close()
+        for c in (client, plain_client):
+            if c is not None:
+                with contextlib.suppress(Exception):
+                    await c.close()
 
 
 def router_extra_flags() -> list[str]:
@@ -1025,9 +1375,15 @@ def main() -> int:
                              "CPUs divided by the workers; torch's default, every CPU in each worker, thrashes)")
     parser.add_argument("--prefix-cache-mb", type=int, default=1024,
                         help="prefix part: the engines' prefix_cache_mb (generous: no phase evicts its own prefixes)")
+    parser.add_argument("--no-security", dest="security", action="store_false",
+                        help="skip the security phase (no insecure mesh; auth_tls_*_ratio print as nan)")
+    parser.add_argument("--security-rounds", type=int, default=4,
+                        help="security phase: rounds per mesh, alternating (secure, insecure, insecure, "
+                             "secure, ...: ABBA; at least 2)")
     parser.add_argument("--py-spy", default="", metavar="DIR",
-                        help="sample the router (unary at the highest concurrency) and the router and workers "
-                             "(routed streaming) with py-spy; raw stacks go to DIR")
+                        help="sample the router (unary at the highest concurrency), the router and workers "
+                             "(routed streaming) and, in the security phase's first round, each mesh's router "
+                             "and workers (streaming) and router (unary) with py-spy; raw stacks go to DIR")
     parser.add_argument("--py-spy-native", action="store_true", help="py-spy --native (C frames too)")
     parser.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--profile-router", default="", metavar="FILE",
@@ -1042,18 +1398,22 @@ def main() -> int:
         args.torch_threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // args.workers))
     if args.prefix and 2 * (2 + PREFIX_ROUNDS * args.prefix_prompts) > len(ORGS) * (1 + len(BRANCHES)):
         parser.error("--prefix-prompts: too many for the distinct system prompts bench/router.py writes")
+    if args.security and args.security_rounds < 2:
+        parser.error("--security-rounds: at least 2 (ABBA), or --no-security")
     if args.prefix and args.workers < 2:
         parser.error("the prefix part compares two replicas' caches: --workers 2 or more (or --no-prefix)")
     spy = None
     if args.py_spy:
-        exe = shutil.which("py-spy") or os.environ.get("PY_SPY", "")
+        beside = Path(sys.executable).parent / "py-spy"  # installed in this virtual environment
+        exe = os.environ.get("PY_SPY", "") or shutil.which("py-spy") or (str(beside) if beside.is_file() else "")
         if not exe:
             parser.error("--py-spy: py-spy not found on PATH (pip install py-spy, or set PY_SPY to its path)")
         spy = PySpy(exe, Path(args.py_spy), args.py_spy_rate, args.py_spy_native)
     if args.profile_router:
         args.profile_router = str(Path(args.profile_router).resolve())
 
-    prefix = f"/bench-router-{random.getrandbits(32):08x}/"
+    run_id = f"{random.getrandbits(32):08x}"
+    prefix, plain_prefix = f"/bench-router-{run_id}/", f"/bench-router-insecure-{run_id}/"
     status = 1
     with tempfile.TemporaryDirectory(prefix="maas-bench-router-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -1064,21 +1424,28 @@ def main() -> int:
                 stack.callback(etcd.stop)
                 nats, nats_url = start_nats(tmp / "nats" / "js", log_dir=tmp / "logs")
                 stack.callback(nats.stop)
-                mesh = Mesh(etcd_url, nats_url, prefix, tmp, args.log_level)
+                mesh = Mesh(etcd_url, nats_url, prefix, tmp, args.log_level, Security.make(tmp / "secrets"))
                 stack.callback(mesh.stop)
-                status = asyncio.run(bench(args, mesh, spy))
+                plain = None
+                if args.security:  # the security phase's baseline: the same services, --insecure, no TLS
+                    plain = Mesh(etcd_url, nats_url, plain_prefix, tmp / "insecure", args.log_level,
+                                 instance_prefix="bench-insecure-")
+                    stack.callback(plain.stop)
+                status = asyncio.run(bench(args, mesh, plain, spy))
         except (KeyboardInterrupt, asyncio.CancelledError):
             print("interrupted", file=sys.stderr)
             status = 130
         except Exception as e:  # a process that died, a deployment that never got ready
             print(f"bench failed: {type(e).__name__}: {e}", file=sys.stderr)
-            print("router_overhead_ms=nan router_vs_direct=nan stream_tokens_s=nan prefix_ttft_speedup=nan",
-                  flush=True)
+            print("router_overhead_ms=nan router_vs_direct=nan stream_tokens_s=nan prefix_ttft_speedup=nan "
+                  "auth_tls_stream_ratio=nan auth_tls_unary_ratio=nan", flush=True)
             status = 1
         finally:
             if args.keep_logs:
                 shutil.copytree(tmp / "logs", args.keep_logs, dirs_exist_ok=True)
-            left = leftovers(prefix, tmp_dir)
+                if (tmp / "insecure" / "logs").is_dir():
+                    shutil.copytree(tmp / "insecure" / "logs", Path(args.keep_logs) / "insecure", dirs_exist_ok=True)
+            left = leftovers(prefix, plain_prefix, tmp_dir)
             if left:
                 print(f"WARNING: {len(left)} processes left running:\n  " + "\n  ".join(left), file=sys.stderr)
             else:
