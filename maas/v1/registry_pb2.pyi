@@ -1,5 +1,6 @@
 from maas.v1 import access_pb2 as _access_pb2
 from maas.v1 import common_pb2 as _common_pb2
+from maas.v1 import usage_pb2 as _usage_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

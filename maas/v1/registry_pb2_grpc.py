@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from maas.v1 import registry_pb2 as maas_dot_v1_dot_registry__pb2
+from maas.v1 import usage_pb2 as maas_dot_v1_dot_usage__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -109,6 +110,11 @@ class RegistryStub:
                 '/maas.v1.Registry/RevokeKey',
                 request_serializer=maas_dot_v1_dot_registry__pb2.RevokeKeyRequest.SerializeToString,
                 response_deserializer=maas_dot_v1_dot_registry__pb2.RevokeKeyResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/maas.v1.Registry/GetUsage',
+                request_serializer=maas_dot_v1_dot_usage__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_usage__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
 
 
@@ -216,6 +222,14 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Metered usage (requests, errors, prompt and completion tokens) from the MAAS_USAGE
+        stream, grouped as asked. The admin sees every tenant; a developer key its own tenant's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -293,6 +307,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.RevokeKey,
                     request_deserializer=maas_dot_v1_dot_registry__pb2.RevokeKeyRequest.FromString,
                     response_serializer=maas_dot_v1_dot_registry__pb2.RevokeKeyResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=maas_dot_v1_dot_usage__pb2.GetUsageRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_usage__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -701,6 +720,33 @@ class Registry:
             '/maas.v1.Registry/RevokeKey',
             maas_dot_v1_dot_registry__pb2.RevokeKeyRequest.SerializeToString,
             maas_dot_v1_dot_registry__pb2.RevokeKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.v1.Registry/GetUsage',
+            maas_dot_v1_dot_usage__pb2.GetUsageRequest.SerializeToString,
+            maas_dot_v1_dot_usage__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

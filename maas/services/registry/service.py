@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
+from maas.mesh import usage
 from maas.mesh.artifacts import CHUNK, check_digest
-from maas.mesh.errors import FailedPrecondition, InvalidArgument
+from maas.mesh.authz import caller
+from maas.mesh.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from maas.mesh.events import EventBus
 from maas.services.registry import backup
 from maas.services.registry.apikeys import KeyStore
 from maas.services.registry.blobs import BlobStore
 from maas.services.registry.store import ModelStore
-from maas.v1 import registry_pb2, registry_pb2_grpc
+from maas.v1 import registry_pb2, registry_pb2_grpc, usage_pb2
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
@@ -155,3 +158,21 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                             f"deployments) from a backup of {snapshot.prefix} at etcd revision "
                             f"{snapshot.etcd_revision}", missing_artifacts=str(len(response.missing_artifacts)))
         return response
+
+    async def GetUsage(self, request: usage_pb2.GetUsageRequest,
+                       context: grpc.aio.ServicerContext) -> usage_pb2.GetUsageResponse:
+        """Usage from the MAAS_USAGE stream (read through the event bus's NATS connection):
+        a tenant's key sees its own tenant's whatever it asks; the admin, every tenant or one."""
+        by, since_ms, until_ms = usage.check_query(request, int(time.time() * 1000))
+        me = caller()
+        if me.kind == "tenant":
+            tenant: str | None = me.tenant
+        elif me.is_admin:
+            tenant = request.tenant or None
+        else:  # the rule admits developers and the admin only; nothing else reaches here
+            raise PermissionDenied(f"{me.describe()} may not read usage")
+        nc = self.events.nc
+        if nc is None or not nc.is_connected:
+            raise Unavailable("the registry is not connected to NATS, where usage is kept; retry shortly")
+        return await usage.query(nc, self.store.session.config.prefix, tenant, by, since_ms=since_ms,
+                                 until_ms=until_ms)

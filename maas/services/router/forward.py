@@ -23,9 +23,10 @@ from prometheus_client import Counter, Histogram
 from maas.mesh.clients import REPLICA_HEADER, credential_metadata
 from maas.mesh.errors import DeadlineExceeded, MaasError, ResourceExhausted, Unavailable, from_rpc_error
 from maas.mesh.logs import new_request_id, request_id_var
+from maas.mesh.usage import UsageMeter
 from maas.services.router.pool import ReplicaPool
 from maas.services.router.tenants import Gate, Ticket
-from maas.v1 import common_pb2, inference_pb2, mesh_pb2, registry_pb2
+from maas.v1 import common_pb2, inference_pb2, mesh_pb2, registry_pb2, usage_pb2
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,9 @@ class Forwarder:
     def __init__(self, pool: ReplicaPool, gate: Gate | None = None, *, max_attempts: int = MAX_ATTEMPTS,
                  queue_timeout: float = QUEUE_SECONDS, max_waiting: int = MAX_WAITING,
                  failover_timeout: float = FAILOVER_SECONDS, prefix_affinity: bool = True,
-                 credential: str = "") -> None:
+                 credential: str = "", usage: UsageMeter | None = None) -> None:
         self.pool = pool
+        self.usage = usage  # one record per admitted request, written when it ends
         self.credential = credential_metadata(credential)  # the router's own key: workers serve routers only
         self.prefix_affinity = prefix_affinity
         self.gate = gate
@@ -156,6 +158,25 @@ class Forwarder:
 
     def _admit(self, api_key: str, model: str, adapter: str = "") -> Ticket:
         return Ticket(None) if self.gate is None else self.gate.admit(api_key, model, adapter)
+
+    def _meter(self, kind: str, ticket: Ticket, request_id: str, model: str, adapter: str,
+               replica: mesh_pb2.ReplicaInfo | None, usage: common_pb2.Usage | None, answered: str, status: str,
+               entered: float, partial: int = 0) -> None:
+        """The usage record of one admitted request that ended: what its client was told in
+        its final `usage` (none: an error, a cancelled stream; `partial` then counts the
+        tokens a stream had passed on). One per client request, whatever retries and
+        migrations happened behind it."""
+        if self.usage is None:
+            return
+        key = ticket.key
+        self.usage.record(usage_pb2.UsageRecord(
+            request_id=request_id or request_id_var.get(), tenant=key.tenant if key is not None else "",
+            key_id=key.id if key is not None else "", model=model, adapter=adapter,
+            deployment=replica.deployment if replica is not None else "", model_version=answered,
+            prompt_tokens=usage.prompt_tokens if usage is not None else 0,
+            completion_tokens=usage.completion_tokens if usage is not None else 0,
+            partial_completion_tokens=0 if usage is not None else partial, status=status, kind=kind,
+            duration_ms=int((time.perf_counter() - entered) * 1000)))
 
     @staticmethod
     def prepare(request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest
@@ -189,6 +210,10 @@ class Forwarder:
         self.route_adapter(request, added)
         series = _series(self._label(request.model))
         tenant, status = "-", "OK"
+        ticket: Ticket | None = None
+        replica: mesh_pb2.ReplicaInfo | None = None
+        final: inference_pb2.GenerateChunk | None = None  # the last chunk (with the usage), once passed on
+        produced: list[int] = []
         try:
             ticket = self._admit(api_key, asked, request.adapter)
             tenant = ticket.tenant
@@ -201,7 +226,6 @@ class Forwarder:
                 payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
                 affinity = affinity_key(request, session, prefix=self.prefix_affinity)
                 deadline = None if timeout is None else time.monotonic() + timeout
-                produced: list[int] = []
                 attempts = _Attempts(self, request.model, deadline)
                 in_flight = self.pool.in_flight
                 last: float | None = None
@@ -228,6 +252,7 @@ class Forwarder:
                             last = now
                             if chunk.finish_reason:
                                 ticket.tokens = series.tokens(tenant, chunk.usage)
+                                final = chunk
                             yield relayed
                         return
                     except grpc.aio.AioRpcError as e:
@@ -239,10 +264,15 @@ class Forwarder:
                 if ticket.state is not None:
                     Gate.release(ticket)
         except BaseException as e:
-            status = _status(e)
+            # closed or cancelled after its last chunk (the HTTP API stops reading there): the client has it all
+            status = "OK" if final is not None and isinstance(e, GeneratorExit | asyncio.CancelledError) else _status(e)
             raise
         finally:
             series.done(tenant, status, entered)
+            if ticket is not None:
+                self._meter("stream", ticket, request.request_id, asked, request.adapter, replica,
+                            final.usage if final is not None else None, final.model if final is not None else "",
+                            status, entered, len(produced))
 
     async def generate(self, request: inference_pb2.GenerateRequest, timeout: float | None, api_key: str = "",
                        session: str = "", payload: bytes | None = None) -> Reply:
@@ -253,6 +283,9 @@ class Forwarder:
         self.route_adapter(request, added)
         series = _series(self._label(request.model))
         tenant, status = "-", "OK"
+        ticket: Ticket | None = None
+        replica: mesh_pb2.ReplicaInfo | None = None
+        reply: inference_pb2.GenerateResponse | None = None
         try:
             ticket = self._admit(api_key, asked, request.adapter)
             tenant = ticket.tenant
@@ -277,7 +310,8 @@ class Forwarder:
                         attempts.failed(replica, e, 0)
                     finally:
                         _untrack(in_flight, rid)
-                ticket.tokens = series.tokens(tenant, relayed[0].usage)
+                reply = relayed[0]
+                ticket.tokens = series.tokens(tenant, reply.usage)
                 return relayed
             finally:
                 if ticket.state is not None:
@@ -287,6 +321,10 @@ class Forwarder:
             raise
         finally:
             series.done(tenant, status, entered)
+            if ticket is not None:
+                self._meter("generate", ticket, request.request_id, asked, request.adapter, replica,
+                            reply.usage if reply is not None else None, reply.model if reply is not None else "",
+                            status, entered)
 
     def _label(self, model: str) -> str:
         """The model as a metric label: a deployment's name, or "other" (callers choose the
@@ -296,7 +334,11 @@ class Forwarder:
 
     async def embed(self, request: inference_pb2.EmbedRequest, timeout: float | None,
                     api_key: str = "") -> inference_pb2.EmbedResponse:
+        entered = time.perf_counter()
         ticket = self._admit(api_key, request.model)
+        replica: mesh_pb2.ReplicaInfo | None = None
+        response: inference_pb2.EmbedResponse | None = None
+        status = "OK"
         try:
             replica = await self.pool.pick(request.model, deadline=timeout)
             with self.pool.track(replica):
@@ -305,10 +347,18 @@ class Forwarder:
             ticket.tokens = response.usage.prompt_tokens
             return response
         except grpc.aio.AioRpcError as e:
-            raise from_rpc_error(e) from None
+            error = from_rpc_error(e)
+            status = _status(error)
+            raise error from None
+        except BaseException as e:
+            status = _status(e)
+            raise
         finally:
             if ticket.state is not None:
                 Gate.release(ticket)
+            self._meter("embed", ticket, request.request_id, request.model, "", replica,
+                        response.usage if response is not None else None,
+                        response.model if response is not None else "", status, entered)
 
     def _may_use(self, key: registry_pb2.ApiKey | None, model: str) -> bool:
         return self.gate is None or self.gate.may_use(key, model)
