@@ -250,6 +250,10 @@ class Authorizer:
             if not self.enforce:
                 return INSECURE
             raise Unauthenticated("the credential is not valid (an unknown or revoked key)")
+        return self.principal(digest, info)
+
+    def principal(self, digest: str, info: registry_pb2.ApiKey) -> Principal:
+        """The principal of a key record, made once per record (a request's hot path asks)."""
         cached = self._principals.get(digest)
         if cached is not None and cached[0] is info:  # the same record: the same principal
             return cached[1]

@@ -20,13 +20,14 @@ from collections.abc import AsyncIterator
 import grpc
 from prometheus_client import Counter, Histogram
 
+from maas.mesh.authz import Principal
 from maas.mesh.clients import REPLICA_HEADER, credential_metadata
 from maas.mesh.errors import DeadlineExceeded, MaasError, ResourceExhausted, Unavailable, from_rpc_error
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.mesh.usage import UsageMeter
 from maas.services.router.pool import ReplicaPool
-from maas.services.router.tenants import Gate, Ticket
-from maas.v1 import common_pb2, inference_pb2, mesh_pb2, registry_pb2, usage_pb2
+from maas.services.router.tenants import Caller, Gate, Ticket
+from maas.v1 import common_pb2, inference_pb2, mesh_pb2, usage_pb2
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,9 @@ Reply = tuple[inference_pb2.GenerateResponse, bytes]
 
 
 class Forwarder:
-    """`api_key` is the caller's credential as sent (gRPC metadata or an HTTP bearer
-    token); tenants, keys and limits check it here, for both front ends.
+    """`api_key` is the caller: the key an HTTP request sent, or the principal the gRPC
+    interceptor already authenticated from its metadata (not checked twice); tenants, keys and
+    limits check it here, for both front ends.
 
     Requests travel as bytes: `payload` is the request as the caller serialized it (the gRPC
     front end passes it on as received; None serializes `request`). What the router adds
@@ -156,8 +158,8 @@ class Forwarder:
         self.failover_timeout = failover_timeout
         self.waiting = 0  # requests waiting for a full model to have room
 
-    def _admit(self, api_key: str, model: str, adapter: str = "") -> Ticket:
-        return Ticket(None) if self.gate is None else self.gate.admit(api_key, model, adapter)
+    def _admit(self, who: Caller, model: str, adapter: str = "") -> Ticket:
+        return Ticket(None) if self.gate is None else self.gate.admit(who, model, adapter)
 
     def _meter(self, kind: str, ticket: Ticket, request_id: str, model: str, adapter: str,
                replica: mesh_pb2.ReplicaInfo | None, usage: common_pb2.Usage | None, answered: str, status: str,
@@ -201,7 +203,7 @@ class Forwarder:
             request.adapter, request.model = request.model, deployment
             added.adapter, added.model = request.adapter, request.model
 
-    async def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None, api_key: str = "",
+    async def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None, api_key: Caller = "",
                      session: str = "", payload: bytes | None = None) -> AsyncIterator[Chunk]:
         """Chunks of one generation, moved to another replica if its worker fails."""
         entered = time.perf_counter()
@@ -274,7 +276,7 @@ class Forwarder:
                             final.usage if final is not None else None, final.model if final is not None else "",
                             status, entered, len(produced))
 
-    async def generate(self, request: inference_pb2.GenerateRequest, timeout: float | None, api_key: str = "",
+    async def generate(self, request: inference_pb2.GenerateRequest, timeout: float | None, api_key: Caller = "",
                        session: str = "", payload: bytes | None = None) -> Reply:
         """One whole completion, retried on another replica if its worker fails."""
         entered = time.perf_counter()
@@ -333,7 +335,7 @@ class Forwarder:
         return name if name in self.pool.deployments.items else "other"
 
     async def embed(self, request: inference_pb2.EmbedRequest, timeout: float | None,
-                    api_key: str = "") -> inference_pb2.EmbedResponse:
+                    api_key: Caller = "") -> inference_pb2.EmbedResponse:
         entered = time.perf_counter()
         ticket = self._admit(api_key, request.model)
         replica: mesh_pb2.ReplicaInfo | None = None
@@ -360,10 +362,10 @@ class Forwarder:
                         response.usage if response is not None else None,
                         response.model if response is not None else "", status, entered)
 
-    def _may_use(self, key: registry_pb2.ApiKey | None, model: str) -> bool:
-        return self.gate is None or self.gate.may_use(key, model)
+    def _may_use(self, who: Principal | None, model: str) -> bool:
+        return self.gate is None or self.gate.may_use(who, model)
 
-    def models(self, api_key: str = "") -> inference_pb2.ListModelsResponse:
+    def models(self, api_key: Caller = "") -> inference_pb2.ListModelsResponse:
         """Deployments with at least one ready replica (those the caller's key may use)."""
         key = self.gate.identify(api_key) if self.gate is not None else None
         by_name: dict[str, inference_pb2.ServedModel] = {}

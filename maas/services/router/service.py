@@ -14,7 +14,7 @@ from operator import itemgetter
 
 import grpc
 
-from maas.mesh.auth import key_from_metadata
+from maas.mesh.authz import Principal, caller
 from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder, Reply
 from maas.v1 import inference_pb2
 
@@ -30,16 +30,16 @@ def _request(raw: bytes) -> Request:
 _as_received = itemgetter(1)  # a relayed reply's bytes
 
 
-def _caller(context: grpc.aio.ServicerContext) -> tuple[str, str]:
-    """(API key, session) from the call's metadata: requests with the same `x-session-id`
-    go to the same replica."""
+def _caller(context: grpc.aio.ServicerContext) -> tuple[Principal, str]:
+    """(who calls, as the runtime's interceptor authenticated them; session) of a call:
+    requests with the same `x-session-id` go to the same replica."""
     metadata = context.invocation_metadata() or ()
     session = ""
     for name, value in metadata:
         if name == SESSION_HEADER:
             session = value.decode(errors="replace") if isinstance(value, bytes) else value
             break
-    return key_from_metadata(metadata), session
+    return caller(), session
 
 
 class RouterInferenceServicer:

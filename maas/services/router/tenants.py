@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter
 
 from maas.mesh.auth import key_hash
-from maas.mesh.authz import Authorizer, principal_of
+from maas.mesh.authz import Authorizer, Principal
 from maas.mesh.discovery import PrefixMirror
 from maas.mesh.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from maas.mesh.etcd import EtcdSession
@@ -87,6 +87,9 @@ class Ticket:
         self.state = state  # the tenant's counters, while the request holds a place in them
 
 
+Caller = str | Principal  # the key as an HTTP request sent it, or who the gRPC interceptor found
+
+
 def _everyone(model: str) -> str:
     return ""
 
@@ -113,43 +116,51 @@ class Gate:
     async def close(self) -> None:
         await self.routers.close()
 
-    def identify(self, api_key: str) -> registry_pb2.ApiKey | None:
-        """The key's record; None on an --insecure mesh. Unauthenticated for no key or one
-        the mesh does not know, PermissionDenied for a key that may not call models."""
+    def identify(self, who: Caller) -> Principal | None:
+        """Who calls: the principal the gRPC interceptor authenticated, or the one an HTTP
+        request's key proves; None on an --insecure mesh. Unauthenticated for no key or one the
+        mesh does not know, PermissionDenied for a key that may not call models."""
         if not self.authorizer.enforce:
             return None
-        if not api_key:
+        if isinstance(who, Principal):
+            principal = who
+        elif not who:
             REJECTED.labels("-", "no_key").inc()
             raise Unauthenticated("an API key is required: send `Authorization: Bearer <key>` "
                                   "(create one with `maas keys create --tenant NAME`)")
-        info = self.authorizer.known(key_hash(api_key))
-        if info is None:
-            REJECTED.labels("-", "bad_key").inc()
-            raise Unauthenticated("the API key is not valid (unknown or revoked)")
-        if "inference" not in principal_of(info).roles:
+        else:
+            digest = key_hash(who)
+            info = self.authorizer.known(digest)
+            if info is None:
+                REJECTED.labels("-", "bad_key").inc()
+                raise Unauthenticated("the API key is not valid (unknown or revoked)")
+            principal = self.authorizer.principal(digest, info)
+        if "inference" not in principal.roles:
             REJECTED.labels("-", "role").inc()
-            raise PermissionDenied(f"{principal_of(info).describe()} may not call models")
-        return info
+            raise PermissionDenied(f"{principal.describe()} may not call models")
+        return principal
 
-    def visible(self, info: registry_pb2.ApiKey | None, model: str) -> bool:
-        """Whether the key's tenant may see `model` at all (its own or the platform's)."""
-        return info is None or principal_of(info).may_see(self.owner(model))
+    def visible(self, who: Principal | None, model: str) -> bool:
+        """Whether the caller's tenant may see `model` at all (its own or the platform's)."""
+        return who is None or who.may_see(self.owner(model))
 
-    def may_use(self, info: registry_pb2.ApiKey | None, model: str) -> bool:
-        return info is None or (self.visible(info, model) and (
-            not info.models or model.partition("@")[0] in info.models))
+    def may_use(self, who: Principal | None, model: str) -> bool:
+        key = who.key if who is not None else None
+        return who is None or (self.visible(who, model) and (
+            key is None or not key.models or model.partition("@")[0] in key.models))
 
-    def admit(self, api_key: str, model: str, adapter: str = "") -> Ticket:
+    def admit(self, who: Caller, model: str, adapter: str = "") -> Ticket:
         """Admit one request for `model` (with `adapter`, if any) or raise; `release` the
         ticket when it ends."""
-        info = self.identify(api_key)
-        if info is None:
+        principal = self.identify(who)
+        if principal is None or principal.key is None:  # --insecure, or the admin token itself
             return Ticket(None)
+        info = principal.key
         for name, field_name in ((model, "model"), (adapter, "adapter")):
-            if name and not self.visible(info, name):
+            if name and not self.visible(principal, name):
                 REJECTED.labels(info.tenant, "model").inc()
                 raise NotFound(self.not_found(name), field=field_name)
-        if not self.may_use(info, model):
+        if not self.may_use(principal, model):
             REJECTED.labels(info.tenant, "model").inc()
             raise PermissionDenied(f"tenant {info.tenant!r} may not use model {model!r} "
                                    f"(its key allows: {', '.join(info.models)})", field="model")
