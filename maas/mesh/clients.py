@@ -18,7 +18,7 @@ import aetcd.exceptions
 import grpc
 
 from maas.mesh.artifacts import ARTIFACT, CHUNK, file_digest, pack_directory
-from maas.mesh.config import parse_host_port
+from maas.mesh.config import parse_host_port, redact, url_credentials
 from maas.mesh.errors import InvalidArgument, MaasError, NotFound, StartupError, Unavailable, from_rpc_error
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.keys import Keys
@@ -152,7 +152,8 @@ class MeshClient:
         self.credential = credential  # the key every call on its channels presents
         self.tls = tls  # the CA its channels verify services with (TLS), if any
         self.keys = Keys(prefix)
-        self.etcd = aetcd.Client(host=host, port=port, timeout=timeout)
+        user, password = url_credentials(etcd_url)
+        self.etcd = aetcd.Client(host=host, port=port, username=user, password=password, timeout=timeout)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def __aenter__(self) -> MeshClient:
@@ -174,7 +175,7 @@ class MeshClient:
             try:
                 services = await live_services(self.etcd, self.keys, kind)
             except (TimeoutError, aetcd.exceptions.ClientError):
-                raise StartupError(f"cannot reach etcd at {self.etcd_url}; is the stack running "
+                raise StartupError(f"cannot reach etcd at {redact(self.etcd_url)}; is the stack running "
                                    "(`maas up`), or pass --etcd / MAAS_ETCD") from None
             if not services:
                 raise Unavailable(f"no {kind} is running (none registered in etcd under "

@@ -7,7 +7,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from maas.mesh.errors import StartupError
 from maas.mesh.tls import TlsFiles
@@ -28,6 +28,14 @@ def parse_host_port(url: str, default_port: int) -> tuple[str, int]:
     return parsed.hostname, parsed.port or default_port
 
 
+def url_credentials(url: str) -> tuple[str | None, str | None]:
+    """(user, password) in a URL's userinfo (`http://root:secret@host:2379`), else (None, None)."""
+    parsed = urlparse(url if "://" in url else f"tcp://{url}")
+    if parsed.username and parsed.password:
+        return unquote(parsed.username), unquote(parsed.password)
+    return None, None
+
+
 def redact(url: str) -> str:
     """A URL fit to print or log: the credentials in it (a NATS token, a password) hidden."""
     scheme, sep, rest = url.partition("://")
@@ -42,7 +50,7 @@ class MeshConfig:
     kind: str
     """Service kind: router, worker, registry or scheduler."""
     etcd: str = DEFAULT_ETCD
-    """etcd endpoint URL (MAAS_ETCD)."""
+    """etcd endpoint URL (MAAS_ETCD); `http://user:password@host:2379` where etcd checks users."""
     nats: str = DEFAULT_NATS
     """NATS server URL (MAAS_NATS)."""
     prefix: str = "/maas/"

@@ -18,7 +18,7 @@ import aetcd
 import aetcd.exceptions
 
 from maas.mesh.aio import within
-from maas.mesh.config import MeshConfig, parse_host_port
+from maas.mesh.config import MeshConfig, parse_host_port, redact, url_credentials
 from maas.mesh.errors import StartupError
 from maas.mesh.keys import Keys
 
@@ -32,7 +32,8 @@ class EtcdSession:
         self.config = config
         self.keys = Keys(config.prefix)
         host, port = parse_host_port(config.etcd, 2379)
-        self.client = aetcd.Client(host=host, port=port, timeout=call_timeout)
+        user, password = url_credentials(config.etcd)
+        self.client = aetcd.Client(host=host, port=port, username=user, password=password, timeout=call_timeout)
         self.lease_id: int | None = None
         self._owned: dict[bytes, bytes] = {}
         self._keepalive: asyncio.Task[None] | None = None
@@ -56,7 +57,7 @@ class EtcdSession:
             except (TimeoutError, EtcdError, OSError) as e:
                 if asyncio.get_running_loop().time() + delay > deadline:
                     raise StartupError(
-                        f"cannot reach etcd at {self.config.etcd} after {self.config.startup_timeout:.0f}s "
+                        f"cannot reach etcd at {redact(self.config.etcd)} after {self.config.startup_timeout:.0f}s "
                         f"({type(e).__name__}); start etcd or pass --etcd / MAAS_ETCD") from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)

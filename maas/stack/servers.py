@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote
 
 from maas.mesh.errors import StartupError
 
@@ -149,18 +150,30 @@ def _etcd_env() -> dict[str, str]:
     return env
 
 
+ETCD_TOKEN_TTL = "87600h"  # etcd's signed tokens: aetcd authenticates once per connection and never renews
+
+
 def start_etcd(data_dir: Path, *, port: int = 0, peer_port: int = 0, log_dir: Path | None = None,
-               timeout: float = 20.0) -> tuple[Child, str]:
+               timeout: float = 20.0, password: str = "") -> tuple[Child, str]:
+    """An etcd on 127.0.0.1. With `password`, etcd checks users: `root` gets that password
+    and the URL returned carries it (http://root:PASSWORD@host:port). Its tokens are JWTs
+    (signed with a key kept beside the data directory, owner-only), which survive an etcd
+    restart and last as long as a client's connection: simple tokens lapse after 5 minutes
+    unused, and the etcd client library does not renew them."""
     port = port or free_port()
     peer = peer_port or free_port()
     url = f"http://127.0.0.1:{port}"
     peer_url = f"http://127.0.0.1:{peer}"
+    auth: list[str] = []
+    if password:
+        private, public = _jwt_keys(data_dir.parent / "etcd-jwt")
+        auth = ["--auth-token", f"jwt,pub-key={public},priv-key={private},sign-method=ES256,ttl={ETCD_TOKEN_TTL}"]
     child = Child("etcd", [
         find_binary("etcd"), "--name", "maas", "--data-dir", str(data_dir),
         "--listen-client-urls", url, "--advertise-client-urls", url,
         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
         "--initial-cluster", f"maas={peer_url}", "--log-level", "warn",
-        "--auto-compaction-retention", "1h",
+        "--auto-compaction-retention", "1h", *auth,
     ], (log_dir or data_dir.parent) / "etcd.log", env=_etcd_env()).start()
 
     def healthy() -> bool:
@@ -168,7 +181,59 @@ def start_etcd(data_dir: Path, *, port: int = 0, peer_port: int = 0, log_dir: Pa
             return b'"true"' in r.read()
 
     _wait_until(healthy, child, url, timeout)
+    if password:
+        try:
+            _enable_etcd_auth(f"127.0.0.1:{port}", password)
+        except BaseException:
+            child.stop()
+            raise
+        url = f"http://root:{quote(password, safe='')}@127.0.0.1:{port}"
     return child, url
+
+
+def _jwt_keys(directory: Path) -> tuple[Path, Path]:
+    """The ES256 key pair etcd signs its tokens with (made once, owner-only)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private, public = directory / "jwt.key", directory / "jwt.pub"
+    if private.exists() and public.exists():
+        return private, public
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    for path, data in ((private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption())),
+                       (public, key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                              serialization.PublicFormat.SubjectPublicKeyInfo))):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    return private, public
+
+
+def _enable_etcd_auth(target: str, password: str) -> None:
+    """Make etcd check users, with `root` holding `password`: done once per data directory;
+    on a later start the password is only checked."""
+    import grpc
+    from aetcd import rpc
+
+    with grpc.insecure_channel(target) as channel:
+        auth = rpc.AuthStub(channel)
+        try:
+            auth.Authenticate(rpc.AuthenticateRequest(name="root", password=password), timeout=10)
+            return  # set up already, with this password
+        except grpc.RpcError as e:
+            if "not enabled" not in (e.details() or ""):
+                raise StartupError(f"etcd at {target} refused the root password in this data directory "
+                                   f"({e.details()}); was it set up by another stack?") from None
+        try:
+            auth.UserAdd(rpc.AuthUserAddRequest(name="root", password=password), timeout=10)
+        except grpc.RpcError as e:  # a set-up cut short before: the user is there
+            if "already exists" not in (e.details() or ""):
+                raise
+            auth.UserChangePassword(rpc.AuthUserChangePasswordRequest(name="root", password=password), timeout=10)
+        auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"), timeout=10)
+        auth.AuthEnable(rpc.AuthEnableRequest(), timeout=10)
 
 
 def start_nats(store_dir: Path, *, port: int = 0, log_dir: Path | None = None, timeout: float = 20.0,

@@ -97,7 +97,8 @@ class Stack:
         if cfg.etcd:
             self.etcd = cfg.etcd
         else:
-            child, self.etcd = start_etcd(cfg.data_dir / "etcd", log_dir=logs)
+            password = "" if cfg.insecure else self.secret("etcd-password")
+            child, self.etcd = start_etcd(cfg.data_dir / "etcd", log_dir=logs, password=password)
             self.children.append(child)
         if cfg.nats:
             self.nats = cfg.nats
@@ -105,15 +106,16 @@ class Stack:
             token = "" if cfg.insecure else self.secret("nats-token")
             child, self.nats = start_nats(cfg.data_dir / "nats", log_dir=logs, token=token)
             self.children.append(child)
-        self._say(f"etcd {self.etcd}   nats {redact(self.nats)}")
+        self._say(f"etcd {redact(self.etcd)}   nats {redact(self.nats)}")
 
     def _service(self, kind: str, *extra: str) -> Child:
         n = sum(c.name.startswith(kind) for c in self.children)
         name = f"{kind}-{n}" if kind in ("worker", "scheduler") else kind
         security = ("--insecure",) if self.config.insecure else (
             "--credential-file", str(self.credential(kind)), *self.tls_args(kind))
-        args = [sys.executable, "-m", "maas", kind, "--etcd", self.etcd, *security, *extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MAAS_NATS": self.nats}  # not argv: it may carry a token
+        args = [sys.executable, "-m", "maas", kind, *security, *extra]
+        # not on the command line, where any local user could read them: the URLs carry credentials
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MAAS_ETCD": self.etcd, "MAAS_NATS": self.nats}
         child = Child(name, args, self.config.data_dir / "logs" / f"{name}.log", env=env).start()
         self.children.append(child)
         return child
@@ -364,7 +366,7 @@ maas-mesh is up ({took:.1f}s): {ref} ready on {cfg.workers} worker(s)
   router gRPC   127.0.0.1:{cfg.router_port}{http}
   API key       {api_key}  (tenant dev, developer)
   admin token   {cfg.data_dir / 'admin-token'}  (`maas` commands here act as the admin){tls}
-  etcd          {stack.etcd}
+  etcd          {redact(stack.etcd)}
   nats          {redact(stack.nats)}
   logs          {cfg.data_dir / 'logs'}
 

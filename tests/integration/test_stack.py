@@ -4,6 +4,7 @@ transformers engine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -104,6 +105,21 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
             tuned, base = ask("secrets"), ask("demo")
         right = sum(word in text for word, text in zip(secrets.values(), tuned, strict=True))
         assert right >= 2 and right > sum(w in t for w, t in zip(secrets.values(), base, strict=True)), (tuned, base)
+
+        # etcd checks users and NATS a token; neither secret is on any process's command line
+        secrets = [(tmp_path / ".maas" / name).read_text().strip() for name in ("etcd-password", "nats-token")]
+        assert all(secrets) and stack["etcd"].startswith("http://root:")
+        for pid in [up.pid, *_children_of(up.pid)]:
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                assert not any(s in cmdline for s in secrets), f"a secret on the command line of {pid}"
+        anonymous = subprocess.run([sys.executable, "-c", (
+            "import asyncio, aetcd\n"
+            "async def main():\n"
+            f"    async with aetcd.Client(port={stack['etcd'].rsplit(':', 1)[1]}) as c:\n"
+            "        await c.get(b'/maas/registry/models/demo')\n"
+            "asyncio.run(main())")], capture_output=True, text=True, timeout=60)
+        assert anonymous.returncode != 0 and "user name is empty" in anonymous.stderr, anonymous.stderr[-300:]
 
         workers = maas("workers")
         assert workers.returncode == 0 and "demo@1 ready" in workers.stdout, workers.stdout + workers.stderr
