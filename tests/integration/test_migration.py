@@ -147,3 +147,44 @@ async def test_the_wait_for_a_replacement_is_bounded(mesh: MeshHarness):
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "worker w1 failed after" in (failed.value.details() or "")
     assert "no other replica was ready within 1s" in (failed.value.details() or "")
+
+
+async def test_streams_move_off_a_frozen_worker_once_its_lease_ends(mesh: MeshHarness):
+    """A worker that stops without dying (SIGSTOP, as a hung driver would) keeps its
+    connections open, so its streams see no error; when its lease ends (2 s in tests) its
+    replicas leave etcd and the router moves their streams, with the same seeded tokens."""
+    await mesh.core()
+    workers = {"w1": mesh.spawn("worker", "--instance", "w1", "--cpu-memory-gib", "2"),
+               "w2": mesh.spawn("worker", "--instance", "w2", "--cpu-memory-gib", "2")}
+    await eventually(lambda: _workers(mesh, 2), timeout=30)
+    await mesh.register("echo", token_delay_ms="25")
+    await mesh.deploy("echo", replicas=2)
+    st = await mesh.wait_ready("echo", replicas=2, timeout=60)
+    assert {r.worker_id for r in st.replicas} == {"w1", "w2"}
+    streams = 16
+
+    def params(i: int) -> dict[str, object]:
+        return {"seed": 2000 + i, "temperature": 0.8} if i % 2 else {"temperature": 0.0}
+
+    expected = await asyncio.gather(*(_stream(mesh, i, **params(i)) for i in range(streams)))
+    started = asyncio.Event()
+    runs = [asyncio.create_task(_stream(mesh, i, started if i == 0 else None, **params(i))) for i in range(streams)]
+    await started.wait()
+    frozen_at = asyncio.get_running_loop().time()
+    workers["w1"].signal(signal.SIGSTOP)
+    try:
+        got = await asyncio.wait_for(asyncio.gather(*runs), timeout=40)
+        took = asyncio.get_running_loop().time() - frozen_at
+    finally:
+        workers["w1"].signal(signal.SIGCONT)
+    moved = 0
+    for i, ((tokens, text, last, replicas), (want_tokens, want_text, _, _)) in enumerate(
+            zip(got, expected, strict=True)):
+        assert tokens == want_tokens and text == want_text, f"stream {i}: not the fault-free tokens"
+        assert last.usage.completion_tokens == MAX_TOKENS
+        moved += len(replicas) == 2
+    assert moved >= 1, "no stream was on the frozen worker?"
+    print(f"\n{moved} of {streams} streams moved off the frozen worker; all done {took:.2f}s after the freeze")
+    # 60 tokens at 25 ms take 1.5 s; the lease is 2 s: the moved streams finish within lease + 1 s
+    # plus their remaining tokens, not after the worker wakes (it never did, until the end)
+    assert took < 2 + 1 + MAX_TOKENS * 0.025 + 1.0, f"streams took {took:.1f}s after the freeze"

@@ -126,6 +126,8 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+LEFT = "its replica left etcd: the worker's lease ended (dead, or frozen and not answering)"
+
 Chunk = tuple[inference_pb2.GenerateChunk, bytes]
 Reply = tuple[inference_pb2.GenerateResponse, bytes]
 """What a worker sent: parsed (the router reads it) and as received (passed on unchanged)."""
@@ -157,6 +159,12 @@ class Forwarder:
         self.max_waiting = max_waiting
         self.failover_timeout = failover_timeout
         self.waiting = 0  # requests waiting for a full model to have room
+
+    def _replica_left(self, call: grpc.aio.Call) -> bool:
+        """A call cancelled under this task because its replica left etcd (not this request
+        cancelled by its client): the request moves on."""
+        task = asyncio.current_task()
+        return self.pool.abandoned(call) and (task is None or not task.cancelling())
 
     def _admit(self, who: Caller, model: str, adapter: str = "") -> Ticket:
         return Ticket(None) if self.gate is None else self.gate.admit(who, model, adapter)
@@ -242,6 +250,7 @@ class Forwarder:
                     call = self.pool.calls(replica).stream(
                         sent, timeout=_remaining(deadline), metadata=(*metadata, (REPLICA_HEADER, rid)))
                     in_flight[rid] = in_flight.get(rid, 0) + 1
+                    self.pool.watch(rid, call)
                     try:
                         while (relayed := await call.read()) is not grpc.aio.EOF:
                             chunk = relayed[0]
@@ -259,8 +268,13 @@ class Forwarder:
                         return
                     except grpc.aio.AioRpcError as e:
                         attempts.failed(replica, e, len(produced))
+                    except asyncio.CancelledError:
+                        if not self._replica_left(call):
+                            raise
+                        attempts.failed(replica, None, len(produced))
                     finally:
                         call.cancel()
+                        self.pool.unwatch(rid, call)
                         _untrack(in_flight, rid)
             finally:
                 if ticket.state is not None:
@@ -304,13 +318,20 @@ class Forwarder:
                         OVERHEAD.observe(time.perf_counter() - entered)
                     rid = replica.replica_id
                     in_flight[rid] = in_flight.get(rid, 0) + 1
+                    unary = self.pool.calls(replica).generate(
+                        payload, timeout=_remaining(deadline), metadata=(*metadata, (REPLICA_HEADER, rid)))
+                    self.pool.watch(rid, unary)
                     try:
-                        relayed = await self.pool.calls(replica).generate(
-                            payload, timeout=_remaining(deadline), metadata=(*metadata, (REPLICA_HEADER, rid)))
+                        relayed = await unary
                         break
                     except grpc.aio.AioRpcError as e:
                         attempts.failed(replica, e, 0)
+                    except asyncio.CancelledError:
+                        if not self._replica_left(unary):
+                            raise
+                        attempts.failed(replica, None, 0)
                     finally:
+                        self.pool.unwatch(rid, unary)
                         _untrack(in_flight, rid)
                 reply = relayed[0]
                 ticket.tokens = series.tokens(tenant, reply.usage)
@@ -462,22 +483,24 @@ class _Attempts:
             raise DeadlineExceeded(f"{self.lost}, and no other replica was ready before the request's deadline")
         raise Unavailable(f"{self.lost}, and no other replica was ready within {self.fw.failover_timeout:g}s")
 
-    def failed(self, replica: mesh_pb2.ReplicaInfo, e: grpc.aio.AioRpcError, produced: int) -> None:
-        """Decide after a failed call: return to try again, or raise the request's error."""
-        code = e.code()
+    def failed(self, replica: mesh_pb2.ReplicaInfo, e: grpc.aio.AioRpcError | None, produced: int) -> None:
+        """Decide after a failed call (None: abandoned because its replica left etcd): return
+        to try again, or raise the request's error."""
+        code = e.code() if e is not None else grpc.StatusCode.UNAVAILABLE
+        details = (e.details() or "") if e is not None else LEFT
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not produced:
             self.tried.discard(replica.replica_id)
             self.full.add(replica.replica_id)
             return
-        if code != grpc.StatusCode.UNAVAILABLE:
+        if e is not None and code != grpc.StatusCode.UNAVAILABLE:
             raise from_rpc_error(e) from None
         self.failures += 1
         self.fw.pool.mark_failed(replica)
         where = f"after {produced} tokens" if produced else "before the first token"
         if self.failures >= self.fw.max_attempts:
-            raise Unavailable(f"worker {replica.worker_id} failed {where} ({e.details()}), "
+            raise Unavailable(f"worker {replica.worker_id} failed {where} ({details}), "
                               f"and {self.fw.max_attempts} attempts were used up")
-        self.lost = f"worker {replica.worker_id} failed {where} ({e.details()})"
+        self.lost = f"worker {replica.worker_id} failed {where} ({details})"
         if produced:
             MIGRATIONS.labels(self.fw._label(self.model)).inc()
             log.warning("%s; moving the stream to another replica", self.lost)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,8 @@ from maas.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
+
+log = logging.getLogger(__name__)
 
 SUSPECT_SECONDS = 5.0
 COLD_START_SECONDS = 60.0  # how long a request waits for a scaled-to-zero model to load
@@ -99,6 +102,9 @@ class ReplicaPool:
         forget: Callable[..., None] = lambda *_: self._ready.clear()  # noqa: E731
         self.replicas.add_listener(forget)
         self.deployments.add_listener(forget)
+        self._calls_on: dict[str, set[grpc.aio.Call]] = {}  # replica -> calls in flight on it
+        self._abandoned: set[grpc.aio.Call] = set()
+        self.replicas.add_listener(self._replica_changed)
 
     async def start(self) -> None:
         await self.replicas.start()
@@ -326,6 +332,40 @@ class ReplicaPool:
 
     def stub(self, replica: mesh_pb2.ReplicaInfo) -> inference_pb2_grpc.InferenceStub:
         return self.calls(replica).stub
+
+    # -- calls on a worker that stops answering --
+
+    def watch(self, replica_id: str, call: grpc.aio.Call) -> None:
+        """Follow a call in flight on a replica: if the replica leaves etcd without draining
+        first (its worker's lease expired: the worker is dead, or frozen and silent), the call
+        is cancelled at once so the request moves to another replica, instead of waiting on a
+        worker that may never answer (`abandoned` then says so). A worker shutting down marks
+        its replicas draining before it gives up its lease, and finishes their calls."""
+        self._calls_on.setdefault(replica_id, set()).add(call)
+
+    def unwatch(self, replica_id: str, call: grpc.aio.Call) -> None:
+        calls = self._calls_on.get(replica_id)
+        if calls is not None:
+            calls.discard(call)
+            if not calls:
+                del self._calls_on[replica_id]
+        self._abandoned.discard(call)
+
+    def abandoned(self, call: grpc.aio.Call) -> bool:
+        """Whether `call` was cancelled because its replica left (not by its client)."""
+        return call in self._abandoned
+
+    def _replica_changed(self, replica_id: str, old: mesh_pb2.ReplicaInfo | None,
+                         new: mesh_pb2.ReplicaInfo | None) -> None:
+        if new is not None or (old is not None and old.state == mesh_pb2.REPLICA_STATE_DRAINING):
+            return  # a draining worker gave up its lease on purpose: it finishes what it has
+        calls = self._calls_on.pop(replica_id, set())
+        if calls:
+            log.warning("replica %s left etcd (its worker's lease ended) with %d calls in flight; moving them",
+                        replica_id, len(calls))
+        for call in calls:
+            self._abandoned.add(call)
+            call.cancel()
 
     def mark_failed(self, replica: mesh_pb2.ReplicaInfo) -> None:
         now = time.monotonic()
