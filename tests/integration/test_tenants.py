@@ -162,3 +162,5 @@ async def test_keys_are_the_admins_to_make_and_a_developers_for_its_own_inferenc
     assert await new_key(mesh, capsys, "--tenant", "z", "--role", "developer", "--api-key", admin)
     rc, out, err = await cli(mesh, capsys, "keys", "create", "--tenant", "Bad Name!", "--api-key", admin)
     assert rc == 1 and "INVALID_ARGUMENT" in err and "tenant" in err, err
+    rc, out, err = await cli(mesh, capsys, "keys", "revoke", "admin")  # the installed admin token
+    assert rc == 1 and "FAILED_PRECONDITION" in err and "--admin-token-file" in err, err

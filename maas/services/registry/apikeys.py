@@ -17,7 +17,7 @@ import aetcd
 
 from maas.mesh.auth import key_hash, new_key
 from maas.mesh.authz import SERVICES, TENANT_ROLES, caller
-from maas.mesh.errors import InvalidArgument, NotFound, PermissionDenied
+from maas.mesh.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.keys import Keys
 from maas.mesh.names import validate_name
@@ -134,6 +134,10 @@ class KeyStore:
         for raw_key, raw in pairs:
             info = registry_pb2.ApiKey.FromString(raw)
             if info.id == key_id and (me.is_admin or (info.tenant == me.tenant and not info.service)):
+                if info.id == ADMIN_TOKEN_ID:
+                    raise FailedPrecondition("the admin token is not revoked but replaced: change the registry's "
+                                             "--admin-token-file (or MAAS_ADMIN_TOKEN) and restart it",
+                                             field="id")
                 await self.session.client.delete(raw_key)
                 return info
         raise NotFound(f"no key with id {key_id!r} (see `maas keys list`)")
