@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aetcd
@@ -38,6 +39,9 @@ class EtcdSession:
         self._owned: dict[bytes, bytes] = {}
         self._keepalive: asyncio.Task[None] | None = None
         self._closed = False
+        # run after the lease was lost and a new one granted, before the owned keys are put
+        # again: what was true when they were put may not be any more (see `forget_owned`)
+        self.before_reregister: list[Callable[[], Awaitable[None]]] = []
 
     async def __aenter__(self) -> EtcdSession:
         await self.start()
@@ -82,6 +86,8 @@ class EtcdSession:
                     registered = False
                 # a new lease, then every owned key again; only a complete pass counts
                 await self._grant()
+                for hook in self.before_reregister:
+                    await hook()
                 for key, value in list(self._owned.items()):
                     await self.client.put(key, value, lease=self.lease_id)
                 registered = True
@@ -96,6 +102,10 @@ class EtcdSession:
         """Put a key that lives and dies with this process."""
         self._owned[key] = value
         await self.client.put(key, value, lease=self.lease_id)
+
+    def forget_owned(self, key: bytes) -> None:
+        """Stop holding `key` without a write: it went with the lease, and must not come back."""
+        self._owned.pop(key, None)
 
     async def delete_owned(self, key: bytes) -> None:
         self._owned.pop(key, None)

@@ -23,6 +23,10 @@ async def _workers(mesh: MeshHarness, n: int) -> bool:
 MAX_TOKENS = 60
 
 
+async def _not_assigned(etcd: object, prefix: str, worker: str) -> bool:
+    return not list(await etcd.get_prefix(f"{prefix}assignments/{worker}/".encode()))  # type: ignore[attr-defined]
+
+
 async def _stream(mesh: MeshHarness, i: int, started: asyncio.Event | None = None,
                   **params: object) -> tuple[list[int], str, inference_pb2.GenerateChunk, set[str]]:
     stub = await mesh.stub("router")
@@ -167,6 +171,8 @@ async def test_streams_move_off_a_frozen_worker_once_its_lease_ends(mesh: MeshHa
         return {"seed": 2000 + i, "temperature": 0.8} if i % 2 else {"temperature": 0.0}
 
     expected = await asyncio.gather(*(_stream(mesh, i, **params(i)) for i in range(streams)))
+    (stale,) = [r.replica_id for r in st.replicas if r.worker_id == "w1"]
+    etcd = (await mesh.client()).etcd
     started = asyncio.Event()
     runs = [asyncio.create_task(_stream(mesh, i, started if i == 0 else None, **params(i))) for i in range(streams)]
     await started.wait()
@@ -175,8 +181,22 @@ async def test_streams_move_off_a_frozen_worker_once_its_lease_ends(mesh: MeshHa
     try:
         got = await asyncio.wait_for(asyncio.gather(*runs), timeout=40)
         took = asyncio.get_running_loop().time() - frozen_at
+        # the scheduler re-places the frozen worker's replica on w2 ...
+        await eventually(lambda: _not_assigned(etcd, mesh.prefix, "w1"), timeout=20)
     finally:
         workers["w1"].signal(signal.SIGCONT)
+    # ... and w1, awake and registered again under a new lease, never advertises the old one
+    seen_stale, back_at = False, None
+    deadline = asyncio.get_running_loop().time() + 15
+    while asyncio.get_running_loop().time() < deadline:
+        seen_stale |= await etcd.get(f"{mesh.prefix}replicas/{stale}".encode()) is not None
+        if back_at is None and await etcd.get(f"{mesh.prefix}workers/w1".encode()) is not None:
+            back_at = asyncio.get_running_loop().time()
+        if back_at is not None and asyncio.get_running_loop().time() > back_at + 1.0:
+            break
+        await asyncio.sleep(0.02)
+    assert back_at is not None, "w1 did not register again after it woke"
+    assert not seen_stale, f"w1 advertised replica {stale} again, which the scheduler had moved"
     moved = 0
     for i, ((tokens, text, last, replicas), (want_tokens, want_text, _, _)) in enumerate(
             zip(got, expected, strict=True)):

@@ -66,6 +66,7 @@ class ReplicaManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self.assignments.add_listener(lambda *_: self._wake.set())
+        rt.etcd.before_reregister.append(self._recheck)
 
     async def start(self) -> None:
         await self.assignments.start()
@@ -82,6 +83,21 @@ class ReplicaManager:
                 if rid not in wanted:
                     self._spawn(self._unload(rid))
             await self._wake.wait()
+
+    async def _recheck(self) -> None:
+        """This worker's lease ended (it was frozen, or cut off from etcd) and its replicas
+        left etcd with it; the scheduler may have placed them elsewhere meanwhile. Before they
+        are published again, the ones whose assignment is gone are dropped: a stale replica is
+        never advertised, and serves no request while it unloads."""
+        pairs, _ = await self.rt.etcd.get_prefix(self.rt.etcd.keys.assignments(self.worker_id))
+        assigned = {key.rsplit(b"/", 1)[-1].decode() for key, _ in pairs}
+        for rid, replica in list(self.replicas.items()):
+            if rid in assigned:
+                continue
+            log.warning("replica %s was reassigned while this worker's lease was gone; dropping it", rid)
+            self.rt.etcd.forget_owned(self.rt.etcd.keys.replica(rid))
+            replica.info.state = mesh_pb2.REPLICA_STATE_DRAINING  # find() skips it
+            self._spawn(self._unload(rid))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
