@@ -28,7 +28,7 @@ re-tokenizing the text each client received with the model's tokenizer (no speci
 added). Per target and level: tokens/s (tokens received over the level's wall time), TTFT
 p50/p99 (to the first chunk with text), and CPU milliseconds per token of each process
 (/proc/<pid>/stat before and after the level: the router, the worker, the rest of the
-stack, the server and its child processes, and this client).
+stack, a peer's server and each of its child processes by name, and this client).
 
 The last line is machine-readable, at 32 concurrent (or the highest level run, if 32 is
 not among --levels; the line above it says which):
@@ -252,20 +252,20 @@ class Server:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def tail(self, lines: int = 25) -> str:
+    def tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
 
     def stop(self, timeout: float = 60.0) -> None:
-        """SIGINT (each server here shuts down its own children on it), then SIGKILL to
-        whatever is left of the session it started."""
+        """SIGTERM (each server here shuts down its own children on it; `transformers serve`
+        ignores a SIGINT), then SIGKILL to whatever is left of the session it started."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGINT)
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -546,24 +546,25 @@ def ensure_peer(peer: Peer) -> str:
     say(f"installing {peer.name} into {peer.dir} ({peer.spec}; log {log})")
     peer.dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out:
-        def run(cmd: list[str]) -> bool:
+        def run(cmd: list[str], what: str) -> bool:
             out.write(f"\n$ {' '.join(cmd)}\n")
             out.flush()
             started = time.monotonic()
             rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, "PIP_PROGRESS_BAR": "off"}).returncode
-            say(f"  {' '.join(cmd[-3:])}: exit {rc} in {time.monotonic() - started:.0f}s")
+            say(f"  {what}: exit {rc} in {time.monotonic() - started:.0f}s")
             return rc == 0
 
         with contextlib.suppress(OSError):
             peer.marker.unlink()
-        if not peer.python.exists() and not run([sys.executable, "-m", "venv", str(peer.dir)]):
+        if not peer.python.exists() and not run([sys.executable, "-m", "venv", str(peer.dir)], "python -m venv"):
             return f"could not make a venv in {peer.dir} (log {log})"
         for step in peer.steps:
-            if not run([str(peer.python), "-m", "pip", "install", *step]):
+            if not run([str(peer.python), "-m", "pip", "install", *step], f"pip install {' '.join(step)}"):
                 return f"pip install {' '.join(step)} failed (log {log}): {_last_error(log)}"
         if peer.uninstall:
-            run([str(peer.python), "-m", "pip", "uninstall", "-y", *peer.uninstall])
+            run([str(peer.python), "-m", "pip", "uninstall", "-y", *peer.uninstall],
+                f"pip uninstall {' '.join(peer.uninstall)}")
         check = subprocess.run([str(peer.python), *peer.check], capture_output=True, text=True,
                                env={**os.environ, "VLLM_HOST_IP": "127.0.0.1"})
         out.write(check.stdout + check.stderr)
@@ -592,9 +593,21 @@ def peer_server(peer: Peer, model: Path, port: int, work: Path, extra: list[str]
     return Server(peer.name, args, work / f"{peer.name}.log", env=env, cwd=work)
 
 
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
 def peer_groups(server: Server) -> Groups:
+    """The server's main process, its child processes by name (vLLM: its engine core and
+    model worker), and this client."""
     def groups() -> dict[str, list[int]]:
-        return {"server": [server.pid], "server's children": descendants(server.pid), "client": [os.getpid()]}
+        out: dict[str, list[int]] = {"server": [server.pid]}
+        for p in descendants(server.pid):
+            out.setdefault(comm(p), []).append(p)
+        return out | {"client": [os.getpid()]}
 
     return groups
 
@@ -631,18 +644,21 @@ async def bench_peer(peer: Peer, model: Path, args: argparse.Namespace, count: C
 
 
 def table(results: dict[str, list[Level]], max_tokens: int) -> None:
-    say(f"\n{'target':<13}{'conc':>5}{'reqs':>6}{'tok/req':>8}{'tokens/s':>10}{'TTFT p50':>10}{'p99':>9}"
+    say(f"\n{'target':<13}{'conc':>5}{'reqs':>6}{'tok/req':>8}{'same':>9}{'tokens/s':>10}{'TTFT p50':>10}{'p99':>9}"
         f"{'err':>5}   CPU ms per token")
+    engine = {lv.concurrency: lv.texts for lv in results.get("engine", [])}
     for name in TARGETS:
         for lv in results.get(name, []):
             per_req = lv.tokens / lv.requests if lv.requests else math.nan
+            ref = engine.get(lv.concurrency)
+            same = f"{sum(a == b for a, b in zip(ref, lv.texts, strict=True))}/{lv.requests}" if ref else "-"
             cpu = "  ".join(f"{g} {fmt(lv.cpu_ms_per_token(g), '.3f')}" for g in lv.cpu)
             total = sum(lv.cpu.values()) * 1000 / lv.tokens if lv.tokens else math.nan
-            say(f"{name:<13}{lv.concurrency:>5}{lv.requests:>6}{fmt(per_req, '.1f'):>8}{fmt(lv.tokens_s, '.0f'):>10}"
+            say(f"{name:<13}{lv.concurrency:>5}{lv.requests:>6}{fmt(per_req, '.1f'):>8}{same:>9}{fmt(lv.tokens_s, '.0f'):>10}"
                 f"{fmt(lv.ttft_ms(0.5), '.1f'):>8}ms{fmt(lv.ttft_ms(0.99), '.1f'):>7}ms{len(lv.errors):>5}   "
                 f"{cpu}  (all {fmt(total, '.3f')})")
-    say(f"(tok/req: tokens each reply re-tokenizes to, of {max_tokens} generated; TTFT to the first chunk with text; "
-        "CPU over the level's wall time)")
+    say(f"(tok/req: tokens each reply re-tokenizes to, of {max_tokens} generated; same: replies identical to the "
+        "engine's for the same prompt; TTFT to the first chunk with text; CPU over the level's wall time)")
 
 
 def at_level(results: dict[str, list[Level]], name: str, level: int) -> Level | None:
@@ -759,7 +775,7 @@ async def main() -> int:
         f"e2e_vs_transformers_serve={fmt(ratio('transformers'))} "
         f"ttft_p50_ms={fmt(e2e.ttft_ms(0.5) if e2e else math.nan, '.1f')} "
         f"ttft_p99_ms={fmt(e2e.ttft_ms(0.99) if e2e else math.nan, '.1f')} "
-        f"worker_cpu_ms_per_token={fmt(e2e.cpu_ms_per_token('worker') if e2e else math.nan)}")
+        f"worker_cpu_ms_per_token={fmt(e2e.cpu_ms_per_token('worker') if e2e else math.nan, '.3f')}")
     missing = [t for t in which if t in PLATFORM and at_level(results, t, at) is None]
     return 1 if missing else 0
 
