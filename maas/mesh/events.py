@@ -56,6 +56,18 @@ async def _quiet_error(e: Exception) -> None:
     log.debug("nats: %s", e)
 
 
+async def open_stream(nc: nats.NATS, ensure: Callable[[nats.js.JetStreamContext], Awaitable[None]], url: str,
+                      problem: str) -> nats.js.JetStreamContext:
+    """JetStream on `nc` with a stream made sure of by `ensure`, or StartupError saying NATS at
+    `url` `problem`."""
+    js = nc.jetstream(timeout=5)
+    try:
+        await ensure(js)
+    except Exception as e:
+        raise StartupError(f"NATS at {redact(url)} {problem} ({e}); run nats-server with -js") from None
+    return js
+
+
 async def ensure_stream(js: nats.js.JetStreamContext) -> None:
     config = js_api.StreamConfig(
         name=STREAM, subjects=[EVENT_SUBJECTS], duplicate_window=120.0,
@@ -86,12 +98,7 @@ class EventBus:
 
     async def start(self) -> None:
         self.nc = await connect_nats(self.config.nats, name=self.source, timeout=self.config.startup_timeout)
-        js = self.nc.jetstream(timeout=5)
-        try:
-            await ensure_stream(js)
-        except Exception as e:
-            raise StartupError(f"NATS at {redact(self.config.nats)} has no usable JetStream ({e}); "
-                               "run nats-server with -js") from None
+        js = await open_stream(self.nc, ensure_stream, self.config.nats, "has no usable JetStream")
         self._sender = asyncio.create_task(self._send_loop(js), name="event-outbox")
 
     def publish(self, entity: str, what: str, entity_id: str, message: str = "", **attributes: str) -> None:

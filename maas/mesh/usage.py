@@ -46,9 +46,10 @@ import nats.js.api as js_api
 import nats.js.errors
 from prometheus_client import Counter
 
-from maas.mesh.config import MeshConfig, redact
-from maas.mesh.errors import InvalidArgument, StartupError
-from maas.mesh.events import connect_nats
+from maas.mesh.authz import Principal
+from maas.mesh.config import MeshConfig
+from maas.mesh.errors import InvalidArgument, PermissionDenied, Unavailable
+from maas.mesh.events import connect_nats, open_stream
 from maas.mesh.names import validate_name
 from maas.v1 import usage_pb2
 
@@ -137,12 +138,7 @@ class UsageMeter:
     async def start(self) -> None:
         name = f"{self.config.kind}/{self.instance}/usage"
         self.nc = await connect_nats(self.config.nats, name=name, timeout=self.config.startup_timeout)
-        js = self.nc.jetstream(timeout=5)
-        try:
-            await ensure_stream(js)
-        except Exception as e:
-            raise StartupError(f"NATS at {redact(self.config.nats)} cannot hold the usage stream {STREAM} ({e}); "
-                               "run nats-server with -js") from None
+        js = await open_stream(self.nc, ensure_stream, self.config.nats, f"cannot hold the usage stream {STREAM}")
         self._sender = asyncio.create_task(self._send_loop(js), name="usage-outbox")
 
     def record(self, rec: usage_pb2.UsageRecord) -> None:
@@ -392,3 +388,19 @@ async def query(nc: nats.NATS, prefix: str, tenant: str | None, by: str = "", *,
     async for rec, stored_ms in read_records(nc, prefix, tenant, since_ms=since_ms, until_ms=until_ms):
         agg.add(rec, stored_ms)
     return agg.result()
+
+
+async def answer(request: usage_pb2.GetUsageRequest, who: Principal, nc: nats.NATS | None,
+                 prefix: str) -> usage_pb2.GetUsageResponse:
+    """`GetUsage` for `who`: a tenant's key sees its own tenant's usage whatever it asks; the
+    admin every tenant's, or the one asked. Read through `nc` (the service's NATS connection)."""
+    by, since_ms, until_ms = check_query(request, int(time.time() * 1000))
+    if who.kind == "tenant":
+        tenant: str | None = who.tenant
+    elif who.is_admin:
+        tenant = request.tenant or None
+    else:  # the rule admits developers and the admin only; nothing else reaches here
+        raise PermissionDenied(f"{who.describe()} may not read usage")
+    if nc is None or not nc.is_connected:
+        raise Unavailable("not connected to NATS, where usage is kept; retry shortly")
+    return await query(nc, prefix, tenant, by, since_ms=since_ms, until_ms=until_ms)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,7 +11,7 @@ import grpc
 from maas.mesh import usage
 from maas.mesh.artifacts import CHUNK, check_digest
 from maas.mesh.authz import caller
-from maas.mesh.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
+from maas.mesh.errors import FailedPrecondition, InvalidArgument
 from maas.mesh.events import EventBus
 from maas.services.registry import backup
 from maas.services.registry.apikeys import KeyStore
@@ -161,18 +160,5 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def GetUsage(self, request: usage_pb2.GetUsageRequest,
                        context: grpc.aio.ServicerContext) -> usage_pb2.GetUsageResponse:
-        """Usage from the MAAS_USAGE stream (read through the event bus's NATS connection):
-        a tenant's key sees its own tenant's whatever it asks; the admin, every tenant or one."""
-        by, since_ms, until_ms = usage.check_query(request, int(time.time() * 1000))
-        me = caller()
-        if me.kind == "tenant":
-            tenant: str | None = me.tenant
-        elif me.is_admin:
-            tenant = request.tenant or None
-        else:  # the rule admits developers and the admin only; nothing else reaches here
-            raise PermissionDenied(f"{me.describe()} may not read usage")
-        nc = self.events.nc
-        if nc is None or not nc.is_connected:
-            raise Unavailable("the registry is not connected to NATS, where usage is kept; retry shortly")
-        return await usage.query(nc, self.store.session.config.prefix, tenant, by, since_ms=since_ms,
-                                 until_ms=until_ms)
+        """Usage from the MAAS_USAGE stream, through the event bus's NATS connection."""
+        return await usage.answer(request, caller(), self.events.nc, self.store.session.config.prefix)

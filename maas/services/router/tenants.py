@@ -104,7 +104,6 @@ class Gate:
     def __init__(self, session: EtcdSession, authorizer: Authorizer,
                  owner: Callable[[str], str] = _everyone, not_found: Callable[[str], str] = _missing) -> None:
         self.authorizer = authorizer
-        self.keys = authorizer.keys
         self.owner = owner
         self.not_found = not_found  # the message a missing model gets: another tenant's gets the same
         self.routers = PrefixMirror(session, session.keys.services("router"), mesh_pb2.ServiceInfo)
