@@ -21,6 +21,17 @@ class MaasError(Exception):
         self.message = message
         self.field = field
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickle with every attribute (a worker's engine process sends errors to it)."""
+        return _restore, (type(self), self.message, dict(self.__dict__))
+
+
+def _restore(cls: type[MaasError], message: str, state: dict[str, object]) -> MaasError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidArgument(MaasError):
     code = grpc.StatusCode.INVALID_ARGUMENT

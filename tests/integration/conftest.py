@@ -111,12 +111,13 @@ class MeshHarness:
         return rt
 
     async def router(self, cold_start_timeout: float = 30.0, http_port: int = -1, failover_timeout: float = 30.0,
-                     http_timeout: float = 600.0, grpc_timeout: float = 600.0, **kw: object) -> ServiceRuntime:
+                     http_timeout: float = 600.0, grpc_timeout: float = 600.0, queue_timeout: float = 0.0,
+                     **kw: object) -> ServiceRuntime:
         """`http_port` 0 serves the OpenAI HTTP API on a free port (`rt.info.http_endpoint`)."""
         rt = await self._runtime("router", **kw)
         await router_main.build(rt, cold_start_timeout=cold_start_timeout, http_port=http_port,
                                 failover_timeout=failover_timeout, http_timeout=http_timeout,
-                                grpc_timeout=grpc_timeout)
+                                grpc_timeout=grpc_timeout, queue_timeout=queue_timeout)
         return rt
 
     async def worker(self, memory_gib: float = 4.0, engine_factory: EngineFactory = create_engine) -> ReplicaManager:

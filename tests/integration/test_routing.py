@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
 
-from maas.v1 import common_pb2, inference_pb2
+from maas.mesh.clients import dial
+from maas.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 from .conftest import MeshHarness, eventually
 
@@ -69,29 +71,55 @@ async def test_router_metrics_count_requests_tokens_and_latency(mesh: MeshHarnes
     assert [a - b for a, b in zip(after, before, strict=True)] == [2, 4, 1, 1]
 
 
-async def test_a_full_model_queues_briefly_then_sheds(mesh: MeshHarness):
+async def test_a_full_model_sheds_at_once_or_queues_briefly_when_asked(mesh: MeshHarness):
     import grpc
     import pytest
 
-    await mesh.core()
+    await mesh.registry()
+    await mesh.scheduler()
+    await mesh.router()  # default: no waiting in the router
     await mesh.worker()
     await mesh.register("echo", token_delay_ms="50", max_running="1")  # one request at a time
     await mesh.deploy("echo")
     await mesh.wait_ready("echo")
 
-    short = asyncio.create_task(mesh.generate("echo", max_tokens=10))  # about 0.5 s
-    await asyncio.sleep(0.1)
-    waited = await mesh.generate("echo", max_tokens=2)  # full: it waits for room, then runs
-    assert waited[-1].usage.completion_tokens == 2
-    await short
-
     long = asyncio.create_task(mesh.generate("echo", max_tokens=200, ignore_eos=True))  # about 10 s
     await asyncio.sleep(0.1)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await mesh.generate("echo", max_tokens=2)  # still full after the 2 s the router queues: shed
+        await mesh.generate("echo", max_tokens=2)  # full: refused at once
+    assert not long.done()  # refused while the request holding the slot still runs
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at capacity" in err.value.details()
     assert dict(err.value.trailing_metadata() or ()).get("retry-after") == "1"
     long.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await long
+
+    queueing = await mesh.router(queue_timeout=2.0)  # a router told to wait up to 2 s for room
+    channel = dial(queueing.endpoint, mesh.admin_token)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+
+    async def generate(max_tokens: int) -> list[inference_pb2.GenerateChunk]:
+        request = inference_pb2.GenerateRequest(model="echo", prompt="hi",
+                                                params=common_pb2.SamplingParams(max_tokens=max_tokens))
+        return [c async for c in stub.GenerateStream(request, timeout=20)]
+
+    short = asyncio.create_task(eventually_served(generate, 10))  # about 0.5 s, once the cancelled one has left
+    await asyncio.sleep(0.3)
+    waited = await generate(2)  # full: waits for room, then runs
+    assert waited[-1].usage.completion_tokens == 2
+    assert (await short)[-1].usage.completion_tokens == 10
+    await channel.close()
+
+
+async def eventually_served(generate: object, max_tokens: int) -> list[inference_pb2.GenerateChunk]:
+    for _ in range(50):
+        try:
+            return await generate(max_tokens)  # type: ignore[operator,no-any-return]
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            await asyncio.sleep(0.1)
+    raise AssertionError("never served")
 
 
 async def test_a_grpc_call_without_a_deadline_gets_the_routers_default(mesh: MeshHarness) -> None:

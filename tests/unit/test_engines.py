@@ -119,7 +119,7 @@ PROMPT = "def add(a, b):"
 
 @pytest.fixture
 async def hf(demo_model_dir: Path) -> AsyncIterator[Engine]:
-    engine = create_engine(ModelSpec("demo", 1, "hf", str(demo_model_dir)))
+    engine = create_engine(ModelSpec("demo", 1, "hf", str(demo_model_dir)), own_process=False)  # tests look inside
     await engine.load()
     yield engine
     await engine.close()
@@ -138,7 +138,7 @@ async def test_engines_loading_at_the_same_time_all_load(demo_model_dir: Path) -
     import asyncio
 
     for _ in range(2):  # without the lock the first round in a process may pass; later ones failed
-        engines = [create_engine(ModelSpec("demo", 1, "hf", str(demo_model_dir))) for _ in range(3)]
+        engines = [create_engine(ModelSpec("demo", 1, "hf", str(demo_model_dir)), own_process=False) for _ in range(3)]
         try:
             await asyncio.gather(*(e.load() for e in engines))
             for e in engines:

@@ -32,7 +32,7 @@ from maas.v1 import common_pb2, inference_pb2, mesh_pb2, usage_pb2
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # replicas one request may try (first attempt included)
-QUEUE_SECONDS = 2.0  # how long a request waits when every replica is full, before it is shed
+QUEUE_SECONDS = 0.0  # how long a request waits when every replica is full, before it is shed (0: shed at once)
 MAX_WAITING = 1024   # requests allowed to wait that way in one router
 QUEUE_POLL = 0.1
 FAILOVER_SECONDS = 30.0  # how long a request whose worker failed waits for another replica to be ready
@@ -424,9 +424,12 @@ class _Attempts:
       other replica is ready, wait for one (the scheduler re-places the lost replica, a worker
       joins) for up to `failover_timeout` seconds and never past the request's deadline.
     - RESOURCE_EXHAUSTED before the first token (the replica's queue is full): try the
-      others; when every one is full, wait (polling every 0.1 s) for up to `queue_timeout`
-      seconds, with at most `max_waiting` requests waiting in this router, then shed the
-      request with RESOURCE_EXHAUSTED and a retry-after hint. Never an unbounded queue.
+      others; when every one is full, shed the request with RESOURCE_EXHAUSTED and the
+      soonest retry-after hint the replicas gave (their engines estimate when a slot frees),
+      or, with a `queue_timeout`, first wait (polling every 0.1 s) for up to that long, with
+      at most `max_waiting` requests waiting in this router. Never an unbounded queue: the
+      engines bound theirs, so an admitted request's time to first token stays bounded and
+      the rest are refused at once rather than queued behind them.
     - Anything else is the request's own answer and is passed on.
     """
 
@@ -434,6 +437,7 @@ class _Attempts:
         self.fw, self.model, self.deadline = forwarder, model, deadline
         self.tried: set[str] = set()      # failed (UNAVAILABLE) or in use by this attempt
         self.full: set[str] = set()       # refused for being full, this round
+        self.retry_after: float | None = None  # the soonest a full replica expects room
         self.failures = 0
         self.queued_since: float | None = None
         self.first = True
@@ -457,8 +461,9 @@ class _Attempts:
             self.deadline is not None and now + QUEUE_POLL >= self.deadline)
         if out_of_time or self.fw.waiting >= self.fw.max_waiting:
             SHED.labels(self.fw._label(self.model)).inc()
-            raise ResourceExhausted(f"every replica of {self.model!r} is at capacity; retry shortly",
-                                    retry_after=1)
+            hint = max(0.1, round(self.retry_after, 1)) if self.retry_after is not None else 1.0
+            raise ResourceExhausted(f"every replica of {self.model!r} is at capacity; retry in {hint:g}s",
+                                    retry_after=hint)
         self.fw.waiting += 1
         try:
             await asyncio.sleep(QUEUE_POLL)
@@ -491,6 +496,9 @@ class _Attempts:
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not produced:
             self.tried.discard(replica.replica_id)
             self.full.add(replica.replica_id)
+            hint = getattr(from_rpc_error(e), "retry_after", None) if e is not None else None
+            if hint is not None:
+                self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
             return
         if e is not None and code != grpc.StatusCode.UNAVAILABLE:
             raise from_rpc_error(e) from None

@@ -10,7 +10,7 @@ from maas.mesh.errors import StartupError
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.mesh.usage import UsageMeter
-from maas.services.router.forward import FAILOVER_SECONDS, Forwarder
+from maas.services.router.forward import FAILOVER_SECONDS, QUEUE_SECONDS, Forwarder
 from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
 from maas.services.router.service import SERVICE, RouterInferenceServicer, add_to_server
@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(never past its deadline) before it fails")
     parser.add_argument("--no-prefix-affinity", dest="prefix_affinity", action="store_false",
                         help="route by load only (sessions still stick): for comparisons and A/B tests")
+    parser.add_argument("--queue-timeout", type=float, default=QUEUE_SECONDS,
+                        help="seconds a request waits for room when every replica of its model is full, before "
+                             "it is refused with RESOURCE_EXHAUSTED / 429 and a retry hint (default 0: at once)")
     parser.add_argument("--http-host", default=None, help="address the HTTP API binds (default: --host)")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
                         help="port of the OpenAI-compatible HTTP API (0: any free port, -1: off)")
@@ -42,19 +45,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SECONDS,
                 http_host: str | None = None, http_port: int = -1,
                 prefix_affinity: bool = True, failover_timeout: float = FAILOVER_SECONDS,
-                http_timeout: float = DEFAULT_TIMEOUT, grpc_timeout: float = DEFAULT_TIMEOUT) -> ReplicaPool:
+                http_timeout: float = DEFAULT_TIMEOUT, grpc_timeout: float = DEFAULT_TIMEOUT,
+                queue_timeout: float = QUEUE_SECONDS) -> ReplicaPool:
     """Wire a router into a runtime (also used by in-process tests). `http_port` -1 serves
     no HTTP API; the endpoint it serves is published as the router's `http_endpoint`."""
     if not -1 <= http_port <= 65535:
         raise StartupError(f"HTTP port {http_port} is out of range (-1 turns the HTTP API off)")
     if not 0 <= failover_timeout <= 3600:
         raise StartupError(f"--failover-timeout {failover_timeout:g} must be between 0 and 3600 seconds")
+    if not 0 <= queue_timeout <= 600:
+        raise StartupError(f"--queue-timeout {queue_timeout:g} must be between 0 and 600 seconds")
     pool = ReplicaPool(rt.etcd, cold_start_timeout=cold_start_timeout)
     gate = Gate(rt.etcd, rt.authorizer, owner=pool.owner, not_found=pool.not_found)
     usage = UsageMeter(rt.config)  # its closer is added first, so it runs last: it stores every request's record
     rt.add_closer(usage.close)
     forwarder = Forwarder(pool, gate, prefix_affinity=prefix_affinity, failover_timeout=failover_timeout,
-                          credential=rt.config.credential, usage=usage)
+                          credential=rt.config.credential, usage=usage, queue_timeout=queue_timeout)
     if not 0 < grpc_timeout <= 86400:
         raise StartupError(f"--grpc-timeout {grpc_timeout:g} must be more than 0 and at most 86400 seconds")
     rt.add_service(SERVICE, add_to_server, RouterInferenceServicer(forwarder, grpc_timeout))
@@ -83,7 +89,8 @@ def main(ns: argparse.Namespace) -> int:
         async with ServiceRuntime(config) as rt:
             await build(rt, cold_start_timeout=ns.cold_start_timeout, http_host=ns.http_host,
                         prefix_affinity=ns.prefix_affinity, failover_timeout=ns.failover_timeout,
-                        http_port=ns.http_port, http_timeout=ns.http_timeout, grpc_timeout=ns.grpc_timeout)
+                        http_port=ns.http_port, http_timeout=ns.http_timeout, grpc_timeout=ns.grpc_timeout,
+                        queue_timeout=ns.queue_timeout)
             await rt.wait()
 
     return run_service(serve)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from maas.v1 import inference_pb2, inference_pb2_grpc, mesh_pb2
 
 LOAD_REPORT_INTERVAL = 0.5
 TORCH_THREADS_ENV = "MAAS_TORCH_THREADS"
+ENGINE_PROCESS_ENV = "MAAS_ENGINE_PROCESS"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=os.environ.get(TORCH_THREADS_ENV, "0"),
                         help=f"torch's intra-op threads (env {TORCH_THREADS_ENV}); 0: torch's default, every "
                              "core. `maas up` gives each of its workers the host's cores divided among them")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
+                        default=os.environ.get(ENGINE_PROCESS_ENV, "1") not in ("0", "false", "no"),
+                        help="run each transformers model's engine in a process of its own, off the GIL the "
+                             f"worker's gRPC loop needs (default; env {ENGINE_PROCESS_ENV}=0 turns it off)")
 
 
 def limit_torch_threads(threads: int) -> None:
@@ -122,7 +128,8 @@ def main(ns: argparse.Namespace) -> int:
         labels = parse_labels(ns.label)
         devices = detect_devices(ns.device, int(ns.cpu_memory_gib * 1024**3))
         async with ServiceRuntime(config) as rt:
-            await build(rt, devices=devices, labels=labels, cache_dir=Path(ns.cache_dir))
+            await build(rt, devices=devices, labels=labels, cache_dir=Path(ns.cache_dir),
+                        engine_factory=functools.partial(create_engine, own_process=ns.engine_process))
             await rt.wait()
 
     return run_service(serve)

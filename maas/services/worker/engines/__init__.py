@@ -8,16 +8,21 @@ from maas.services.worker.engines.base import Engine, ModelSpec
 __all__ = ["create_engine"]
 
 
-def create_engine(spec: ModelSpec) -> Engine:
+def create_engine(spec: ModelSpec, *, own_process: bool = True) -> Engine:
     """The engine for `spec.format`: "hf" (transformers) or "sim" (simulator).
 
-    The HF engine is imported only when asked for, so sim-only workers never pay for
-    importing torch and transformers.
+    A generative HF model runs in a process of its own (`process.ProcessEngine`) unless
+    `own_process` is false. The HF engine is imported only when asked for, so sim-only
+    workers never pay for importing torch and transformers.
     """
     if spec.format == "hf" and spec.task == "embed":
         from maas.services.worker.engines.embed import EmbedEngine
 
         return EmbedEngine(spec)
+    if spec.format == "hf" and own_process:
+        from maas.services.worker.engines.process import ProcessEngine
+
+        return ProcessEngine(spec)
     if spec.format == "hf":
         from maas.services.worker.engines.hf import HFEngine
 

@@ -9,7 +9,9 @@ receives deltas, so the event loop never blocks.
 
 Spec options (strings): `dtype` (`float32`, `bfloat16`, `float16`; default float32 on
 CPU and bfloat16 or float16 on CUDA), `context_length` (lowers the model's own limit),
-`max_batch` (default 64), `max_queue` (waiting requests, default 256), `kv_cache_mb`
+`max_batch` (default 64), `max_queue` (requests waiting for a batch slot, default
+max_batch: beyond that a request is refused at once with a retry hint, so the time to
+first token of those admitted stays bounded under overload), `kv_cache_mb`
 (KV-cache budget; default 512 on CPU, 40% of free device memory on CUDA),
 `prefill_tokens` (prompt tokens prefilled in one step, default 4096), `max_adapters`
 (LoRA adapters kept loaded, default 8) and `prefix_cache_mb` (KV of shared prompt
@@ -30,7 +32,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,6 +72,24 @@ _MAX_STATED_CONTEXT = 1 << 24  # a tokenizer's model_max_length above this means
 MiB = 1024 * 1024
 
 
+class Sink(Protocol):
+    """Where the scheduler thread hands a step's output: deltas (or the error that ended a
+    sequence), many sequences at once. Called on the scheduler thread; must not block."""
+
+    def deliver(self, items: list[tuple[_Sequence, Delta | BaseException]]) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopSink:
+    """Deliver into the sequences' asyncio queues on `loop`: one wake-up of the loop per step
+    (sinks of one loop are equal, so a step groups their sequences)."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def deliver(self, items: list[tuple[_Sequence, Delta | BaseException]]) -> None:
+        self.loop.call_soon_threadsafe(_put_all, items)
+
+
 @dataclass(eq=False)
 class _Sequence:
     """One request inside the engine. Written by the scheduler thread, except `cancelled`."""
@@ -77,8 +97,9 @@ class _Sequence:
     request_id: str
     row: Row
     adapter: AdapterRef | None
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Delta | BaseException]
+    sink: Sink
+    queue: asyncio.Queue[Delta | BaseException] | None  # LoopSink's: where generate() reads
+    tag: object  # the sink's name for this sequence (ProcessEngine: the worker's key)
     detok: IncrementalDetokenizer
     out: DeltaAssembler
     reserved_tokens: int
@@ -97,6 +118,7 @@ TOKENIZE_INLINE_CHARS = 8192
 
 def _put_all(items: list[tuple[_Sequence, Delta | BaseException]]) -> None:
     for seq, item in items:
+        assert seq.queue is not None
         seq.queue.put_nowait(item)
 
 
@@ -144,7 +166,7 @@ class HFEngine:
         self.spec = spec
         self.context_length = 0
         self.max_batch = _option_int(spec, "max_batch", 64)
-        self.max_queue = _option_int(spec, "max_queue", 256, minimum=0)
+        self.max_queue = _option_int(spec, "max_queue", self.max_batch, minimum=0)
         self.prefill_tokens = _option_int(spec, "prefill_tokens", 4096)
         self.max_adapters = _option_int(spec, "max_adapters", 8)
         self._adapters: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU, scheduler thread
@@ -171,6 +193,7 @@ class HFEngine:
         self._thread: threading.Thread | None = None
         self._prefix = PrefixCache(0)
         self._tokens_per_second = 0.0
+        self._step_seconds = 0.0  # decode step time, moving average
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -271,44 +294,32 @@ class HFEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the request's deltas. Closing the iterator (or cancelling its consumer)
         removes the sequence from the batch at the next step."""
-        if self._model is None:
-            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         if len(request.prompt) > TOKENIZE_INLINE_CHARS:  # long prompts tokenize off the loop
-            seq = await asyncio.to_thread(self._prepare, request, asyncio.get_running_loop())
+            seq = await asyncio.to_thread(self.prepare, request, LoopSink(loop), queue)
         else:
-            seq = self._prepare(request, asyncio.get_running_loop())
-        if len(seq.output) >= seq.row.params.max_tokens:  # resumed with nothing left to produce
-            yield seq.out.finish("length")
-            return
-        with self._cv:
-            if self._dead is not None or self._closing:
-                raise self._dead if self._dead is not None else Unavailable(
-                    f"{self._label} is shutting down on this worker; retry")
-            # requests that free batch slots will take at once do not count as queued
-            queued = len(self._waiting) - max(0, self.max_batch - len(self._running))
-            if queued >= self.max_queue:
-                metrics.REJECTED.labels(self._label).inc()
-                raise ResourceExhausted(f"{self._label} is overloaded: {len(self._waiting)} requests already "
-                                        "queued; retry later")
-            self._waiting.append(seq)
-            metrics.WAITING.labels(self._label).set(len(self._waiting))
-            self._cv.notify()
+            seq = self.prepare(request, LoopSink(loop), queue)
+        self.enqueue(seq)
         try:
             while True:
-                item = await seq.queue.get()
+                item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
-            seq.cancelled = True  # it leaves the batch at the next step (no-op if it finished)
-            with self._cv:
-                if seq in self._waiting:  # not admitted yet: free its queue place now
-                    self._waiting.remove(seq)
-                    self._finish_metrics(seq, "cancelled")
+            self.cancel(seq)
 
-    def _prepare(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> _Sequence:
+    def prepare(self, request: GenerationRequest, sink: Sink,
+                queue: asyncio.Queue[Delta | BaseException] | None = None, tag: object = None) -> _Sequence:
+        """Tokenize and check `request`; its deltas will go to `sink` (`tag`: the sink's
+        name for it). Raises InvalidArgument or ResourceExhausted for a request the engine
+        cannot take. Thread-safe."""
+        if self._model is None:
+            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
+        params = request.params
         prompt_ids = list(self._tokenizer(request.prompt)["input_ids"])
         resumed = list(request.resume_token_ids)
         vocab = int(self._model.get_input_embeddings().num_embeddings)
@@ -318,18 +329,55 @@ class HFEngine:
         if total >= self.context_length:
             raise InvalidArgument(f"prompt is {total} tokens but the context of {self.spec.name} is "
                                   f"{self.context_length}", field="prompt")
-        check_context(request.params, len(prompt_ids), self.context_length)
-        reserved = len(prompt_ids) + request.params.max_tokens
+        check_context(params, len(prompt_ids), self.context_length)
+        reserved = len(prompt_ids) + params.max_tokens
         if reserved > self._kv_budget_tokens:
             raise ResourceExhausted(f"prompt plus max_tokens ({reserved} tokens) exceeds the KV-cache budget of "
                                     f"{self._label} ({self._kv_budget_tokens} tokens); lower max_tokens")
-        params = request.params
         return _Sequence(
-            request_id=request.request_id, loop=loop, queue=asyncio.Queue(),
+            request_id=request.request_id, sink=sink, queue=queue, tag=tag,
             reserved_tokens=reserved, adapter=request.adapter,
             row=Row(params, request_seed(params), prompt_ids, resumed),
             detok=IncrementalDetokenizer(self._tokenizer, context_ids=prompt_ids + resumed),
             out=DeltaAssembler(params.stop, prompt_tokens=len(prompt_ids), completion_tokens=len(resumed)))
+
+    def enqueue(self, seq: _Sequence) -> None:
+        """Queue a prepared sequence for admission. Raises (and queues nothing) if the queue
+        is full or the engine is not serving. Thread-safe."""
+        if len(seq.output) >= seq.row.params.max_tokens:  # resumed with nothing left to produce
+            seq.done = True
+            seq.sink.deliver([(seq, seq.out.finish("length"))])
+            return
+        with self._cv:
+            if self._dead is not None or self._closing:
+                raise self._dead if self._dead is not None else Unavailable(
+                    f"{self._label} is shutting down on this worker; retry")
+            # requests that free batch slots will take at once do not count as queued
+            queued = len(self._waiting) - max(0, self.max_batch - len(self._running))
+            if queued >= self.max_queue:
+                metrics.REJECTED.labels(self._label).inc()
+                wait = self._time_to_free(queued)
+                raise ResourceExhausted(f"{self._label} is overloaded: {len(self._waiting)} requests already "
+                                        f"queued; retry in about {wait:.1f}s", retry_after=wait)
+            self._waiting.append(seq)
+            metrics.WAITING.labels(self._label).set(len(self._waiting))
+            self._cv.notify()
+
+    def _time_to_free(self, queued: int) -> float:
+        """Seconds until `queued + 1` batch slots free up, if the running sequences run to
+        their max_tokens at the current step time (an upper bound: some stop sooner)."""
+        left = sorted(s.row.params.max_tokens - len(s.output) for s in self._running)
+        if not left or not self._step_seconds:
+            return 1.0
+        return max(0.1, left[min(queued, len(left) - 1)] * self._step_seconds)
+
+    def cancel(self, seq: _Sequence) -> None:
+        """Stop `seq`: it leaves the batch at the next step (a no-op if it finished)."""
+        seq.cancelled = True
+        with self._cv:
+            if seq in self._waiting:  # not admitted yet: free its queue place now
+                self._waiting.remove(seq)
+                self._finish_metrics(seq, "cancelled")
 
     # ---- the scheduler thread ------------------------------------------------------------
 
@@ -500,6 +548,7 @@ class HFEngine:
         elapsed = time.perf_counter() - started
         rate = len(self._running) / elapsed if elapsed > 0 else 0.0
         self._tokens_per_second = 0.9 * self._tokens_per_second + 0.1 * rate
+        self._step_seconds = 0.9 * self._step_seconds + 0.1 * elapsed if self._step_seconds else elapsed
 
     def _accept(self, seqs: list[_Sequence], logits: torch.Tensor, rows: range) -> None:
         """Sample each sequence's next token, deliver its delta, and feed it to the next step."""
@@ -522,12 +571,12 @@ class HFEngine:
 
     @staticmethod
     def _send(items: list[tuple[_Sequence, Delta | BaseException]]) -> None:
-        """Hand deltas to their consumers: one wake-up of each event loop per step, not one per token."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, Delta | BaseException]]] = {}
+        """Hand deltas to their consumers: one delivery per sink per step, not one per token."""
+        by_sink: dict[Sink, list[tuple[_Sequence, Delta | BaseException]]] = {}
         for seq, item in items:
-            by_loop.setdefault(seq.loop, []).append((seq, item))
-        for loop, batch in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            by_sink.setdefault(seq.sink, []).append((seq, item))
+        for sink, batch in by_sink.items():
+            sink.deliver(batch)
 
     def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> Delta | None:
         seq.output.append(token)

@@ -1,28 +1,81 @@
-"""Prometheus metrics of the inference engines (one process-wide registry; label: model)."""
+"""Prometheus metrics of the inference engines (label: model).
+
+They live in a registry of their own, `ENGINE`, exposed on the process-wide one through
+`EngineMetrics`, which also merges in the latest snapshot of every engine running in a
+process of its own (`maas.services.worker.engines.process`): the worker's /metrics shows
+each engine's series the same way wherever the engine runs.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import threading
+from collections.abc import Iterable
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+ENGINE = CollectorRegistry(auto_describe=True)
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 TTFT = Histogram("maas_engine_time_to_first_token_seconds", "Time from arrival to the first token.",
-                 ["model"], buckets=_LATENCY)
+                 ["model"], buckets=_LATENCY, registry=ENGINE)
 ITL = Histogram("maas_engine_inter_token_latency_seconds", "Time between two tokens of one sequence.",
-                ["model"], buckets=_LATENCY)
+                ["model"], buckets=_LATENCY, registry=ENGINE)
 E2E = Histogram("maas_engine_request_duration_seconds", "Time from arrival to the last token.",
-                ["model"], buckets=_LATENCY)
+                ["model"], buckets=_LATENCY, registry=ENGINE)
 QUEUE = Histogram("maas_engine_queue_time_seconds", "Time a request waited for admission.",
-                  ["model"], buckets=_LATENCY)
+                  ["model"], buckets=_LATENCY, registry=ENGINE)
 BATCH = Histogram("maas_engine_batch_size", "Sequences decoded together in one step.", ["model"],
-                  buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256))
-RUNNING = Gauge("maas_engine_running_sequences", "Sequences in the running batch.", ["model"])
-WAITING = Gauge("maas_engine_waiting_sequences", "Requests queued for admission.", ["model"])
-KV_USAGE = Gauge("maas_engine_kv_cache_usage_ratio", "Reserved share of the KV-cache budget.", ["model"])
-TOKENS = Counter("maas_engine_generated_tokens_total", "Tokens generated.", ["model"])
-PROMPT_TOKENS = Counter("maas_engine_prompt_tokens_total", "Prompt tokens of admitted requests.", ["model"])
+                  buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256), registry=ENGINE)
+RUNNING = Gauge("maas_engine_running_sequences", "Sequences in the running batch.", ["model"], registry=ENGINE)
+WAITING = Gauge("maas_engine_waiting_sequences", "Requests queued for admission.", ["model"], registry=ENGINE)
+KV_USAGE = Gauge("maas_engine_kv_cache_usage_ratio", "Reserved share of the KV-cache budget.", ["model"],
+                 registry=ENGINE)
+TOKENS = Counter("maas_engine_generated_tokens_total", "Tokens generated.", ["model"], registry=ENGINE)
+PROMPT_TOKENS = Counter("maas_engine_prompt_tokens_total", "Prompt tokens of admitted requests.", ["model"],
+                        registry=ENGINE)
 CACHED_TOKENS = Counter("maas_engine_prefix_cache_hit_tokens_total",
-                        "Prompt tokens whose KV came from the prefix cache instead of being computed.", ["model"])
-FINISHED = Counter("maas_engine_requests_total", "Finished requests by finish reason.", ["model", "finish_reason"])
+                        "Prompt tokens whose KV came from the prefix cache instead of being computed.", ["model"],
+                        registry=ENGINE)
+FINISHED = Counter("maas_engine_requests_total", "Finished requests by finish reason.", ["model", "finish_reason"],
+                   registry=ENGINE)
 REJECTED = Counter("maas_engine_rejected_requests_total", "Requests refused because the queue was full.",
-                   ["model"])
+                   ["model"], registry=ENGINE)
+
+
+def snapshot() -> list[Metric]:
+    """This process's engine series (what an engine process sends its worker)."""
+    return list(ENGINE.collect())
+
+
+class EngineMetrics(Collector):
+    """This process's engine metrics plus the latest snapshot of each engine process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._remote: dict[object, list[Metric]] = {}
+
+    def update(self, owner: object, families: list[Metric]) -> None:
+        with self._lock:
+            self._remote[owner] = families
+
+    def forget(self, owner: object) -> None:
+        """An engine process ended: its series leave /metrics (as an unloaded engine's gauges
+        stop changing in process; counters restart from zero with a new engine process)."""
+        with self._lock:
+            self._remote.pop(owner, None)
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            remote = [family for families in self._remote.values() for family in families]
+        for family in ENGINE.collect():
+            for other in remote:
+                if other.name == family.name:
+                    family.samples.extend(other.samples)
+            yield family
+
+
+MERGED = EngineMetrics()
+REGISTRY.register(MERGED)

@@ -1,0 +1,332 @@
+"""The transformers engine in a process of its own, behind the same Engine interface.
+
+In one process, the engine's scheduler thread (much of a transformers forward pass is
+Python) and the worker's event loop (gRPC, TLS, protobuf: per token) take turns on one
+GIL, so neither gets a core of its own: profiled under 32 streams, the worker's loop
+stalled while the engine held the GIL and the engine waited for it in between its torch
+calls. `ProcessEngine` runs `HFEngine` in a child process (`python -m` this module: a fresh
+interpreter, so no gRPC or asyncio state crosses a fork) and talks to it over one
+socket pair, with multiprocessing's pickling `Connection`:
+
+    worker -> engine   ("load", ModelSpec)                                   first
+                       ("generate", key, GenerationRequest) | ("cancel", key) | ("close",)
+    engine -> worker   ("ready", context_length) | ("failed", error)       while loading
+                       ("out", [(key, Delta | error), ...])                 one per engine step
+                       ("status", EngineStats, metric families)             every STATUS_INTERVAL
+                       ("closed",)
+
+A step's output for every sequence is one message, so the cost of crossing the pipe is
+paid per step, not per token. Errors cross as the same MaasError types (they pickle with
+their fields). The child tokenizes prompts; the worker keeps a tokenizer only to render
+chats. If the child dies (killed, out of memory), every open stream and every later
+request gets EngineDead, which marks the replica failed as an engine failure in process
+would. The child ignores SIGINT (Ctrl-C at `maas up` reaches the whole process group: the
+worker drains first, then closes its engines) and exits when its pipe closes, so it
+never outlives its worker.
+
+Prometheus series of the child reach the worker's /metrics through
+`metrics.MERGED`; `stats()` answers from the latest status message (at most
+STATUS_INTERVAL old).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+from maas.mesh.errors import EngineDead, FailedPrecondition, MaasError, Unavailable
+from maas.services.worker.engines import metrics
+from maas.services.worker.engines.base import ChatMessage, Delta, EngineStats, GenerationRequest, ModelSpec
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL = 0.5  # seconds between the child's stats and metrics messages
+CLOSE_TIMEOUT = 30.0   # seconds a closing engine process gets before it is killed
+
+Item = Delta | BaseException
+
+
+class ProcessEngine:
+    """`HFEngine` for `spec`, run in a child process."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.context_length = 0
+        self._label = f"{spec.name}@{spec.version}"
+        self._lock = asyncio.Lock()
+        self._send_lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tokenizer: Any = None
+        self._streams: dict[int, asyncio.Queue[Item]] = {}
+        self._keys = itertools.count()
+        self._stats = EngineStats()
+        self._dead: MaasError | None = FailedPrecondition(f"model {spec.name} is not loaded")
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def load(self) -> None:
+        async with self._lock:
+            if self._process is not None:
+                return
+            self._loop = asyncio.get_running_loop()
+            mine, theirs = socket.socketpair()
+            # a fresh interpreter (exec'd, not forked: no gRPC threads or asyncio state copied)
+            process = await asyncio.to_thread(
+                subprocess.Popen, [sys.executable, "-m", __name__, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            theirs.close()  # the child holds its end; ours sees EOF when the child is gone
+            ours = Connection(mine.detach())
+            try:
+                try:
+                    ours.send(("load", self.spec))
+                    first = await asyncio.to_thread(ours.recv)
+                except (EOFError, OSError):
+                    code = await asyncio.to_thread(process.wait, CLOSE_TIMEOUT)
+                    raise EngineDead(f"the engine process of {self._label} exited while loading "
+                                     f"(exit code {code})") from None
+                if first[0] != "ready":
+                    await asyncio.to_thread(process.wait, CLOSE_TIMEOUT)
+                    raise first[1]
+                from transformers import AutoTokenizer
+
+                self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.spec.source)
+            except BaseException:  # failed or cancelled (unassigned while loading): no orphan left
+                ours.close()
+                if process.poll() is None:
+                    process.kill()
+                    await asyncio.shield(asyncio.to_thread(process.wait, CLOSE_TIMEOUT))
+                raise
+            self.context_length = int(first[1])
+            self._conn, self._process, self._dead = ours, process, None
+            self._reader = threading.Thread(target=self._read, args=(ours,), daemon=True,
+                                            name=f"engine pipe {self._label}")
+            self._reader.start()
+            log.info("%s serves from engine process %d", self._label, process.pid)
+
+    async def close(self) -> None:
+        async with self._lock:
+            process, conn, reader = self._process, self._conn, self._reader
+            if process is None or conn is None:
+                return
+            self._dead = Unavailable(f"{self._label} is shutting down on this worker; retry")
+            try:
+                self._send(("close",))
+            except (OSError, ValueError):
+                pass  # already gone
+            try:
+                await asyncio.to_thread(process.wait, CLOSE_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("engine process of %s did not close in %.0fs; killing it", self._label, CLOSE_TIMEOUT)
+                process.kill()
+                await asyncio.to_thread(process.wait, CLOSE_TIMEOUT)
+            if reader is not None:
+                await asyncio.to_thread(reader.join, CLOSE_TIMEOUT)
+            conn.close()
+            self._process = self._conn = self._reader = None
+            self._tokenizer = None
+
+    def stats(self) -> EngineStats:
+        return self._stats if self._dead is None else EngineStats()
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        from maas.services.worker.engines.hf import render_chat
+
+        if self._tokenizer is None:
+            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
+        return render_chat(self._tokenizer, messages, self.spec.name)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if self._dead is not None:
+            raise self._dead
+        key = next(self._keys)
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._streams[key] = queue
+        finished = False
+        try:
+            try:
+                self._send(("generate", key, request))
+            except (OSError, ValueError):  # the process is gone; the reader will say so to the others
+                raise EngineDead(f"the engine process of {self._label} is gone") from None
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine is done with it
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(key, None)
+            if not finished and self._dead is None:
+                try:
+                    self._send(("cancel", key))
+                except (OSError, ValueError):
+                    pass  # the reader reports the process's end
+
+    def _send(self, message: tuple[object, ...]) -> None:
+        conn = self._conn
+        if conn is None:
+            raise self._dead or Unavailable(f"{self._label} is not loaded")
+        with self._send_lock:
+            conn.send(message)
+
+    # ---- the pipe's reader thread --------------------------------------------------------
+
+    def _read(self, conn: Connection) -> None:
+        loop = self._loop
+        assert loop is not None
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "status":
+                self._stats = message[1]
+                metrics.MERGED.update(self, message[2])
+            elif message[0] == "closed":
+                break
+            else:
+                try:
+                    loop.call_soon_threadsafe(self._deliver, message[1])
+                except RuntimeError:  # the worker's loop is closed: nobody is listening any more
+                    break
+        metrics.MERGED.forget(self)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._ended)
+
+    def _deliver(self, items: list[tuple[int, Item]]) -> None:
+        for key, item in items:
+            queue = self._streams.get(key)
+            if queue is not None:
+                queue.put_nowait(item)
+
+    def _ended(self) -> None:
+        """The child is gone: whoever still waits hears why."""
+        process = self._process
+        code = process.poll() if process is not None else None
+        if self._dead is None:
+            self._dead = EngineDead(f"the engine process of {self._label} exited (exit code {code})")
+            log.error("engine process of %s exited (exit code %s) with %d streams open", self._label, code,
+                      len(self._streams))
+        for queue in self._streams.values():
+            queue.put_nowait(self._dead)
+
+
+# ---- the child process ---------------------------------------------------------------------
+
+
+class _PipeSink:
+    """The engine's sink in the child: one pipe message per step, naming each sequence by the
+    key its worker gave it (the sequence's tag)."""
+
+    def __init__(self, conn: Connection, lock: threading.Lock, open_keys: dict[int, object]) -> None:
+        self.conn, self.lock, self.open = conn, lock, open_keys
+
+    def deliver(self, items: list[tuple[Any, Item]]) -> None:
+        out = []
+        for seq, item in items:
+            out.append((seq.tag, item))
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                self.open.pop(seq.tag, None)
+        try:
+            with self.lock:
+                self.conn.send(("out", out))
+        except OSError:
+            pass  # the worker is gone; the main thread sees the socket close and ends the process
+
+
+def serve_engine(conn: Connection) -> None:
+    """The engine process: load the spec its worker sends first, then serve the worker's
+    requests until the pipe closes or the worker says close."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from maas.mesh.logs import setup_logging
+
+    setup_logging("INFO", name="worker")
+    from maas.services.worker.engines.hf import HFEngine
+
+    try:
+        _, spec = conn.recv()
+    except (EOFError, OSError):
+        return
+
+    engine = HFEngine(spec)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(engine.load())  # loads the weights and starts the scheduler thread
+    except BaseException as exc:
+        conn.send(("failed", exc if isinstance(exc, MaasError) else EngineDead(f"{type(exc).__name__}: {exc}")))
+        return
+    lock = threading.Lock()
+    open_keys: dict[int, Any] = {}  # key -> sequence, until its last delta or error is sent
+    sink = _PipeSink(conn, lock, open_keys)
+    stop = threading.Event()
+    with lock:
+        conn.send(("ready", engine.context_length))
+    threading.Thread(target=_report_status, args=(engine, conn, lock, stop), daemon=True,
+                     name="engine status").start()
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break  # the worker is gone
+            kind = message[0]
+            if kind == "generate":
+                key, request = message[1], message[2]
+                try:
+                    seq = engine.prepare(request, sink, tag=key)
+                    open_keys[key] = seq  # before it can finish: the sink forgets it then
+                    engine.enqueue(seq)
+                except Exception as exc:
+                    open_keys.pop(key, None)
+                    refused = exc if isinstance(exc, MaasError) else EngineDead(f"{type(exc).__name__}: {exc}")
+                    with lock:
+                        conn.send(("out", [(key, refused)]))
+            elif kind == "cancel":
+                seq = open_keys.pop(message[1], None)
+                if seq is not None:
+                    engine.cancel(seq)
+            elif kind == "close":
+                break
+    finally:
+        stop.set()
+        loop.run_until_complete(engine.close())  # those still running hear Unavailable through the sink
+        loop.close()
+        try:
+            with lock:
+                conn.send(("closed",))
+        except OSError:
+            pass
+        conn.close()
+
+
+def _report_status(engine: Any, conn: Connection, lock: threading.Lock, stop: threading.Event) -> None:
+    while not stop.wait(STATUS_INTERVAL):
+        try:
+            message = ("status", engine.stats(), metrics.snapshot())
+            with lock:
+                conn.send(message)
+        except OSError:
+            return
+
+
+__all__ = ["ProcessEngine", "serve_engine"]
+
+if __name__ == "__main__":
+    serve_engine(Connection(int(sys.argv[1])))
