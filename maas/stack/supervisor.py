@@ -180,11 +180,15 @@ class Stack:
             self._service("worker", *self._torch_threads(), *self.config.worker_args)
 
     def _torch_threads(self) -> tuple[str, ...]:
-        """Split this host's cores among the workers (each torch would use all of them and
-        they would fight), unless MAAS_TORCH_THREADS or --torch-threads says otherwise."""
+        """Split this host's cores among the workers' engines, less one core for everything
+        else here (the router, the workers' gRPC side, the clients), unless MAAS_TORCH_THREADS
+        or --torch-threads says otherwise. Engines that each use every core fight each other;
+        one that takes the last core too spins its threads against the router and the
+        clients (bench/README.md: on 2 cores, 1 thread streamed 1.4-1.6x faster than 2)."""
         if os.environ.get("MAAS_TORCH_THREADS") or "--torch-threads" in self.config.worker_args:
             return ()
-        return ("--torch-threads", str(max(1, len(os.sched_getaffinity(0)) // self.config.workers)))
+        cores = len(os.sched_getaffinity(0))
+        return ("--torch-threads", str(max(1, (cores - 1) // self.config.workers)))
 
     def write_stack_file(self, api_key: str = "") -> None:
         """`.maas/stack.json`: how CLI commands run here find the stack, and the credentials

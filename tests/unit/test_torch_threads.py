@@ -36,7 +36,7 @@ def test_zero_leaves_torch_alone_and_negative_is_refused() -> None:
 def test_maas_up_divides_the_cores_among_its_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MAAS_TORCH_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))
-    assert Stack(UpConfig(Path("/unused"), workers=2))._torch_threads() == ("--torch-threads", str(max(1, cores // 2)))
+    assert Stack(UpConfig(Path("/unused"), workers=2))._torch_threads() == ("--torch-threads", str(max(1, (cores - 1) // 2)))
     assert Stack(UpConfig(Path("/unused"), workers=cores * 4))._torch_threads() == ("--torch-threads", "1")
     # the operator's choice wins
     assert Stack(UpConfig(Path("/unused"), workers=2, worker_args=("--torch-threads", "3")))._torch_threads() == ()
