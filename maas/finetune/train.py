@@ -348,10 +348,18 @@ class _Trainer:
         if self.config.method == "full":
             model.train()
             return model
+        import torch
         from peft import LoraConfig, get_peft_model
 
+        # Every linear layer, the output projection included. peft's "all-linear" leaves the
+        # output layer out; on the demo model (tied embeddings, hidden 192) that capped a
+        # 4-example job at a loss of about 1.0 per token however long it trained, so its
+        # greedy answers were near-ties that flipped with float rounding (another thread
+        # count, another CPU). With the output layer the same job reaches 0.02.
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, torch.nn.Linear)})
         lora = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.alpha, lora_dropout=0.0,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
+                          target_modules=targets, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
         model.train()
         return model
