@@ -101,7 +101,7 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from maas.cli import admin, deployments, finetune, keys, usage
+    from maas.cli import admin, deployments, finetune, keys, pipelines, usage
     from maas.services.registry import main as registry_main
     from maas.services.router import main as router_main
     from maas.services.scheduler import main as scheduler_main
@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_parser(sub, _client_args)
     finetune.add_parser(sub, _client_args)
     usage.add_parser(sub, _client_args)
+    pipelines.add_parser(sub)
 
     ev = sub.add_parser("events", help="print lifecycle events")
     _client_args(ev)
@@ -220,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                                model_name=ns.name, model_format=ns.format, etcd=ns.etcd, nats=ns.nats,
                                router_port=ns.router_port, http_port=ns.http_port, worker_args=worker_args,
                                insecure=ns.insecure))
+    if ns.command == "pipeline":
+        from maas.cli import pipelines
+
+        return pipelines.run(ns)
     etcd, nats = resolve_urls(ns)
     handlers = {
         "status": lambda: commands.status(ns, etcd),

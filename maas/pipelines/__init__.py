@@ -1,0 +1,1 @@
+"""Pipelines: several models and steps composed into one served "model" (docs/pipelines.md)."""

@@ -1,0 +1,313 @@
+"""Running one request through a pipeline.
+
+Evaluation is pulled from the output: a step starts when something needs its value, after
+the values it reads (started together, so independent steps run concurrently), and at
+most once. A switch starts only the case it chooses; steps nothing needs never run.
+
+Each step gets a budget: its `timeout_ms` from when it starts, never past the caller's
+deadline. For a streaming generate step the budget covers its first chunk (its time to
+first token); the rest of its stream is bounded by the caller's deadline only. A step
+that fails or overruns is handled by its `on_error`: `fail` ends the request with an
+error naming the step (the failure's own status code; DEADLINE_EXCEEDED for a budget), `skip`
+gives it the value None (a template renders it as empty), `fallback` gives its `fallback`
+value. A step declared `idempotent` is tried again (up to `retries` more times, within
+its budget); a stream is retried only before its first chunk.
+
+What the steps call (models, embeddings, indexes, plugins) comes from a `Services`
+object, so the executor runs the same against the mesh (the router's services) and
+against fakes in tests. Plain-function plugins run in a worker thread, so a CPU-heavy
+one cannot stall the event loop; async plugins run on the loop and must not block it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from jinja2.sandbox import SandboxedEnvironment
+
+from maas.mesh.errors import DeadlineExceeded, InvalidArgument, MaasError
+from maas.pipelines.guard import PhraseGuard
+from maas.pipelines.spec import PipelineSpec, Step
+
+
+class Services(Protocol):
+    """What pipeline steps call. `deadline` is in event-loop time (None: none)."""
+
+    def generate(self, model: str, messages: list[dict[str, str]], params: dict[str, Any], *,
+                 deadline: float | None) -> AsyncIterator[str]: ...
+
+    async def embed(self, model: str, texts: list[str], *, deadline: float | None) -> list[list[float]]: ...
+
+    async def retrieve(self, index: str, query: Any, k: int, *, deadline: float | None) -> list[dict[str, Any]]: ...
+
+    def plugin(self, ref: str) -> Any: ...
+
+
+class StepFailed(MaasError):
+    """A step failed and its on_error is fail. Carries the failure's status code."""
+
+    def __init__(self, step: Step, cause: BaseException) -> None:
+        what = cause.message if isinstance(cause, MaasError) else f"{type(cause).__name__}: {cause}"
+        super().__init__(f"pipeline step {step.name!r} ({step.kind}) failed: {what}", field=f"steps.{step.name}")
+        self.code = cause.code if isinstance(cause, MaasError) else grpc.StatusCode.INTERNAL
+        self.step = step.name
+
+
+@dataclass
+class StepTiming:
+    """What happened to one step of one request (returned with `x-maas-trace: 1`)."""
+
+    step: str
+    kind: str
+    status: str = "running"  # ok, skipped, fallback, failed
+    start_ms: float = 0.0    # from the request's start
+    ms: float = 0.0          # to its value (a stream: to its first chunk)
+    attempts: int = 0
+    error: str = ""
+
+
+@dataclass
+class PipelineInput:
+    messages: list[dict[str, str]]
+
+    @property
+    def text(self) -> str:
+        """The last user message (what a question-answering pipeline answers)."""
+        for m in reversed(self.messages):
+            if m.get("role") == "user":
+                return str(m.get("content", ""))
+        return ""
+
+
+@dataclass
+class StepContext:
+    """What a plugin sees."""
+
+    step: str
+    deadline: float | None  # event-loop time
+    tenant: str
+    config: dict[str, Any]
+    services: Services
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - asyncio.get_running_loop().time()
+
+
+class Stream:
+    """A generate step's text chunks, its first already received. One reader."""
+
+    def __init__(self, first: str, rest: AsyncIterator[str]) -> None:
+        self.first, self.rest = first, rest
+
+    async def chunks(self) -> AsyncGenerator[str, None]:
+        try:
+            yield self.first
+            async for chunk in self.rest:
+                yield chunk
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+_TEMPLATES = SandboxedEnvironment(autoescape=False, finalize=lambda v: "" if v is None else v)
+
+
+@dataclass
+class Run:
+    """One request through `spec`."""
+
+    spec: PipelineSpec
+    services: Services
+    input: PipelineInput
+    deadline: float | None = None  # event-loop time
+    tenant: str = ""
+    timeline: dict[str, StepTiming] = field(default_factory=dict)
+    filtered: bool = False  # a guard stopped the answer (OpenAI's finish_reason "content_filter")
+    _tasks: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    _started: float = field(default_factory=time.perf_counter)
+
+    async def answer(self) -> AsyncIterator[str]:
+        """The output step's text: chunk by chunk if it streams, else in one piece."""
+        try:
+            value = await self.value(self.spec.output)
+            if isinstance(value, Stream):
+                async with contextlib.aclosing(value.chunks()) as chunks:
+                    async for chunk in chunks:
+                        if chunk:
+                            yield chunk
+            elif value is not None:
+                yield value if isinstance(value, str) else str(value)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Cancel what is still running (the client went away, or the answer is complete)."""
+        for task in self._tasks.values():
+            if not task.done():
+                task.cancel()
+        for task in self._tasks.values():
+            with contextlib.suppress(BaseException):
+                await task
+
+    def value(self, name: str) -> asyncio.Task[Any]:
+        """The task computing step `name` (started on first use)."""
+        task = self._tasks.get(name)
+        if task is None:
+            task = asyncio.ensure_future(self._run(self.spec.steps[name]))
+            self._tasks[name] = task
+        return task
+
+    # ---- one step ----------------------------------------------------------------------
+
+    async def _run(self, step: Step) -> Any:
+        timing = self.timeline[step.name] = StepTiming(step.name, step.kind)
+        reads = step.reads()
+        values = dict(zip(reads, await asyncio.gather(*(self.value(n) for n in reads)), strict=True))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timing.start_ms = (time.perf_counter() - self._started) * 1000
+        budget = started + step.timeout_ms / 1000 if step.timeout_ms else None
+        if self.deadline is not None:
+            budget = self.deadline if budget is None else min(budget, self.deadline)
+        error: BaseException | None = None
+        for attempt in range(1 + (step.retries if step.idempotent else 0)):
+            timing.attempts = attempt + 1
+            try:
+                async with asyncio.timeout_at(budget):
+                    value = await self._compute(step, values, budget)
+                timing.status, timing.ms = "ok", (loop.time() - started) * 1000
+                return value
+            except TimeoutError:
+                error = DeadlineExceeded(f"it overran its budget of {(budget or started) - started:.3f}s "
+                                         f"({'timeout_ms' if step.timeout_ms else 'the request deadline'})")
+                break  # the budget is spent: no time left to retry
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # its on_error decides
+                error = exc
+        timing.ms = (loop.time() - started) * 1000
+        assert error is not None
+        timing.error = error.message if isinstance(error, MaasError) else f"{type(error).__name__}: {error}"
+        if step.on_error == "skip":
+            timing.status = "skipped"
+            return None
+        if step.on_error == "fallback":
+            timing.status = "fallback"
+            return step.fallback
+        timing.status = "failed"
+        raise StepFailed(step, error) from None
+
+    async def _compute(self, step: Step, values: dict[str, Any], deadline: float | None) -> Any:
+        source = values.get(step.input.removeprefix("steps.")) if step.input.startswith("steps.") else None
+        here = self._input_value(step.input) if step.input in ("input.text", "input.messages") else source
+        o = step.options
+        if step.kind == "template":
+            try:
+                return _TEMPLATES.from_string(str(o["template"])).render(input=self.input, steps=values)
+            except Exception as exc:
+                raise InvalidArgument(f"the template failed: {exc}") from None
+        if step.kind == "generate":
+            return await self._generate(step, here, deadline)
+        if step.kind == "embed":
+            texts = here if isinstance(here, list) and all(isinstance(t, str) for t in here) else [_text(here)]
+            vectors = await self.services.embed(str(o["model"]), texts, deadline=deadline)
+            return vectors if isinstance(here, list) else vectors[0]
+        if step.kind == "retrieve":
+            return await self.services.retrieve(str(o["index"]), here, int(o.get("k", 4)), deadline=deadline)
+        if step.kind == "plugin":
+            return await self._plugin(step, here, deadline)
+        if step.kind == "switch":
+            key = _text(here).strip()
+            cases = {str(k): str(v) for k, v in dict(o["cases"]).items()}
+            chosen = cases.get(key) or o.get("default")
+            if not chosen:
+                raise InvalidArgument(f"no case for {key[:80]!r} and no default")
+            return await self.value(str(chosen))
+        if step.kind == "parallel":
+            return {name: values[name] for name in o["steps"]}
+        if step.kind == "guard":
+            guard = PhraseGuard(list(o["block"]), action=str(o.get("action", "stop")),
+                                case_sensitive=bool(o.get("case_sensitive", False)),
+                                replacement=str(o.get("replacement", "[redacted]")))
+            if isinstance(here, Stream):
+                return _guarded(here, guard, self)
+            text = guard.feed(_text(here)) + guard.finish()
+            self.filtered = self.filtered or (guard.blocked and guard.action == "stop")
+            return text
+        raise InvalidArgument(f"unknown step kind {step.kind!r}")
+
+    def _input_value(self, ref: str) -> Any:
+        return self.input.messages if ref == "input.messages" else self.input.text
+
+    async def _generate(self, step: Step, here: Any, deadline: float | None) -> Any:
+        o = step.options
+        if isinstance(here, list):
+            messages = [dict(m) for m in here]
+        else:
+            messages = [{"role": "user", "content": _text(here)}]
+        if o.get("system"):
+            messages = [{"role": "system", "content": str(o["system"])}, *messages]
+        params: dict[str, Any] = {k: o[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop") if k in o}
+        chunks = self.services.generate(str(o["model"]), messages, params, deadline=self.deadline)
+        if not step.streams:
+            return "".join([c async for c in chunks])
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = ""
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await chunks.aclose()  # type: ignore[attr-defined]
+            raise
+        return Stream(first, chunks)
+
+    async def _plugin(self, step: Step, here: Any, deadline: float | None) -> Any:
+        plugin = self.services.plugin(str(step.options["plugin"]))
+        run = getattr(plugin, "run", None)
+        if run is None:
+            raise InvalidArgument(f"plugin {step.options['plugin']} has no run(ctx, value)")
+        ctx = StepContext(step.name, deadline, self.tenant, dict(step.options.get("config") or {}), self.services)
+        if inspect.iscoroutinefunction(run):
+            return await run(ctx, here)
+        return await asyncio.to_thread(run, ctx, here)  # off the loop: it may be CPU-heavy
+
+
+def _guarded(stream: Stream, guard: PhraseGuard, run: Run) -> Stream:
+    async def rest() -> AsyncGenerator[str, None]:
+        async with contextlib.aclosing(stream.chunks()) as chunks:
+            async for chunk in chunks:
+                out = guard.feed(chunk)
+                if out:
+                    yield out
+                if guard.blocked and guard.action == "stop":
+                    run.filtered = True
+                    return  # the stream ends here; the generate step is cancelled with it
+            tail = guard.finish()
+            if tail:
+                yield tail
+
+    return Stream("", rest())
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "content" in value[0]:
+        return str(value[-1].get("content", ""))
+    return str(value)
+
+
+__all__ = ["PipelineInput", "Run", "Services", "StepContext", "StepFailed", "StepTiming", "Stream"]
