@@ -251,8 +251,10 @@ class Forwarder:
                         sent, timeout=_remaining(deadline), metadata=(*metadata, (REPLICA_HEADER, rid)))
                     in_flight[rid] = in_flight.get(rid, 0) + 1
                     self.pool.watch(rid, call)
+                    admitted = False  # it got a chunk: the replica had room for it
                     try:
                         while (relayed := await call.read()) is not grpc.aio.EOF:
+                            admitted = True
                             chunk = relayed[0]
                             produced.extend(chunk.token_ids)
                             now = time.perf_counter()
@@ -276,6 +278,8 @@ class Forwarder:
                         call.cancel()
                         self.pool.unwatch(rid, call)
                         _untrack(in_flight, rid)
+                        if admitted:  # its slot is free again (a refused call leaves the mark)
+                            self.pool.freed(rid)
             finally:
                 if ticket.state is not None:
                     Gate.release(ticket)
@@ -323,6 +327,7 @@ class Forwarder:
                     self.pool.watch(rid, unary)
                     try:
                         relayed = await unary
+                        self.pool.freed(rid)  # served: its slot is free again
                         break
                     except grpc.aio.AioRpcError as e:
                         attempts.failed(replica, e, 0)
@@ -447,6 +452,11 @@ class _Attempts:
         pool = self.fw.pool
         if self.lost and not self._untried():
             await self._wait_for_replica()
+        for r in pool.ready(self.model):  # replicas that just said they are full: not asked again
+            hint = pool.full(r.replica_id)
+            if hint is not None and r.replica_id not in self.tried:
+                self.full.add(r.replica_id)
+                self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
         if self.full and not any(r.replica_id not in self.tried | self.full for r in pool.ready(self.model)):
             await self._wait_for_room()
         replica = await pool.pick(self.model, self.tried | self.full, _remaining(self.deadline), affinity)
@@ -497,8 +507,9 @@ class _Attempts:
             self.tried.discard(replica.replica_id)
             self.full.add(replica.replica_id)
             hint = getattr(from_rpc_error(e), "retry_after", None) if e is not None else None
-            if hint is not None:
+            if hint is not None:  # its queue is full (a request too big for it has no hint)
                 self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
+                self.fw.pool.mark_full(replica.replica_id, hint)
             return
         if e is not None and code != grpc.StatusCode.UNAVAILABLE:
             raise from_rpc_error(e) from None

@@ -41,6 +41,7 @@ from maas.v1 import (
 log = logging.getLogger(__name__)
 
 SUSPECT_SECONDS = 5.0
+FULL_SECONDS = 0.2  # how long a replica that said its queue is full is refused here without asking it
 COLD_START_SECONDS = 60.0  # how long a request waits for a scaled-to-zero model to load
 REPORT_FRESH_SECONDS = 2.0  # workers report load twice a second
 AFFINITY_FACTOR = 1.5       # an affine replica is used while its load is at most this times the average
@@ -94,6 +95,7 @@ class ReplicaPool:
         self.models = PrefixMirror(session, session.keys.models(), registry_pb2.Model)  # owners of adapters
         self.in_flight: dict[str, int] = {}
         self._suspect: dict[str, float] = {}
+        self._full: dict[str, tuple[float, float]] = {}  # replica -> (until, its retry hint), see mark_full
         self._reported: dict[str, tuple[int, float]] = {}  # replica -> (in flight, when reported)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls: dict[str, Calls] = {}
@@ -366,6 +368,27 @@ class ReplicaPool:
         for call in calls:
             self._abandoned.add(call)
             call.cancel()
+
+    def mark_full(self, replica_id: str, retry_after: float) -> None:
+        """The replica refused a request because its queue is full: for FULL_SECONDS, or
+        until one of this router's requests on it ends (a slot may have freed), requests
+        for it are refused here, with its hint, instead of each costing a round trip to a
+        worker that is busiest exactly then."""
+        self._full[replica_id] = (time.monotonic() + FULL_SECONDS, retry_after)
+
+    def full(self, replica_id: str) -> float | None:
+        """The retry hint of a replica marked full, or None."""
+        mark = self._full.get(replica_id)
+        if mark is None:
+            return None
+        if mark[0] <= time.monotonic():
+            del self._full[replica_id]
+            return None
+        return mark[1]
+
+    def freed(self, replica_id: str) -> None:
+        """One of this router's requests on the replica ended."""
+        self._full.pop(replica_id, None)
 
     def mark_failed(self, replica: mesh_pb2.ReplicaInfo) -> None:
         now = time.monotonic()
