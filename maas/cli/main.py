@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_parser(sub, _client_args)
     finetune.add_parser(sub, _client_args)
     usage.add_parser(sub, _client_args)
-    pipelines.add_parser(sub)
+    pipelines.add_parser(sub, _client_args)
 
     ev = sub.add_parser("events", help="print lifecycle events")
     _client_args(ev)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(legacy_argv(sys.argv[1:] if argv is None else argv))
     if hasattr(ns, "service_main"):
         return int(ns.service_main(ns))
-    from maas.cli import admin, commands, deployments, finetune, keys, usage
+    from maas.cli import admin, commands, deployments, finetune, keys, pipelines, usage
 
     if ns.command == "up":
         from maas.stack.supervisor import UpConfig, run_up
@@ -221,10 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                                model_name=ns.name, model_format=ns.format, etcd=ns.etcd, nats=ns.nats,
                                router_port=ns.router_port, http_port=ns.http_port, worker_args=worker_args,
                                insecure=ns.insecure))
-    if ns.command == "pipeline":
-        from maas.cli import pipelines
-
-        return pipelines.run(ns)
+    if ns.command == "pipeline" and ns.pipeline_command == "validate":
+        return pipelines.validate(ns)
     etcd, nats = resolve_urls(ns)
     handlers = {
         "status": lambda: commands.status(ns, etcd),
@@ -237,5 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         "keys": lambda: keys.run(ns, etcd),
         "finetune": lambda: finetune.run(ns, etcd, nats),
         "usage": lambda: usage.run(ns, etcd),
+        "pipeline": lambda: pipelines.push(ns, etcd),
     }
     return _run(handlers[ns.command])

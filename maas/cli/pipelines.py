@@ -1,24 +1,46 @@
-"""`maas pipeline validate FILE`: check a pipeline's YAML offline, every problem with its line.
-
-Registering, deploying and serving pipelines are not built yet (docs/pipelines.md says
-what is); this command needs no running stack.
+"""`maas pipeline validate FILE` checks a pipeline's YAML offline, every problem with its
+line; `maas pipeline push NAME FILE` uploads it and registers it as a version of NAME
+(`format: pipeline`), which clients then call as `model=NAME` (docs/pipelines.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+ClientArgs = Callable[[argparse.ArgumentParser], None]
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pipeline", help="pipelines: check a pipeline's YAML (validate)")
+
+def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None:
+    p = sub.add_parser("pipeline", help="pipelines: check a pipeline's YAML (validate), register it (push)")
     psub = p.add_subparsers(dest="pipeline_command", required=True)
     validate = psub.add_parser("validate", help="check a pipeline file; errors name their line")
     validate.add_argument("file", type=Path)
+    push = psub.add_parser("push", help="upload a pipeline file and register it as the next version of NAME")
+    client_args(push)
+    push.add_argument("name")
+    push.add_argument("file", type=Path)
 
 
-def run(ns: argparse.Namespace) -> int:
+async def push(ns: argparse.Namespace, etcd: str) -> int:
+    from maas.cli.main import mesh_client
+    from maas.mesh.clients import upload_file
+    from maas.v1 import registry_pb2, registry_pb2_grpc
+
+    if validate(ns) != 0:  # the registry checks it too; this says so before uploading anything
+        return 2
+    async with mesh_client(ns, etcd) as mesh:
+        stub = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
+        artifact = await upload_file(stub, ns.file, timeout=60)
+        v = await stub.RegisterModel(registry_pb2.RegisterModelRequest(
+            name=ns.name, format="pipeline", source=f"artifact:{artifact.sha256}"), timeout=30)
+    print(f"registered {v.name}@{v.version} (pipeline {artifact.sha256[:12]}); clients call it as model {v.name!r}")
+    return 0
+
+
+def validate(ns: argparse.Namespace) -> int:
     from maas.pipelines.spec import SpecErrors, parse
 
     try:

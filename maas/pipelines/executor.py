@@ -137,7 +137,7 @@ class Run:
     _tasks: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     _started: float = field(default_factory=time.perf_counter)
 
-    async def answer(self) -> AsyncIterator[str]:
+    async def answer(self) -> AsyncGenerator[str, None]:
         """The output step's text: chunk by chunk if it streams, else in one piece."""
         try:
             value = await self.value(self.spec.output)
@@ -150,6 +150,10 @@ class Run:
                 yield value if isinstance(value, str) else str(value)
         finally:
             await self.close()
+
+    def timings(self) -> list[StepTiming]:
+        """What happened to each step that ran, in the file's order."""
+        return [self.timeline[name] for name in self.spec.steps if name in self.timeline]
 
     async def close(self) -> None:
         """Cancel what is still running (the client went away, or the answer is complete)."""

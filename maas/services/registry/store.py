@@ -18,7 +18,8 @@ from maas.mesh.names import validate_name
 from maas.services.registry.blobs import BlobStore
 from maas.v1 import common_pb2, registry_pb2, scheduler_pb2
 
-FORMATS = ("hf", "sim")
+FORMATS = ("hf", "sim", "pipeline")
+MAX_PIPELINE_BYTES = 1 << 20  # a pipeline's YAML
 TASKS = ("generate", "embed")
 DEFAULT_SIM_MEMORY = 64 * 1024 * 1024
 DEFAULT_HUB_MEMORY = 2 * 1024 * 1024 * 1024
@@ -82,6 +83,8 @@ class ModelStore:
         if task not in TASKS:
             raise InvalidArgument(f"task {task!r} is not supported: use one of {', '.join(TASKS)}", field="task")
         owner = owner_for_new(req.owner)
+        if fmt == "pipeline":
+            await self._check_pipeline(req)
         await self._check_source_allowed(req, owner)
         if req.source.strip().startswith(ARTIFACT):
             await self.check_artifact(check_digest(req.source.strip().removeprefix(ARTIFACT)))
@@ -98,8 +101,11 @@ class ModelStore:
                                                  blobs=self.blobs)
         resources = common_pb2.Resources()
         resources.CopyFrom(req.resources)
-        resources.memory_bytes = resources.memory_bytes or memory
-        resources.devices = resources.devices or 1
+        if fmt == "pipeline":  # served by the router: no device of its own
+            resources.memory_bytes, resources.devices = 0, 0
+        else:
+            resources.memory_bytes = resources.memory_bytes or memory
+            resources.devices = resources.devices or 1
 
         client, tx = self.session.client, self.session.client.transactions
         model_key = self.keys.model(req.name)
@@ -127,6 +133,46 @@ class ModelStore:
             if ok:
                 return version
         raise FailedPrecondition(f"model {req.name!r} is being registered concurrently; retry")
+
+    async def _check_pipeline(self, req: registry_pb2.RegisterModelRequest) -> None:
+        """A pipeline's source is its uploaded YAML; it must parse, and the models its steps
+        call must exist for the caller (a model, or a deployment, by name). Every problem is
+        reported with its line (`maas.pipelines.spec`)."""
+        from maas.pipelines.spec import SpecErrors, parse
+
+        if req.base:
+            raise InvalidArgument("a pipeline has no base model (its steps name the models they call)", field="base")
+        source = req.source.strip()
+        if not source.startswith(ARTIFACT) or self.blobs is None:
+            raise InvalidArgument("a pipeline's source is its uploaded YAML, artifact:<sha256> (`maas pipeline push "
+                                  "NAME FILE` uploads and registers it)", field="source")
+        sha = check_digest(source.removeprefix(ARTIFACT))
+        await self.check_artifact(sha)
+        blobs = self.blobs
+        if await asyncio.to_thread(blobs.size, sha) > MAX_PIPELINE_BYTES:
+            raise InvalidArgument(f"a pipeline's YAML is at most {MAX_PIPELINE_BYTES} bytes", field="source")
+        data = b"".join(await asyncio.to_thread(lambda: list(blobs.read(sha))))
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument("a pipeline's YAML must be UTF-8 text", field="source") from None
+        where = f"{req.name}.yaml"
+        spec = parse(text, source=where)
+        problems = []
+        for step in spec.steps.values():
+            model = step.options.get("model")
+            if model and not await self._callable(str(model)):
+                problems.append((step.line, f"step {step.name!r}: model {model!r} does not exist"))
+        if problems:
+            raise SpecErrors(problems, where)
+
+    async def _callable(self, ref: str) -> bool:
+        """Can the caller ask for `ref`: a model (or version) it may see, or a deployment?"""
+        try:
+            await self.resolve(ref)
+            return True
+        except (NotFound, InvalidArgument):
+            return await self.session.get(self.keys.deployment(ref.partition("@")[0])) is not None
 
     @staticmethod
     async def _check_source_allowed(req: registry_pb2.RegisterModelRequest, owner: str) -> None:

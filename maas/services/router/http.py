@@ -41,9 +41,13 @@ from maas.mesh.errors import (
 from maas.mesh.etcd import EtcdError
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.mesh.tls import TlsFiles
+from maas.pipelines.executor import PipelineInput, Run
+from maas.pipelines.spec import PipelineSpec
 from maas.services.router import openai_api, openapi
 from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder
-from maas.v1 import inference_pb2
+from maas.services.router.pipelines import MeshServices, PipelineCatalog
+from maas.services.router.tenants import Gate
+from maas.v1 import common_pb2, inference_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +131,9 @@ async def _next(stream: AsyncGenerator[Chunk, None]) -> inference_pb2.GenerateCh
     return None if relayed is None else relayed[0]
 
 
+TRACE_HEADER = "x-maas-trace"  # "1": a pipeline's non-streamed reply carries each step's timing
+
+
 class _Deadline:
     """When a request must be answered by. The forwarder gets the time left (each call to a
     worker carries it as its gRPC deadline); `bound()` also cancels whatever the router
@@ -166,6 +173,7 @@ class HttpApi:
         if not 0 < timeout <= MAX_TIMEOUT:
             raise StartupError(f"the HTTP request timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout:g}")
         self.forwarder = forwarder
+        self.pipelines = PipelineCatalog(forwarder)
         self.host, self.port = host, port
         self.max_body = max_body
         self.timeout = timeout
@@ -293,6 +301,8 @@ class HttpApi:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         deadline = self._deadline(request)
         req, opts = openai_api.chat_request(await self._body(request))
+        if found := await self.pipelines.find(req.model):
+            return await self._pipeline(request, deadline, req, opts, *found)
         if opts.max_tokens_given:
             return await self._generate(request, deadline, req, opts)
         req.params.max_tokens = default = openai_api.chat_max_tokens(self._context_length(req.model))
@@ -307,7 +317,83 @@ class HttpApi:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         deadline = self._deadline(request)
-        return await self._generate(request, deadline, *openai_api.completion_request(await self._body(request)))
+        req, opts = openai_api.completion_request(await self._body(request))
+        if found := await self.pipelines.find(req.model):
+            return await self._pipeline(request, deadline, req, opts, *found)
+        return await self._generate(request, deadline, req, opts)
+
+    async def _pipeline(self, request: web.Request, deadline: _Deadline, req: inference_pb2.GenerateRequest,
+                        opts: openai_api.Options, version: registry_pb2.ModelVersion,
+                        spec: PipelineSpec) -> web.StreamResponse:
+        """A pipeline's answer (docs/pipelines.md): admitted once under its own name (the
+        key's limits and model list, the tenant's view), its steps' calls admitted as the
+        client's own. With `x-maas-trace: 1` a non-streamed reply carries each step's timing."""
+        rid = req.request_id = request_id_var.get()
+        created = int(time.time())
+        caller = _api_key(request)
+        ticket = self.forwarder.gate.admit(caller, req.model) if self.forwarder.gate is not None else None
+        try:
+            messages = [{"role": m.role, "content": m.content} for m in req.messages] or \
+                [{"role": "user", "content": req.prompt}]
+            services = MeshServices(self.forwarder, caller, rid)
+            left = deadline.remaining()
+            run = Run(spec, services, PipelineInput(messages), tenant=getattr(caller, "tenant", ""),
+                      deadline=None if left is None else asyncio.get_running_loop().time() + left)
+            answer = run.answer()
+            if not opts.stream:
+                async with contextlib.aclosing(answer), deadline.bound():
+                    text = "".join([chunk async for chunk in answer])
+                reply = inference_pb2.GenerateResponse(request_id=rid, model=req.model, text=text,
+                                                       finish_reason=common_pb2.FINISH_REASON_STOP,
+                                                       usage=services.usage)
+                body = openai_api.completion(reply, opts, rid, created)
+                if run.filtered:
+                    body["choices"][0]["finish_reason"] = "content_filter"
+                if request.headers.get(TRACE_HEADER) == "1":
+                    body["pipeline"] = {"version": f"{version.name}@{version.version}",
+                                        "steps": [vars(t) for t in run.timings()]}
+                return web.json_response(body, dumps=_dumps)
+            return await self._pipeline_stream(request, deadline, opts, rid, created, run, answer, services)
+        finally:
+            if ticket is not None:
+                Gate.release(ticket)
+
+    async def _pipeline_stream(self, request: web.Request, deadline: _Deadline, opts: openai_api.Options,
+                               rid: str, created: int, run: Run, answer: AsyncGenerator[str, None],
+                               services: MeshServices) -> web.StreamResponse:
+        encoder = openai_api.StreamEncoder(opts, rid, created)
+        async with contextlib.aclosing(answer):
+            async with deadline.bound():
+                first = await anext(answer, None)  # a failing step before any text: an ordinary HTTP error
+            response = web.StreamResponse(headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                "x-request-id": rid})
+            await response.prepare(request)
+            try:
+                async with deadline.bound():
+                    await self._send(response, encoder.start())
+                    text = first
+                    while text is not None:
+                        await self._send(response, encoder.chunk(inference_pb2.GenerateChunk(text=text)))
+                        text = await anext(answer, None)
+                    last = encoder.chunk(inference_pb2.GenerateChunk(
+                        finish_reason=common_pb2.FINISH_REASON_STOP, usage=services.usage))
+                    if run.filtered:
+                        for event in last:
+                            event["choices"][0]["finish_reason"] = "content_filter"
+                    await self._send(response, last)
+                    await self._send(response, encoder.end())
+                    await response.write(b"data: [DONE]\n\n")
+            except ConnectionError:
+                log.info("client went away mid-stream; pipeline cancelled")
+                return response
+            except Exception as e:
+                _, body, _ = _error(e)
+                with contextlib.suppress(ConnectionError):
+                    await response.write(f"data: {_dumps(body)}\n\n".encode())
+            with contextlib.suppress(ConnectionError):
+                await response.write_eof()
+            return response
 
     def _context_length(self, model: str) -> int:
         """The context of `model`'s ready replicas (a fine-tuned adapter's: its deployment's);

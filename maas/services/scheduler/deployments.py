@@ -16,7 +16,14 @@ from collections.abc import Callable
 
 from maas.mesh.authz import Principal
 from maas.mesh.clients import RegistryClient
-from maas.mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from maas.mesh.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.names import validate_name
 from maas.v1 import registry_pb2, scheduler_pb2
@@ -52,6 +59,10 @@ class DeploymentStore:
         version = await self.resolver.resolve(ref)
         if who is not None and not who.may_see(version.owner):
             raise NotFound(f"model {ref.partition('@')[0]!r} is not registered")
+        if version.format == "pipeline":
+            raise FailedPrecondition(f"{version.name}@{version.version} is a pipeline: the routers run it without a "
+                                     f"deployment (ask for model {version.name!r}); deploying, canarying and "
+                                     "rolling back pipelines are not built yet (docs/pipelines.md)")
         return version
 
     async def _prepare(self, dep: scheduler_pb2.Deployment, who: Principal | None = None) -> scheduler_pb2.Deployment:

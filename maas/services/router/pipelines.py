@@ -1,0 +1,117 @@
+"""Pipelines in the router: which model names are pipelines, and the services their steps call.
+
+A registered version of `format: pipeline` is run here, by the executor
+(`maas.pipelines.executor`), when a client asks for its name. Its steps call models through
+this router's Forwarder as the client (the client's key must allow the models the steps
+call; their tokens are metered to the client's tenant), so retries, stream migration and
+limits apply to every step as to a direct call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from maas.mesh.artifacts import ARTIFACT
+from maas.mesh.errors import FailedPrecondition, NotFound
+from maas.pipelines.spec import PipelineSpec, parse
+from maas.v1 import common_pb2, inference_pb2, registry_pb2
+
+if TYPE_CHECKING:
+    from maas.services.router.forward import Forwarder
+    from maas.services.router.tenants import Caller
+
+RESOLVE_TTL = 2.0  # seconds a name's version is reused before the registry is asked again
+DEFAULT_MAX_TOKENS = 256  # a generate step that sets no max_tokens
+
+
+class PipelineCatalog:
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.pool = forwarder.pool
+        self._versions: dict[str, tuple[float, registry_pb2.ModelVersion | None]] = {}
+        self._specs: dict[str, PipelineSpec] = {}  # by the YAML's sha256
+
+    async def find(self, model: str) -> tuple[registry_pb2.ModelVersion, PipelineSpec] | None:
+        """The pipeline `model` names ("name" or "name@version"), or None for anything else.
+        Costs nothing for a deployment's name or an unknown name; a registered model that is
+        not deployed costs a registry lookup every RESOLVE_TTL."""
+        name, _, version = model.partition("@")
+        if not version and name in self.pool.deployments.items:
+            return None
+        if name not in self.pool.models.items:
+            return None
+        now = time.monotonic()
+        cached = self._versions.get(model)
+        if cached is not None and cached[0] > now:
+            found = cached[1]
+        else:
+            try:
+                found = await self.pool.registry.resolve(model, timeout=5.0)
+            except NotFound:
+                found = None
+            self._versions[model] = (now + RESOLVE_TTL, found)
+        if found is None or found.format != "pipeline":
+            return None
+        sha = found.source.removeprefix(ARTIFACT)
+        spec = self._specs.get(sha)
+        if spec is None:
+            data = b"".join([chunk.data async for chunk in self.pool.registry.download(sha, timeout=30.0)])
+            spec = self._specs[sha] = parse(data.decode("utf-8"), source=f"{found.name}@{found.version}")
+        return found, spec
+
+
+class MeshServices:
+    """What the steps of one request call: models through the router's Forwarder, as the
+    client. Counts the tokens of every generate step (the answer's usage; the prompt tokens
+    of a stream a guard stopped are not known, as its last chunk never came)."""
+
+    def __init__(self, forwarder: Forwarder, caller: Caller, request_id: str) -> None:
+        self.forwarder, self.caller, self.request_id = forwarder, caller, request_id
+        self.usage = common_pb2.Usage()
+        self._calls = 0
+
+    def _timeout(self, deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+
+    async def generate(self, model: str, messages: list[dict[str, str]], params: dict[str, Any], *,
+                       deadline: float | None) -> AsyncIterator[str]:
+        self._calls += 1
+        sampling = common_pb2.SamplingParams(max_tokens=int(params.get("max_tokens", DEFAULT_MAX_TOKENS)))
+        for key in ("temperature", "top_p"):
+            if key in params:
+                setattr(sampling, key, float(params[key]))
+        if "seed" in params:
+            sampling.seed = int(params["seed"])
+        stop = params.get("stop")
+        if stop:
+            sampling.stop.extend([stop] if isinstance(stop, str) else [str(s) for s in stop])
+        request = inference_pb2.GenerateRequest(
+            request_id=f"{self.request_id}.{self._calls}", model=model, params=sampling,
+            messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+        stream = self.forwarder.stream(request, self._timeout(deadline), self.caller)
+        async with contextlib.aclosing(stream):  # type: ignore[type-var]
+            async for chunk, _ in stream:
+                # counted as they come: a guard may stop the stream before its last chunk
+                self.usage.completion_tokens += len(chunk.token_ids)
+                if chunk.finish_reason:
+                    self.usage.prompt_tokens += chunk.usage.prompt_tokens
+                if chunk.text:
+                    yield chunk.text
+
+    async def embed(self, model: str, texts: list[str], *, deadline: float | None) -> list[list[float]]:
+        reply = await self.forwarder.embed(inference_pb2.EmbedRequest(model=model, inputs=texts),
+                                           self._timeout(deadline), self.caller)
+        return [list(e.values) for e in reply.data]
+
+    async def retrieve(self, index: str, query: Any, k: int, *, deadline: float | None) -> list[dict[str, Any]]:
+        raise FailedPrecondition(f"index {index!r}: vector indexes are not built yet (docs/pipelines.md)")
+
+    def plugin(self, ref: str) -> Any:
+        raise FailedPrecondition(f"plugin {ref}: plugins of registered pipelines are not loaded yet "
+                                 "(docs/pipelines.md)")
+
+
+__all__ = ["MeshServices", "PipelineCatalog"]

@@ -1,0 +1,113 @@
+"""A pipeline pushed to the registry is called like a model through the OpenAI HTTP API:
+it streams, its guard stops the answer, its steps' timings come back when asked, and it
+stays its tenant's. Real etcd, NATS, registry, scheduler, router and a sim worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from openai import AsyncOpenAI, NotFoundError
+
+from maas.mesh.clients import dial, upload_file
+from maas.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+from .conftest import MeshHarness
+
+PIPELINE = """\
+description: a terse answer, guarded
+steps:
+  - name: prompt
+    kind: template
+    template: "Answer briefly: {{ input.text }}"
+  - name: answer
+    kind: generate
+    model: echo
+    input: steps.prompt
+    max_tokens: 12
+    temperature: 0
+  - name: safe
+    kind: guard
+    input: steps.answer
+    block: [BLOCKED]
+"""
+
+
+async def push(registry: registry_pb2_grpc.RegistryStub, tmp: Path, name: str, text: str) -> registry_pb2.ModelVersion:
+    path = tmp / f"{name}.yaml"
+    path.write_text(text)
+    artifact = await upload_file(registry, path, timeout=30)
+    return await registry.RegisterModel(registry_pb2.RegisterModelRequest(  # type: ignore[no-any-return]
+        name=name, format="pipeline", source=f"artifact:{artifact.sha256}"), timeout=10)
+
+
+async def test_a_pushed_pipeline_streams_like_a_model(mesh: MeshHarness, tmp_path: Path) -> None:
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh.router(http_port=0)
+    await mesh.worker()
+    await mesh.register("echo", token_delay_ms="20")
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    base_url = f"http://{router.info.http_endpoint}/v1"
+    key_a, key_b = await mesh.key("a"), await mesh.key("b")
+    a = AsyncOpenAI(base_url=base_url, api_key=key_a, max_retries=0)
+    question = [{"role": "user", "content": "hello there"}]
+
+    # what the model says to the prompt the template makes, asked directly
+    direct = await a.chat.completions.create(model="echo", max_tokens=12, temperature=0,
+                                             messages=[{"role": "user", "content": "Answer briefly: hello there"}])
+    words = (direct.choices[0].message.content or "").split()
+    # block the first word from the third on that has not appeared before it
+    cut = next(i for i in range(2, len(words)) if words[i].lower() not in " ".join(words[:i]).lower())
+    channel = dial(mesh.endpoint("registry"), key_a)
+    registry = registry_pb2_grpc.RegistryStub(channel)
+    v = await push(registry, tmp_path, "bot", PIPELINE.replace("BLOCKED", words[cut]))
+    assert (v.name, v.format, v.owner) == ("bot", "pipeline", "a")
+
+    # streamed: the answer up to the blocked word, in several chunks, then content_filter
+    stream = await a.chat.completions.create(model="bot", messages=question, stream=True)  # type: ignore[arg-type]
+    chunks, reasons = [], []
+    async for event in stream:
+        if event.choices:
+            chunks.append(event.choices[0].delta.content or "")
+            reasons.append(event.choices[0].finish_reason)
+    text = "".join(chunks)
+    assert text.split() == words[:cut] and len([c for c in chunks if c]) > 1, (chunks, words)
+    assert reasons[-1] == "content_filter"
+
+    # not streamed, with each step's timing
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base_url}/chat/completions", json={"model": "bot", "messages": question},
+                             headers={"Authorization": f"Bearer {key_a}", "x-maas-trace": "1"}) as resp:
+            assert resp.status == 200, await resp.text()
+            body = await resp.json()
+    assert body["choices"][0]["message"]["content"].split() == words[:cut]
+    assert body["usage"]["completion_tokens"] > 0
+    steps = body["pipeline"]["steps"]
+    assert body["pipeline"]["version"] == "bot@1" and [s["step"] for s in steps] == ["prompt", "answer", "safe"]
+    assert all(s["status"] == "ok" for s in steps)
+
+    # another tenant does not see it; a pipeline is not deployed on workers
+    b = AsyncOpenAI(base_url=base_url, api_key=key_b, max_retries=0)
+    with pytest.raises(NotFoundError, match="bot"):
+        await b.chat.completions.create(model="bot", messages=question)  # type: ignore[arg-type]
+    scheduler = scheduler_pb2_grpc.SchedulerStub(dial(mesh.endpoint("scheduler"), key_a))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await scheduler.CreateDeployment(scheduler_pb2.CreateDeploymentRequest(
+            deployment=scheduler_pb2.Deployment(name="bot", model="bot", replicas=1)), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is a pipeline" in refused.value.details()
+
+    # a bad pipeline is refused at registration with its line; one calling a missing model too
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await push(registry, tmp_path, "broken", PIPELINE.replace("kind: guard", "kind: gaurd"))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "broken.yaml:13: step 'safe': unknown kind 'gaurd'" in (bad.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await push(registry, tmp_path, "broken", PIPELINE.replace("model: echo", "model: nosuch"))
+    assert "broken.yaml:6: step 'answer': model 'nosuch' does not exist" in (missing.value.details() or "")
+    await channel.close()
+    await a.close()
+    await b.close()
