@@ -350,14 +350,15 @@ class _Trainer:
             return model
         import torch
         from peft import LoraConfig, get_peft_model
+        from transformers.pytorch_utils import Conv1D
 
-        # Every linear layer, the output projection included. peft's "all-linear" leaves the
+        # Every linear layer (GPT-2's Conv1D too), the output projection included. peft's "all-linear" leaves the
         # output layer out; on the demo model (tied embeddings, hidden 192) that capped a
         # 4-example job at a loss of about 1.0 per token however long it trained, so its
         # greedy answers were near-ties that flipped with float rounding (another thread
         # count, another CPU). With the output layer the same job reaches 0.02.
         targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                          if isinstance(module, torch.nn.Linear)})
+                          if isinstance(module, torch.nn.Linear | Conv1D)})  # Conv1D: GPT-2's projections
         lora = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.alpha, lora_dropout=0.0,
                           target_modules=targets, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
@@ -541,7 +542,12 @@ class _Trainer:
         dest = out / name
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
         try:
-            self.model.save_pretrained(tmp)
+            if self.config.method == "lora":
+                # the adapter alone: the base's (frozen) output layer is not copied into it,
+                # although it is among the LoRA targets
+                self.model.save_pretrained(tmp, save_embedding_layers=False)
+            else:
+                self.model.save_pretrained(tmp)
             if self.config.method == "full":
                 self.tokenizer.save_pretrained(tmp)
             _replace_dir(tmp, dest)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -58,6 +59,7 @@ class StepFailed(MaasError):
         super().__init__(f"pipeline step {step.name!r} ({step.kind}) failed: {what}", field=f"steps.{step.name}")
         self.code = cause.code if isinstance(cause, MaasError) else grpc.StatusCode.INTERNAL
         self.step = step.name
+        self.retry_after = getattr(cause, "retry_after", None)  # a step's 429 keeps its hint
 
 
 @dataclass
@@ -120,7 +122,52 @@ class Stream:
             await aclose()
 
 
-_TEMPLATES = SandboxedEnvironment(autoescape=False, finalize=lambda v: "" if v is None else v)
+MAX_TEMPLATE_CHARS = 1 << 20  # what one template step may produce
+MAX_TEMPLATE_RANGE = 10_000   # range() in a template
+
+
+class _Sandbox(SandboxedEnvironment):
+    """Jinja's sandbox (no attribute access to internals), also bounding what a template can
+    make: `*` and `**` on sizes, range(), and (in `render`) the output's length."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
+            raise InvalidArgument("a template's ** is limited to exponents of at most 64")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_CHARS:
+                    raise InvalidArgument(f"a template may not make more than {MAX_TEMPLATE_CHARS} items")
+        return super().call_binop(context, operator, left, right)
+
+
+def _range(*args: int) -> range:
+    r = range(*args)
+    if len(r) > MAX_TEMPLATE_RANGE:
+        raise InvalidArgument(f"range() in a template is limited to {MAX_TEMPLATE_RANGE} items")
+    return r
+
+
+_TEMPLATES = _Sandbox(autoescape=False, finalize=lambda v: "" if v is None else v)
+_TEMPLATES.globals["range"] = _range
+
+
+@functools.lru_cache(maxsize=256)
+def compile_template(text: str) -> Any:
+    """A template step's text, compiled (raises jinja's TemplateSyntaxError)."""
+    return _TEMPLATES.from_string(text)
+
+
+def _render(text: str, **values: Any) -> str:
+    out: list[str] = []
+    size = 0
+    for piece in compile_template(text).generate(**values):
+        size += len(piece)
+        if size > MAX_TEMPLATE_CHARS:
+            raise InvalidArgument(f"the template made more than {MAX_TEMPLATE_CHARS} characters")
+        out.append(piece)
+    return "".join(out)
 
 
 @dataclass
@@ -160,9 +207,8 @@ class Run:
         for task in self._tasks.values():
             if not task.done():
                 task.cancel()
-        for task in self._tasks.values():
-            with contextlib.suppress(BaseException):
-                await task
+        # their outcomes are theirs (gathered, not raised); a cancellation of close() itself propagates
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     def value(self, name: str) -> asyncio.Task[Any]:
         """The task computing step `name` (started on first use)."""
@@ -177,7 +223,9 @@ class Run:
     async def _run(self, step: Step) -> Any:
         timing = self.timeline[step.name] = StepTiming(step.name, step.kind)
         reads = step.reads()
-        values = dict(zip(reads, await asyncio.gather(*(self.value(n) for n in reads)), strict=True))
+        # shielded: a step that gives up (its budget) must not cancel a step others share
+        values = dict(zip(reads, await asyncio.gather(*(asyncio.shield(self.value(n)) for n in reads)),
+                          strict=True))
         loop = asyncio.get_running_loop()
         started = loop.time()
         timing.start_ms = (time.perf_counter() - self._started) * 1000
@@ -217,8 +265,10 @@ class Run:
         here = self._input_value(step.input) if step.input in ("input.text", "input.messages") else source
         o = step.options
         if step.kind == "template":
-            try:
-                return _TEMPLATES.from_string(str(o["template"])).render(input=self.input, steps=values)
+            try:  # off the event loop: a template can loop for a while within its limits
+                return await asyncio.to_thread(_render, str(o["template"]), input=self.input, steps=values)
+            except InvalidArgument:
+                raise
             except Exception as exc:
                 raise InvalidArgument(f"the template failed: {exc}") from None
         if step.kind == "generate":
@@ -237,7 +287,7 @@ class Run:
             chosen = cases.get(key) or o.get("default")
             if not chosen:
                 raise InvalidArgument(f"no case for {key[:80]!r} and no default")
-            return await self.value(str(chosen))
+            return await asyncio.shield(self.value(str(chosen)))
         if step.kind == "parallel":
             return {name: values[name] for name in o["steps"]}
         if step.kind == "guard":

@@ -25,14 +25,26 @@ class PhraseGuard:
         flags = 0 if case_sensitive else re.IGNORECASE
         # longest first, so that of two phrases starting at one place the longer is taken
         self._pattern = re.compile("|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)), flags)
-        if action == "redact" and self._pattern.search(replacement):
-            raise ValueError("the replacement contains a blocked phrase")
+        if action == "redact" and self._overlaps(replacement, phrases, case_sensitive):
+            raise ValueError("the replacement contains a blocked phrase, or could make one with the text beside it")
         self._hold = max(len(p) for p in phrases) - 1
         self.action = action
         self.replacement = replacement
         self._pending = ""
         self.blocked = False  # a phrase was found (with stop: the stream has ended)
         self.matches = 0
+
+    @staticmethod
+    def _overlaps(replacement: str, phrases: Sequence[str], case_sensitive: bool) -> bool:
+        fold = (lambda t: t) if case_sensitive else str.lower
+        r = fold(replacement)
+        for phrase in map(fold, phrases):
+            if phrase in r:
+                return True
+            for k in range(1, len(phrase)):  # its head ends the replacement, or its tail starts it
+                if r.endswith(phrase[:k]) or r.startswith(phrase[k:]):
+                    return True
+        return False
 
     def feed(self, chunk: str) -> str:
         """The text that is safe to pass on now (possibly empty)."""

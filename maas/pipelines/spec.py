@@ -63,6 +63,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "guard": ("input", "block"),
 }
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+MAX_STEPS = 200
 STEP_REF = re.compile(r"\bsteps\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -89,8 +90,8 @@ class Step:
         started only when chosen, so they are not among them)."""
         refs = [self.input] if self.input.startswith("steps.") else []
         names = [r.removeprefix("steps.") for r in refs]
-        if self.kind == "template":
-            names += STEP_REF.findall(str(self.options.get("template", "")))
+        if self.kind == "template" and isinstance(self.options.get("template"), str):
+            names += STEP_REF.findall(self.options["template"])
         if self.kind == "parallel":
             names += [str(s) for s in self.options.get("steps", [])]
         return list(dict.fromkeys(names))
@@ -147,6 +148,10 @@ def parse(text: str, *, source: str = "pipeline.yaml",
                          source) from None
     if not isinstance(root, yaml.MappingNode):
         raise SpecErrors([(1, "a pipeline is a mapping with a `steps` list")], source)
+    alias = _first_alias(root)
+    if alias is not None:  # shared nodes can expand exponentially; a pipeline never needs them
+        raise SpecErrors([(_line(alias), "YAML anchors and aliases (&name, *name) are not allowed in a pipeline")],
+                         source)
     top = _mapping(root)
     for key, (knode, _) in top.items():
         if key not in ("steps", "output", "description", "version"):
@@ -155,6 +160,9 @@ def parse(text: str, *, source: str = "pipeline.yaml",
     if not isinstance(steps_node, yaml.SequenceNode) or not steps_node.value:
         raise SpecErrors([*problems, (_line(steps_node) if steps_node else 1, "`steps` must be a non-empty list")],
                          source)
+    if len(steps_node.value) > MAX_STEPS:
+        raise SpecErrors([(_line(steps_node), f"a pipeline has at most {MAX_STEPS} steps, "
+                                              f"not {len(steps_node.value)}")], source)
     steps: dict[str, Step] = {}
     for node in steps_node.value:
         step = _step(node, problems)
@@ -177,6 +185,22 @@ def parse(text: str, *, source: str = "pipeline.yaml",
         raise SpecErrors(problems, source)
     description = str(_construct(top["description"][1])) if "description" in top else ""
     return PipelineSpec(steps=steps, output=output, description=description)
+
+
+def _first_alias(root: yaml.Node) -> yaml.Node | None:
+    """A node reached twice (what an alias makes), if any."""
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            return node
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            todo.extend(n for pair in node.value for n in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
+    return None
 
 
 def _line(node: yaml.Node | None) -> int:
@@ -251,12 +275,31 @@ def _step(node: yaml.Node, problems: list[tuple[int, str]]) -> Step | None:
 
 def _kind_problems(kind: str, o: dict[str, Any]) -> list[str]:
     problems = []
+    if kind == "template":
+        if not isinstance(o.get("template", ""), str):
+            problems.append("template must be a string")
+        else:
+            try:
+                from maas.pipelines.executor import compile_template
+
+                compile_template(o.get("template", ""))
+            except Exception as exc:  # jinja's TemplateSyntaxError, with the template's own line
+                problems.append(f"the template does not compile: {exc}")
     if kind == "guard":
         block = o.get("block")
         if not isinstance(block, list) or not block or not all(isinstance(b, str) and b for b in block):
             problems.append("block must be a list of non-empty phrases")
         if o.get("action", "stop") not in ("stop", "redact"):
             problems.append(f"action must be stop or redact, not {o.get('action')!r}")
+        elif not problems:
+            from maas.pipelines.guard import PhraseGuard
+
+            try:
+                PhraseGuard(block, action=str(o.get("action", "stop")),  # type: ignore[arg-type]
+                            case_sensitive=bool(o.get("case_sensitive", False)),
+                            replacement=str(o.get("replacement", "[redacted]")))
+            except ValueError as exc:
+                problems.append(str(exc))
     if kind == "switch":
         if not isinstance(o.get("cases", {}), dict):
             problems.append("cases must map values to step names")
@@ -288,23 +331,29 @@ def _check_references(steps: dict[str, Step], problems: list[tuple[int, str]],
 
 
 def _check_cycles(steps: dict[str, Step], problems: list[tuple[int, str]]) -> None:
+    """Depth-first, with an explicit stack (a long chain of steps must not hit Python's
+    recursion limit)."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def visit(name: str, path: list[str]) -> None:
-        if state.get(name) == 2:
-            return
-        if state.get(name) == 1:
-            cycle = path[path.index(name):] + [name]
-            problems.append((steps[name].line, f"cycle: {' -> '.join(cycle)}"))
-            return
-        state[name] = 1
-        for nxt in [*steps[name].reads(), *steps[name].branches()]:
-            visit(nxt, [*path, name])
-        state[name] = 2
-
-    for name in steps:
-        if state.get(name) is None:
-            visit(name, [])
+    for start in steps:
+        if start in state:
+            continue
+        path: list[str] = [start]
+        state[start] = 1
+        stack = [iter([*steps[start].reads(), *steps[start].branches()])]
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+                continue
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt]
+                problems.append((steps[nxt].line, f"cycle: {' -> '.join(cycle)}"))
+                return
+            if nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter([*steps[nxt].reads(), *steps[nxt].branches()]))
 
 
 def _check_streams(steps: dict[str, Step], output: str, problems: list[tuple[int, str]]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+import pytest
 
 from maas.v1 import common_pb2, inference_pb2
 
@@ -72,3 +73,16 @@ async def test_four_times_the_slots_fills_the_queue_and_refuses_the_rest_at_once
     _, retry_after, error = next(r for r in replies if r[0] == 429)
     assert int(retry_after) >= 1
     assert error["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+
+    # a request too big for a replica's KV budget is refused with that reason, not as "at
+    # capacity, retry": retrying would never help
+    await mesh.register("tinykv", fmt="hf", source=str(demo_model_dir), kv_cache_mb="1")
+    await mesh.deploy("tinykv")
+    await mesh.wait_ready("tinykv", timeout=90)
+    request = inference_pb2.GenerateRequest(model="tinykv", prompt="x", params=common_pb2.SamplingParams(
+        max_tokens=600, ignore_eos=True))
+    with pytest.raises(grpc.aio.AioRpcError) as too_big:
+        [c async for c in stub.GenerateStream(request, timeout=60)]  # type: ignore[attr-defined]
+    assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "KV-cache budget" in (too_big.value.details() or "") and "at capacity" not in (too_big.value.details() or "")
+    assert "retry-after" not in dict(too_big.value.trailing_metadata() or ())

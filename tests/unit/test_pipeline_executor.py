@@ -246,3 +246,12 @@ async def test_a_failing_plugin_names_its_step() -> None:
     spec = parse("steps:\n  - {name: enrich, kind: plugin, plugin: 'p:Broken', input: input.text}\n")
     with pytest.raises(StepFailed, match=r"pipeline step 'enrich' \(plugin\) failed: KeyError: 'customer_id'"):
         [c async for c in Run(spec, fake, question()).answer()]
+
+
+async def test_a_template_cannot_blow_up_the_router() -> None:
+    fake = Fake()
+    for template in ("{{ 'a' * 100000000 }}", "{% for i in range(100000) %}x{% endfor %}",
+                     "{{ 10 ** 100000 }}"):
+        spec = parse(f"steps:\n  - {{name: t, kind: template, template: \"{template}\"}}\n")
+        with pytest.raises(StepFailed, match="pipeline step 't' \\(template\\) failed"):
+            [c async for c in Run(spec, fake, question()).answer()]

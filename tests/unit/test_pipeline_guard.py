@@ -63,3 +63,12 @@ def test_bad_configurations_are_refused() -> None:
         PhraseGuard(["x"], action="warn")
     with pytest.raises(ValueError, match="replacement"):
         PhraseGuard(["secret"], action="redact", replacement="[secret]")
+
+
+def test_a_replacement_that_could_make_a_phrase_is_refused() -> None:
+    with pytest.raises(ValueError, match="text beside it"):
+        PhraseGuard(["d]pass"], action="redact")  # "[redacted]" + "pass..." would make it
+    with pytest.raises(ValueError, match="text beside it"):
+        PhraseGuard(["xx[re"], action="redact")   # "...xx" + "[redacted]" would make it
+    guard = PhraseGuard(["password"], action="redact")
+    assert guard.feed("a password here") + guard.finish() == "a [redacted] here"

@@ -98,3 +98,17 @@ def test_maas_pipeline_validate(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert f"{bad}:13: step 'answer' reads steps.promt, which does not exist" in err and "1 problem in" in err
     assert main(["pipeline", "validate", str(tmp_path / "none.yaml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_hostile_files_are_refused_cheaply() -> None:
+    bomb = "a: &a [x, x]\nb: &b [*a, *a]\nsteps:\n  - {name: t, kind: template, template: *b}\n"
+    assert errors(bomb) == ["p.yaml:1: YAML anchors and aliases (&name, *name) are not allowed in a pipeline"]
+    chain = "steps:\n" + "".join(f"  - {{name: s{i}, kind: template, template: '{{{{ steps.s{i + 1} }}}}'}}\n"
+                                 for i in range(150)) + "  - {name: s150, kind: template, template: '{{ steps.s0 }}'}\n"
+    assert errors(chain)[0].startswith("p.yaml:") and "cycle: s0 -> s1 -> s2" in errors(chain)[0]
+    many = "steps:\n" + "".join(f"  - {{name: s{i}, kind: template, template: x}}\n" for i in range(201))
+    assert errors(many) == ["p.yaml:2: a pipeline has at most 200 steps, not 201"]
+    assert errors("steps:\n  - {name: t, kind: template, template: [1, 2]}\n") == [
+        "p.yaml:2: step 't': template must be a string"]
+    assert errors("steps:\n  - {name: t, kind: template, template: '{% for %}'}\n")[0].startswith(
+        "p.yaml:2: step 't': the template does not compile:")

@@ -172,7 +172,8 @@ class ModelStore:
             await self.resolve(ref)
             return True
         except (NotFound, InvalidArgument):
-            return await self.session.get(self.keys.deployment(ref.partition("@")[0])) is not None
+            raw = await self.session.get(self.keys.deployment(ref.partition("@")[0]))
+            return raw is not None and caller().may_see(scheduler_pb2.Deployment.FromString(raw).owner)
 
     @staticmethod
     async def _check_source_allowed(req: registry_pb2.RegisterModelRequest, owner: str) -> None:

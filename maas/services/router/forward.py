@@ -428,14 +428,15 @@ class _Attempts:
       another replica, at most `max_attempts` in all; a stream resumes where it was. When no
       other replica is ready, wait for one (the scheduler re-places the lost replica, a worker
       joins) for up to `failover_timeout` seconds and never past the request's deadline.
-    - RESOURCE_EXHAUSTED before the first token (the replica's queue is full): try the
-      others; when every one is full, shed the request with RESOURCE_EXHAUSTED and the
+    - RESOURCE_EXHAUSTED with a retry hint before the first token (the replica's queue is
+      full): try the others; when every one is full, shed the request with RESOURCE_EXHAUSTED and the
       soonest retry-after hint the replicas gave (their engines estimate when a slot frees),
       or, with a `queue_timeout`, first wait (polling every 0.1 s) for up to that long, with
       at most `max_waiting` requests waiting in this router. Never an unbounded queue: the
       engines bound theirs, so an admitted request's time to first token stays bounded and
       the rest are refused at once rather than queued behind them.
-    - Anything else is the request's own answer and is passed on.
+    - Anything else, RESOURCE_EXHAUSTED without a hint included (a request too big for the
+      replica's KV budget), is the request's own answer and is passed on.
     """
 
     def __init__(self, forwarder: Forwarder, model: str, deadline: float | None) -> None:
@@ -503,13 +504,15 @@ class _Attempts:
         to try again, or raise the request's error."""
         code = e.code() if e is not None else grpc.StatusCode.UNAVAILABLE
         details = (e.details() or "") if e is not None else LEFT
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not produced:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not produced and e is not None:
+            refusal = from_rpc_error(e)
+            hint = getattr(refusal, "retry_after", None)
+            if hint is None:  # not a full queue but this request (too big for the KV budget): its answer
+                raise refusal from None
             self.tried.discard(replica.replica_id)
             self.full.add(replica.replica_id)
-            hint = getattr(from_rpc_error(e), "retry_after", None) if e is not None else None
-            if hint is not None:  # its queue is full (a request too big for it has no hint)
-                self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
-                self.fw.pool.mark_full(replica.replica_id, hint)
+            self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
+            self.fw.pool.mark_full(replica.replica_id, hint)
             return
         if e is not None and code != grpc.StatusCode.UNAVAILABLE:
             raise from_rpc_error(e) from None

@@ -35,6 +35,7 @@ from maas.mesh.errors import (
     InvalidArgument,
     MaasError,
     NotFound,
+    PermissionDenied,
     StartupError,
     from_rpc_error,
 )
@@ -46,7 +47,6 @@ from maas.pipelines.spec import PipelineSpec
 from maas.services.router import openai_api, openapi
 from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder
 from maas.services.router.pipelines import MeshServices, PipelineCatalog
-from maas.services.router.tenants import Gate
 from maas.v1 import common_pb2, inference_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ class HttpApi:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         deadline = self._deadline(request)
         req, opts = openai_api.chat_request(await self._body(request))
-        if found := await self.pipelines.find(req.model):
+        if found := await self._find_pipeline(request, req.model):
             return await self._pipeline(request, deadline, req, opts, *found)
         if opts.max_tokens_given:
             return await self._generate(request, deadline, req, opts)
@@ -318,45 +318,56 @@ class HttpApi:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         deadline = self._deadline(request)
         req, opts = openai_api.completion_request(await self._body(request))
-        if found := await self.pipelines.find(req.model):
+        if found := await self._find_pipeline(request, req.model):
             return await self._pipeline(request, deadline, req, opts, *found)
         return await self._generate(request, deadline, req, opts)
+
+    async def _find_pipeline(self, request: web.Request,
+                             model: str) -> tuple[registry_pb2.ModelVersion, PipelineSpec] | None:
+        """The pipeline `model` names, once the caller is known (no registry lookups for
+        anonymous callers); None for anything else."""
+        gate = self.forwarder.gate
+        if gate is not None:
+            gate.identify(_api_key(request))  # Unauthenticated / PermissionDenied before anything else
+        return await self.pipelines.find(model)
 
     async def _pipeline(self, request: web.Request, deadline: _Deadline, req: inference_pb2.GenerateRequest,
                         opts: openai_api.Options, version: registry_pb2.ModelVersion,
                         spec: PipelineSpec) -> web.StreamResponse:
-        """A pipeline's answer (docs/pipelines.md): admitted once under its own name (the
-        key's limits and model list, the tenant's view), its steps' calls admitted as the
-        client's own. With `x-maas-trace: 1` a non-streamed reply carries each step's timing."""
+        """A pipeline's answer (docs/pipelines.md). The caller must see the pipeline (its
+        tenant's or the platform's) and its key must allow its name; each step's model call
+        is admitted (the key's limits, its model list) as the caller's own request. With
+        `x-maas-trace: 1` a non-streamed reply carries each step's timing."""
         rid = req.request_id = request_id_var.get()
         created = int(time.time())
         caller = _api_key(request)
-        ticket = self.forwarder.gate.admit(caller, req.model) if self.forwarder.gate is not None else None
-        try:
-            messages = [{"role": m.role, "content": m.content} for m in req.messages] or \
-                [{"role": "user", "content": req.prompt}]
-            services = MeshServices(self.forwarder, caller, rid)
-            left = deadline.remaining()
-            run = Run(spec, services, PipelineInput(messages), tenant=getattr(caller, "tenant", ""),
-                      deadline=None if left is None else asyncio.get_running_loop().time() + left)
-            answer = run.answer()
-            if not opts.stream:
-                async with contextlib.aclosing(answer), deadline.bound():
-                    text = "".join([chunk async for chunk in answer])
-                reply = inference_pb2.GenerateResponse(request_id=rid, model=req.model, text=text,
-                                                       finish_reason=common_pb2.FINISH_REASON_STOP,
-                                                       usage=services.usage)
-                body = openai_api.completion(reply, opts, rid, created)
-                if run.filtered:
-                    body["choices"][0]["finish_reason"] = "content_filter"
-                if request.headers.get(TRACE_HEADER) == "1":
-                    body["pipeline"] = {"version": f"{version.name}@{version.version}",
-                                        "steps": [vars(t) for t in run.timings()]}
-                return web.json_response(body, dumps=_dumps)
+        gate = self.forwarder.gate
+        principal = gate.identify(caller) if gate is not None else None
+        if gate is not None and principal is not None:  # its steps are admitted (and limited) one by one
+            if not gate.visible(principal, req.model):
+                raise NotFound(gate.not_found(req.model), field="model")
+            if not gate.may_use(principal, req.model):
+                raise PermissionDenied(f"this key may not use model {req.model!r}", field="model")
+        messages = [{"role": m.role, "content": m.content} for m in req.messages] or \
+            [{"role": "user", "content": req.prompt}]
+        services = MeshServices(self.forwarder, caller, rid)
+        left = deadline.remaining()
+        run = Run(spec, services, PipelineInput(messages), tenant=principal.tenant if principal is not None else "",
+                  deadline=None if left is None else asyncio.get_running_loop().time() + left)
+        answer = run.answer()
+        if opts.stream:
             return await self._pipeline_stream(request, deadline, opts, rid, created, run, answer, services)
-        finally:
-            if ticket is not None:
-                Gate.release(ticket)
+        async with contextlib.aclosing(answer), deadline.bound():
+            text = "".join([chunk async for chunk in answer])
+        reply = inference_pb2.GenerateResponse(request_id=rid, model=req.model, text=text,
+                                               finish_reason=common_pb2.FINISH_REASON_STOP, usage=services.usage)
+        body = openai_api.completion(reply, opts, rid, created)
+        if run.filtered:
+            body["choices"][0]["finish_reason"] = "content_filter"
+        if request.headers.get(TRACE_HEADER) == "1":
+            body["pipeline"] = {"version": f"{version.name}@{version.version}",
+                                "steps": [vars(t) for t in run.timings()]}
+        return web.json_response(body, dumps=_dumps)
 
     async def _pipeline_stream(self, request: web.Request, deadline: _Deadline, opts: openai_api.Options,
                                rid: str, created: int, run: Run, answer: AsyncGenerator[str, None],

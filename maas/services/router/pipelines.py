@@ -10,13 +10,15 @@ limits apply to every step as to a direct call.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from maas.mesh.artifacts import ARTIFACT
-from maas.mesh.errors import FailedPrecondition, NotFound
+from maas.mesh.errors import FailedPrecondition, MaasError, NotFound
 from maas.pipelines.spec import PipelineSpec, parse
 from maas.v1 import common_pb2, inference_pb2, registry_pb2
 
@@ -24,42 +26,57 @@ if TYPE_CHECKING:
     from maas.services.router.forward import Forwarder
     from maas.services.router.tenants import Caller
 
+log = logging.getLogger(__name__)
+
 RESOLVE_TTL = 2.0  # seconds a name's version is reused before the registry is asked again
+MAX_CACHED = 1024  # names whose version is kept (least recently used first out)
 DEFAULT_MAX_TOKENS = 256  # a generate step that sets no max_tokens
 
 
 class PipelineCatalog:
     def __init__(self, forwarder: Forwarder) -> None:
         self.pool = forwarder.pool
-        self._versions: dict[str, tuple[float, registry_pb2.ModelVersion | None]] = {}
-        self._specs: dict[str, PipelineSpec] = {}  # by the YAML's sha256
+        self._versions: collections.OrderedDict[str, tuple[float, registry_pb2.ModelVersion | None]] = \
+            collections.OrderedDict()
+        self._specs: collections.OrderedDict[str, PipelineSpec] = collections.OrderedDict()  # by sha256
 
     async def find(self, model: str) -> tuple[registry_pb2.ModelVersion, PipelineSpec] | None:
         """The pipeline `model` names ("name" or "name@version"), or None for anything else.
-        Costs nothing for a deployment's name or an unknown name; a registered model that is
-        not deployed costs a registry lookup every RESOLVE_TTL."""
+        Call it for an authenticated caller only. Costs nothing for a deployment's name, a
+        model with ready replicas or an unknown name; a registered model that is not
+        deployed costs a registry lookup every RESOLVE_TTL (a registry that does not answer
+        makes it "not a pipeline": the request then fails as it would have)."""
         name, _, version = model.partition("@")
         if not version and name in self.pool.deployments.items:
             return None
-        if name not in self.pool.models.items:
+        if name not in self.pool.models.items or self.pool.ready(model):
             return None
         now = time.monotonic()
         cached = self._versions.get(model)
         if cached is not None and cached[0] > now:
+            self._versions.move_to_end(model)
             found = cached[1]
         else:
             try:
                 found = await self.pool.registry.resolve(model, timeout=5.0)
             except NotFound:
                 found = None
+            except MaasError as e:
+                log.warning("cannot ask the registry whether %s is a pipeline: %s", model, e.message)
+                return None
             self._versions[model] = (now + RESOLVE_TTL, found)
+            while len(self._versions) > MAX_CACHED:
+                self._versions.popitem(last=False)
         if found is None or found.format != "pipeline":
             return None
         sha = found.source.removeprefix(ARTIFACT)
         spec = self._specs.get(sha)
         if spec is None:
             data = b"".join([chunk.data async for chunk in self.pool.registry.download(sha, timeout=30.0)])
-            spec = self._specs[sha] = parse(data.decode("utf-8"), source=f"{found.name}@{found.version}")
+            spec = await asyncio.to_thread(parse, data.decode("utf-8"), source=f"{found.name}@{found.version}")
+            self._specs[sha] = spec
+            while len(self._specs) > MAX_CACHED:
+                self._specs.popitem(last=False)
         return found, spec
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
@@ -71,9 +72,18 @@ class EngineMetrics(Collector):
         with self._lock:
             remote = [family for families in self._remote.values() for family in families]
         for family in ENGINE.collect():
-            for other in remote:
-                if other.name == family.name:
-                    family.samples.extend(other.samples)
+            # samples of one series from several sources (two replicas of a model@version on
+            # one worker) are summed, as the engines in one process share one series
+            merged: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+            for sample in [*family.samples, *(s for other in remote if other.name == family.name
+                                               for s in other.samples)]:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                seen = merged.get(key)
+                if seen is None or sample.name.endswith("_created"):
+                    merged[key] = sample if seen is None else seen
+                else:
+                    merged[key] = seen._replace(value=seen.value + sample.value)
+            family.samples = list(merged.values())
             yield family
 
 

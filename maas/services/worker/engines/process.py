@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 0.5  # seconds between the child's stats and metrics messages
 CLOSE_TIMEOUT = 30.0   # seconds a closing engine process gets before it is killed
+LARGE_PROMPT_CHARS = 8192  # a prompt this long is handed to the child from a thread
 
 Item = Delta | BaseException
 
@@ -159,7 +160,10 @@ class ProcessEngine:
         finished = False
         try:
             try:
-                self._send(("generate", key, request))
+                if len(request.prompt) > LARGE_PROMPT_CHARS:  # a large write may wait for the child: not on the loop
+                    await asyncio.to_thread(self._send, ("generate", key, request))
+                else:
+                    self._send(("generate", key, request))
             except (OSError, ValueError):  # the process is gone; the reader will say so to the others
                 raise EngineDead(f"the engine process of {self._label} is gone") from None
             while True:
@@ -195,6 +199,11 @@ class ProcessEngine:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
+                break
+            except Exception:  # a message that does not unpickle: the engine cannot be trusted any more
+                log.exception("engine process of %s sent a message the worker cannot read; stopping it", self._label)
+                if self._process is not None:
+                    self._process.kill()
                 break
             if message[0] == "status":
                 self._stats = message[1]
@@ -265,9 +274,9 @@ def serve_engine(conn: Connection) -> None:
     except (EOFError, OSError):
         return
 
-    engine = HFEngine(spec)
     loop = asyncio.new_event_loop()
     try:
+        engine = HFEngine(spec)  # a bad option is an InvalidArgument the worker must see, not a crash
         loop.run_until_complete(engine.load())  # loads the weights and starts the scheduler thread
     except BaseException as exc:
         conn.send(("failed", exc if isinstance(exc, MaasError) else EngineDead(f"{type(exc).__name__}: {exc}")))

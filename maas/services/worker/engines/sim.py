@@ -102,7 +102,8 @@ class SimEngine:
             yield out.finish("length")
             return
         if self.max_running and self._running >= self.max_running:
-            raise ResourceExhausted(f"model {self.spec.name} is running {self._running} requests, its limit")
+            raise ResourceExhausted(f"model {self.spec.name} is running {self._running} requests, its limit",
+                                    retry_after=1.0)
         self._running += 1
         try:
             async for delta in self._decode(out, prompt_key, seed, prompt_tokens, params.max_tokens):
