@@ -111,3 +111,31 @@ async def test_a_pushed_pipeline_streams_like_a_model(mesh: MeshHarness, tmp_pat
     await channel.close()
     await a.close()
     await b.close()
+
+
+async def test_a_pipeline_through_grpc(mesh: MeshHarness, tmp_path: Path) -> None:
+    from maas.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh.router()
+    await mesh.worker()
+    await mesh.register("echo", token_delay_ms="5")
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    key = await mesh.key("a")
+    registry = registry_pb2_grpc.RegistryStub(dial(mesh.endpoint("registry"), key))
+    await push(registry, tmp_path, "bot", PIPELINE.replace("BLOCKED", "zzzz-never"))
+    channel = dial(router.endpoint, key)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    request = inference_pb2.GenerateRequest(model="bot", messages=[inference_pb2.ChatMessage(
+        role="user", content="hello there")])
+    chunks = [c async for c in stub.GenerateStream(request, timeout=30)]
+    direct = await stub.Generate(inference_pb2.GenerateRequest(
+        model="echo", params=common_pb2.SamplingParams(max_tokens=12, temperature=0),
+        messages=[inference_pb2.ChatMessage(role="user", content="Answer briefly: hello there")]), timeout=30)
+    assert "".join(c.text for c in chunks) == direct.text and len(chunks) > 2
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP and chunks[-1].usage.completion_tokens == 12
+    whole = await stub.Generate(request, timeout=30)
+    assert whole.text == direct.text and whole.model == "bot"
+    await channel.close()

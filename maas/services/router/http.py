@@ -35,19 +35,18 @@ from maas.mesh.errors import (
     InvalidArgument,
     MaasError,
     NotFound,
-    PermissionDenied,
     StartupError,
     from_rpc_error,
 )
 from maas.mesh.etcd import EtcdError
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.mesh.tls import TlsFiles
-from maas.pipelines.executor import PipelineInput, Run
+from maas.pipelines.executor import Run
 from maas.pipelines.spec import PipelineSpec
-from maas.services.router import openai_api, openapi
+from maas.services.router import openai_api, openapi, pipelines
 from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder
 from maas.services.router.pipelines import MeshServices, PipelineCatalog
-from maas.v1 import common_pb2, inference_pb2, registry_pb2
+from maas.v1 import inference_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +168,11 @@ class HttpApi:
 
     def __init__(self, forwarder: Forwarder, host: str, port: int, *, grace: float = 10.0,
                  max_body: int = MAX_BODY_BYTES, timeout: float = DEFAULT_TIMEOUT,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, catalog: PipelineCatalog | None = None) -> None:
         if not 0 < timeout <= MAX_TIMEOUT:
             raise StartupError(f"the HTTP request timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout:g}")
         self.forwarder = forwarder
-        self.pipelines = PipelineCatalog(forwarder)
+        self.pipelines = catalog or PipelineCatalog(forwarder)
         self.host, self.port = host, port
         self.max_body = max_body
         self.timeout = timeout
@@ -334,36 +333,19 @@ class HttpApi:
     async def _pipeline(self, request: web.Request, deadline: _Deadline, req: inference_pb2.GenerateRequest,
                         opts: openai_api.Options, version: registry_pb2.ModelVersion,
                         spec: PipelineSpec) -> web.StreamResponse:
-        """A pipeline's answer (docs/pipelines.md). The caller must see the pipeline (its
-        tenant's or the platform's) and its key must allow its name; each step's model call
-        is admitted (the key's limits, its model list) as the caller's own request. With
-        `x-maas-trace: 1` a non-streamed reply carries each step's timing."""
+        """A pipeline's answer (docs/pipelines.md, `pipelines.start`). With `x-maas-trace: 1`
+        a non-streamed reply carries each step's timing."""
         rid = req.request_id = request_id_var.get()
         created = int(time.time())
-        caller = _api_key(request)
-        gate = self.forwarder.gate
-        principal = gate.identify(caller) if gate is not None else None
-        if gate is not None and principal is not None:  # its steps are admitted (and limited) one by one
-            if not gate.visible(principal, req.model):
-                raise NotFound(gate.not_found(req.model), field="model")
-            if not gate.may_use(principal, req.model):
-                raise PermissionDenied(f"this key may not use model {req.model!r}", field="model")
-        messages = [{"role": m.role, "content": m.content} for m in req.messages] or \
-            [{"role": "user", "content": req.prompt}]
-        services = MeshServices(self.forwarder, caller, rid)
-        left = deadline.remaining()
-        run = Run(spec, services, PipelineInput(messages), tenant=principal.tenant if principal is not None else "",
-                  deadline=None if left is None else asyncio.get_running_loop().time() + left)
+        run, services = pipelines.start(self.forwarder, _api_key(request), req, spec, deadline.remaining())
         answer = run.answer()
         if opts.stream:
             return await self._pipeline_stream(request, deadline, opts, rid, created, run, answer, services)
         async with contextlib.aclosing(answer), deadline.bound():
             text = "".join([chunk async for chunk in answer])
         reply = inference_pb2.GenerateResponse(request_id=rid, model=req.model, text=text,
-                                               finish_reason=common_pb2.FINISH_REASON_STOP, usage=services.usage)
+                                               finish_reason=pipelines.finish(run), usage=services.usage)
         body = openai_api.completion(reply, opts, rid, created)
-        if run.filtered:
-            body["choices"][0]["finish_reason"] = "content_filter"
         if request.headers.get(TRACE_HEADER) == "1":
             body["pipeline"] = {"version": f"{version.name}@{version.version}",
                                 "steps": [vars(t) for t in run.timings()]}
@@ -387,12 +369,8 @@ class HttpApi:
                     while text is not None:
                         await self._send(response, encoder.chunk(inference_pb2.GenerateChunk(text=text)))
                         text = await anext(answer, None)
-                    last = encoder.chunk(inference_pb2.GenerateChunk(
-                        finish_reason=common_pb2.FINISH_REASON_STOP, usage=services.usage))
-                    if run.filtered:
-                        for event in last:
-                            event["choices"][0]["finish_reason"] = "content_filter"
-                    await self._send(response, last)
+                    await self._send(response, encoder.chunk(inference_pb2.GenerateChunk(
+                        finish_reason=pipelines.finish(run), usage=services.usage)))
                     await self._send(response, encoder.end())
                     await response.write(b"data: [DONE]\n\n")
             except ConnectionError:

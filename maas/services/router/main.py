@@ -12,6 +12,7 @@ from maas.mesh.server import ServiceRuntime, run_service
 from maas.mesh.usage import UsageMeter
 from maas.services.router.forward import FAILOVER_SECONDS, QUEUE_SECONDS, Forwarder
 from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi
+from maas.services.router.pipelines import PipelineCatalog
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
 from maas.services.router.service import SERVICE, RouterInferenceServicer, add_to_server
 from maas.services.router.tenants import Gate
@@ -63,13 +64,14 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
                           credential=rt.config.credential, usage=usage, queue_timeout=queue_timeout)
     if not 0 < grpc_timeout <= 86400:
         raise StartupError(f"--grpc-timeout {grpc_timeout:g} must be more than 0 and at most 86400 seconds")
-    rt.add_service(SERVICE, add_to_server, RouterInferenceServicer(forwarder, grpc_timeout))
+    catalog = PipelineCatalog(forwarder)  # the registered pipelines this router runs (docs/pipelines.md)
+    rt.add_service(SERVICE, add_to_server, RouterInferenceServicer(forwarder, grpc_timeout, catalog))
     rt.add_closer(pool.close)
     rt.add_closer(gate.close)
     info: dict[str, str] = {}
     if http_port >= 0:
         http = HttpApi(forwarder, http_host or rt.config.host, http_port, grace=rt.config.grace,
-                       timeout=http_timeout, tls=rt.config.tls)
+                       timeout=http_timeout, tls=rt.config.tls, catalog=catalog)
         rt.before_stop(http.stop_accepting)  # no new requests once shutdown begins
         rt.add_closer(http.close)            # closers run newest first: requests in flight end first
         info["http_endpoint"] = await http.start()

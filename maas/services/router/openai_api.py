@@ -379,6 +379,8 @@ def finish_reason(code: int) -> str:
         return "stop"
     if code == common_pb2.FINISH_REASON_LENGTH:
         return "length"
+    if code == common_pb2.FINISH_REASON_CONTENT_FILTER:
+        return "content_filter"
     err = MaasError("the request was cancelled before it finished" if code == common_pb2.FINISH_REASON_CANCELLED
                     else "the engine failed while producing this completion")
     err.code = grpc.StatusCode.CANCELLED if code == common_pb2.FINISH_REASON_CANCELLED else grpc.StatusCode.INTERNAL

@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from maas.mesh.artifacts import ARTIFACT
-from maas.mesh.errors import FailedPrecondition, MaasError, NotFound
+from maas.mesh.errors import FailedPrecondition, MaasError, NotFound, PermissionDenied
+from maas.pipelines.executor import PipelineInput, Run
 from maas.pipelines.spec import PipelineSpec, parse
 from maas.v1 import common_pb2, inference_pb2, registry_pb2
 
@@ -40,16 +41,21 @@ class PipelineCatalog:
             collections.OrderedDict()
         self._specs: collections.OrderedDict[str, PipelineSpec] = collections.OrderedDict()  # by sha256
 
+    def maybe(self, model: str) -> bool:
+        """Could `model` name a pipeline? False (and nothing asked) for a deployment's name, a
+        model with ready replicas, or a name the registry does not have."""
+        name, _, version = model.partition("@")
+        if not version and name in self.pool.deployments.items:
+            return False
+        return name in self.pool.models.items and not self.pool.ready(model)
+
     async def find(self, model: str) -> tuple[registry_pb2.ModelVersion, PipelineSpec] | None:
         """The pipeline `model` names ("name" or "name@version"), or None for anything else.
         Call it for an authenticated caller only. Costs nothing for a deployment's name, a
         model with ready replicas or an unknown name; a registered model that is not
         deployed costs a registry lookup every RESOLVE_TTL (a registry that does not answer
         makes it "not a pipeline": the request then fails as it would have)."""
-        name, _, version = model.partition("@")
-        if not version and name in self.pool.deployments.items:
-            return None
-        if name not in self.pool.models.items or self.pool.ready(model):
+        if not self.maybe(model):
             return None
         now = time.monotonic()
         cached = self._versions.get(model)
@@ -78,6 +84,33 @@ class PipelineCatalog:
             while len(self._specs) > MAX_CACHED:
                 self._specs.popitem(last=False)
         return found, spec
+
+
+def start(forwarder: Forwarder, caller: Caller, request: inference_pb2.GenerateRequest, spec: PipelineSpec,
+          timeout: float | None) -> tuple[Run, MeshServices]:
+    """A run of `spec` for `request` (its chat, or its prompt as one user message). The
+    caller must see the pipeline (its tenant's or the platform's) and its key must allow
+    its name; each step's model call is then admitted as the caller's own request (the
+    key's limits and model list apply per step; the pipeline takes no slot of its own)."""
+    gate = forwarder.gate
+    principal = gate.identify(caller) if gate is not None else None
+    if gate is not None and principal is not None:
+        if not gate.visible(principal, request.model):
+            raise NotFound(gate.not_found(request.model), field="model")
+        if not gate.may_use(principal, request.model):
+            raise PermissionDenied(f"this key may not use model {request.model!r}", field="model")
+    messages = [{"role": m.role, "content": m.content} for m in request.messages] or \
+        [{"role": "user", "content": request.prompt}]
+    services = MeshServices(forwarder, caller, request.request_id)
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    run = Run(spec, services, PipelineInput(messages), deadline=deadline,
+              tenant=principal.tenant if principal is not None else "")
+    return run, services
+
+
+def finish(run: Run) -> common_pb2.FinishReason:
+    """The finish reason of a pipeline's answer."""
+    return common_pb2.FINISH_REASON_CONTENT_FILTER if run.filtered else common_pb2.FINISH_REASON_STOP
 
 
 class MeshServices:
@@ -131,4 +164,4 @@ class MeshServices:
                                  "(docs/pipelines.md)")
 
 
-__all__ = ["MeshServices", "PipelineCatalog"]
+__all__ = ["MeshServices", "PipelineCatalog", "finish", "start"]

@@ -9,12 +9,15 @@ so the router never serializes a message it only passes through."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from operator import itemgetter
 
 import grpc
 
 from maas.mesh.authz import Principal, caller
+from maas.mesh.logs import new_request_id
+from maas.services.router import pipelines
 from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder, Reply
 from maas.v1 import inference_pb2
 
@@ -46,18 +49,51 @@ class RouterInferenceServicer:
     """`default_timeout` bounds a call that came without a deadline (seconds; None: unbounded),
     as the HTTP API's default does, so no request holds a replica forever."""
 
-    def __init__(self, forwarder: Forwarder, default_timeout: float | None = None) -> None:
+    def __init__(self, forwarder: Forwarder, default_timeout: float | None = None,
+                 catalog: pipelines.PipelineCatalog | None = None) -> None:
         self.forwarder = forwarder
         self.default_timeout = default_timeout
+        self.pipelines = catalog or pipelines.PipelineCatalog(forwarder)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
         return self.default_timeout if remaining is None else remaining
 
     def GenerateStream(self, request: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[Chunk]:
-        return self.forwarder.stream(request[0], self._timeout(context), *_caller(context), payload=request[1])
+        who, session = _caller(context)  # read now: the authenticated caller of this call
+        if self.pipelines.maybe(request[0].model):  # (a model's own stream is relayed with no extra layer)
+            return self._maybe_pipeline_stream(request, context, who, session)
+        return self.forwarder.stream(request[0], self._timeout(context), who, session, payload=request[1])
+
+    async def _maybe_pipeline_stream(self, request: Request, context: grpc.aio.ServicerContext, who: Principal,
+                                     session: str) -> AsyncIterator[Chunk]:
+        found = await self.pipelines.find(request[0].model)
+        if found is None:
+            async for chunk in self.forwarder.stream(request[0], self._timeout(context), who, session,
+                                                     payload=request[1]):
+                yield chunk
+            return
+        req = request[0]
+        req.request_id = req.request_id or new_request_id()
+        run, services = pipelines.start(self.forwarder, who, req, found[1], self._timeout(context))
+        async with contextlib.aclosing(run.answer()) as answer:
+            async for text in answer:
+                out = inference_pb2.GenerateChunk(request_id=req.request_id, model=req.model, text=text)
+                yield out, out.SerializeToString()
+        last = inference_pb2.GenerateChunk(request_id=req.request_id, model=req.model,
+                                           finish_reason=pipelines.finish(run), usage=services.usage)
+        yield last, last.SerializeToString()
 
     async def Generate(self, request: Request, context: grpc.aio.ServicerContext) -> Reply:
+        if self.pipelines.maybe(request[0].model) and (found := await self.pipelines.find(request[0].model)):
+            req = request[0]
+            req.request_id = req.request_id or new_request_id()
+            run, services = pipelines.start(self.forwarder, caller(), req, found[1], self._timeout(context))
+            async with contextlib.aclosing(run.answer()) as answer:
+                text = "".join([chunk async for chunk in answer])
+            reply = inference_pb2.GenerateResponse(request_id=req.request_id, model=req.model, text=text,
+                                                   finish_reason=pipelines.finish(run), usage=services.usage)
+            return reply, reply.SerializeToString()
         return await self.forwarder.generate(request[0], self._timeout(context), *_caller(context),
                                              payload=request[1])
 
