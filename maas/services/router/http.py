@@ -337,7 +337,8 @@ class HttpApi:
         a non-streamed reply carries each step's timing."""
         rid = req.request_id = request_id_var.get()
         created = int(time.time())
-        run, services = pipelines.start(self.forwarder, _api_key(request), req, spec, deadline.remaining())
+        run, services = pipelines.start(self.forwarder, _api_key(request), req, spec, deadline.remaining(),
+                                        self.pipelines)
         answer = run.answer()
         if opts.stream:
             return await self._pipeline_stream(request, deadline, opts, rid, created, run, answer, services)

@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from maas.mesh.artifacts import ARTIFACT
-from maas.mesh.errors import FailedPrecondition, MaasError, NotFound, PermissionDenied
+from maas.mesh.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, PermissionDenied
 from maas.pipelines.executor import PipelineInput, Run
+from maas.pipelines.index import Index
 from maas.pipelines.spec import PipelineSpec, parse
 from maas.v1 import common_pb2, inference_pb2, registry_pb2
 
@@ -40,6 +41,8 @@ class PipelineCatalog:
         self._versions: collections.OrderedDict[str, tuple[float, registry_pb2.ModelVersion | None]] = \
             collections.OrderedDict()
         self._specs: collections.OrderedDict[str, PipelineSpec] = collections.OrderedDict()  # by sha256
+        self._indexes: collections.OrderedDict[str, Index] = collections.OrderedDict()  # by sha256
+        self._loading: dict[str, asyncio.Future[Index]] = {}
 
     def maybe(self, model: str) -> bool:
         """Could `model` name a pipeline? False (and nothing asked) for a deployment's name, a
@@ -86,8 +89,41 @@ class PipelineCatalog:
         return found, spec
 
 
+    async def index(self, ref: str) -> Index:
+        """The vector index `ref` names ("name", "name@version"), loaded once per version."""
+        now = time.monotonic()
+        cached = self._versions.get(f"index:{ref}")
+        if cached is not None and cached[0] > now and cached[1] is not None:
+            version = cached[1]
+        else:
+            version = await self.pool.registry.resolve(ref, timeout=5.0)
+            self._versions[f"index:{ref}"] = (now + RESOLVE_TTL, version)
+        if version.format != "index":
+            raise FailedPrecondition(f"{ref!r} is not a vector index (it is a {version.format} model)")
+        sha = version.source.removeprefix(ARTIFACT)
+        index = self._indexes.get(sha)
+        if index is not None:
+            return index
+        loading = self._loading.get(sha)
+        if loading is None:  # one download per version, however many requests wait for it
+            loading = self._loading[sha] = asyncio.ensure_future(self._load_index(sha))
+        try:
+            return await asyncio.shield(loading)
+        finally:
+            if loading.done():
+                self._loading.pop(sha, None)
+
+    async def _load_index(self, sha: str) -> Index:
+        data = b"".join([chunk.data async for chunk in self.pool.registry.download(sha, timeout=300.0)])
+        index = await asyncio.to_thread(Index.from_archive, data)
+        self._indexes[sha] = index
+        while len(self._indexes) > 16:  # the least recently loaded go first
+            self._indexes.popitem(last=False)
+        return index
+
+
 def start(forwarder: Forwarder, caller: Caller, request: inference_pb2.GenerateRequest, spec: PipelineSpec,
-          timeout: float | None) -> tuple[Run, MeshServices]:
+          timeout: float | None, catalog: PipelineCatalog | None = None) -> tuple[Run, MeshServices]:
     """A run of `spec` for `request` (its chat, or its prompt as one user message). The
     caller must see the pipeline (its tenant's or the platform's) and its key must allow
     its name; each step's model call is then admitted as the caller's own request (the
@@ -101,7 +137,7 @@ def start(forwarder: Forwarder, caller: Caller, request: inference_pb2.GenerateR
             raise PermissionDenied(f"this key may not use model {request.model!r}", field="model")
     messages = [{"role": m.role, "content": m.content} for m in request.messages] or \
         [{"role": "user", "content": request.prompt}]
-    services = MeshServices(forwarder, caller, request.request_id)
+    services = MeshServices(forwarder, caller, request.request_id, catalog)
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     run = Run(spec, services, PipelineInput(messages), deadline=deadline,
               tenant=principal.tenant if principal is not None else "")
@@ -118,8 +154,10 @@ class MeshServices:
     client. Counts the tokens of every generate step (the answer's usage; the prompt tokens
     of a stream a guard stopped are not known, as its last chunk never came)."""
 
-    def __init__(self, forwarder: Forwarder, caller: Caller, request_id: str) -> None:
+    def __init__(self, forwarder: Forwarder, caller: Caller, request_id: str,
+                 catalog: PipelineCatalog | None = None) -> None:
         self.forwarder, self.caller, self.request_id = forwarder, caller, request_id
+        self.catalog = catalog
         self.usage = common_pb2.Usage()
         self._calls = 0
 
@@ -157,7 +195,16 @@ class MeshServices:
         return [list(e.values) for e in reply.data]
 
     async def retrieve(self, index: str, query: Any, k: int, *, deadline: float | None) -> list[dict[str, Any]]:
-        raise FailedPrecondition(f"index {index!r}: vector indexes are not built yet (docs/pipelines.md)")
+        """The `k` documents of `index` nearest `query` (text, embedded by the model version
+        that built the index; or a vector)."""
+        if self.catalog is None:
+            raise FailedPrecondition("this router reads no vector indexes")
+        found = await self.catalog.index(index)
+        if isinstance(query, str):
+            query = (await self.embed(found.embed_model, [query], deadline=deadline))[0]
+        if not isinstance(query, list) or not all(isinstance(x, int | float) for x in query):
+            raise InvalidArgument(f"a retrieve step's input is text or a vector, not {type(query).__name__}")
+        return found.search(query, k)
 
     def plugin(self, ref: str) -> Any:
         raise FailedPrecondition(f"plugin {ref}: plugins of registered pipelines are not loaded yet "

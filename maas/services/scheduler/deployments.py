@@ -63,6 +63,9 @@ class DeploymentStore:
             raise FailedPrecondition(f"{version.name}@{version.version} is a pipeline: the routers run it without a "
                                      f"deployment (ask for model {version.name!r}); deploying, canarying and "
                                      "rolling back pipelines are not built yet (docs/pipelines.md)")
+        if version.format == "index":
+            raise FailedPrecondition(f"{version.name}@{version.version} is a vector index: pipelines' retrieve steps "
+                                     "read it in the routers; it is not deployed")
         return version
 
     async def _prepare(self, dep: scheduler_pb2.Deployment, who: Principal | None = None) -> scheduler_pb2.Deployment:
