@@ -30,7 +30,7 @@ protos-check: venv
 	$(PY) tools/protos.py --check
 
 lint: venv protos-check
-	$(VENV)/bin/ruff check maas tests tools bench
+	$(VENV)/bin/ruff check maas tests tools bench examples
 	$(VENV)/bin/mypy maas
 
 test: lint
