@@ -214,3 +214,49 @@ async def test_retrieval_from_a_built_index(mesh: MeshHarness, tmp_path: Path) -
     assert "rag2.yaml:2: step 'docs': index 'nosuch' does not exist" in (missing.value.details() or "")
     await channel.close()
     await router_channel.close()
+
+
+async def test_a_pipeline_stream_survives_its_worker_killed(mesh: MeshHarness, tmp_path: Path) -> None:
+    """The generate step goes through the router's forwarder, so a stream whose worker is
+    SIGKILLed mid-answer moves to the other replica and the answer is the fault-free one."""
+    import signal
+
+    from prometheus_client import REGISTRY
+
+    from maas.v1 import inference_pb2
+
+    from .conftest import eventually
+    from .test_migration import _workers
+
+    await mesh.core()
+    workers = {"w1": mesh.spawn("worker", "--instance", "w1", "--cpu-memory-gib", "2"),
+               "w2": mesh.spawn("worker", "--instance", "w2", "--cpu-memory-gib", "2")}
+    await eventually(lambda: _workers(mesh, 2), timeout=30)
+    await mesh.register("echo", token_delay_ms="25")
+    await mesh.deploy("echo", replicas=2)
+    st = await mesh.wait_ready("echo", replicas=2, timeout=60)
+    assert {r.worker_id for r in st.replicas} == {"w1", "w2"}
+    seeded = PIPELINE.replace("max_tokens: 12\n    temperature: 0", "max_tokens: 40\n    temperature: 0.8\n    seed: 7")
+    await push(await mesh.stub("registry"), tmp_path, "bot", seeded.replace("BLOCKED", "zzzz-never"))  # type: ignore[arg-type]
+    stub = await mesh.stub("router")
+
+    async def answer(i: int, started: asyncio.Event | None = None) -> str:
+        request = inference_pb2.GenerateRequest(model="bot", messages=[inference_pb2.ChatMessage(
+            role="user", content=f"question number {i}")])
+        text = ""
+        async for chunk in stub.GenerateStream(request, timeout=60):  # type: ignore[attr-defined]
+            text += chunk.text
+            if started is not None and len(text.split()) >= 5:
+                started.set()
+        return text
+
+    expected = await asyncio.gather(*(answer(i) for i in range(8)))
+    moved_before = REGISTRY.get_sample_value("maas_router_migrations_total", {"model": "echo"}) or 0.0
+    started = asyncio.Event()
+    runs = [asyncio.create_task(answer(i, started if i == 0 else None)) for i in range(8)]
+    await started.wait()
+    workers["w1"].signal(signal.SIGKILL)
+    got = await asyncio.gather(*runs)
+    assert got == expected and all(len(t.split()) == 40 for t in got)
+    moved = (REGISTRY.get_sample_value("maas_router_migrations_total", {"model": "echo"}) or 0.0) - moved_before
+    assert moved >= 1, "no pipeline stream was on the killed worker?"
