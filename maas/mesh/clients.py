@@ -201,6 +201,9 @@ class MeshClient:
         await self.etcd.close()
 
 
+CLOSE_LATER_SECONDS = 60.0  # a forgotten channel's calls in flight get this long to finish
+
+
 class RegistryClient:
     """Resolves model references through the registry (found in etcd). Versions are
     immutable, so a resolved "name@N" is cached for good; "name" or an alias always asks."""
@@ -209,6 +212,7 @@ class RegistryClient:
         self.session = session
         self._cache: dict[str, registry_pb2.ModelVersion] = {}
         self._channel: grpc.aio.Channel | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def resolve(self, ref: str, *, timeout: float = 5.0) -> registry_pb2.ModelVersion:
         """The version `ref` names. NotFound / InvalidArgument as the registry says;
@@ -219,14 +223,16 @@ class RegistryClient:
             try:
                 version = await (await self.stub()).GetVersion(registry_pb2.GetVersionRequest(ref=ref), timeout=timeout)
                 break
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.NOT_FOUND:
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
+                code = e.code() if isinstance(e, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+                if code == grpc.StatusCode.NOT_FOUND:
                     raise NotFound(e.details() or f"model {ref!r} not found") from None
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidArgument(e.details() or "invalid model reference", field="model") from None
-                await self.close()  # the registry may have moved: look it up again
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidArgument(e.details() or "invalid model reference",
+                                          field="model") from None
+                self._forget_channel()  # the registry may have moved: look it up again
                 if attempt:
-                    raise Unavailable(f"the registry is unreachable ({e.code().name})") from None
+                    raise Unavailable(f"the registry is unreachable ({code.name})") from None
         resolved = f"{version.name}@{version.version}"
         self._cache[resolved] = version
         return version
@@ -244,8 +250,11 @@ class RegistryClient:
     async def stub(self) -> registry_pb2_grpc.RegistryStub:
         if self._channel is None:
             config = self.session.config
-            self._channel = dial(await pick_endpoint(self.session.client, self.session.keys, "registry"),
-                                 config.credential, config.tls)
+            endpoint = await pick_endpoint(self.session.client, self.session.keys, "registry")
+            # another coroutine may have dialled while this one looked the endpoint up: one
+            # channel only (a replaced one would be collected, and closed, under its calls)
+            if self._channel is None:
+                self._channel = dial(endpoint, config.credential, config.tls)
         return registry_pb2_grpc.RegistryStub(self._channel)
 
     async def delete_artifact(self, sha: str) -> bool:
@@ -267,7 +276,24 @@ class RegistryClient:
         except NotFound:
             return False
 
+    def _forget_channel(self) -> None:
+        """Dial afresh on the next call. The old channel is closed a while later, not now:
+        other coroutines may have calls in flight on it (closing it would fail them with
+        "Channel is closed")."""
+        old, self._channel = self._channel, None
+        if old is not None:
+            async def close_later() -> None:
+                await asyncio.sleep(CLOSE_LATER_SECONDS)
+                with contextlib.suppress(Exception):
+                    await old.close()
+
+            task = asyncio.ensure_future(close_later())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
         if self._channel is not None:
             with contextlib.suppress(Exception):
                 await self._channel.close()
