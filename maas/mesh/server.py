@@ -192,6 +192,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             token = request_id_var.set(_request_id(context))
             start, code = time.perf_counter(), "OK"
             caller = None
+            result = None
             try:
                 request, caller = await self._admit(request, context, path, streamed)
                 result = behavior(request, context)
@@ -210,11 +211,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 code = _status_name(e)
                 await self._fail(context, e)
             finally:
+                if inspect.isasyncgen(result):
+                    # closed now, not whenever the collector gets to it: its own cleanup
+                    # (the router cancelling its call to a worker, say) must not wait
+                    with contextlib.suppress(Exception):
+                        await result.aclose()
                 HANDLED.labels(service, method, code).inc()
                 LATENCY.labels(service, method).observe(time.perf_counter() - start)
-                if caller is not None:
-                    restore(caller)
-                request_id_var.reset(token)
+                # a stream closed from elsewhere (grpc finalizing it in another task) runs
+                # this in another context, where the tokens cannot be reset, nor need to be
+                with contextlib.suppress(ValueError):
+                    if caller is not None:
+                        restore(caller)
+                with contextlib.suppress(ValueError):
+                    request_id_var.reset(token)
         return wrapped
 
 
