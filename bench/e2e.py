@@ -68,6 +68,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: everything loads from the model directory
 
@@ -442,6 +443,26 @@ def maas_groups(up: Server) -> Groups:
     return groups
 
 
+def maas_up(model: Path, data: Path, name: str = "") -> Server:
+    """`maas up --model MODEL --workers 1` in `data` (on free ports), not yet started."""
+    return Server("maas up", [sys.executable, "-m", "maas", "up", "--model", str(model), *(["--name", name] if name else []),
+                              "--workers", "1", "--data-dir", str(data / ".maas"), "--router-port", str(free_port()),
+                              "--http-port", str(free_port())],
+                  data / "maas-up.log", env={"PYTHONUNBUFFERED": "1"}, cwd=data)
+
+
+async def stack_when_up(up: Server, data: Path) -> dict[str, Any]:
+    """`.maas/stack.json` of a started `maas_up`, once it says it is up."""
+    started = time.monotonic()
+    while "maas-mesh is up" not in up.tail(200):
+        if not up.alive:
+            raise RuntimeError(f"maas up exited (log {up.log_path}):\n{up.tail()}")
+        if time.monotonic() - started > START_TIMEOUT:
+            raise RuntimeError(f"maas up not ready in {START_TIMEOUT:.0f}s (log {up.log_path}):\n{up.tail()}")
+        await asyncio.sleep(0.5)
+    return json.loads((data / ".maas" / "stack.json").read_text())  # type: ignore[no-any-return]
+
+
 async def bench_maas(model: Path, args: argparse.Namespace, count: Callable[[str], int], which: list[str],
                      work: Path) -> tuple[dict[str, list[Level]], dict[str, str]]:
     """`maas up` in a fresh data directory; the OpenAI HTTP API and then gRPC at each level."""
@@ -451,23 +472,13 @@ async def bench_maas(model: Path, args: argparse.Namespace, count: Callable[[str
 
     data = work / "maas"
     data.mkdir()
-    grpc_port, http_port = free_port(), free_port()
-    up = Server("maas up", [sys.executable, "-m", "maas", "up", "--model", str(model), "--name", MODEL_NAME,
-                            "--workers", "1", "--data-dir", str(data / ".maas"), "--router-port", str(grpc_port),
-                            "--http-port", str(http_port)],
-                data / "maas-up.log", env={"PYTHONUNBUFFERED": "1"}, cwd=data)
+    up = maas_up(model, data, MODEL_NAME)
     results: dict[str, list[Level]] = {}
     failed: dict[str, str] = {}
     started = time.monotonic()
     up.start()
     try:
-        while "maas-mesh is up" not in up.tail(200):
-            if not up.alive:
-                raise RuntimeError(f"maas up exited (log {up.log_path}):\n{up.tail()}")
-            if time.monotonic() - started > START_TIMEOUT:
-                raise RuntimeError(f"maas up not ready in {START_TIMEOUT:.0f}s (log {up.log_path}):\n{up.tail()}")
-            await asyncio.sleep(0.5)
-        stack = json.loads((data / ".maas" / "stack.json").read_text())
+        stack = await stack_when_up(up, data)
         key, ca = stack["api_key"], stack.get("tls_ca", "")
         say(f"maas up ready in {time.monotonic() - started:.1f}s: {stack['http']} and gRPC {stack['router']} "
             f"(TLS: {'yes' if ca else 'no'}), tenant dev's key")

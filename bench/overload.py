@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -91,19 +90,10 @@ async def main() -> int:
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"maas-overload-{os.getpid()}"
     data = work / "maas"
     data.mkdir(parents=True)
-    grpc_port, http_port = e2e.free_port(), e2e.free_port()
-    up = e2e.Server("maas up", [sys.executable, "-m", "maas", "up", "--model", str(model_dir), "--workers", "1",
-                                "--data-dir", str(data / ".maas"), "--router-port", str(grpc_port),
-                                "--http-port", str(http_port)], data / "maas-up.log", env={"PYTHONUNBUFFERED": "1"},
-                    cwd=data)
+    up = e2e.maas_up(model_dir, data)
     up.start()
     try:
-        started = time.monotonic()
-        while "maas-mesh is up" not in up.tail(200):
-            if not up.alive or time.monotonic() - started > e2e.START_TIMEOUT:
-                raise RuntimeError(f"maas up did not start (log {up.log_path}):\n{up.tail()}")
-            await asyncio.sleep(0.5)
-        stack = json.loads((data / ".maas" / "stack.json").read_text())
+        stack = await e2e.stack_when_up(up, data)
         maas = [sys.executable, "-m", "maas"]
         env = dict(os.environ)  # the CLI finds the stack (and its admin credentials) from .maas in its cwd
         for cmd in (["models", "register", "small", "--source", str(model_dir),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -62,18 +61,10 @@ async def main() -> int:
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"maas-pipeline-bench-{os.getpid()}"
     data = work / "maas"
     data.mkdir(parents=True)
-    up = e2e.Server("maas up", [sys.executable, "-m", "maas", "up", "--model", str(model_dir), "--workers", "1",
-                                "--data-dir", str(data / ".maas"), "--router-port", str(e2e.free_port()),
-                                "--http-port", str(e2e.free_port())], data / "maas-up.log",
-                    env={"PYTHONUNBUFFERED": "1"}, cwd=data)
+    up = e2e.maas_up(model_dir, data)
     up.start()
     try:
-        started = time.monotonic()
-        while "maas-mesh is up" not in up.tail(200):
-            if not up.alive or time.monotonic() - started > e2e.START_TIMEOUT:
-                raise RuntimeError(f"maas up did not start (log {up.log_path}):\n{up.tail()}")
-            await asyncio.sleep(0.5)
-        stack = json.loads((data / ".maas" / "stack.json").read_text())
+        stack = await e2e.stack_when_up(up, data)
         (data / "bot.yaml").write_text(PIPELINE.replace("MAX_TOKENS", str(args.max_tokens)))
         pushed = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "maas", "pipeline", "push", "bot",
                                                           "bot.yaml"], cwd=data, capture_output=True, text=True,

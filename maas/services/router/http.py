@@ -356,34 +356,17 @@ class HttpApi:
                                rid: str, created: int, run: Run, answer: AsyncGenerator[str, None],
                                services: MeshServices) -> web.StreamResponse:
         encoder = openai_api.StreamEncoder(opts, rid, created)
-        async with contextlib.aclosing(answer):
-            async with deadline.bound():
-                first = await anext(answer, None)  # a failing step before any text: an ordinary HTTP error
-            response = web.StreamResponse(headers={
-                "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                "x-request-id": rid})
-            await response.prepare(request)
-            try:
-                async with deadline.bound():
-                    await self._send(response, encoder.start())
-                    text = first
-                    while text is not None:
-                        await self._send(response, encoder.chunk(inference_pb2.GenerateChunk(text=text)))
-                        text = await anext(answer, None)
-                    await self._send(response, encoder.chunk(inference_pb2.GenerateChunk(
-                        finish_reason=pipelines.finish(run), usage=services.usage)))
-                    await self._send(response, encoder.end())
-                    await response.write(b"data: [DONE]\n\n")
-            except ConnectionError:
-                log.info("client went away mid-stream; pipeline cancelled")
-                return response
-            except Exception as e:
-                _, body, _ = _error(e)
-                with contextlib.suppress(ConnectionError):
-                    await response.write(f"data: {_dumps(body)}\n\n".encode())
-            with contextlib.suppress(ConnectionError):
-                await response.write_eof()
-            return response
+
+        async def events() -> AsyncGenerator[list[dict[str, Any]], None]:
+            async with contextlib.aclosing(answer):
+                first = True
+                async for text in answer:
+                    yield [*(encoder.start() if first else []), *encoder.chunk(inference_pb2.GenerateChunk(text=text))]
+                    first = False
+                yield [*(encoder.start() if first else []), *encoder.chunk(inference_pb2.GenerateChunk(
+                    finish_reason=pipelines.finish(run), usage=services.usage)), *encoder.end()]
+
+        return await self._events(request, deadline, rid, events())
 
     def _context_length(self, model: str) -> int:
         """The context of `model`'s ready replicas (a fine-tuned adapter's: its deployment's);
@@ -406,30 +389,44 @@ class HttpApi:
 
     async def _stream(self, request: web.Request, deadline: _Deadline, req: inference_pb2.GenerateRequest,
                       opts: openai_api.Options, created: int) -> web.StreamResponse:
-        """Server-sent events. Errors before the first chunk are ordinary HTTP errors; after
-        it, an `{"error": ...}` event ends the stream. Leaving this function any way (a
-        write to a closed connection, cancellation, the deadline) closes the forwarder's
-        stream, which cancels the downstream call."""
         encoder = openai_api.StreamEncoder(opts, req.request_id, created)
         stream = cast(AsyncGenerator[Chunk, None],  # an async generator function
                       self.forwarder.stream(req, deadline.remaining(), _api_key(request),
                                             request.headers.get(SESSION_HEADER, "")))
-        async with contextlib.aclosing(stream):
+
+        async def events() -> AsyncGenerator[list[dict[str, Any]], None]:
+            async with contextlib.aclosing(stream):
+                chunk = await _next(stream)
+                yield [*encoder.start(), *(encoder.chunk(chunk) if chunk is not None else [])]
+                while chunk is not None and not chunk.finish_reason:
+                    chunk = await _next(stream)
+                    if chunk is not None:
+                        yield encoder.chunk(chunk)
+                if encoder.usage is None:
+                    raise MaasError("the stream ended before its last chunk")
+                yield encoder.end()
+
+        return await self._events(request, deadline, req.request_id, events())
+
+    async def _events(self, request: web.Request, deadline: _Deadline, rid: str,
+                      events: AsyncGenerator[list[dict[str, Any]], None]) -> web.StreamResponse:
+        """Server-sent events, a list of them per step of `events`. Errors before the first
+        step are ordinary HTTP errors (no replica, a bad request, a failing pipeline step);
+        after it, an `{"error": ...}` event ends the stream. Leaving this function any way
+        (a write to a closed connection, cancellation, the deadline) closes `events`, which
+        cancels the downstream call."""
+        async with contextlib.aclosing(events):
             async with deadline.bound():
-                chunk = await _next(stream)  # raises before any byte is sent: no replica, bad request, ...
+                first = await anext(events)
             response = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                "x-request-id": req.request_id})
+                "x-request-id": rid})
             await response.prepare(request)
             try:
                 async with deadline.bound():
-                    await self._send(response, encoder.start())
-                    while chunk is not None:
-                        await self._send(response, encoder.chunk(chunk))
-                        chunk = None if chunk.finish_reason else await _next(stream)
-                    if encoder.usage is None:
-                        raise MaasError("the stream ended before its last chunk")
-                    await self._send(response, encoder.end())
+                    await self._send(response, first)
+                    async for step in events:
+                        await self._send(response, step)
                     await response.write(b"data: [DONE]\n\n")
             except ConnectionError:
                 log.info("client went away mid-stream; request cancelled")
