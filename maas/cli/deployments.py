@@ -201,6 +201,8 @@ def _summary(verb: str, st: scheduler_pb2.DeploymentStatus) -> str:
     d = st.deployment
     canary = f", canary {d.traffic[0].model} at {d.traffic[0].weight}%" if d.traffic else ""
     auto = f" ({_scaling_text(d)})" if d.autoscale.max_replicas else ""
+    if d.format == "pipeline":
+        return f"{verb} deployment {d.name}: pipeline {d.resolved_version}{canary}"
     return f"{verb} deployment {d.name}: {d.resolved_version} x{d.replicas}{auto}{canary}"
 
 
@@ -208,10 +210,15 @@ def _print_show(st: scheduler_pb2.DeploymentStatus) -> None:
     from maas.cli.commands import _table
 
     d = st.deployment
-    lines = [("deployment", d.name), ("model", f"{d.model} -> {d.resolved_version}"),
-             ("replicas", f"{st.ready_replicas}/{d.replicas} ready"), ("scaling", _scaling_text(d))]
+    lines = [("deployment", d.name), ("model", f"{d.model} -> {d.resolved_version}")]
+    if d.format == "pipeline":
+        lines.append(("kind", "pipeline (run by the routers)"))
+    else:
+        lines += [("replicas", f"{st.ready_replicas}/{d.replicas} ready"), ("scaling", _scaling_text(d))]
     if d.traffic:
         lines.append(("canary", f"{d.traffic[0].model} at {d.traffic[0].weight}%"))
+    if d.rollout_note:
+        lines.append(("last rollout", d.rollout_note))
     if d.resources.memory_bytes or d.resources.devices:
         lines.append(("resources", f"{d.resources.memory_bytes / 2**30:.2f} GiB x{d.resources.devices or 1} device(s)"))
     if d.selector:

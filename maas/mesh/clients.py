@@ -17,6 +17,7 @@ import aetcd
 import aetcd.exceptions
 import grpc
 
+from maas.mesh import tracing
 from maas.mesh.artifacts import ARTIFACT, CHUNK, file_digest, pack_directory
 from maas.mesh.config import parse_host_port, redact, url_credentials
 from maas.mesh.errors import InvalidArgument, MaasError, NotFound, StartupError, Unavailable, from_rpc_error
@@ -54,9 +55,9 @@ def credential_metadata(credential: str) -> tuple[tuple[str, str], ...]:
 
 
 class _Credential:
-    """Sends one key with every call on a channel, unless the call brings its own. gRPC takes
-    one interceptor per call type (a class that is several is registered as the first only),
-    hence the four below."""
+    """Sends one key with every call on a channel, unless the call brings its own, and the
+    caller's trace context. gRPC takes one interceptor per call type (a class that is
+    several is registered as the first only), hence the four below."""
 
     def __init__(self, credential: str) -> None:
         self.metadata = credential_metadata(credential)
@@ -65,6 +66,9 @@ class _Credential:
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
         if "authorization" not in metadata and "x-api-key" not in metadata:
             for key, value in self.metadata:
+                metadata.add(key, value)
+        if "traceparent" not in metadata:
+            for key, value in tracing.headers():
                 metadata.add(key, value)
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                           details.wait_for_ready)
@@ -91,11 +95,10 @@ class _StreamStream(_Credential, grpc.aio.StreamStreamClientInterceptor):
 
 
 def dial(endpoint: str, credential: str = "", tls: TlsFiles | None = None) -> grpc.aio.Channel:
-    """A channel to `endpoint` whose calls present `credential` (a key), if given, over TLS
-    verified against `tls.ca` when there is one. The router's calls to workers pass the key
-    per call instead (no interceptor on its hot path)."""
-    interceptors = ([kind(credential) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
-                    if credential else None)
+    """A channel to `endpoint` whose calls present `credential` (a key), if given, and the
+    caller's trace context, over TLS verified against `tls.ca` when there is one. The
+    router's calls to workers pass both per call instead (no interceptor on its hot path)."""
+    interceptors = [kind(credential) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
     if tls is not None and tls.dials:
         return grpc.aio.secure_channel(endpoint, tls.channel_credentials(), options=GRPC_OPTIONS,
                                        interceptors=interceptors)

@@ -4,7 +4,8 @@ Lifecycle events go to the stream MAAS_EVENTS on `maas.events.<entity>.<what>`. 
 an `Event` protobuf whose id is also the Nats-Msg-Id header, so retrying a publish after
 a reconnect is deduplicated by the server. Publishing never blocks a service: events go
 into a bounded outbox that a background task drains, retrying with the same id while
-NATS is away. Load reports are core NATS on `maas.load.<worker>`: lossy by design.
+NATS is away. Load reports are core NATS on `maas.load.<worker>`, and routers' reports on
+deployed pipelines on `maas.pipeline.<router>`: lossy by design.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 STREAM = "MAAS_EVENTS"
 EVENT_SUBJECTS = "maas.events.>"
 LOAD_SUBJECT = "maas.load"
+PIPELINE_SUBJECT = "maas.pipeline"  # routers' reports on deployed pipelines (mesh_pb2.PipelineReport)
 
 
 def event_subject(entity: str, what: str) -> str:
@@ -138,6 +140,24 @@ class EventBus:
         if self.nc is not None and self.nc.is_connected:
             with contextlib.suppress(Exception):
                 await self.nc.publish(f"{LOAD_SUBJECT}.{report.worker_id}", report.SerializeToString())
+
+    async def publish_pipeline(self, report: mesh_pb2.PipelineReport) -> None:
+        if self.nc is not None and self.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(f"{PIPELINE_SUBJECT}.{report.router}", report.SerializeToString())
+
+    async def subscribe_pipeline(self, callback: Callable[[mesh_pb2.PipelineReport], None]) -> None:
+        assert self.nc is not None
+
+        async def handler(msg: Msg) -> None:
+            report = mesh_pb2.PipelineReport()
+            try:
+                report.ParseFromString(msg.data)
+                callback(report)
+            except Exception:
+                log.exception("a pipeline report could not be read")
+
+        self._subs.append(await self.nc.subscribe(f"{PIPELINE_SUBJECT}.*", cb=handler))
 
     async def subscribe_load(self, callback: Callable[[mesh_pb2.LoadReport], Awaitable[None] | None]) -> None:
         assert self.nc is not None

@@ -26,8 +26,10 @@ import grpc
 import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
 from maas import __version__
+from maas.mesh import tracing
 from maas.mesh.authz import Authorizer, acting_as, restore
 from maas.mesh.config import MeshConfig
 from maas.mesh.errors import FIELD_METADATA, InvalidArgument, MaasError, StartupError
@@ -165,6 +167,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             token = request_id_var.set(_request_id(context))
             start, code = time.perf_counter(), "OK"
             caller = None
+            span = _span(context, service, method, path)
+            active = tracing.activate(span)
             try:
                 request, caller = await self._admit(request, context, path, streamed)
                 result = behavior(request, context)
@@ -181,6 +185,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 HANDLED.labels(service, method, code).inc()
                 LATENCY.labels(service, method).observe(time.perf_counter() - start)
+                tracing.end(span, code)
+                tracing.deactivate(active)
                 if caller is not None:
                     restore(caller)
                 request_id_var.reset(token)
@@ -193,6 +199,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             start, code = time.perf_counter(), "OK"
             caller = None
             result = None
+            span = _span(context, service, method, path)
+            active = tracing.activate(span)
             try:
                 request, caller = await self._admit(request, context, path, streamed)
                 result = behavior(request, context)
@@ -218,6 +226,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         await result.aclose()
                 HANDLED.labels(service, method, code).inc()
                 LATENCY.labels(service, method).observe(time.perf_counter() - start)
+                tracing.end(span, code)
+                tracing.deactivate(active)
                 # a stream closed from elsewhere (grpc finalizing it in another task) runs
                 # this in another context, where the tokens cannot be reset, nor need to be
                 with contextlib.suppress(ValueError):
@@ -226,6 +236,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 with contextlib.suppress(ValueError):
                     request_id_var.reset(token)
         return wrapped
+
+
+def _span(context: grpc.aio.ServicerContext, service: str, method: str, path: str) -> Any:
+    """The call's SERVER span, a child of the caller's trace context if it sent one (none for
+    health checks and reflection)."""
+    if service.startswith("grpc."):
+        return trace.INVALID_SPAN
+    return tracing.server_span(path.lstrip("/"), tracing.extract(context.invocation_metadata()),
+                               **{"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
+                                  "maas.request_id": request_id_var.get()})
 
 
 def _status_name(e: BaseException) -> str:
@@ -302,6 +322,7 @@ class ServiceRuntime:
 
     async def start(self, **info: str) -> None:
         cfg = self.config
+        tracing.configure(cfg.kind, cfg.instance)  # exports spans if the OTEL_* variables ask
         port = bind_port(self.server, cfg.host, cfg.port, cfg.tls)
         self.endpoint = f"{cfg.dial_host}:{port}"
         self.metrics_endpoint = start_metrics(cfg.host, cfg.metrics_port)

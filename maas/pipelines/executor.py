@@ -23,20 +23,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
-import time
-from collections.abc import AsyncGenerator, AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
 from jinja2.sandbox import SandboxedEnvironment
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from maas.mesh.errors import DeadlineExceeded, InvalidArgument, MaasError
+from maas.mesh.tracing import TRACER
 from maas.pipelines.guard import PhraseGuard
 from maas.pipelines.spec import PipelineSpec, Step
 
+log = logging.getLogger(__name__)
 
 class Services(Protocol):
     """What pipeline steps call. `deadline` is in event-loop time (None: none)."""
@@ -103,10 +109,12 @@ class StepContext:
 
 
 class Stream:
-    """A generate step's text chunks, its first already received. One reader."""
+    """A generate step's text chunks, its first already received. One reader. `on_close`
+    callbacks run once, when the stream is closed (read to its end or abandoned)."""
 
     def __init__(self, first: str, rest: AsyncIterator[str]) -> None:
         self.first, self.rest = first, rest
+        self.on_close: list[Callable[[], None]] = []
 
     async def chunks(self) -> AsyncGenerator[str, None]:
         try:
@@ -117,9 +125,14 @@ class Stream:
             await self.aclose()
 
     async def aclose(self) -> None:
-        aclose = getattr(self.rest, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        try:
+            aclose = getattr(self.rest, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            callbacks, self.on_close = self.on_close, []
+            for callback in callbacks:
+                callback()
 
 
 MAX_TEMPLATE_CHARS = 1 << 20  # what one template step may produce
@@ -172,17 +185,33 @@ def _render(text: str, **values: Any) -> str:
 
 @dataclass
 class Run:
-    """One request through `spec`."""
+    """One request through `spec`.
+
+    Traced as a span `pipeline NAME` (a child of the span current when the run is made: the
+    router's request) with one child span per step that runs; a streaming step's span lasts
+    until its stream closes, with an event at its first chunk. `on_done` callbacks get the
+    run and its error (None: answered) once it is over."""
 
     spec: PipelineSpec
     services: Services
     input: PipelineInput
     deadline: float | None = None  # event-loop time
     tenant: str = ""
+    name: str = "pipeline"  # "name@version", for traces and metrics
     timeline: dict[str, StepTiming] = field(default_factory=dict)
     filtered: bool = False  # a guard stopped the answer (OpenAI's finish_reason "content_filter")
+    first_chunk_ms: float | None = None  # when the answer's first text left, from the start
+    on_done: list[Callable[[Run, BaseException | None], None]] = field(default_factory=list)
     _tasks: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
-    _started: float = field(default_factory=time.perf_counter)
+    _started: float = field(default_factory=lambda: asyncio.get_running_loop().time())
+    _span: trace.Span = field(init=False)
+    _context: otel_context.Context = field(init=False)
+    _error: BaseException | None = None
+    _over: bool = False
+
+    def __post_init__(self) -> None:
+        self._span = TRACER.start_span(f"pipeline {self.name}", attributes={"maas.pipeline": self.name})
+        self._context = trace.set_span_in_context(self._span)
 
     async def answer(self) -> AsyncGenerator[str, None]:
         """The output step's text: chunk by chunk if it streams, else in one piece."""
@@ -192,11 +221,24 @@ class Run:
                 async with contextlib.aclosing(value.chunks()) as chunks:
                     async for chunk in chunks:
                         if chunk:
+                            self._first_chunk()
                             yield chunk
             elif value is not None:
+                self._first_chunk()
                 yield value if isinstance(value, str) else str(value)
+        except BaseException as e:
+            self._error = e
+            raise
         finally:
             await self.close()
+
+    def elapsed_ms(self) -> float:
+        return (asyncio.get_running_loop().time() - self._started) * 1000
+
+    def _first_chunk(self) -> None:
+        if self.first_chunk_ms is None:
+            self.first_chunk_ms = (asyncio.get_running_loop().time() - self._started) * 1000
+            self._span.add_event("first chunk")
 
     def timings(self) -> list[StepTiming]:
         """What happened to each step that ran, in the file's order."""
@@ -207,42 +249,89 @@ class Run:
         for task in self._tasks.values():
             if not task.done():
                 task.cancel()
-        # their outcomes are theirs (gathered, not raised); a cancellation of close() itself propagates
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        try:
+            # their outcomes are theirs (gathered, not raised); a cancellation of close() itself propagates
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._over:
+            return
+        self._over = True
+        error = self._error
+        if error is not None:
+            code = error.code.name if isinstance(error, MaasError) else type(error).__name__
+            self._span.set_status(Status(StatusCode.ERROR, error.message if isinstance(error, MaasError) else code))
+        self._span.end()
+        for callback in self.on_done:
+            try:
+                callback(self, error)
+            except Exception:
+                log.exception("a pipeline's on_done callback failed")
 
     def value(self, name: str) -> asyncio.Task[Any]:
-        """The task computing step `name` (started on first use)."""
+        """The task computing step `name` (started on first use, its span a child of the run's)."""
         task = self._tasks.get(name)
         if task is None:
-            task = asyncio.ensure_future(self._run(self.spec.steps[name]))
+            context = contextvars.copy_context()
+            context.run(otel_context.attach, self._context)
+            task = asyncio.get_running_loop().create_task(self._run(self.spec.steps[name]), context=context)
             self._tasks[name] = task
         return task
 
     # ---- one step ----------------------------------------------------------------------
 
     async def _run(self, step: Step) -> Any:
-        timing = self.timeline[step.name] = StepTiming(step.name, step.kind)
         reads = step.reads()
         # shielded: a step that gives up (its budget) must not cancel a step others share
         values = dict(zip(reads, await asyncio.gather(*(asyncio.shield(self.value(n)) for n in reads)),
                           strict=True))
+        timing = self.timeline[step.name] = StepTiming(step.name, step.kind)  # it starts (its inputs are in)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        timing.start_ms = (time.perf_counter() - self._started) * 1000
+        timing.start_ms = (started - self._started) * 1000
         budget = started + step.timeout_ms / 1000 if step.timeout_ms else None
         if self.deadline is not None:
             budget = self.deadline if budget is None else min(budget, self.deadline)
+        span = TRACER.start_span(f"step {step.name}", attributes={
+            "maas.pipeline": self.name, "maas.step": step.name, "maas.step.kind": step.kind})
+        try:
+            with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                value = await self._attempts(step, values, timing, started, budget)
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):
+                timing.status = "cancelled"
+            _end_span(span, timing, e)
+            raise
+        if isinstance(value, Stream):  # its span lasts as long as its stream
+            span.add_event("first chunk")
+            value = _failing_as(step, timing, value)
+            value.on_close.append(functools.partial(_end_span, span, timing, None))
+        else:
+            _end_span(span, timing, None)
+        return value
+
+    async def _attempts(self, step: Step, values: dict[str, Any], timing: StepTiming, started: float,
+                        budget: float | None) -> Any:
+        loop = asyncio.get_running_loop()
         error: BaseException | None = None
         for attempt in range(1 + (step.retries if step.idempotent else 0)):
             timing.attempts = attempt + 1
+            limit = asyncio.timeout_at(budget)
             try:
-                async with asyncio.timeout_at(budget):
+                async with limit:
                     value = await self._compute(step, values, budget)
                 timing.status, timing.ms = "ok", (loop.time() - started) * 1000
                 return value
-            except TimeoutError:
+            except TimeoutError as exc:
+                if not limit.expired():  # the step's own time-out (a plugin's call): an ordinary failure
+                    error = exc
+                    continue
+                by_deadline = budget == self.deadline and (
+                    not step.timeout_ms or self.deadline is None or self.deadline < started + step.timeout_ms / 1000)
                 error = DeadlineExceeded(f"it overran its budget of {(budget or started) - started:.3f}s "
-                                         f"({'timeout_ms' if step.timeout_ms else 'the request deadline'})")
+                                         f"({'the request deadline' if by_deadline else 'timeout_ms'})")
                 break  # the budget is spent: no time left to retry
             except asyncio.CancelledError:
                 raise
@@ -337,6 +426,42 @@ class Run:
         return await asyncio.to_thread(run, ctx, here)  # off the loop: it may be CPU-heavy
 
 
+def _failing_as(step: Step, timing: StepTiming, stream: Stream) -> Stream:
+    """`stream`, whose failure after its first chunk (every replica tried, say) fails the
+    request naming the step: a stream that has sent text can be neither skipped nor
+    replaced by a fallback."""
+    async def rest() -> AsyncGenerator[str, None]:
+        try:
+            async for chunk in stream.rest:
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit, StepFailed):  # (a step before it already said)
+            raise
+        except Exception as exc:
+            timing.status = "failed"
+            timing.error = exc.message if isinstance(exc, MaasError) else f"{type(exc).__name__}: {exc}"
+            raise StepFailed(step, exc) from None
+        finally:
+            aclose = getattr(stream.rest, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    out = Stream(stream.first, rest())
+    out.on_close = stream.on_close
+    return out
+
+
+def _end_span(span: trace.Span, timing: StepTiming, error: BaseException | None) -> None:
+    span.set_attributes({"maas.step.status": timing.status, "maas.step.attempts": timing.attempts,
+                         "maas.step.ms": round(timing.ms, 3)})
+    if timing.status in ("skipped", "fallback"):
+        span.add_event(timing.status, {"maas.step.error": timing.error})
+    if timing.status == "failed" or (error is not None and not isinstance(error, asyncio.CancelledError)):
+        span.set_status(Status(StatusCode.ERROR, timing.error or type(error).__name__))
+    elif isinstance(error, asyncio.CancelledError):
+        span.set_attribute("maas.step.cancelled", True)
+    span.end()
+
+
 def _guarded(stream: Stream, guard: PhraseGuard, run: Run) -> Stream:
     async def rest() -> AsyncGenerator[str, None]:
         async with contextlib.aclosing(stream.chunks()) as chunks:
@@ -346,8 +471,12 @@ def _guarded(stream: Stream, guard: PhraseGuard, run: Run) -> Stream:
                     yield out
                 if guard.blocked and guard.action == "stop":
                     run.filtered = True
+                    trace.get_current_span().add_event("guard stopped the answer")
                     return  # the stream ends here; the generate step is cancelled with it
             tail = guard.finish()
+            if guard.blocked and guard.action == "stop":  # decided only at the end (a longer phrase could still have come)
+                run.filtered = True
+                trace.get_current_span().add_event("guard stopped the answer")
             if tail:
                 yield tail
 

@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from maas.mesh.errors import InvalidArgument
+from maas.pipelines.slo import Slo, parse_slo
 
 KINDS = ("generate", "embed", "retrieve", "template", "plugin", "switch", "parallel", "guard")
 ON_ERROR = ("fail", "skip", "fallback")
@@ -109,6 +110,7 @@ class PipelineSpec:
     steps: dict[str, Step]  # in file order
     output: str
     description: str = ""
+    slo: Slo | None = None  # what a canary of it is held to (maas.pipelines.slo)
 
     @property
     def streams(self) -> bool:
@@ -154,8 +156,9 @@ def parse(text: str, *, source: str = "pipeline.yaml",
                          source)
     top = _mapping(root)
     for key, (knode, _) in top.items():
-        if key not in ("steps", "output", "description", "version"):
-            problems.append((_line(knode), f"unknown top-level field {key!r} (expected steps, output, description)"))
+        if key not in ("steps", "output", "description", "version", "slo"):
+            problems.append((_line(knode), f"unknown top-level field {key!r} (expected steps, output, description, "
+                                           "slo)"))
     steps_node = top.get("steps", (None, None))[1]
     if not isinstance(steps_node, yaml.SequenceNode) or not steps_node.value:
         raise SpecErrors([*problems, (_line(steps_node) if steps_node else 1, "`steps` must be a non-empty list")],
@@ -183,8 +186,13 @@ def parse(text: str, *, source: str = "pipeline.yaml",
         _check_streams(steps, output, problems)
     if problems:
         raise SpecErrors(problems, source)
+    slo = None
+    if "slo" in top:
+        slo = parse_slo(_construct(top["slo"][1]), _line(top["slo"][0]), problems, steps)
+    if problems:
+        raise SpecErrors(problems, source)
     description = str(_construct(top["description"][1])) if "description" in top else ""
-    return PipelineSpec(steps=steps, output=output, description=description)
+    return PipelineSpec(steps=steps, output=output, description=description, slo=slo)
 
 
 def _first_alias(root: yaml.Node) -> yaml.Node | None:

@@ -136,6 +136,38 @@ class ReplicaInfo(_message.Message):
     task: str
     def __init__(self, replica_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., deployment: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., message: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., device_ids: _Optional[_Iterable[str]] = ..., updated_ms: _Optional[int] = ..., context_length: _Optional[int] = ..., task: _Optional[str] = ...) -> None: ...
 
+class PipelineReport(_message.Message):
+    __slots__ = ("router", "versions")
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    router: str
+    versions: _containers.RepeatedCompositeFieldContainer[PipelineVersionStats]
+    def __init__(self, router: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[PipelineVersionStats, _Mapping]]] = ...) -> None: ...
+
+class PipelineVersionStats(_message.Message):
+    __slots__ = ("deployment", "version", "objectives")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    version: str
+    objectives: _containers.RepeatedCompositeFieldContainer[ObjectiveStats]
+    def __init__(self, deployment: _Optional[str] = ..., version: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[ObjectiveStats, _Mapping]]] = ...) -> None: ...
+
+class ObjectiveStats(_message.Message):
+    __slots__ = ("step", "requests", "errors", "slow", "max_ms")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    SLOW_FIELD_NUMBER: _ClassVar[int]
+    MAX_MS_FIELD_NUMBER: _ClassVar[int]
+    step: str
+    requests: int
+    errors: int
+    slow: int
+    max_ms: float
+    def __init__(self, step: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., slow: _Optional[int] = ..., max_ms: _Optional[float] = ...) -> None: ...
+
 class LoadReport(_message.Message):
     __slots__ = ("worker_id", "in_flight", "queue_depth", "running", "kv_cache_used", "tokens_per_second", "prefix_hit_rate", "time_ms", "replicas")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -28,7 +28,7 @@ from maas.v1 import jobs_pb2 as maas_dot_v1_dot_jobs__pb2
 from maas.v1 import mesh_pb2 as maas_dot_v1_dot_mesh__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17maas/v1/scheduler.proto\x12\x07maas.v1\x1a\x14maas/v1/access.proto\x1a\x14maas/v1/common.proto\x1a\x12maas/v1/jobs.proto\x1a\x12maas/v1/mesh.proto\"\x9f\x01\n\tAutoscale\x12\x14\n\x0cmin_replicas\x18\x01 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\r\x12\x18\n\x10target_in_flight\x18\x03 \x01(\x02\x12\x1d\n\x10scale_up_seconds\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x10\x63ooldown_seconds\x18\x05 \x01(\x02\x42\x13\n\x11_scale_up_seconds\"-\n\x0cTrafficSplit\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\"\x94\x03\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12%\n\tautoscale\x18\x04 \x01(\x0b\x32\x12.maas.v1.Autoscale\x12%\n\tresources\x18\x05 \x01(\x0b\x32\x12.maas.v1.Resources\x12\x33\n\x08selector\x18\x06 \x03(\x0b\x32!.maas.v1.Deployment.SelectorEntry\x12&\n\x07traffic\x18\x07 \x03(\x0b\x32\x15.maas.v1.TrafficSplit\x12\x18\n\x10resolved_version\x18\x08 \x01(\t\x12\x12\n\ncreated_ms\x18\t \x01(\x03\x12\x12\n\nupdated_ms\x18\n \x01(\x03\x12\x18\n\x10previous_version\x18\x0b \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x0c \x03(\t\x12\r\n\x05owner\x18\r \x01(\t\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x01\n\x10\x44\x65ploymentStatus\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\x12&\n\x08replicas\x18\x02 \x03(\x0b\x32\x14.maas.v1.ReplicaInfo\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"B\n\x17\x43reateDeploymentRequest\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\"B\n\x17UpdateDeploymentRequest\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16ListDeploymentsRequest\"I\n\x17ListDeploymentsResponse\x12.\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x19.maas.v1.DeploymentStatus\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteDeploymentResponse\"\x1f\n\x0f\x41\x63tivateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListWorkersRequest\"=\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.maas.v1.WorkerStatus\"z\n\x0cWorkerStatus\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.maas.v1.WorkerInfo\x12&\n\x08replicas\x18\x02 \x03(\x0b\x32\x14.maas.v1.ReplicaInfo\x12\x1d\n\x15memory_assigned_bytes\x18\x03 \x01(\x04\x32\xc3\x07\n\tScheduler\x12`\n\x10\x43reateDeployment\x12 .maas.v1.CreateDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12`\n\x10UpdateDeployment\x12 .maas.v1.UpdateDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12Z\n\rGetDeployment\x12\x1d.maas.v1.GetDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12\x65\n\x0fListDeployments\x12\x1f.maas.v1.ListDeploymentsRequest\x1a .maas.v1.ListDeploymentsResponse\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12h\n\x10\x44\x65leteDeployment\x12 .maas.v1.DeleteDeploymentRequest\x1a!.maas.v1.DeleteDeploymentResponse\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12U\n\x0bListWorkers\x12\x1b.maas.v1.ListWorkersRequest\x1a\x1c.maas.v1.ListWorkersResponse\"\x0b\xfa\x9f\x19\x07\n\x05\x61\x64min\x12M\n\x08\x41\x63tivate\x12\x18.maas.v1.ActivateRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0c\xfa\x9f\x19\x08\n\x06router\x12\x45\n\tCreateJob\x12\x19.maas.v1.CreateJobRequest\x1a\x0c.maas.v1.Job\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12?\n\x06GetJob\x12\x16.maas.v1.GetJobRequest\x1a\x0c.maas.v1.Job\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12P\n\x08ListJobs\x12\x18.maas.v1.ListJobsRequest\x1a\x19.maas.v1.ListJobsResponse\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12\x45\n\tCancelJob\x12\x19.maas.v1.CancelJobRequest\x1a\x0c.maas.v1.Job\"\x0f\xfa\x9f\x19\x0b\n\tdeveloperb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17maas/v1/scheduler.proto\x12\x07maas.v1\x1a\x14maas/v1/access.proto\x1a\x14maas/v1/common.proto\x1a\x12maas/v1/jobs.proto\x1a\x12maas/v1/mesh.proto\"\x9f\x01\n\tAutoscale\x12\x14\n\x0cmin_replicas\x18\x01 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\r\x12\x18\n\x10target_in_flight\x18\x03 \x01(\x02\x12\x1d\n\x10scale_up_seconds\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x10\x63ooldown_seconds\x18\x05 \x01(\x02\x42\x13\n\x11_scale_up_seconds\"-\n\x0cTrafficSplit\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\"\xba\x03\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12%\n\tautoscale\x18\x04 \x01(\x0b\x32\x12.maas.v1.Autoscale\x12%\n\tresources\x18\x05 \x01(\x0b\x32\x12.maas.v1.Resources\x12\x33\n\x08selector\x18\x06 \x03(\x0b\x32!.maas.v1.Deployment.SelectorEntry\x12&\n\x07traffic\x18\x07 \x03(\x0b\x32\x15.maas.v1.TrafficSplit\x12\x18\n\x10resolved_version\x18\x08 \x01(\t\x12\x12\n\ncreated_ms\x18\t \x01(\x03\x12\x12\n\nupdated_ms\x18\n \x01(\x03\x12\x18\n\x10previous_version\x18\x0b \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x0c \x03(\t\x12\r\n\x05owner\x18\r \x01(\t\x12\x0e\n\x06\x66ormat\x18\x0e \x01(\t\x12\x14\n\x0crollout_note\x18\x0f \x01(\t\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x01\n\x10\x44\x65ploymentStatus\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\x12&\n\x08replicas\x18\x02 \x03(\x0b\x32\x14.maas.v1.ReplicaInfo\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"B\n\x17\x43reateDeploymentRequest\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\"B\n\x17UpdateDeploymentRequest\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16ListDeploymentsRequest\"I\n\x17ListDeploymentsResponse\x12.\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x19.maas.v1.DeploymentStatus\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteDeploymentResponse\"\x1f\n\x0f\x41\x63tivateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListWorkersRequest\"=\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.maas.v1.WorkerStatus\"z\n\x0cWorkerStatus\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.maas.v1.WorkerInfo\x12&\n\x08replicas\x18\x02 \x03(\x0b\x32\x14.maas.v1.ReplicaInfo\x12\x1d\n\x15memory_assigned_bytes\x18\x03 \x01(\x04\x32\xc3\x07\n\tScheduler\x12`\n\x10\x43reateDeployment\x12 .maas.v1.CreateDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12`\n\x10UpdateDeployment\x12 .maas.v1.UpdateDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12Z\n\rGetDeployment\x12\x1d.maas.v1.GetDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12\x65\n\x0fListDeployments\x12\x1f.maas.v1.ListDeploymentsRequest\x1a .maas.v1.ListDeploymentsResponse\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12h\n\x10\x44\x65leteDeployment\x12 .maas.v1.DeleteDeploymentRequest\x1a!.maas.v1.DeleteDeploymentResponse\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12U\n\x0bListWorkers\x12\x1b.maas.v1.ListWorkersRequest\x1a\x1c.maas.v1.ListWorkersResponse\"\x0b\xfa\x9f\x19\x07\n\x05\x61\x64min\x12M\n\x08\x41\x63tivate\x12\x18.maas.v1.ActivateRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0c\xfa\x9f\x19\x08\n\x06router\x12\x45\n\tCreateJob\x12\x19.maas.v1.CreateJobRequest\x1a\x0c.maas.v1.Job\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12?\n\x06GetJob\x12\x16.maas.v1.GetJobRequest\x1a\x0c.maas.v1.Job\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12P\n\x08ListJobs\x12\x18.maas.v1.ListJobsRequest\x1a\x19.maas.v1.ListJobsResponse\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12\x45\n\tCancelJob\x12\x19.maas.v1.CancelJobRequest\x1a\x0c.maas.v1.Job\"\x0f\xfa\x9f\x19\x0b\n\tdeveloperb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -64,33 +64,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAFFICSPLIT']._serialized_start=282
   _globals['_TRAFFICSPLIT']._serialized_end=327
   _globals['_DEPLOYMENT']._serialized_start=330
-  _globals['_DEPLOYMENT']._serialized_end=734
-  _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_start=687
-  _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_end=734
-  _globals['_DEPLOYMENTSTATUS']._serialized_start=737
-  _globals['_DEPLOYMENTSTATUS']._serialized_end=877
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=879
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=945
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=947
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=1013
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1015
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1051
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1053
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1077
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1079
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1152
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1154
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1193
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=1195
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=1221
-  _globals['_ACTIVATEREQUEST']._serialized_start=1223
-  _globals['_ACTIVATEREQUEST']._serialized_end=1254
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1256
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1276
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1278
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1339
-  _globals['_WORKERSTATUS']._serialized_start=1341
-  _globals['_WORKERSTATUS']._serialized_end=1463
-  _globals['_SCHEDULER']._serialized_start=1466
-  _globals['_SCHEDULER']._serialized_end=2429
+  _globals['_DEPLOYMENT']._serialized_end=772
+  _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_start=725
+  _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_end=772
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=775
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=915
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=917
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=983
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=985
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=1051
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1053
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1089
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1091
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1115
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1117
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1190
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1192
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1231
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=1233
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=1259
+  _globals['_ACTIVATEREQUEST']._serialized_start=1261
+  _globals['_ACTIVATEREQUEST']._serialized_end=1292
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1294
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1314
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1316
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1377
+  _globals['_WORKERSTATUS']._serialized_start=1379
+  _globals['_WORKERSTATUS']._serialized_end=1501
+  _globals['_SCHEDULER']._serialized_start=1504
+  _globals['_SCHEDULER']._serialized_end=2467
 # @@protoc_insertion_point(module_scope)

@@ -33,7 +33,7 @@ class TrafficSplit(_message.Message):
     def __init__(self, model: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "model", "replicas", "autoscale", "resources", "selector", "traffic", "resolved_version", "created_ms", "updated_ms", "previous_version", "adapters", "owner")
+    __slots__ = ("name", "model", "replicas", "autoscale", "resources", "selector", "traffic", "resolved_version", "created_ms", "updated_ms", "previous_version", "adapters", "owner", "format", "rollout_note")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,8 @@ class Deployment(_message.Message):
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     replicas: int
@@ -67,7 +69,9 @@ class Deployment(_message.Message):
     previous_version: str
     adapters: _containers.RepeatedScalarFieldContainer[str]
     owner: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., replicas: _Optional[int] = ..., autoscale: _Optional[_Union[Autoscale, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., selector: _Optional[_Mapping[str, str]] = ..., traffic: _Optional[_Iterable[_Union[TrafficSplit, _Mapping]]] = ..., resolved_version: _Optional[str] = ..., created_ms: _Optional[int] = ..., updated_ms: _Optional[int] = ..., previous_version: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., owner: _Optional[str] = ...) -> None: ...
+    format: str
+    rollout_note: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., replicas: _Optional[int] = ..., autoscale: _Optional[_Union[Autoscale, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., selector: _Optional[_Mapping[str, str]] = ..., traffic: _Optional[_Iterable[_Union[TrafficSplit, _Mapping]]] = ..., resolved_version: _Optional[str] = ..., created_ms: _Optional[int] = ..., updated_ms: _Optional[int] = ..., previous_version: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., owner: _Optional[str] = ..., format: _Optional[str] = ..., rollout_note: _Optional[str] = ...) -> None: ...
 
 class DeploymentStatus(_message.Message):
     __slots__ = ("deployment", "replicas", "ready_replicas", "message")

@@ -132,13 +132,15 @@ class MeshHarness:
         await self.scheduler()
         await self.router()
 
-    def spawn(self, kind: str, *args: str) -> Child:
-        """Run a service as a real process (for tests that kill it)."""
+    def spawn(self, kind: str, *args: str, env: dict[str, str] | None = None) -> Child:
+        """Run a service as a real process (for tests that kill it), with `env` added to its
+        environment."""
         name = f"{kind}-{len(self.children)}"
         child = Child(name, [sys.executable, "-m", "maas", kind, "--etcd", self.etcd, "--nats", self.nats,
                              "--prefix", self.prefix, "--lease-ttl", "2", "--metrics-port", "-1", *args],
                       self.tmp / f"{name}.log",
-                      env={**os.environ, "PYTHONUNBUFFERED": "1", "MAAS_CREDENTIAL": self.service_keys[kind]}).start()
+                      env={**os.environ, "PYTHONUNBUFFERED": "1", "MAAS_CREDENTIAL": self.service_keys[kind],
+                           **(env or {})}).start()
         self.children.append(child)
         return child
 

@@ -91,15 +91,16 @@ async def test_a_pushed_pipeline_streams_like_a_model(mesh: MeshHarness, tmp_pat
     assert body["pipeline"]["version"] == "bot@1" and [s["step"] for s in steps] == ["prompt", "answer", "safe"]
     assert all(s["status"] == "ok" for s in steps)
 
-    # another tenant does not see it; a pipeline is not deployed on workers
+    # another tenant does not see it; a pipeline deployment takes no replicas of its own
     b = AsyncOpenAI(base_url=base_url, api_key=key_b, max_retries=0)
     with pytest.raises(NotFoundError, match="bot"):
         await b.chat.completions.create(model="bot", messages=question)  # type: ignore[arg-type]
     scheduler = scheduler_pb2_grpc.SchedulerStub(dial(mesh.endpoint("scheduler"), key_a))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await scheduler.CreateDeployment(scheduler_pb2.CreateDeploymentRequest(
-            deployment=scheduler_pb2.Deployment(name="bot", model="bot", replicas=1)), timeout=10)
-    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is a pipeline" in refused.value.details()
+            deployment=scheduler_pb2.Deployment(name="bot", model="bot", replicas=1,
+                                                autoscale=scheduler_pb2.Autoscale(max_replicas=2))), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no autoscale" in refused.value.details()
 
     # a bad pipeline is refused at registration with its line; one calling a missing model too
     with pytest.raises(grpc.aio.AioRpcError) as bad:

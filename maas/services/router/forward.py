@@ -18,8 +18,10 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
+from maas.mesh import tracing
 from maas.mesh.authz import Principal
 from maas.mesh.clients import REPLICA_HEADER, credential_metadata
 from maas.mesh.errors import DeadlineExceeded, MaasError, ResourceExhausted, Unavailable, from_rpc_error
@@ -192,14 +194,15 @@ class Forwarder:
     def prepare(request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest
                 ) -> tuple[tuple[str, str], ...]:
         """Give the request an id (the caller's, the log context's, or a new one); an id the
-        router chose goes into `added` too."""
+        router chose goes into `added` too. Returns the metadata that carries it and the
+        trace context to the worker."""
         rid = request.request_id
         if not rid:
             rid = request_id_var.get()
             if rid == "-":
                 rid = new_request_id()
             request.request_id = added.request_id = rid
-        return (("x-request-id", rid),)
+        return (("x-request-id", rid), *tracing.headers())
 
     def route_adapter(self, request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest) -> None:
         """A model name that is not a deployment but one of a deployment's adapters (a
@@ -523,6 +526,8 @@ class _Attempts:
             raise Unavailable(f"worker {replica.worker_id} failed {where} ({details}), "
                               f"and {self.fw.max_attempts} attempts were used up")
         self.lost = f"worker {replica.worker_id} failed {where} ({details})"
+        trace.get_current_span().add_event("replica failed", {
+            "maas.worker": replica.worker_id, "maas.replica": replica.replica_id, "maas.tokens_produced": produced})
         if produced:
             MIGRATIONS.labels(self.fw._label(self.model)).inc()
             log.warning("%s; moving the stream to another replica", self.lost)

@@ -27,8 +27,11 @@ from typing import Any, cast
 
 import grpc
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from prometheus_client import Counter, Histogram
 
+from maas.mesh import tracing
 from maas.mesh.auth import bearer
 from maas.mesh.errors import (
     DeadlineExceeded,
@@ -42,11 +45,10 @@ from maas.mesh.etcd import EtcdError
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.mesh.tls import TlsFiles
 from maas.pipelines.executor import Run
-from maas.pipelines.spec import PipelineSpec
 from maas.services.router import openai_api, openapi, pipelines
 from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder
-from maas.services.router.pipelines import MeshServices, PipelineCatalog
-from maas.v1 import inference_pb2, registry_pb2
+from maas.services.router.pipelines import Found, MeshServices, PipelineCatalog
+from maas.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,12 @@ def _dumps(obj: object) -> str:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _timeline(found: Found, run: Run) -> dict[str, Any]:
+    return {"version": found.ref, "deployment": found.deployment or None,
+            "first_chunk_ms": None if run.first_chunk_ms is None else round(run.first_chunk_ms, 3),
+            "steps": [vars(t) for t in run.timings()]}
 
 
 def _api_key(request: web.Request) -> str:
@@ -235,6 +243,11 @@ class HttpApi:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         start, status = time.perf_counter(), 499
+        span = trace.INVALID_SPAN if route == "/health" else tracing.server_span(
+            f"{request.method} {route}", tracing.extract(request.headers.items()), **{
+                "http.request.method": request.method, "http.route": route, "url.path": request.path,
+                "maas.request_id": rid})
+        active = tracing.activate(span)
         try:
             try:
                 response = await handler(request)
@@ -252,6 +265,11 @@ class HttpApi:
         finally:
             REQUESTS.labels(route, str(status)).inc()
             LATENCY.labels(route).observe(time.perf_counter() - start)
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+            tracing.deactivate(active)
             request_id_var.reset(token)
 
     async def _body(self, request: web.Request) -> Any:
@@ -301,7 +319,7 @@ class HttpApi:
         deadline = self._deadline(request)
         req, opts = openai_api.chat_request(await self._body(request))
         if found := await self._find_pipeline(request, req.model):
-            return await self._pipeline(request, deadline, req, opts, *found)
+            return await self._pipeline(request, deadline, req, opts, found)
         if opts.max_tokens_given:
             return await self._generate(request, deadline, req, opts)
         req.params.max_tokens = default = openai_api.chat_max_tokens(self._context_length(req.model))
@@ -318,11 +336,10 @@ class HttpApi:
         deadline = self._deadline(request)
         req, opts = openai_api.completion_request(await self._body(request))
         if found := await self._find_pipeline(request, req.model):
-            return await self._pipeline(request, deadline, req, opts, *found)
+            return await self._pipeline(request, deadline, req, opts, found)
         return await self._generate(request, deadline, req, opts)
 
-    async def _find_pipeline(self, request: web.Request,
-                             model: str) -> tuple[registry_pb2.ModelVersion, PipelineSpec] | None:
+    async def _find_pipeline(self, request: web.Request, model: str) -> Found | None:
         """The pipeline `model` names, once the caller is known (no registry lookups for
         anonymous callers); None for anything else."""
         gate = self.forwarder.gate
@@ -331,30 +348,31 @@ class HttpApi:
         return await self.pipelines.find(model)
 
     async def _pipeline(self, request: web.Request, deadline: _Deadline, req: inference_pb2.GenerateRequest,
-                        opts: openai_api.Options, version: registry_pb2.ModelVersion,
-                        spec: PipelineSpec) -> web.StreamResponse:
+                        opts: openai_api.Options, found: Found) -> web.StreamResponse:
         """A pipeline's answer (docs/pipelines.md, `pipelines.start`). With `x-maas-trace: 1`
-        a non-streamed reply carries each step's timing."""
+        the reply (a stream: its last chunk) carries the version that ran and each step's
+        timing."""
         rid = req.request_id = request_id_var.get()
         created = int(time.time())
-        run, services = pipelines.start(self.forwarder, _api_key(request), req, spec, deadline.remaining(),
+        run, services = pipelines.start(self.forwarder, _api_key(request), req, found, deadline.remaining(),
                                         self.pipelines)
         answer = run.answer()
+        traced = request.headers.get(TRACE_HEADER) == "1"
         if opts.stream:
-            return await self._pipeline_stream(request, deadline, opts, rid, created, run, answer, services)
+            return await self._pipeline_stream(request, deadline, opts, rid, created, run, answer, services,
+                                               found if traced else None)
         async with contextlib.aclosing(answer), deadline.bound():
             text = "".join([chunk async for chunk in answer])
         reply = inference_pb2.GenerateResponse(request_id=rid, model=req.model, text=text,
                                                finish_reason=pipelines.finish(run), usage=services.usage)
         body = openai_api.completion(reply, opts, rid, created)
-        if request.headers.get(TRACE_HEADER) == "1":
-            body["pipeline"] = {"version": f"{version.name}@{version.version}",
-                                "steps": [vars(t) for t in run.timings()]}
+        if traced:
+            body["pipeline"] = _timeline(found, run)
         return web.json_response(body, dumps=_dumps)
 
     async def _pipeline_stream(self, request: web.Request, deadline: _Deadline, opts: openai_api.Options,
                                rid: str, created: int, run: Run, answer: AsyncGenerator[str, None],
-                               services: MeshServices) -> web.StreamResponse:
+                               services: MeshServices, traced: Found | None) -> web.StreamResponse:
         encoder = openai_api.StreamEncoder(opts, rid, created)
 
         async def events() -> AsyncGenerator[list[dict[str, Any]], None]:
@@ -363,8 +381,12 @@ class HttpApi:
                 async for text in answer:
                     yield [*(encoder.start() if first else []), *encoder.chunk(inference_pb2.GenerateChunk(text=text))]
                     first = False
-                yield [*(encoder.start() if first else []), *encoder.chunk(inference_pb2.GenerateChunk(
-                    finish_reason=pipelines.finish(run), usage=services.usage)), *encoder.end()]
+            # the answer is closed: every step's span and timing is final
+            last = [*(encoder.start() if first else []), *encoder.chunk(inference_pb2.GenerateChunk(
+                finish_reason=pipelines.finish(run), usage=services.usage))]
+            if traced is not None and last:
+                last[-1]["pipeline"] = _timeline(traced, run)
+            yield [*last, *encoder.end()]
 
         return await self._events(request, deadline, rid, events())
 

@@ -80,6 +80,8 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     await pool.start()
     await gate.start()
     await rt.events.subscribe_load(pool.observe)
+    catalog.start_reporting(rt.events, rt.config.instance)  # deployed pipelines' outcomes, for canary judging
+    rt.add_closer(catalog.stop_reporting)
     return pool
 
 

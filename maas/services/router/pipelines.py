@@ -12,17 +12,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import Counter, Histogram
+
+from maas.mesh.aio import stop_task
 from maas.mesh.artifacts import ARTIFACT
 from maas.mesh.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, PermissionDenied
+from maas.mesh.events import EventBus
+from maas.pipelines import slo
 from maas.pipelines.executor import PipelineInput, Run
 from maas.pipelines.index import Index
 from maas.pipelines.spec import PipelineSpec, parse
-from maas.v1 import common_pb2, inference_pb2, registry_pb2
+from maas.v1 import common_pb2, inference_pb2, mesh_pb2, registry_pb2
 
 if TYPE_CHECKING:
     from maas.services.router.forward import Forwarder
@@ -35,6 +43,38 @@ MAX_CACHED = 1024  # names whose version is kept (least recently used first out)
 DEFAULT_MAX_TOKENS = 256  # a generate step that sets no max_tokens
 
 
+STEP_SECONDS = Histogram(
+    "maas_pipeline_step_seconds", "Time from a pipeline step's start to its value (a stream: its first chunk).",
+    ["pipeline", "version", "step", "kind"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+STEPS = Counter("maas_pipeline_steps_total", "Pipeline steps that ran, by outcome (ok, skipped, fallback, failed).",
+                ["pipeline", "version", "step", "kind", "status"])
+TTFT_SHARE = Histogram(
+    "maas_pipeline_step_ttft_share", "The share of a pipeline answer's time to first chunk spent in one step "
+    "(steps done before the first chunk).", ["pipeline", "version", "step"],
+    buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0))
+REQUESTS = Counter("maas_pipeline_requests_total", "Pipeline requests by outcome (a gRPC status name; CANCELLED: "
+                   "the client went away).", ["pipeline", "version", "code"])
+TTFT = Histogram("maas_pipeline_ttft_seconds", "Time from a pipeline request's start to its answer's first chunk.",
+                 ["pipeline", "version"],
+                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+REPORT_SECONDS = 1.0  # how often a router reports its deployed pipelines' outcomes (for canary judging)
+
+
+@dataclass(frozen=True)
+class Found:
+    """The pipeline a request names: its version, its spec, and the deployment it came
+    through ("" when asked for by its registered name)."""
+
+    version: registry_pb2.ModelVersion
+    spec: PipelineSpec
+    deployment: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.version.name}@{self.version.version}"
+
+
 class PipelineCatalog:
     def __init__(self, forwarder: Forwarder) -> None:
         self.pool = forwarder.pool
@@ -43,23 +83,41 @@ class PipelineCatalog:
         self._specs: collections.OrderedDict[str, PipelineSpec] = collections.OrderedDict()  # by sha256
         self._indexes: collections.OrderedDict[str, Index] = collections.OrderedDict()  # by sha256
         self._loading: dict[str, asyncio.Future[Index]] = {}
+        # outcomes of deployed pipelines with an SLO since the last report: (deployment, version) -> step -> counts
+        self._tally: dict[tuple[str, str], dict[str, slo.Counts]] = {}
+        self._reporter: asyncio.Task[None] | None = None
 
     def maybe(self, model: str) -> bool:
-        """Could `model` name a pipeline? False (and nothing asked) for a deployment's name, a
-        model with ready replicas, or a name the registry does not have."""
+        """Could `model` name a pipeline? True for a deployment of a pipeline; False (and
+        nothing asked) for a model's deployment, a model with ready replicas, or a name the
+        registry does not have."""
         name, _, version = model.partition("@")
-        if not version and name in self.pool.deployments.items:
-            return False
+        dep = self.pool.deployments.items.get(name)
+        if not version and dep is not None:
+            return dep.format == "pipeline"
         return name in self.pool.models.items and not self.pool.ready(model)
 
-    async def find(self, model: str) -> tuple[registry_pb2.ModelVersion, PipelineSpec] | None:
-        """The pipeline `model` names ("name" or "name@version"), or None for anything else.
-        Call it for an authenticated caller only. Costs nothing for a deployment's name, a
-        model with ready replicas or an unknown name; a registered model that is not
-        deployed costs a registry lookup every RESOLVE_TTL (a registry that does not answer
-        makes it "not a pipeline": the request then fails as it would have)."""
+    async def find(self, model: str) -> Found | None:
+        """The pipeline `model` names ("name", "name@version", or a pipeline deployment's name,
+        whose canary gets its weight's share of requests), or None for anything else. Call
+        it for an authenticated caller only. Costs nothing for a model's deployment, a model
+        with ready replicas or an unknown name; a registered model that is not deployed
+        costs a registry lookup every RESOLVE_TTL (a registry that does not answer makes it
+        "not a pipeline": the request then fails as it would have)."""
         if not self.maybe(model):
             return None
+        dep = self.pool.deployments.items.get(model)
+        if dep is not None:  # a pipeline deployment: its version, or its canary's
+            ref = dep.resolved_version
+            if dep.traffic and random.uniform(0, 100) < dep.traffic[0].weight:
+                ref = dep.traffic[0].model
+            found = await self._lookup(ref)
+            if found is None:
+                raise FailedPrecondition(f"deployment {model!r} runs pipeline {ref}, which cannot be read now")
+            return Found(found.version, found.spec, deployment=model)
+        return await self._lookup(model)
+
+    async def _lookup(self, model: str) -> Found | None:
         now = time.monotonic()
         cached = self._versions.get(model)
         if cached is not None and cached[0] > now:
@@ -86,7 +144,57 @@ class PipelineCatalog:
             self._specs[sha] = spec
             while len(self._specs) > MAX_CACHED:
                 self._specs.popitem(last=False)
-        return found, spec
+        return Found(found, spec)
+
+    # ---- what runs did: metrics, and reports for canary judging ----------------------------
+
+    def record(self, found: Found, run: Run, error: BaseException | None) -> None:
+        """Per-step metrics of a finished run; for a deployed pipeline with an SLO, its
+        outcome per objective too (reported to the scheduler)."""
+        name, version = found.version.name, str(found.version.version)
+        code = "OK" if error is None else (
+            "CANCELLED" if isinstance(error, asyncio.CancelledError | GeneratorExit) else
+            error.code.name if isinstance(error, MaasError) else "INTERNAL")
+        REQUESTS.labels(name, version, code).inc()
+        ttft = run.first_chunk_ms
+        if ttft is not None:
+            TTFT.labels(name, version).observe(ttft / 1000)
+        timings = run.timings()
+        for t in timings:
+            if t.status in ("running", "cancelled"):  # ended with the request, undecided
+                continue
+            STEPS.labels(name, version, t.step, t.kind, t.status).inc()
+            STEP_SECONDS.labels(name, version, t.step, t.kind).observe(t.ms / 1000)
+            if ttft and t.start_ms + t.ms <= ttft:
+                TTFT_SHARE.labels(name, version, t.step).observe(min(1.0, t.ms / ttft))
+        objectives = found.spec.slo
+        if not found.deployment or objectives is None or code == "CANCELLED":
+            return  # a client that went away says nothing about the version
+        tally = self._tally.setdefault((found.deployment, found.ref), {})
+        slo.count(objectives, slo.WHOLE, error is not None, ttft if ttft is not None else run.elapsed_ms(),
+                  tally.setdefault(slo.WHOLE, slo.Counts()))
+        for t in timings:
+            if t.status not in ("running", "cancelled") and objectives.objective(t.step) is not None:
+                slo.count(objectives, t.step, t.status != "ok", t.ms, tally.setdefault(t.step, slo.Counts()))
+
+    def start_reporting(self, events: EventBus, router: str) -> None:
+        self._reporter = asyncio.create_task(self._report(events, router), name="pipeline-reports")
+
+    async def stop_reporting(self) -> None:
+        await stop_task(self._reporter)
+
+    async def _report(self, events: EventBus, router: str) -> None:
+        while True:
+            await asyncio.sleep(REPORT_SECONDS)
+            tally, self._tally = self._tally, {}
+            if not tally:
+                continue
+            report = mesh_pb2.PipelineReport(router=router)
+            for (deployment, version), steps in tally.items():
+                report.versions.add(deployment=deployment, version=version, objectives=[
+                    mesh_pb2.ObjectiveStats(step=step, requests=c.requests, errors=c.errors, slow=c.slow,
+                                            max_ms=c.max_ms) for step, c in steps.items()])
+            await events.publish_pipeline(report)
 
 
     async def index(self, ref: str) -> Index:
@@ -122,7 +230,7 @@ class PipelineCatalog:
         return index
 
 
-def start(forwarder: Forwarder, caller: Caller, request: inference_pb2.GenerateRequest, spec: PipelineSpec,
+def start(forwarder: Forwarder, caller: Caller, request: inference_pb2.GenerateRequest, found: Found,
           timeout: float | None, catalog: PipelineCatalog | None = None) -> tuple[Run, MeshServices]:
     """A run of `spec` for `request` (its chat, or its prompt as one user message). The
     caller must see the pipeline (its tenant's or the platform's) and its key must allow
@@ -139,8 +247,10 @@ def start(forwarder: Forwarder, caller: Caller, request: inference_pb2.GenerateR
         [{"role": "user", "content": request.prompt}]
     services = MeshServices(forwarder, caller, request.request_id, catalog)
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-    run = Run(spec, services, PipelineInput(messages), deadline=deadline,
-              tenant=principal.tenant if principal is not None else "")
+    run = Run(found.spec, services, PipelineInput(messages), deadline=deadline,
+              tenant=principal.tenant if principal is not None else "", name=found.ref)
+    if catalog is not None:
+        run.on_done.append(functools.partial(catalog.record, found))
     return run, services
 
 
@@ -211,4 +321,4 @@ class MeshServices:
                                  "(docs/pipelines.md)")
 
 
-__all__ = ["MeshServices", "PipelineCatalog", "finish", "start"]
+__all__ = ["Found", "MeshServices", "PipelineCatalog", "finish", "start"]

@@ -75,7 +75,7 @@ class RouterInferenceServicer:
             return
         req = request[0]
         req.request_id = req.request_id or new_request_id()
-        run, services = pipelines.start(self.forwarder, who, req, found[1], self._timeout(context), self.pipelines)
+        run, services = pipelines.start(self.forwarder, who, req, found, self._timeout(context), self.pipelines)
         async with contextlib.aclosing(run.answer()) as answer:
             async for text in answer:
                 out = inference_pb2.GenerateChunk(request_id=req.request_id, model=req.model, text=text)
@@ -88,7 +88,7 @@ class RouterInferenceServicer:
         if self.pipelines.maybe(request[0].model) and (found := await self.pipelines.find(request[0].model)):
             req = request[0]
             req.request_id = req.request_id or new_request_id()
-            run, services = pipelines.start(self.forwarder, caller(), req, found[1], self._timeout(context),
+            run, services = pipelines.start(self.forwarder, caller(), req, found, self._timeout(context),
                                             self.pipelines)
             async with contextlib.aclosing(run.answer()) as answer:
                 text = "".join([chunk async for chunk in answer])

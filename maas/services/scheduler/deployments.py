@@ -48,6 +48,16 @@ def _check_change(who: Principal | None, dep: scheduler_pb2.Deployment) -> None:
         raise PermissionDenied(f"deployment {dep.name!r} belongs to the platform; only the admin may change it")
 
 
+def _check_pipeline_deployment(dep: scheduler_pb2.Deployment) -> None:
+    """A pipeline deployment has no replicas of its own: the routers run it, and its steps
+    call models that are deployed on their own."""
+    if dep.HasField("autoscale") or dep.HasField("resources") or dep.selector or dep.adapters:
+        raise InvalidArgument(f"deployment {dep.name!r} runs pipeline {dep.resolved_version}, which the routers "
+                              "run: it takes no autoscale, resources, selector or adapters (deploy the models its "
+                              "steps call for those)", field="model")
+    dep.replicas = 0
+
+
 class DeploymentStore:
     def __init__(self, session: EtcdSession, resolver: RegistryClient) -> None:
         self.session = session
@@ -59,10 +69,6 @@ class DeploymentStore:
         version = await self.resolver.resolve(ref)
         if who is not None and not who.may_see(version.owner):
             raise NotFound(f"model {ref.partition('@')[0]!r} is not registered")
-        if version.format == "pipeline":
-            raise FailedPrecondition(f"{version.name}@{version.version} is a pipeline: the routers run it without a "
-                                     f"deployment (ask for model {version.name!r}); deploying, canarying and "
-                                     "rolling back pipelines are not built yet (docs/pipelines.md)")
         if version.format == "index":
             raise FailedPrecondition(f"{version.name}@{version.version} is a vector index: pipelines' retrieve steps "
                                      "read it in the routers; it is not deployed")
@@ -89,6 +95,9 @@ class DeploymentStore:
         out.model = dep.model or dep.name
         version = await self._resolve(out.model, who)
         out.resolved_version = f"{version.name}@{version.version}"
+        out.format = "pipeline" if version.format == "pipeline" else ""
+        if out.format == "pipeline":
+            _check_pipeline_deployment(out)
         if len(out.traffic) > 1:
             raise InvalidArgument("one canary at a time: traffic takes at most one entry", field="traffic")
         for split in out.traffic:
@@ -96,6 +105,10 @@ class DeploymentStore:
                 raise InvalidArgument(f"canary weight must be 1..99 percent, got {split.weight}", field="weight")
             canary = await self._resolve(split.model, who)
             split.model = f"{canary.name}@{canary.version}"
+            if (canary.format == "pipeline") != (out.format == "pipeline"):
+                raise InvalidArgument(f"the canary {split.model} is a {canary.format or 'model'} but deployment "
+                                      f"{out.name!r} runs a {out.format or 'model'}: a canary is another version "
+                                      "of the same kind", field="canary")
             if split.model == out.resolved_version:
                 raise InvalidArgument(f"the canary {split.model} is the version already deployed", field="canary")
         served = {out.resolved_version, *(split.model for split in out.traffic)}

@@ -24,6 +24,7 @@ from maas.mesh.jobs import TERMINAL, now_ms, update_job
 from maas.mesh.server import ServiceRuntime
 from maas.services.scheduler import metrics, placement
 from maas.services.scheduler.autoscaler import Autoscaler
+from maas.services.scheduler.canary import CanaryJudge
 from maas.services.scheduler.deployments import DeploymentStore
 from maas.services.scheduler.state import ClusterState
 from maas.v1 import jobs_pb2, mesh_pb2, registry_pb2, scheduler_pb2
@@ -67,6 +68,7 @@ class Reconciler:
         self.state = state
         self.resolver = resolver
         self.autoscaler = Autoscaler()
+        self.canaries = CanaryJudge(state, self.deployments, resolver, rt.events)
         self.evict_idle_seconds = evict_idle_seconds
         self.is_leader = False
         self.unplaced: dict[str, str] = {}
@@ -85,6 +87,7 @@ class Reconciler:
 
     async def start(self) -> None:
         await self.rt.events.subscribe_load(self.autoscaler.observe)
+        await self.rt.events.subscribe_pipeline(self.canaries.observe)
         self._task = asyncio.create_task(self._run(), name="reconciler")
 
     async def close(self) -> None:
@@ -122,6 +125,7 @@ class Reconciler:
             try:
                 with metrics.RECONCILE.time():
                     await self.reconcile_once(election)
+                await self.canaries.judge(election.is_leader)
             except LostLeadership:
                 raise
             except Exception as e:  # etcd or registry hiccup: try again shortly
@@ -134,7 +138,8 @@ class Reconciler:
                 raise LostLeadership
 
     async def reconcile_once(self, election: LeaderElection) -> None:
-        deployments = dict(self.state.deployments.items)
+        # pipeline deployments have no replicas (the routers run them); `canary` judges them
+        deployments = {n: d for n, d in self.state.deployments.items.items() if d.format != "pipeline"}
         ready = frozenset(r.replica_id for r in self.state.replicas.items.values()
                           if r.state == mesh_pb2.REPLICA_STATE_READY)
         starting = {a.deployment for a in self.state.assignments.items.values() if a.replica_id not in ready}

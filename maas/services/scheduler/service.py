@@ -25,7 +25,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     def _status(self, dep: scheduler_pb2.Deployment) -> scheduler_pb2.DeploymentStatus:
         status = self.state.status(dep)
-        if reason := self.reconciler.unplaced.get(dep.name):
+        if dep.format == "pipeline":
+            status.message = "a pipeline: the routers run it (its steps call models deployed on their own)"
+        elif reason := self.reconciler.unplaced.get(dep.name):
             status.message = reason
         return status
 
