@@ -65,6 +65,9 @@ class StepFailed(MaasError):
         super().__init__(f"pipeline step {step.name!r} ({step.kind}) failed: {what}", field=f"steps.{step.name}")
         self.code = cause.code if isinstance(cause, MaasError) else grpc.StatusCode.INTERNAL
         self.step = step.name
+        # the message may reach the client even as INTERNAL: it is a plugin's (its author's
+        # code) or a domain error's own words, never the router's internals
+        self.public = step.kind == "plugin" or isinstance(cause, MaasError)
         self.retry_after = getattr(cause, "retry_after", None)  # a step's 429 keeps its hint
 
 

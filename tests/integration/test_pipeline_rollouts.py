@@ -213,8 +213,8 @@ async def test_a_trace_shows_every_step_with_its_parent(mesh: MeshHarness, tmp_p
         for step in ("prompt", "answer", "safe"):
             (span,) = [s for s in by_name[f"step {step}"] if s["parent"] == pipeline[0]["id"]]
             assert span["service"] == "maas-router"
-        (answer,) = by_name["step answer"]
-        served = [s for s in spans if s["service"] == "maas-worker" and s["parent"] == answer["id"]]
+        (generate_span,) = by_name["step answer"]
+        served = [s for s in spans if s["service"] == "maas-worker" and s["parent"] == generate_span["id"]]
         assert [s["name"] for s in served] == ["maas.v1.Inference/GenerateStream"], spans
     finally:
         await runner.cleanup()

@@ -261,3 +261,87 @@ async def test_a_pipeline_stream_survives_its_worker_killed(mesh: MeshHarness, t
     assert got == expected and all(len(t.split()) == 40 for t in got)
     moved = (REGISTRY.get_sample_value("maas_router_migrations_total", {"model": "echo"}) or 0.0) - moved_before
     assert moved >= 1, "no pipeline stream was on the killed worker?"
+
+
+PLUGGED = """\
+steps:
+  - name: shout
+    kind: plugin
+    plugin: "loud:Shout"
+    input: input.text
+  - name: answer
+    kind: generate
+    model: echo
+    input: steps.shout
+    max_tokens: 4
+    temperature: 0
+"""
+LOUD = """\
+class Shout:
+    def run(self, ctx, value):
+        if "crash" in value:
+            return 1 / 0
+        return value.upper() + ctx.config.get("end", "!")
+"""
+
+
+async def test_plugins_of_a_pushed_package(mesh: MeshHarness, tmp_path: Path) -> None:
+    """A pipeline pushed as a package runs its plugin in the router's plugin process; a
+    failing plugin gives the documented error naming the step; a package without the
+    plugin's module is refused with its line; a tenant's plugin is off by default."""
+    from maas.mesh.artifacts import pack_directory
+
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh.router(http_port=0)
+    await mesh.worker()
+    await mesh.register("echo")
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    key = await mesh.key("a")
+    package = tmp_path / "loud"
+    package.mkdir()
+    (package / "pipeline.yaml").write_text(PLUGGED)
+    (package / "loud.py").write_text(LOUD)
+    archive = tmp_path / "loud.tar"
+    pack_directory(package, archive)
+
+    async def register(stub: registry_pb2_grpc.RegistryStub, name: str, path: Path) -> registry_pb2.ModelVersion:
+        artifact = await upload_file(stub, path, timeout=30)
+        return await stub.RegisterModel(registry_pb2.RegisterModelRequest(  # type: ignore[no-any-return]
+            name=name, format="pipeline", source=f"artifact:{artifact.sha256}"), timeout=10)
+
+    admin = await mesh.stub("registry")
+    assert (await register(admin, "loud", archive)).owner == ""  # the platform's
+    client = AsyncOpenAI(base_url=f"http://{router.info.http_endpoint}/v1", api_key=key, max_retries=0)
+    direct = await client.chat.completions.create(model="echo", max_tokens=4, temperature=0,
+                                                  messages=[{"role": "user", "content": "HELLO!"}])
+    got = await client.completions.create(model="loud", prompt="hello")
+    assert got.choices[0].text == direct.choices[0].message.content  # the model answered the plugin's output
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://{router.info.http_endpoint}/v1/completions",
+                             json={"model": "loud", "prompt": "crash now"},
+                             headers={"Authorization": f"Bearer {key}"}) as resp:
+            body = await resp.json()
+    assert resp.status == 500
+    assert body["error"]["message"] == "pipeline step 'shout' (plugin) failed: ZeroDivisionError: division by zero"
+
+    # the same package pushed by a tenant: registered, but this router runs no tenant's plugins
+    channel = dial(mesh.endpoint("registry"), key)
+    tenants = registry_pb2_grpc.RegistryStub(channel)
+    assert (await register(tenants, "myloud", archive)).owner == "a"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://{router.info.http_endpoint}/v1/completions",
+                             json={"model": "myloud", "prompt": "hello"},
+                             headers={"Authorization": f"Bearer {key}"}) as resp:
+            body = await resp.json()
+    assert resp.status == 400 and "--pipeline-plugins platform" in body["error"]["message"], body
+
+    # the YAML alone (no module) is refused at registration, with the step's line
+    (tmp_path / "bare.yaml").write_text(PLUGGED)
+    with pytest.raises(grpc.aio.AioRpcError) as bare:
+        await register(tenants, "bare", tmp_path / "bare.yaml")
+    assert "bare.yaml:2: step 'shout': plugin module 'loud' is not in the pipeline's package" in \
+        (bare.value.details() or "")
+    await channel.close()
+    await client.close()

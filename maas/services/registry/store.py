@@ -20,7 +20,6 @@ from maas.v1 import common_pb2, registry_pb2, scheduler_pb2
 
 FORMATS = ("hf", "sim", "pipeline", "index")
 ROUTER_FORMATS = ("pipeline", "index")  # used by the routers: no replicas, no devices
-MAX_PIPELINE_BYTES = 1 << 20  # a pipeline's YAML
 TASKS = ("generate", "embed")
 DEFAULT_SIM_MEMORY = 64 * 1024 * 1024
 DEFAULT_HUB_MEMORY = 2 * 1024 * 1024 * 1024
@@ -141,28 +140,35 @@ class ModelStore:
         """A pipeline's source is its uploaded YAML; it must parse, and the models its steps
         call must exist for the caller (a model, or a deployment, by name). Every problem is
         reported with its line (`maas.pipelines.spec`)."""
+        from maas.pipelines import package
         from maas.pipelines.spec import SpecErrors, parse
 
         if req.base:
             raise InvalidArgument("a pipeline has no base model (its steps name the models they call)", field="base")
         source = req.source.strip()
         if not source.startswith(ARTIFACT) or self.blobs is None:
-            raise InvalidArgument("a pipeline's source is its uploaded YAML, artifact:<sha256> (`maas pipeline push "
-                                  "NAME FILE` uploads and registers it)", field="source")
+            raise InvalidArgument("a pipeline's source is its uploaded YAML or package, artifact:<sha256> (`maas "
+                                  "pipeline push NAME FILE|DIR` uploads and registers it)", field="source")
         sha = check_digest(source.removeprefix(ARTIFACT))
         await self.check_artifact(sha)
         blobs = self.blobs
-        if await asyncio.to_thread(blobs.size, sha) > MAX_PIPELINE_BYTES:
-            raise InvalidArgument(f"a pipeline's YAML is at most {MAX_PIPELINE_BYTES} bytes", field="source")
+        if await asyncio.to_thread(blobs.size, sha) > package.MAX_PACKAGE_BYTES:
+            raise InvalidArgument(f"a pipeline's package is at most {package.MAX_PACKAGE_BYTES} bytes", field="source")
         data = b"".join(await asyncio.to_thread(lambda: list(blobs.read(sha))))
         try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidArgument("a pipeline's YAML must be UTF-8 text", field="source") from None
+            pack = package.read(data)
+        except package.PackageError as e:
+            raise InvalidArgument(str(e), field="source") from None
         where = f"{req.name}.yaml"
-        spec = parse(text, source=where)
+        spec = parse(pack.spec, source=where)
         problems = []
         for step in spec.steps.values():
+            if step.kind == "plugin":
+                module = str(step.options["plugin"]).partition(":")[0]
+                if not pack.has_module(module):
+                    problems.append((step.line, f"step {step.name!r}: plugin module {module!r} is not in the "
+                                                f"pipeline's package (push a directory holding "
+                                                f"{module.replace('.', '/')}.py beside pipeline.yaml)"))
             model = step.options.get("model")
             if model and not await self._callable(str(model)):
                 problems.append((step.line, f"step {step.name!r}: model {model!r} does not exist"))

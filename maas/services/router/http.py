@@ -70,7 +70,9 @@ HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
 }
-"""gRPC code of a domain error -> (HTTP status, OpenAI error type); anything else is a 500."""
+"""gRPC code of a domain error -> (HTTP status, OpenAI error type); anything else is a 500
+that says only "internal error" and the request id (unless the error is `public`: a
+pipeline plugin's failure, which is its author's to read)."""
 
 REQUESTS = Counter("maas_http_requests_total", "HTTP API requests, by route and status.", ["route", "status"])
 LATENCY = Histogram("maas_http_request_seconds", "Time to complete an HTTP API request (whole stream).",
@@ -101,6 +103,8 @@ def _error(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
         if status == 429 and (retry_after := getattr(e, "retry_after", None)) is not None:
             headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
         return status, error_body(e.message, kind, param=e.field, code=e.code.name.lower()), headers
+    if isinstance(e, MaasError) and getattr(e, "public", False):
+        return 500, error_body(e.message, "server_error", param=e.field, code="internal"), {}
     if isinstance(e, EtcdError):
         log.warning("etcd call failed: %s", e)
         return 503, error_body("the mesh's etcd is unavailable; retry shortly", "service_unavailable_error",

@@ -12,7 +12,7 @@ from maas.mesh.server import ServiceRuntime, run_service
 from maas.mesh.usage import UsageMeter
 from maas.services.router.forward import FAILOVER_SECONDS, QUEUE_SECONDS, Forwarder
 from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi
-from maas.services.router.pipelines import PipelineCatalog
+from maas.services.router.pipelines import PLUGIN_POLICIES, PipelineCatalog
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
 from maas.services.router.service import SERVICE, RouterInferenceServicer, add_to_server
 from maas.services.router.tenants import Gate
@@ -41,13 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "otherwise (then 504)")
     parser.add_argument("--grpc-timeout", type=float, default=DEFAULT_TIMEOUT,
                         help="seconds a gRPC call that sets no deadline may take (then DEADLINE_EXCEEDED)")
+    parser.add_argument("--pipeline-plugins", choices=PLUGIN_POLICIES, default="platform",
+                        help="whose pipelines may run their plugin code (in a process of its own; not a "
+                             "security sandbox): nobody's, the platform's (default) or every tenant's")
 
 
 async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SECONDS,
                 http_host: str | None = None, http_port: int = -1,
                 prefix_affinity: bool = True, failover_timeout: float = FAILOVER_SECONDS,
                 http_timeout: float = DEFAULT_TIMEOUT, grpc_timeout: float = DEFAULT_TIMEOUT,
-                queue_timeout: float = QUEUE_SECONDS) -> ReplicaPool:
+                queue_timeout: float = QUEUE_SECONDS, pipeline_plugins: str = "platform") -> ReplicaPool:
     """Wire a router into a runtime (also used by in-process tests). `http_port` -1 serves
     no HTTP API; the endpoint it serves is published as the router's `http_endpoint`."""
     if not -1 <= http_port <= 65535:
@@ -64,7 +67,7 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
                           credential=rt.config.credential, usage=usage, queue_timeout=queue_timeout)
     if not 0 < grpc_timeout <= 86400:
         raise StartupError(f"--grpc-timeout {grpc_timeout:g} must be more than 0 and at most 86400 seconds")
-    catalog = PipelineCatalog(forwarder)  # the registered pipelines this router runs (docs/pipelines.md)
+    catalog = PipelineCatalog(forwarder, plugins=pipeline_plugins)  # the registered pipelines this router runs (docs/pipelines.md)
     rt.add_service(SERVICE, add_to_server, RouterInferenceServicer(forwarder, grpc_timeout, catalog))
     rt.add_closer(pool.close)
     rt.add_closer(gate.close)
@@ -81,7 +84,7 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     await gate.start()
     await rt.events.subscribe_load(pool.observe)
     catalog.start_reporting(rt.events, rt.config.instance)  # deployed pipelines' outcomes, for canary judging
-    rt.add_closer(catalog.stop_reporting)
+    rt.add_closer(catalog.close)
     return pool
 
 
@@ -94,7 +97,7 @@ def main(ns: argparse.Namespace) -> int:
             await build(rt, cold_start_timeout=ns.cold_start_timeout, http_host=ns.http_host,
                         prefix_affinity=ns.prefix_affinity, failover_timeout=ns.failover_timeout,
                         http_port=ns.http_port, http_timeout=ns.http_timeout, grpc_timeout=ns.grpc_timeout,
-                        queue_timeout=ns.queue_timeout)
+                        queue_timeout=ns.queue_timeout, pipeline_plugins=ns.pipeline_plugins)
             await rt.wait()
 
     return run_service(serve)

@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Histogram
@@ -26,9 +27,10 @@ from maas.mesh.aio import stop_task
 from maas.mesh.artifacts import ARTIFACT
 from maas.mesh.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, PermissionDenied
 from maas.mesh.events import EventBus
-from maas.pipelines import slo
-from maas.pipelines.executor import PipelineInput, Run
+from maas.pipelines import package, slo
+from maas.pipelines.executor import PipelineInput, Run, StepContext
 from maas.pipelines.index import Index
+from maas.pipelines.plugins import PluginHost
 from maas.pipelines.spec import PipelineSpec, parse
 from maas.v1 import common_pb2, inference_pb2, mesh_pb2, registry_pb2
 
@@ -69,14 +71,25 @@ class Found:
     version: registry_pb2.ModelVersion
     spec: PipelineSpec
     deployment: str = ""
+    package: Path | None = None  # where its package's files are (None: it is its YAML alone)
 
     @property
     def ref(self) -> str:
         return f"{self.version.name}@{self.version.version}"
 
 
+PLUGIN_POLICIES = ("off", "platform", "all")
+
+
 class PipelineCatalog:
-    def __init__(self, forwarder: Forwarder) -> None:
+    def __init__(self, forwarder: Forwarder, plugins: str = "platform") -> None:
+        """`plugins`: whose pipelines may run plugin code (in a process of its own,
+        `maas.pipelines.plugins`): nobody's, the platform's (the default), or every tenant's."""
+        if plugins not in PLUGIN_POLICIES:
+            raise ValueError(f"plugins must be one of {', '.join(PLUGIN_POLICIES)}, not {plugins!r}")
+        self.plugin_policy = plugins
+        self.plugins = PluginHost()
+        self._packages: dict[str, Path] = {}  # by sha256: where a package's files were written
         self.pool = forwarder.pool
         self._versions: collections.OrderedDict[str, tuple[float, registry_pb2.ModelVersion | None]] = \
             collections.OrderedDict()
@@ -114,7 +127,7 @@ class PipelineCatalog:
             found = await self._lookup(ref)
             if found is None:
                 raise FailedPrecondition(f"deployment {model!r} runs pipeline {ref}, which cannot be read now")
-            return Found(found.version, found.spec, deployment=model)
+            return Found(found.version, found.spec, deployment=model, package=found.package)
         return await self._lookup(model)
 
     async def _lookup(self, model: str) -> Found | None:
@@ -140,11 +153,22 @@ class PipelineCatalog:
         spec = self._specs.get(sha)
         if spec is None:
             data = b"".join([chunk.data async for chunk in self.pool.registry.download(sha, timeout=30.0)])
-            spec = await asyncio.to_thread(parse, data.decode("utf-8"), source=f"{found.name}@{found.version}")
+            spec = await asyncio.to_thread(self._load, sha, data, f"{found.name}@{found.version}")
             self._specs[sha] = spec
             while len(self._specs) > MAX_CACHED:
                 self._specs.popitem(last=False)
-        return Found(found, spec)
+        return Found(found, spec, package=self._packages.get(sha))
+
+    def _load(self, sha: str, data: bytes, source: str) -> PipelineSpec:
+        """Parse a pushed pipeline; a package's files go to a directory of their own (its
+        plugins are loaded from there, by the plugin process)."""
+        pack = package.read(data)
+        spec = parse(pack.spec, source=source)
+        if pack.files and sha not in self._packages:
+            where = Path(self.plugins.home) / "packages" / sha
+            package.extract(pack, where)
+            self._packages[sha] = where
+        return spec
 
     # ---- what runs did: metrics, and reports for canary judging ----------------------------
 
@@ -180,8 +204,9 @@ class PipelineCatalog:
     def start_reporting(self, events: EventBus, router: str) -> None:
         self._reporter = asyncio.create_task(self._report(events, router), name="pipeline-reports")
 
-    async def stop_reporting(self) -> None:
+    async def close(self) -> None:
         await stop_task(self._reporter)
+        await self.plugins.close()
 
     async def _report(self, events: EventBus, router: str) -> None:
         while True:
@@ -245,7 +270,7 @@ def start(forwarder: Forwarder, caller: Caller, request: inference_pb2.GenerateR
             raise PermissionDenied(f"this key may not use model {request.model!r}", field="model")
     messages = [{"role": m.role, "content": m.content} for m in request.messages] or \
         [{"role": "user", "content": request.prompt}]
-    services = MeshServices(forwarder, caller, request.request_id, catalog)
+    services = MeshServices(forwarder, caller, request.request_id, catalog, found)
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     run = Run(found.spec, services, PipelineInput(messages), deadline=deadline,
               tenant=principal.tenant if principal is not None else "", name=found.ref)
@@ -265,9 +290,9 @@ class MeshServices:
     of a stream a guard stopped are not known, as its last chunk never came)."""
 
     def __init__(self, forwarder: Forwarder, caller: Caller, request_id: str,
-                 catalog: PipelineCatalog | None = None) -> None:
+                 catalog: PipelineCatalog | None = None, found: Found | None = None) -> None:
         self.forwarder, self.caller, self.request_id = forwarder, caller, request_id
-        self.catalog = catalog
+        self.catalog, self.found = catalog, found
         self.usage = common_pb2.Usage()
         self._calls = 0
 
@@ -317,8 +342,33 @@ class MeshServices:
         return found.search(query, k)
 
     def plugin(self, ref: str) -> Any:
-        raise FailedPrecondition(f"plugin {ref}: plugins of registered pipelines are not loaded yet "
-                                 "(docs/pipelines.md)")
+        """`ref` of this pipeline's package, run in the plugin process, if this router lets
+        the pipeline's owner run plugins."""
+        found, catalog = self.found, self.catalog
+        if found is None or catalog is None or found.package is None:
+            raise FailedPrecondition(f"plugin {ref}: the pipeline was pushed without its package (push the "
+                                     "directory holding pipeline.yaml and the plugin's module)")
+        policy = catalog.plugin_policy
+        if policy == "off":
+            raise FailedPrecondition(f"plugin {ref}: this router runs no plugins (--pipeline-plugins off)")
+        if policy == "platform" and found.version.owner:
+            raise FailedPrecondition(f"plugin {ref}: {found.ref} belongs to tenant {found.version.owner!r}, and this "
+                                     "router runs the plugins of the platform's pipelines only "
+                                     "(--pipeline-plugins platform)")
+        return _RemotePlugin(catalog.plugins, found, ref)
+
+
+class _RemotePlugin:
+    """A plugin of a pushed pipeline, called in the plugin process (`maas.pipelines.plugins`)."""
+
+    def __init__(self, host: PluginHost, found: Found, ref: str) -> None:
+        self.host, self.found, self.ref = host, found, ref
+
+    async def run(self, ctx: StepContext, value: Any) -> Any:
+        assert self.found.package is not None
+        return await self.host.call(self.found.package, self.found.version.source.removeprefix(ARTIFACT), self.ref,
+                                    step=ctx.step, tenant=ctx.tenant, config=ctx.config, timeout=ctx.remaining(),
+                                    value=value)
 
 
 __all__ = ["Found", "MeshServices", "PipelineCatalog", "finish", "start"]

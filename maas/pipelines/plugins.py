@@ -1,0 +1,215 @@
+"""Running the plugins of pushed pipelines in a process of their own.
+
+A router does not run a pipeline's plugin code in its own process: a plugin that loops, burns
+CPU (holding the GIL) or crashes would stall or kill every request the router serves, and
+the router holds credentials a plugin has no business reading. `PluginHost` starts one child
+(`python -m maas.pipelines.plugins`) with an environment stripped of the mesh's credentials
+and a working directory of its own, and sends it calls as JSON lines over pipes:
+
+    -> {"id": 7, "dir": "/tmp/.../<sha>", "sha": "<sha>", "plugin": "tidy:Tidy",
+        "step": "tidy", "tenant": "acme", "config": {...}, "timeout": 0.5, "value": ...}
+    <- {"id": 7, "value": ...}        or   {"id": 7, "error": "ZeroDivisionError: division by zero"}
+
+JSON both ways: the router never unpickles what plugin code made. Each package is imported
+as a package of its own (`_maas_pipeline_<sha>`), so two versions of a plugin (a canary and
+its stable version) run side by side. Calls run concurrently in the child's threads; an
+`async def run` runs in its thread's own event loop. A call that overruns its step's budget
+is abandoned by the router (the step fails, skips or falls back) while the child's thread
+finishes it; a child that dies fails its calls in flight with UNAVAILABLE and is started
+again for the next call.
+
+This is process isolation, not a security sandbox: the child runs as the router's user. On
+a shared fleet, let plugins run only for pipelines the platform owns (the router's
+`--pipeline-plugins platform`, the default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import importlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import types
+from pathlib import Path
+from typing import Any
+
+from maas.mesh.errors import InvalidArgument, MaasError, Unavailable
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 16 << 20  # one call or answer
+THREADS = 8          # plugin calls a child runs at once
+# what a plugin's process keeps of the router's environment (no MAAS_*, no keys or tokens)
+KEPT_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMROOT")
+
+
+class PluginError(MaasError):
+    """A plugin raised, returned something that is not JSON, or could not be loaded (INTERNAL)."""
+
+
+class PluginHost:
+    """The router's side: one child process, started on first use."""
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._next = 0
+        self._lock = asyncio.Lock()
+        self.home = tempfile.mkdtemp(prefix="maas-plugins-")  # the child's HOME and working directory
+
+    async def call(self, package_dir: Path, sha: str, plugin: str, *, step: str, tenant: str,
+                   config: dict[str, Any], timeout: float | None, value: Any) -> Any:
+        try:
+            line = json.dumps({"dir": str(package_dir), "sha": sha, "plugin": plugin, "step": step,
+                               "tenant": tenant, "config": config, "timeout": timeout, "value": value})
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"the value passed to plugin {plugin} is not JSON: {e}") from None
+        proc = await self._started()
+        self._next += 1
+        call_id = self._next
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(b'{"id": %d, ' % call_id + line[1:].encode() + b"\n")
+            await proc.stdin.drain()
+            return await future
+        except (ConnectionError, BrokenPipeError):
+            raise Unavailable("the pipeline plugin process went away; the next call starts it again") from None
+        finally:
+            self._pending.pop(call_id, None)
+
+    async def _started(self) -> asyncio.subprocess.Process:
+        async with self._lock:
+            if self._proc is not None and self._proc.returncode is None:
+                return self._proc
+            env = {k: v for k, v in os.environ.items() if k in KEPT_ENV}
+            env["HOME"] = self.home
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "maas.pipelines.plugins", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, env=env, cwd=self.home, limit=MAX_LINE)
+            self._reader = asyncio.create_task(self._read(self._proc), name="plugin-host-reader")
+            log.info("started the pipeline plugin process (pid %d)", self._proc.pid)
+            return self._proc
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        try:
+            while line := await proc.stdout.readline():
+                reply = json.loads(line)
+                future = self._pending.get(int(reply.get("id", -1)))
+                if future is None or future.done():
+                    continue  # abandoned (its step gave up)
+                if "error" in reply:
+                    future.set_exception(PluginError(str(reply["error"])))
+                else:
+                    future.set_result(reply.get("value"))
+        except (ValueError, asyncio.LimitOverrunError) as e:
+            log.error("the pipeline plugin process answered garbage (%s); restarting it", e)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        finally:
+            code = await proc.wait()
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(Unavailable(f"the pipeline plugin process exited ({code}) during the call; "
+                                                     "the next call starts it again"))
+
+    async def close(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(Exception):
+                assert proc.stdin is not None
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 2.0)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+# ---- the child -------------------------------------------------------------------------------
+
+
+class Context:
+    """What a plugin's `run(ctx, value)` gets in its process."""
+
+    def __init__(self, step: str, tenant: str, config: dict[str, Any], timeout: float | None) -> None:
+        self.step, self.tenant, self.config = step, tenant, config
+        self.timeout = timeout  # seconds left in the step's budget when the call was sent (None: none)
+
+
+_instances: dict[tuple[str, str], Any] = {}
+_loading = threading.Lock()
+
+
+def _plugin(package_dir: str, sha: str, ref: str) -> Any:
+    """The instance of `ref` ("module:Class") from the package at `package_dir`, made once."""
+    key = (sha, ref)
+    with _loading:
+        if key not in _instances:
+            root = f"_maas_pipeline_{sha[:16]}"
+            if root not in sys.modules:  # the package's own namespace: versions never mix
+                pkg = types.ModuleType(root)
+                pkg.__path__ = [package_dir]
+                sys.modules[root] = pkg
+            module_name, _, class_name = ref.partition(":")
+            module = importlib.import_module(f"{root}.{module_name}")
+            cls = getattr(module, class_name, None)
+            if cls is None:
+                raise AttributeError(f"module {module_name!r} has no {class_name!r}")
+            _instances[key] = cls() if isinstance(cls, type) else cls
+        return _instances[key]
+
+
+def _call(request: dict[str, Any]) -> dict[str, Any]:
+    reply: dict[str, Any] = {"id": request["id"]}
+    try:
+        plugin = _plugin(request["dir"], request["sha"], request["plugin"])
+        run = getattr(plugin, "run", None)
+        if run is None:
+            raise AttributeError(f"{request['plugin']} has no run(ctx, value)")
+        ctx = Context(request["step"], request["tenant"], request.get("config") or {}, request.get("timeout"))
+        value = asyncio.run(run(ctx, request.get("value"))) if inspect.iscoroutinefunction(run) else \
+            run(ctx, request.get("value"))
+        json.dumps(value)  # a value that is not JSON is the plugin's error, said here
+        reply["value"] = value
+    except BaseException as e:  # anything a plugin does is its own error, reported to the router
+        reply["error"] = f"{type(e).__name__}: {e}"
+    return reply
+
+
+def main() -> None:
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # a plugin's print() must not corrupt the protocol
+    write = threading.Lock()
+
+    def answer(future: concurrent.futures.Future[dict[str, Any]]) -> None:
+        line = json.dumps(future.result()).encode() + b"\n"
+        with write:
+            out.write(line)
+            out.flush()
+
+    with concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="plugin") as pool:
+        for line in sys.stdin.buffer:
+            try:
+                request = json.loads(line)
+            except ValueError:
+                continue
+            pool.submit(_call, request).add_done_callback(answer)
+
+
+if __name__ == "__main__":
+    main()
