@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "keys": lambda: keys.run(ns, etcd),
         "finetune": lambda: finetune.run(ns, etcd, nats),
         "usage": lambda: usage.run(ns, etcd),
-        "pipeline": lambda: pipelines.push(ns, etcd),
+        "pipeline": lambda: pipelines.run(ns, etcd),
         "index": lambda: indexes.run(ns, etcd),
     }
     return _run(handlers[ns.command])

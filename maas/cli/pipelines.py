@@ -1,6 +1,7 @@
-"""`maas pipeline validate FILE` checks a pipeline's YAML offline, every problem with its
-line; `maas pipeline push NAME FILE` uploads it and registers it as a version of NAME
-(`format: pipeline`), which clients then call as `model=NAME` (docs/pipelines.md).
+"""`maas pipeline validate FILE|DIR` checks a pipeline's YAML offline, every problem with
+its line; `maas pipeline push NAME FILE|DIR` uploads it (a directory: with its plugins'
+modules) and registers it as a version of NAME (`format: pipeline`), which clients then
+call as `model=NAME`; `list` and `show` say what is registered (docs/pipelines.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ ClientArgs = Callable[[argparse.ArgumentParser], None]
 
 
 def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None:
-    p = sub.add_parser("pipeline", help="pipelines: check a pipeline's YAML (validate), register it (push)")
+    p = sub.add_parser("pipeline", help="pipelines: check a pipeline (validate), register it (push), list, show")
     psub = p.add_subparsers(dest="pipeline_command", required=True)
     validate = psub.add_parser("validate", help="check a pipeline file; errors name their line")
     validate.add_argument("file", type=Path)
@@ -26,6 +27,84 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
     client_args(push)
     push.add_argument("name")
     push.add_argument("file", type=Path, metavar="FILE|DIR")
+    listing = psub.add_parser("list", help="the pipelines you may use, with the deployments that run them")
+    client_args(listing)
+    show = psub.add_parser("show", help="one pipeline version: its steps, what they call, its SLO")
+    client_args(show)
+    show.add_argument("ref", metavar="NAME[@VERSION]")
+
+
+async def run(ns: argparse.Namespace, etcd: str) -> int:
+    if ns.pipeline_command == "push":
+        return await push(ns, etcd)
+    if ns.pipeline_command == "list":
+        return await list_pipelines(ns, etcd)
+    return await show(ns, etcd)
+
+
+async def list_pipelines(ns: argparse.Namespace, etcd: str) -> int:
+    from maas.cli.commands import _table, _when
+    from maas.cli.main import mesh_client
+    from maas.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+    async with mesh_client(ns, etcd) as mesh:
+        registry = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
+        scheduler = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
+        models = (await registry.ListModels(registry_pb2.ListRegisteredModelsRequest(), timeout=10)).models
+        deployments = (await scheduler.ListDeployments(scheduler_pb2.ListDeploymentsRequest(), timeout=10)).deployments
+    running: dict[str, list[str]] = {}
+    for st in deployments:
+        d = st.deployment
+        if d.format == "pipeline":
+            canary = f" (canary {d.traffic[0].model} {d.traffic[0].weight}%)" if d.traffic else ""
+            running.setdefault(d.resolved_version.partition("@")[0], []).append(
+                f"{d.name}: {d.resolved_version}{canary}")
+    rows = [[m.name, str(m.latest_version), m.owner or "platform", "; ".join(running.get(m.name, [])) or "-",
+             _when(m.created_ms)] for m in models if m.latest_format == "pipeline"]
+    print(_table(rows, ["pipeline", "latest", "owner", "deployments", "created"]) if rows else "no pipelines")
+    return 0
+
+
+async def show(ns: argparse.Namespace, etcd: str) -> int:
+    from maas.cli.main import mesh_client
+    from maas.mesh.artifacts import ARTIFACT
+    from maas.pipelines import package
+    from maas.pipelines.spec import parse
+    from maas.v1 import registry_pb2, registry_pb2_grpc
+
+    async with mesh_client(ns, etcd) as mesh:
+        registry = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
+        v = await registry.GetVersion(registry_pb2.GetVersionRequest(ref=ns.ref), timeout=10)
+        if v.format != "pipeline":
+            print(f"{v.name}@{v.version} is a {v.format} model, not a pipeline (maas models show {v.name})",
+                  file=sys.stderr)
+            return 2
+        sha = v.source.removeprefix(ARTIFACT)
+        data = b"".join([c.data async for c in registry.DownloadArtifact(
+            registry_pb2.DownloadArtifactRequest(sha256=sha), timeout=60)])
+    pack = package.read(data)
+    spec = parse(pack.spec, source=f"{v.name}@{v.version}")
+    print(f"{v.name}@{v.version} (owner {v.owner or 'platform'}, artifact {sha[:12]}"
+          f"{f', {len(pack.files) - 1} packaged files' if pack.files else ''})")
+    if spec.description:
+        print(spec.description)
+    print(f"output: {spec.output}{' (streams)' if spec.streams else ''}")
+    for step in spec.steps.values():
+        calls = next((f"{k} {step.options[k]}" for k in ("model", "index", "plugin") if k in step.options), "")
+        extra = [f"input {step.input}" if step.input else "", calls,
+                 f"timeout {step.timeout_ms} ms" if step.timeout_ms else "",
+                 f"on_error {step.on_error}" if step.on_error != "fail" else "",
+                 f"retries {step.retries}" if step.retries else ""]
+        print(f"  {step.name:<16} {step.kind:<9} {', '.join(e for e in extra if e)}")
+    if spec.slo is not None:
+        slo = spec.slo
+        print(f"slo: window {slo.window_s:g}s, at least {slo.min_requests} requests, "
+              f"{f'promoted after {slo.promote_after}' if slo.promote_after else 'promoted by hand'}")
+        for o in slo.objectives:
+            bounds = [f"error_rate {o.error_rate:g}" if o.error_rate is not None else "",
+                      f"p{round(o.quantile * 100)}_ms {o.latency_ms:g}" if o.latency_ms is not None else ""]
+            print(f"  {o.describe():<22} {', '.join(b for b in bounds if b)}")
+    return 0
 
 
 async def push(ns: argparse.Namespace, etcd: str) -> int:

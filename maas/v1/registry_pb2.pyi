@@ -84,7 +84,7 @@ class RevokeKeyResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "description", "tags", "latest_version", "aliases", "created_ms", "owner")
+    __slots__ = ("name", "description", "tags", "latest_version", "aliases", "created_ms", "owner", "latest_format")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class Model(_message.Message):
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     CREATED_MS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FORMAT_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     tags: _containers.ScalarMap[str, str]
@@ -113,7 +114,8 @@ class Model(_message.Message):
     aliases: _containers.ScalarMap[str, int]
     created_ms: int
     owner: str
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., latest_version: _Optional[int] = ..., aliases: _Optional[_Mapping[str, int]] = ..., created_ms: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+    latest_format: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., latest_version: _Optional[int] = ..., aliases: _Optional[_Mapping[str, int]] = ..., created_ms: _Optional[int] = ..., owner: _Optional[str] = ..., latest_format: _Optional[str] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
     __slots__ = ("name", "version", "format", "source", "base", "task", "resources", "options", "metadata", "artifact_digest", "created_ms", "owner")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from openai import AsyncOpenAI
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
@@ -22,6 +23,7 @@ from maas.stack.servers import free_port
 from maas.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from .conftest import MeshHarness, eventually
+from .test_cli_deploy import cli
 from .test_pipelines import push
 
 GOOD = """\
@@ -72,7 +74,7 @@ async def _until_decided(client: AsyncOpenAI, scheduler: scheduler_pb2_grpc.Sche
 
 
 async def test_a_canary_that_breaks_its_slo_is_rolled_back_and_one_that_meets_it_is_promoted(
-        mesh: MeshHarness, tmp_path: Path) -> None:
+        mesh: MeshHarness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     await mesh.registry()
     await mesh.scheduler()
     router = await mesh.router(http_port=0)
@@ -114,6 +116,16 @@ async def test_a_canary_that_breaks_its_slo_is_rolled_back_and_one_that_meets_it
     dep, _ = await _until_decided(client, scheduler, name)
     assert (dep.resolved_version, dep.previous_version) == (f"{name}@3", f"{name}@1")
     assert dep.rollout_note.startswith(f"canary {name}@3 promoted: met every objective"), dep.rollout_note
+
+    # what the CLI says about it
+    rc, out, err = await cli(mesh, capsys, "pipeline", "list")
+    assert rc == 0 and f"{name}: {name}@3" in out, (out, err)
+    rc, out, err = await cli(mesh, capsys, "pipeline", "show", f"{name}@2")
+    assert rc == 0 and "on_error fallback" in out and "model echo" in out, (out, err)
+    assert "slo: window 60s, at least 10 requests, promoted after 20" in out
+    assert "step 'prompt'" in out and "error_rate 0.05" in out
+    rc, out, err = await cli(mesh, capsys, "deploy", "show", name)
+    assert rc == 0 and "pipeline (run by the routers)" in out and f"canary {name}@3 promoted" in out, out
     await client.close()
     await channel.close()
 

@@ -91,10 +91,14 @@ async def test_a_pushed_pipeline_streams_like_a_model(mesh: MeshHarness, tmp_pat
     assert body["pipeline"]["version"] == "bot@1" and [s["step"] for s in steps] == ["prompt", "answer", "safe"]
     assert all(s["status"] == "ok" for s in steps)
 
-    # another tenant does not see it; a pipeline deployment takes no replicas of its own
+    # listed for its tenant; another tenant neither sees it nor may call it
+    listed = {m.id: m for m in (await a.models.list()).data}
+    assert listed["bot"].model_extra == {"version": "1", "task": "pipeline", "context_length": 0, "ready_replicas": 0}
     b = AsyncOpenAI(base_url=base_url, api_key=key_b, max_retries=0)
+    assert "bot" not in {m.id for m in (await b.models.list()).data}
     with pytest.raises(NotFoundError, match="bot"):
         await b.chat.completions.create(model="bot", messages=question)  # type: ignore[arg-type]
+    # a pipeline deployment takes no replicas of its own
     scheduler = scheduler_pb2_grpc.SchedulerStub(dial(mesh.endpoint("scheduler"), key_a))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await scheduler.CreateDeployment(scheduler_pb2.CreateDeploymentRequest(

@@ -123,6 +123,7 @@ class ModelStore:
                 self._may_add_version(model, owner)
                 guard = tx.mod(model_key) == got.mod_revision
             model.latest_version += 1
+            model.latest_format = fmt
             version = registry_pb2.ModelVersion(
                 name=req.name, version=model.latest_version, format=fmt, source=source, base=base,
                 task=task, resources=resources, options=dict(req.options), metadata=dict(req.metadata),

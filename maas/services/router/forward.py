@@ -395,7 +395,8 @@ class Forwarder:
         return self.gate is None or self.gate.may_use(who, model)
 
     def models(self, api_key: Caller = "") -> inference_pb2.ListModelsResponse:
-        """Deployments with at least one ready replica (those the caller's key may use)."""
+        """Deployments with at least one ready replica, and pipelines (registered or
+        deployed: the routers run them), those the caller's key may use."""
         key = self.gate.identify(api_key) if self.gate is not None else None
         by_name: dict[str, inference_pb2.ServedModel] = {}
         for r in self.pool.replicas.items.values():
@@ -413,6 +414,13 @@ class Forwarder:
                     by_name[adapter] = inference_pb2.ServedModel(
                         name=adapter, version=adapter.partition("@")[2] or "latest", task="generate",
                         context_length=served.context_length, ready_replicas=served.ready_replicas)
+        for name, dep in self.pool.deployments.items.items():
+            if dep.format == "pipeline" and self._may_use(key, name):
+                by_name[name] = inference_pb2.ServedModel(
+                    name=name, version=dep.resolved_version.partition("@")[2], task="pipeline")
+        for name, model in self.pool.models.items.items():
+            if model.latest_format == "pipeline" and name not in by_name and self._may_use(key, name):
+                by_name[name] = inference_pb2.ServedModel(name=name, version=str(model.latest_version), task="pipeline")
         return inference_pb2.ListModelsResponse(models=[by_name[name] for name in sorted(by_name)])
 
 
