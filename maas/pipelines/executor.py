@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import hashlib
 import inspect
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -405,6 +406,8 @@ class Run:
         if o.get("system"):
             messages = [{"role": "system", "content": str(o["system"])}, *messages]
         params: dict[str, Any] = {k: o[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop") if k in o}
+        if affinity := self._retrieved_key(step):
+            params["affinity"] = affinity
         chunks = self.services.generate(str(o["model"]), messages, params, deadline=self.deadline)
         if not step.streams:
             return "".join([c async for c in chunks])
@@ -417,6 +420,27 @@ class Run:
                 await chunks.aclose()  # type: ignore[attr-defined]
             raise
         return Stream(first, chunks)
+
+    def _retrieved_key(self, step: Step) -> str:
+        """For a generate step whose prompt is made from retrieved documents: a key naming
+        those documents, in order ("" for any other), so that requests that retrieved the
+        same ones go to the replica whose prefix cache likely holds them (when the template
+        puts them first)."""
+        seen, todo, docs = set(), list(step.reads()), []
+        while todo:
+            name = todo.pop(0)
+            if name in seen:
+                continue
+            seen.add(name)
+            source = self.spec.steps[name]
+            task = self._tasks.get(name)
+            if source.kind == "retrieve" and task is not None and task.done() and not task.cancelled() \
+                    and task.exception() is None and isinstance(task.result(), list):
+                docs.extend(str(d.get("text", "")) if isinstance(d, dict) else str(d) for d in task.result())
+            todo.extend(source.reads())
+        if not docs:
+            return ""
+        return "retrieved:" + hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:32]
 
     async def _plugin(self, step: Step, here: Any, deadline: float | None) -> Any:
         plugin = self.services.plugin(str(step.options["plugin"]))

@@ -27,12 +27,14 @@ class Fake:
         self.retrieve_hang = False
         self.generate_cancelled = False
         self.plugins: dict[str, Any] = {}
+        self.params: list[dict[str, Any]] = []
 
     async def generate(self, model: str, messages: list[dict[str, str]], params: dict[str, Any], *,
                        deadline: float | None) -> AsyncIterator[str]:
         if model == "missing":
             raise NotFound("model 'missing' does not exist")
         self.events.append(f"generate {model} start: {messages[-1]['content']}")
+        self.params.append(params)
         try:
             for word in ("alpha ", "bravo "):
                 yield f"{model}:{word}"
@@ -255,3 +257,17 @@ async def test_a_template_cannot_blow_up_the_router() -> None:
         spec = parse(f"steps:\n  - {{name: t, kind: template, template: \"{template}\"}}\n")
         with pytest.raises(StepFailed, match="pipeline step 't' \\(template\\) failed"):
             [c async for c in Run(spec, fake, question()).answer()]
+
+
+async def test_a_prompt_made_from_retrieved_documents_asks_for_affinity_on_them() -> None:
+    """The generate step after a retrieval names the documents it was given (in order), so
+    the router sends requests that retrieved the same documents to the same replica."""
+    fake = Fake()
+    fake.gate.set()
+    for text in ("same question", "same question", "other question"):
+        assert "".join([c async for c in Run(rag(), fake, question(text)).answer()])
+    same, again, other = (p["affinity"] for p in fake.params)
+    assert same == again and same != other and same.startswith("retrieved:")
+    plain = parse("steps:\n  - {name: answer, kind: generate, model: m, input: input.text}\n")
+    assert "".join([c async for c in Run(plain, fake, question()).answer()])
+    assert "affinity" not in fake.params[-1]  # no retrieval: the prompt's own prefix decides

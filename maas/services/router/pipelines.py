@@ -314,7 +314,10 @@ class MeshServices:
         request = inference_pb2.GenerateRequest(
             request_id=f"{self.request_id}.{self._calls}", model=model, params=sampling,
             messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
-        stream = self.forwarder.stream(request, self._timeout(deadline), self.caller)
+        # a prompt made from retrieved documents goes where the same documents went before
+        # (prefix-cache affinity on them, as a session would), else by its own prefix
+        stream = self.forwarder.stream(request, self._timeout(deadline), self.caller,
+                                       session=str(params.get("affinity", "")))
         async with contextlib.aclosing(stream):  # type: ignore[type-var]
             async for chunk, _ in stream:
                 # counted as they come: a guard may stop the stream before its last chunk
