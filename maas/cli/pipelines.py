@@ -32,6 +32,12 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
     show = psub.add_parser("show", help="one pipeline version: its steps, what they call, its SLO")
     client_args(show)
     show.add_argument("ref", metavar="NAME[@VERSION]")
+    rerun = psub.add_parser("replay", help="rerun your captured requests of one version through another and show, "
+                                          "step by step, what changed")
+    client_args(rerun)
+    rerun.add_argument("ref", metavar="NAME@NEW", help="the version to try")
+    rerun.add_argument("--against", required=True, metavar="NAME@OLD", help="the version whose captures are rerun")
+    rerun.add_argument("--limit", type=int, default=20, help="the newest this many captures (default 20)")
 
 
 async def run(ns: argparse.Namespace, etcd: str) -> int:
@@ -39,7 +45,50 @@ async def run(ns: argparse.Namespace, etcd: str) -> int:
         return await push(ns, etcd)
     if ns.pipeline_command == "list":
         return await list_pipelines(ns, etcd)
+    if ns.pipeline_command == "replay":
+        return await replay(ns, etcd)
     return await show(ns, etcd)
+
+
+async def replay(ns: argparse.Namespace, etcd: str) -> int:
+    import json
+
+    from google.protobuf.json_format import MessageToDict
+
+    from maas.cli.main import mesh_client
+    from maas.v1 import pipelines_pb2, pipelines_pb2_grpc
+
+    changed, total, errors = 0, 0, 0
+    steps_changed: dict[str, int] = {}
+    async with mesh_client(ns, etcd) as mesh:
+        stub = pipelines_pb2_grpc.PipelinesStub(await mesh.channel("router"))
+        async for r in stub.Replay(pipelines_pb2.ReplayRequest(pipeline=ns.ref, against=ns.against, limit=ns.limit),
+                                   timeout=3600):
+            total += 1
+            changed += not r.same_answer
+            errors += bool(r.error)
+            for s in r.steps:
+                if not s.same_output or s.old_status != s.new_status:
+                    steps_changed[s.step] = steps_changed.get(s.step, 0) + 1
+            if ns.json:
+                print(json.dumps(MessageToDict(r)))
+                continue
+            verdict = "same answer" if r.same_answer else ("failed: " + r.error if r.error else "answer changed")
+            print(f"{r.request_id}  {r.question!r}: {verdict}")
+            for s in r.steps:
+                status = s.new_status if s.old_status == s.new_status else f"{s.old_status or '-'} -> {s.new_status or '-'}"
+                what = "same output" if s.same_output else f"{s.old_output!r} -> {s.new_output!r}"
+                print(f"    {s.step:<16} {status:<20} {s.old_ms:8.1f} -> {s.new_ms:8.1f} ms  {what}")
+            if not r.same_answer and not r.error:
+                print(f"    answer: {r.old_answer!r} -> {r.new_answer!r}")
+    if not ns.json:
+        if not total:
+            print(f"no captured requests of {ns.against} (a pipeline captures when its file says "
+                  "`capture: {rate: R}`, and only its owner's requests)")
+        else:
+            steps = ", ".join(f"{name} in {n}" for name, n in steps_changed.items()) or "none"
+            print(f"{total} requests replayed: {changed} answers changed, {errors} failed; steps changed: {steps}")
+    return 0
 
 
 async def list_pipelines(ns: argparse.Namespace, etcd: str) -> int:

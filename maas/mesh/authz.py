@@ -29,7 +29,7 @@ from maas.mesh.auth import key_from_metadata, key_hash
 from maas.mesh.discovery import PrefixMirror
 from maas.mesh.errors import NotFound, PermissionDenied, Unauthenticated
 from maas.mesh.etcd import EtcdSession
-from maas.v1 import access_pb2, inference_pb2, registry_pb2, scheduler_pb2
+from maas.v1 import access_pb2, inference_pb2, pipelines_pb2, registry_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ SERVICE_DESCRIPTORS = (
     inference_pb2.DESCRIPTOR.services_by_name["Inference"],
     registry_pb2.DESCRIPTOR.services_by_name["Registry"],
     scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"],
+    pipelines_pb2.DESCRIPTOR.services_by_name["Pipelines"],
 )
 
 

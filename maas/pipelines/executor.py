@@ -28,6 +28,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -206,6 +207,13 @@ class Run:
     filtered: bool = False  # a guard stopped the answer (OpenAI's finish_reason "content_filter")
     first_chunk_ms: float | None = None  # when the answer's first text left, from the start
     on_done: list[Callable[[Run, BaseException | None], None]] = field(default_factory=list)
+    # for capture and replay: each step's output (a stream's whole text) is kept in
+    # `outputs`, and generate steps that sample without a seed get one, kept in `seeds`
+    # (a replay passes them back, so sampling repeats)
+    record: bool = False
+    request_id: str = ""
+    seeds: dict[str, int] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
     _tasks: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     _started: float = field(default_factory=lambda: asyncio.get_running_loop().time())
     _span: trace.Span = field(init=False)
@@ -310,10 +318,12 @@ class Run:
             raise
         if isinstance(value, Stream):  # its span lasts as long as its stream
             span.add_event("first chunk")
-            value = _failing_as(step, timing, value)
+            value = _failing_as(step, timing, value, self.outputs if self.record else None)
             value.on_close.append(functools.partial(_end_span, span, timing, None))
         else:
             _end_span(span, timing, None)
+            if self.record:
+                self.outputs[step.name] = value
         return value
 
     async def _attempts(self, step: Step, values: dict[str, Any], timing: StepTiming, started: float,
@@ -408,6 +418,8 @@ class Run:
         params: dict[str, Any] = {k: o[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop") if k in o}
         if affinity := self._retrieved_key(step):
             params["affinity"] = affinity
+        if self.record and "seed" not in params and params.get("temperature", 1.0) != 0:
+            params["seed"] = self.seeds.setdefault(step.name, random.getrandbits(31))
         chunks = self.services.generate(str(o["model"]), messages, params, deadline=self.deadline)
         if not step.streams:
             return "".join([c async for c in chunks])
@@ -426,7 +438,8 @@ class Run:
         those documents, in order ("" for any other), so that requests that retrieved the
         same ones go to the replica whose prefix cache likely holds them (when the template
         puts them first)."""
-        seen, todo, docs = set(), list(step.reads()), []
+        seen: set[str] = set()
+        todo, docs = list(step.reads()), list[str]()
         while todo:
             name = todo.pop(0)
             if name in seen:
@@ -453,13 +466,18 @@ class Run:
         return await asyncio.to_thread(run, ctx, here)  # off the loop: it may be CPU-heavy
 
 
-def _failing_as(step: Step, timing: StepTiming, stream: Stream) -> Stream:
+def _failing_as(step: Step, timing: StepTiming, stream: Stream, outputs: dict[str, Any] | None) -> Stream:
     """`stream`, whose failure after its first chunk (every replica tried, say) fails the
     request naming the step: a stream that has sent text can be neither skipped nor
-    replaced by a fallback."""
+    replaced by a fallback. With `outputs`, the text that passed is kept there."""
+    if outputs is not None:
+        outputs[step.name] = stream.first
+
     async def rest() -> AsyncGenerator[str, None]:
         try:
             async for chunk in stream.rest:
+                if outputs is not None:
+                    outputs[step.name] += chunk
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit, StepFailed):  # (a step before it already said)
             raise

@@ -111,6 +111,7 @@ class PipelineSpec:
     output: str
     description: str = ""
     slo: Slo | None = None  # what a canary of it is held to (maas.pipelines.slo)
+    capture: float = 0.0    # the share of its owner's requests captured for replay (0: none)
 
     @property
     def streams(self) -> bool:
@@ -156,9 +157,9 @@ def parse(text: str, *, source: str = "pipeline.yaml",
                          source)
     top = _mapping(root)
     for key, (knode, _) in top.items():
-        if key not in ("steps", "output", "description", "version", "slo"):
+        if key not in ("steps", "output", "description", "version", "slo", "capture"):
             problems.append((_line(knode), f"unknown top-level field {key!r} (expected steps, output, description, "
-                                           "slo)"))
+                                           "slo, capture)"))
     steps_node = top.get("steps", (None, None))[1]
     if not isinstance(steps_node, yaml.SequenceNode) or not steps_node.value:
         raise SpecErrors([*problems, (_line(steps_node) if steps_node else 1, "`steps` must be a non-empty list")],
@@ -189,10 +190,23 @@ def parse(text: str, *, source: str = "pipeline.yaml",
     slo = None
     if "slo" in top:
         slo = parse_slo(_construct(top["slo"][1]), _line(top["slo"][0]), problems, steps)
+    capture = 0.0
+    if "capture" in top:
+        capture = _capture(_construct(top["capture"][1]), _line(top["capture"][0]), problems)
     if problems:
         raise SpecErrors(problems, source)
     description = str(_construct(top["description"][1])) if "description" in top else ""
-    return PipelineSpec(steps=steps, output=output, description=description, slo=slo)
+    return PipelineSpec(steps=steps, output=output, description=description, slo=slo, capture=capture)
+
+
+def _capture(raw: Any, line: int, problems: list[tuple[int, str]]) -> float:
+    """`capture: {rate: R}`: the share (0 < R <= 1) of requests captured for replay."""
+    rate = raw.get("rate") if isinstance(raw, dict) and set(raw) == {"rate"} else None
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
+        problems.append((line, f"capture must be {{rate: R}} with 0 < R <= 1 (the share of requests captured "
+                               f"for `maas pipeline replay`), not {raw!r}"))
+        return 0.0
+    return float(rate)
 
 
 def _first_alias(root: yaml.Node) -> yaml.Node | None:

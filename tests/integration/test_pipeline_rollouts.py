@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 from aiohttp import web
 from openai import AsyncOpenAI
@@ -230,3 +231,83 @@ async def test_a_trace_shows_every_step_with_its_parent(mesh: MeshHarness, tmp_p
         assert [s["name"] for s in served] == ["maas.v1.Inference/GenerateStream"], spans
     finally:
         await runner.cleanup()
+
+
+# ---- capture and replay -------------------------------------------------------------------
+
+CAPTURED = """\
+capture: {rate: 1.0}
+steps:
+  - name: prompt
+    kind: template
+    template: "Say: {{ input.text }}"
+  - name: answer
+    kind: generate
+    model: echo
+    input: steps.prompt
+    max_tokens: 6
+    temperature: 0.9
+"""
+
+
+async def test_captured_requests_replay_against_a_new_version_step_by_step(
+        mesh: MeshHarness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from maas.v1 import pipelines_pb2, pipelines_pb2_grpc, registry_pb2_grpc
+
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh.router(http_port=0)
+    await mesh.worker()
+    await mesh.register("echo")
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    key_a, key_b = await mesh.key("a"), await mesh.key("b")
+    channel = dial(mesh.endpoint("registry"), key_a)
+    name = f"cap{secrets.token_hex(3)}"
+    await push(registry_pb2_grpc.RegistryStub(channel), tmp_path, name, CAPTURED)
+    client = AsyncOpenAI(base_url=f"http://{router.info.http_endpoint}/v1", api_key=key_a, max_retries=0)
+    questions = ["one", "two", "three"]
+    for q in questions:
+        assert (await client.chat.completions.create(model=name, messages=[{"role": "user", "content": q}]))
+    await push(registry_pb2_grpc.RegistryStub(channel), tmp_path, name, CAPTURED.replace("Say:", "Tell:"))
+
+    router_channel = dial(mesh.endpoint("router"), key_a)
+    pipelines = pipelines_pb2_grpc.PipelinesStub(router_channel)
+
+    async def replay(new: str, old: str) -> list[pipelines_pb2.ReplayResult]:
+        return [r async for r in pipelines.Replay(pipelines_pb2.ReplayRequest(pipeline=new, against=old), timeout=60)]
+
+    async def captured() -> list[pipelines_pb2.ReplayResult] | None:
+        got = await replay(f"{name}@1", f"{name}@1")
+        return got if len(got) == len(questions) else None
+
+    # the same version with the captured seeds: every step repeats (its sampling too)
+    same = await eventually(captured, timeout=15)
+    assert [r.question for r in same] == questions[::-1]  # type: ignore[union-attr]
+    for r in same:  # type: ignore[union-attr]
+        assert r.same_answer and not r.error, r
+        assert [(s.step, s.old_status, s.new_status, s.same_output) for s in r.steps] == [
+            ("prompt", "ok", "ok", True), ("answer", "ok", "ok", True)], r
+
+    # the new version: the template's change, and what it did to the answer
+    changed = await replay(f"{name}@2", f"{name}@1")
+    assert len(changed) == 3 and all(not r.same_answer for r in changed)
+    prompt = changed[0].steps[0]
+    assert (prompt.step, prompt.same_output, prompt.old_output, prompt.new_output) == (
+        "prompt", False, "Say: three", "Tell: three")
+
+    # another tenant cannot see the pipeline, so cannot replay it
+    other = dial(mesh.endpoint("router"), key_b)
+    with pytest.raises(grpc.aio.AioRpcError) as hidden:
+        await pipelines_pb2_grpc.PipelinesStub(other).Replay(pipelines_pb2.ReplayRequest(
+            pipeline=f"{name}@2", against=f"{name}@1"), timeout=10).read()
+    assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # the CLI, with the tenant's key
+    rc, out, err = await cli(mesh, capsys, "pipeline", "replay", f"{name}@2", "--against", f"{name}@1",
+                             "--api-key", key_a)
+    assert rc == 0, err
+    assert "3 requests replayed: 3 answers changed, 0 failed; steps changed: prompt in 3, answer in 3" in out, out
+    for c in (channel, router_channel, other):
+        await c.close()
+    await client.close()

@@ -14,8 +14,10 @@ from maas.services.router.forward import FAILOVER_SECONDS, QUEUE_SECONDS, Forwar
 from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi
 from maas.services.router.pipelines import PLUGIN_POLICIES, PipelineCatalog
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
+from maas.services.router.replay import PipelinesServicer
 from maas.services.router.service import SERVICE, RouterInferenceServicer, add_to_server
 from maas.services.router.tenants import Gate
+from maas.v1 import pipelines_pb2_grpc
 
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
@@ -69,6 +71,8 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
         raise StartupError(f"--grpc-timeout {grpc_timeout:g} must be more than 0 and at most 86400 seconds")
     catalog = PipelineCatalog(forwarder, plugins=pipeline_plugins)  # the registered pipelines this router runs (docs/pipelines.md)
     rt.add_service(SERVICE, add_to_server, RouterInferenceServicer(forwarder, grpc_timeout, catalog))
+    rt.add_service("maas.v1.Pipelines", pipelines_pb2_grpc.add_PipelinesServicer_to_server,
+                   PipelinesServicer(forwarder, catalog))
     rt.add_closer(pool.close)
     rt.add_closer(gate.close)
     info: dict[str, str] = {}

@@ -32,6 +32,8 @@ from maas.pipelines.executor import PipelineInput, Run, StepContext
 from maas.pipelines.index import Index
 from maas.pipelines.plugins import PluginHost
 from maas.pipelines.spec import PipelineSpec, parse
+from maas.services.router import replay
+from maas.services.router.replay import CaptureStore
 from maas.v1 import common_pb2, inference_pb2, mesh_pb2, registry_pb2
 
 if TYPE_CHECKING:
@@ -99,6 +101,7 @@ class PipelineCatalog:
         # outcomes of deployed pipelines with an SLO since the last report: (deployment, version) -> step -> counts
         self._tally: dict[tuple[str, str], dict[str, slo.Counts]] = {}
         self._reporter: asyncio.Task[None] | None = None
+        self.captures: CaptureStore | None = None  # set once NATS is up (`start_reporting`)
 
     def maybe(self, model: str) -> bool:
         """Could `model` name a pipeline? True for a deployment of a pipeline; False (and
@@ -124,13 +127,14 @@ class PipelineCatalog:
             ref = dep.resolved_version
             if dep.traffic and random.uniform(0, 100) < dep.traffic[0].weight:
                 ref = dep.traffic[0].model
-            found = await self._lookup(ref)
+            found = await self.lookup(ref)
             if found is None:
                 raise FailedPrecondition(f"deployment {model!r} runs pipeline {ref}, which cannot be read now")
             return Found(found.version, found.spec, deployment=model, package=found.package)
-        return await self._lookup(model)
+        return await self.lookup(model)
 
-    async def _lookup(self, model: str) -> Found | None:
+    async def lookup(self, model: str) -> Found | None:
+        """The registered pipeline `model` names ("name", "name@version"), or None."""
         now = time.monotonic()
         cached = self._versions.get(model)
         if cached is not None and cached[0] > now:
@@ -191,6 +195,10 @@ class PipelineCatalog:
             STEP_SECONDS.labels(name, version, t.step, t.kind).observe(t.ms / 1000)
             if ttft and t.start_ms + t.ms <= ttft:
                 TTFT_SHARE.labels(name, version, t.step).observe(min(1.0, t.ms / ttft))
+        if run.record and self.captures is not None and code != "CANCELLED":
+            value = run.outputs.get(found.spec.output)
+            answer = value if isinstance(value, str) or value is None else str(value)
+            self.captures.save(run.tenant, name, replay.record(run, found, run.request_id, answer, error))
         objectives = found.spec.slo
         if not found.deployment or objectives is None or code == "CANCELLED":
             return  # a client that went away says nothing about the version
@@ -202,10 +210,14 @@ class PipelineCatalog:
                 slo.count(objectives, t.step, t.status != "ok", t.ms, tally.setdefault(t.step, slo.Counts()))
 
     def start_reporting(self, events: EventBus, router: str) -> None:
+        """Report deployed pipelines' outcomes (canary judging) and store captures, on NATS."""
+        self.captures = CaptureStore(events)
         self._reporter = asyncio.create_task(self._report(events, router), name="pipeline-reports")
 
     async def close(self) -> None:
         await stop_task(self._reporter)
+        if self.captures is not None:
+            await self.captures.close()
         await self.plugins.close()
 
     async def _report(self, events: EventBus, router: str) -> None:
@@ -256,7 +268,8 @@ class PipelineCatalog:
 
 
 def start(forwarder: Forwarder, caller: Caller, request: inference_pb2.GenerateRequest, found: Found,
-          timeout: float | None, catalog: PipelineCatalog | None = None) -> tuple[Run, MeshServices]:
+          timeout: float | None, catalog: PipelineCatalog | None = None,
+          observe: bool = True) -> tuple[Run, MeshServices]:
     """A run of `spec` for `request` (its chat, or its prompt as one user message). The
     caller must see the pipeline (its tenant's or the platform's) and its key must allow
     its name; each step's model call is then admitted as the caller's own request (the
@@ -274,8 +287,10 @@ def start(forwarder: Forwarder, caller: Caller, request: inference_pb2.GenerateR
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     run = Run(found.spec, services, PipelineInput(messages), deadline=deadline,
               tenant=principal.tenant if principal is not None else "", name=found.ref)
-    if catalog is not None:
+    run.request_id = request.request_id
+    if catalog is not None and observe:  # (a replay's rerun is neither measured nor captured)
         run.on_done.append(functools.partial(catalog.record, found))
+        run.record = catalog.captures is not None and replay.should_capture(found, run.tenant)
     return run, services
 
 

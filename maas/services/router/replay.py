@@ -1,0 +1,224 @@
+"""Capture and replay of pipeline requests.
+
+A pipeline that declares `capture: {rate: R}` has that share of its owner's own requests
+captured by the router that runs them (opt-in by the owner, and never another tenant's
+requests): the input, each step's output (a stream's whole text), its status and time, the
+answer, and the seeds its sampling steps used. Captures are JetStream messages on
+`maas.capture.<tenant>.<pipeline>` in the stream MAAS_CAPTURES: the newest 1,000 per
+pipeline and tenant, for at most 7 days.
+
+`Pipelines.Replay` (`maas pipeline replay NAME@NEW --against NAME@OLD`) reruns the caller's
+captures of OLD through NEW with the same inputs and seeds, and says per request and step
+what changed: status, time and output. Same seeds make sampling repeat, so a step whose
+inputs did not change gives the same output, and what differs is what the new version
+changed (or a model that changed under it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import nats.errors
+import nats.js.api as js_api
+import nats.js.errors
+
+from maas.mesh.authz import caller
+from maas.mesh.errors import InvalidArgument, MaasError, NotFound, Unavailable
+from maas.mesh.events import EventBus
+from maas.mesh.logs import new_request_id
+from maas.pipelines.executor import PipelineInput, Run
+from maas.v1 import inference_pb2, pipelines_pb2, pipelines_pb2_grpc
+
+if TYPE_CHECKING:
+    from maas.services.router.forward import Forwarder
+    from maas.services.router.pipelines import Found, PipelineCatalog
+
+log = logging.getLogger(__name__)
+
+STREAM = "MAAS_CAPTURES"
+PER_PIPELINE = 1000          # captures kept per (tenant, pipeline)
+MAX_AGE = 7 * 24 * 3600.0
+MAX_OUTPUT_CHARS = 64 * 1024  # of one step's output in a capture
+PREVIEW = 200
+DEFAULT_LIMIT, MAX_LIMIT = 20, 500
+RERUN_SECONDS = 120.0         # one replayed request's deadline
+
+
+def subject(tenant: str, pipeline: str) -> str:
+    return f"maas.capture.{tenant or '_platform'}.{pipeline}"
+
+
+def should_capture(found: Found, tenant: str) -> bool:
+    """Whether to record this request: the pipeline asks for captures, the caller is its
+    owner (the platform's pipelines: the admin's requests), and the sample says so."""
+    return found.spec.capture > 0 and tenant == found.version.owner and random.random() < found.spec.capture
+
+
+def _json(value: Any) -> Any:
+    """A step's output as JSON (what is not JSON as its text), cut to MAX_OUTPUT_CHARS."""
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    if len(text) <= MAX_OUTPUT_CHARS:
+        return json.loads(text)
+    return text[:MAX_OUTPUT_CHARS] + " [cut]"
+
+
+def record(run: Run, found: Found, request_id: str, answer: str | None, error: BaseException | None) -> dict[str, Any]:
+    return {
+        "request_id": request_id, "time_ms": int(time.time() * 1000), "version": found.ref,
+        "messages": run.input.messages, "answer": answer,
+        "error": None if error is None else (error.message if isinstance(error, MaasError) else type(error).__name__),
+        "seeds": run.seeds,
+        "steps": [{"step": t.step, "kind": t.kind, "status": t.status, "ms": round(t.ms, 3),
+                   "output": _json(run.outputs.get(t.step))} for t in run.timings()],
+    }
+
+
+class CaptureStore:
+    """Captures in JetStream (lossy by design: a capture that cannot be stored is dropped)."""
+
+    def __init__(self, events: EventBus) -> None:
+        self.events = events
+        self._ready = False
+        self._saving: set[asyncio.Task[None]] = set()
+
+    async def _stream(self) -> nats.js.JetStreamContext:
+        if self.events.nc is None:
+            raise Unavailable("this router is not connected to NATS; captures are unavailable")
+        js = self.events.nc.jetstream(timeout=5)
+        if not self._ready:
+            config = js_api.StreamConfig(name=STREAM, subjects=["maas.capture.>"], max_age=MAX_AGE,
+                                         max_msgs_per_subject=PER_PIPELINE, max_bytes=512 * 1024 * 1024,
+                                         discard=js_api.DiscardPolicy.OLD, storage=js_api.StorageType.FILE)
+            try:
+                await js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await js.update_stream(config)
+            self._ready = True
+        return js
+
+    def save(self, tenant: str, pipeline: str, capture: dict[str, Any]) -> None:
+        task = asyncio.ensure_future(self._save(subject(tenant, pipeline), json.dumps(capture).encode()))
+        self._saving.add(task)
+        task.add_done_callback(self._saving.discard)
+
+    async def _save(self, where: str, data: bytes) -> None:
+        try:
+            await (await self._stream()).publish(where, data)
+        except Exception as e:
+            log.warning("a pipeline capture was dropped: %s", e)
+
+    async def read(self, tenant: str, pipeline: str, version: str, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` captures of `version`, newest first."""
+        js = await self._stream()
+        found: list[dict[str, Any]] = []
+        try:
+            info = await js.stream_info(STREAM, subjects_filter=subject(tenant, pipeline))
+        except nats.js.errors.NotFoundError:
+            return []
+        remaining = sum((info.state.subjects or {}).values())
+        if not remaining:
+            return []
+        sub = await js.subscribe(subject(tenant, pipeline), ordered_consumer=True,
+                                 deliver_policy=js_api.DeliverPolicy.ALL)
+        try:
+            while remaining > 0:
+                try:
+                    msg = await sub.next_msg(timeout=2.0)
+                except nats.errors.TimeoutError:
+                    break
+                remaining = msg.metadata.num_pending if msg.metadata else remaining - 1
+                with contextlib.suppress(ValueError):
+                    capture = json.loads(msg.data)
+                    if capture.get("version") == version:
+                        found.append(capture)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return found[::-1][:limit]
+
+    async def close(self) -> None:
+        if self._saving:
+            await asyncio.gather(*self._saving, return_exceptions=True)
+
+
+def _preview(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= PREVIEW else text[:PREVIEW] + "..."
+
+
+class PipelinesServicer(pipelines_pb2_grpc.PipelinesServicer):
+    def __init__(self, forwarder: Forwarder, catalog: PipelineCatalog) -> None:
+        self.forwarder, self.catalog = forwarder, catalog
+
+    async def _pipeline(self, ref: str, what: str) -> Found:
+        if not ref:
+            raise InvalidArgument(f"{what} must name a pipeline version (name@N)", field=what)
+        found = await self.catalog.lookup(ref)
+        who = caller()
+        gate = self.forwarder.gate
+        if found is None or (gate is not None and not gate.visible(who, ref)):
+            raise NotFound(f"{ref!r} is not a pipeline you may use", field=what)
+        return found
+
+    async def Replay(self, request: pipelines_pb2.ReplayRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pipelines_pb2.ReplayResult]:
+        from maas.services.router import pipelines
+
+        new = await self._pipeline(request.pipeline, "pipeline")
+        old = await self._pipeline(request.against, "against")
+        limit = request.limit or DEFAULT_LIMIT
+        if limit > MAX_LIMIT:
+            raise InvalidArgument(f"limit must be at most {MAX_LIMIT}, not {limit}", field="limit")
+        who = caller()
+        if self.catalog.captures is None:
+            raise Unavailable("this router stores no captures (it is not connected to NATS yet)")
+        for capture in await self.catalog.captures.read(who.tenant, old.version.name, old.ref, limit):
+            messages = capture.get("messages") or []
+            req = inference_pb2.GenerateRequest(
+                request_id=f"replay-{new_request_id()}", model=new.ref,
+                messages=[inference_pb2.ChatMessage(role=str(m.get("role", "user")), content=str(m.get("content", "")))
+                          for m in messages])
+            run, _ = pipelines.start(self.forwarder, who, req, new, RERUN_SECONDS, self.catalog, observe=False)
+            run.record, run.seeds = True, {k: int(v) for k, v in (capture.get("seeds") or {}).items()}
+            answer, error = None, ""
+            try:
+                answer = "".join([chunk async for chunk in run.answer()])
+            except MaasError as e:
+                error = e.message
+            yield _compare(capture, run, old, new, answer, error)
+
+
+def _compare(capture: dict[str, Any], run: Run, old: Found, new: Found, answer: str | None,
+             error: str) -> pipelines_pb2.ReplayResult:
+    before = {s["step"]: s for s in capture.get("steps", [])}
+    after = {t.step: t for t in run.timings()}
+    result = pipelines_pb2.ReplayResult(
+        request_id=str(capture.get("request_id", "")), captured_ms=int(capture.get("time_ms", 0)),
+        question=_preview(PipelineInput(capture.get("messages") or []).text), error=error,
+        old_version=old.ref, new_version=new.ref)
+    old_answer = capture.get("answer")
+    result.same_answer = answer == old_answer and not error
+    if not result.same_answer:
+        result.old_answer, result.new_answer = _preview(old_answer or ""), _preview(answer or "")
+    order = [*[s for s in new.spec.steps if s in after or s in before], *[s for s in before if s not in new.spec.steps]]
+    for name in order:
+        b, a = before.get(name), after.get(name)
+        change = result.steps.add(step=name, old_status=b["status"] if b else "", new_status=a.status if a else "",
+                                  old_ms=float(b["ms"]) if b else 0.0, new_ms=a.ms if a else 0.0)
+        old_output = b["output"] if b else None
+        new_output = _json(run.outputs.get(name)) if a else None
+        change.same_output = b is not None and a is not None and old_output == new_output
+        if not change.same_output:
+            change.old_output, change.new_output = _preview(old_output), _preview(new_output)
+    return result
+
+
+__all__ = ["CaptureStore", "PipelinesServicer", "record", "should_capture", "subject"]
