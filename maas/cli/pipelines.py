@@ -32,6 +32,11 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
     show = psub.add_parser("show", help="one pipeline version: its steps, what they call, its SLO")
     client_args(show)
     show.add_argument("ref", metavar="NAME[@VERSION]")
+    test = psub.add_parser("test", help="ask a pipeline one question through a router's HTTP API: the answer as "
+                                        "it streams, then each step's status and time")
+    client_args(test)
+    test.add_argument("ref", metavar="NAME[@VERSION]")
+    test.add_argument("question")
     rerun = psub.add_parser("replay", help="rerun your captured requests of one version through another and show, "
                                           "step by step, what changed")
     client_args(rerun)
@@ -47,7 +52,59 @@ async def run(ns: argparse.Namespace, etcd: str) -> int:
         return await list_pipelines(ns, etcd)
     if ns.pipeline_command == "replay":
         return await replay(ns, etcd)
+    if ns.pipeline_command == "test":
+        return await test(ns, etcd)
     return await show(ns, etcd)
+
+
+async def test(ns: argparse.Namespace, etcd: str) -> int:
+    """One question, streamed through a router's OpenAI HTTP API with `x-maas-trace: 1`."""
+    import json
+    import ssl
+
+    import aiohttp
+
+    from maas.cli.main import client_tls, credential, mesh_client
+    from maas.mesh.clients import live_services
+
+    async with mesh_client(ns, etcd) as mesh:
+        routers = [r for r in await live_services(mesh.etcd, mesh.keys, "router") if r.http_endpoint]
+    if not routers:
+        print("no router serves the HTTP API here (maas status lists the routers)", file=sys.stderr)
+        return 2
+    tls = client_tls()
+    context = ssl.create_default_context(cadata=tls.ca.decode()) if tls is not None and tls.dials else None
+    url = f"{'https' if context else 'http'}://{routers[0].http_endpoint}/v1/chat/completions"
+    body = {"model": ns.ref, "stream": True, "messages": [{"role": "user", "content": ns.question}]}
+    headers = {"x-maas-trace": "1"}
+    if key := credential(ns):
+        headers["Authorization"] = f"Bearer {key}"
+    timeline: dict[str, object] = {}
+    async with aiohttp.ClientSession() as http, http.post(url, json=body, headers=headers, ssl=context or True) as resp:
+        if resp.status != 200:
+            error = (await resp.json(content_type=None) or {}).get("error", {})
+            print(f"{resp.status}: {error.get('message', resp.reason)}", file=sys.stderr)
+            return 1
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                print(f"\nerror: {event['error'].get('message')}", file=sys.stderr)
+                return 1
+            for choice in event.get("choices", []):
+                print(choice.get("delta", {}).get("content") or "", end="", flush=True)
+                if choice.get("finish_reason"):
+                    print(f"\n[finish: {choice['finish_reason']}]")
+            timeline = event.get("pipeline") or timeline
+    if timeline:
+        print(f"{timeline.get('version')}: first chunk at {timeline.get('first_chunk_ms')} ms")
+        for step in timeline.get("steps", []):  # type: ignore[attr-defined]
+            error = f"  {step['error']}" if step.get("error") else ""
+            print(f"  {step['step']:<16} {step['kind']:<9} {step['status']:<9} start {step['start_ms']:8.1f} ms  "
+                  f"took {step['ms']:8.1f} ms  attempts {step['attempts']}{error}")
+    return 0
 
 
 async def replay(ns: argparse.Namespace, etcd: str) -> int:

@@ -308,6 +308,11 @@ async def test_captured_requests_replay_against_a_new_version_step_by_step(
                              "--api-key", key_a)
     assert rc == 0, err
     assert "3 requests replayed: 3 answers changed, 0 failed; steps changed: prompt in 3, answer in 3" in out, out
+    rc, out, err = await cli(mesh, capsys, "pipeline", "test", f"{name}@2", "four", "--api-key", key_a)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[1] == "[finish: stop]" and lines[2].startswith(f"{name}@2: first chunk at "), out
+    assert [line.split()[:3] for line in lines[3:]] == [["prompt", "template", "ok"], ["answer", "generate", "ok"]]
     for c in (channel, router_channel, other):
         await c.close()
     await client.close()
