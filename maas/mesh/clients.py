@@ -95,10 +95,12 @@ class _StreamStream(_Credential, grpc.aio.StreamStreamClientInterceptor):
 
 
 def dial(endpoint: str, credential: str = "", tls: TlsFiles | None = None) -> grpc.aio.Channel:
-    """A channel to `endpoint` whose calls present `credential` (a key), if given, and the
-    caller's trace context, over TLS verified against `tls.ca` when there is one. The
-    router's calls to workers pass both per call instead (no interceptor on its hot path)."""
-    interceptors = [kind(credential) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+    """A channel to `endpoint` whose calls present `credential` (a key) and the caller's trace
+    context, if given a credential, over TLS verified against `tls.ca` when there is one.
+    The router's calls to workers pass both per call instead (no interceptor on its hot
+    path: it dials workers without a credential)."""
+    interceptors = ([kind(credential) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+                    if credential else None)
     if tls is not None and tls.dials:
         return grpc.aio.secure_channel(endpoint, tls.channel_credentials(), options=GRPC_OPTIONS,
                                        interceptors=interceptors)

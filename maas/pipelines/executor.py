@@ -264,6 +264,10 @@ class Run:
         try:
             # their outcomes are theirs (gathered, not raised); a cancellation of close() itself propagates
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            for task in self._tasks.values():  # streams made but never read to their end: close them now
+                if not task.cancelled() and task.exception() is None and isinstance(task.result(), Stream):
+                    with contextlib.suppress(Exception):
+                        await task.result().aclose()
         finally:
             self._finish()
 

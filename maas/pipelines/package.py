@@ -13,7 +13,9 @@ dots for subdirectories.
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,25 +48,52 @@ def read(data: bytes) -> Package:
         return Package(_text(data, "the pipeline's YAML"))
     files: dict[str, bytes] = {}
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for member in tar.getmembers():
-            if not member.isfile():
+        members = tar.getmembers()
+        total = 0
+        for member in members:
+            if member.isdir():
+                continue
+            # plain files only: a sparse member reads out as far more than it stores
+            if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or member.issparse():
+                raise PackageError(f"the package holds {member.name!r}, which is not a plain file")
+            total += member.size
+            if total > MAX_PACKAGE_BYTES:
+                raise PackageError(f"a pipeline package's files are at most {MAX_PACKAGE_BYTES} bytes in all")
+        for member in members:
+            if member.isdir():
                 continue
             name = member.name.removeprefix("./")
             if name.startswith("/") or ".." in Path(name).parts:
                 raise PackageError(f"the package holds a file outside itself: {member.name!r}")
             extracted = tar.extractfile(member)
-            files[name] = extracted.read() if extracted is not None else b""
+            files[name] = extracted.read(member.size + 1) if extracted is not None else b""
     if SPEC_FILE not in files:
         raise PackageError(f"the package has no {SPEC_FILE} at its root (it has {', '.join(sorted(files)[:5])})")
     return Package(_text(files[SPEC_FILE], SPEC_FILE), files)
 
 
 def extract(package: Package, dest: Path) -> None:
-    """Write the package's files under `dest` (checked by `read`: none outside it)."""
-    for name, content in package.files.items():
-        path = dest / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
+    """Write the package's files under `dest` (checked by `read`: none outside it), whole
+    or not at all: into a directory beside it, renamed into place (a concurrent extraction
+    of the same package loses the race harmlessly). The files are left read-only."""
+    if dest.exists():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
+    try:
+        for name, content in package.files.items():
+            path = staging / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+            path.chmod(0o444)
+        try:
+            staging.rename(dest)
+        except OSError:
+            if not dest.exists():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _is_tar(data: bytes) -> bool:

@@ -18,9 +18,15 @@ is abandoned by the router (the step fails, skips or falls back) while the child
 finishes it; a child that dies fails its calls in flight with UNAVAILABLE and is started
 again for the next call.
 
-This is process isolation, not a security sandbox: the child runs as the router's user. On
-a shared fleet, let plugins run only for pipelines the platform owns (the router's
-`--pipeline-plugins platform`, the default).
+A call that overruns its step's budget keeps its thread until it returns; once as many
+such calls pile up as the child has threads, the child is restarted (its calls in flight
+fail with UNAVAILABLE), so looping plugins cannot stall the others for good.
+
+This is process isolation, not a security sandbox: the child runs as the router's user, so
+code in it can read what that user can (the router's own environment through /proc
+included) and every package's files, and it shares the child with every other
+pipeline's plugins. On a shared fleet, let plugins run only for pipelines the platform
+owns (the router's `--pipeline-plugins platform`, the default).
 """
 
 from __future__ import annotations
@@ -60,8 +66,9 @@ class PluginHost:
 
     def __init__(self) -> None:
         self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._readers: set[asyncio.Task[None]] = set()
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._abandoned: set[int] = set()  # calls whose step gave up while the child still runs them
         self._next = 0
         self._lock = asyncio.Lock()
         self.home = tempfile.mkdtemp(prefix="maas-plugins-")  # the child's HOME and working directory
@@ -74,10 +81,11 @@ class PluginHost:
         except (TypeError, ValueError) as e:
             raise InvalidArgument(f"the value passed to plugin {plugin} is not JSON: {e}") from None
         proc = await self._started()
+        pending = self._pending  # this process's calls (a restarted process gets a fresh dict)
         self._next += 1
         call_id = self._next
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = future
+        pending[call_id] = future
         try:
             assert proc.stdin is not None
             proc.stdin.write(b'{"id": %d, ' % call_id + line[1:].encode() + b"\n")
@@ -85,8 +93,20 @@ class PluginHost:
             return await future
         except (ConnectionError, BrokenPipeError):
             raise Unavailable("the pipeline plugin process went away; the next call starts it again") from None
+        except asyncio.CancelledError:
+            # its step gave up (a budget); the child's thread still runs it. Once as many are
+            # stuck as the child has threads, no call would ever run again: start afresh.
+            self._abandoned.add(call_id)
+            if len(self._abandoned) >= THREADS and proc is self._proc:
+                log.warning("%d pipeline plugin calls overran their budgets and still run; restarting the "
+                            "plugin process", len(self._abandoned))
+                self._proc = None  # the next call starts another
+                self._abandoned.clear()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            raise
         finally:
-            self._pending.pop(call_id, None)
+            pending.pop(call_id, None)
 
     async def _started(self) -> asyncio.subprocess.Process:
         async with self._lock:
@@ -97,29 +117,37 @@ class PluginHost:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "maas.pipelines.plugins", stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, env=env, cwd=self.home, limit=MAX_LINE)
-            self._reader = asyncio.create_task(self._read(self._proc), name="plugin-host-reader")
+            self._pending, self._abandoned = {}, set()
+            reader = asyncio.create_task(self._read(self._proc, self._pending), name="plugin-host-reader")
+            self._readers.add(reader)
+            reader.add_done_callback(self._readers.discard)
             log.info("started the pipeline plugin process (pid %d)", self._proc.pid)
             return self._proc
 
-    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+    async def _read(self, proc: asyncio.subprocess.Process, pending: dict[int, asyncio.Future[Any]]) -> None:
         assert proc.stdout is not None
         try:
             while line := await proc.stdout.readline():
                 reply = json.loads(line)
-                future = self._pending.get(int(reply.get("id", -1)))
+                if not isinstance(reply, dict) or not isinstance(reply.get("id"), int):
+                    raise ValueError(f"not a reply: {line[:80]!r}")
+                self._abandoned.discard(reply["id"])
+                future = pending.get(reply["id"])
                 if future is None or future.done():
                     continue  # abandoned (its step gave up)
                 if "error" in reply:
                     future.set_exception(PluginError(str(reply["error"])))
                 else:
                     future.set_result(reply.get("value"))
-        except (ValueError, asyncio.LimitOverrunError) as e:
+        except Exception as e:
             log.error("the pipeline plugin process answered garbage (%s); restarting it", e)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         finally:
             code = await proc.wait()
-            for future in self._pending.values():
+            if proc is self._proc:
+                self._proc = None
+            for future in pending.values():
                 if not future.done():
                     future.set_exception(Unavailable(f"the pipeline plugin process exited ({code}) during the call; "
                                                      "the next call starts it again"))
@@ -135,8 +163,7 @@ class PluginHost:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
+        await asyncio.gather(*self._readers, return_exceptions=True)
         shutil.rmtree(self.home, ignore_errors=True)
 
 
@@ -192,8 +219,11 @@ def _call(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    out = sys.stdout.buffer
-    sys.stdout = sys.stderr  # a plugin's print() must not corrupt the protocol
+    # the protocol gets a descriptor of its own; fd 1 (print, os.write(1), subprocesses)
+    # becomes stderr, so a plugin's output cannot corrupt it by accident
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     write = threading.Lock()
 
     def answer(future: concurrent.futures.Future[dict[str, Any]]) -> None:

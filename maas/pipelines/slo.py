@@ -32,6 +32,7 @@ from typing import Any
 QUANTILES = {"p50_ms": 0.50, "p90_ms": 0.90, "p95_ms": 0.95, "p99_ms": 0.99}
 FIELDS = {"window_s", "min_requests", "promote_after", "error_rate", "steps", *QUANTILES}
 WHOLE = ""  # the objective of the whole answer
+MAX_WINDOW_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def parse_slo(raw: Any, line: int, problems: list[tuple[int, str]], steps: Itera
     for key in raw:
         if key not in FIELDS:
             problems.append((line, f"slo: unknown field {key!r} (expected {', '.join(sorted(FIELDS))})"))
-    window = _number(raw.get("window_s", 60), "slo: window_s", line, problems, low=1, high=3600)
+    window = _number(raw.get("window_s", 60), "slo: window_s", line, problems, low=1, high=MAX_WINDOW_S)
     least = _whole(raw.get("min_requests", 20), "slo: min_requests", line, problems, low=1)
     promote = _whole(raw.get("promote_after", 0), "slo: promote_after", line, problems, low=0)
     objectives = []
@@ -201,9 +202,12 @@ class Window:
     total_requests: int = 0  # since this window began (the canary's start)
 
     def add(self, step: str, counts: Counts) -> None:
-        self.entries.append((self.clock(), step, counts))
+        now = self.clock()
+        self.entries.append((now, step, counts))
         if step == WHOLE:
             self.total_requests += counts.requests
+        while self.entries and self.entries[0][0] < now - MAX_WINDOW_S:  # bounded whoever judges
+            self.entries.popleft()
 
     def totals(self, window_s: float) -> dict[str, Counts]:
         cut = self.clock() - window_s

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from maas.mesh.errors import InvalidArgument, Unavailable
-from maas.pipelines.plugins import PluginError, PluginHost
+from maas.pipelines.plugins import THREADS, PluginError, PluginHost
 
 PLUGIN = '''
 import os, time
@@ -42,6 +42,17 @@ class Env:
 class Dies:
     def run(self, ctx, value):
         os._exit(3)
+
+class Noisy:
+    def run(self, ctx, value):
+        print("a plugin's print")
+        os.write(1, b"garbage on fd 1\\n")
+        return "still fine"
+
+class Sleeps:
+    def run(self, ctx, value):
+        time.sleep(value)
+        return value
 
 class Later:
     async def run(self, ctx, value):
@@ -82,6 +93,8 @@ async def test_two_versions_side_by_side_and_failures_named(tmp_path: Path, monk
         with pytest.raises(InvalidArgument, match="not JSON"):
             await call(host, v1, "Echo", object())
         assert await call(host, v1, "Env") == []  # the router's credentials stay in the router
+        assert await call(host, v1, "Noisy") == "still fine"  # its output goes to stderr, not the protocol
+        assert await call(host, v1, "Echo", "after")
     finally:
         await host.close()
 
@@ -119,3 +132,47 @@ async def test_a_plugin_that_kills_its_process_fails_its_call_and_the_next_call_
         assert (await call(host, where, "Echo", "again"))["value"] == "again"  # type: ignore[index]
     finally:
         await host.close()
+
+
+async def test_plugins_stuck_past_their_budgets_restart_the_process(tmp_path: Path) -> None:
+    """Calls abandoned by their steps keep their threads; once as many are stuck as the
+    process has threads, it is restarted, so the next call runs at once."""
+    where = package(tmp_path, "v1")
+    host = PluginHost()
+    try:
+        for _ in range(THREADS):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(call(host, where, "Sleeps", 60), 0.05)
+        assert await asyncio.wait_for(call(host, where, "Echo", "fresh"), 10) == {
+            "version": "v1", "value": "fresh", "step": "s", "tenant": "acme", "config": {"k": 1}}
+    finally:
+        await host.close()
+
+
+def test_a_package_holds_plain_files_inside_itself_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import tarfile
+
+    from maas.pipelines import package
+
+    def tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+            for info, data in members:
+                info.size = len(data) if info.isreg() else 0
+                t.addfile(info, io.BytesIO(data) if info.isreg() else None)
+        return out.getvalue()
+
+    spec = (tarfile.TarInfo("pipeline.yaml"), b"steps: []\n")
+    assert package.read(tar(spec, (tarfile.TarInfo("p.py"), b"x = 1\n"))).has_module("p")
+    link = tarfile.TarInfo("p.py")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with pytest.raises(package.PackageError, match="not a plain file"):
+        package.read(tar(spec, (link, b"")))
+    with pytest.raises(package.PackageError, match="outside itself"):
+        package.read(tar(spec, (tarfile.TarInfo("../evil.py"), b"x = 1\n")))
+    with pytest.raises(package.PackageError, match=r"no pipeline\.yaml"):
+        package.read(tar((tarfile.TarInfo("p.py"), b"x = 1\n")))
+    monkeypatch.setattr(package, "MAX_PACKAGE_BYTES", 1000)
+    with pytest.raises(package.PackageError, match="at most 1000 bytes"):
+        package.read(tar(spec, (tarfile.TarInfo("big.py"), b"#" * 900)))

@@ -157,7 +157,7 @@ class ModelStore:
             raise InvalidArgument(f"a pipeline's package is at most {package.MAX_PACKAGE_BYTES} bytes", field="source")
         data = b"".join(await asyncio.to_thread(lambda: list(blobs.read(sha))))
         try:
-            pack = package.read(data)
+            pack = await asyncio.to_thread(package.read, data)
         except package.PackageError as e:
             raise InvalidArgument(str(e), field="source") from None
         where = f"{req.name}.yaml"

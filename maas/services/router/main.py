@@ -70,6 +70,7 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     if not 0 < grpc_timeout <= 86400:
         raise StartupError(f"--grpc-timeout {grpc_timeout:g} must be more than 0 and at most 86400 seconds")
     catalog = PipelineCatalog(forwarder, plugins=pipeline_plugins)  # the registered pipelines this router runs (docs/pipelines.md)
+    rt.add_closer(catalog.close)  # before the HTTP API's: closers run newest first, requests end before it
     rt.add_service(SERVICE, add_to_server, RouterInferenceServicer(forwarder, grpc_timeout, catalog))
     rt.add_service("maas.v1.Pipelines", pipelines_pb2_grpc.add_PipelinesServicer_to_server,
                    PipelinesServicer(forwarder, catalog))
@@ -88,7 +89,6 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     await gate.start()
     await rt.events.subscribe_load(pool.observe)
     catalog.start_reporting(rt.events, rt.config.instance)  # deployed pipelines' outcomes, for canary judging
-    rt.add_closer(catalog.close)
     return pool
 
 

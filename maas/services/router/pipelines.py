@@ -25,7 +25,14 @@ from prometheus_client import Counter, Histogram
 
 from maas.mesh.aio import stop_task
 from maas.mesh.artifacts import ARTIFACT
-from maas.mesh.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, PermissionDenied
+from maas.mesh.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MaasError,
+    NotFound,
+    PermissionDenied,
+)
 from maas.mesh.events import EventBus
 from maas.pipelines import package, slo
 from maas.pipelines.executor import PipelineInput, Run, StepContext
@@ -62,6 +69,7 @@ REQUESTS = Counter("maas_pipeline_requests_total", "Pipeline requests by outcome
 TTFT = Histogram("maas_pipeline_ttft_seconds", "Time from a pipeline request's start to its answer's first chunk.",
                  ["pipeline", "version"],
                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+DEADLINE_SLACK = 0.05  # seconds: a cancellation this close to the run's deadline is the deadline's
 REPORT_SECONDS = 1.0  # how often a router reports its deployed pipelines' outcomes (for canary judging)
 
 
@@ -183,6 +191,11 @@ class PipelineCatalog:
         code = "OK" if error is None else (
             "CANCELLED" if isinstance(error, asyncio.CancelledError | GeneratorExit) else
             error.code.name if isinstance(error, MaasError) else "INTERNAL")
+        if code == "CANCELLED" and run.deadline is not None and \
+                asyncio.get_running_loop().time() >= run.deadline - DEADLINE_SLACK:
+            # the caller's deadline cancelled it (the HTTP API's, gRPC's): it overran, it did not go away
+            code = "DEADLINE_EXCEEDED"
+            error = DeadlineExceeded(f"pipeline {found.ref} overran its request's deadline")
         REQUESTS.labels(name, version, code).inc()
         ttft = run.first_chunk_ms
         if ttft is not None:

@@ -3,9 +3,11 @@
 A pipeline that declares `capture: {rate: R}` has that share of its owner's own requests
 captured by the router that runs them (opt-in by the owner, and never another tenant's
 requests): the input, each step's output (a stream's whole text), its status and time, the
-answer, and the seeds its sampling steps used. Captures are JetStream messages on
+answer, and the seeds its sampling steps used (each message, output and answer cut at
+64 KiB; a capture over 900 KiB keeps no step outputs). Captures are JetStream messages on
 `maas.capture.<tenant>.<pipeline>` in the stream MAAS_CAPTURES: the newest 1,000 per
-pipeline and tenant, for at most 7 days.
+pipeline and tenant, for at most 7 days, 512 MiB in all (the oldest go first, whoever's
+they are).
 
 `Pipelines.Replay` (`maas pipeline replay NAME@NEW --against NAME@OLD`) reruns the caller's
 captures of OLD through NEW with the same inputs and seeds, and says per request and step
@@ -46,14 +48,21 @@ log = logging.getLogger(__name__)
 STREAM = "MAAS_CAPTURES"
 PER_PIPELINE = 1000          # captures kept per (tenant, pipeline)
 MAX_AGE = 7 * 24 * 3600.0
-MAX_OUTPUT_CHARS = 64 * 1024  # of one step's output in a capture
+MAX_OUTPUT_CHARS = 64 * 1024  # of one step's output, one message, the answer in a capture
+MAX_CAPTURE_BYTES = 900 * 1024  # one capture (NATS takes at most 1 MiB a message by default)
 PREVIEW = 200
 DEFAULT_LIMIT, MAX_LIMIT = 20, 500
 RERUN_SECONDS = 120.0         # one replayed request's deadline
 
 
 def subject(tenant: str, pipeline: str) -> str:
-    return f"maas.capture.{tenant or '_platform'}.{pipeline}"
+    """The subject of a tenant's captures of a pipeline. Names may hold dots, which separate
+    subject tokens, so each name is escaped ("." -> "%2E", "%" -> "%25"): "acme"/"eu.bot"
+    and "acme.eu"/"bot" must not share a subject."""
+    def token(name: str) -> str:
+        return name.replace("%", "%25").replace(".", "%2E")
+
+    return f"maas.capture.{token(tenant) if tenant else '_platform'}.{token(pipeline)}"
 
 
 def should_capture(found: Found, tenant: str) -> bool:
@@ -70,10 +79,15 @@ def _json(value: Any) -> Any:
     return text[:MAX_OUTPUT_CHARS] + " [cut]"
 
 
+def _cut(text: str | None) -> str | None:
+    return text if text is None or len(text) <= MAX_OUTPUT_CHARS else text[:MAX_OUTPUT_CHARS] + " [cut]"
+
+
 def record(run: Run, found: Found, request_id: str, answer: str | None, error: BaseException | None) -> dict[str, Any]:
     return {
         "request_id": request_id, "time_ms": int(time.time() * 1000), "version": found.ref,
-        "messages": run.input.messages, "answer": answer,
+        "messages": [{**m, "content": _cut(str(m.get("content", "")))} for m in run.input.messages],
+        "answer": _cut(answer),
         "error": None if error is None else (error.message if isinstance(error, MaasError) else type(error).__name__),
         "seeds": run.seeds,
         "steps": [{"step": t.step, "kind": t.kind, "status": t.status, "ms": round(t.ms, 3),
@@ -105,7 +119,15 @@ class CaptureStore:
         return js
 
     def save(self, tenant: str, pipeline: str, capture: dict[str, Any]) -> None:
-        task = asyncio.ensure_future(self._save(subject(tenant, pipeline), json.dumps(capture).encode()))
+        data = json.dumps(capture, ensure_ascii=False).encode()
+        if len(data) > MAX_CAPTURE_BYTES:  # a long chat with big step outputs: keep the input and answer
+            for step in capture["steps"]:
+                step["output"] = "[cut: the capture was too large]"
+            data = json.dumps(capture, ensure_ascii=False).encode()
+        if len(data) > MAX_CAPTURE_BYTES:
+            log.warning("a capture of %s was dropped: %d bytes, more than %d", pipeline, len(data), MAX_CAPTURE_BYTES)
+            return
+        task = asyncio.ensure_future(self._save(subject(tenant, pipeline), data))
         self._saving.add(task)
         task.add_done_callback(self._saving.discard)
 

@@ -23,7 +23,7 @@ from maas.mesh.artifacts import ARTIFACT
 from maas.mesh.clients import RegistryClient
 from maas.mesh.errors import MaasError
 from maas.mesh.events import EventBus
-from maas.pipelines import slo
+from maas.pipelines import package, slo
 from maas.pipelines.spec import parse
 from maas.services.scheduler.deployments import DeploymentStore
 from maas.services.scheduler.state import ClusterState
@@ -77,10 +77,15 @@ class CanaryJudge:
             found = await self.registry.resolve(version)
             sha = found.source.removeprefix(ARTIFACT)
             data = b"".join([chunk.data async for chunk in self.registry.download(sha, timeout=30.0)])
-            objectives = parse(data.decode("utf-8"), source=version).slo
-        except MaasError as e:
+        except MaasError as e:  # the registry: try again on the next pass
             log.warning("cannot read the SLO of %s: %s", version, e.message)
             return None
+        try:
+            objectives = parse(package.read(data).spec, source=version).slo
+        except Exception as e:  # it was checked at registration; whatever it is, it will not change
+            log.warning("cannot read the SLO of %s (%s: %s); its canary is left to maas deploy", version,
+                        type(e).__name__, e)
+            objectives = None
         self._slos[version] = objectives
         return objectives
 
