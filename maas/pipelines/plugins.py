@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import importlib
 import inspect
 import json
@@ -43,11 +44,14 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import types
 from pathlib import Path
 from typing import Any
 
-from maas.mesh.errors import InvalidArgument, MaasError, Unavailable
+from opentelemetry import trace
+
+from maas.mesh.errors import FailedPrecondition, InvalidArgument, MaasError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +73,19 @@ class PluginHost:
         self._readers: set[asyncio.Task[None]] = set()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._abandoned: set[int] = set()  # calls whose step gave up while the child still runs them
+        # per call in flight: what answers its plugin's own calls (services, deadline, trace context)
+        self._services: dict[int, tuple[Any, float | None, contextvars.Context]] = {}
+        self._serving: set[asyncio.Task[None]] = set()
         self._next = 0
         self._lock = asyncio.Lock()
         self.home = tempfile.mkdtemp(prefix="maas-plugins-")  # the child's HOME and working directory
 
     async def call(self, package_dir: Path, sha: str, plugin: str, *, step: str, tenant: str,
-                   config: dict[str, Any], timeout: float | None, value: Any) -> Any:
+                   config: dict[str, Any], timeout: float | None, value: Any,
+                   services: Any = None, deadline: float | None = None) -> Any:
+        """Run `plugin` on `value` in the child. `services` (the pipeline's: generate, embed,
+        retrieve, as the caller) answer the plugin's own calls through `ctx`, within
+        `deadline` (event-loop time), in the trace context of this call."""
         try:
             line = json.dumps({"dir": str(package_dir), "sha": sha, "plugin": plugin, "step": step,
                                "tenant": tenant, "config": config, "timeout": timeout, "value": value})
@@ -86,6 +97,7 @@ class PluginHost:
         call_id = self._next
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         pending[call_id] = future
+        self._services[call_id] = (services, deadline, contextvars.copy_context())
         try:
             assert proc.stdin is not None
             proc.stdin.write(b'{"id": %d, ' % call_id + line[1:].encode() + b"\n")
@@ -107,6 +119,7 @@ class PluginHost:
             raise
         finally:
             pending.pop(call_id, None)
+            self._services.pop(call_id, None)
 
     async def _started(self) -> asyncio.subprocess.Process:
         async with self._lock:
@@ -131,6 +144,9 @@ class PluginHost:
                 reply = json.loads(line)
                 if not isinstance(reply, dict) or not isinstance(reply.get("id"), int):
                     raise ValueError(f"not a reply: {line[:80]!r}")
+                if "service" in reply:  # a plugin's own call (ctx.generate, ...): answered beside
+                    self._serve(proc, reply)
+                    continue
                 self._abandoned.discard(reply["id"])
                 future = pending.get(reply["id"])
                 if future is None or future.done():
@@ -152,6 +168,36 @@ class PluginHost:
                     future.set_exception(Unavailable(f"the pipeline plugin process exited ({code}) during the call; "
                                                      "the next call starts it again"))
 
+    def _serve(self, proc: asyncio.subprocess.Process, request: dict[str, Any]) -> None:
+        found = self._services.get(request["id"])
+        if found is None:  # its call is over (abandoned): nobody waits for the answer that matters
+            return
+        services, deadline, context = found
+        task = asyncio.get_running_loop().create_task(self._answer(proc, request, services, deadline),
+                                                      context=context.copy())
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+
+    async def _answer(self, proc: asyncio.subprocess.Process, request: dict[str, Any], services: Any,
+                      deadline: float | None) -> None:
+        reply: dict[str, Any] = {"reply_to": request["id"], "sub": request.get("sub")}
+        name, args = request.get("service"), request.get("args") or {}
+        try:
+            if services is None:
+                raise FailedPrecondition("this plugin call has no services to call")
+            async with asyncio.timeout_at(deadline):
+                reply["value"] = await _service(services, str(name), args, deadline)
+        except TimeoutError:
+            reply["error"] = "DEADLINE_EXCEEDED: the step's budget ran out"
+        except MaasError as e:
+            reply["error"] = f"{e.code.name}: {e.message}"
+        except Exception as e:
+            reply["error"] = f"{type(e).__name__}: {e}"
+        if proc.stdin is not None and proc.returncode is None:
+            with contextlib.suppress(ConnectionError, BrokenPipeError):
+                proc.stdin.write(json.dumps(reply, default=str).encode() + b"\n")
+                await proc.stdin.drain()
+
     async def close(self) -> None:
         proc = self._proc
         if proc is not None and proc.returncode is None:
@@ -163,19 +209,103 @@ class PluginHost:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-        await asyncio.gather(*self._readers, return_exceptions=True)
+        for task in self._serving:
+            task.cancel()
+        await asyncio.gather(*self._readers, *self._serving, return_exceptions=True)
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+async def _service(services: Any, name: str, args: dict[str, Any], deadline: float | None) -> Any:
+    """One of a plugin's own calls, made with the pipeline's services (as the caller)."""
+    if name == "generate":
+        messages = args.get("messages")
+        if isinstance(messages, str) or messages is None:
+            messages = [{"role": "user", "content": str(messages or "")}]
+        params = {k: args[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop") if k in args}
+        return "".join([chunk async for chunk in services.generate(str(args.get("model", "")), list(messages),
+                                                                   params, deadline=deadline)])
+    if name == "embed":
+        texts = args.get("texts")
+        return await services.embed(str(args.get("model", "")), texts if isinstance(texts, list) else [str(texts)],
+                                    deadline=deadline)
+    if name == "retrieve":
+        return await services.retrieve(str(args.get("index", "")), args.get("query"), int(args.get("k", 4)),
+                                       deadline=deadline)
+    if name == "event":  # the step's span (a tracer for plugins)
+        attributes = {str(k): v for k, v in (args.get("attributes") or {}).items()
+                      if isinstance(v, str | int | float | bool)}
+        trace.get_current_span().add_event(str(args.get("name", "plugin event")), attributes)
+        return None
+    raise InvalidArgument(f"a plugin may call generate, embed, retrieve or event, not {name!r}")
 
 
 # ---- the child -------------------------------------------------------------------------------
 
 
-class Context:
-    """What a plugin's `run(ctx, value)` gets in its process."""
+class PluginServiceError(Exception):
+    """A call a plugin made through `ctx` failed (its message: the status and why)."""
 
-    def __init__(self, step: str, tenant: str, config: dict[str, Any], timeout: float | None) -> None:
+
+class Context:
+    """What a plugin's `run(ctx, value)` gets in its process: the step's name, the caller's
+    tenant, the step's `config`, the seconds left in its budget when the call was sent
+    (`timeout`, None: none), and calls made through the router as the caller, traced
+    under the step and bounded by its budget. They block (call them from a thread; an
+    `async def run` can use `await asyncio.to_thread(ctx.generate, ...)`)."""
+
+    def __init__(self, call_id: int, step: str, tenant: str, config: dict[str, Any], timeout: float | None) -> None:
         self.step, self.tenant, self.config = step, tenant, config
-        self.timeout = timeout  # seconds left in the step's budget when the call was sent (None: none)
+        self.timeout = timeout
+        self._id = call_id
+        self._started = time.monotonic()
+
+    def generate(self, model: str, messages: str | list[dict[str, str]], **params: Any) -> str:
+        """A model's whole answer to a prompt (a user message) or a chat; params: max_tokens,
+        temperature, top_p, seed, stop."""
+        return str(self._call("generate", {"model": model, "messages": messages, **params}))
+
+    def embed(self, model: str, texts: list[str]) -> list[list[float]]:
+        return list(self._call("embed", {"model": model, "texts": texts}))
+
+    def retrieve(self, index: str, query: str | list[float], k: int = 4) -> list[dict[str, Any]]:
+        return list(self._call("retrieve", {"index": index, "query": query, "k": k}))
+
+    def event(self, name: str, **attributes: str | int | float | bool) -> None:
+        """An event on the step's span (what the plugin decided, say)."""
+        self._call("event", {"name": name, "attributes": attributes})
+
+    def _call(self, service: str, args: dict[str, Any]) -> Any:
+        with _state:
+            global _subs
+            _subs += 1
+            sub = _subs
+            done, slot = threading.Event(), dict[str, Any]()
+            _waiting[(self._id, sub)] = (done, slot)
+        _send({"id": self._id, "sub": sub, "service": service, "args": args})
+        left = None if self.timeout is None else max(0.0, self.timeout - (time.monotonic() - self._started))
+        try:
+            if not done.wait(left if left is not None else 3600.0):
+                raise TimeoutError(f"ctx.{service}: the step's budget ran out")
+        finally:
+            with _state:
+                _waiting.pop((self._id, sub), None)
+        if "error" in slot:
+            raise PluginServiceError(f"ctx.{service}: {slot['error']}")
+        return slot.get("value")
+
+
+_state = threading.Lock()
+_subs = 0
+_waiting: dict[tuple[int, Any], tuple[threading.Event, dict[str, Any]]] = {}
+_out: Any = None
+_write = threading.Lock()
+
+
+def _send(message: dict[str, Any]) -> None:
+    line = json.dumps(message, default=str).encode() + b"\n"
+    with _write:
+        _out.write(line)
+        _out.flush()
 
 
 _instances: dict[tuple[str, str], Any] = {}
@@ -208,7 +338,8 @@ def _call(request: dict[str, Any]) -> dict[str, Any]:
         run = getattr(plugin, "run", None)
         if run is None:
             raise AttributeError(f"{request['plugin']} has no run(ctx, value)")
-        ctx = Context(request["step"], request["tenant"], request.get("config") or {}, request.get("timeout"))
+        ctx = Context(request["id"], request["step"], request["tenant"], request.get("config") or {},
+                      request.get("timeout"))
         value = asyncio.run(run(ctx, request.get("value"))) if inspect.iscoroutinefunction(run) else \
             run(ctx, request.get("value"))
         json.dumps(value)  # a value that is not JSON is the plugin's error, said here
@@ -221,22 +352,26 @@ def _call(request: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     # the protocol gets a descriptor of its own; fd 1 (print, os.write(1), subprocesses)
     # becomes stderr, so a plugin's output cannot corrupt it by accident
-    out = os.fdopen(os.dup(1), "wb")
+    global _out
+    _out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    write = threading.Lock()
 
     def answer(future: concurrent.futures.Future[dict[str, Any]]) -> None:
-        line = json.dumps(future.result()).encode() + b"\n"
-        with write:
-            out.write(line)
-            out.flush()
+        _send(future.result())
 
     with concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="plugin") as pool:
         for line in sys.stdin.buffer:
             try:
                 request = json.loads(line)
             except ValueError:
+                continue
+            if "reply_to" in request:  # the router's answer to a plugin's ctx call
+                with _state:
+                    waiting = _waiting.get((request["reply_to"], request.get("sub")))
+                if waiting is not None:
+                    waiting[1].update(request)
+                    waiting[0].set()
                 continue
             pool.submit(_call, request).add_done_callback(answer)
 

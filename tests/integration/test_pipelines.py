@@ -285,6 +285,8 @@ class Shout:
     def run(self, ctx, value):
         if "crash" in value:
             return 1 / 0
+        if value.startswith("ask "):  # a model's answer, asked through the router as the caller
+            return ctx.generate("echo", value[4:], max_tokens=4, temperature=0)
         return value.upper() + ctx.config.get("end", "!")
 """
 
@@ -322,6 +324,14 @@ async def test_plugins_of_a_pushed_package(mesh: MeshHarness, tmp_path: Path) ->
                                                   messages=[{"role": "user", "content": "HELLO!"}])
     got = await client.completions.create(model="loud", prompt="hello")
     assert got.choices[0].text == direct.choices[0].message.content  # the model answered the plugin's output
+
+    async def chat(text: str) -> str:
+        reply = await client.chat.completions.create(model="echo", max_tokens=4, temperature=0,
+                                                     messages=[{"role": "user", "content": text}])
+        return reply.choices[0].message.content or ""
+
+    asked = await client.completions.create(model="loud", prompt="ask something")
+    assert asked.choices[0].text == await chat(await chat("something"))  # the plugin's call, then the step's
     async with aiohttp.ClientSession() as http:
         async with http.post(f"http://{router.info.http_endpoint}/v1/completions",
                              json={"model": "loud", "prompt": "crash now"},

@@ -5,11 +5,12 @@ no mesh credentials in its environment. A real child process, no mocks."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from maas.mesh.errors import InvalidArgument, Unavailable
+from maas.mesh.errors import InvalidArgument, NotFound, Unavailable
 from maas.pipelines.plugins import THREADS, PluginError, PluginHost
 
 PLUGIN = '''
@@ -53,6 +54,17 @@ class Sleeps:
     def run(self, ctx, value):
         time.sleep(value)
         return value
+
+class Asks:
+    def run(self, ctx, value):
+        ctx.event("asking", model="m")
+        answer = ctx.generate("m", value, max_tokens=3)
+        docs = ctx.retrieve("kb", value, k=1)
+        try:
+            ctx.generate("missing", value)
+        except Exception as e:
+            failed = str(e)
+        return {"answer": answer, "docs": docs, "vector": ctx.embed("e", [value]), "failed": failed}
 
 class Later:
     async def run(self, ctx, value):
@@ -176,3 +188,42 @@ def test_a_package_holds_plain_files_inside_itself_only(tmp_path: Path, monkeypa
     monkeypatch.setattr(package, "MAX_PACKAGE_BYTES", 1000)
     with pytest.raises(package.PackageError, match="at most 1000 bytes"):
         package.read(tar(spec, (tarfile.TarInfo("big.py"), b"#" * 900)))
+
+
+class Services:
+    """What a pipeline's steps call (the router's MeshServices), faked: the calls a plugin
+    makes through ctx land here, in the router's process."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    async def generate(self, model: str, messages: list[dict[str, str]], params: dict[str, object], *,
+                       deadline: float | None) -> AsyncIterator[str]:
+        if model == "missing":
+            raise NotFound("model 'missing' does not exist")
+        self.calls.append(("generate", (model, messages, params)))
+        for word in ("a ", "b"):
+            yield word
+
+    async def embed(self, model: str, texts: list[str], *, deadline: float | None) -> list[list[float]]:
+        self.calls.append(("embed", (model, texts)))
+        return [[1.0, 2.0] for _ in texts]
+
+    async def retrieve(self, index: str, query: object, k: int, *, deadline: float | None) -> list[dict[str, object]]:
+        self.calls.append(("retrieve", (index, query, k)))
+        return [{"text": f"about {query}", "score": 0.5}][:k]
+
+
+async def test_a_plugin_calls_models_and_indexes_through_the_router(tmp_path: Path) -> None:
+    where = package(tmp_path, "v1")
+    host = PluginHost()
+    services = Services()
+    try:
+        got = await host.call(where, "v1" * 8, "p:Asks", step="s", tenant="acme", config={}, timeout=5.0,
+                              value="q", services=services, deadline=asyncio.get_running_loop().time() + 5)
+    finally:
+        await host.close()
+    assert got == {"answer": "a b", "docs": [{"text": "about q", "score": 0.5}], "vector": [[1.0, 2.0]],
+                   "failed": "ctx.generate: NOT_FOUND: model 'missing' does not exist"}
+    assert services.calls == [("generate", ("m", [{"role": "user", "content": "q"}], {"max_tokens": 3})),
+                              ("retrieve", ("kb", "q", 1)), ("embed", ("e", ["q"]))]

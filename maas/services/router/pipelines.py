@@ -399,7 +399,7 @@ class _RemotePlugin:
         assert self.found.package is not None
         return await self.host.call(self.found.package, self.found.version.source.removeprefix(ARTIFACT), self.ref,
                                     step=ctx.step, tenant=ctx.tenant, config=ctx.config, timeout=ctx.remaining(),
-                                    value=value)
+                                    value=value, services=ctx.services, deadline=ctx.deadline)
 
 
 __all__ = ["Found", "MeshServices", "PipelineCatalog", "finish", "start"]
