@@ -189,7 +189,7 @@ async def show(ns: argparse.Namespace, etcd: str) -> int:
         data = b"".join([c.data async for c in registry.DownloadArtifact(
             registry_pb2.DownloadArtifactRequest(sha256=sha), timeout=60)])
     pack = package.read(data)
-    spec = parse(pack.spec, source=f"{v.name}@{v.version}")
+    spec = parse(pack.spec, source=f"{v.name}@{v.version}", files=pack.files if pack.files else None)
     print(f"{v.name}@{v.version} (owner {v.owner or 'platform'}, artifact {sha[:12]}"
           f"{f', {len(pack.files) - 1} packaged files' if pack.files else ''})")
     if spec.description:
@@ -244,8 +244,10 @@ def validate(ns: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         print(f"cannot read {ns.file}: {exc}", file=sys.stderr)
         return 2
+    files = ({str(f.relative_to(ns.file)): f.read_bytes() for f in ns.file.rglob("*") if f.is_file()}
+             if ns.file.is_dir() else None)
     try:
-        spec = parse(text, source=str(path))
+        spec = parse(text, source=str(path), files=files)
     except SpecErrors as e:
         print(e.message, file=sys.stderr)
         print(f"{len(e.problems)} problem{'s' if len(e.problems) != 1 else ''} in {ns.file}", file=sys.stderr)

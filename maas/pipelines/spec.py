@@ -52,7 +52,7 @@ FIELDS: dict[str, set[str]] = {
     "generate": {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "system"},
     "embed": {"model"},
     "retrieve": {"index", "k"},
-    "template": {"template"},
+    "template": {"template", "template_file"},
     "plugin": {"plugin", "config"},
     "switch": {"cases", "default"},
     "parallel": {"steps"},
@@ -60,7 +60,7 @@ FIELDS: dict[str, set[str]] = {
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
     "generate": ("model", "input"), "embed": ("model", "input"), "retrieve": ("index", "input"),
-    "template": ("template",), "plugin": ("plugin",), "switch": ("input", "cases"), "parallel": ("steps",),
+    "template": (), "plugin": ("plugin",), "switch": ("input", "cases"), "parallel": ("steps",),
     "guard": ("input", "block"),
 }
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -140,8 +140,10 @@ class SpecErrors(InvalidArgument):
 
 def parse(text: str, *, source: str = "pipeline.yaml",
           known_model: Callable[[str], bool] | None = None,
-          known_index: Callable[[str], bool] | None = None) -> PipelineSpec:
-    """The checked spec of a pipeline's YAML, or SpecErrors listing every problem."""
+          known_index: Callable[[str], bool] | None = None,
+          files: dict[str, bytes] | None = None) -> PipelineSpec:
+    """The checked spec of a pipeline's YAML, or SpecErrors listing every problem. `files`:
+    the other files of its package (what `template_file` names), None for the YAML alone."""
     problems: list[tuple[int, str]] = []
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -169,7 +171,7 @@ def parse(text: str, *, source: str = "pipeline.yaml",
                                               f"not {len(steps_node.value)}")], source)
     steps: dict[str, Step] = {}
     for node in steps_node.value:
-        step = _step(node, problems)
+        step = _step(node, problems, files)
         if step is None:
             continue
         if step.name in steps:
@@ -241,7 +243,7 @@ def _construct(node: yaml.Node) -> Any:
         loader.dispose()
 
 
-def _step(node: yaml.Node, problems: list[tuple[int, str]]) -> Step | None:
+def _step(node: yaml.Node, problems: list[tuple[int, str]], files: dict[str, bytes] | None = None) -> Step | None:
     line = _line(node)
     if not isinstance(node, yaml.MappingNode):
         problems.append((line, "each step is a mapping with at least `name` and `kind`"))
@@ -290,9 +292,32 @@ def _step(node: yaml.Node, problems: list[tuple[int, str]]) -> Step | None:
         problems.append((_line(fields["retries"][1]), f"{where}: retries need `idempotent: true` (a step that is "
                                                       "not idempotent is never retried)"))
     options = {k: v for k, v in raw.items() if k in FIELDS[kind]}
+    if kind == "template":
+        problems.extend((line, f"{where}: {p}") for p in _template_source(options, files))
     problems.extend((line, f"{where}: {p}") for p in _kind_problems(kind, options))
     return Step(name=name, kind=kind, line=line, input=ref or "", timeout_ms=timeout, on_error=on_error,
                 fallback=raw.get("fallback"), idempotent=idempotent is True, retries=retries, options=options)
+
+
+def _template_source(o: dict[str, Any], files: dict[str, bytes] | None) -> list[str]:
+    """A template step's text: `template`, or the package file `template_file` names (read
+    into `template` here, so the rest of the pipeline sees one kind of template step)."""
+    given = [k for k in ("template", "template_file") if o.get(k) not in (None, "")]
+    if len(given) != 1:
+        return ["a template step needs `template` (the text) or `template_file` (a file of its package), "
+                "one of them"]
+    if given[0] == "template":
+        return []
+    name = str(o["template_file"]).removeprefix("./")
+    if files is None:
+        return [f"template_file {name!r} needs the pipeline pushed as a directory holding it"]
+    if name not in files:
+        return [f"template_file {name!r} is not in the pipeline's package"]
+    try:
+        o["template"] = files[name].decode("utf-8")
+    except UnicodeDecodeError:
+        return [f"template_file {name!r} is not UTF-8 text"]
+    return []
 
 
 def _kind_problems(kind: str, o: dict[str, Any]) -> list[str]:

@@ -112,3 +112,26 @@ def test_hostile_files_are_refused_cheaply() -> None:
         "p.yaml:2: step 't': template must be a string"]
     assert errors("steps:\n  - {name: t, kind: template, template: '{% for %}'}\n")[0].startswith(
         "p.yaml:2: step 't': the template does not compile:")
+
+
+def test_a_template_can_come_from_a_file_of_the_package(tmp_path: Path) -> None:
+    text = ("steps:\n  - {name: prompt, kind: template, template_file: prompt.j2}\n"
+            "  - {name: answer, kind: generate, model: m, input: steps.prompt}\n")
+    spec = parse(text, files={"prompt.j2": b"Context first. Q: {{ input.text }}"})
+    assert spec.steps["prompt"].options["template"].startswith("Context first.")
+    with pytest.raises(SpecErrors, match="pipeline.yaml:2: step 'prompt': template_file 'prompt.j2' needs the "
+                                         "pipeline pushed as a directory"):
+        parse(text)
+    with pytest.raises(SpecErrors, match="template_file 'prompt.j2' is not in the pipeline's package"):
+        parse(text, files={"other.j2": b""})
+    with pytest.raises(SpecErrors, match="does not compile"):
+        parse(text, files={"prompt.j2": b"{% for %}"})
+    # the file's references count as the step's (a step it reads must exist)
+    with pytest.raises(SpecErrors, match="step 'prompt' reads steps.docs, which does not exist"):
+        parse(text, files={"prompt.j2": b"{{ steps.docs }}"})
+    # the CLI checks a directory with its files
+    from maas.cli.main import main
+
+    (tmp_path / "pipeline.yaml").write_text(text)
+    (tmp_path / "prompt.j2").write_text("Q: {{ input.text }}")
+    assert main(["pipeline", "validate", str(tmp_path)]) == 0

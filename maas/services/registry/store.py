@@ -161,7 +161,7 @@ class ModelStore:
         except package.PackageError as e:
             raise InvalidArgument(str(e), field="source") from None
         where = f"{req.name}.yaml"
-        spec = parse(pack.spec, source=where)
+        spec = parse(pack.spec, source=where, files=pack.files if pack.files else None)
         problems = []
         for step in spec.steps.values():
             if step.kind == "plugin":

@@ -175,7 +175,7 @@ class PipelineCatalog:
         """Parse a pushed pipeline; a package's files go to a directory of their own (its
         plugins are loaded from there, by the plugin process)."""
         pack = package.read(data)
-        spec = parse(pack.spec, source=source)
+        spec = parse(pack.spec, source=source, files=pack.files if pack.files else None)
         if pack.files and sha not in self._packages:
             where = Path(self.plugins.home) / "packages" / sha
             package.extract(pack, where)

@@ -81,7 +81,8 @@ class CanaryJudge:
             log.warning("cannot read the SLO of %s: %s", version, e.message)
             return None
         try:
-            objectives = parse(package.read(data).spec, source=version).slo
+            pack = package.read(data)
+            objectives = parse(pack.spec, source=version, files=pack.files if pack.files else None).slo
         except Exception as e:  # it was checked at registration; whatever it is, it will not change
             log.warning("cannot read the SLO of %s (%s: %s); its canary is left to maas deploy", version,
                         type(e).__name__, e)
