@@ -79,6 +79,15 @@ async def test_a_pushed_pipeline_streams_like_a_model(mesh: MeshHarness, tmp_pat
     assert text.split() == words[:cut] and len([c for c in chunks if c]) > 1, (chunks, words)
     assert reasons[-1] == "content_filter"
 
+    # the first text reaches the client while the model still generates: with 20 ms a
+    # token, 12 tokens, a pipeline that held its answer back would deliver it all at once
+    # (load only spreads the tokens further apart)
+    await push(registry, tmp_path, "openbot", PIPELINE.replace("BLOCKED", "no-such-phrase-anywhere"))
+    loop = asyncio.get_running_loop()
+    stream = await a.chat.completions.create(model="openbot", messages=question, stream=True)  # type: ignore[arg-type]
+    arrivals = [loop.time() async for event in stream if event.choices and event.choices[0].delta.content]
+    assert len(arrivals) >= 6 and arrivals[-1] - arrivals[0] >= 0.1, arrivals
+
     # not streamed, with each step's timing
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{base_url}/chat/completions", json={"model": "bot", "messages": question},
