@@ -180,7 +180,8 @@ output: prompt
 """
 
 
-async def test_retrieval_from_a_built_index(mesh: MeshHarness, tmp_path: Path) -> None:
+async def test_retrieval_from_a_built_index(mesh: MeshHarness, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     from maas.pipelines.index import build
     from maas.v1 import inference_pb2_grpc
 
@@ -199,6 +200,10 @@ async def test_retrieval_from_a_built_index(mesh: MeshHarness, tmp_path: Path) -
     registry = registry_pb2_grpc.RegistryStub(channel)
     index = await build(inference_pb2_grpc.InferenceStub(router_channel), registry, "kb", "minilm", DOCS)
     assert (index.format, index.options["embed_model"], index.owner) == ("index", "minilm@1", "a")
+    from .test_cli_deploy import cli
+
+    rc, out, err = await cli(mesh, capsys, "index", "list", "--api-key", key)
+    assert rc == 0 and out.splitlines()[1].split()[:4] == ["kb", "1", "minilm@1", "a"], (out, err)
     await push(registry, tmp_path, "rag", RAG.replace("TIMEOUT", "5000"))
 
     async def ask(model: str, question: str) -> dict[str, object]:
