@@ -461,13 +461,38 @@ class Run:
 
     async def _plugin(self, step: Step, here: Any, deadline: float | None) -> Any:
         plugin = self.services.plugin(str(step.options["plugin"]))
+        ctx = StepContext(step.name, deadline, self.tenant, dict(step.options.get("config") or {}), self.services)
+        if step.streams:  # stream(ctx, chunks): the input's chunks in, its own out, as they come
+            stream = getattr(plugin, "stream", None)
+            if stream is None:
+                raise InvalidArgument(f"plugin {step.options['plugin']} has no stream(ctx, chunks) "
+                                      "(its step says stream: true)")
+            chunks = stream(ctx, _chunks_of(here))
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                first = ""
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await chunks.aclose()
+                raise
+            return Stream(str(first), chunks)
         run = getattr(plugin, "run", None)
         if run is None:
             raise InvalidArgument(f"plugin {step.options['plugin']} has no run(ctx, value)")
-        ctx = StepContext(step.name, deadline, self.tenant, dict(step.options.get("config") or {}), self.services)
         if inspect.iscoroutinefunction(run):
             return await run(ctx, here)
         return await asyncio.to_thread(run, ctx, here)  # off the loop: it may be CPU-heavy
+
+
+async def _chunks_of(value: Any) -> AsyncGenerator[str, None]:
+    """A streaming plugin's input: a stream's chunks as they come, or a value as one chunk."""
+    if isinstance(value, Stream):
+        async with contextlib.aclosing(value.chunks()) as chunks:
+            async for chunk in chunks:
+                yield chunk
+    elif value is not None:
+        yield _text(value)
 
 
 def _failing_as(step: Step, timing: StepTiming, stream: Stream, outputs: dict[str, Any] | None) -> Stream:

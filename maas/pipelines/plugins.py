@@ -40,12 +40,14 @@ import inspect
 import json
 import logging
 import os
+import queue
 import shutil
 import sys
 import tempfile
 import threading
 import time
 import types
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,7 @@ class PluginHost:
         # per call in flight: what answers its plugin's own calls (services, deadline, trace context)
         self._services: dict[int, tuple[Any, float | None, contextvars.Context]] = {}
         self._serving: set[asyncio.Task[None]] = set()
+        self._outputs: dict[int, asyncio.Queue[tuple[str, Any]]] = {}  # a stream call's chunks, as they come
         self._next = 0
         self._lock = asyncio.Lock()
         self.home = tempfile.mkdtemp(prefix="maas-plugins-")  # the child's HOME and working directory
@@ -147,6 +150,11 @@ class PluginHost:
                 if "service" in reply:  # a plugin's own call (ctx.generate, ...): answered beside
                     self._serve(proc, reply)
                     continue
+                if "out" in reply:  # a chunk a streaming plugin yielded
+                    out = self._outputs.get(reply["id"])
+                    if out is not None:
+                        out.put_nowait(("out", str(reply["out"])))
+                    continue
                 self._abandoned.discard(reply["id"])
                 future = pending.get(reply["id"])
                 if future is None or future.done():
@@ -167,6 +175,65 @@ class PluginHost:
                 if not future.done():
                     future.set_exception(Unavailable(f"the pipeline plugin process exited ({code}) during the call; "
                                                      "the next call starts it again"))
+
+    async def stream(self, package_dir: Path, sha: str, plugin: str, chunks: AsyncIterator[str], *, step: str,
+                     tenant: str, config: dict[str, Any], timeout: float | None, services: Any = None,
+                     deadline: float | None = None) -> AsyncIterator[str]:
+        """`plugin`'s `stream(ctx, chunks)` in the child: `chunks` are sent as they come, and
+        what it yields comes back as it is made."""
+        line = json.dumps({"dir": str(package_dir), "sha": sha, "plugin": plugin, "step": step, "tenant": tenant,
+                           "config": config, "timeout": timeout, "stream": True})
+        proc = await self._started()
+        pending = self._pending
+        self._next += 1
+        call_id = self._next
+        out: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        pending[call_id] = done
+        self._outputs[call_id] = out
+        self._services[call_id] = (services, deadline, contextvars.copy_context())
+        assert proc.stdin is not None
+        stdin = proc.stdin
+
+        async def feed() -> None:
+            try:
+                async for chunk in chunks:
+                    stdin.write(json.dumps({"feed": call_id, "chunk": chunk}).encode() + b"\n")
+                    await stdin.drain()
+            finally:  # its input ends (also when the reader of the output went away)
+                with contextlib.suppress(ConnectionError, BrokenPipeError, RuntimeError):
+                    stdin.write(json.dumps({"feed": call_id, "end": True}).encode() + b"\n")
+                    await stdin.drain()
+
+        feeding: asyncio.Task[None] | None = None
+        try:
+            stdin.write(b'{"id": %d, ' % call_id + line[1:].encode() + b"\n")
+            await stdin.drain()
+            feeding = asyncio.create_task(feed(), name=f"plugin-feed-{call_id}")
+            waiting_done = asyncio.ensure_future(asyncio.shield(done))
+            try:
+                while True:
+                    getting = asyncio.ensure_future(out.get())
+                    await asyncio.wait({getting, waiting_done}, return_when=asyncio.FIRST_COMPLETED)
+                    if getting.done():
+                        yield getting.result()[1]
+                        continue
+                    getting.cancel()
+                    while not out.empty():  # what it sent before it ended
+                        yield out.get_nowait()[1]
+                    done.result()  # its error, if it failed
+                    return
+            finally:
+                waiting_done.cancel()
+        except (ConnectionError, BrokenPipeError):
+            raise Unavailable("the pipeline plugin process went away; the next call starts it again") from None
+        finally:
+            if feeding is not None:
+                feeding.cancel()
+                await asyncio.gather(feeding, return_exceptions=True)
+            pending.pop(call_id, None)
+            self._outputs.pop(call_id, None)
+            self._services.pop(call_id, None)
 
     def _serve(self, proc: asyncio.subprocess.Process, request: dict[str, Any]) -> None:
         found = self._services.get(request["id"])
@@ -331,10 +398,54 @@ def _plugin(package_dir: str, sha: str, ref: str) -> Any:
         return _instances[key]
 
 
+_feeds: dict[int, queue.SimpleQueue[Any]] = {}  # a stream call's input chunks (None: the end)
+_END = None
+
+
+def _input(call_id: int) -> Iterator[str]:
+    feed = _feeds[call_id]
+    while (chunk := feed.get()) is not _END:
+        yield str(chunk)
+
+
+async def _ainput(call_id: int) -> AsyncIterator[str]:
+    feed = _feeds[call_id]
+    while (chunk := await asyncio.to_thread(feed.get)) is not _END:
+        yield str(chunk)
+
+
+def _stream(request: dict[str, Any], plugin: Any, ctx: Context) -> None:
+    """Run `stream(ctx, chunks)`, sending each chunk it yields as it comes."""
+    stream = getattr(plugin, "stream", None)
+    if stream is None:
+        raise AttributeError(f"{request['plugin']} has no stream(ctx, chunks)")
+    call_id = request["id"]
+
+    def out(chunk: Any) -> None:
+        if not isinstance(chunk, str):
+            raise TypeError(f"stream() yielded a {type(chunk).__name__}, not text")
+        _send({"id": call_id, "out": chunk})
+
+    if inspect.isasyncgenfunction(stream):
+        async def drive() -> None:
+            async for chunk in stream(ctx, _ainput(call_id)):
+                out(chunk)
+        asyncio.run(drive())
+    else:
+        for chunk in stream(ctx, _input(call_id)):
+            out(chunk)
+
+
 def _call(request: dict[str, Any]) -> dict[str, Any]:
     reply: dict[str, Any] = {"id": request["id"]}
     try:
         plugin = _plugin(request["dir"], request["sha"], request["plugin"])
+        if request.get("stream"):
+            ctx = Context(request["id"], request["step"], request["tenant"], request.get("config") or {},
+                          request.get("timeout"))
+            _stream(request, plugin, ctx)
+            reply["value"] = None  # the end of its stream
+            return reply
         run = getattr(plugin, "run", None)
         if run is None:
             raise AttributeError(f"{request['plugin']} has no run(ctx, value)")
@@ -346,6 +457,8 @@ def _call(request: dict[str, Any]) -> dict[str, Any]:
         reply["value"] = value
     except BaseException as e:  # anything a plugin does is its own error, reported to the router
         reply["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        _feeds.pop(request["id"], None)
     return reply
 
 
@@ -373,6 +486,13 @@ def main() -> None:
                     waiting[1].update(request)
                     waiting[0].set()
                 continue
+            if "feed" in request:  # a stream call's next input chunk, or its end
+                feed = _feeds.get(request["feed"])
+                if feed is not None:
+                    feed.put(_END if request.get("end") else request.get("chunk", ""))
+                continue
+            if request.get("stream"):
+                _feeds[request["id"]] = queue.SimpleQueue()
             pool.submit(_call, request).add_done_callback(answer)
 
 

@@ -53,7 +53,7 @@ FIELDS: dict[str, set[str]] = {
     "embed": {"model"},
     "retrieve": {"index", "k"},
     "template": {"template", "template_file"},
-    "plugin": {"plugin", "config"},
+    "plugin": {"plugin", "config", "stream"},
     "switch": {"cases", "default"},
     "parallel": {"steps"},
     "guard": {"block", "action", "case_sensitive", "replacement"},
@@ -83,8 +83,16 @@ class Step:
 
     @property
     def streams(self) -> bool:
-        """Its output is a stream of text chunks (a generate step, unless stream: false)."""
+        """Its output is a stream of text chunks (a generate step, unless stream: false; a
+        plugin with stream: true)."""
+        if self.kind == "plugin":
+            return self.options.get("stream") is True
         return self.kind == "generate" and bool(self.options.get("stream", True))
+
+    @property
+    def filters_streams(self) -> bool:
+        """It may read a stream without stopping it: a guard, or a streaming plugin."""
+        return self.kind == "guard" or (self.kind == "plugin" and self.options.get("stream") is True)
 
     def reads(self) -> list[str]:
         """The steps whose output this step needs before it starts (a switch's cases are
@@ -356,6 +364,8 @@ def _kind_problems(kind: str, o: dict[str, Any]) -> list[str]:
         problems.append(f"k must be between 1 and 100, not {o.get('k')!r}")
     if kind == "generate" and not (isinstance(o.get("max_tokens", 256), int) and o.get("max_tokens", 256) > 0):
         problems.append(f"max_tokens must be > 0, not {o.get('max_tokens')!r}")
+    if kind == "plugin" and o.get("stream", False) not in (True, False):
+        problems.append(f"stream must be true or false, not {o.get('stream')!r}")
     if kind == "plugin" and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", str(o.get("plugin", ""))):
         problems.append(f"plugin must be MODULE:CLASS (a module in the pipeline's package), not {o.get('plugin')!r}")
     return problems
@@ -407,10 +417,11 @@ def _check_streams(steps: dict[str, Step], output: str, problems: list[tuple[int
     spec = PipelineSpec(steps=steps, output=output)
     for step in steps.values():
         for name in step.reads():
-            if spec._streams(name) and step.kind != "guard":
+            if spec._streams(name) and not step.filters_streams:
                 problems.append((step.line, f"step {step.name!r} ({step.kind}) reads the stream of step {name!r}, "
-                                            "which would stop it; only a guard or the pipeline's output can read a "
-                                            f"stream (set stream: false on the generate step to collect it first)"))
+                                            "which would stop it; only a guard, a plugin with stream: true or the "
+                                            "pipeline's output can read a stream (set stream: false on the generate "
+                                            "step to collect it first)"))
 
 
 __all__ = ["KINDS", "PipelineSpec", "SpecErrors", "Step", "parse"]

@@ -302,6 +302,17 @@ class Shout:
         if value.startswith("ask "):  # a model's answer, asked through the router as the caller
             return ctx.generate("echo", value[4:], max_tokens=4, temperature=0)
         return value.upper() + ctx.config.get("end", "!")
+
+
+class Upper:  # a stream filter: the model's chunks upper-cased as they come
+    def stream(self, ctx, chunks):
+        for chunk in chunks:
+            yield chunk.upper()
+"""
+STREAMED = """\
+steps:
+  - {name: answer, kind: generate, model: echo, input: input.text, max_tokens: 8, temperature: 0}
+  - {name: upper, kind: plugin, plugin: "loud:Upper", input: steps.answer, stream: true}
 """
 
 
@@ -353,6 +364,21 @@ async def test_plugins_of_a_pushed_package(mesh: MeshHarness, tmp_path: Path) ->
             body = await resp.json()
     assert resp.status == 500
     assert body["error"]["message"] == "pipeline step 'shout' (plugin) failed: ZeroDivisionError: division by zero"
+
+    # a streaming plugin after the model: its chunks as the model makes them, filtered
+    streamed = tmp_path / "streamed"
+    streamed.mkdir()
+    (streamed / "pipeline.yaml").write_text(STREAMED)
+    (streamed / "loud.py").write_text(LOUD)
+    pack_directory(streamed, tmp_path / "streamed.tar")
+    await register(admin, "shouty", tmp_path / "streamed.tar")
+    direct_text = (await client.chat.completions.create(
+        model="echo", max_tokens=8, temperature=0, messages=[{"role": "user", "content": "hello"}])
+    ).choices[0].message.content or ""
+    stream = await client.chat.completions.create(model="shouty", stream=True,
+                                                  messages=[{"role": "user", "content": "hello"}])
+    pieces = [e.choices[0].delta.content async for e in stream if e.choices and e.choices[0].delta.content]
+    assert "".join(pieces) == direct_text.upper() and len(pieces) > 1, pieces
 
     # the same package pushed by a tenant: registered, but this router runs no tenant's plugins
     channel = dial(mesh.endpoint("registry"), key)

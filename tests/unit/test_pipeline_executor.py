@@ -271,3 +271,21 @@ async def test_a_prompt_made_from_retrieved_documents_asks_for_affinity_on_them(
     plain = parse("steps:\n  - {name: answer, kind: generate, model: m, input: input.text}\n")
     assert "".join([c async for c in Run(plain, fake, question()).answer()])
     assert "affinity" not in fake.params[-1]  # no retrieval: the prompt's own prefix decides
+
+
+async def test_a_streaming_plugin_filters_a_generate_steps_chunks_as_they_come() -> None:
+    class Upper:
+        async def stream(self, ctx: Any, chunks: Any) -> Any:
+            async for chunk in chunks:
+                yield chunk.upper()
+
+    fake = Fake()
+    fake.plugins["f:Upper"] = Upper()
+    spec = parse("steps:\n  - {name: answer, kind: generate, model: m, input: input.text}\n"
+                 "  - {name: upper, kind: plugin, plugin: 'f:Upper', input: steps.answer, stream: true}\n")
+    assert spec.streams
+    answer = Run(spec, fake, question()).answer()
+    first = await asyncio.wait_for(anext(answer), 5)  # before the model's second half (the gate) exists
+    assert first == "M:ALPHA " and not fake.gate.is_set()
+    fake.gate.set()
+    assert first + "".join([c async for c in answer]) == "M:ALPHA M:BRAVO CHARLIE PASSWORD DELTA"

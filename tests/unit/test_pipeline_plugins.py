@@ -66,6 +66,23 @@ class Asks:
             failed = str(e)
         return {"answer": answer, "docs": docs, "vector": ctx.embed("e", [value]), "failed": failed}
 
+class Upper:
+    def stream(self, ctx, chunks):
+        for chunk in chunks:
+            yield chunk.upper()
+        yield ctx.config.get("end", "")
+
+class AsyncUpper:
+    async def stream(self, ctx, chunks):
+        async for chunk in chunks:
+            yield chunk.upper()
+
+class BreaksMidStream:
+    def stream(self, ctx, chunks):
+        for chunk in chunks:
+            yield chunk
+            raise ValueError("bad chunk")
+
 class Later:
     async def run(self, ctx, value):
         import asyncio
@@ -227,3 +244,30 @@ async def test_a_plugin_calls_models_and_indexes_through_the_router(tmp_path: Pa
                    "failed": "ctx.generate: NOT_FOUND: model 'missing' does not exist"}
     assert services.calls == [("generate", ("m", [{"role": "user", "content": "q"}], {"max_tokens": 3})),
                               ("retrieve", ("kb", "q", 1)), ("embed", ("e", ["q"]))]
+
+
+async def test_a_streaming_plugin_gets_chunks_as_they_come_and_its_own_go_out_as_made(tmp_path: Path) -> None:
+    where = package(tmp_path, "v1")
+    host = PluginHost()
+    second_sent = asyncio.Event()
+
+    async def chunks() -> AsyncIterator[str]:
+        yield "one "
+        await second_sent.wait()  # the first output must come before the second input
+        yield "two"
+
+    try:
+        for ref in ("p:Upper", "p:AsyncUpper"):
+            second_sent.clear()
+            got = []
+            async for chunk in host.stream(where, "v1" * 8, ref, chunks(), step="s", tenant="acme",
+                                           config={"end": "!"}, timeout=5.0):
+                got.append(chunk)
+                second_sent.set()
+            assert got == (["ONE ", "TWO", "!"] if ref == "p:Upper" else ["ONE ", "TWO"])
+        with pytest.raises(PluginError, match="ValueError: bad chunk"):
+            async for _ in host.stream(where, "v1" * 8, "p:BreaksMidStream", chunks(), step="s", tenant="acme",
+                                       config={}, timeout=5.0):
+                second_sent.set()
+    finally:
+        await host.close()

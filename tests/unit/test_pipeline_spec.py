@@ -77,8 +77,9 @@ steps:
     stopped = GOOD.replace("kind: guard\n    input: steps.answer\n    block: [password]",
                            "kind: template\n    template: '{{ steps.answer }}'")
     assert errors(stopped) == [
-        "p.yaml:17: step 'safe' (template) reads the stream of step 'answer', which would stop it; only a guard or "
-        "the pipeline's output can read a stream (set stream: false on the generate step to collect it first)"]
+        "p.yaml:17: step 'safe' (template) reads the stream of step 'answer', which would stop it; only a guard, "
+        "a plugin with stream: true or the pipeline's output can read a stream (set stream: false on the generate "
+        "step to collect it first)"]
     collected = stopped.replace("input: steps.prompt", "input: steps.prompt\n    stream: false")
     assert not parse(collected).streams
 

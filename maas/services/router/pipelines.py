@@ -401,5 +401,12 @@ class _RemotePlugin:
                                     step=ctx.step, tenant=ctx.tenant, config=ctx.config, timeout=ctx.remaining(),
                                     value=value, services=ctx.services, deadline=ctx.deadline)
 
+    async def stream(self, ctx: StepContext, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        assert self.found.package is not None
+        async for chunk in self.host.stream(self.found.package, self.found.version.source.removeprefix(ARTIFACT),
+                                            self.ref, chunks, step=ctx.step, tenant=ctx.tenant, config=ctx.config,
+                                            timeout=ctx.remaining(), services=ctx.services, deadline=ctx.deadline):
+            yield chunk
+
 
 __all__ = ["Found", "MeshServices", "PipelineCatalog", "finish", "start"]
