@@ -42,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
     create.add_argument("--rpm", type=int, default=0, help="requests per minute (0: unlimited)")
     create.add_argument("--tpm", type=int, default=0, help="tokens per minute, prompt + completion (0: unlimited)")
     create.add_argument("--max-concurrent", type=int, default=0, help="requests in flight (0: unlimited)")
+    create.add_argument("--weight", type=float, default=0.0,
+                        help="its requests' weight in fair sharing against other tenants (admin only; default 1)")
     create.add_argument("--models", nargs="+", default=[], metavar="MODEL", help="deployments it may use (default all)")
     create.add_argument("--admin", action="store_true", help="a platform admin key (every tenant, the catalog, keys)")
     lst = action("list", "keys (ids, tenants, limits; never the keys themselves)")
@@ -69,6 +71,7 @@ async def run(ns: argparse.Namespace, etcd: str) -> int:
         if ns.keys_command == "create":
             created = await stub.CreateKey(registry_pb2.CreateKeyRequest(
                 tenant=ns.tenant, rpm=ns.rpm, tpm=ns.tpm, max_concurrent=ns.max_concurrent, models=ns.models,
+                weight=ns.weight,
                 admin=ns.admin, role="" if ns.admin or ns.service else ns.role, service=ns.service),
                 metadata=metadata, timeout=10)
             if ns.json:
@@ -97,5 +100,6 @@ async def run(ns: argparse.Namespace, etcd: str) -> int:
 
 def _limits(k: registry_pb2.ApiKey) -> str:
     parts = [f"{k.rpm} rpm" if k.rpm else "", f"{k.tpm} tpm" if k.tpm else "",
-             f"{k.max_concurrent} concurrent" if k.max_concurrent else ""]
+             f"{k.max_concurrent} concurrent" if k.max_concurrent else "",
+             f"weight {k.weight:g}" if k.weight and k.weight != 1 else ""]
     return ", ".join(p for p in parts if p) or "unlimited"

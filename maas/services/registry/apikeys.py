@@ -24,6 +24,7 @@ from maas.mesh.names import validate_name
 from maas.v1 import registry_pb2
 
 ADMIN_TOKEN_ID = "admin"  # the id of the admin token's record (generated ids are 8 hex digits)
+MAX_WEIGHT = 1000.0  # a key's weight in fair sharing (docs/fairness.md)
 
 
 async def put_key(client: aetcd.Client, keys: Keys, key: str, info: registry_pb2.ApiKey) -> None:
@@ -111,10 +112,17 @@ class KeyStore:
                                    "other keys need the admin")
         for model in request.models:
             validate_name(model, "model")
+        if not 0 <= request.weight <= MAX_WEIGHT:  # NaN fails too
+            raise InvalidArgument(f"weight must be between 0 (the default, 1) and {MAX_WEIGHT:g}, "
+                                  f"not {request.weight:g}", field="weight")
+        if request.weight and request.weight != 1 and not me.is_admin:
+            raise PermissionDenied("only the admin sets a key's weight (its share against other tenants)",
+                                   field="weight")
         key, key_id = new_key()
         info = registry_pb2.ApiKey(id=key_id, tenant=request.tenant, rpm=request.rpm, tpm=request.tpm,
                                    max_concurrent=request.max_concurrent, models=sorted(set(request.models)),
                                    admin=role == "admin", role=role, service=request.service,
+                                   weight=request.weight,
                                    created_ms=int(time.time() * 1000))
         await put_key(self.session.client, self.session.keys, key, info)
         return registry_pb2.CreateKeyResponse(key=key, info=info)

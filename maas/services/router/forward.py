@@ -232,6 +232,7 @@ class Forwarder:
             tenant = ticket.tenant
             try:
                 metadata = (*self.prepare(request, added), *self.credential)
+                _stamp(request, added, ticket)
                 params = request.params
                 if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0):
                     # a resumed stream must sample as the first attempt would
@@ -239,7 +240,7 @@ class Forwarder:
                 payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
                 affinity = affinity_key(request, session, prefix=self.prefix_affinity)
                 deadline = None if timeout is None else time.monotonic() + timeout
-                attempts = _Attempts(self, request.model, deadline)
+                attempts = _Attempts(self, request.model, deadline, ticket.tenant)
                 in_flight = self.pool.in_flight
                 last: float | None = None
                 while True:
@@ -314,9 +315,10 @@ class Forwarder:
             tenant = ticket.tenant
             try:
                 metadata = (*self.prepare(request, added), *self.credential)
+                _stamp(request, added, ticket)
                 payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
                 deadline = None if timeout is None else time.monotonic() + timeout
-                attempts = _Attempts(self, request.model, deadline)
+                attempts = _Attempts(self, request.model, deadline, ticket.tenant)
                 affinity = affinity_key(request, session, prefix=self.prefix_affinity)
                 in_flight = self.pool.in_flight
                 while True:
@@ -424,6 +426,14 @@ class Forwarder:
         return inference_pb2.ListModelsResponse(models=[by_name[name] for name in sorted(by_name)])
 
 
+def _stamp(request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest, ticket: Ticket) -> None:
+    """Whose request it is, for the worker's fair sharing: the key's tenant ("-": none, the
+    admin) and its weight. Set in `added` too, so a value the client sent is replaced."""
+    key = ticket.key
+    request.tenant = added.tenant = ticket.tenant
+    request.tenant_weight = added.tenant_weight = key.weight if key is not None and key.weight > 0 else 1.0
+
+
 def _untrack(in_flight: dict[str, int], rid: str) -> None:
     n = in_flight[rid] - 1
     if n > 0:
@@ -450,8 +460,8 @@ class _Attempts:
       replica's KV budget), is the request's own answer and is passed on.
     """
 
-    def __init__(self, forwarder: Forwarder, model: str, deadline: float | None) -> None:
-        self.fw, self.model, self.deadline = forwarder, model, deadline
+    def __init__(self, forwarder: Forwarder, model: str, deadline: float | None, tenant: str = "-") -> None:
+        self.fw, self.model, self.deadline, self.tenant = forwarder, model, deadline, tenant
         self.tried: set[str] = set()      # failed (UNAVAILABLE) or in use by this attempt
         self.full: set[str] = set()       # refused for being full, this round
         self.retry_after: float | None = None  # the soonest a full replica expects room
@@ -465,7 +475,7 @@ class _Attempts:
         if self.lost and not self._untried():
             await self._wait_for_replica()
         for r in pool.ready(self.model):  # replicas that just said they are full: not asked again
-            hint = pool.full(r.replica_id)
+            hint = pool.full(r.replica_id, self.tenant)
             if hint is not None and r.replica_id not in self.tried:
                 self.full.add(r.replica_id)
                 self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
@@ -523,7 +533,7 @@ class _Attempts:
             self.tried.discard(replica.replica_id)
             self.full.add(replica.replica_id)
             self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
-            self.fw.pool.mark_full(replica.replica_id, hint)
+            self.fw.pool.mark_full(replica.replica_id, hint, self.tenant)
             return
         if e is not None and code != grpc.StatusCode.UNAVAILABLE:
             raise from_rpc_error(e) from None

@@ -95,7 +95,8 @@ class ReplicaPool:
         self.models = PrefixMirror(session, session.keys.models(), registry_pb2.Model)  # owners of adapters
         self.in_flight: dict[str, int] = {}
         self._suspect: dict[str, float] = {}
-        self._full: dict[str, tuple[float, float]] = {}  # replica -> (until, its retry hint), see mark_full
+        # replica -> tenant -> (until, its retry hint), see mark_full
+        self._full: dict[str, dict[str, tuple[float, float]]] = {}
         self._reported: dict[str, tuple[int, float]] = {}  # replica -> (in flight, when reported)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls: dict[str, Calls] = {}
@@ -369,20 +370,23 @@ class ReplicaPool:
             self._abandoned.add(call)
             call.cancel()
 
-    def mark_full(self, replica_id: str, retry_after: float) -> None:
-        """The replica refused a request because its queue is full: for FULL_SECONDS, or
-        until one of this router's requests on it ends (a slot may have freed), requests
-        for it are refused here, with its hint, instead of each costing a round trip to a
-        worker that is busiest exactly then."""
-        self._full[replica_id] = (time.monotonic() + FULL_SECONDS, retry_after)
+    def mark_full(self, replica_id: str, retry_after: float, tenant: str = "-") -> None:
+        """The replica refused a request of `tenant` because its queue is full: for
+        FULL_SECONDS, or until one of this router's requests on it ends (a slot may have
+        freed), that tenant's requests for it are refused here, with its hint, instead of
+        each costing a round trip to a worker that is busiest exactly then. Other tenants'
+        still go: the engine shares its queue fairly, and may take a quiet tenant's request
+        in the place of a flooding one's."""
+        self._full.setdefault(replica_id, {})[tenant] = (time.monotonic() + FULL_SECONDS, retry_after)
 
-    def full(self, replica_id: str) -> float | None:
-        """The retry hint of a replica marked full, or None."""
-        mark = self._full.get(replica_id)
+    def full(self, replica_id: str, tenant: str = "-") -> float | None:
+        """The retry hint of a replica marked full for `tenant`, or None."""
+        marks = self._full.get(replica_id)
+        mark = marks.get(tenant) if marks is not None else None
         if mark is None:
             return None
         if mark[0] <= time.monotonic():
-            del self._full[replica_id]
+            del marks[tenant]  # type: ignore[union-attr]
             return None
         return mark[1]
 

@@ -84,10 +84,16 @@ class GenerationRequest:
     # Tokens already produced for this request elsewhere; the engine continues after them.
     resume_token_ids: tuple[int, ...] = ()
     adapter: AdapterRef | None = None
+    # whose request, and that tenant's weight: engines with a queue share their slots
+    # fairly by them (`engines.fair`)
+    tenant: str = ""
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.prompt:
             raise InvalidArgument("prompt must not be empty", field="prompt")
+        if not self.weight > 0:  # NaN fails too
+            raise InvalidArgument(f"a tenant's weight must be > 0, not {self.weight}", field="tenant_weight")
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")

@@ -60,6 +60,7 @@ from maas.services.worker.engines.base import (
     plain_chat,
 )
 from maas.services.worker.engines.batch import DecodeBatch
+from maas.services.worker.engines.fair import FairQueue, over_share
 from maas.services.worker.engines.prefix import KV, PrefixCache
 from maas.services.worker.engines.sampling import Row, request_seed, sample_batch, token_logprobs
 from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetokenizer
@@ -103,10 +104,13 @@ class _Sequence:
     detok: IncrementalDetokenizer
     out: DeltaAssembler
     reserved_tokens: int
+    tenant: str = ""      # whose request, and its weight: slots are shared fairly (`fair`)
+    weight: float = 1.0
     arrived: float = field(default_factory=time.perf_counter)
     last_token_at: float = 0.0
     cancelled: bool = False
     done: bool = False
+    preempted: int = 0    # times it left the batch for another tenant's share
 
     @property
     def output(self) -> list[int]:
@@ -183,7 +187,7 @@ class HFEngine:
         self._load_lock = asyncio.Lock()
         # shared between the event loop and the scheduler thread, guarded by _cv
         self._cv = threading.Condition()
-        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._waiting: FairQueue[_Sequence] = FairQueue()  # per tenant, fairly (`fair`)
         self._closing = False
         self._dead: MaasError | None = None  # why the engine stopped serving (died or closed)
         # scheduler thread only
@@ -336,6 +340,7 @@ class HFEngine:
                                     f"{self._label} ({self._kv_budget_tokens} tokens); lower max_tokens")
         return _Sequence(
             request_id=request.request_id, sink=sink, queue=queue, tag=tag,
+            tenant=request.tenant, weight=request.weight,
             reserved_tokens=reserved, adapter=request.adapter,
             row=Row(params, request_seed(params), prompt_ids, resumed),
             detok=IncrementalDetokenizer(self._tokenizer, context_ids=prompt_ids + resumed),
@@ -348,6 +353,8 @@ class HFEngine:
             seq.done = True
             seq.sink.deliver([(seq, seq.out.finish("length"))])
             return
+        pushed: _Sequence | None = None
+        refusal: ResourceExhausted | None = None
         with self._cv:
             if self._dead is not None or self._closing:
                 raise self._dead if self._dead is not None else Unavailable(
@@ -357,11 +364,20 @@ class HFEngine:
             if queued >= self.max_queue:
                 metrics.REJECTED.labels(self._label).inc()
                 wait = self._time_to_free(queued)
-                raise ResourceExhausted(f"{self._label} is overloaded: {len(self._waiting)} requests already "
-                                        f"queued; retry in about {wait:.1f}s", retry_after=wait)
+                refusal = ResourceExhausted(f"{self._label} is overloaded: {len(self._waiting)} requests already "
+                                            f"queued; retry in about {wait:.1f}s", retry_after=wait)
+                # a tenant under its share of the queue takes the place of the newest request
+                # of the tenant most over its own: a flood cannot lock a quiet tenant out
+                pushed = self._waiting.push_out(seq, self.max_queue) if self.max_queue else None
+                if pushed is None:
+                    raise refusal
+                pushed.done = True
+                self._finish_metrics(pushed, "refused")
             self._waiting.append(seq)
             metrics.WAITING.labels(self._label).set(len(self._waiting))
             self._cv.notify()
+        if pushed is not None and refusal is not None:  # (told outside the lock: a sink may block)
+            pushed.sink.deliver([(pushed, refusal)])
 
     def _time_to_free(self, queued: int) -> float:
         """Seconds until `queued + 1` batch slots free up, if the running sequences run to
@@ -391,6 +407,7 @@ class HFEngine:
                             self._cv.wait()
                         if self._closing:
                             break
+                        self._preempt()
                         admitted = self._admit()
                     if admitted:
                         self._prefill(admitted)
@@ -413,8 +430,28 @@ class HFEngine:
             self._reserved = 0
             self._publish_gauges()
 
+    def _preempt(self) -> None:
+        """While the batch is full and a waiting tenant holds less than its share of the
+        slots while another holds more, move the latter's newest sequence back to the
+        front of its queue (`fair.over_share`): its KV is released, and it is prefilled
+        again with the tokens it made when it is admitted again. Holds _cv."""
+        while len(self._running) >= self.max_batch:
+            victim = over_share(self._running, self._waiting, self.max_batch)
+            if victim is None:
+                return
+            index = self._running.index(victim)
+            keep = [i for i in range(len(self._running)) if i != index]
+            self._running.pop(index)
+            self._batch.keep(keep)
+            self._reserved -= victim.reserved_tokens
+            victim.preempted += 1
+            victim.arrived = time.perf_counter()  # its queue time counts afresh
+            self._waiting.appendleft(victim)
+            metrics.PREEMPTIONS.labels(self._label).inc()
+
     def _admit(self) -> list[_Sequence]:
-        """Pop waiting requests that fit, in arrival order. Holds _cv.
+        """Pop waiting requests that fit, the next one chosen fairly across tenants
+        (`fair.FairQueue.next`), in arrival order within a tenant. Holds _cv.
 
         Three limits: batch slots; the KV budget, counted as the cache really grows (every
         row as wide as the widest: rows x (widest prompt + longest remaining generation),
@@ -425,10 +462,14 @@ class HFEngine:
         width = self._batch.columns
         remaining = max((s.row.params.max_tokens - len(s.output) for s in self._running), default=0)
         longest = 0
+        held: dict[str, int] = {}
+        for s in self._running:
+            held[s.tenant] = held.get(s.tenant, 0) + 1
         while self._waiting and rows + len(admitted) < self.max_batch:
-            seq = self._waiting[0]
+            seq = self._waiting.next(held)
+            assert seq is not None
             if seq.cancelled:
-                self._waiting.popleft()
+                self._waiting.pop(seq)
                 self._finish_metrics(seq, "cancelled")
                 continue
             size = len(seq.row.prompt_ids) + len(seq.output)
@@ -440,10 +481,11 @@ class HFEngine:
                     break
                 if admitted and (len(admitted) + 1) * max(longest, size) > self.prefill_tokens:
                     break
-            self._waiting.popleft()
+            self._waiting.pop(seq)
             self._reserved += seq.reserved_tokens
             longest, remaining = max(longest, size), max(remaining, need)
             admitted.append(seq)
+            held[seq.tenant] = held.get(seq.tenant, 0) + 1
         self._publish_gauges()
         return admitted
 
@@ -516,6 +558,7 @@ class HFEngine:
         now = time.perf_counter()
         for seq in seqs:
             metrics.QUEUE.labels(self._label).observe(now - seq.arrived)
+            metrics.TENANT_QUEUE.labels(self._label, seq.tenant or "-").observe(now - seq.arrived)
         first = len(self._running)
         # prompts whose prefix is cached compute only the rest; all of them in one forward pass
         rows: list[tuple[KV | None, list[int]]] = []
@@ -556,6 +599,11 @@ class HFEngine:
         logprobs = token_logprobs(logits, tokens, [s.row for s in seqs])
         now = time.perf_counter()
         self._m_tokens.inc(len(tokens))
+        by_tenant: dict[str, int] = {}
+        for seq in seqs:
+            by_tenant[seq.tenant] = by_tenant.get(seq.tenant, 0) + 1
+        for tenant, n in by_tenant.items():
+            metrics.TENANT_TOKENS.labels(self._label, tenant or "-").inc(n)
         out: list[tuple[_Sequence, Delta | BaseException]] = []
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             if seq.last_token_at:

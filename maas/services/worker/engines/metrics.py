@@ -44,6 +44,13 @@ FINISHED = Counter("maas_engine_requests_total", "Finished requests by finish re
                    registry=ENGINE)
 REJECTED = Counter("maas_engine_rejected_requests_total", "Requests refused because the queue was full.",
                    ["model"], registry=ENGINE)
+PREEMPTIONS = Counter("maas_engine_preemptions_total",
+                      "Running sequences pre-empted so that another tenant gets its fair share of the batch "
+                      "(they resume where they were).", ["model"], registry=ENGINE)
+TENANT_QUEUE = Histogram("maas_engine_tenant_queue_time_seconds", "Time a request waited for admission, by tenant.",
+                         ["model", "tenant"], buckets=_LATENCY, registry=ENGINE)
+TENANT_TOKENS = Counter("maas_engine_tenant_generated_tokens_total", "Tokens generated, by tenant (its share).",
+                        ["model", "tenant"], registry=ENGINE)
 
 
 def snapshot() -> list[Metric]:

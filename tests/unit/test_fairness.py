@@ -1,0 +1,180 @@
+"""Fair sharing of the engine's batch across tenants (issue 14), on the forged demo model:
+a flooding tenant cannot lock a quiet one out of the queue or the batch, a pre-empted
+sequence continues with exactly the tokens it would have made, and weights 3:1 hold the
+batch 3:1. The queue's rules alone are checked in the last tests, without a model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from maas.mesh.errors import ResourceExhausted
+from maas.services.worker.engines import metrics
+from maas.services.worker.engines.base import Delta, GenerationRequest, ModelSpec, SamplingParams
+from maas.services.worker.engines.fair import FairQueue, over_share
+from maas.services.worker.engines.hf import HFEngine
+
+PROMPT = "def add(a, b):"
+LONG = 400  # tokens a flooding request asks for: it holds its slot throughout a test
+
+
+@pytest.fixture
+async def engine(demo_model_dir: Path) -> AsyncIterator[HFEngine]:
+    e = HFEngine(ModelSpec("demo", 1, "hf", str(demo_model_dir), options={"max_batch": "4", "max_queue": "4"}))
+    await e.load()
+    yield e
+    await e.close()
+
+
+def request(tenant: str, i: int, max_tokens: int = LONG, weight: float = 1.0, seed: int = 0) -> GenerationRequest:
+    return GenerationRequest(f"{tenant}{i}", PROMPT, SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                                                   seed=seed or 1000 + i),
+                             tenant=tenant, weight=weight)
+
+
+class Stream:
+    """One request's deltas, read in the background."""
+
+    def __init__(self, engine: HFEngine, req: GenerationRequest) -> None:
+        self.tokens: list[int] = []
+        self.error: BaseException | None = None
+        self.first = asyncio.Event()
+        self.task = asyncio.create_task(self._read(engine.generate(req)))
+
+    async def _read(self, deltas: AsyncIterator[Delta]) -> None:
+        try:
+            async for d in deltas:
+                self.tokens.extend(d.token_ids)
+                if self.tokens:
+                    self.first.set()
+        except BaseException as e:
+            self.error = e
+            self.first.set()
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def until(check: object, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_quiet_tenant_gets_in_while_another_floods(engine: HFEngine):
+    label = "demo@1"
+    preempted_before = metrics.PREEMPTIONS.labels(label)._value.get()
+    # the flood: 4 running (the whole batch) and 4 queued; more are refused
+    flood = [Stream(engine, request("flood", i)) for i in range(8)]
+    await until(lambda: sum(1 for s in flood if s.tokens) == 4 and len(engine._waiting) == 4)
+    refused = Stream(engine, request("flood", 8))
+    await refused.first.wait()
+    assert isinstance(refused.error, ResourceExhausted)
+    # the quiet tenant is neither refused (it takes a flooding request's queue place) nor
+    # left waiting for a flooding sequence to finish (one is pre-empted for its share)
+    quiet = Stream(engine, request("quiet", 0, max_tokens=8))
+    await asyncio.wait_for(quiet.first.wait(), 30)
+    assert quiet.error is None
+    running = [s for s in flood if s.tokens and s.error is None]
+    assert all(len(s.tokens) < LONG for s in running), "a flooding sequence had finished first"
+    pushed = [s for s in flood if isinstance(s.error, ResourceExhausted)]
+    assert len(pushed) == 1, [s.error for s in flood]
+    await asyncio.wait_for(quiet.task, 30)
+    assert len(quiet.tokens) == 8
+    assert metrics.PREEMPTIONS.labels(label)._value.get() > preempted_before
+    for s in flood:
+        await s.stop()
+
+
+async def test_a_preempted_sequence_continues_with_the_tokens_it_would_have_made(engine: HFEngine):
+    n = 60
+    # alone: the tokens each flooding request makes, uninterrupted
+    alone = []
+    for i in range(4):
+        s = Stream(engine, request("flood", i, max_tokens=n))
+        await s.task
+        alone.append(s.tokens)
+    # the same four hold the batch; quiet requests arrive, pre-empting some of them mid-way
+    flood = [Stream(engine, request("flood", i, max_tokens=n)) for i in range(4)]
+    await until(lambda: all(len(s.tokens) >= 5 for s in flood))
+    before = metrics.PREEMPTIONS.labels("demo@1")._value.get()
+    quiet = [Stream(engine, request("quiet", i, max_tokens=20)) for i in range(2)]
+    await asyncio.gather(*(s.task for s in (*flood, *quiet)))
+    assert metrics.PREEMPTIONS.labels("demo@1")._value.get() >= before + 2  # the quiet tenant's share: 2 of 4
+    assert [s.tokens for s in flood] == alone
+
+
+async def test_weights_three_to_one_hold_the_batch_three_to_one(engine: HFEngine):
+    heavy = [Stream(engine, request("heavy", i, weight=3.0)) for i in range(4)]
+    await until(lambda: sum(1 for s in heavy if s.tokens) == 4)
+    light = [Stream(engine, request("light", i, weight=1.0)) for i in range(4)]
+    await until(lambda: any(s.tokens for s in light))
+    # from here on both always wait: count the tokens each makes over the same stretch
+    start_h, start_l = sum(len(s.tokens) for s in heavy), sum(len(s.tokens) for s in light)
+    await until(lambda: sum(len(s.tokens) for s in heavy) - start_h >= 120)
+    made_h = sum(len(s.tokens) for s in heavy) - start_h
+    made_l = sum(len(s.tokens) for s in light) - start_l
+    assert 2.5 <= made_h / made_l <= 3.5, (made_h, made_l)
+    for s in (*heavy, *light):
+        await s.stop()
+
+
+# ---- the queue's rules alone ---------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Seq:
+    tenant: str
+    weight: float = 1.0
+    arrived: float = 0.0
+
+
+def test_the_next_slot_goes_to_the_tenant_holding_fewest_for_its_weight():
+    q: FairQueue[Seq] = FairQueue()
+    a1, a2, b1 = Seq("a", arrived=1), Seq("a", arrived=2), Seq("b", arrived=3)
+    for s in (a1, a2, b1):
+        q.append(s)
+    assert q.next({}) is a1                     # nobody holds any: the longest waiting
+    assert q.next({"a": 1}) is b1               # a holds one: b's turn
+    assert q.next({"a": 1, "b": 1}) is a1
+    heavy = Seq("h", weight=3.0, arrived=4)
+    q.append(heavy)
+    assert q.next({"a": 1, "b": 1, "h": 2}) is heavy  # 2/3 < 1
+    assert len(q) == 4 and q.waiting("a") == 2
+
+
+def test_a_full_queue_pushes_out_the_tenant_most_over_its_share():
+    q: FairQueue[Seq] = FairQueue()
+    flood = [Seq("f", arrived=i) for i in range(4)]
+    for s in flood:
+        q.append(s)
+    assert q.push_out(Seq("f"), 4) is None                   # the flood's own newcomer: refused
+    assert q.push_out(Seq("q"), 4) is flood[-1]              # a quiet one takes the newest flood place
+    assert len(q) == 3
+    q.append(Seq("q"))
+    q.append(flood[-1])
+    assert q.push_out(Seq("q"), 4) is flood[-1]              # q has 1 of its 2; f has 3
+    q.append(Seq("q"))
+    assert q.push_out(Seq("q"), 4) is None                   # q has its share (2 of 4)
+
+
+def test_preemption_only_from_a_tenant_over_its_share_for_a_tenant_under_its_own():
+    running = [Seq("f", arrived=i) for i in range(4)]
+    waiting: FairQueue[Seq] = FairQueue()
+    assert over_share(running, waiting, 4) is None           # nobody waits
+    waiting.append(Seq("f"))
+    assert over_share(running, waiting, 4) is None           # only the tenant that holds it all
+    waiting.append(Seq("q"))
+    assert over_share(running, waiting, 4) is running[-1]    # the newest of the flood
+    even = [Seq("f"), Seq("f"), Seq("q"), Seq("q")]
+    assert over_share(even, waiting, 4) is None              # 2 and 2: each has its share
+    weighted = [Seq("h", 3.0), Seq("h", 3.0), Seq("h", 3.0), Seq("l")]
+    waiting = FairQueue()
+    waiting.append(Seq("l"))
+    assert over_share(weighted, waiting, 4) is None          # 3:1 is the share of weights 3:1
