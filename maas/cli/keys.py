@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
     create.add_argument("--rpm", type=int, default=0, help="requests per minute (0: unlimited)")
     create.add_argument("--tpm", type=int, default=0, help="tokens per minute, prompt + completion (0: unlimited)")
     create.add_argument("--max-concurrent", type=int, default=0, help="requests in flight (0: unlimited)")
+    create.add_argument("--class", dest="service_class", choices=["interactive", "standard", "batch"], default="",
+                        help="its requests' class, and the highest they may ask for (interactive: admin only; "
+                             "default standard)")
     create.add_argument("--weight", type=float, default=0.0,
                         help="its requests' weight in fair sharing against other tenants (admin only; default 1)")
     create.add_argument("--models", nargs="+", default=[], metavar="MODEL", help="deployments it may use (default all)")
@@ -71,7 +74,7 @@ async def run(ns: argparse.Namespace, etcd: str) -> int:
         if ns.keys_command == "create":
             created = await stub.CreateKey(registry_pb2.CreateKeyRequest(
                 tenant=ns.tenant, rpm=ns.rpm, tpm=ns.tpm, max_concurrent=ns.max_concurrent, models=ns.models,
-                weight=ns.weight,
+                weight=ns.weight, service_class=ns.service_class,
                 admin=ns.admin, role="" if ns.admin or ns.service else ns.role, service=ns.service),
                 metadata=metadata, timeout=10)
             if ns.json:
@@ -101,5 +104,6 @@ async def run(ns: argparse.Namespace, etcd: str) -> int:
 def _limits(k: registry_pb2.ApiKey) -> str:
     parts = [f"{k.rpm} rpm" if k.rpm else "", f"{k.tpm} tpm" if k.tpm else "",
              f"{k.max_concurrent} concurrent" if k.max_concurrent else "",
-             f"weight {k.weight:g}" if k.weight and k.weight != 1 else ""]
+             f"weight {k.weight:g}" if k.weight and k.weight != 1 else "",
+             f"class {k.service_class}" if k.service_class and k.service_class != "standard" else ""]
     return ", ".join(p for p in parts if p) or "unlimited"

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ApiKey(_message.Message):
-    __slots__ = ("id", "tenant", "rpm", "tpm", "max_concurrent", "models", "created_ms", "admin", "role", "service", "weight")
+    __slots__ = ("id", "tenant", "rpm", "tpm", "max_concurrent", "models", "created_ms", "admin", "role", "service", "weight", "service_class")
     ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     RPM_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class ApiKey(_message.Message):
     ROLE_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     rpm: int
@@ -33,10 +34,11 @@ class ApiKey(_message.Message):
     role: str
     service: str
     weight: float
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., created_ms: _Optional[int] = ..., admin: _Optional[bool] = ..., role: _Optional[str] = ..., service: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+    service_class: str
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., created_ms: _Optional[int] = ..., admin: _Optional[bool] = ..., role: _Optional[str] = ..., service: _Optional[str] = ..., weight: _Optional[float] = ..., service_class: _Optional[str] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("tenant", "rpm", "tpm", "max_concurrent", "models", "admin", "role", "service", "weight")
+    __slots__ = ("tenant", "rpm", "tpm", "max_concurrent", "models", "admin", "role", "service", "weight", "service_class")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     RPM_FIELD_NUMBER: _ClassVar[int]
     TPM_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +48,7 @@ class CreateKeyRequest(_message.Message):
     ROLE_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     rpm: int
     tpm: int
@@ -55,7 +58,8 @@ class CreateKeyRequest(_message.Message):
     role: str
     service: str
     weight: float
-    def __init__(self, tenant: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., admin: _Optional[bool] = ..., role: _Optional[str] = ..., service: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+    service_class: str
+    def __init__(self, tenant: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., admin: _Optional[bool] = ..., role: _Optional[str] = ..., service: _Optional[str] = ..., weight: _Optional[float] = ..., service_class: _Optional[str] = ...) -> None: ...
 
 class CreateKeyResponse(_message.Message):
     __slots__ = ("key", "info")

@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from maas.mesh.clients import dial
-from maas.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from maas.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2_grpc
 
 from .conftest import MeshHarness, eventually
 
@@ -95,7 +96,7 @@ async def test_a_quiet_tenants_ttft_holds_while_another_tenant_floods(mesh: Mesh
 
 
 async def test_a_keys_weight_is_the_admins_to_set(mesh: MeshHarness):
-    from maas.v1 import registry_pb2, registry_pb2_grpc
+    from maas.v1 import registry_pb2
 
     await mesh.registry()
     admin = await mesh.stub("registry")
@@ -115,3 +116,42 @@ async def test_a_keys_weight_is_the_admins_to_set(mesh: MeshHarness):
     except grpc.aio.AioRpcError as e:
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "weight" in (e.details() or "")
     assert (await developer.CreateKey(registry_pb2.CreateKeyRequest(tenant="big"), timeout=10)).info.weight == 0
+
+
+async def test_a_request_asks_its_class_within_its_keys(mesh: MeshHarness):
+    from openai import AsyncOpenAI, BadRequestError, PermissionDeniedError
+
+    from maas.v1 import registry_pb2
+
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh.router(http_port=0)
+    await mesh.worker()
+    await mesh.register("echo")
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    admin = await mesh.stub("registry")
+    urgent = await admin.CreateKey(registry_pb2.CreateKeyRequest(tenant="t", service_class="interactive"),  # type: ignore[attr-defined]
+                                   timeout=10)
+    base_url = f"http://{router.info.http_endpoint}/v1"
+    plain = AsyncOpenAI(base_url=base_url, api_key=await mesh.key("t"), max_retries=0)
+    first = AsyncOpenAI(base_url=base_url, api_key=urgent.key, max_retries=0)
+    hello = [{"role": "user", "content": "hello"}]
+    for tier in ("auto", "default", "flex", "standard", "batch"):  # at most its own class (standard)
+        assert (await plain.chat.completions.create(model="echo", messages=hello, max_tokens=2,  # type: ignore[arg-type]
+                                                    service_tier=tier)).choices  # type: ignore[arg-type]
+    with pytest.raises(PermissionDeniedError, match="may ask for class 'standard' at most, not 'interactive'"):
+        await plain.chat.completions.create(model="echo", messages=hello, max_tokens=2,  # type: ignore[arg-type]
+                                            service_tier="priority")
+    with pytest.raises(BadRequestError, match="service_tier must be one of"):
+        await plain.chat.completions.create(model="echo", messages=hello, max_tokens=2,  # type: ignore[arg-type]
+                                            service_tier="urgent")  # type: ignore[arg-type]
+    assert (await first.chat.completions.create(model="echo", messages=hello, max_tokens=2,  # type: ignore[arg-type]
+                                                service_tier="priority")).choices
+    # a tenant's developer cannot mint an interactive key for itself
+    developer = registry_pb2_grpc.RegistryStub(dial(mesh.endpoint("registry"), await mesh.key("t", "developer")))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await developer.CreateKey(registry_pb2.CreateKeyRequest(tenant="t", service_class="interactive"), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    await plain.close()
+    await first.close()

@@ -15,7 +15,7 @@ import pytest
 from maas.mesh.errors import ResourceExhausted
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import Delta, GenerationRequest, ModelSpec, SamplingParams
-from maas.services.worker.engines.fair import FairQueue, over_share
+from maas.services.worker.engines.fair import FairQueue, over_share, victim
 from maas.services.worker.engines.hf import HFEngine
 
 PROMPT = "def add(a, b):"
@@ -133,6 +133,7 @@ class Seq:
     tenant: str
     weight: float = 1.0
     arrived: float = 0.0
+    priority: int = 1
 
 
 def test_the_next_slot_goes_to_the_tenant_holding_fewest_for_its_weight():
@@ -141,12 +142,15 @@ def test_the_next_slot_goes_to_the_tenant_holding_fewest_for_its_weight():
     for s in (a1, a2, b1):
         q.append(s)
     assert q.next({}) is a1                     # nobody holds any: the longest waiting
-    assert q.next({"a": 1}) is b1               # a holds one: b's turn
-    assert q.next({"a": 1, "b": 1}) is a1
+    assert q.next({(1, "a"): 1}) is b1          # a holds one: b's turn
+    assert q.next({(1, "a"): 1, (1, "b"): 1}) is a1
     heavy = Seq("h", weight=3.0, arrived=4)
     q.append(heavy)
-    assert q.next({"a": 1, "b": 1, "h": 2}) is heavy  # 2/3 < 1
+    assert q.next({(1, "a"): 1, (1, "b"): 1, (1, "h"): 2}) is heavy  # 2/3 < 1
     assert len(q) == 4 and q.waiting("a") == 2
+    urgent = Seq("b", arrived=9, priority=0)
+    q.append(urgent)
+    assert q.next({(0, "b"): 3}) is urgent      # a higher class goes first, whatever it holds
 
 
 def test_a_full_queue_pushes_out_the_tenant_most_over_its_share():
@@ -162,6 +166,10 @@ def test_a_full_queue_pushes_out_the_tenant_most_over_its_share():
     assert q.push_out(Seq("q"), 4) is flood[-1]              # q has 1 of its 2; f has 3
     q.append(Seq("q"))
     assert q.push_out(Seq("q"), 4) is None                   # q has its share (2 of 4)
+    assert q.push_out(Seq("f", priority=0), 4) is not None   # a higher class makes room in any case
+    batch = Seq("b", priority=2, arrived=10)
+    q.append(batch)
+    assert q.push_out(Seq("q"), 4) is batch                  # the lowest class's newest goes first
 
 
 def test_preemption_only_from_a_tenant_over_its_share_for_a_tenant_under_its_own():
@@ -178,3 +186,34 @@ def test_preemption_only_from_a_tenant_over_its_share_for_a_tenant_under_its_own
     waiting = FairQueue()
     waiting.append(Seq("l"))
     assert over_share(weighted, waiting, 4) is None          # 3:1 is the share of weights 3:1
+
+
+def test_a_waiting_higher_class_preempts_the_lowest_class_first():
+    running = [Seq("a", priority=1), Seq("b", priority=2), Seq("c", priority=2), Seq("a", priority=1)]
+    waiting: FairQueue[Seq] = FairQueue()
+    waiting.append(Seq("a", priority=2))
+    assert victim(running, waiting, 4) is None               # batch waits behind standard and batch
+    waiting.append(Seq("z", priority=0))
+    assert victim(running, waiting, 4) is running[2]         # interactive: the newest batch sequence
+    standard_only = [s for s in running if s.priority == 1]
+    assert victim(standard_only, waiting, 2) is standard_only[-1]  # no batch left: standard yields
+    interactive = [Seq("y", priority=0), Seq("y", priority=0)]
+    assert victim(interactive, waiting, 2) is interactive[-1]      # z holds 0 of 1, y 2: over its share
+
+
+async def test_interactive_preempts_batch_which_resumes_with_the_same_tokens(engine: HFEngine):
+    n = 60
+    alone = []
+    for i in range(4):
+        s = Stream(engine, request("jobs", i, max_tokens=n))
+        await s.task
+        alone.append(s.tokens)
+    batch = [Stream(engine, GenerationRequest(f"jobs{i}", PROMPT, SamplingParams(
+        max_tokens=n, ignore_eos=True, seed=1000 + i), tenant="jobs", priority=2)) for i in range(4)]
+    await until(lambda: all(len(s.tokens) >= 5 for s in batch))
+    online = Stream(engine, GenerationRequest("chat", PROMPT, SamplingParams(max_tokens=8, ignore_eos=True),
+                                              tenant="jobs", priority=0))  # even the same tenant's
+    await asyncio.wait_for(online.first.wait(), 30)
+    assert online.error is None and all(len(s.tokens) < n for s in batch)  # it did not wait for one to end
+    await asyncio.gather(*(s.task for s in (*batch, online)))
+    assert [s.tokens for s in batch] == alone

@@ -21,6 +21,7 @@ from maas.mesh.errors import FailedPrecondition, InvalidArgument, NotFound, Perm
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.keys import Keys
 from maas.mesh.names import validate_name
+from maas.mesh.service_classes import DEFAULT_CLASS, priority
 from maas.v1 import registry_pb2
 
 ADMIN_TOKEN_ID = "admin"  # the id of the admin token's record (generated ids are 8 hex digits)
@@ -115,6 +116,10 @@ class KeyStore:
         if not 0 <= request.weight <= MAX_WEIGHT:  # NaN fails too
             raise InvalidArgument(f"weight must be between 0 (the default, 1) and {MAX_WEIGHT:g}, "
                                   f"not {request.weight:g}", field="weight")
+        cls = priority(request.service_class, "service_class")
+        if cls < priority(DEFAULT_CLASS) and not me.is_admin:
+            raise PermissionDenied(f"only the admin gives a key the class {request.service_class!r} (above "
+                                   f"{DEFAULT_CLASS!r}: it pre-empts other tenants)", field="service_class")
         if request.weight and request.weight != 1 and not me.is_admin:
             raise PermissionDenied("only the admin sets a key's weight (its share against other tenants)",
                                    field="weight")
@@ -122,7 +127,7 @@ class KeyStore:
         info = registry_pb2.ApiKey(id=key_id, tenant=request.tenant, rpm=request.rpm, tpm=request.tpm,
                                    max_concurrent=request.max_concurrent, models=sorted(set(request.models)),
                                    admin=role == "admin", role=role, service=request.service,
-                                   weight=request.weight,
+                                   weight=request.weight, service_class=request.service_class,
                                    created_ms=int(time.time() * 1000))
         await put_key(self.session.client, self.session.keys, key, info)
         return registry_pb2.CreateKeyResponse(key=key, info=info)

@@ -24,8 +24,16 @@ from prometheus_client import Counter, Histogram
 from maas.mesh import tracing
 from maas.mesh.authz import Principal
 from maas.mesh.clients import REPLICA_HEADER, credential_metadata
-from maas.mesh.errors import DeadlineExceeded, MaasError, ResourceExhausted, Unavailable, from_rpc_error
+from maas.mesh.errors import (
+    DeadlineExceeded,
+    MaasError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+    from_rpc_error,
+)
 from maas.mesh.logs import new_request_id, request_id_var
+from maas.mesh.service_classes import DEFAULT_CLASS, priority
 from maas.mesh.usage import UsageMeter
 from maas.services.router.pool import ReplicaPool
 from maas.services.router.tenants import Caller, Gate, Ticket
@@ -427,11 +435,19 @@ class Forwarder:
 
 
 def _stamp(request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest, ticket: Ticket) -> None:
-    """Whose request it is, for the worker's fair sharing: the key's tenant ("-": none, the
-    admin) and its weight. Set in `added` too, so a value the client sent is replaced."""
+    """Whose request it is and its class, for the worker's fair sharing: the key's tenant
+    ("-": none, the admin), its weight, and the class asked for (at most the key's own;
+    none asked: the key's). Set in `added` too, so what the client sent is replaced."""
     key = ticket.key
     request.tenant = added.tenant = ticket.tenant
     request.tenant_weight = added.tenant_weight = key.weight if key is not None and key.weight > 0 else 1.0
+    own = key.service_class if key is not None and key.service_class else DEFAULT_CLASS
+    asked = request.service_class
+    if asked and key is not None and not key.admin and priority(asked) < priority(own):
+        raise PermissionDenied(f"this key's requests may ask for class {own!r} at most, not {asked!r} "
+                               "(the admin sets a key's class)", field="service_class")
+    priority(asked)  # an unknown class is INVALID_ARGUMENT
+    request.service_class = added.service_class = asked or own
 
 
 def _untrack(in_flight: dict[str, int], rid: str) -> None:

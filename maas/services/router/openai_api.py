@@ -20,6 +20,7 @@ from typing import Any, Literal
 import grpc
 
 from maas.mesh.errors import InvalidArgument, MaasError
+from maas.mesh.service_classes import CLASSES, OPENAI_TIERS
 from maas.v1 import common_pb2, inference_pb2
 
 DEFAULT_CHAT_MAX_TOKENS = 1024
@@ -86,7 +87,9 @@ CHAT_FIELDS: dict[str, Field] = {
     "top_logprobs": _f("integer", doc="With logprobs: also the N most likely tokens at each position (0-20)."),
     "store": _f("boolean", doc="Accepted and ignored."),
     "metadata": _f("object", doc="Accepted and ignored."),
-    "service_tier": _f("string", doc="Accepted and ignored."),
+    "service_tier": _f("string", doc="The request's class: \"priority\" (interactive), \"flex\" (batch), "
+                                     "\"auto\" or \"default\" (the key's own), or one of interactive, standard, "
+                                     "batch; at most the key's class."),
     "prompt_cache_key": _f("string", doc="Accepted and ignored (the prefix cache needs no key)."),
     "safety_identifier": _f("string", doc="Accepted and ignored."),
     "parallel_tool_calls": _f("boolean", doc="Accepted and ignored."),
@@ -263,6 +266,12 @@ def chat_request(body: object) -> tuple[inference_pb2.GenerateRequest, Options]:
     _only(b, "function_call", ["none", "auto"], "is not supported (only \"none\" or \"auto\")")
     _only(b, "response_format", [{"type": "text"}], "is not supported: only {\"type\": \"text\"}")
     _only(b, "modalities", [["text"]], "is not supported: only [\"text\"]")
+    tier = b.get("service_tier")
+    if tier is not None:
+        if tier not in OPENAI_TIERS and tier not in CLASSES:
+            raise InvalidArgument(f"service_tier must be one of {', '.join([*OPENAI_TIERS, *CLASSES])}, not {tier!r}",
+                                  field="service_tier")
+        request.service_class = OPENAI_TIERS.get(tier, tier)
     return request, _options("chat", b, max_tokens_given=max_tokens is not None)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from maas.mesh.logs import new_request_id
+from maas.mesh.service_classes import priority
 from maas.services.worker.engines.base import AdapterRef, Delta, GenerationRequest, SamplingParams
 from maas.v1 import common_pb2, inference_pb2
 
@@ -27,7 +28,8 @@ def request_from_proto(r: inference_pb2.GenerateRequest, adapter: AdapterRef | N
     return GenerationRequest(request_id=r.request_id or new_request_id(), prompt=r.prompt,
                              params=sampling_from_proto(r.params),
                              resume_token_ids=tuple(r.resume_token_ids), adapter=adapter,
-                             tenant=r.tenant, weight=r.tenant_weight if r.tenant_weight > 0 else 1.0)
+                             tenant=r.tenant, weight=r.tenant_weight if r.tenant_weight > 0 else 1.0,
+                             priority=priority(r.service_class))
 
 
 def chunk_from_delta(delta: Delta, *, request_id: str, model: str, replica_id: str) -> inference_pb2.GenerateChunk:

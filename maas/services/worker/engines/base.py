@@ -88,12 +88,15 @@ class GenerationRequest:
     # fairly by them (`engines.fair`)
     tenant: str = ""
     weight: float = 1.0
+    priority: int = 1  # its class: 0 interactive, 1 standard, 2 batch (`engines.fair`)
 
     def __post_init__(self) -> None:
         if not self.prompt:
             raise InvalidArgument("prompt must not be empty", field="prompt")
         if not self.weight > 0:  # NaN fails too
             raise InvalidArgument(f"a tenant's weight must be > 0, not {self.weight}", field="tenant_weight")
+        if self.priority not in (0, 1, 2):
+            raise InvalidArgument(f"priority must be 0, 1 or 2, not {self.priority}", field="service_class")
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")

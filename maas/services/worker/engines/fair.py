@@ -1,23 +1,30 @@
-"""Weighted fair sharing of an engine's batch slots across tenants (issue 14).
+"""Priority classes and weighted fair sharing of an engine's batch slots (issue 14).
 
-Requests wait per tenant, first come first served within a tenant. A free slot goes to the
-waiting tenant that holds the fewest slots for its weight (running / weight), so under
-contention each active tenant holds about its weight's share of the slots, and so of the
-tokens made (every running sequence makes one token a step); a tenant with nothing waiting
-leaves its share to the others (work-conserving).
+Every request has a class (`priority`: 0 interactive, 1 standard, 2 batch) and a tenant with
+a weight. A free slot goes to the highest class that has a request waiting; within a class,
+to the waiting tenant that holds the fewest of that class's slots for its weight (running /
+weight; ties: whoever waited longest), first come first served within a tenant. Under
+contention each active tenant of a class holds about its weight's share of what higher
+classes leave, and so of the tokens made (every running sequence makes one token a step);
+a tenant or class with nothing waiting leaves its share to the others (work-conserving).
 
-When a tenant waits while another holds more than its share, the scheduler pre-empts the
-other's most recently admitted sequence (`over_share`): it leaves the batch and its KV is
-released, and it goes back to the front of its tenant's queue with the tokens it made, to
-be prefilled again and continue exactly where it was (sampling depends only on the seed and
-the position), as a stream moved to another worker does.
+The scheduler pre-empts (`victim`) when the batch is full and
+- a request waits while a sequence of a lower class runs: the lowest class's most recently
+  admitted sequence leaves (batch work yields at once to online traffic), or else
+- a tenant waits while holding less than its share of its class's slots and another tenant
+  of that class holds more than its own: the latter's most recently admitted sequence.
+A pre-empted sequence leaves the batch and its KV is released; it goes back to the front of
+its queue with the tokens it made, to be prefilled again and continue exactly where it was
+(sampling depends only on the seed and the position), as a stream moved to another worker
+does.
 
-A full queue refuses a newcomer only if its tenant already has its share of the queue;
-otherwise the newest request of the tenant most over its share is refused instead
-(`push_out`), so a flood cannot fill the queue and lock a quiet tenant out.
+A full queue refuses a newcomer only when nothing can make room for it (`push_out`): the
+newest waiting request of a lower class goes first; within its class, the newest request of
+the tenant most over its share, if the newcomer's tenant is under its own. A flood cannot
+fill the queue and lock a quiet tenant, or online traffic, out.
 
 The queue is the scheduler's own structure: every method is called with the engine's lock
-held. Sequences need `tenant` (str) and `weight` (> 0) attributes.
+held. Sequences need `tenant` (str), `weight` (> 0) and `priority` (int) attributes.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any, Generic, Protocol, TypeVar
 class Fair(Protocol):
     tenant: str
     weight: float
+    priority: int
 
 
 S = TypeVar("S", bound=Fair)
@@ -37,7 +45,7 @@ S = TypeVar("S", bound=Fair)
 
 class FairQueue(Generic[S]):
     def __init__(self) -> None:
-        self._queues: dict[str, collections.deque[S]] = {}
+        self._queues: dict[tuple[int, str], collections.deque[S]] = {}  # (priority, tenant)
         self._size = 0
 
     def __len__(self) -> int:
@@ -54,47 +62,56 @@ class FairQueue(Generic[S]):
         return any(seq in q for q in self._queues.values())
 
     def append(self, seq: S) -> None:
-        self._queues.setdefault(seq.tenant, collections.deque()).append(seq)
+        self._queues.setdefault((seq.priority, seq.tenant), collections.deque()).append(seq)
         self._size += 1
 
     def appendleft(self, seq: S) -> None:
         """A pre-empted sequence: first of its tenant's again."""
-        self._queues.setdefault(seq.tenant, collections.deque()).appendleft(seq)
+        self._queues.setdefault((seq.priority, seq.tenant), collections.deque()).appendleft(seq)
         self._size += 1
 
     def remove(self, seq: S) -> None:
-        q = self._queues.get(seq.tenant)
+        key = (seq.priority, seq.tenant)
+        q = self._queues.get(key)
         if q is None:
             raise ValueError("not queued")
         q.remove(seq)
         self._size -= 1
         if not q:
-            del self._queues[seq.tenant]
+            del self._queues[key]
 
     def clear(self) -> None:
         self._queues.clear()
         self._size = 0
 
-    def waiting(self, tenant: str) -> int:
-        q = self._queues.get(tenant)
-        return len(q) if q is not None else 0
+    def top(self) -> int | None:
+        """The highest class (lowest number) with a request waiting."""
+        return min((p for p, _ in self._queues), default=None)
 
-    def tenants(self) -> list[str]:
-        return list(self._queues)
+    def waiting(self, tenant: str, priority: int | None = None) -> int:
+        return sum(len(q) for (p, t), q in self._queues.items() if t == tenant and priority in (None, p))
 
-    def weight_of(self, tenant: str) -> float:
+    def tenants(self, priority: int) -> list[str]:
+        return [t for p, t in self._queues if p == priority]
+
+    def weight_of(self, tenant: str, priority: int) -> float:
         """The weight of a waiting tenant (its first request's)."""
-        return self._queues[tenant][0].weight
+        return self._queues[(priority, tenant)][0].weight
 
-    def next(self, running: dict[str, int]) -> S | None:
-        """The sequence a free slot goes to (not removed): the first of the waiting tenant
-        holding the fewest slots for its weight (`running`: slots per tenant); ties go to
-        the one that waited longest."""
+    def next(self, running: dict[tuple[int, str], int]) -> S | None:
+        """The sequence a free slot goes to (not removed): in the highest class waiting, the
+        first of the tenant holding the fewest of that class's slots for its weight
+        (`running`: slots per (priority, tenant)); ties go to the one that waited longest."""
+        top = self.top()
+        if top is None:
+            return None
         best: S | None = None
         best_key: tuple[float, float] | None = None
-        for tenant, q in self._queues.items():
+        for (priority, tenant), q in self._queues.items():
+            if priority != top:
+                continue
             head = q[0]
-            key = (running.get(tenant, 0) / head.weight, float(getattr(head, "arrived", 0.0)))
+            key = (running.get((priority, tenant), 0) / head.weight, float(getattr(head, "arrived", 0.0)))
             if best_key is None or key < best_key:
                 best, best_key = head, key
         return best
@@ -105,47 +122,70 @@ class FairQueue(Generic[S]):
         return seq
 
     def push_out(self, newcomer: S, capacity: int) -> S | None:
-        """The queue is full (`capacity` places) and `newcomer` arrives: the newest request
-        of the tenant most over its share of the queue, if the newcomer's tenant is under
-        its own share (that request is refused in the newcomer's place); None when the
-        newcomer itself should be refused."""
-        weights = {t: q[0].weight for t, q in self._queues.items()}
+        """The queue is full (`capacity` places) and `newcomer` arrives: the request refused
+        in its place, or None when the newcomer itself should be refused. The newest
+        request of the lowest class below the newcomer's goes first; else, within the
+        newcomer's class, the newest of the tenant most over its share of the queue, if the
+        newcomer's tenant is under its own."""
+        lower = [p for p, _ in self._queues if p > newcomer.priority]
+        if lower:
+            worst = max(lower)
+            victim = max((q[-1] for (p, _), q in self._queues.items() if p == worst),
+                         key=lambda s: float(getattr(s, "arrived", 0.0)))
+            self.remove(victim)
+            return victim
+        cls = newcomer.priority
+        weights = {t: self.weight_of(t, cls) for t in self.tenants(cls)}
         weights[newcomer.tenant] = newcomer.weight
         total = sum(weights.values())
-        if self.waiting(newcomer.tenant) + 1 > capacity * newcomer.weight / total:
+        if self.waiting(newcomer.tenant, cls) + 1 > capacity * newcomer.weight / total:
             return None  # it has its share already
-        over = max((t for t in self._queues if t != newcomer.tenant),
-                   key=lambda t: self.waiting(t) / weights[t], default=None)
-        if over is None or self.waiting(over) <= capacity * weights[over] / total:
+        over = max((t for t in self.tenants(cls) if t != newcomer.tenant),
+                   key=lambda t: self.waiting(t, cls) / weights[t], default=None)
+        if over is None or self.waiting(over, cls) <= capacity * weights[over] / total:
             return None
-        victim = self._queues[over][-1]
+        victim = self._queues[(cls, over)][-1]
         self.remove(victim)
         return victim
 
 
-def fair_shares(slots: int, weights: dict[str, float]) -> dict[str, float]:
+def fair_shares(slots: float, weights: dict[str, float]) -> dict[str, float]:
     """Each tenant's share of `slots` by weight."""
     total = sum(weights.values())
     return {t: slots * w / total for t, w in weights.items()} if total else {}
 
 
-def over_share(running: list[Any], waiting: FairQueue[Any], slots: int) -> Any | None:
-    """A running sequence to pre-empt so that a waiting tenant gets its share, or None.
+def victim(running: list[Any], waiting: FairQueue[Any], slots: int) -> Any | None:
+    """A running sequence to pre-empt for a waiting one, or None (see the module's text)."""
+    top = waiting.top()
+    if top is None or not running:
+        return None
+    lower = [s for s in running if s.priority > top]
+    if lower:
+        worst = max(s.priority for s in lower)
+        return [s for s in running if s.priority == worst][-1]
+    # within the class: its slots are what higher classes leave
+    mine = [s for s in running if s.priority == top]
+    return over_share(mine, waiting, slots - (len(running) - len(mine)), top)
 
-    Only when some tenant waits while holding less than its share, and another holds more
-    than its own: then that other tenant's most recently admitted sequence (the one with
-    the least work to redo)."""
-    if not waiting or not running:
+
+def over_share(running: list[Any], waiting: FairQueue[Any], slots: float, priority: int = 1) -> Any | None:
+    """Within one class: a running sequence to pre-empt so that a waiting tenant gets its
+    share of `slots`, or None. Only when some tenant waits while holding less than its
+    share, and another holds more than its own: then that other tenant's most recently
+    admitted sequence (the one with the least work to redo)."""
+    tenants = waiting.tenants(priority)
+    if not tenants or not running:
         return None
     held: dict[str, list[Any]] = {}
     weights: dict[str, float] = {}
     for seq in running:
         held.setdefault(seq.tenant, []).append(seq)
         weights[seq.tenant] = seq.weight
-    for tenant in waiting.tenants():
-        weights.setdefault(tenant, waiting.weight_of(tenant))
+    for tenant in tenants:
+        weights.setdefault(tenant, waiting.weight_of(tenant, priority))
     shares = fair_shares(slots, weights)
-    starved = [t for t in waiting.tenants() if len(held.get(t, ())) + 1 <= shares[t] + 1e-9]
+    starved = [t for t in tenants if len(held.get(t, ())) + 1 <= shares[t] + 1e-9]
     if not starved:
         return None
     over = [t for t, seqs in held.items() if len(seqs) - 1 >= shares[t] - 1e-9 and t not in starved]
@@ -155,4 +195,4 @@ def over_share(running: list[Any], waiting: FairQueue[Any], slots: int) -> Any |
     return held[greediest][-1]
 
 
-__all__ = ["FairQueue", "fair_shares", "over_share"]
+__all__ = ["FairQueue", "fair_shares", "over_share", "victim"]

@@ -60,7 +60,7 @@ from maas.services.worker.engines.base import (
     plain_chat,
 )
 from maas.services.worker.engines.batch import DecodeBatch
-from maas.services.worker.engines.fair import FairQueue, over_share
+from maas.services.worker.engines.fair import FairQueue, victim
 from maas.services.worker.engines.prefix import KV, PrefixCache
 from maas.services.worker.engines.sampling import Row, request_seed, sample_batch, token_logprobs
 from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetokenizer
@@ -104,8 +104,9 @@ class _Sequence:
     detok: IncrementalDetokenizer
     out: DeltaAssembler
     reserved_tokens: int
-    tenant: str = ""      # whose request, and its weight: slots are shared fairly (`fair`)
+    tenant: str = ""      # whose request, its weight and its class: slots are shared fairly (`fair`)
     weight: float = 1.0
+    priority: int = 1
     arrived: float = field(default_factory=time.perf_counter)
     last_token_at: float = 0.0
     cancelled: bool = False
@@ -340,7 +341,7 @@ class HFEngine:
                                     f"{self._label} ({self._kv_budget_tokens} tokens); lower max_tokens")
         return _Sequence(
             request_id=request.request_id, sink=sink, queue=queue, tag=tag,
-            tenant=request.tenant, weight=request.weight,
+            tenant=request.tenant, weight=request.weight, priority=request.priority,
             reserved_tokens=reserved, adapter=request.adapter,
             row=Row(params, request_seed(params), prompt_ids, resumed),
             detok=IncrementalDetokenizer(self._tokenizer, context_ids=prompt_ids + resumed),
@@ -431,22 +432,22 @@ class HFEngine:
             self._publish_gauges()
 
     def _preempt(self) -> None:
-        """While the batch is full and a waiting tenant holds less than its share of the
-        slots while another holds more, move the latter's newest sequence back to the
-        front of its queue (`fair.over_share`): its KV is released, and it is prefilled
-        again with the tokens it made when it is admitted again. Holds _cv."""
+        """While the batch is full and a waiting request is owed a slot (a lower class
+        runs, or a tenant of its class holds more than its share: `fair.victim`), move the
+        sequence that owes it back to the front of its queue: its KV is released, and it
+        is prefilled again with the tokens it made when it is admitted again. Holds _cv."""
         while len(self._running) >= self.max_batch:
-            victim = over_share(self._running, self._waiting, self.max_batch)
-            if victim is None:
+            chosen = victim(self._running, self._waiting, self.max_batch)
+            if chosen is None:
                 return
-            index = self._running.index(victim)
+            index = self._running.index(chosen)
             keep = [i for i in range(len(self._running)) if i != index]
             self._running.pop(index)
             self._batch.keep(keep)
-            self._reserved -= victim.reserved_tokens
-            victim.preempted += 1
-            victim.arrived = time.perf_counter()  # its queue time counts afresh
-            self._waiting.appendleft(victim)
+            self._reserved -= chosen.reserved_tokens
+            chosen.preempted += 1
+            chosen.arrived = time.perf_counter()  # its queue time counts afresh
+            self._waiting.appendleft(chosen)
             metrics.PREEMPTIONS.labels(self._label).inc()
 
     def _admit(self) -> list[_Sequence]:
@@ -462,9 +463,9 @@ class HFEngine:
         width = self._batch.columns
         remaining = max((s.row.params.max_tokens - len(s.output) for s in self._running), default=0)
         longest = 0
-        held: dict[str, int] = {}
+        held: dict[tuple[int, str], int] = {}
         for s in self._running:
-            held[s.tenant] = held.get(s.tenant, 0) + 1
+            held[(s.priority, s.tenant)] = held.get((s.priority, s.tenant), 0) + 1
         while self._waiting and rows + len(admitted) < self.max_batch:
             seq = self._waiting.next(held)
             assert seq is not None
@@ -485,7 +486,7 @@ class HFEngine:
             self._reserved += seq.reserved_tokens
             longest, remaining = max(longest, size), max(remaining, need)
             admitted.append(seq)
-            held[seq.tenant] = held.get(seq.tenant, 0) + 1
+            held[(seq.priority, seq.tenant)] = held.get((seq.priority, seq.tenant), 0) + 1
         self._publish_gauges()
         return admitted
 

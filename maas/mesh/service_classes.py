@@ -1,0 +1,24 @@
+"""Service classes of generation requests (docs/fairness.md): the contract between the
+router, which decides a request's class from its key and what it asked, and the engines,
+which admit higher classes first and pre-empt lower ones for them."""
+
+from __future__ import annotations
+
+from maas.mesh.errors import InvalidArgument
+
+CLASSES = ("interactive", "standard", "batch")  # priority 0 (highest), 1, 2
+DEFAULT_CLASS = "standard"
+# OpenAI's `service_tier` values, as classes ("auto" and "default": the key's own)
+OPENAI_TIERS = {"auto": "", "default": "", "flex": "batch", "priority": "interactive"}
+
+
+def priority(name: str, field: str = "service_class") -> int:
+    """A class's priority (0 highest); "" is the default class."""
+    if not name:
+        return CLASSES.index(DEFAULT_CLASS)
+    if name not in CLASSES:
+        raise InvalidArgument(f"{field} must be one of {', '.join(CLASSES)}, not {name!r}", field=field)
+    return CLASSES.index(name)
+
+
+__all__ = ["CLASSES", "DEFAULT_CLASS", "OPENAI_TIERS", "priority"]
