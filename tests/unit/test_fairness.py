@@ -134,6 +134,8 @@ class Seq:
     weight: float = 1.0
     arrived: float = 0.0
     priority: int = 1
+    preempted: int = 0
+    context: int = 0
 
 
 def test_the_next_slot_goes_to_the_tenant_holding_fewest_for_its_weight():
@@ -217,3 +219,19 @@ async def test_interactive_preempts_batch_which_resumes_with_the_same_tokens(eng
     assert online.error is None and all(len(s.tokens) < n for s in batch)  # it did not wait for one to end
     await asyncio.gather(*(s.task for s in (*batch, online)))
     assert [s.tokens for s in batch] == alone
+
+
+def test_a_preempted_sequence_is_never_refused_nor_preempted_again_first():
+    q: FairQueue[Seq] = FairQueue()
+    moved = [Seq("jobs", priority=2, arrived=i, preempted=1) for i in range(4)]  # streaming already
+    for s in moved:
+        q.appendleft(s)
+    assert q.push_out(Seq("chat", priority=0), 4) is None   # the newcomer waits its turn instead
+    fresh = Seq("jobs", priority=2, arrived=9)
+    q.append(fresh)
+    assert q.push_out(Seq("chat", priority=0), 4) is fresh  # a request not started yet may be refused
+    running = [Seq("f", preempted=1, context=10), Seq("f", context=500), Seq("f", context=20), Seq("f", context=20)]
+    waiting: FairQueue[Seq] = FairQueue()
+    waiting.append(Seq("q"))
+    # not the one pre-empted before; of the others, the least to prefill again (the newest of a tie)
+    assert over_share(running, waiting, 4) is running[3]

@@ -9,10 +9,12 @@ classes leave, and so of the tokens made (every running sequence makes one token
 a tenant or class with nothing waiting leaves its share to the others (work-conserving).
 
 The scheduler pre-empts (`victim`) when the batch is full and
-- a request waits while a sequence of a lower class runs: the lowest class's most recently
-  admitted sequence leaves (batch work yields at once to online traffic), or else
+- a request waits while a sequence of a lower class runs: one of the lowest class's
+  sequences leaves (batch work yields at once to online traffic), or else
 - a tenant waits while holding less than its share of its class's slots and another tenant
-  of that class holds more than its own: the latter's most recently admitted sequence.
+  of that class holds more than its own: one of the latter's sequences.
+The one chosen has not been pre-empted before if possible, then has the fewest tokens to
+prefill again (so no sequence is pushed back over and over).
 A pre-empted sequence leaves the batch and its KV is released; it goes back to the front of
 its queue with the tokens it made, to be prefilled again and continue exactly where it was
 (sampling depends only on the seed and the position), as a stream moved to another worker
@@ -20,7 +22,8 @@ does.
 
 A full queue refuses a newcomer only when nothing can make room for it (`push_out`): the
 newest waiting request of a lower class goes first; within its class, the newest request of
-the tenant most over its share, if the newcomer's tenant is under its own. A flood cannot
+the tenant most over its share, if the newcomer's tenant is under its own. A pre-empted
+sequence is never refused (its client has tokens already). A flood cannot
 fill the queue and lock a quiet tenant, or online traffic, out.
 
 The queue is the scheduler's own structure: every method is called with the engine's lock
@@ -127,13 +130,12 @@ class FairQueue(Generic[S]):
         request of the lowest class below the newcomer's goes first; else, within the
         newcomer's class, the newest of the tenant most over its share of the queue, if the
         newcomer's tenant is under its own."""
-        lower = [p for p, _ in self._queues if p > newcomer.priority]
-        if lower:
-            worst = max(lower)
-            victim = max((q[-1] for (p, _), q in self._queues.items() if p == worst),
-                         key=lambda s: float(getattr(s, "arrived", 0.0)))
-            self.remove(victim)
-            return victim
+        for worst in sorted({p for p, _ in self._queues if p > newcomer.priority}, reverse=True):
+            candidates = [s for (p, _), q in self._queues.items() if p == worst for s in q if _refusable(s)]
+            if candidates:
+                chosen = max(candidates, key=lambda s: float(getattr(s, "arrived", 0.0)))
+                self.remove(chosen)
+                return chosen
         cls = newcomer.priority
         weights = {t: self.weight_of(t, cls) for t in self.tenants(cls)}
         weights[newcomer.tenant] = newcomer.weight
@@ -144,9 +146,23 @@ class FairQueue(Generic[S]):
                    key=lambda t: self.waiting(t, cls) / weights[t], default=None)
         if over is None or self.waiting(over, cls) <= capacity * weights[over] / total:
             return None
-        victim = self._queues[(cls, over)][-1]
-        self.remove(victim)
-        return victim
+        refusable = [s for s in self._queues[(cls, over)] if _refusable(s)]
+        if not refusable:
+            return None
+        self.remove(refusable[-1])
+        return refusable[-1]
+
+
+def _refusable(seq: Any) -> bool:
+    """A queued request that may be refused to make room: not one that was pre-empted (its
+    client has its first tokens already; it only waits to go on)."""
+    return not getattr(seq, "preempted", 0)
+
+
+def _cheapest(seqs: list[Any]) -> Any:
+    """Of `seqs`, the one to pre-empt: not pre-empted before if possible (no sequence is
+    pushed back over and over), then the fewest tokens to prefill again."""
+    return min(reversed(seqs), key=lambda s: (getattr(s, "preempted", 0), getattr(s, "context", 0)))
 
 
 def fair_shares(slots: float, weights: dict[str, float]) -> dict[str, float]:
@@ -163,7 +179,7 @@ def victim(running: list[Any], waiting: FairQueue[Any], slots: int) -> Any | Non
     lower = [s for s in running if s.priority > top]
     if lower:
         worst = max(s.priority for s in lower)
-        return [s for s in running if s.priority == worst][-1]
+        return _cheapest([s for s in running if s.priority == worst])
     # within the class: its slots are what higher classes leave
     mine = [s for s in running if s.priority == top]
     return over_share(mine, waiting, slots - (len(running) - len(mine)), top)
@@ -192,7 +208,7 @@ def over_share(running: list[Any], waiting: FairQueue[Any], slots: float, priori
     if not over:
         return None
     greediest = max(over, key=lambda t: len(held[t]) / weights[t])
-    return held[greediest][-1]
+    return _cheapest(held[greediest])
 
 
 __all__ = ["FairQueue", "fair_shares", "over_share", "victim"]

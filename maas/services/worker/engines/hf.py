@@ -108,10 +108,16 @@ class _Sequence:
     weight: float = 1.0
     priority: int = 1
     arrived: float = field(default_factory=time.perf_counter)
+    queued_at: float = field(default_factory=time.perf_counter)  # its latest wait for a slot began
     last_token_at: float = 0.0
     cancelled: bool = False
     done: bool = False
     preempted: int = 0    # times it left the batch for another tenant's share
+
+    @property
+    def context(self) -> int:
+        """Tokens a re-prefill would compute (what pre-empting it costs)."""
+        return len(self.row.prompt_ids) + len(self.row.output_ids)
 
     @property
     def output(self) -> list[int]:
@@ -408,7 +414,10 @@ class HFEngine:
                             self._cv.wait()
                         if self._closing:
                             break
-                        self._preempt()
+                        keep = self._preempt()
+                    if keep is not None:  # the batch's KV is gathered outside the lock
+                        self._batch.keep(keep)
+                    with self._cv:
                         admitted = self._admit()
                     if admitted:
                         self._prefill(admitted)
@@ -431,24 +440,33 @@ class HFEngine:
             self._reserved = 0
             self._publish_gauges()
 
-    def _preempt(self) -> None:
+    def _preempt(self) -> list[int] | None:
         """While the batch is full and a waiting request is owed a slot (a lower class
         runs, or a tenant of its class holds more than its share: `fair.victim`), move the
         sequence that owes it back to the front of its queue: its KV is released, and it
-        is prefilled again with the tokens it made when it is admitted again. Holds _cv."""
-        while len(self._running) >= self.max_batch:
-            chosen = victim(self._running, self._waiting, self.max_batch)
+        is prefilled again with the tokens it made when it is admitted again. Holds _cv.
+        Returns the rows of the batch to keep (the caller drops the others' KV, outside the
+        lock), or None when nothing was pre-empted. Cancelled sequences do not count as
+        holding a slot (they leave at the next step anyway), nor are they chosen."""
+        live = [s for s in self._running if not s.cancelled and not s.done]
+        gone: set[int] = set()
+        while len(live) >= self.max_batch:
+            chosen = victim(live, self._waiting, self.max_batch)
             if chosen is None:
-                return
-            index = self._running.index(chosen)
-            keep = [i for i in range(len(self._running)) if i != index]
-            self._running.pop(index)
-            self._batch.keep(keep)
+                break
+            live.remove(chosen)
+            gone.add(id(chosen))
             self._reserved -= chosen.reserved_tokens
             chosen.preempted += 1
-            chosen.arrived = time.perf_counter()  # its queue time counts afresh
+            chosen.queued_at = time.perf_counter()  # its queue time counts afresh
             self._waiting.appendleft(chosen)
             metrics.PREEMPTIONS.labels(self._label).inc()
+        if not gone:
+            return None
+        keep = [i for i, s in enumerate(self._running) if id(s) not in gone]
+        self._running = [self._running[i] for i in keep]
+        self._publish_gauges()
+        return keep
 
     def _admit(self) -> list[_Sequence]:
         """Pop waiting requests that fit, the next one chosen fairly across tenants
@@ -558,8 +576,8 @@ class HFEngine:
             return
         now = time.perf_counter()
         for seq in seqs:
-            metrics.QUEUE.labels(self._label).observe(now - seq.arrived)
-            metrics.TENANT_QUEUE.labels(self._label, seq.tenant or "-").observe(now - seq.arrived)
+            metrics.QUEUE.labels(self._label).observe(now - seq.queued_at)
+            metrics.TENANT_QUEUE.labels(self._label, seq.tenant or "-").observe(now - seq.queued_at)
         first = len(self._running)
         # prompts whose prefix is cached compute only the rest; all of them in one forward pass
         rows: list[tuple[KV | None, list[int]]] = []
@@ -568,16 +586,19 @@ class HFEngine:
             ids = [*seq.row.prompt_ids, *seq.output]
             found = self._prefix.lookup(self._namespace(seq), ids)
             cached, kv = found if found is not None else (0, None)
-            seq.out.cached_prompt_tokens = cached
+            if not seq.preempted:  # a re-prefill is the engine's cost, not the request's prompt
+                seq.out.cached_prompt_tokens = cached
             rows.append((kv, ids[cached:]))
             prompts.append(ids)
         self._running.extend(seqs)  # before the forward pass: if it fails, they hear about it
         self._publish_gauges()
-        metrics.PROMPT_TOKENS.labels(self._label).inc(sum(len(s.row.prompt_ids) for s in seqs))
-        metrics.CACHED_TOKENS.labels(self._label).inc(sum(s.out.cached_prompt_tokens for s in seqs))
+        fresh = [s for s in seqs if not s.preempted]
+        metrics.PROMPT_TOKENS.labels(self._label).inc(sum(len(s.row.prompt_ids) for s in fresh))
+        metrics.CACHED_TOKENS.labels(self._label).inc(sum(s.out.cached_prompt_tokens for s in fresh))
         logits, own = self._batch.prefill(self._model, rows, self._extra_for(seqs))
         for seq, ids, kv in zip(seqs, prompts, own, strict=True):
-            self._prefix.insert(self._namespace(seq), ids, kv)
+            if not seq.preempted:  # (its prompt went in at its first prefill; output would crowd shared prefixes)
+                self._prefix.insert(self._namespace(seq), ids, kv)
         self._accept(seqs, logits, rows=range(first, first + len(seqs)))
 
     @staticmethod
