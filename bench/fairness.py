@@ -92,11 +92,11 @@ async def main() -> int:
             await asyncio.gather(*(stream() for _ in range(args.quiet_streams)))
             return out
 
-        made = refused = 0
+        made = refused = chunks = 0
         warmed = asyncio.Event()  # every flooding stream has been served about once
 
         async def flooding(i: int) -> None:
-            nonlocal made, refused
+            nonlocal made, refused, chunks
             n = 0
             while True:
                 n += 1
@@ -106,6 +106,7 @@ async def main() -> int:
                 try:
                     async for chunk in stubs["flood"].GenerateStream(request, timeout=300):
                         made += len(chunk.token_ids)
+                        chunks += 1
                         if made >= args.flood * args.flood_tokens:
                             warmed.set()
                 except grpc.aio.AioRpcError as e:
@@ -134,7 +135,8 @@ async def main() -> int:
         return e2e.pct(values, q) * 1000
 
     e2e.say(f"quiet tenant, {args.quiet_streams} streams, {args.samples} requests of {args.quiet_tokens} tokens; "
-            f"flood: {args.flood} streams of {args.flood_tokens} tokens, {refused} refusals while measured")
+            f"flood: {args.flood} streams of {args.flood_tokens} tokens, {refused} refusals while measured, "
+            f"{made / max(chunks, 1):.2f} tokens a chunk")
     e2e.say(f"quiet TTFT alone p50 {ms(alone, 0.5):.1f} ms p99 {ms(alone, 0.99):.1f} ms; "
             f"flooded p50 {ms(flooded, 0.5):.1f} ms p99 {ms(flooded, 0.99):.1f} ms")
     print(f"quiet_p99_ratio={e2e.pct(flooded, 0.99) / e2e.pct(alone, 0.99):.2f} "

@@ -259,3 +259,22 @@ async def test_hf_model_failure_is_engine_dead(hf: Engine) -> None:
     hf._model.register_forward_hook(explode)  # type: ignore[attr-defined]
     with pytest.raises(EngineDead, match="boom"):
         await _collect(hf, PROMPT)
+
+
+async def test_a_lagging_reader_gets_the_deltas_that_piled_up_as_one():
+    from maas.services.worker.engines.base import drain
+
+    queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+    for d in (Delta("b", (2,)), Delta("c", (3,), "length", prompt_tokens=4, completion_tokens=3), Delta("x")):
+        queue.put_nowait(d)
+    merged, error = drain(queue, Delta("a", (1,)))
+    # everything up to the last delta, in order, its counts the final ones; nothing past it
+    assert merged == Delta("abc", (1, 2, 3), "length", prompt_tokens=4, completion_tokens=3) and error is None
+    assert queue.qsize() == 1
+    queue.get_nowait()
+    boom = ValueError("engine died")
+    queue.put_nowait(Delta("b", (2,)))
+    queue.put_nowait(boom)
+    merged, error = drain(queue, Delta("a", (1,)))
+    assert merged == Delta("ab", (1, 2)) and error is boom  # what came before the error is not lost
+    assert drain(queue, Delta("z", (9,))) == (Delta("z", (9,)), None)  # nothing waiting: as it came

@@ -6,6 +6,7 @@ converts back; engines never see protobuf or gRPC.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -149,6 +150,32 @@ class Delta:
     completion_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
     cached_prompt_tokens: int = 0            # on the last delta: prompt tokens served from the prefix cache
+
+
+def merge(a: Delta, b: Delta) -> Delta:
+    """`a` then `b` as one delta (b is the later one: its finish and counts win)."""
+    return Delta(text=a.text + b.text, token_ids=a.token_ids + b.token_ids, finish_reason=b.finish_reason,
+                 prompt_tokens=b.prompt_tokens or a.prompt_tokens,
+                 completion_tokens=b.completion_tokens or a.completion_tokens,
+                 logprobs=a.logprobs + b.logprobs,
+                 cached_prompt_tokens=b.cached_prompt_tokens or a.cached_prompt_tokens)
+
+
+def drain(queue: asyncio.Queue[Delta | BaseException], first: Delta) -> tuple[Delta, BaseException | None]:
+    """`first` merged with the deltas already waiting behind it in `queue`, and an error
+    that waits behind them, if one does. A reader that keeps up gets each step's delta as
+    it is made; one that lags (a busy event loop, a slow client) gets what piled up as one
+    message instead of one per token, so every hop after it does less work per token."""
+    out = first
+    while out.finish_reason is None:
+        try:
+            nxt = queue.get_nowait()
+        except asyncio.QueueEmpty:
+            break
+        if isinstance(nxt, BaseException):
+            return out, nxt
+        out = merge(out, nxt)
+    return out, None
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ from maas.services.worker.engines.base import (
     ModelSpec,
     TokenLogprob,
     check_context,
+    drain,
     plain_chat,
 )
 from maas.services.worker.engines.batch import DecodeBatch
@@ -312,11 +313,15 @@ class HFEngine:
         else:
             seq = self.prepare(request, LoopSink(loop), queue)
         self.enqueue(seq)
+        waiting: BaseException | None = None  # an error behind deltas merged into one
         try:
             while True:
+                if waiting is not None:
+                    raise waiting
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                item, waiting = drain(queue, item)
                 yield item
                 if item.finish_reason is not None:
                     return

@@ -46,7 +46,14 @@ from typing import Any
 
 from maas.mesh.errors import EngineDead, FailedPrecondition, MaasError, Unavailable
 from maas.services.worker.engines import metrics
-from maas.services.worker.engines.base import ChatMessage, Delta, EngineStats, GenerationRequest, ModelSpec
+from maas.services.worker.engines.base import (
+    ChatMessage,
+    Delta,
+    EngineStats,
+    GenerationRequest,
+    ModelSpec,
+    drain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +173,13 @@ class ProcessEngine:
                     self._send(("generate", key, request))
             except (OSError, ValueError):  # the process is gone; the reader will say so to the others
                 raise EngineDead(f"the engine process of {self._label} is gone") from None
+            waiting: BaseException | None = None  # an error behind deltas merged into one
             while True:
-                item = await queue.get()
+                item = waiting if waiting is not None else await queue.get()
                 if isinstance(item, BaseException):
                     finished = True  # the engine is done with it
                     raise item
+                item, waiting = drain(queue, item)
                 yield item
                 if item.finish_reason is not None:
                     finished = True
