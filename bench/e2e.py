@@ -443,6 +443,13 @@ def maas_groups(up: Server) -> Groups:
     return groups
 
 
+def bench_data(name: str) -> Path:
+    """A fresh directory for one bench run's `maas up` (under TMPDIR)."""
+    data = Path(os.environ.get("TMPDIR", "/tmp")) / f"maas-{name}-{os.getpid()}" / "maas"
+    data.mkdir(parents=True)
+    return data
+
+
 def maas_up(model: Path, data: Path, name: str = "") -> Server:
     """`maas up --model MODEL --workers 1` in `data` (on free ports), not yet started."""
     return Server("maas up", [sys.executable, "-m", "maas", "up", "--model", str(model), *(["--name", name] if name else []),

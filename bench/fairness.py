@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -52,9 +51,7 @@ async def main() -> int:
     parser.add_argument("--flood-tokens", type=int, default=64)
     args = parser.parse_args()
     model_dir, _ = e2e.bench_model(True)
-    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"maas-fairness-bench-{os.getpid()}"
-    data = work / "maas"
-    data.mkdir(parents=True)
+    data = e2e.bench_data("fairness-bench")
     up = e2e.maas_up(model_dir, data)
     up.start()
     try:

@@ -87,9 +87,7 @@ async def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
     model_dir, _ = e2e.bench_model(True)
-    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"maas-overload-{os.getpid()}"
-    data = work / "maas"
-    data.mkdir(parents=True)
+    data = e2e.bench_data("overload")
     up = e2e.maas_up(model_dir, data)
     up.start()
     try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -58,9 +57,7 @@ async def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
     model_dir, _ = e2e.bench_model(True)
-    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"maas-pipeline-bench-{os.getpid()}"
-    data = work / "maas"
-    data.mkdir(parents=True)
+    data = e2e.bench_data("pipeline-bench")
     up = e2e.maas_up(model_dir, data)
     up.start()
     try:

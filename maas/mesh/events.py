@@ -70,14 +70,43 @@ async def open_stream(nc: nats.NATS, ensure: Callable[[nats.js.JetStreamContext]
     return js
 
 
-async def ensure_stream(js: nats.js.JetStreamContext) -> None:
-    config = js_api.StreamConfig(
-        name=STREAM, subjects=[EVENT_SUBJECTS], duplicate_window=120.0,
-        max_age=7 * 24 * 3600.0, max_bytes=256 * 1024 * 1024, storage=js_api.StorageType.FILE)
+async def put_stream(js: nats.js.JetStreamContext, config: js_api.StreamConfig) -> None:
+    """Create the stream `config` describes, or bring the existing one to it."""
     try:
         await js.add_stream(config)
     except nats.js.errors.BadRequestError:
         await js.update_stream(config)
+
+
+async def stored(js: nats.js.JetStreamContext, stream: str, subject: str, *, follow: bool = False,
+                 everything: bool = False) -> AsyncIterator[Msg]:
+    """Every message `stream` holds on `subject`, in order (`everything`: the subject is
+    the whole stream's); with `follow`, then new ones as they come."""
+    try:
+        info = await js.stream_info(stream, subjects_filter=subject)
+    except nats.js.errors.NotFoundError:
+        return
+    remaining = info.state.messages if everything else sum((info.state.subjects or {}).values())
+    if not remaining and not follow:
+        return
+    sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=js_api.DeliverPolicy.ALL)
+    try:
+        while follow or remaining > 0:
+            try:
+                msg = await sub.next_msg(timeout=None if follow else 2.0)
+            except nats.errors.TimeoutError:
+                break
+            remaining = msg.metadata.num_pending if msg.metadata else remaining - 1
+            yield msg
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def ensure_stream(js: nats.js.JetStreamContext) -> None:
+    await put_stream(js, js_api.StreamConfig(
+        name=STREAM, subjects=[EVENT_SUBJECTS], duplicate_window=120.0,
+        max_age=7 * 24 * 3600.0, max_bytes=256 * 1024 * 1024, storage=js_api.StorageType.FILE))
 
 
 def _principal() -> str:
@@ -196,16 +225,7 @@ async def read_events(url: str, *, follow: bool, timeout: float = 5.0,
     try:
         js = nc.jetstream(timeout=5)
         await ensure_stream(js)
-        info = await js.stream_info(STREAM, subjects_filter=subject)
-        remaining = info.state.messages if subject == EVENT_SUBJECTS else sum((info.state.subjects or {}).values())
-        sub = await js.subscribe(subject, ordered_consumer=True,
-                                 deliver_policy=js_api.DeliverPolicy.ALL)
-        while follow or remaining > 0:
-            try:
-                msg = await sub.next_msg(timeout=None if follow else 2.0)
-            except nats.errors.TimeoutError:
-                break
-            remaining = msg.metadata.num_pending if msg.metadata else remaining - 1
+        async for msg in stored(js, STREAM, subject, follow=follow, everything=subject == EVENT_SUBJECTS):
             event = events_pb2.Event()
             event.ParseFromString(msg.data)
             yield event

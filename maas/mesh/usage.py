@@ -49,7 +49,7 @@ from prometheus_client import Counter
 from maas.mesh.authz import Principal
 from maas.mesh.config import MeshConfig
 from maas.mesh.errors import InvalidArgument, PermissionDenied, Unavailable
-from maas.mesh.events import connect_nats, open_stream
+from maas.mesh.events import connect_nats, open_stream, put_stream
 from maas.mesh.names import validate_name
 from maas.v1 import usage_pb2
 
@@ -107,13 +107,9 @@ def mesh_subjects(prefix: str) -> str:
 
 
 async def ensure_stream(js: nats.js.JetStreamContext) -> None:
-    config = js_api.StreamConfig(
+    await put_stream(js, js_api.StreamConfig(
         name=STREAM, subjects=[SUBJECTS], duplicate_window=DUPLICATE_WINDOW, max_age=MAX_AGE,
-        storage=js_api.StorageType.FILE, discard=js_api.DiscardPolicy.OLD)
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        await js.update_stream(config)
+        storage=js_api.StorageType.FILE, discard=js_api.DiscardPolicy.OLD))
 
 
 # ---- writing -------------------------------------------------------------------------------

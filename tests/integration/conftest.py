@@ -132,6 +132,19 @@ class MeshHarness:
         await self.scheduler()
         await self.router()
 
+    async def serving(self, model: str = "echo", *, http: bool = True, **options: str) -> ServiceRuntime:
+        """registry, scheduler, a router (its HTTP API on a free port unless `http` is off),
+        an in-process worker, and the sim model `model` (with `options`) deployed and ready.
+        Returns the router's runtime."""
+        await self.registry()
+        await self.scheduler()
+        router = await self.router(http_port=0 if http else -1)
+        await self.worker()
+        await self.register(model, **options)
+        await self.deploy(model)
+        await self.wait_ready(model)
+        return router
+
     def spawn(self, kind: str, *args: str, env: dict[str, str] | None = None) -> Child:
         """Run a service as a real process (for tests that kill it), with `env` added to its
         environment."""

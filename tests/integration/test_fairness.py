@@ -123,13 +123,7 @@ async def test_a_request_asks_its_class_within_its_keys(mesh: MeshHarness):
 
     from maas.v1 import registry_pb2
 
-    await mesh.registry()
-    await mesh.scheduler()
-    router = await mesh.router(http_port=0)
-    await mesh.worker()
-    await mesh.register("echo")
-    await mesh.deploy("echo")
-    await mesh.wait_ready("echo")
+    router = await mesh.serving()
     admin = await mesh.stub("registry")
     urgent = await admin.CreateKey(registry_pb2.CreateKeyRequest(tenant="t", service_class="interactive"),  # type: ignore[attr-defined]
                                    timeout=10)

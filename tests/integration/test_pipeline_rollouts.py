@@ -76,13 +76,7 @@ async def _until_decided(client: AsyncOpenAI, scheduler: scheduler_pb2_grpc.Sche
 
 async def test_a_canary_that_breaks_its_slo_is_rolled_back_and_one_that_meets_it_is_promoted(
         mesh: MeshHarness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    await mesh.registry()
-    await mesh.scheduler()
-    router = await mesh.router(http_port=0)
-    await mesh.worker()
-    await mesh.register("echo")
-    await mesh.deploy("echo")
-    await mesh.wait_ready("echo")
+    router = await mesh.serving()
     key = await mesh.key("a")
     channel = dial(mesh.endpoint("registry"), key)
     from maas.v1 import registry_pb2_grpc
@@ -254,13 +248,7 @@ async def test_captured_requests_replay_against_a_new_version_step_by_step(
         mesh: MeshHarness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from maas.v1 import pipelines_pb2, pipelines_pb2_grpc, registry_pb2_grpc
 
-    await mesh.registry()
-    await mesh.scheduler()
-    router = await mesh.router(http_port=0)
-    await mesh.worker()
-    await mesh.register("echo")
-    await mesh.deploy("echo")
-    await mesh.wait_ready("echo")
+    router = await mesh.serving()
     key_a, key_b = await mesh.key("a"), await mesh.key("b")
     channel = dial(mesh.endpoint("registry"), key_a)
     name = f"cap{secrets.token_hex(3)}"

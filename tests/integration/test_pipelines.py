@@ -45,13 +45,7 @@ async def push(registry: registry_pb2_grpc.RegistryStub, tmp: Path, name: str, t
 
 
 async def test_a_pushed_pipeline_streams_like_a_model(mesh: MeshHarness, tmp_path: Path) -> None:
-    await mesh.registry()
-    await mesh.scheduler()
-    router = await mesh.router(http_port=0)
-    await mesh.worker()
-    await mesh.register("echo", token_delay_ms="20")
-    await mesh.deploy("echo")
-    await mesh.wait_ready("echo")
+    router = await mesh.serving(token_delay_ms="20")
     base_url = f"http://{router.info.http_endpoint}/v1"
     key_a, key_b = await mesh.key("a"), await mesh.key("b")
     a = AsyncOpenAI(base_url=base_url, api_key=key_a, max_retries=0)
@@ -131,13 +125,7 @@ async def test_a_pushed_pipeline_streams_like_a_model(mesh: MeshHarness, tmp_pat
 async def test_a_pipeline_through_grpc(mesh: MeshHarness, tmp_path: Path) -> None:
     from maas.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-    await mesh.registry()
-    await mesh.scheduler()
-    router = await mesh.router()
-    await mesh.worker()
-    await mesh.register("echo", token_delay_ms="5")
-    await mesh.deploy("echo")
-    await mesh.wait_ready("echo")
+    router = await mesh.serving(http=False, token_delay_ms="5")
     key = await mesh.key("a")
     registry = registry_pb2_grpc.RegistryStub(dial(mesh.endpoint("registry"), key))
     await push(registry, tmp_path, "bot", PIPELINE.replace("BLOCKED", "zzzz-never"))
@@ -322,13 +310,7 @@ async def test_plugins_of_a_pushed_package(mesh: MeshHarness, tmp_path: Path) ->
     plugin's module is refused with its line; a tenant's plugin is off by default."""
     from maas.mesh.artifacts import pack_directory
 
-    await mesh.registry()
-    await mesh.scheduler()
-    router = await mesh.router(http_port=0)
-    await mesh.worker()
-    await mesh.register("echo")
-    await mesh.deploy("echo")
-    await mesh.wait_ready("echo")
+    router = await mesh.serving()
     key = await mesh.key("a")
     package = tmp_path / "loud"
     package.mkdir()

@@ -25,6 +25,7 @@ from prometheus_client import Counter, Histogram
 
 from maas.mesh.aio import stop_task
 from maas.mesh.artifacts import ARTIFACT
+from maas.mesh.captures import CaptureStore
 from maas.mesh.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -40,7 +41,6 @@ from maas.pipelines.index import Index
 from maas.pipelines.plugins import PluginHost
 from maas.pipelines.spec import PipelineSpec, parse
 from maas.services.router import replay
-from maas.services.router.replay import CaptureStore
 from maas.v1 import common_pb2, inference_pb2, mesh_pb2, registry_pb2
 
 if TYPE_CHECKING:

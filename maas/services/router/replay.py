@@ -4,10 +4,7 @@ A pipeline that declares `capture: {rate: R}` has that share of its owner's own 
 captured by the router that runs them (opt-in by the owner, and never another tenant's
 requests): the input, each step's output (a stream's whole text), its status and time, the
 answer, and the seeds its sampling steps used (each message, output and answer cut at
-64 KiB; a capture over 900 KiB keeps no step outputs). Captures are JetStream messages on
-`maas.capture.<tenant>.<pipeline>` in the stream MAAS_CAPTURES: the newest 1,000 per
-pipeline and tenant, for at most 7 days, 512 MiB in all (the oldest go first, whoever's
-they are).
+64 KiB). They are stored by the mesh runtime's `maas.mesh.captures.CaptureStore`.
 
 `Pipelines.Replay` (`maas pipeline replay NAME@NEW --against NAME@OLD`) reruns the caller's
 captures of OLD through NEW with the same inputs and seeds, and says per request and step
@@ -18,23 +15,16 @@ changed (or a model that changed under it).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import logging
 import random
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import nats.errors
-import nats.js.api as js_api
-import nats.js.errors
 
 from maas.mesh.authz import caller
 from maas.mesh.errors import InvalidArgument, MaasError, NotFound, Unavailable
-from maas.mesh.events import EventBus
 from maas.mesh.logs import new_request_id
 from maas.pipelines.executor import PipelineInput, Run
 from maas.v1 import inference_pb2, pipelines_pb2, pipelines_pb2_grpc
@@ -43,26 +33,11 @@ if TYPE_CHECKING:
     from maas.services.router.forward import Forwarder
     from maas.services.router.pipelines import Found, PipelineCatalog
 
-log = logging.getLogger(__name__)
 
-STREAM = "MAAS_CAPTURES"
-PER_PIPELINE = 1000          # captures kept per (tenant, pipeline)
-MAX_AGE = 7 * 24 * 3600.0
 MAX_OUTPUT_CHARS = 64 * 1024  # of one step's output, one message, the answer in a capture
-MAX_CAPTURE_BYTES = 900 * 1024  # one capture (NATS takes at most 1 MiB a message by default)
 PREVIEW = 200
 DEFAULT_LIMIT, MAX_LIMIT = 20, 500
 RERUN_SECONDS = 120.0         # one replayed request's deadline
-
-
-def subject(tenant: str, pipeline: str) -> str:
-    """The subject of a tenant's captures of a pipeline. Names may hold dots, which separate
-    subject tokens, so each name is escaped ("." -> "%2E", "%" -> "%25"): "acme"/"eu.bot"
-    and "acme.eu"/"bot" must not share a subject."""
-    def token(name: str) -> str:
-        return name.replace("%", "%25").replace(".", "%2E")
-
-    return f"maas.capture.{token(tenant) if tenant else '_platform'}.{token(pipeline)}"
 
 
 def should_capture(found: Found, tenant: str) -> bool:
@@ -93,82 +68,6 @@ def record(run: Run, found: Found, request_id: str, answer: str | None, error: B
         "steps": [{"step": t.step, "kind": t.kind, "status": t.status, "ms": round(t.ms, 3),
                    "output": _json(run.outputs.get(t.step))} for t in run.timings()],
     }
-
-
-class CaptureStore:
-    """Captures in JetStream (lossy by design: a capture that cannot be stored is dropped)."""
-
-    def __init__(self, events: EventBus) -> None:
-        self.events = events
-        self._ready = False
-        self._saving: set[asyncio.Task[None]] = set()
-
-    async def _stream(self) -> nats.js.JetStreamContext:
-        if self.events.nc is None:
-            raise Unavailable("this router is not connected to NATS; captures are unavailable")
-        js = self.events.nc.jetstream(timeout=5)
-        if not self._ready:
-            config = js_api.StreamConfig(name=STREAM, subjects=["maas.capture.>"], max_age=MAX_AGE,
-                                         max_msgs_per_subject=PER_PIPELINE, max_bytes=512 * 1024 * 1024,
-                                         discard=js_api.DiscardPolicy.OLD, storage=js_api.StorageType.FILE)
-            try:
-                await js.add_stream(config)
-            except nats.js.errors.BadRequestError:
-                await js.update_stream(config)
-            self._ready = True
-        return js
-
-    def save(self, tenant: str, pipeline: str, capture: dict[str, Any]) -> None:
-        data = json.dumps(capture, ensure_ascii=False).encode()
-        if len(data) > MAX_CAPTURE_BYTES:  # a long chat with big step outputs: keep the input and answer
-            for step in capture["steps"]:
-                step["output"] = "[cut: the capture was too large]"
-            data = json.dumps(capture, ensure_ascii=False).encode()
-        if len(data) > MAX_CAPTURE_BYTES:
-            log.warning("a capture of %s was dropped: %d bytes, more than %d", pipeline, len(data), MAX_CAPTURE_BYTES)
-            return
-        task = asyncio.ensure_future(self._save(subject(tenant, pipeline), data))
-        self._saving.add(task)
-        task.add_done_callback(self._saving.discard)
-
-    async def _save(self, where: str, data: bytes) -> None:
-        try:
-            await (await self._stream()).publish(where, data)
-        except Exception as e:
-            log.warning("a pipeline capture was dropped: %s", e)
-
-    async def read(self, tenant: str, pipeline: str, version: str, limit: int) -> list[dict[str, Any]]:
-        """The newest `limit` captures of `version`, newest first."""
-        js = await self._stream()
-        found: list[dict[str, Any]] = []
-        try:
-            info = await js.stream_info(STREAM, subjects_filter=subject(tenant, pipeline))
-        except nats.js.errors.NotFoundError:
-            return []
-        remaining = sum((info.state.subjects or {}).values())
-        if not remaining:
-            return []
-        sub = await js.subscribe(subject(tenant, pipeline), ordered_consumer=True,
-                                 deliver_policy=js_api.DeliverPolicy.ALL)
-        try:
-            while remaining > 0:
-                try:
-                    msg = await sub.next_msg(timeout=2.0)
-                except nats.errors.TimeoutError:
-                    break
-                remaining = msg.metadata.num_pending if msg.metadata else remaining - 1
-                with contextlib.suppress(ValueError):
-                    capture = json.loads(msg.data)
-                    if capture.get("version") == version:
-                        found.append(capture)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        return found[::-1][:limit]
-
-    async def close(self) -> None:
-        if self._saving:
-            await asyncio.gather(*self._saving, return_exceptions=True)
 
 
 def _preview(value: Any) -> str:
@@ -243,4 +142,4 @@ def _compare(capture: dict[str, Any], run: Run, old: Found, new: Found, answer: 
     return result
 
 
-__all__ = ["CaptureStore", "PipelinesServicer", "record", "should_capture", "subject"]
+__all__ = ["PipelinesServicer", "record", "should_capture"]
