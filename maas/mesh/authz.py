@@ -29,7 +29,7 @@ from maas.mesh.auth import key_from_metadata, key_hash
 from maas.mesh.discovery import PrefixMirror
 from maas.mesh.errors import NotFound, PermissionDenied, Unauthenticated
 from maas.mesh.etcd import EtcdSession
-from maas.v1 import access_pb2, inference_pb2, pipelines_pb2, registry_pb2, scheduler_pb2
+from maas.v1 import access_pb2, batches_pb2, inference_pb2, pipelines_pb2, registry_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ SERVICE_DESCRIPTORS = (
     registry_pb2.DESCRIPTOR.services_by_name["Registry"],
     scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"],
     pipelines_pb2.DESCRIPTOR.services_by_name["Pipelines"],
+    batches_pb2.DESCRIPTOR.services_by_name["Files"],
+    batches_pb2.DESCRIPTOR.services_by_name["Batches"],
 )
 
 
@@ -263,6 +265,14 @@ class Authorizer:
             self._principals.clear()
         self._principals[digest] = (info, principal)
         return principal
+
+    def by_id(self, key_id: str) -> Principal | None:
+        """The principal of the live key with public id `key_id` (a batch runs its lines as
+        the key that created it); None once it is revoked."""
+        for digest, info in self.keys.items.items():
+            if info.id == key_id:
+                return self.principal(digest, info)
+        return None
 
     def known(self, digest: str) -> registry_pb2.ApiKey | None:
         """A key's record without a round trip: the mirror's, or one read past it a moment ago."""

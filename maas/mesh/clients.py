@@ -25,7 +25,7 @@ from maas.mesh.etcd import EtcdSession
 from maas.mesh.keys import Keys
 from maas.mesh.server import GRPC_OPTIONS
 from maas.mesh.tls import TlsFiles
-from maas.v1 import mesh_pb2, registry_pb2, registry_pb2_grpc
+from maas.v1 import batches_pb2_grpc, mesh_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,11 @@ class RegistryClient:
             if self._channel is None:
                 self._channel = dial(endpoint, config.credential, config.tls)
         return registry_pb2_grpc.RegistryStub(self._channel)
+
+    async def files(self) -> batches_pb2_grpc.FilesStub:
+        """The registry's Files service (docs/batches.md), on the same channel."""
+        await self.stub()
+        return batches_pb2_grpc.FilesStub(self._channel)
 
     async def delete_artifact(self, sha: str) -> bool:
         """Best effort: remove an artifact nothing needs any more (a superseded checkpoint).

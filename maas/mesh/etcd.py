@@ -13,14 +13,14 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aetcd
 import aetcd.exceptions
 
 from maas.mesh.aio import within
 from maas.mesh.config import MeshConfig, parse_host_port, redact, url_credentials
-from maas.mesh.errors import StartupError
+from maas.mesh.errors import NotFound, StartupError, Unavailable
 from maas.mesh.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,58 @@ class EtcdSession:
                 await asyncio.wait_for(self.client.revoke_lease(self.lease_id), 2)
         with contextlib.suppress(Exception):
             await self.client.close()
+
+
+class Record(Protocol):
+    """A protobuf message stored as one etcd value, stamped with the time of each write."""
+
+    updated_ms: int
+
+    def SerializeToString(self) -> bytes: ...  # noqa: N802 - protobuf's name
+    def CopyFrom(self, other: Any) -> None: ...  # noqa: N802
+
+
+R = TypeVar("R", bound=Record)
+MAX_TRIES = 20
+
+
+async def update_record(session: EtcdSession, key: bytes, parse: Callable[[bytes], R], mutate: Callable[[R], R | None],
+                        *, what: str, now_ms: Callable[[], int],
+                        fenced: Callable[[list[Any], list[Any]], Awaitable[bool]] | None = None,
+                        compare: Callable[[Any], list[Any]] | None = None) -> R | None:
+    """Apply `mutate` (the current record in, the new one or None out) to the record at `key`
+    until the write wins the compare on its revision, so concurrent writers never lose each
+    other's changes: the loser reads again and re-applies its change to the new value.
+
+    Returns the record as written (the current one when `mutate` changed nothing), or None
+    when `mutate` declined or the write was refused: by `fenced` (a leader's fenced
+    transaction: the caller no longer leads) or by the extra `compare` conditions (built from
+    the transaction helper). NotFound (naming `what`) if the record is gone."""
+    client = session.client
+    tx = client.transactions
+    for _ in range(MAX_TRIES):
+        got = await client.get(key)
+        if got is None:
+            raise NotFound(f"{what} does not exist")
+        current = parse(got.value)
+        new = mutate(parse(got.value))
+        if new is None or new == current:
+            return None if new is None else current
+        new.updated_ms = now_ms()
+        conditions = [tx.mod(key) == got.mod_revision, *(compare(tx) if compare is not None else [])]
+        ops = [tx.put(key, new.SerializeToString())]
+        if fenced is not None:
+            if await fenced(ops, conditions):
+                return new
+        else:
+            ok, _ = await client.transaction(compare=conditions, success=ops, failure=[])
+            if ok:
+                return new
+        got_again = await client.get(key)
+        if (fenced is not None or compare is not None) and got_again is not None \
+                and got_again.mod_revision == got.mod_revision:
+            return None  # the record did not change, so the fence or a condition refused
+    raise Unavailable(f"{what} keeps changing; try again")
 
 
 class LeaderElection:

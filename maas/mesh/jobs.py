@@ -13,12 +13,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from maas.mesh.errors import NotFound, Unavailable
-from maas.mesh.etcd import EtcdSession
+from maas.mesh.errors import NotFound
+from maas.mesh.etcd import EtcdSession, update_record
 from maas.v1 import jobs_pb2
 
 TERMINAL = frozenset({jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED})
-MAX_TRIES = 20
 
 # A mutation gets the current job and returns the new one, or None to leave it alone.
 Mutation = Callable[[jobs_pb2.Job], jobs_pb2.Job | None]
@@ -46,34 +45,6 @@ async def update_job(session: EtcdSession, job_id: str, mutate: Mutation, *,
 
     Returns the job as written, or None when `mutate` declined (or `fenced`, a leader's
     fenced transaction, refused: the caller is no longer the leader). NotFound if the job
-    is gone.
-    """
-    key, client = session.keys.job(job_id), session.client
-    tx = client.transactions
-    for _ in range(MAX_TRIES):
-        got = await client.get(key)
-        if got is None:
-            raise NotFound(f"job {job_id!r} does not exist")
-        current = jobs_pb2.Job.FromString(got.value)
-        new = mutate(_copy(current))
-        if new is None or new == current:
-            return None if new is None else current
-        new.updated_ms = now_ms()
-        compare, ops = [tx.mod(key) == got.mod_revision], [tx.put(key, new.SerializeToString())]
-        if fenced is not None:
-            if await fenced(ops, compare):
-                return new
-            got_again = await client.get(key)
-            if got_again is not None and got_again.mod_revision == got.mod_revision:
-                return None  # the job did not change, so the fence refused: not the leader
-            continue
-        ok, _ = await client.transaction(compare=compare, success=ops, failure=[])
-        if ok:
-            return new
-    raise Unavailable(f"job {job_id!r} keeps changing; try again")
-
-
-def _copy(job: jobs_pb2.Job) -> jobs_pb2.Job:
-    out = jobs_pb2.Job()
-    out.CopyFrom(job)
-    return out
+    is gone."""
+    return await update_record(session, session.keys.job(job_id), jobs_pb2.Job.FromString, mutate,
+                               what=f"job {job_id!r}", now_ms=now_ms, fenced=fenced)

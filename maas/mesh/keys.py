@@ -57,6 +57,23 @@ class Keys:
     def jobs(self) -> bytes:
         return self._k("jobs/")
 
+    # files (the registry) and batches (created and run by routers; docs/batches.md)
+    def file(self, file_id: str) -> bytes:
+        return self._k("files", file_id)
+
+    def files(self) -> bytes:
+        return self._k("files/")
+
+    def batch(self, batch_id: str) -> bytes:
+        return self._k("batches", batch_id)
+
+    def batches(self) -> bytes:
+        return self._k("batches/")
+
+    def batch_run(self, batch_id: str) -> bytes:
+        """The router running a batch, under that router's lease."""
+        return self._k("batch-runs", batch_id)
+
     # tenants (written by the registry, mirrored by routers)
     def api_key(self, sha256: str) -> bytes:
         return self._k("tenants", "keys", sha256)

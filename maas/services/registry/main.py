@@ -15,9 +15,10 @@ from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.services.registry.apikeys import KeyStore, install_admin_token, install_service_keys
 from maas.services.registry.blobs import LocalBlobStore
+from maas.services.registry.files import FilesServicer
 from maas.services.registry.service import RegistryServicer
 from maas.services.registry.store import ModelStore
-from maas.v1 import registry_pb2, registry_pb2_grpc
+from maas.v1 import batches_pb2, batches_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,9 +38,12 @@ async def build(rt: ServiceRuntime, blob_dir: Path, *, admin_token: str = "",
                 service_keys_dir: Path | None = None) -> None:
     """Wire a registry into a runtime (also used by in-process tests)."""
     blobs = LocalBlobStore(blob_dir)
+    store = ModelStore(rt.etcd, blobs)
     rt.add_service(registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
                    registry_pb2_grpc.add_RegistryServicer_to_server,
-                   RegistryServicer(ModelStore(rt.etcd, blobs), blobs, rt.events, KeyStore(rt.etcd)))
+                   RegistryServicer(store, blobs, rt.events, KeyStore(rt.etcd)))
+    rt.add_service(batches_pb2.DESCRIPTOR.services_by_name["Files"].full_name,
+                   batches_pb2_grpc.add_FilesServicer_to_server, FilesServicer(rt.etcd, blobs, store, rt.events))
     if admin_token:
         rt.authorizer.trust(admin_token, ADMIN)
     await rt.start()

@@ -272,11 +272,11 @@ class ModelStore:
         raise NotFound(f"artifact {sha} does not exist")
 
     async def artifact_user(self, sha: str) -> str:
-        """What still needs an artifact: a model version made from it, or an unfinished
-        fine-tuning job reading it (its dataset or the checkpoint it resumes from); "" if
-        nothing does."""
+        """What still needs an artifact: a model version made from it, an unfinished
+        fine-tuning job reading it (its dataset or the checkpoint it resumes from), or a
+        file (docs/batches.md) holding it; "" if nothing does."""
         from maas.mesh.jobs import TERMINAL
-        from maas.v1 import jobs_pb2
+        from maas.v1 import batches_pb2, jobs_pb2
 
         versions, _ = await self.session.get_prefix(self.session.keys.versions())
         for _, raw in versions:
@@ -288,6 +288,11 @@ class ModelStore:
             job = jobs_pb2.Job.FromString(raw)
             if job.state not in TERMINAL and sha in (job.spec.dataset_sha256, job.checkpoint_sha256):
                 return f"fine-tuning job {job.id}"
+        files, _ = await self.session.get_prefix(self.session.keys.files())
+        for _, raw in files:
+            file = batches_pb2.File.FromString(raw)
+            if file.sha256 == sha:
+                return f"file {file.id}"
         return ""
 
     async def list_versions(self, name: str) -> list[registry_pb2.ModelVersion]:

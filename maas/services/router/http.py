@@ -21,18 +21,22 @@ import json
 import logging
 import math
 import socket
+import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from prometheus_client import Counter, Histogram
 
 from maas.mesh import tracing
 from maas.mesh.auth import bearer
+from maas.mesh.authz import Principal
+from maas.mesh.batches import MAX_FILE_BYTES
 from maas.mesh.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -46,9 +50,11 @@ from maas.mesh.logs import new_request_id, request_id_var
 from maas.mesh.tls import TlsFiles
 from maas.pipelines.executor import Run
 from maas.services.router import openai_api, openapi, pipelines
+from maas.services.router.batches import BatchService, batch_object, file_object
 from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder
 from maas.services.router.pipelines import Found, MeshServices, PipelineCatalog
-from maas.v1 import inference_pb2
+from maas.services.router.tenants import Caller
+from maas.v1 import batches_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +120,12 @@ def _error(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
                            code="internal"), {}
 
 
+def error_of(e: BaseException) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, OpenAI error body) of a failure (a batch line's answer)."""
+    status, body, _ = _error(e)
+    return status, body
+
+
 def _error_response(e: BaseException) -> web.Response:
     status, body, headers = _error(e)
     return web.json_response(body, status=status, headers=headers, dumps=_dumps)
@@ -174,6 +186,28 @@ class _Deadline:
             raise
 
 
+@dataclass
+class _Call:
+    """Who asks, and what of the HTTP request the answer depends on beyond its body."""
+
+    who: Caller
+    session: str = ""            # x-session-id: the replica it sticks to
+    traced: bool = False         # x-maas-trace: 1
+    service_class: str = ""      # a class the request runs at whatever it asked (a batch's line)
+
+    def stamp(self, req: inference_pb2.GenerateRequest) -> None:
+        if self.service_class:
+            req.service_class = self.service_class
+
+
+def _call(request: web.Request) -> _Call:
+    return _Call(_api_key(request), request.headers.get(SESSION_HEADER, ""), request.headers.get(TRACE_HEADER) == "1")
+
+
+Answer = dict[str, Any] | tuple[str, AsyncGenerator[list[dict[str, Any]], None]]
+"""A JSON body, or (request id, the event stream) for a streamed answer."""
+
+
 class HttpApi:
     """The HTTP server: `start()` binds (a taken port is a StartupError), `stop_accepting()`
     closes the listening socket, `close()` waits up to `grace` for requests in flight."""
@@ -200,7 +234,17 @@ class HttpApi:
             web.get("/openapi.json", self.openapi),
             web.get("/v1/openapi.json", self.openapi),
             web.get("/health", self.health),
+            web.post("/v1/files", self.create_file),
+            web.get("/v1/files", self.list_files),
+            web.get("/v1/files/{file_id}", self.get_file),
+            web.delete("/v1/files/{file_id}", self.delete_file),
+            web.get("/v1/files/{file_id}/content", self.file_content),
+            web.post("/v1/batches", self.create_batch),
+            web.get("/v1/batches", self.list_batches),
+            web.get("/v1/batches/{batch_id}", self.get_batch),
+            web.post("/v1/batches/{batch_id}/cancel", self.cancel_batch),
         ])
+        self.batches: BatchService | None = None  # the Files and Batches APIs (docs/batches.md), once wired
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
                                      shutdown_timeout=grace)
         self._site: web.TCPSite | None = None
@@ -321,14 +365,48 @@ class HttpApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         deadline = self._deadline(request)
-        req, opts = openai_api.chat_request(await self._body(request))
-        if found := await self._find_pipeline(request, req.model):
-            return await self._pipeline(request, deadline, req, opts, found)
+        return await self._reply(request, deadline, await self._chat(_call(request), deadline, await self._body(request)))
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        deadline = self._deadline(request)
+        return await self._reply(request, deadline,
+                                 await self._completion(_call(request), deadline, await self._body(request)))
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        deadline = self._deadline(request)
+        return await self._reply(request, deadline,
+                                 await self._embedding(_call(request), deadline, await self._body(request)))
+
+    async def answer(self, endpoint: str, body: object, who: Caller, timeout: float, *,
+                     service_class: str = "") -> dict[str, Any]:
+        """The JSON answer to one request to `endpoint` as `who`, as the HTTP API would give
+        it (a batch's line, docs/batches.md): the same parsing, pipelines, defaults and
+        errors. A stream cannot be answered this way."""
+        if isinstance(body, dict) and body.get("stream"):
+            raise InvalidArgument("a batch request cannot stream: leave out \"stream\"", field="stream")
+        call, deadline = _Call(who, service_class=service_class), _Deadline(timeout, "the batch's")
+        handler = {"/v1/chat/completions": self._chat, "/v1/completions": self._completion,
+                   "/v1/embeddings": self._embedding}[endpoint]
+        answered = await handler(call, deadline, body)
+        assert isinstance(answered, dict)  # not streamed
+        return answered
+
+    async def _reply(self, request: web.Request, deadline: _Deadline, answered: Answer) -> web.StreamResponse:
+        if isinstance(answered, dict):
+            return web.json_response(answered, dumps=_dumps)
+        rid, events = answered
+        return await self._events(request, deadline, rid, events)
+
+    async def _chat(self, call: _Call, deadline: _Deadline, body: object) -> Answer:
+        req, opts = openai_api.chat_request(body)
+        call.stamp(req)
+        if found := await self._find_pipeline(call, req.model):
+            return await self._pipeline(call, deadline, req, opts, found)
         if opts.max_tokens_given:
-            return await self._generate(request, deadline, req, opts)
+            return await self._generate(call, deadline, req, opts)
         req.params.max_tokens = default = openai_api.chat_max_tokens(self._context_length(req.model))
         try:
-            return await self._generate(request, deadline, req, opts)
+            return await self._generate(call, deadline, req, opts)
         except InvalidArgument as e:  # the prompt leaves less room than the default
             if e.field != "max_tokens":
                 raise
@@ -336,63 +414,65 @@ class HttpApi:
                                   f"{default}: set max_tokens (or max_completion_tokens) to what fits",
                                   field="max_tokens") from None
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        deadline = self._deadline(request)
-        req, opts = openai_api.completion_request(await self._body(request))
-        if found := await self._find_pipeline(request, req.model):
-            return await self._pipeline(request, deadline, req, opts, found)
-        return await self._generate(request, deadline, req, opts)
+    async def _completion(self, call: _Call, deadline: _Deadline, body: object) -> Answer:
+        req, opts = openai_api.completion_request(body)
+        call.stamp(req)
+        if found := await self._find_pipeline(call, req.model):
+            return await self._pipeline(call, deadline, req, opts, found)
+        return await self._generate(call, deadline, req, opts)
 
-    async def _find_pipeline(self, request: web.Request, model: str) -> Found | None:
+    async def _embedding(self, call: _Call, deadline: _Deadline, body: object) -> Answer:
+        req, opts = openai_api.embedding_request(body)
+        req.request_id = request_id_var.get()
+        async with deadline.bound():
+            reply = await self.forwarder.embed(req, deadline.remaining(), call.who)
+        return openai_api.embedding_list(reply, opts)
+
+    async def _find_pipeline(self, call: _Call, model: str) -> Found | None:
         """The pipeline `model` names, once the caller is known (no registry lookups for
         anonymous callers); None for anything else."""
         gate = self.forwarder.gate
         if gate is not None:
-            gate.identify(_api_key(request))  # Unauthenticated / PermissionDenied before anything else
+            gate.identify(call.who)  # Unauthenticated / PermissionDenied before anything else
         return await self.pipelines.find(model)
 
-    async def _pipeline(self, request: web.Request, deadline: _Deadline, req: inference_pb2.GenerateRequest,
-                        opts: openai_api.Options, found: Found) -> web.StreamResponse:
+    async def _pipeline(self, call: _Call, deadline: _Deadline, req: inference_pb2.GenerateRequest,
+                        opts: openai_api.Options, found: Found) -> Answer:
         """A pipeline's answer (docs/pipelines.md, `pipelines.start`). With `x-maas-trace: 1`
         the reply (a stream: its last chunk) carries the version that ran and each step's
         timing."""
         rid = req.request_id = request_id_var.get()
         created = int(time.time())
-        run, services = pipelines.start(self.forwarder, _api_key(request), req, found, deadline.remaining(),
-                                        self.pipelines)
+        run, services = pipelines.start(self.forwarder, call.who, req, found, deadline.remaining(), self.pipelines)
         answer = run.answer()
-        traced = request.headers.get(TRACE_HEADER) == "1"
         if opts.stream:
-            return await self._pipeline_stream(request, deadline, opts, rid, created, run, answer, services,
-                                               found if traced else None)
+            return rid, self._pipeline_stream(opts, rid, created, run, answer, services,
+                                              found if call.traced else None)
         async with contextlib.aclosing(answer), deadline.bound():
             text = "".join([chunk async for chunk in answer])
         reply = inference_pb2.GenerateResponse(request_id=rid, model=req.model, text=text,
                                                finish_reason=pipelines.finish(run), usage=services.usage)
         body = openai_api.completion(reply, opts, rid, created)
-        if traced:
+        if call.traced:
             body["pipeline"] = _timeline(found, run)
-        return web.json_response(body, dumps=_dumps)
+        return body
 
-    async def _pipeline_stream(self, request: web.Request, deadline: _Deadline, opts: openai_api.Options,
-                               rid: str, created: int, run: Run, answer: AsyncGenerator[str, None],
-                               services: MeshServices, traced: Found | None) -> web.StreamResponse:
+    @staticmethod
+    async def _pipeline_stream(opts: openai_api.Options, rid: str, created: int, run: Run,
+                               answer: AsyncGenerator[str, None], services: MeshServices,
+                               traced: Found | None) -> AsyncGenerator[list[dict[str, Any]], None]:
         encoder = openai_api.StreamEncoder(opts, rid, created)
-
-        async def events() -> AsyncGenerator[list[dict[str, Any]], None]:
-            async with contextlib.aclosing(answer):
-                first = True
-                async for text in answer:
-                    yield [*(encoder.start() if first else []), *encoder.chunk(inference_pb2.GenerateChunk(text=text))]
-                    first = False
-            # the answer is closed: every step's span and timing is final
-            last = [*(encoder.start() if first else []), *encoder.chunk(inference_pb2.GenerateChunk(
-                finish_reason=pipelines.finish(run), usage=services.usage))]
-            if traced is not None and last:
-                last[-1]["pipeline"] = _timeline(traced, run)
-            yield [*last, *encoder.end()]
-
-        return await self._events(request, deadline, rid, events())
+        async with contextlib.aclosing(answer):
+            first = True
+            async for text in answer:
+                yield [*(encoder.start() if first else []), *encoder.chunk(inference_pb2.GenerateChunk(text=text))]
+                first = False
+        # the answer is closed: every step's span and timing is final
+        last = [*(encoder.start() if first else []), *encoder.chunk(inference_pb2.GenerateChunk(
+            finish_reason=pipelines.finish(run), usage=services.usage))]
+        if traced is not None and last:
+            last[-1]["pipeline"] = _timeline(traced, run)
+        yield [*last, *encoder.end()]
 
     def _context_length(self, model: str) -> int:
         """The context of `model`'s ready replicas (a fine-tuned adapter's: its deployment's);
@@ -402,37 +482,31 @@ class HttpApi:
             model = pool.serving_adapter(model) or model
         return min((r.context_length for r in pool.ready(model) if r.context_length), default=0)
 
-    async def _generate(self, request: web.Request, deadline: _Deadline, req: inference_pb2.GenerateRequest,
-                        opts: openai_api.Options) -> web.StreamResponse:
+    async def _generate(self, call: _Call, deadline: _Deadline, req: inference_pb2.GenerateRequest,
+                        opts: openai_api.Options) -> Answer:
         req.request_id = rid = request_id_var.get()
         created = int(time.time())
         if opts.stream:
-            return await self._stream(request, deadline, req, opts, created)
+            return rid, self._stream(call, deadline, req, opts, created)
         async with deadline.bound():
-            reply, _ = await self.forwarder.generate(req, deadline.remaining(), _api_key(request),
-                                                     request.headers.get(SESSION_HEADER, ""))
-        return web.json_response(openai_api.completion(reply, opts, rid, created), dumps=_dumps)
+            reply, _ = await self.forwarder.generate(req, deadline.remaining(), call.who, call.session)
+        return openai_api.completion(reply, opts, rid, created)
 
-    async def _stream(self, request: web.Request, deadline: _Deadline, req: inference_pb2.GenerateRequest,
-                      opts: openai_api.Options, created: int) -> web.StreamResponse:
+    async def _stream(self, call: _Call, deadline: _Deadline, req: inference_pb2.GenerateRequest,
+                      opts: openai_api.Options, created: int) -> AsyncGenerator[list[dict[str, Any]], None]:
         encoder = openai_api.StreamEncoder(opts, req.request_id, created)
         stream = cast(AsyncGenerator[Chunk, None],  # an async generator function
-                      self.forwarder.stream(req, deadline.remaining(), _api_key(request),
-                                            request.headers.get(SESSION_HEADER, "")))
-
-        async def events() -> AsyncGenerator[list[dict[str, Any]], None]:
-            async with contextlib.aclosing(stream):
+                      self.forwarder.stream(req, deadline.remaining(), call.who, call.session))
+        async with contextlib.aclosing(stream):
+            chunk = await _next(stream)
+            yield [*encoder.start(), *(encoder.chunk(chunk) if chunk is not None else [])]
+            while chunk is not None and not chunk.finish_reason:
                 chunk = await _next(stream)
-                yield [*encoder.start(), *(encoder.chunk(chunk) if chunk is not None else [])]
-                while chunk is not None and not chunk.finish_reason:
-                    chunk = await _next(stream)
-                    if chunk is not None:
-                        yield encoder.chunk(chunk)
-                if encoder.usage is None:
-                    raise MaasError("the stream ended before its last chunk")
-                yield encoder.end()
-
-        return await self._events(request, deadline, req.request_id, events())
+                if chunk is not None:
+                    yield encoder.chunk(chunk)
+            if encoder.usage is None:
+                raise MaasError("the stream ended before its last chunk")
+            yield encoder.end()
 
     async def _events(self, request: web.Request, deadline: _Deadline, rid: str,
                       events: AsyncGenerator[list[dict[str, Any]], None]) -> web.StreamResponse:
@@ -470,14 +544,6 @@ class HttpApi:
         if events:
             await response.write("".join(f"data: {_dumps(e)}\n\n" for e in events).encode())
 
-    async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        deadline = self._deadline(request)
-        req, opts = openai_api.embedding_request(await self._body(request))
-        req.request_id = request_id_var.get()
-        async with deadline.bound():
-            reply = await self.forwarder.embed(req, deadline.remaining(), _api_key(request))
-        return web.json_response(openai_api.embedding_list(reply, opts), dumps=_dumps)
-
     async def list_models(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(openai_api.model_list(self.forwarder.models(_api_key(request))), dumps=_dumps)
 
@@ -487,6 +553,109 @@ class HttpApi:
             if m.name == name:
                 return web.json_response(openai_api.model_object(m), dumps=_dumps)
         raise NotFound(f"model {name!r} is not served here (GET /v1/models lists those that are)", field="model")
+
+    # ---- files and batches (docs/batches.md) ---------------------------------------------------
+
+    def _batches(self, request: web.Request) -> tuple[BatchService, Principal | None]:
+        """The batch service and the caller (None: sees every tenant's, the admin or --insecure)."""
+        if self.batches is None:
+            raise NotFound("this router does not serve files and batches", field="path")
+        gate = self.forwarder.gate
+        who = gate.identify(_api_key(request)) if gate is not None else None
+        return self.batches, None if who is None or who.kind != "tenant" else who
+
+    async def create_file(self, request: web.Request) -> web.StreamResponse:
+        service, who = self._batches(request)
+        if not request.content_type.startswith("multipart/"):
+            raise HttpError(400, "upload a file as multipart/form-data with fields \"file\" and \"purpose\"",
+                            code="invalid_request")
+        purpose, filename = "", ""
+        with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as spool:
+            size = 0
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    continue
+                if part.name == "purpose":
+                    purpose = (await part.text()).strip()
+                elif part.name == "file":
+                    filename = part.filename or "upload"
+                    while chunk := await part.read_chunk(1024 * 1024):
+                        size += len(chunk)
+                        if size > MAX_FILE_BYTES:
+                            raise HttpError(413, f"the file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB",
+                                            code="file_too_large")
+                        await asyncio.to_thread(spool.write, chunk)
+            if not filename:
+                raise InvalidArgument("the upload has no \"file\" field", field="file")
+            if not purpose:
+                raise InvalidArgument("the upload has no \"purpose\" field (use \"batch\" for batch input)",
+                                      field="purpose")
+            await asyncio.to_thread(spool.seek, 0)
+            record = await service.upload(who, spool, purpose, filename)
+        return web.json_response(file_object(record), dumps=_dumps)
+
+    async def list_files(self, request: web.Request) -> web.StreamResponse:
+        service, who = self._batches(request)
+        files = await service.list_files(who, request.query.get("purpose", ""))
+        return web.json_response({"object": "list", "data": [file_object(f) for f in files], "has_more": False},
+                                 dumps=_dumps)
+
+    async def get_file(self, request: web.Request) -> web.StreamResponse:
+        service, who = self._batches(request)
+        return web.json_response(file_object(await service.get_file(who, request.match_info["file_id"])),
+                                 dumps=_dumps)
+
+    async def delete_file(self, request: web.Request) -> web.StreamResponse:
+        service, who = self._batches(request)
+        record = await service.delete_file(who, request.match_info["file_id"])
+        return web.json_response({"id": record.id, "object": "file", "deleted": True}, dumps=_dumps)
+
+    async def file_content(self, request: web.Request) -> web.StreamResponse:
+        service, who = self._batches(request)
+        chunks = service.file_chunks(who, request.match_info["file_id"])
+        async with contextlib.aclosing(chunks):
+            first = await anext(chunks)  # errors (not found) before the headers
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                                   "Content-Length": str(first.total_bytes)})
+            await response.prepare(request)
+            await response.write(first.data)
+            async for chunk in chunks:
+                await response.write(chunk.data)
+            await response.write_eof()
+        return response
+
+    async def create_batch(self, request: web.Request) -> web.StreamResponse:
+        service, _ = self._batches(request)
+        gate = self.forwarder.gate
+        creator = gate.identify(_api_key(request)) if gate is not None else None  # whose key the lines use
+        body = openai_api.checked(await self._body(request), openai_api.BATCH_FIELDS)
+        metadata = body.get("metadata") or {}
+        if not all(isinstance(v, str) for v in metadata.values()):
+            raise InvalidArgument("metadata values must be strings", field="metadata")
+        batch = await service.create(creator, batches_pb2.CreateBatchRequest(
+            input_file_id=body["input_file_id"], endpoint=body["endpoint"],
+            completion_window=body.get("completion_window") or "", metadata=metadata))
+        return web.json_response(batch_object(batch), dumps=_dumps)
+
+    async def list_batches(self, request: web.Request) -> web.StreamResponse:
+        service, who = self._batches(request)
+        raw = request.query.get("limit", "20")
+        if not raw.isdigit():
+            raise InvalidArgument(f"limit must be a number from 1 to 100, not {raw[:20]!r}", field="limit")
+        batches, more = await service.list(who, int(raw), request.query.get("after", ""))
+        data = [batch_object(b) for b in batches]
+        return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                                  "last_id": data[-1]["id"] if data else None, "has_more": more}, dumps=_dumps)
+
+    async def get_batch(self, request: web.Request) -> web.StreamResponse:
+        service, who = self._batches(request)
+        return web.json_response(batch_object(await service.get(who, request.match_info["batch_id"])), dumps=_dumps)
+
+    async def cancel_batch(self, request: web.Request) -> web.StreamResponse:
+        service, who = self._batches(request)
+        return web.json_response(batch_object(await service.cancel(who, request.match_info["batch_id"])),
+                                 dumps=_dumps)
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(openapi.document(), dumps=_dumps)

@@ -10,14 +10,15 @@ from maas.mesh.errors import StartupError
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.mesh.usage import UsageMeter
+from maas.services.router.batches import DEFAULT_CONCURRENCY, BatchesServicer, BatchService
 from maas.services.router.forward import FAILOVER_SECONDS, QUEUE_SECONDS, Forwarder
-from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi
+from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi, error_of
 from maas.services.router.pipelines import PLUGIN_POLICIES, PipelineCatalog
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
 from maas.services.router.replay import PipelinesServicer
 from maas.services.router.service import SERVICE, RouterInferenceServicer, add_to_server
 from maas.services.router.tenants import Gate
-from maas.v1 import pipelines_pb2_grpc
+from maas.v1 import batches_pb2_grpc, pipelines_pb2_grpc
 
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "otherwise (then 504)")
     parser.add_argument("--grpc-timeout", type=float, default=DEFAULT_TIMEOUT,
                         help="seconds a gRPC call that sets no deadline may take (then DEADLINE_EXCEEDED)")
+    parser.add_argument("--batch-concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                        help="batch lines this router sends at once, over every batch it runs (0: run no batches "
+                             "here; docs/batches.md)")
     parser.add_argument("--pipeline-plugins", choices=PLUGIN_POLICIES, default="platform",
                         help="whose pipelines may run their plugin code (in a process of its own; not a "
                              "security sandbox): nobody's, the platform's (default) or every tenant's")
@@ -52,7 +56,8 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
                 http_host: str | None = None, http_port: int = -1,
                 prefix_affinity: bool = True, failover_timeout: float = FAILOVER_SECONDS,
                 http_timeout: float = DEFAULT_TIMEOUT, grpc_timeout: float = DEFAULT_TIMEOUT,
-                queue_timeout: float = QUEUE_SECONDS, pipeline_plugins: str = "platform") -> ReplicaPool:
+                queue_timeout: float = QUEUE_SECONDS, pipeline_plugins: str = "platform",
+                batch_concurrency: int = DEFAULT_CONCURRENCY) -> ReplicaPool:
     """Wire a router into a runtime (also used by in-process tests). `http_port` -1 serves
     no HTTP API; the endpoint it serves is published as the router's `http_endpoint`."""
     if not -1 <= http_port <= 65535:
@@ -76,10 +81,17 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
                    PipelinesServicer(forwarder, catalog))
     rt.add_closer(pool.close)
     rt.add_closer(gate.close)
+    if not 0 <= batch_concurrency <= 4096:
+        raise StartupError(f"--batch-concurrency {batch_concurrency} must be between 0 and 4096")
+    http = HttpApi(forwarder, http_host or rt.config.host, max(http_port, 0), grace=rt.config.grace,
+                   timeout=http_timeout, tls=rt.config.tls, catalog=catalog)
+    batches = BatchService(rt.etcd, pool.registry, rt.authorizer, rt.events, http.answer, error_of=error_of,
+                           instance=rt.config.instance, concurrency=batch_concurrency)
+    http.batches = batches
+    rt.add_service("maas.v1.Batches", batches_pb2_grpc.add_BatchesServicer_to_server, BatchesServicer(batches))
+    rt.add_closer(batches.close)  # before the pool's: closers run newest first
     info: dict[str, str] = {}
     if http_port >= 0:
-        http = HttpApi(forwarder, http_host or rt.config.host, http_port, grace=rt.config.grace,
-                       timeout=http_timeout, tls=rt.config.tls, catalog=catalog)
         rt.before_stop(http.stop_accepting)  # no new requests once shutdown begins
         rt.add_closer(http.close)            # closers run newest first: requests in flight end first
         info["http_endpoint"] = await http.start()
@@ -89,6 +101,7 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     await gate.start()
     await rt.events.subscribe_load(pool.observe)
     catalog.start_reporting(rt.events, rt.config.instance)  # deployed pipelines' outcomes, for canary judging
+    batches.start()
     return pool
 
 
@@ -101,7 +114,8 @@ def main(ns: argparse.Namespace) -> int:
             await build(rt, cold_start_timeout=ns.cold_start_timeout, http_host=ns.http_host,
                         prefix_affinity=ns.prefix_affinity, failover_timeout=ns.failover_timeout,
                         http_port=ns.http_port, http_timeout=ns.http_timeout, grpc_timeout=ns.grpc_timeout,
-                        queue_timeout=ns.queue_timeout, pipeline_plugins=ns.pipeline_plugins)
+                        queue_timeout=ns.queue_timeout, pipeline_plugins=ns.pipeline_plugins,
+                        batch_concurrency=ns.batch_concurrency)
             await rt.wait()
 
     return run_service(serve)

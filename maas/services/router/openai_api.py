@@ -120,6 +120,15 @@ EMBEDDING_FIELDS: dict[str, Field] = {
     "user": _SAMPLING["user"],
 }
 
+BATCH_FIELDS: dict[str, Field] = {
+    "input_file_id": _f("string", required=True, doc="A file uploaded with purpose `batch`: one request per line."),
+    "endpoint": _f("string", required=True,
+                   doc="`/v1/chat/completions`, `/v1/completions` or `/v1/embeddings`: every line's `url`."),
+    "completion_window": _f("string", doc="`24h` (default), or any `Nh` / `Nm` from 1m to 168h."),
+    "metadata": _f("object", doc="Up to 16 string pairs, kept with the batch."),
+    "output_expires_after": _f("object", doc="Accepted and ignored: result files are kept until deleted."),
+}
+
 MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls", "refusal"})
 STREAM_OPTION_KEYS = frozenset({"include_usage", "include_obfuscation"})
 

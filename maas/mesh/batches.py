@@ -1,0 +1,131 @@
+"""Batches (docs/batches.md): the record in etcd and the answers in JetStream, the contract
+the routers share.
+
+A batch lives at `batches/{id}` as one `maas.v1.Batch`. Its writers are the router API
+that creates or cancels it and the router running it (progress, the outcome); every write
+compares the key's revision (`update_batch`), and the runner's writes also compare its
+claim (`batch-runs/{id}`, held under its lease), so a runner that lost its claim (paused
+past its lease, taken over) writes nothing more.
+
+Each answered line is one message on `maas.batch.<id>` in the stream MAAS_BATCHES,
+published with the message id `<batch>:<line>`: a runner that resumes the batch reads what
+is there and skips those lines, and the output is assembled from it, one answer per line
+(the first stored, should two runners ever have answered the same line).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js
+import nats.js.api as js_api
+
+from maas.mesh.errors import InvalidArgument, NotFound, Unavailable
+from maas.mesh.etcd import EtcdSession, update_record
+from maas.mesh.events import EventBus, put_stream, stored
+from maas.v1 import batches_pb2
+
+Status = batches_pb2.BatchStatus
+TERMINAL = frozenset({Status.BATCH_STATUS_COMPLETED, Status.BATCH_STATUS_FAILED, Status.BATCH_STATUS_EXPIRED,
+                      Status.BATCH_STATUS_CANCELLED})
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+STREAM = "MAAS_BATCHES"
+MAX_AGE = 8 * 24 * 3600.0  # longer than the longest completion window
+MAX_FILE_BYTES = 512 * 1024 * 1024  # one file (the registry's limit)
+MAX_ANSWER_BYTES = 1000 * 1024  # NATS takes at most 1 MiB a message by default
+_WINDOW = re.compile(r"([1-9][0-9]{0,5})([mh])")
+MIN_WINDOW, MAX_WINDOW = 60, 168 * 3600
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def status_name(status: int) -> str:
+    """OpenAI's name of a status: "in_progress", "completed", ..."""
+    return Status.Name(status).removeprefix("BATCH_STATUS_").lower()
+
+
+def window_seconds(window: str) -> int:
+    """Seconds of a completion window: "24h" (OpenAI's only value), or "Nh" / "Nm"."""
+    m = _WINDOW.fullmatch(window)
+    seconds = int(m.group(1)) * (3600 if m.group(2) == "h" else 60) if m else 0
+    if not MIN_WINDOW <= seconds <= MAX_WINDOW:
+        raise InvalidArgument(f"completion_window must be like \"24h\" or \"30m\", from 1m to 168h, not "
+                              f"{window[:40]!r}", field="completion_window")
+    return seconds
+
+
+async def get_batch(session: EtcdSession, batch_id: str) -> batches_pb2.Batch:
+    raw = await session.get(session.keys.batch(batch_id))
+    if raw is None:
+        raise NotFound(f"batch {batch_id!r} does not exist", field="batch_id")
+    return batches_pb2.Batch.FromString(raw)
+
+
+async def update_batch(session: EtcdSession, batch_id: str, mutate: Any, *,
+                       runner: str = "") -> batches_pb2.Batch | None:
+    """Apply `mutate` to the stored batch (see `update_record`); with `runner`, only while
+    that router still holds the batch's claim."""
+    claim = session.keys.batch_run(batch_id)
+    return await update_record(
+        session, session.keys.batch(batch_id), batches_pb2.Batch.FromString, mutate, what=f"batch {batch_id!r}",
+        now_ms=now_ms, compare=(lambda tx: [tx.value(claim) == runner.encode()]) if runner else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    index: int        # the line's place among the input's requests (0-based)
+    ok: bool          # answered with status 200 (the output file), else the error file
+    line: bytes       # the output line, JSON without its newline
+
+
+def subject(batch_id: str) -> str:
+    return f"maas.batch.{batch_id}"
+
+
+class Answers:
+    """Batches' answered lines in JetStream, over the runtime's NATS connection."""
+
+    def __init__(self, events: EventBus) -> None:
+        self.events = events
+        self._ready = False
+
+    async def _ensure(self) -> nats.js.JetStreamContext:
+        if self.events.nc is None:
+            raise Unavailable("not connected to NATS: batch answers cannot be stored")
+        js = self.events.nc.jetstream(timeout=5)
+        if not self._ready:
+            await put_stream(js, js_api.StreamConfig(
+                name=STREAM, subjects=["maas.batch.>"], max_age=MAX_AGE, duplicate_window=120.0,
+                storage=js_api.StorageType.FILE))
+            self._ready = True
+        return js
+
+    async def put(self, batch_id: str, answer: Answer) -> None:
+        """Store one answer (at most once per line within the duplicate window)."""
+        js = await self._ensure()
+        data = json.dumps({"i": answer.index, "ok": answer.ok}).encode() + b"\n" + answer.line
+        await js.publish(subject(batch_id), data, headers={"Nats-Msg-Id": f"{batch_id}:{answer.index}"})
+
+    async def read(self, batch_id: str) -> dict[int, Answer]:
+        """Every stored answer of the batch, one per line (the first stored)."""
+        js = await self._ensure()
+        found: dict[int, Answer] = {}
+        async for msg in stored(js, STREAM, subject(batch_id)):
+            head, _, line = msg.data.partition(b"\n")
+            meta = json.loads(head)
+            found.setdefault(meta["i"], Answer(meta["i"], meta["ok"], line))
+        return found
+
+    async def purge(self, batch_id: str) -> None:
+        js = await self._ensure()
+        try:
+            await js.purge_stream(STREAM, subject=subject(batch_id))
+        except (nats.errors.Error, nats.js.errors.Error):
+            pass  # they age out

@@ -1,0 +1,683 @@
+"""Batches (docs/batches.md): OpenAI's Batches API, run by the routers on capacity online
+traffic leaves.
+
+`BatchService` is what the gRPC `Batches` service and the HTTP API (`/v1/batches`,
+`/v1/files`) call. Creating a batch reads and checks its input file (every line a request
+to the batch's endpoint, `custom_id`s unique), then writes the record (`maas.mesh.batches`).
+
+Every router runs a `BatchService.run` loop: it claims unfinished batches nobody runs
+(`batch-runs/{id}` under its lease, so a dead router's claims go with its lease and another
+router takes its batches over) and sends their lines through the same path as an HTTP
+request (`HttpApi.answer`), as the key that created the batch, at the `batch` service
+class: engines admit every other class first and pre-empt batch sequences for them, so
+a batch fills what online traffic leaves and yields when it returns. A line that fails for
+want of capacity (no ready replica, every replica full, the worker died) is retried with
+backoff until the batch's window ends; any other error is that line's answer. Answers go to
+JetStream as they come, so a router that takes a batch over answers only the lines left.
+When every line is answered the runner writes the output and error files (fixed ids: the
+same files if it happens twice) and marks the batch completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from maas.mesh.authz import Authorizer, Principal, caller
+from maas.mesh.batches import (
+    ENDPOINTS,
+    MAX_ANSWER_BYTES,
+    TERMINAL,
+    Answer,
+    Answers,
+    Status,
+    get_batch,
+    now_ms,
+    status_name,
+    update_batch,
+    window_seconds,
+)
+from maas.mesh.clients import RegistryClient
+from maas.mesh.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MaasError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    from_rpc_error,
+)
+from maas.mesh.etcd import EtcdSession
+from maas.mesh.events import EventBus
+from maas.mesh.logs import request_id_var
+from maas.v1 import batches_pb2, batches_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_INPUT_BYTES = 200 * 1024 * 1024
+MAX_LINES = 50_000
+MAX_METADATA = 16
+LINE_TIMEOUT = 600.0       # seconds one line may take, per try
+TICK = 1.0                 # seconds between progress writes and looks for batches to run
+DEFAULT_CONCURRENCY = 16   # lines one router has in flight, over all the batches it runs
+RETRYABLE = (Unavailable, ResourceExhausted, DeadlineExceeded)
+MAX_TRIES = 20             # tries of one line that keeps failing for want of capacity
+
+LINES = Counter("maas_batch_lines_total", "Batch lines answered by this router, by outcome.", ["tenant", "outcome"])
+RETRIES = Counter("maas_batch_line_retries_total", "Batch line tries that failed for want of capacity and were "
+                  "retried.", ["tenant"])
+RUNNING = Gauge("maas_batch_running", "Batches this router is running.")
+IN_FLIGHT = Gauge("maas_batch_lines_in_flight", "Batch lines this router has in flight.")
+
+Answerer = Callable[..., Awaitable[dict[str, Any]]]
+"""`HttpApi.answer`: (endpoint, body, caller, timeout, service_class=) -> the JSON answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    index: int          # among the input's requests, from 0
+    number: int         # line number in the file, from 1 (for messages)
+    custom_id: str
+    body: dict[str, Any]
+
+
+def parse_input(data: bytes, endpoint: str) -> list[Line]:
+    """The requests of a batch's input file, or InvalidArgument naming the first bad line."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"the input file is not UTF-8 (byte {e.start})", field="input_file_id") from None
+    lines: list[Line] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+
+        def bad(problem: str, number: int = number) -> InvalidArgument:
+            return InvalidArgument(f"input file line {number}: {problem}", field="input_file_id")
+
+        try:
+            item = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise bad(f"not JSON ({e.msg if isinstance(e, json.JSONDecodeError) else 'nested too deeply'})") from None
+        if not isinstance(item, dict):
+            raise bad("not a JSON object")
+        custom_id, method, url, body = item.get("custom_id"), item.get("method"), item.get("url"), item.get("body")
+        if not isinstance(custom_id, str) or not custom_id:
+            raise bad("custom_id must be a non-empty string")
+        if custom_id in seen:
+            raise bad(f"custom_id {custom_id[:64]!r} is used by line {seen[custom_id]} too; each must be unique")
+        if method != "POST":
+            raise bad(f"method must be \"POST\", not {method!r}")
+        if url != endpoint:
+            raise bad(f"url {url!r} is not the batch's endpoint {endpoint!r}")
+        if not isinstance(body, dict):
+            raise bad("body must be a JSON object (the request)")
+        seen[custom_id] = number
+        lines.append(Line(len(lines), number, custom_id, body))
+        if len(lines) > MAX_LINES:
+            raise bad(f"a batch holds at most {MAX_LINES} requests")
+    if not lines:
+        raise InvalidArgument("the input file holds no request", field="input_file_id")
+    return lines
+
+
+def _visible(who: Principal | None, batch: batches_pb2.Batch) -> bool:
+    return who is None or who.kind != "tenant" or batch.tenant == who.tenant
+
+
+def _on_behalf_of(who: Principal | None) -> str:
+    return who.tenant if who is not None else ""
+
+
+def _retryable(e: BaseException) -> bool:
+    return isinstance(e, RETRYABLE)
+
+
+def _output(line: Line, rid: str, status: int, body: dict[str, Any], error: dict[str, Any] | None) -> bytes:
+    return json.dumps({"id": f"batch_req_{rid}", "custom_id": line.custom_id,
+                       "response": {"status_code": status, "request_id": rid, "body": body},
+                       "error": error}, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class BatchService:
+    """The Batches API and this router's batch runner."""
+
+    def __init__(self, session: EtcdSession, registry: RegistryClient, authorizer: Authorizer, events: EventBus,
+                 answer: Answerer, *, instance: str, concurrency: int = DEFAULT_CONCURRENCY,
+                 error_of: Callable[[BaseException], tuple[int, dict[str, Any]]]) -> None:
+        self.session = session
+        self.registry = registry
+        self.authorizer = authorizer
+        self.events = events
+        self.answer = answer
+        self.error_of = error_of  # (HTTP status, OpenAI error body) of a line's failure
+        self.instance = instance
+        self.concurrency = concurrency
+        self.answers: Answers | None = None
+        self._slots = asyncio.Semaphore(max(1, concurrency))
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._loop: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # ---- the API ------------------------------------------------------------------------------
+
+    async def _files(self) -> batches_pb2_grpc.FilesStub:
+        try:
+            return await self.registry.files()
+        except MaasError:
+            raise
+        except Exception as e:
+            raise Unavailable(f"no registry to read files from ({type(e).__name__})") from None
+
+    async def _call(self, what: str, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e, f"{what}: " if e.code() == grpc.StatusCode.UNAVAILABLE else "") from None
+
+    async def read_file(self, file_id: str, tenant: str, *, limit: int = 0) -> tuple[batches_pb2.File, bytes]:
+        stub = await self._files()
+        record = await self._call("reading the file", stub.GetFile(
+            batches_pb2.FileRequest(id=file_id, on_behalf_of=tenant), timeout=10))
+        if limit and record.bytes > limit:
+            raise InvalidArgument(f"file {file_id} is {record.bytes} bytes; a batch's input may be at most "
+                                  f"{limit // (1024 * 1024)} MiB", field="input_file_id")
+        parts = []
+        call = stub.DownloadFile(batches_pb2.FileRequest(id=file_id, on_behalf_of=tenant), timeout=300)
+        try:
+            async for chunk in call:
+                parts.append(chunk.data)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e, "reading the file: ") from None
+        return record, b"".join(parts)
+
+    async def upload(self, who: Principal | None, data: IO[bytes], purpose: str, filename: str) -> batches_pb2.File:
+        """Store an uploaded file for the caller's tenant (the HTTP API's /v1/files)."""
+        async def chunks() -> AsyncIterator[batches_pb2.FileChunk]:
+            yield batches_pb2.FileChunk(purpose=purpose, filename=filename, tenant=_on_behalf_of(who))
+            while block := await asyncio.to_thread(data.read, 1024 * 1024):
+                yield batches_pb2.FileChunk(data=block)
+
+        stub = await self._files()
+        return await self._call("storing the file", stub.UploadFile(chunks(), timeout=600))
+
+    async def list_files(self, who: Principal | None, purpose: str = "") -> list[batches_pb2.File]:
+        stub = await self._files()
+        reply = await self._call("listing files", stub.ListFiles(
+            batches_pb2.ListFilesRequest(purpose=purpose, on_behalf_of=_on_behalf_of(who)), timeout=10))
+        return list(reply.files)
+
+    async def get_file(self, who: Principal | None, file_id: str) -> batches_pb2.File:
+        stub = await self._files()
+        return await self._call("reading the file", stub.GetFile(
+            batches_pb2.FileRequest(id=file_id, on_behalf_of=_on_behalf_of(who)), timeout=10))
+
+    async def delete_file(self, who: Principal | None, file_id: str) -> batches_pb2.File:
+        stub = await self._files()
+        return await self._call("deleting the file", stub.DeleteFile(
+            batches_pb2.FileRequest(id=file_id, on_behalf_of=_on_behalf_of(who)), timeout=30))
+
+    async def file_chunks(self, who: Principal | None, file_id: str) -> AsyncGenerator[batches_pb2.FileChunk, None]:
+        stub = await self._files()
+        call = stub.DownloadFile(batches_pb2.FileRequest(id=file_id, on_behalf_of=_on_behalf_of(who)), timeout=600)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def create(self, who: Principal | None, request: batches_pb2.CreateBatchRequest) -> batches_pb2.Batch:
+        endpoint = request.endpoint
+        if endpoint not in ENDPOINTS:
+            raise InvalidArgument(f"endpoint must be one of {', '.join(ENDPOINTS)}, not {endpoint[:80]!r}",
+                                  field="endpoint")
+        window = request.completion_window or "24h"
+        seconds = window_seconds(window)
+        if len(request.metadata) > MAX_METADATA:
+            raise InvalidArgument(f"metadata holds at most {MAX_METADATA} pairs", field="metadata")
+        for k, v in request.metadata.items():
+            if len(k) > 64 or len(v) > 512:
+                raise InvalidArgument("metadata keys are at most 64 characters and values 512", field="metadata")
+        if not request.input_file_id:
+            raise InvalidArgument("input_file_id is required: upload the requests with purpose \"batch\" first",
+                                  field="input_file_id")
+        tenant = _on_behalf_of(who)
+        record, data = await self.read_file(request.input_file_id, tenant, limit=MAX_INPUT_BYTES)
+        if record.purpose != "batch":
+            raise InvalidArgument(f"file {record.id} has purpose {record.purpose!r}; a batch's input is uploaded "
+                                  "with purpose \"batch\"", field="input_file_id")
+        lines = await asyncio.to_thread(parse_input, data, endpoint)
+        now = now_ms()
+        batch = batches_pb2.Batch(
+            id="batch_" + secrets.token_hex(12), tenant=record.tenant, endpoint=endpoint,
+            input_file_id=record.id, completion_window=window, status=Status.BATCH_STATUS_IN_PROGRESS,
+            counts=batches_pb2.BatchCounts(total=len(lines)), metadata=dict(request.metadata),
+            key_id=who.key_id if who is not None else "", created_ms=now, in_progress_ms=now,
+            expires_ms=now + seconds * 1000, updated_ms=now)
+        key, tx = self.session.keys.batch(batch.id), self.session.client.transactions
+        ok, _ = await self.session.client.transaction(
+            compare=[tx.version(key) == 0], success=[tx.put(key, batch.SerializeToString())], failure=[])
+        if not ok:  # 96 random bits
+            raise Unavailable("a batch id collided; try again")
+        self.events.publish("batch", "created", batch.id, f"batch {batch.id}: {len(lines)} requests to {endpoint}",
+                            tenant=batch.tenant, lines=str(len(lines)))
+        self._wake.set()
+        return batch
+
+    async def get(self, who: Principal | None, batch_id: str) -> batches_pb2.Batch:
+        batch = await get_batch(self.session, batch_id)
+        if not _visible(who, batch):
+            raise NotFound(f"batch {batch_id!r} does not exist", field="batch_id")
+        return batch
+
+    async def list(self, who: Principal | None, limit: int = 20, after: str = "") -> tuple[list[batches_pb2.Batch], bool]:
+        if not 0 <= limit <= 100:
+            raise InvalidArgument(f"limit must be between 1 and 100, not {limit}", field="limit")
+        pairs, _ = await self.session.get_prefix(self.session.keys.batches())
+        mine = sorted((b for b in (batches_pb2.Batch.FromString(v) for _, v in pairs) if _visible(who, b)),
+                      key=lambda b: (b.created_ms, b.id), reverse=True)
+        if after:
+            ids = [b.id for b in mine]
+            mine = mine[ids.index(after) + 1:] if after in ids else []
+        limit = limit or 20
+        return mine[:limit], len(mine) > limit
+
+    async def cancel(self, who: Principal | None, batch_id: str) -> batches_pb2.Batch:
+        await self.get(who, batch_id)
+
+        def cancelling(b: batches_pb2.Batch) -> batches_pb2.Batch | None:
+            if b.status in TERMINAL or b.status == Status.BATCH_STATUS_CANCELLING:
+                return None
+            b.status, b.cancelling_ms = Status.BATCH_STATUS_CANCELLING, now_ms()
+            return b
+
+        if await update_batch(self.session, batch_id, cancelling) is not None:
+            self.events.publish("batch", "cancelling", batch_id, f"batch {batch_id} is being cancelled")
+            self._wake.set()
+        return await self.get(who, batch_id)
+
+    # ---- the runner -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run batches here (unless concurrency is 0), storing their answers in JetStream."""
+        self.answers = Answers(self.events)
+        if self.concurrency > 0:
+            self._loop = asyncio.create_task(self._claim_loop(), name="batch runner")
+
+    async def close(self) -> None:
+        """Stop running batches; another router (or this one, restarted) resumes them."""
+        tasks = [t for t in (self._loop, *self._running.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for batch_id in list(self._running):
+            await self._release(batch_id)
+        self._running.clear()
+
+    async def _claim_loop(self) -> None:
+        while True:
+            try:
+                await self._claim_some()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # etcd away: look again later
+                log.warning("cannot look for batches to run: %s", e)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK * 2)
+
+    async def _claim_some(self) -> None:
+        pairs, _ = await self.session.get_prefix(self.session.keys.batches())
+        client, tx = self.session.client, self.session.client.transactions
+        for _, raw in pairs:
+            batch = batches_pb2.Batch.FromString(raw)
+            if batch.status in TERMINAL or batch.id in self._running:
+                continue
+            claim = self.session.keys.batch_run(batch.id)
+            ok, _ = await client.transaction(
+                compare=[tx.version(claim) == 0],
+                success=[tx.put(claim, self.instance.encode(), lease=self.session.lease_id)], failure=[])
+            if not ok:
+                continue
+            self._running[batch.id] = asyncio.create_task(self._run(batch.id), name=f"batch {batch.id}")
+
+    async def _release(self, batch_id: str) -> None:
+        claim, tx = self.session.keys.batch_run(batch_id), self.session.client.transactions
+        with contextlib.suppress(Exception):
+            await self.session.client.transaction(compare=[tx.value(claim) == self.instance.encode()],
+                                                  success=[tx.delete(claim)], failure=[])
+
+    async def _run(self, batch_id: str) -> None:
+        RUNNING.inc()
+        try:
+            await _BatchRun(self, batch_id).run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("batch %s stopped here (another router or a retry resumes it): %s", batch_id, e)
+        finally:
+            RUNNING.dec()
+            self._running.pop(batch_id, None)
+            await self._release(batch_id)
+
+
+class _Lost(Exception):
+    """This router no longer holds the batch's claim."""
+
+
+class _BatchRun:
+    """One router running one batch, from its claim to its end (or the claim's loss)."""
+
+    def __init__(self, service: BatchService, batch_id: str) -> None:
+        self.service = service
+        self.id = batch_id
+        self.session = service.session
+        assert service.answers is not None
+        self.answers = service.answers
+        self.stop: str = ""  # why no more lines are sent: "cancelled", "expired", "failed: ..."
+        self.completed = self.failed = 0
+
+    async def _update(self, mutate: Callable[[batches_pb2.Batch], batches_pb2.Batch | None]) -> batches_pb2.Batch:
+        written = await update_batch(self.session, self.id, mutate, runner=self.service.instance)
+        if written is None:
+            got = await get_batch(self.session, self.id)
+            claim = await self.session.get(self.session.keys.batch_run(self.id))
+            if claim != self.service.instance.encode():
+                raise _Lost()
+            return got
+        return written
+
+    async def run(self) -> None:
+        batch = await get_batch(self.session, self.id)
+
+        def claimed(b: batches_pb2.Batch) -> batches_pb2.Batch:
+            b.runner, b.claims = self.service.instance, b.claims + 1
+            return b
+
+        batch = await self._update(claimed)
+        log.info("running batch %s (%d requests, claim %d)", self.id, batch.counts.total, batch.claims)
+        done = await self.answers.read(self.id)
+        self.completed = sum(a.ok for a in done.values())
+        self.failed = len(done) - self.completed
+        todo: list[Line] = []
+        if batch.status == Status.BATCH_STATUS_CANCELLING:
+            self.stop = "cancelled"
+        elif now_ms() >= batch.expires_ms:
+            self.stop = "expired"
+        elif batch.status != Status.BATCH_STATUS_FINALIZING:
+            _, data = await self.service.read_file(batch.input_file_id, batch.tenant)
+            lines = await asyncio.to_thread(parse_input, data, batch.endpoint)
+            todo = [line for line in lines if line.index not in done]
+        who = self._caller(batch)
+        progress = asyncio.create_task(self._progress(), name=f"batch {self.id} progress")
+        try:
+            if todo and not self.stop:
+                await self._send(batch, who, todo)
+        finally:
+            progress.cancel()
+            with contextlib.suppress(asyncio.CancelledError, _Lost):
+                await progress
+        await self._finish(batch)
+
+    def _caller(self, batch: batches_pb2.Batch) -> Principal | str:
+        """Who the lines run as: the key that made the batch ("" on an --insecure mesh)."""
+        if not self.service.authorizer.enforce:
+            return ""
+        who = self.service.authorizer.by_id(batch.key_id)
+        if who is None:
+            self.stop = f"failed: the key {batch.key_id} that created the batch was revoked"
+            return ""
+        return who
+
+    async def _progress(self) -> None:
+        """Write the counts about once a second; notice a cancellation or the window's end."""
+        while True:
+            await asyncio.sleep(TICK)
+            try:
+                batch = await self._update(self._counted)
+            except _Lost:
+                self.stop = "lost"  # another router has it: send nothing more
+                raise
+            except MaasError as e:  # etcd away for a moment: the next tick writes
+                log.info("batch %s: progress not written: %s", self.id, e)
+                continue
+            if batch.status == Status.BATCH_STATUS_CANCELLING and not self.stop:
+                self.stop = "cancelled"
+            elif now_ms() >= batch.expires_ms and not self.stop:
+                self.stop = "expired"
+
+    def _counted(self, b: batches_pb2.Batch) -> batches_pb2.Batch:
+        b.counts.completed, b.counts.failed = self.completed, self.failed
+        return b
+
+    async def _send(self, batch: batches_pb2.Batch, who: Principal | str, todo: list[Line]) -> None:
+        slots = self.service._slots
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            for line in todo:
+                got = False
+                while not got and not self.stop:  # a slot, watching for a stop meanwhile
+                    with contextlib.suppress(TimeoutError):
+                        got = await asyncio.wait_for(slots.acquire(), TICK)
+                if self.stop:
+                    if got:
+                        slots.release()
+                    break
+                task = asyncio.create_task(self._line(batch, who, line))
+                pending.add(task)
+
+                def settled(t: asyncio.Task[None]) -> None:
+                    pending.discard(t)
+                    slots.release()
+
+                task.add_done_callback(settled)
+            while pending and not self.stop:
+                await asyncio.wait(set(pending), timeout=TICK)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _line(self, batch: batches_pb2.Batch, who: Principal | str, line: Line) -> None:
+        rid = f"{batch.id.removeprefix('batch_')}-{line.index}"
+        token = request_id_var.set(rid)
+        IN_FLIGHT.inc()
+        try:
+            delay = 0.5
+            for tries in range(1, MAX_TRIES + 1):
+                left = batch.expires_ms / 1000 - time.time()
+                if left <= 0:
+                    self.stop = self.stop or "expired"  # the line stays unanswered
+                    return
+                try:
+                    body = await self.service.answer(batch.endpoint, line.body, who, min(LINE_TIMEOUT, left),
+                                                     service_class="batch")
+                    await self._store(line, True, _output(line, rid, 200, body, None), batch.tenant)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    if _retryable(e) and tries < MAX_TRIES:
+                        RETRIES.labels(batch.tenant or "-").inc()
+                        wait = getattr(e, "retry_after", None) or delay * random.uniform(0.5, 1.5)
+                        delay = min(delay * 2, 10.0)
+                        await asyncio.sleep(min(wait, 30.0))
+                        continue
+                    status, error = self.service.error_of(e)
+                    await self._store(line, False, _output(line, rid, status, error, None), batch.tenant)
+                    return
+        finally:
+            IN_FLIGHT.dec()
+            request_id_var.reset(token)
+
+    async def _store(self, line: Line, ok: bool, data: bytes, tenant: str) -> None:
+        if len(data) > MAX_ANSWER_BYTES:
+            ok = False
+            data = _output(line, "", 500, {"error": {
+                "message": f"the answer is {len(data)} bytes, more than a batch line may hold ({MAX_ANSWER_BYTES})",
+                "type": "server_error", "param": None, "code": "answer_too_large"}}, None)
+        delay = 0.2
+        while True:  # an answer is not given up: NATS away pauses the line, not the batch's count
+            try:
+                await self.answers.put(self.id, Answer(line.index, ok, data))
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("batch %s: cannot store the answer of line %d yet: %s", self.id, line.number, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if ok:
+            self.completed += 1
+        else:
+            self.failed += 1
+        LINES.labels(tenant or "-", "completed" if ok else "failed").inc()
+
+    async def _finish(self, batch: batches_pb2.Batch) -> None:
+        """Write the output and error files, then the batch's end."""
+        def finalizing(b: batches_pb2.Batch) -> batches_pb2.Batch | None:
+            if b.status in TERMINAL:
+                return None
+            if b.status == Status.BATCH_STATUS_IN_PROGRESS and not self.stop:
+                b.status, b.finalizing_ms = Status.BATCH_STATUS_FINALIZING, now_ms()
+            return b
+
+        current = await self._update(finalizing)
+        if current.status in TERMINAL:
+            return
+        if current.status == Status.BATCH_STATUS_CANCELLING and not self.stop:
+            self.stop = "cancelled"
+        done = await self.answers.read(self.id)
+        self.completed = sum(a.ok for a in done.values())
+        self.failed = len(done) - self.completed
+        if not self.stop and len(done) < current.counts.total:
+            raise Unavailable(f"{current.counts.total - len(done)} lines are not answered yet")
+        output = await self._write(current, [a for _, a in sorted(done.items()) if a.ok], "output")
+        errors = await self._write(current, [a for _, a in sorted(done.items()) if not a.ok], "errors")
+        end = {"": Status.BATCH_STATUS_COMPLETED, "cancelled": Status.BATCH_STATUS_CANCELLED,
+               "expired": Status.BATCH_STATUS_EXPIRED}.get(self.stop, Status.BATCH_STATUS_FAILED)
+
+        def ended(b: batches_pb2.Batch) -> batches_pb2.Batch | None:
+            if b.status in TERMINAL:
+                return None
+            b.status = end
+            stamp = now_ms()
+            field = {Status.BATCH_STATUS_COMPLETED: "completed_ms", Status.BATCH_STATUS_CANCELLED: "cancelled_ms",
+                     Status.BATCH_STATUS_EXPIRED: "expired_ms"}.get(end, "failed_ms")
+            setattr(b, field, stamp)
+            if end == Status.BATCH_STATUS_FAILED:
+                b.message = self.stop.removeprefix("failed: ")
+            elif end == Status.BATCH_STATUS_EXPIRED:
+                b.message = f"the completion window ({b.completion_window}) ended with " \
+                            f"{b.counts.total - len(done)} requests unanswered"
+            b.output_file_id, b.error_file_id = output, errors
+            b.counts.completed, b.counts.failed = self.completed, self.failed
+            return b
+
+        final = await self._update(ended)
+        await self.answers.purge(self.id)
+        self.service.events.publish(
+            "batch", status_name(final.status), self.id,
+            f"batch {self.id} {status_name(final.status)}: {self.completed} answered, {self.failed} failed",
+            tenant=final.tenant)
+        log.info("batch %s %s: %d answered, %d failed", self.id, status_name(final.status), self.completed, self.failed)
+
+    async def _write(self, batch: batches_pb2.Batch, answers: list[Answer], kind: str) -> str:
+        """One of the batch's result files (its id fixed by the batch's), or "" for none."""
+        if not answers:
+            return ""
+        data = b"".join(a.line + b"\n" for a in answers)
+        file_id = f"file-{batch.id}-{kind}"
+
+        async def chunks() -> AsyncIterator[batches_pb2.FileChunk]:
+            step = 1024 * 1024
+            yield batches_pb2.FileChunk(data=data[:step], purpose="batch_output", filename=f"{batch.id}_{kind}.jsonl",
+                                        tenant=batch.tenant, id=file_id)
+            for at in range(step, len(data), step):
+                yield batches_pb2.FileChunk(data=data[at:at + step])
+
+        stub = await self.service._files()
+        record = await self.service._call("writing the batch's results", stub.UploadFile(chunks(), timeout=300))
+        return str(record.id)
+
+
+def batch_object(b: batches_pb2.Batch) -> dict[str, Any]:
+    """A batch as OpenAI's API shows it."""
+    def at(ms: int) -> int | None:
+        return ms // 1000 if ms else None
+
+    errors = None
+    if b.status == Status.BATCH_STATUS_FAILED and b.message:
+        errors = {"object": "list", "data": [{"code": "batch_failed", "message": b.message, "param": None,
+                                              "line": None}]}
+    return {
+        "id": b.id, "object": "batch", "endpoint": b.endpoint, "errors": errors,
+        "input_file_id": b.input_file_id, "completion_window": b.completion_window, "status": status_name(b.status),
+        "output_file_id": b.output_file_id or None, "error_file_id": b.error_file_id or None,
+        "created_at": at(b.created_ms), "in_progress_at": at(b.in_progress_ms), "expires_at": at(b.expires_ms),
+        "finalizing_at": at(b.finalizing_ms), "completed_at": at(b.completed_ms), "failed_at": at(b.failed_ms),
+        "expired_at": at(b.expired_ms), "cancelling_at": at(b.cancelling_ms), "cancelled_at": at(b.cancelled_ms),
+        "request_counts": {"total": b.counts.total, "completed": b.counts.completed, "failed": b.counts.failed},
+        "metadata": dict(b.metadata) or None,
+    }
+
+
+def file_object(f: batches_pb2.File) -> dict[str, Any]:
+    """A file as OpenAI's API shows it."""
+    return {"id": f.id, "object": "file", "bytes": f.bytes, "created_at": f.created_ms // 1000,
+            "filename": f.filename, "purpose": f.purpose, "status": "processed", "expires_at": None,
+            "status_details": None}
+
+
+class BatchesServicer(batches_pb2_grpc.BatchesServicer):
+    """The gRPC face of `BatchService`; callers are who the runtime's interceptor found."""
+
+    def __init__(self, service: BatchService) -> None:
+        self.service = service
+
+    @staticmethod
+    def _who() -> Principal | None:
+        me = caller()
+        return None if me.kind == "admin" else me
+
+    async def CreateBatch(self, request: batches_pb2.CreateBatchRequest,
+                          context: grpc.aio.ServicerContext) -> batches_pb2.Batch:
+        return await self.service.create(self._creator(), request)
+
+    @staticmethod
+    def _creator() -> Principal | None:
+        me = caller()
+        return None if me.name == "insecure" else me
+
+    async def GetBatch(self, request: batches_pb2.BatchRequest,
+                       context: grpc.aio.ServicerContext) -> batches_pb2.Batch:
+        return await self.service.get(self._who(), request.id)
+
+    async def ListBatches(self, request: batches_pb2.ListBatchesRequest,
+                          context: grpc.aio.ServicerContext) -> batches_pb2.ListBatchesResponse:
+        batches, more = await self.service.list(self._who(), request.limit, request.after)
+        return batches_pb2.ListBatchesResponse(batches=batches, has_more=more)
+
+    async def CancelBatch(self, request: batches_pb2.BatchRequest,
+                          context: grpc.aio.ServicerContext) -> batches_pb2.Batch:
+        return await self.service.cancel(self._who(), request.id)
+
+
+__all__ = ["BatchService", "BatchesServicer", "batch_object", "file_object", "parse_input"]
