@@ -101,7 +101,7 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from maas.cli import admin, deployments, finetune, indexes, keys, pipelines, usage
+    from maas.cli import admin, batches, deployments, finetune, indexes, keys, pipelines, usage
     from maas.services.registry import main as registry_main
     from maas.services.router import main as router_main
     from maas.services.scheduler import main as scheduler_main
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_parser(sub, _client_args)
     keys.add_parser(sub, _client_args)
     finetune.add_parser(sub, _client_args)
+    batches.add_parser(sub, _client_args)
     usage.add_parser(sub, _client_args)
     pipelines.add_parser(sub, _client_args)
     indexes.add_parser(sub, _client_args)
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(legacy_argv(sys.argv[1:] if argv is None else argv))
     if hasattr(ns, "service_main"):
         return int(ns.service_main(ns))
-    from maas.cli import admin, commands, deployments, finetune, indexes, keys, pipelines, usage
+    from maas.cli import admin, batches, commands, deployments, finetune, indexes, keys, pipelines, usage
 
     if ns.command == "up":
         from maas.stack.supervisor import UpConfig, run_up
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "admin": lambda: admin.run(ns, etcd),
         "keys": lambda: keys.run(ns, etcd),
         "finetune": lambda: finetune.run(ns, etcd, nats),
+        "batch": lambda: batches.run(ns, etcd),
         "usage": lambda: usage.run(ns, etcd),
         "pipeline": lambda: pipelines.run(ns, etcd),
         "index": lambda: indexes.run(ns, etcd),

@@ -40,6 +40,7 @@ MAX_FILE_BYTES = 512 * 1024 * 1024  # one file (the registry's limit)
 MAX_ANSWER_BYTES = 1000 * 1024  # NATS takes at most 1 MiB a message by default
 _WINDOW = re.compile(r"([1-9][0-9]{0,5})([mh])")
 MIN_WINDOW, MAX_WINDOW = 60, 168 * 3600
+MAX_LINES = 50_000
 
 
 def now_ms() -> int:
@@ -59,6 +60,55 @@ def window_seconds(window: str) -> int:
         raise InvalidArgument(f"completion_window must be like \"24h\" or \"30m\", from 1m to 168h, not "
                               f"{window[:40]!r}", field="completion_window")
     return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    index: int          # among the input's requests, from 0
+    number: int         # line number in the file, from 1 (for messages)
+    custom_id: str
+    body: dict[str, Any]
+
+
+def parse_input(data: bytes, endpoint: str) -> list[Line]:
+    """The requests of a batch's input file, or InvalidArgument naming the first bad line."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"the input file is not UTF-8 (byte {e.start})", field="input_file_id") from None
+    lines: list[Line] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+
+        def bad(problem: str, number: int = number) -> InvalidArgument:
+            return InvalidArgument(f"input file line {number}: {problem}", field="input_file_id")
+
+        try:
+            item = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise bad(f"not JSON ({e.msg if isinstance(e, json.JSONDecodeError) else 'nested too deeply'})") from None
+        if not isinstance(item, dict):
+            raise bad("not a JSON object")
+        custom_id, method, url, body = item.get("custom_id"), item.get("method"), item.get("url"), item.get("body")
+        if not isinstance(custom_id, str) or not custom_id:
+            raise bad("custom_id must be a non-empty string")
+        if custom_id in seen:
+            raise bad(f"custom_id {custom_id[:64]!r} is used by line {seen[custom_id]} too; each must be unique")
+        if method != "POST":
+            raise bad(f"method must be \"POST\", not {method!r}")
+        if url != endpoint:
+            raise bad(f"url {url!r} is not the batch's endpoint {endpoint!r}")
+        if not isinstance(body, dict):
+            raise bad("body must be a JSON object (the request)")
+        seen[custom_id] = number
+        lines.append(Line(len(lines), number, custom_id, body))
+        if len(lines) > MAX_LINES:
+            raise bad(f"a batch holds at most {MAX_LINES} requests")
+    if not lines:
+        raise InvalidArgument("the input file holds no request", field="input_file_id")
+    return lines
 
 
 async def get_batch(session: EtcdSession, batch_id: str) -> batches_pb2.Batch:

@@ -16,6 +16,7 @@ from maas.mesh.clients import dial, live_services
 from maas.v1 import batches_pb2, batches_pb2_grpc
 
 from .conftest import MeshHarness, eventually
+from .test_cli_deploy import cli
 
 
 def _lines(n: int, model: str = "echo", *, max_tokens: int = 4, url: str = "/v1/chat/completions") -> bytes:
@@ -224,3 +225,34 @@ async def _router_endpoint(mesh: MeshHarness, instance: str) -> str:
         return None
 
     return str(await eventually(found, timeout=30))
+
+
+async def test_the_cli_creates_follows_and_reads_a_batch(mesh: MeshHarness, capsys: pytest.CaptureFixture[str],
+                                                         tmp_path):
+    await mesh.serving("echo", http=False)
+    key = await mesh.key("acme", "inference")
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(_lines(12, url="/v1/completions"))
+    rc, out, err = await cli(mesh, capsys, "batch", "create", str(requests), "--endpoint", "/v1/completions",
+                             "--metadata", "run=1", "--wait", "--api-key", key)
+    assert rc == 0, err
+    assert "12 requests to /v1/completions, valid" in err
+    batch_id = out.strip().splitlines()[-1]
+    rc, out, _ = await cli(mesh, capsys, "batch", "show", batch_id, "--api-key", key)
+    assert rc == 0 and "completed" in out and "12 answered, 0 failed" in out and "run=1" in out
+    results = tmp_path / "out.jsonl"
+    rc, _, err = await cli(mesh, capsys, "batch", "results", batch_id, "-o", str(results), "--api-key", key)
+    assert rc == 0, err
+    assert sorted(json.loads(line)["custom_id"] for line in results.read_text().splitlines()) == \
+        sorted(f"req-{i}" for i in range(12))
+    rc, _, err = await cli(mesh, capsys, "batch", "results", batch_id, "--errors", "--api-key", key)
+    assert rc == 1 and "has no error file" in err
+    rc, out, _ = await cli(mesh, capsys, "batch", "list", "--api-key", key)
+    assert batch_id in out
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(_lines(2) + b"[1]\n")
+    rc, _, err = await cli(mesh, capsys, "batch", "create", str(bad), "--api-key", key)
+    assert rc == 2 and "line 3: not a JSON object" in err and "nothing was uploaded" in err
+    rc, _, err = await cli(mesh, capsys, "batch", "show", "batch_nope", "--api-key", await mesh.key("globex"))
+    assert rc != 0 and "does not exist" in err and "Traceback" not in err

@@ -62,7 +62,8 @@ def test_the_openapi_request_schemas_are_the_accepted_fields() -> None:
     schemas = doc["components"]["schemas"]
     for name, fields in [("ChatCompletionRequest", openai_api.CHAT_FIELDS),
                          ("CompletionRequest", openai_api.COMPLETION_FIELDS),
-                         ("EmbeddingRequest", openai_api.EMBEDDING_FIELDS)]:
+                         ("EmbeddingRequest", openai_api.EMBEDDING_FIELDS),
+                         ("BatchRequest", openai_api.BATCH_FIELDS)]:
         assert set(schemas[name]["properties"]) == set(fields)
     refs = {v for path in doc["paths"].values() for op in path.values() for v in _refs(op)}
     assert {r.rsplit("/", 1)[1] for r in refs} <= set(schemas)

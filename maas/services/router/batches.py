@@ -28,7 +28,6 @@ import random
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import IO, Any
 
 import grpc
@@ -41,9 +40,11 @@ from maas.mesh.batches import (
     TERMINAL,
     Answer,
     Answers,
+    Line,
     Status,
     get_batch,
     now_ms,
+    parse_input,
     status_name,
     update_batch,
     window_seconds,
@@ -66,7 +67,6 @@ from maas.v1 import batches_pb2, batches_pb2_grpc
 log = logging.getLogger(__name__)
 
 MAX_INPUT_BYTES = 200 * 1024 * 1024
-MAX_LINES = 50_000
 MAX_METADATA = 16
 LINE_TIMEOUT = 600.0       # seconds one line may take, per try
 TICK = 1.0                 # seconds between progress writes and looks for batches to run
@@ -82,55 +82,6 @@ IN_FLIGHT = Gauge("maas_batch_lines_in_flight", "Batch lines this router has in 
 
 Answerer = Callable[..., Awaitable[dict[str, Any]]]
 """`HttpApi.answer`: (endpoint, body, caller, timeout, service_class=) -> the JSON answer."""
-
-
-@dataclass(frozen=True, slots=True)
-class Line:
-    index: int          # among the input's requests, from 0
-    number: int         # line number in the file, from 1 (for messages)
-    custom_id: str
-    body: dict[str, Any]
-
-
-def parse_input(data: bytes, endpoint: str) -> list[Line]:
-    """The requests of a batch's input file, or InvalidArgument naming the first bad line."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidArgument(f"the input file is not UTF-8 (byte {e.start})", field="input_file_id") from None
-    lines: list[Line] = []
-    seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-
-        def bad(problem: str, number: int = number) -> InvalidArgument:
-            return InvalidArgument(f"input file line {number}: {problem}", field="input_file_id")
-
-        try:
-            item = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise bad(f"not JSON ({e.msg if isinstance(e, json.JSONDecodeError) else 'nested too deeply'})") from None
-        if not isinstance(item, dict):
-            raise bad("not a JSON object")
-        custom_id, method, url, body = item.get("custom_id"), item.get("method"), item.get("url"), item.get("body")
-        if not isinstance(custom_id, str) or not custom_id:
-            raise bad("custom_id must be a non-empty string")
-        if custom_id in seen:
-            raise bad(f"custom_id {custom_id[:64]!r} is used by line {seen[custom_id]} too; each must be unique")
-        if method != "POST":
-            raise bad(f"method must be \"POST\", not {method!r}")
-        if url != endpoint:
-            raise bad(f"url {url!r} is not the batch's endpoint {endpoint!r}")
-        if not isinstance(body, dict):
-            raise bad("body must be a JSON object (the request)")
-        seen[custom_id] = number
-        lines.append(Line(len(lines), number, custom_id, body))
-        if len(lines) > MAX_LINES:
-            raise bad(f"a batch holds at most {MAX_LINES} requests")
-    if not lines:
-        raise InvalidArgument("the input file holds no request", field="input_file_id")
-    return lines
 
 
 def _visible(who: Principal | None, batch: batches_pb2.Batch) -> bool:

@@ -100,6 +100,35 @@ SCHEMAS: dict[str, Schema] = {
         task=_t("string", "extension: generate or embed", enum=["generate", "embed"]),
         context_length=_t("integer", "extension"), ready_replicas=_t("integer", "extension")),
     "ModelList": _obj(["object", "data"], object=_t("string", enum=["list"]), data=_array(_ref("Model"))),
+    "BatchRequest": request_schema(openai_api.BATCH_FIELDS),
+    "File": _obj(["id", "object", "bytes", "created_at", "filename", "purpose"], id=_t("string"),
+                 object=_t("string", enum=["file"]), bytes=_t("integer"), created_at=_t("integer"),
+                 filename=_t("string"), purpose=_t("string", enum=["batch", "batch_output", "fine-tune", "user_data",
+                                                                  "evals"]),
+                 status=_t("string", enum=["processed"])),
+    "FileList": _obj(["object", "data"], object=_t("string", enum=["list"]), data=_array(_ref("File")),
+                     has_more=_t("boolean")),
+    "FileDeleted": _obj(["id", "object", "deleted"], id=_t("string"), object=_t("string", enum=["file"]),
+                        deleted=_t("boolean")),
+    "Batch": _obj(
+        ["id", "object", "endpoint", "input_file_id", "completion_window", "status", "created_at",
+         "request_counts"],
+        id=_t("string"), object=_t("string", enum=["batch"]), endpoint=_t("string"), input_file_id=_t("string"),
+        completion_window=_t("string"), errors=_t(["object", "null"], "why it failed"),
+        status=_t("string", enum=["in_progress", "finalizing", "completed", "failed", "expired", "cancelling",
+                                  "cancelled"]),
+        output_file_id=_t(["string", "null"], "the answers with status 200, one JSON line each"),
+        error_file_id=_t(["string", "null"], "the lines answered with an error"),
+        created_at=_t("integer"), in_progress_at=_t(["integer", "null"]), expires_at=_t(["integer", "null"]),
+        finalizing_at=_t(["integer", "null"]), completed_at=_t(["integer", "null"]),
+        failed_at=_t(["integer", "null"]), expired_at=_t(["integer", "null"]),
+        cancelling_at=_t(["integer", "null"]), cancelled_at=_t(["integer", "null"]),
+        request_counts=_obj(["total", "completed", "failed"], total=_t("integer"), completed=_t("integer"),
+                            failed=_t("integer")),
+        metadata=_t(["object", "null"])),
+    "BatchList": _obj(["object", "data", "has_more"], object=_t("string", enum=["list"]),
+                      data=_array(_ref("Batch")), first_id=_t(["string", "null"]), last_id=_t(["string", "null"]),
+                      has_more=_t("boolean")),
     "Error": _obj(["error"], error=_obj(
         ["message", "type", "param", "code"], message=_t("string"),
         type=_t("string", "invalid_request_error, authentication_error, permission_error, not_found_error, "
@@ -134,6 +163,10 @@ def _post(summary: str, body: str, reply: str, chunk: str | None = None) -> dict
                      "responses": {"200": {"description": "OK", "content": content}, **ERRORS}}}
 
 
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": _t("string")}
+
+
 def _get(summary: str, reply: str, **extra: Any) -> dict[str, Any]:
     return {"get": {"summary": summary, **extra,
                     "responses": {"200": {"description": "OK", "content": _json(reply)}, **ERRORS}}}
@@ -144,8 +177,8 @@ def document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "maas-mesh OpenAI-compatible API", "version": __version__,
-                 "description": "The router's HTTP face: OpenAI's chat, completions, embeddings and models "
-                                "endpoints over the mesh. See docs/http-api.md."},
+                 "description": "The router's HTTP face: OpenAI's chat, completions, embeddings, models, "
+                                "files and batches endpoints over the mesh. See docs/http-api.md."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}, {}],
         "paths": {
@@ -156,6 +189,28 @@ def document() -> dict[str, Any]:
             "/v1/models": _get("Deployments with a ready replica", "ModelList"),
             "/v1/models/{model}": _get("One served deployment", "Model", parameters=[
                 {"name": "model", "in": "path", "required": True, "schema": _t("string")}]),
+            "/v1/files": {
+                "post": {"summary": "Upload a file (purpose `batch`: a batch's requests, one JSON line each)",
+                         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _obj(
+                             ["file", "purpose"], file=_t("string", format="binary"), purpose=_t("string"))}}},
+                         "responses": {"200": {"description": "OK", "content": _json("File")}, **ERRORS}},
+                **_get("The caller's files (`?purpose=` filters)", "FileList")},
+            "/v1/files/{file_id}": {**_get("One file", "File", parameters=[_path("file_id")]),
+                                    "delete": {"summary": "Delete a file no unfinished batch reads",
+                                               "parameters": [_path("file_id")], "responses": {
+                                                   "200": {"description": "OK", "content": _json("FileDeleted")},
+                                                   **ERRORS}}},
+            "/v1/files/{file_id}/content": {"get": {"summary": "A file's bytes", "parameters": [_path("file_id")],
+                                                    "responses": {"200": {"description": "OK", "content": {
+                                                        "application/octet-stream": {"schema": _t("string")}}},
+                                                        **ERRORS}}},
+            "/v1/batches": {**_post("Run every line of an uploaded file at the batch class (docs/batches.md)",
+                                    "BatchRequest", "Batch"),
+                            **_get("The caller's batches, newest first (`?limit=`, `?after=`)", "BatchList")},
+            "/v1/batches/{batch_id}": _get("One batch and its progress", "Batch", parameters=[_path("batch_id")]),
+            "/v1/batches/{batch_id}/cancel": {"post": {
+                "summary": "Stop a batch: what was answered stays in its output", "parameters": [_path("batch_id")],
+                "responses": {"200": {"description": "OK", "content": _json("Batch")}, **ERRORS}}},
             "/health": {"get": {"summary": "Liveness of the router's HTTP server", "security": [], "responses": {
                 "200": {"description": "OK", "content": {"application/json": {"schema": _obj(
                     ["status"], status=_t("string", enum=["ok"]))}}}}}},
