@@ -10,14 +10,25 @@ weights), as issue 14 measured first come first served:
    asking for `--flood-tokens` tokens and starting the next as soon as one ends (a refused
    one waits its Retry-After hint, as a client should).
 
-Everything goes through the router's gRPC API over TLS. Last line:
+3. batch against online, on the idle fleet: `--batch-lines` requests (completions of
+   `--batch-tokens` tokens) sent once as a batch (`/v1/batches`, timed from its creation
+   to its completion as a client polling every 0.1 s sees it) and once online by a client
+   with as many requests in flight as the router runs batch lines (its default, 16);
+   throughput is completion tokens per second of each;
+4. interactive under a batch: a third tenant whose key has the `interactive` class runs
+   the quiet phase alone, then again while a batch of `--batch-lines` * 4 longer requests
+   runs (cancelled afterwards).
 
-  quiet_p99_ratio=<a> batch_vs_online_throughput=not-built interactive_p99_ratio_with_batch=not-built
+Everything online goes through the router's gRPC API over TLS; batches through the
+OpenAI HTTP API (the official client). Last line:
 
-a: the quiet tenant's TTFT p99 flooded over its p99 alone, in the same run. Goal (issue
-14): a <= 1.5. The other two figures wait for the batch API and priority classes.
+  quiet_p99_ratio=<a> batch_vs_online_throughput=<b> interactive_p99_ratio_with_batch=<c>
 
-    python bench/fairness.py               # --samples 200 --flood 64
+a: the quiet tenant's TTFT p99 flooded over its p99 alone; b: batch tokens/s over online
+tokens/s; c: the interactive tenant's TTFT p99 with the batch running over its p99 alone;
+all in the same run. Goals (issue 14): a <= 1.5, b >= 0.8, c <= 1.2.
+
+    python bench/fairness.py               # --samples 200 --flood 64 --batch-lines 128
 """
 
 from __future__ import annotations
@@ -28,14 +39,16 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402  (the e2e bench's helpers)
 
 
-def make_key(data: Path, tenant: str) -> str:
-    made = subprocess.run([sys.executable, "-m", "maas", "keys", "create", "--tenant", tenant, "--json"],
+def make_key(data: Path, tenant: str, *extra: str) -> str:
+    made = subprocess.run([sys.executable, "-m", "maas", "keys", "create", "--tenant", tenant, "--json", *extra],
                           cwd=data, capture_output=True, text=True, timeout=60)
     if made.returncode:
         raise RuntimeError(f"maas keys create failed: {made.stderr[-500:]}")
@@ -49,6 +62,10 @@ async def main() -> int:
     parser.add_argument("--quiet-tokens", type=int, default=16)
     parser.add_argument("--flood", type=int, default=64, help="streams the flooding tenant keeps open")
     parser.add_argument("--flood-tokens", type=int, default=64)
+    parser.add_argument("--batch-lines", type=int, default=128, help="requests of the throughput batch")
+    parser.add_argument("--batch-tokens", type=int, default=32)
+    parser.add_argument("--online-concurrency", type=int, default=16,
+                        help="requests in flight online (the router's --batch-concurrency default)")
     args = parser.parse_args()
     model_dir, _ = e2e.bench_model(True)
     data = e2e.bench_data("fairness-bench")
@@ -56,7 +73,8 @@ async def main() -> int:
     up.start()
     try:
         stack = await e2e.stack_when_up(up, data)
-        keys = {t: await asyncio.to_thread(make_key, data, t) for t in ("quiet", "flood")}
+        keys = {t: await asyncio.to_thread(make_key, data, t) for t in ("quiet", "flood", "batch")}
+        keys["online"] = await asyncio.to_thread(make_key, data, "online", "--class", "interactive")
         import grpc
 
         from maas.mesh.clients import dial
@@ -68,24 +86,24 @@ async def main() -> int:
         channels = {t: dial(stack["router"], k, tls) for t, k in keys.items()}
         stubs = {t: inference_pb2_grpc.InferenceStub(c) for t, c in channels.items()}
 
-        async def ttft(i: int) -> float:
+        async def ttft(i: int, tenant: str) -> float:
             request = inference_pb2.GenerateRequest(model="demo", prompt=f"def quiet_{i}(a, b):",
                                                     params=common_pb2.SamplingParams(
                                                         max_tokens=args.quiet_tokens, temperature=0))
             t0 = time.perf_counter()
             first = 0.0
-            async for chunk in stubs["quiet"].GenerateStream(request, timeout=120):
+            async for chunk in stubs[tenant].GenerateStream(request, timeout=120):
                 if chunk.token_ids and not first:
                     first = time.perf_counter() - t0
             return first
 
-        async def quiet_phase() -> list[float]:
+        async def quiet_phase(tenant: str = "quiet") -> list[float]:
             out: list[float] = []
             counter = iter(range(args.samples))
 
             async def stream() -> None:
                 for i in counter:
-                    out.append(await ttft(i))
+                    out.append(await ttft(i, tenant))
             await asyncio.gather(*(stream() for _ in range(args.quiet_streams)))
             return out
 
@@ -123,6 +141,15 @@ async def main() -> int:
             for t in flood:
                 t.cancel()
             await asyncio.gather(*flood, return_exceptions=True)
+        batch_tps, online_tps = await batch_against_online(stack, keys, args)
+        online_alone = await quiet_phase("online")
+        batch = await start_batch(stack, keys["batch"], args.batch_lines * 4, args.batch_tokens * 4, "busy")
+        try:
+            await wait_answered(batch, 2 * args.online_concurrency)
+            with_batch = await quiet_phase("online")
+            answered = (await batch[0].batches.retrieve(batch[1])).request_counts.completed
+        finally:
+            await batch[0].batches.cancel(batch[1])
         for c in channels.values():
             await c.close()
     finally:
@@ -136,9 +163,87 @@ async def main() -> int:
             f"{made / max(chunks, 1):.2f} tokens a chunk")
     e2e.say(f"quiet TTFT alone p50 {ms(alone, 0.5):.1f} ms p99 {ms(alone, 0.99):.1f} ms; "
             f"flooded p50 {ms(flooded, 0.5):.1f} ms p99 {ms(flooded, 0.99):.1f} ms")
+    e2e.say(f"{args.batch_lines} requests of {args.batch_tokens} tokens: batch {batch_tps:.0f} tokens/s, "
+            f"online at {args.online_concurrency} in flight {online_tps:.0f} tokens/s")
+    e2e.say(f"interactive TTFT alone p50 {ms(online_alone, 0.5):.1f} ms p99 {ms(online_alone, 0.99):.1f} ms; "
+            f"with a batch running p50 {ms(with_batch, 0.5):.1f} ms p99 {ms(with_batch, 0.99):.1f} ms "
+            f"({answered} batch lines answered by the end)")
     print(f"quiet_p99_ratio={e2e.pct(flooded, 0.99) / e2e.pct(alone, 0.99):.2f} "
-          "batch_vs_online_throughput=not-built interactive_p99_ratio_with_batch=not-built")
+          f"batch_vs_online_throughput={batch_tps / online_tps:.2f} "
+          f"interactive_p99_ratio_with_batch={e2e.pct(with_batch, 0.99) / e2e.pct(online_alone, 0.99):.2f}")
     return 0
+
+
+Batch = tuple[Any, str]  # (the openai client, the batch id)
+
+
+def _client(stack: dict[str, Any], key: str) -> Any:
+    import ssl
+
+    import openai
+
+    ca = stack.get("tls_ca", "")
+    http = openai.DefaultAsyncHttpxClient(verify=ssl.create_default_context(cafile=ca)) if ca else None
+    return openai.AsyncOpenAI(base_url=stack['http'], api_key=key, max_retries=0, http_client=http,
+                              timeout=600)
+
+
+def _requests(n: int, tokens: int, salt: str) -> list[dict[str, Any]]:
+    return [{"model": "demo", "prompt": f"# {salt} {i}\ndef f_{i}(a, b):", "max_tokens": tokens,
+             "temperature": 0, "ignore_eos": True} for i in range(n)]
+
+
+async def start_batch(stack: dict[str, Any], key: str, n: int, tokens: int, salt: str) -> Batch:
+    client = _client(stack, key)
+    lines = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}) + "\n"
+                    for i, body in enumerate(_requests(n, tokens, salt)))
+    f = await client.files.create(file=("bench.jsonl", lines.encode()), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    return client, batch.id
+
+
+async def poll(batch: Batch, done: Callable[[Any], bool]) -> Any:
+    """The batch once `done(batch)` holds, asked every 0.1 s (the way a client follows one)."""
+    while True:
+        got = await batch[0].batches.retrieve(batch[1])
+        if done(got):
+            return got
+        await asyncio.sleep(0.1)
+
+
+async def wait_answered(batch: Batch, at_least: int) -> None:
+    await poll(batch, lambda b: b.request_counts.completed >= at_least)
+
+
+async def batch_against_online(stack: dict[str, Any], keys: dict[str, str], args: argparse.Namespace
+                               ) -> tuple[float, float]:
+    """(batch tokens/s, online tokens/s) of the same requests on the idle fleet."""
+    client = _client(stack, keys["batch"])
+    requests = _requests(args.batch_lines, args.batch_tokens, "online")
+    pending = iter(requests)
+    tokens = 0
+
+    async def worker() -> None:
+        nonlocal tokens
+        for body in pending:
+            extra = {"ignore_eos": body["ignore_eos"]}
+            reply = await client.completions.create(**{k: v for k, v in body.items() if k not in extra},
+                                                    extra_body=extra)
+            tokens += reply.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.online_concurrency)))
+    online = tokens / (time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    batch = await start_batch(stack, keys["batch"], args.batch_lines, args.batch_tokens, "batch")
+    got = await poll(batch, lambda b: b.status in ("completed", "failed", "cancelled"))
+    took = time.perf_counter() - t0
+    if got.status != "completed" or got.request_counts.failed:
+        raise RuntimeError(f"the throughput batch ended {got.status} with {got.request_counts.failed} failed lines")
+    content = await client.files.content(got.output_file_id)
+    made = sum(json.loads(line)["response"]["body"]["usage"]["completion_tokens"] for line in content.text.splitlines())
+    return made / took, online
 
 
 if __name__ == "__main__":
