@@ -24,7 +24,7 @@ from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from maas.cli.main import mesh_client
-from maas.mesh.batches import ENDPOINTS, MAX_FILE_BYTES, TERMINAL, parse_input, status_name
+from maas.mesh.batches import ENDPOINTS, MAX_INPUT_BYTES, TERMINAL, parse_input, status_name, upload_chunks
 from maas.mesh.errors import InvalidArgument
 from maas.v1 import batches_pb2, batches_pb2_grpc
 
@@ -99,8 +99,8 @@ def _check(ns: argparse.Namespace) -> tuple[str, dict[str, str]]:
         metadata[key] = value
     if not ns.file.is_file():
         return f"{ns.file} is not a file", {}
-    if ns.file.stat().st_size > MAX_FILE_BYTES:
-        return f"{ns.file} is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB", {}
+    if ns.file.stat().st_size > MAX_INPUT_BYTES:
+        return f"{ns.file} is larger than {MAX_INPUT_BYTES // (1024 * 1024)} MiB, a batch's limit", {}
     try:
         lines = parse_input(ns.file.read_bytes(), ns.endpoint)
     except InvalidArgument as e:
@@ -176,13 +176,13 @@ async def run(ns: argparse.Namespace, etcd: str) -> int:
 async def _upload(files: batches_pb2_grpc.FilesStub, path: Path) -> batches_pb2.File:
     with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"uploading {path.name}",
               file=sys.stderr) as bar, path.open("rb") as f:
-        async def chunks() -> AsyncIterator[batches_pb2.FileChunk]:
-            yield batches_pb2.FileChunk(purpose="batch", filename=path.name)
+        async def blocks() -> AsyncIterator[bytes]:
             while data := await asyncio.to_thread(f.read, CHUNK):
                 bar.update(len(data))
-                yield batches_pb2.FileChunk(data=data)
+                yield data
 
-        return await files.UploadFile(chunks(), timeout=3600)
+        header = batches_pb2.FileChunk(purpose="batch", filename=path.name)
+        return await files.UploadFile(upload_chunks(header, blocks()), timeout=3600)
 
 
 async def _follow(stub: batches_pb2_grpc.BatchesStub, batch_id: str) -> batches_pb2.Batch:

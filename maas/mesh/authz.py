@@ -66,6 +66,7 @@ class Principal:
     role: str = ""               # "inference", "developer", "admin" or the service kind
     key_id: str = ""             # the key's public id (audit, usage)
     key: registry_pb2.ApiKey | None = field(default=None, compare=False, repr=False)
+    digest: str = field(default="", compare=False, repr=False)  # the sha256 of the key it proved
     roles: frozenset[str] = field(init=False, compare=False, repr=False)
     """What the rules may name it by: a service its kind; a tenant role and the roles below it."""
 
@@ -138,12 +139,12 @@ def restore(token: contextvars.Token[Principal]) -> None:
     _principal.reset(token)
 
 
-def principal_of(info: registry_pb2.ApiKey) -> Principal:
+def principal_of(info: registry_pb2.ApiKey, digest: str = "") -> Principal:
     if info.service:
-        return Principal("service", info.service, info.service, info.id, info)
+        return Principal("service", info.service, info.service, info.id, info, digest)
     if info.admin or info.role == "admin":
-        return Principal("admin", "admin", "admin", info.id, info)
-    return Principal("tenant", info.tenant, info.role or "inference", info.id, info)
+        return Principal("admin", "admin", "admin", info.id, info, digest)
+    return Principal("tenant", info.tenant, info.role or "inference", info.id, info, digest)
 
 
 def hidden(owner: str, not_found: str) -> None:
@@ -260,19 +261,17 @@ class Authorizer:
         cached = self._principals.get(digest)
         if cached is not None and cached[0] is info:  # the same record: the same principal
             return cached[1]
-        principal = principal_of(info)
+        principal = principal_of(info, digest)
         if len(self._principals) >= self.NEGATIVE_MAX:
             self._principals.clear()
         self._principals[digest] = (info, principal)
         return principal
 
-    def by_id(self, key_id: str) -> Principal | None:
-        """The principal of the live key with public id `key_id` (a batch runs its lines as
+    async def by_digest(self, digest: str) -> Principal | None:
+        """The principal of the live key whose sha256 is `digest` (a batch runs its lines as
         the key that created it); None once it is revoked."""
-        for digest, info in self.keys.items.items():
-            if info.id == key_id:
-                return self.principal(digest, info)
-        return None
+        info = self.known(digest) or await self._lookup(digest)
+        return None if info is None else self.principal(digest, info)
 
     def known(self, digest: str) -> registry_pb2.ApiKey | None:
         """A key's record without a round trip: the mirror's, or one read past it a moment ago."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +37,16 @@ TERMINAL = frozenset({Status.BATCH_STATUS_COMPLETED, Status.BATCH_STATUS_FAILED,
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 STREAM = "MAAS_BATCHES"
 MAX_AGE = 8 * 24 * 3600.0  # longer than the longest completion window
-MAX_FILE_BYTES = 512 * 1024 * 1024  # one file (the registry's limit)
+MAX_FILE_BYTES = 512 * 1024 * 1024  # one uploaded file (the registry's limit)
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024 * 1024  # one result file a router writes
+PURPOSES = ("batch", "batch_output", "fine-tune", "user_data", "evals")
+SERVICE_PURPOSES = ("batch_output",)  # written by the platform, not uploaded
 MAX_ANSWER_BYTES = 1000 * 1024  # NATS takes at most 1 MiB a message by default
 _WINDOW = re.compile(r"([1-9][0-9]{0,5})([mh])")
 MIN_WINDOW, MAX_WINDOW = 60, 168 * 3600
 MAX_LINES = 50_000
+MAX_LINE_BYTES = 4 * 1024 * 1024  # one request (the HTTP API's body limit)
+MAX_INPUT_BYTES = 200 * 1024 * 1024
 
 
 def now_ms() -> int:
@@ -64,27 +70,45 @@ def window_seconds(window: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Line:
+    """One request of an input file: where it is, not its body (a runner parses a body when
+    it sends the line, so a large file is held once, as bytes)."""
+
     index: int          # among the input's requests, from 0
     number: int         # line number in the file, from 1 (for messages)
     custom_id: str
-    body: dict[str, Any]
+    start: int          # its bytes in the file: data[start:end]
+    end: int
+
+    def body(self, data: bytes) -> dict[str, Any]:
+        return json.loads(data[self.start:self.end])["body"]
 
 
 def parse_input(data: bytes, endpoint: str) -> list[Line]:
-    """The requests of a batch's input file, or InvalidArgument naming the first bad line."""
+    """The requests of a batch's input file, or InvalidArgument naming the first bad line.
+    Lines end at "\n" only (JSON strings may hold U+2028 and the like); a UTF-8 byte order
+    mark is skipped; blank lines are too."""
+    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
-        text = data.decode("utf-8")
+        data[start:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InvalidArgument(f"the input file is not UTF-8 (byte {e.start})", field="input_file_id") from None
+        raise InvalidArgument(f"the input file is not UTF-8 (byte {e.start + start})", field="input_file_id") from None
     lines: list[Line] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
+    number = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        number += 1
+        raw, at = data[start:end], start
+        start = end + 1
         if not raw.strip():
             continue
 
         def bad(problem: str, number: int = number) -> InvalidArgument:
             return InvalidArgument(f"input file line {number}: {problem}", field="input_file_id")
 
+        if len(raw) > MAX_LINE_BYTES:
+            raise bad(f"{len(raw)} bytes; a request may be at most {MAX_LINE_BYTES // (1024 * 1024)} MiB")
         try:
             item = json.loads(raw)
         except (json.JSONDecodeError, RecursionError) as e:
@@ -97,13 +121,13 @@ def parse_input(data: bytes, endpoint: str) -> list[Line]:
         if custom_id in seen:
             raise bad(f"custom_id {custom_id[:64]!r} is used by line {seen[custom_id]} too; each must be unique")
         if method != "POST":
-            raise bad(f"method must be \"POST\", not {method!r}")
+            raise bad(f"method must be \"POST\", not {str(method)[:40]!r}")
         if url != endpoint:
-            raise bad(f"url {url!r} is not the batch's endpoint {endpoint!r}")
+            raise bad(f"url {str(url)[:80]!r} is not the batch's endpoint {endpoint!r}")
         if not isinstance(body, dict):
             raise bad("body must be a JSON object (the request)")
         seen[custom_id] = number
-        lines.append(Line(len(lines), number, custom_id, body))
+        lines.append(Line(len(lines), number, custom_id, at, end))
         if len(lines) > MAX_LINES:
             raise bad(f"a batch holds at most {MAX_LINES} requests")
     if not lines:
@@ -163,15 +187,31 @@ class Answers:
         data = json.dumps({"i": answer.index, "ok": answer.ok}).encode() + b"\n" + answer.line
         await js.publish(subject(batch_id), data, headers={"Nats-Msg-Id": f"{batch_id}:{answer.index}"})
 
-    async def read(self, batch_id: str) -> dict[int, Answer]:
-        """Every stored answer of the batch, one per line (the first stored)."""
+    async def scan(self, batch_id: str) -> AsyncIterator[Answer]:
+        """Every stored answer of the batch, the first of each line, in the order stored.
+        Unavailable if fewer came than the stream held when the scan began (a partial read
+        must never become a batch's output)."""
         js = await self._ensure()
-        found: dict[int, Answer] = {}
+        try:
+            info = await js.stream_info(STREAM, subjects_filter=subject(batch_id))
+            expected = sum((info.state.subjects or {}).values())
+        except nats.js.errors.NotFoundError:
+            expected = 0
+        seen: set[int] = set()
+        got = 0
         async for msg in stored(js, STREAM, subject(batch_id)):
+            got += 1
             head, _, line = msg.data.partition(b"\n")
             meta = json.loads(head)
-            found.setdefault(meta["i"], Answer(meta["i"], meta["ok"], line))
-        return found
+            if meta["i"] not in seen:
+                seen.add(meta["i"])
+                yield Answer(meta["i"], meta["ok"], line)
+        if got < expected:
+            raise Unavailable(f"read {got} of the {expected} stored answers of batch {batch_id}; try again")
+
+    async def outcomes(self, batch_id: str) -> dict[int, bool]:
+        """line -> answered with status 200, for every answered line."""
+        return {a.index: a.ok async for a in self.scan(batch_id)}
 
     async def purge(self, batch_id: str) -> None:
         js = await self._ensure()
@@ -179,3 +219,11 @@ class Answers:
             await js.purge_stream(STREAM, subject=subject(batch_id))
         except (nats.errors.Error, nats.js.errors.Error):
             pass  # they age out
+
+
+async def upload_chunks(header: batches_pb2.FileChunk, blocks: AsyncIterable[bytes]) -> AsyncIterator[batches_pb2.FileChunk]:
+    """A file upload's messages: the header (purpose, filename, ...), then the bytes."""
+    yield header
+    async for block in blocks:
+        if block:
+            yield batches_pb2.FileChunk(data=block)

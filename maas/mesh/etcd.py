@@ -160,7 +160,8 @@ async def update_record(session: EtcdSession, key: bytes, parse: Callable[[bytes
     Returns the record as written (the current one when `mutate` changed nothing), or None
     when `mutate` declined or the write was refused: by `fenced` (a leader's fenced
     transaction: the caller no longer leads) or by the extra `compare` conditions (built from
-    the transaction helper). NotFound (naming `what`) if the record is gone."""
+    the transaction helper, and checked even when there is nothing to write). NotFound
+    (naming `what`) if the record is gone."""
     client = session.client
     tx = client.transactions
     for _ in range(MAX_TRIES):
@@ -169,8 +170,14 @@ async def update_record(session: EtcdSession, key: bytes, parse: Callable[[bytes
             raise NotFound(f"{what} does not exist")
         current = parse(got.value)
         new = mutate(parse(got.value))
-        if new is None or new == current:
-            return None if new is None else current
+        if new is None:
+            return None
+        if new == current:  # nothing to write; still None when a condition no longer holds
+            if compare is not None:
+                held, _ = await client.transaction(compare=compare(tx), success=[], failure=[])
+                if not held:
+                    return None
+            return current
         new.updated_ms = now_ms()
         conditions = [tx.mod(key) == got.mod_revision, *(compare(tx) if compare is not None else [])]
         ops = [tx.put(key, new.SerializeToString())]

@@ -70,6 +70,10 @@ class Keys:
     def batches(self) -> bytes:
         return self._k("batches/")
 
+    def open_batch(self, batch_id: str = "") -> bytes:
+        """Marks a batch that is not finished (what routers look through for work)."""
+        return self._k("batches-open", batch_id)
+
     def batch_run(self, batch_id: str) -> bytes:
         """The router running a batch, under that router's lease."""
         return self._k("batch-runs", batch_id)

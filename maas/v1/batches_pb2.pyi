@@ -98,7 +98,7 @@ class BatchCounts(_message.Message):
     def __init__(self, total: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("id", "tenant", "endpoint", "input_file_id", "completion_window", "status", "message", "output_file_id", "error_file_id", "counts", "metadata", "key_id", "runner", "created_ms", "in_progress_ms", "expires_ms", "finalizing_ms", "completed_ms", "failed_ms", "expired_ms", "cancelling_ms", "cancelled_ms", "claims", "updated_ms")
+    __slots__ = ("id", "tenant", "endpoint", "input_file_id", "completion_window", "status", "message", "output_file_id", "error_file_id", "counts", "metadata", "key_id", "runner", "created_ms", "in_progress_ms", "expires_ms", "finalizing_ms", "completed_ms", "failed_ms", "expired_ms", "cancelling_ms", "cancelled_ms", "claims", "updated_ms", "key_sha256")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class Batch(_message.Message):
     CANCELLED_MS_FIELD_NUMBER: _ClassVar[int]
     CLAIMS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_MS_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     endpoint: str
@@ -154,7 +155,8 @@ class Batch(_message.Message):
     cancelled_ms: int
     claims: int
     updated_ms: int
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., endpoint: _Optional[str] = ..., input_file_id: _Optional[str] = ..., completion_window: _Optional[str] = ..., status: _Optional[_Union[BatchStatus, str]] = ..., message: _Optional[str] = ..., output_file_id: _Optional[str] = ..., error_file_id: _Optional[str] = ..., counts: _Optional[_Union[BatchCounts, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., key_id: _Optional[str] = ..., runner: _Optional[str] = ..., created_ms: _Optional[int] = ..., in_progress_ms: _Optional[int] = ..., expires_ms: _Optional[int] = ..., finalizing_ms: _Optional[int] = ..., completed_ms: _Optional[int] = ..., failed_ms: _Optional[int] = ..., expired_ms: _Optional[int] = ..., cancelling_ms: _Optional[int] = ..., cancelled_ms: _Optional[int] = ..., claims: _Optional[int] = ..., updated_ms: _Optional[int] = ...) -> None: ...
+    key_sha256: str
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., endpoint: _Optional[str] = ..., input_file_id: _Optional[str] = ..., completion_window: _Optional[str] = ..., status: _Optional[_Union[BatchStatus, str]] = ..., message: _Optional[str] = ..., output_file_id: _Optional[str] = ..., error_file_id: _Optional[str] = ..., counts: _Optional[_Union[BatchCounts, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., key_id: _Optional[str] = ..., runner: _Optional[str] = ..., created_ms: _Optional[int] = ..., in_progress_ms: _Optional[int] = ..., expires_ms: _Optional[int] = ..., finalizing_ms: _Optional[int] = ..., completed_ms: _Optional[int] = ..., failed_ms: _Optional[int] = ..., expired_ms: _Optional[int] = ..., cancelling_ms: _Optional[int] = ..., cancelled_ms: _Optional[int] = ..., claims: _Optional[int] = ..., updated_ms: _Optional[int] = ..., key_sha256: _Optional[str] = ...) -> None: ...
 
 class CreateBatchRequest(_message.Message):
     __slots__ = ("input_file_id", "endpoint", "completion_window", "metadata")

@@ -20,7 +20,7 @@ import grpc
 
 from maas.mesh.artifacts import CHUNK
 from maas.mesh.authz import Principal, caller
-from maas.mesh.batches import MAX_FILE_BYTES, TERMINAL
+from maas.mesh.batches import MAX_FILE_BYTES, MAX_OUTPUT_BYTES, PURPOSES, SERVICE_PURPOSES, TERMINAL
 from maas.mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.events import EventBus
@@ -28,8 +28,6 @@ from maas.services.registry.blobs import BlobStore
 from maas.services.registry.store import ModelStore
 from maas.v1 import batches_pb2, batches_pb2_grpc
 
-PURPOSES = ("batch", "batch_output", "fine-tune", "user_data", "evals")
-SERVICE_PURPOSES = ("batch_output",)  # written by the platform, not uploaded
 FILE_ID = re.compile(r"file-[0-9a-zA-Z_-]{1,64}")
 
 
@@ -81,15 +79,17 @@ class FilesServicer(batches_pb2_grpc.FilesServicer):
         writer = self.blobs.writer()
         header: batches_pb2.FileChunk | None = None
         size = lines = 0
+        limit = MAX_FILE_BYTES
         last = b"\n"
         try:
             async for chunk in request_iterator:
                 if header is None:
                     header = chunk
                     self._check_header(me, chunk)
+                    limit = MAX_OUTPUT_BYTES if chunk.purpose in SERVICE_PURPOSES else MAX_FILE_BYTES
                 size += len(chunk.data)
-                if size > MAX_FILE_BYTES:
-                    raise InvalidArgument(f"the file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
+                if size > limit:
+                    raise InvalidArgument(f"the file is larger than {limit // (1024 * 1024)} MiB")
                 if chunk.data:
                     lines += chunk.data.count(b"\n")
                     last = chunk.data[-1:]
@@ -111,9 +111,12 @@ class FilesServicer(batches_pb2_grpc.FilesServicer):
             compare=[tx.version(key) == 0], success=[tx.put(key, record.SerializeToString())], failure=[])
         if not ok:
             existing = batches_pb2.File.FromString(await self.session.get(key) or b"")
-            if header.id and existing.sha256 == sha and existing.tenant == record.tenant:
-                return existing  # the same output written again (a batch finished twice)
-            raise AlreadyExists(f"file {record.id!r} exists with other content", field="file_id")
+            if not header.id or existing.tenant != record.tenant:
+                raise AlreadyExists(f"file {record.id!r} exists", field="file_id")
+            # a batch's result written again (its router died while finishing): the new one stands
+            await self.session.client.put(key, record.SerializeToString())
+            if existing.sha256 != sha and not await self._still_used(existing.sha256):
+                await asyncio.to_thread(self.blobs.delete, existing.sha256)
         self.events.publish("file", "uploaded", record.id, f"file {record.id} ({size} bytes, {record.purpose})",
                             tenant=record.tenant, purpose=record.purpose, size=str(size))
         return record

@@ -27,7 +27,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import IO, Any
 
 import grpc
@@ -37,6 +37,8 @@ from maas.mesh.authz import Authorizer, Principal, caller
 from maas.mesh.batches import (
     ENDPOINTS,
     MAX_ANSWER_BYTES,
+    MAX_INPUT_BYTES,
+    SERVICE_PURPOSES,
     TERMINAL,
     Answer,
     Answers,
@@ -47,14 +49,17 @@ from maas.mesh.batches import (
     parse_input,
     status_name,
     update_batch,
+    upload_chunks,
     window_seconds,
 )
 from maas.mesh.clients import RegistryClient
 from maas.mesh.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     MaasError,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
     from_rpc_error,
@@ -66,13 +71,16 @@ from maas.v1 import batches_pb2, batches_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-MAX_INPUT_BYTES = 200 * 1024 * 1024
 MAX_METADATA = 16
 LINE_TIMEOUT = 600.0       # seconds one line may take, per try
 TICK = 1.0                 # seconds between progress writes and looks for batches to run
 DEFAULT_CONCURRENCY = 16   # lines one router has in flight, over all the batches it runs
-RETRYABLE = (Unavailable, ResourceExhausted, DeadlineExceeded)
-MAX_TRIES = 20             # tries of one line that keeps failing for want of capacity
+MAX_RUNNING = 4            # batches one router runs at once (each holds its input in memory)
+MAX_UPLOADS = 4            # uploads one router receives at once (each spooled to disk)
+RETRYABLE = (Unavailable, ResourceExhausted, DeadlineExceeded)  # for want of capacity: tried again
+MAX_TIMEOUTS = 3           # a line that timed out this often is answered with the timeout
+MAX_BACKOFF = 30.0         # seconds between tries, at most
+CHUNK = 1024 * 1024
 
 LINES = Counter("maas_batch_lines_total", "Batch lines answered by this router, by outcome.", ["tenant", "outcome"])
 RETRIES = Counter("maas_batch_line_retries_total", "Batch line tries that failed for want of capacity and were "
@@ -88,12 +96,22 @@ def _visible(who: Principal | None, batch: batches_pb2.Batch) -> bool:
     return who is None or who.kind != "tenant" or batch.tenant == who.tenant
 
 
-def _on_behalf_of(who: Principal | None) -> str:
+def _tenant(who: Principal | None) -> str:
+    """The tenant a caller acts for ("": the platform, for the admin and --insecure)."""
     return who.tenant if who is not None else ""
 
 
-def _retryable(e: BaseException) -> bool:
-    return isinstance(e, RETRYABLE)
+def acting(who: Principal | None) -> Principal | None:
+    """Whose files and batches a caller sees: a tenant its own; the admin every tenant's (None)."""
+    return who if who is not None and who.kind == "tenant" else None
+
+
+def public(batch: batches_pb2.Batch) -> batches_pb2.Batch:
+    """A batch as its owner sees it: without which key's hash its lines run as."""
+    shown = batches_pb2.Batch()
+    shown.CopyFrom(batch)
+    shown.ClearField("key_sha256")
+    return shown
 
 
 def _output(line: Line, rid: str, status: int, body: dict[str, Any], error: dict[str, Any] | None) -> bytes:
@@ -103,7 +121,8 @@ def _output(line: Line, rid: str, status: int, body: dict[str, Any], error: dict
 
 
 class BatchService:
-    """The Batches API and this router's batch runner."""
+    """The Batches API and this router's batch runner. A caller is a `Principal`, or None
+    for one that acts for the platform (an --insecure mesh)."""
 
     def __init__(self, session: EtcdSession, registry: RegistryClient, authorizer: Authorizer, events: EventBus,
                  answer: Answerer, *, instance: str, concurrency: int = DEFAULT_CONCURRENCY,
@@ -116,13 +135,15 @@ class BatchService:
         self.error_of = error_of  # (HTTP status, OpenAI error body) of a line's failure
         self.instance = instance
         self.concurrency = concurrency
-        self.answers: Answers | None = None
+        self.answers = Answers(events)
         self._slots = asyncio.Semaphore(max(1, concurrency))
+        self._uploads = asyncio.Semaphore(MAX_UPLOADS)
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._not_before: dict[str, tuple[float, float]] = {}  # batch -> (monotonic time, last delay)
         self._loop: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
-    # ---- the API ------------------------------------------------------------------------------
+    # ---- files (the HTTP API's /v1/files, for the caller's tenant) --------------------------------
 
     async def _files(self) -> batches_pb2_grpc.FilesStub:
         try:
@@ -130,9 +151,10 @@ class BatchService:
         except MaasError:
             raise
         except Exception as e:
-            raise Unavailable(f"no registry to read files from ({type(e).__name__})") from None
+            raise Unavailable(f"no registry to keep files ({type(e).__name__})") from None
 
-    async def _call(self, what: str, call: Awaitable[Any]) -> Any:
+    @staticmethod
+    async def _call(what: str, call: Awaitable[Any]) -> Any:
         try:
             return await call
         except grpc.aio.AioRpcError as e:
@@ -145,51 +167,61 @@ class BatchService:
         if limit and record.bytes > limit:
             raise InvalidArgument(f"file {file_id} is {record.bytes} bytes; a batch's input may be at most "
                                   f"{limit // (1024 * 1024)} MiB", field="input_file_id")
-        parts = []
-        call = stub.DownloadFile(batches_pb2.FileRequest(id=file_id, on_behalf_of=tenant), timeout=300)
-        try:
-            async for chunk in call:
-                parts.append(chunk.data)
-        except grpc.aio.AioRpcError as e:
-            raise from_rpc_error(e, "reading the file: ") from None
+        parts = [chunk.data async for chunk in self.file_chunks(None, file_id, tenant)]
         return record, b"".join(parts)
 
-    async def upload(self, who: Principal | None, data: IO[bytes], purpose: str, filename: str) -> batches_pb2.File:
-        """Store an uploaded file for the caller's tenant (the HTTP API's /v1/files)."""
-        async def chunks() -> AsyncIterator[batches_pb2.FileChunk]:
-            yield batches_pb2.FileChunk(purpose=purpose, filename=filename, tenant=_on_behalf_of(who))
-            while block := await asyncio.to_thread(data.read, 1024 * 1024):
-                yield batches_pb2.FileChunk(data=block)
-
+    async def _upload(self, header: batches_pb2.FileChunk, blocks: AsyncIterable[bytes]) -> batches_pb2.File:
         stub = await self._files()
-        return await self._call("storing the file", stub.UploadFile(chunks(), timeout=600))
+        return await self._call("storing the file", stub.UploadFile(
+            upload_chunks(header, blocks), timeout=3600))
+
+    async def upload(self, who: Principal | None, data: IO[bytes], purpose: str, filename: str) -> batches_pb2.File:
+        """Store an uploaded file for the caller's tenant."""
+        if purpose in SERVICE_PURPOSES:
+            raise InvalidArgument(f"purpose {purpose!r} is written by the platform; upload with purpose 'batch'",
+                                  field="purpose")
+
+        async def blocks() -> AsyncIterator[bytes]:
+            while block := await asyncio.to_thread(data.read, CHUNK):
+                yield block
+
+        return await self._upload(batches_pb2.FileChunk(purpose=purpose, filename=filename,
+                                                        tenant=_tenant(who)), blocks())
+
+    def uploading(self) -> asyncio.Semaphore:
+        """Held while an upload is received: at most MAX_UPLOADS at once per router."""
+        return self._uploads
 
     async def list_files(self, who: Principal | None, purpose: str = "") -> list[batches_pb2.File]:
         stub = await self._files()
         reply = await self._call("listing files", stub.ListFiles(
-            batches_pb2.ListFilesRequest(purpose=purpose, on_behalf_of=_on_behalf_of(who)), timeout=10))
+            batches_pb2.ListFilesRequest(purpose=purpose, on_behalf_of=_tenant(who)), timeout=10))
         return list(reply.files)
 
     async def get_file(self, who: Principal | None, file_id: str) -> batches_pb2.File:
         stub = await self._files()
         return await self._call("reading the file", stub.GetFile(
-            batches_pb2.FileRequest(id=file_id, on_behalf_of=_on_behalf_of(who)), timeout=10))
+            batches_pb2.FileRequest(id=file_id, on_behalf_of=_tenant(who)), timeout=10))
 
     async def delete_file(self, who: Principal | None, file_id: str) -> batches_pb2.File:
         stub = await self._files()
         return await self._call("deleting the file", stub.DeleteFile(
-            batches_pb2.FileRequest(id=file_id, on_behalf_of=_on_behalf_of(who)), timeout=30))
+            batches_pb2.FileRequest(id=file_id, on_behalf_of=_tenant(who)), timeout=30))
 
-    async def file_chunks(self, who: Principal | None, file_id: str) -> AsyncGenerator[batches_pb2.FileChunk, None]:
+    async def file_chunks(self, who: Principal | None, file_id: str,
+                          tenant: str | None = None) -> AsyncGenerator[batches_pb2.FileChunk, None]:
         stub = await self._files()
-        call = stub.DownloadFile(batches_pb2.FileRequest(id=file_id, on_behalf_of=_on_behalf_of(who)), timeout=600)
+        call = stub.DownloadFile(batches_pb2.FileRequest(
+            id=file_id, on_behalf_of=_tenant(who) if tenant is None else tenant), timeout=600)
         try:
             async for chunk in call:
                 yield chunk
         except grpc.aio.AioRpcError as e:
-            raise from_rpc_error(e) from None
+            raise from_rpc_error(e, "reading the file: " if e.code() == grpc.StatusCode.UNAVAILABLE else "") from None
         finally:
             call.cancel()
+
+    # ---- batches ------------------------------------------------------------------------------
 
     async def create(self, who: Principal | None, request: batches_pb2.CreateBatchRequest) -> batches_pb2.Batch:
         endpoint = request.endpoint
@@ -206,36 +238,42 @@ class BatchService:
         if not request.input_file_id:
             raise InvalidArgument("input_file_id is required: upload the requests with purpose \"batch\" first",
                                   field="input_file_id")
-        tenant = _on_behalf_of(who)
+        tenant = _tenant(who)
         record, data = await self.read_file(request.input_file_id, tenant, limit=MAX_INPUT_BYTES)
+        if record.tenant != tenant:  # the admin's view holds every tenant's files: it runs the platform's only
+            raise FailedPrecondition(f"file {record.id} belongs to tenant {record.tenant!r}; a batch runs as its "
+                                     "creator, on its creator's files", field="input_file_id")
         if record.purpose != "batch":
             raise InvalidArgument(f"file {record.id} has purpose {record.purpose!r}; a batch's input is uploaded "
                                   "with purpose \"batch\"", field="input_file_id")
         lines = await asyncio.to_thread(parse_input, data, endpoint)
         now = now_ms()
         batch = batches_pb2.Batch(
-            id="batch_" + secrets.token_hex(12), tenant=record.tenant, endpoint=endpoint,
+            id="batch_" + secrets.token_hex(12), tenant=tenant, endpoint=endpoint,
             input_file_id=record.id, completion_window=window, status=Status.BATCH_STATUS_IN_PROGRESS,
             counts=batches_pb2.BatchCounts(total=len(lines)), metadata=dict(request.metadata),
-            key_id=who.key_id if who is not None else "", created_ms=now, in_progress_ms=now,
-            expires_ms=now + seconds * 1000, updated_ms=now)
+            key_id=who.key_id if who is not None else "", key_sha256=who.digest if who is not None else "",
+            created_ms=now, in_progress_ms=now, expires_ms=now + seconds * 1000, updated_ms=now)
         key, tx = self.session.keys.batch(batch.id), self.session.client.transactions
         ok, _ = await self.session.client.transaction(
-            compare=[tx.version(key) == 0], success=[tx.put(key, batch.SerializeToString())], failure=[])
+            compare=[tx.version(key) == 0],
+            success=[tx.put(key, batch.SerializeToString()), tx.put(self.session.keys.open_batch(batch.id), b"")],
+            failure=[])
         if not ok:  # 96 random bits
             raise Unavailable("a batch id collided; try again")
         self.events.publish("batch", "created", batch.id, f"batch {batch.id}: {len(lines)} requests to {endpoint}",
                             tenant=batch.tenant, lines=str(len(lines)))
         self._wake.set()
-        return batch
+        return public(batch)
 
     async def get(self, who: Principal | None, batch_id: str) -> batches_pb2.Batch:
         batch = await get_batch(self.session, batch_id)
         if not _visible(who, batch):
             raise NotFound(f"batch {batch_id!r} does not exist", field="batch_id")
-        return batch
+        return public(batch)
 
-    async def list(self, who: Principal | None, limit: int = 20, after: str = "") -> tuple[list[batches_pb2.Batch], bool]:
+    async def list(self, who: Principal | None, limit: int = 20,
+                   after: str = "") -> tuple[list[batches_pb2.Batch], bool]:
         if not 0 <= limit <= 100:
             raise InvalidArgument(f"limit must be between 1 and 100, not {limit}", field="limit")
         pairs, _ = await self.session.get_prefix(self.session.keys.batches())
@@ -245,13 +283,13 @@ class BatchService:
             ids = [b.id for b in mine]
             mine = mine[ids.index(after) + 1:] if after in ids else []
         limit = limit or 20
-        return mine[:limit], len(mine) > limit
+        return [public(b) for b in mine[:limit]], len(mine) > limit
 
     async def cancel(self, who: Principal | None, batch_id: str) -> batches_pb2.Batch:
         await self.get(who, batch_id)
 
         def cancelling(b: batches_pb2.Batch) -> batches_pb2.Batch | None:
-            if b.status in TERMINAL or b.status == Status.BATCH_STATUS_CANCELLING:
+            if b.status != Status.BATCH_STATUS_IN_PROGRESS:  # finalizing: every line is answered already
                 return None
             b.status, b.cancelling_ms = Status.BATCH_STATUS_CANCELLING, now_ms()
             return b
@@ -264,8 +302,7 @@ class BatchService:
     # ---- the runner -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run batches here (unless concurrency is 0), storing their answers in JetStream."""
-        self.answers = Answers(self.events)
+        """Run batches here (unless concurrency is 0)."""
         if self.concurrency > 0:
             self._loop = asyncio.create_task(self._claim_loop(), name="batch runner")
 
@@ -277,9 +314,6 @@ class BatchService:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for batch_id in list(self._running):
-            await self._release(batch_id)
-        self._running.clear()
 
     async def _claim_loop(self) -> None:
         while True:
@@ -294,19 +328,23 @@ class BatchService:
                 await asyncio.wait_for(self._wake.wait(), TICK * 2)
 
     async def _claim_some(self) -> None:
-        pairs, _ = await self.session.get_prefix(self.session.keys.batches())
+        """Claim open batches nobody runs, up to MAX_RUNNING here."""
+        start = self.session.keys.open_batch()
+        found = await self.session.client.get_prefix(start, keys_only=True)
         client, tx = self.session.client, self.session.client.transactions
-        for _, raw in pairs:
-            batch = batches_pb2.Batch.FromString(raw)
-            if batch.status in TERMINAL or batch.id in self._running:
+        now = time.monotonic()
+        for kv in found:
+            if len(self._running) >= MAX_RUNNING:
+                return
+            batch_id = kv.key[len(start):].decode()
+            if batch_id in self._running or self._not_before.get(batch_id, (0.0, 0.0))[0] > now:
                 continue
-            claim = self.session.keys.batch_run(batch.id)
+            claim = self.session.keys.batch_run(batch_id)
             ok, _ = await client.transaction(
                 compare=[tx.version(claim) == 0],
                 success=[tx.put(claim, self.instance.encode(), lease=self.session.lease_id)], failure=[])
-            if not ok:
-                continue
-            self._running[batch.id] = asyncio.create_task(self._run(batch.id), name=f"batch {batch.id}")
+            if ok:
+                self._running[batch_id] = asyncio.create_task(self._run(batch_id), name=f"batch {batch_id}")
 
     async def _release(self, batch_id: str) -> None:
         claim, tx = self.session.keys.batch_run(batch_id), self.session.client.transactions
@@ -318,10 +356,16 @@ class BatchService:
         RUNNING.inc()
         try:
             await _BatchRun(self, batch_id).run()
+            self._not_before.pop(batch_id, None)
         except asyncio.CancelledError:
             raise
-        except Exception as e:
-            log.warning("batch %s stopped here (another router or a retry resumes it): %s", batch_id, e)
+        except _Lost:
+            log.info("batch %s: another router runs it now", batch_id)
+        except Exception as e:  # a retry here or elsewhere resumes it, after a pause that grows
+            _, delay = self._not_before.get(batch_id, (0.0, TICK))
+            delay = min(delay * 2, MAX_BACKOFF)
+            self._not_before[batch_id] = (time.monotonic() + delay, delay)
+            log.warning("batch %s stopped here, to be resumed in %.0fs: %s", batch_id, delay, e)
         finally:
             RUNNING.dec()
             self._running.pop(batch_id, None)
@@ -339,105 +383,101 @@ class _BatchRun:
         self.service = service
         self.id = batch_id
         self.session = service.session
-        assert service.answers is not None
         self.answers = service.answers
-        self.stop: str = ""  # why no more lines are sent: "cancelled", "expired", "failed: ..."
+        self.stop = ""  # why no more lines are sent: "cancelled", "expired", "lost", "failed: ..."
         self.completed = self.failed = 0
+        self.data = b""
+        self.lines: list[Line] = []
 
     async def _update(self, mutate: Callable[[batches_pb2.Batch], batches_pb2.Batch | None]) -> batches_pb2.Batch:
+        """Write while this router holds the claim; _Lost once it does not."""
         written = await update_batch(self.session, self.id, mutate, runner=self.service.instance)
-        if written is None:
-            got = await get_batch(self.session, self.id)
-            claim = await self.session.get(self.session.keys.batch_run(self.id))
-            if claim != self.service.instance.encode():
-                raise _Lost()
-            return got
-        return written
+        if written is not None:
+            return written
+        if await self.session.get(self.session.keys.batch_run(self.id)) != self.service.instance.encode():
+            self.stop = "lost"
+            raise _Lost()
+        return await get_batch(self.session, self.id)  # `mutate` declined
 
     async def run(self) -> None:
-        batch = await get_batch(self.session, self.id)
-
         def claimed(b: batches_pb2.Batch) -> batches_pb2.Batch:
             b.runner, b.claims = self.service.instance, b.claims + 1
             return b
 
         batch = await self._update(claimed)
+        if batch.status in TERMINAL:  # ended, but its open mark outlived it
+            await self.session.client.delete(self.session.keys.open_batch(self.id))
+            return
         log.info("running batch %s (%d requests, claim %d)", self.id, batch.counts.total, batch.claims)
-        done = await self.answers.read(self.id)
-        self.completed = sum(a.ok for a in done.values())
-        self.failed = len(done) - self.completed
-        todo: list[Line] = []
-        if batch.status == Status.BATCH_STATUS_CANCELLING:
-            self.stop = "cancelled"
-        elif now_ms() >= batch.expires_ms:
-            self.stop = "expired"
-        elif batch.status != Status.BATCH_STATUS_FINALIZING:
-            _, data = await self.service.read_file(batch.input_file_id, batch.tenant)
-            lines = await asyncio.to_thread(parse_input, data, batch.endpoint)
-            todo = [line for line in lines if line.index not in done]
-        who = self._caller(batch)
-        progress = asyncio.create_task(self._progress(), name=f"batch {self.id} progress")
         try:
-            if todo and not self.stop:
+            outcomes = await self.answers.outcomes(self.id)
+            _, self.data = await self.service.read_file(batch.input_file_id, batch.tenant)
+            self.lines = await asyncio.to_thread(parse_input, self.data, batch.endpoint)
+        except (NotFound, InvalidArgument, PermissionDenied) as e:
+            outcomes, self.stop = {}, f"failed: its input cannot be read: {e.message}"
+        self.completed = sum(outcomes.values())
+        self.failed = len(outcomes) - self.completed
+        if batch.status == Status.BATCH_STATUS_CANCELLING:
+            self.stop = self.stop or "cancelled"
+        elif now_ms() >= batch.expires_ms:
+            self.stop = self.stop or "expired"
+        who = await self._caller(batch)
+        todo = [line for line in self.lines if line.index not in outcomes]
+        progress = asyncio.create_task(self._progress(batch), name=f"batch {self.id} progress")
+        try:
+            if todo and not self.stop and batch.status == Status.BATCH_STATUS_IN_PROGRESS:
                 await self._send(batch, who, todo)
         finally:
             progress.cancel()
             with contextlib.suppress(asyncio.CancelledError, _Lost):
                 await progress
-        await self._finish(batch)
+        if self.stop == "lost":
+            raise _Lost()
+        await self._finish()
 
-    def _caller(self, batch: batches_pb2.Batch) -> Principal | str:
+    async def _caller(self, batch: batches_pb2.Batch) -> Principal | str:
         """Who the lines run as: the key that made the batch ("" on an --insecure mesh)."""
         if not self.service.authorizer.enforce:
             return ""
-        who = self.service.authorizer.by_id(batch.key_id)
-        if who is None:
-            self.stop = f"failed: the key {batch.key_id} that created the batch was revoked"
+        who = await self.service.authorizer.by_digest(batch.key_sha256) if batch.key_sha256 else None
+        if who is None or who.tenant != batch.tenant:
+            self.stop = self.stop or f"failed: the key {batch.key_id or '-'} that created the batch was revoked"
             return ""
         return who
 
-    async def _progress(self) -> None:
-        """Write the counts about once a second; notice a cancellation or the window's end."""
+    async def _progress(self, batch: batches_pb2.Batch) -> None:
+        """About once a second: write the counts; notice a cancellation, the window's end,
+        the key's revocation and the claim's loss."""
         while True:
             await asyncio.sleep(TICK)
             try:
                 batch = await self._update(self._counted)
-            except _Lost:
-                self.stop = "lost"  # another router has it: send nothing more
+                if batch.status == Status.BATCH_STATUS_CANCELLING:
+                    self.stop = self.stop or "cancelled"
+                elif now_ms() >= batch.expires_ms:
+                    self.stop = self.stop or "expired"
+                await self._caller(batch)
+            except (_Lost, asyncio.CancelledError):
                 raise
-            except MaasError as e:  # etcd away for a moment: the next tick writes
+            except Exception as e:  # etcd away for a moment: the next tick writes
                 log.info("batch %s: progress not written: %s", self.id, e)
-                continue
-            if batch.status == Status.BATCH_STATUS_CANCELLING and not self.stop:
-                self.stop = "cancelled"
-            elif now_ms() >= batch.expires_ms and not self.stop:
-                self.stop = "expired"
 
     def _counted(self, b: batches_pb2.Batch) -> batches_pb2.Batch:
         b.counts.completed, b.counts.failed = self.completed, self.failed
         return b
 
     async def _send(self, batch: batches_pb2.Batch, who: Principal | str, todo: list[Line]) -> None:
+        """Every line of `todo`, as many at once as the router's slots allow (a line waiting
+        to retry gives its slot up meanwhile), until they are answered or the batch stops."""
         slots = self.service._slots
         pending: set[asyncio.Task[None]] = set()
         try:
             for line in todo:
-                got = False
-                while not got and not self.stop:  # a slot, watching for a stop meanwhile
-                    with contextlib.suppress(TimeoutError):
-                        got = await asyncio.wait_for(slots.acquire(), TICK)
-                if self.stop:
-                    if got:
-                        slots.release()
+                if not await self._take(slots):
                     break
-                task = asyncio.create_task(self._line(batch, who, line))
+                task = asyncio.create_task(self._line(batch, who, line, slots))  # it owns the slot taken
                 pending.add(task)
-
-                def settled(t: asyncio.Task[None]) -> None:
-                    pending.discard(t)
-                    slots.release()
-
-                task.add_done_callback(settled)
+                task.add_done_callback(pending.discard)
             while pending and not self.stop:
                 await asyncio.wait(set(pending), timeout=TICK)
         finally:
@@ -446,42 +486,63 @@ class _BatchRun:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _line(self, batch: batches_pb2.Batch, who: Principal | str, line: Line) -> None:
+    async def _take(self, slots: asyncio.Semaphore) -> bool:
+        """A slot, or False once the batch stops."""
+        while not self.stop:
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(slots.acquire(), TICK)
+        return False
+
+    async def _line(self, batch: batches_pb2.Batch, who: Principal | str, line: Line,
+                    slots: asyncio.Semaphore) -> None:
+        """One line, tried until it is answered: a try that failed for want of capacity is
+        tried again after a pause (its slot given up meanwhile) until the window ends."""
         rid = f"{batch.id.removeprefix('batch_')}-{line.index}"
         token = request_id_var.set(rid)
-        IN_FLIGHT.inc()
+        held = True  # the sender took a slot for the first try
+        delay, timeouts = 0.5, 0
         try:
-            delay = 0.5
-            for tries in range(1, MAX_TRIES + 1):
+            while True:
                 left = batch.expires_ms / 1000 - time.time()
                 if left <= 0:
                     self.stop = self.stop or "expired"  # the line stays unanswered
                     return
+                if not held and not await self._take(slots):
+                    return
+                held = True
+                IN_FLIGHT.inc()
                 try:
-                    body = await self.service.answer(batch.endpoint, line.body, who, min(LINE_TIMEOUT, left),
-                                                     service_class="batch")
-                    await self._store(line, True, _output(line, rid, 200, body, None), batch.tenant)
-                    return
-                except asyncio.CancelledError:
-                    raise
+                    body = await self.service.answer(batch.endpoint, line.body(self.data), who,
+                                                     min(LINE_TIMEOUT, left), service_class="batch")
+                    outcome: tuple[int, dict[str, Any]] | Exception = (200, body)
                 except Exception as e:
-                    if _retryable(e) and tries < MAX_TRIES:
+                    outcome = e
+                finally:
+                    IN_FLIGHT.dec()
+                    slots.release()
+                    held = False
+                if isinstance(outcome, Exception):
+                    timeouts += isinstance(outcome, DeadlineExceeded)
+                    if isinstance(outcome, RETRYABLE) and timeouts < MAX_TIMEOUTS:
                         RETRIES.labels(batch.tenant or "-").inc()
-                        wait = getattr(e, "retry_after", None) or delay * random.uniform(0.5, 1.5)
-                        delay = min(delay * 2, 10.0)
-                        await asyncio.sleep(min(wait, 30.0))
+                        wait = getattr(outcome, "retry_after", None) or delay * random.uniform(0.5, 1.5)
+                        delay = min(delay * 2, MAX_BACKOFF)
+                        await asyncio.sleep(min(wait, MAX_BACKOFF))
                         continue
-                    status, error = self.service.error_of(e)
-                    await self._store(line, False, _output(line, rid, status, error, None), batch.tenant)
-                    return
+                    outcome = self.service.error_of(outcome)
+                status, body = outcome
+                await self._store(line, status == 200, _output(line, rid, status, body, None), batch.tenant)
+                return
         finally:
-            IN_FLIGHT.dec()
+            if held:
+                slots.release()
             request_id_var.reset(token)
 
     async def _store(self, line: Line, ok: bool, data: bytes, tenant: str) -> None:
         if len(data) > MAX_ANSWER_BYTES:
             ok = False
-            data = _output(line, "", 500, {"error": {
+            rid = json.loads(data)["response"]["request_id"]
+            data = _output(line, rid, 500, {"error": {
                 "message": f"the answer is {len(data)} bytes, more than a batch line may hold ({MAX_ANSWER_BYTES})",
                 "type": "server_error", "param": None, "code": "answer_too_large"}}, None)
         delay = 0.2
@@ -501,71 +562,94 @@ class _BatchRun:
             self.failed += 1
         LINES.labels(tenant or "-", "completed" if ok else "failed").inc()
 
-    async def _finish(self, batch: batches_pb2.Batch) -> None:
+    async def _finish(self) -> None:
         """Write the output and error files, then the batch's end."""
         def finalizing(b: batches_pb2.Batch) -> batches_pb2.Batch | None:
-            if b.status in TERMINAL:
-                return None
             if b.status == Status.BATCH_STATUS_IN_PROGRESS and not self.stop:
                 b.status, b.finalizing_ms = Status.BATCH_STATUS_FINALIZING, now_ms()
-            return b
+                return b
+            return None
 
         current = await self._update(finalizing)
         if current.status in TERMINAL:
             return
-        if current.status == Status.BATCH_STATUS_CANCELLING and not self.stop:
-            self.stop = "cancelled"
-        done = await self.answers.read(self.id)
-        self.completed = sum(a.ok for a in done.values())
-        self.failed = len(done) - self.completed
-        if not self.stop and len(done) < current.counts.total:
-            raise Unavailable(f"{current.counts.total - len(done)} lines are not answered yet")
-        output = await self._write(current, [a for _, a in sorted(done.items()) if a.ok], "output")
-        errors = await self._write(current, [a for _, a in sorted(done.items()) if not a.ok], "errors")
+        if current.status == Status.BATCH_STATUS_CANCELLING:
+            self.stop = self.stop or "cancelled"
+        outcomes = await self.answers.outcomes(self.id)
+        if not self.stop and len(outcomes) < current.counts.total:
+            raise Unavailable(f"{current.counts.total - len(outcomes)} lines are not answered yet")
+        unanswered = [line for line in self.lines if line.index not in outcomes] if self.stop else []
+        output = await self._write(current, "output", True, [])
+        errors = await self._write(current, "errors", False, unanswered)
+        self.completed = sum(outcomes.values())
+        self.failed = len(outcomes) - self.completed + len(unanswered)
         end = {"": Status.BATCH_STATUS_COMPLETED, "cancelled": Status.BATCH_STATUS_CANCELLED,
                "expired": Status.BATCH_STATUS_EXPIRED}.get(self.stop, Status.BATCH_STATUS_FAILED)
+        stamp = {Status.BATCH_STATUS_COMPLETED: "completed_ms", Status.BATCH_STATUS_CANCELLED: "cancelled_ms",
+                 Status.BATCH_STATUS_EXPIRED: "expired_ms"}.get(end, "failed_ms")
 
         def ended(b: batches_pb2.Batch) -> batches_pb2.Batch | None:
             if b.status in TERMINAL:
                 return None
             b.status = end
-            stamp = now_ms()
-            field = {Status.BATCH_STATUS_COMPLETED: "completed_ms", Status.BATCH_STATUS_CANCELLED: "cancelled_ms",
-                     Status.BATCH_STATUS_EXPIRED: "expired_ms"}.get(end, "failed_ms")
-            setattr(b, field, stamp)
+            setattr(b, stamp, now_ms())
             if end == Status.BATCH_STATUS_FAILED:
                 b.message = self.stop.removeprefix("failed: ")
             elif end == Status.BATCH_STATUS_EXPIRED:
-                b.message = f"the completion window ({b.completion_window}) ended with " \
-                            f"{b.counts.total - len(done)} requests unanswered"
+                b.message = f"the completion window ({b.completion_window}) ended with {len(unanswered)} " \
+                            "requests unanswered (in the error file)"
             b.output_file_id, b.error_file_id = output, errors
             b.counts.completed, b.counts.failed = self.completed, self.failed
             return b
 
         final = await self._update(ended)
+        await self.session.client.delete(self.session.keys.open_batch(self.id))
         await self.answers.purge(self.id)
         self.service.events.publish(
             "batch", status_name(final.status), self.id,
             f"batch {self.id} {status_name(final.status)}: {self.completed} answered, {self.failed} failed",
             tenant=final.tenant)
-        log.info("batch %s %s: %d answered, %d failed", self.id, status_name(final.status), self.completed, self.failed)
+        log.info("batch %s %s: %d answered, %d failed", self.id, status_name(final.status), self.completed,
+                 self.failed)
 
-    async def _write(self, batch: batches_pb2.Batch, answers: list[Answer], kind: str) -> str:
-        """One of the batch's result files (its id fixed by the batch's), or "" for none."""
-        if not answers:
-            return ""
-        data = b"".join(a.line + b"\n" for a in answers)
+    async def _write(self, batch: batches_pb2.Batch, kind: str, ok: bool, unanswered: list[Line]) -> str:
+        """One of the batch's result files, streamed from the stored answers in the order they
+        were stored (its id fixed by the batch's); "" when it would be empty."""
+        reason = {"cancelled": "batch_cancelled", "expired": "batch_expired"}.get(self.stop, "batch_failed")
+        first: list[bytes] = []
+
+        async def blocks() -> AsyncIterator[bytes]:
+            block = bytearray()
+            async for answer in self.answers.scan(self.id):
+                if answer.ok == ok:
+                    block += answer.line + b"\n"
+                    if len(block) >= CHUNK:
+                        yield bytes(block)
+                        block.clear()
+            for line in unanswered:
+                block += json.dumps({"id": f"batch_req_{batch.id.removeprefix('batch_')}-{line.index}",
+                                     "custom_id": line.custom_id, "response": None,
+                                     "error": {"code": reason, "message": f"not answered: the batch was {self.stop}"}},
+                                    ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+                if len(block) >= CHUNK:
+                    yield bytes(block)
+                    block.clear()
+            if block:
+                yield bytes(block)
+
+        async def nonempty() -> AsyncIterator[bytes]:
+            async for block in blocks():
+                first.append(block)
+                yield block
+
         file_id = f"file-{batch.id}-{kind}"
-
-        async def chunks() -> AsyncIterator[batches_pb2.FileChunk]:
-            step = 1024 * 1024
-            yield batches_pb2.FileChunk(data=data[:step], purpose="batch_output", filename=f"{batch.id}_{kind}.jsonl",
-                                        tenant=batch.tenant, id=file_id)
-            for at in range(step, len(data), step):
-                yield batches_pb2.FileChunk(data=data[at:at + step])
-
-        stub = await self.service._files()
-        record = await self.service._call("writing the batch's results", stub.UploadFile(chunks(), timeout=300))
+        header = batches_pb2.FileChunk(purpose="batch_output", filename=f"{batch.id}_{kind}.jsonl",
+                                       tenant=batch.tenant, id=file_id)
+        record = await self.service._upload(header, nonempty())
+        if not first:  # nothing went in: no file (the empty one is dropped again)
+            with contextlib.suppress(Exception):
+                await self.service.delete_file(None, record.id)
+            return ""
         return str(record.id)
 
 
@@ -604,31 +688,29 @@ class BatchesServicer(batches_pb2_grpc.BatchesServicer):
         self.service = service
 
     @staticmethod
-    def _who() -> Principal | None:
+    def _creator() -> Principal | None:
+        """Whose key a new batch's lines run as (None: an --insecure mesh's)."""
         me = caller()
-        return None if me.kind == "admin" else me
+        return None if me.name == "insecure" else me
 
     async def CreateBatch(self, request: batches_pb2.CreateBatchRequest,
                           context: grpc.aio.ServicerContext) -> batches_pb2.Batch:
         return await self.service.create(self._creator(), request)
 
-    @staticmethod
-    def _creator() -> Principal | None:
-        me = caller()
-        return None if me.name == "insecure" else me
-
     async def GetBatch(self, request: batches_pb2.BatchRequest,
                        context: grpc.aio.ServicerContext) -> batches_pb2.Batch:
-        return await self.service.get(self._who(), request.id)
+        return await self.service.get(acting(caller()), request.id)
 
     async def ListBatches(self, request: batches_pb2.ListBatchesRequest,
                           context: grpc.aio.ServicerContext) -> batches_pb2.ListBatchesResponse:
-        batches, more = await self.service.list(self._who(), request.limit, request.after)
+        batches, more = await self.service.list(acting(caller()), request.limit, request.after)
         return batches_pb2.ListBatchesResponse(batches=batches, has_more=more)
 
     async def CancelBatch(self, request: batches_pb2.BatchRequest,
                           context: grpc.aio.ServicerContext) -> batches_pb2.Batch:
-        return await self.service.cancel(self._who(), request.id)
+        return await self.service.cancel(acting(caller()), request.id)
 
 
-__all__ = ["BatchService", "BatchesServicer", "batch_object", "file_object", "parse_input"]
+SERVICE = batches_pb2.DESCRIPTOR.services_by_name["Batches"].full_name
+
+__all__ = ["SERVICE", "BatchService", "BatchesServicer", "acting", "batch_object", "file_object"]

@@ -50,7 +50,7 @@ from maas.mesh.logs import new_request_id, request_id_var
 from maas.mesh.tls import TlsFiles
 from maas.pipelines.executor import Run
 from maas.services.router import openai_api, openapi, pipelines
-from maas.services.router.batches import BatchService, batch_object, file_object
+from maas.services.router.batches import BatchService, acting, batch_object, file_object
 from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder
 from maas.services.router.pipelines import Found, MeshServices, PipelineCatalog
 from maas.services.router.tenants import Caller
@@ -111,6 +111,10 @@ def _error(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
         return status, error_body(e.message, kind, param=e.field, code=e.code.name.lower()), headers
     if isinstance(e, MaasError) and getattr(e, "public", False):
         return 500, error_body(e.message, "server_error", param=e.field, code="internal"), {}
+    if isinstance(e, UnicodeEncodeError):  # a lone surrogate escape ("\\ud800") where text is needed
+        return 400, error_body("a string in the request holds an unpaired surrogate (a \\ud800-\\udfff escape "
+                               "without its pair); send valid Unicode", "invalid_request_error",
+                               code="invalid_unicode"), {}
     if isinstance(e, EtcdError):
         log.warning("etcd call failed: %s", e)
         return 503, error_body("the mesh's etcd is unavailable; retry shortly", "service_unavailable_error",
@@ -557,63 +561,69 @@ class HttpApi:
     # ---- files and batches (docs/batches.md) ---------------------------------------------------
 
     def _batches(self, request: web.Request) -> tuple[BatchService, Principal | None]:
-        """The batch service and the caller (None: sees every tenant's, the admin or --insecure)."""
+        """The batch service and the caller: a tenant's principal, the admin's, or None on an
+        --insecure mesh (which acts for the platform)."""
         if self.batches is None:
             raise NotFound("this router does not serve files and batches", field="path")
         gate = self.forwarder.gate
-        who = gate.identify(_api_key(request)) if gate is not None else None
-        return self.batches, None if who is None or who.kind != "tenant" else who
+        return self.batches, gate.identify(_api_key(request)) if gate is not None else None
 
     async def create_file(self, request: web.Request) -> web.StreamResponse:
         service, who = self._batches(request)
         if not request.content_type.startswith("multipart/"):
             raise HttpError(400, "upload a file as multipart/form-data with fields \"file\" and \"purpose\"",
                             code="invalid_request")
-        purpose, filename = "", ""
-        with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as spool:
-            size = 0
-            reader = await request.multipart()
-            while (part := await reader.next()) is not None:
-                if not isinstance(part, BodyPartReader):
-                    continue
-                if part.name == "purpose":
-                    purpose = (await part.text()).strip()
-                elif part.name == "file":
-                    filename = part.filename or "upload"
-                    while chunk := await part.read_chunk(1024 * 1024):
-                        size += len(chunk)
-                        if size > MAX_FILE_BYTES:
-                            raise HttpError(413, f"the file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB",
-                                            code="file_too_large")
-                        await asyncio.to_thread(spool.write, chunk)
-            if not filename:
-                raise InvalidArgument("the upload has no \"file\" field", field="file")
-            if not purpose:
-                raise InvalidArgument("the upload has no \"purpose\" field (use \"batch\" for batch input)",
-                                      field="purpose")
-            await asyncio.to_thread(spool.seek, 0)
-            record = await service.upload(who, spool, purpose, filename)
+        async with service.uploading():
+            purpose, filename = "", ""
+            with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as spool:
+                size = 0
+                reader = await request.multipart()
+                while (part := await reader.next()) is not None:
+                    if not isinstance(part, BodyPartReader):
+                        continue
+                    if part.name == "purpose":
+                        raw = await part.read_chunk(256)
+                        if await part.read_chunk(1):
+                            raise InvalidArgument("purpose is too long", field="purpose")
+                        purpose = raw.decode("utf-8", "replace").strip()
+                    elif part.name == "file":
+                        filename = part.filename or "upload"
+                        while chunk := await part.read_chunk(1024 * 1024):
+                            size += len(chunk)
+                            if size > MAX_FILE_BYTES:
+                                raise HttpError(413, f"the file is larger than {MAX_FILE_BYTES // (1024 * 1024)} "
+                                                     "MiB", code="file_too_large")
+                            await asyncio.to_thread(spool.write, chunk)
+                    else:
+                        await part.release()  # a field OpenAI's API does not have: skipped
+                if not filename:
+                    raise InvalidArgument("the upload has no \"file\" field", field="file")
+                if not purpose:
+                    raise InvalidArgument("the upload has no \"purpose\" field (use \"batch\" for batch input)",
+                                          field="purpose")
+                await asyncio.to_thread(spool.seek, 0)
+                record = await service.upload(acting(who), spool, purpose, filename)
         return web.json_response(file_object(record), dumps=_dumps)
 
     async def list_files(self, request: web.Request) -> web.StreamResponse:
         service, who = self._batches(request)
-        files = await service.list_files(who, request.query.get("purpose", ""))
+        files = await service.list_files(acting(who), request.query.get("purpose", ""))
         return web.json_response({"object": "list", "data": [file_object(f) for f in files], "has_more": False},
                                  dumps=_dumps)
 
     async def get_file(self, request: web.Request) -> web.StreamResponse:
         service, who = self._batches(request)
-        return web.json_response(file_object(await service.get_file(who, request.match_info["file_id"])),
+        return web.json_response(file_object(await service.get_file(acting(who), request.match_info["file_id"])),
                                  dumps=_dumps)
 
     async def delete_file(self, request: web.Request) -> web.StreamResponse:
         service, who = self._batches(request)
-        record = await service.delete_file(who, request.match_info["file_id"])
+        record = await service.delete_file(acting(who), request.match_info["file_id"])
         return web.json_response({"id": record.id, "object": "file", "deleted": True}, dumps=_dumps)
 
     async def file_content(self, request: web.Request) -> web.StreamResponse:
         service, who = self._batches(request)
-        chunks = service.file_chunks(who, request.match_info["file_id"])
+        chunks = service.file_chunks(acting(who), request.match_info["file_id"])
         async with contextlib.aclosing(chunks):
             first = await anext(chunks)  # errors (not found) before the headers
             response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
@@ -626,9 +636,7 @@ class HttpApi:
         return response
 
     async def create_batch(self, request: web.Request) -> web.StreamResponse:
-        service, _ = self._batches(request)
-        gate = self.forwarder.gate
-        creator = gate.identify(_api_key(request)) if gate is not None else None  # whose key the lines use
+        service, creator = self._batches(request)  # the lines run as its key
         body = openai_api.checked(await self._body(request), openai_api.BATCH_FIELDS)
         metadata = body.get("metadata") or {}
         if not all(isinstance(v, str) for v in metadata.values()):
@@ -641,20 +649,21 @@ class HttpApi:
     async def list_batches(self, request: web.Request) -> web.StreamResponse:
         service, who = self._batches(request)
         raw = request.query.get("limit", "20")
-        if not raw.isdigit():
+        if not raw.isdigit() or not 1 <= int(raw) <= 100:
             raise InvalidArgument(f"limit must be a number from 1 to 100, not {raw[:20]!r}", field="limit")
-        batches, more = await service.list(who, int(raw), request.query.get("after", ""))
+        batches, more = await service.list(acting(who), int(raw), request.query.get("after", ""))
         data = [batch_object(b) for b in batches]
         return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                                   "last_id": data[-1]["id"] if data else None, "has_more": more}, dumps=_dumps)
 
     async def get_batch(self, request: web.Request) -> web.StreamResponse:
         service, who = self._batches(request)
-        return web.json_response(batch_object(await service.get(who, request.match_info["batch_id"])), dumps=_dumps)
+        return web.json_response(batch_object(await service.get(acting(who), request.match_info["batch_id"])),
+                                 dumps=_dumps)
 
     async def cancel_batch(self, request: web.Request) -> web.StreamResponse:
         service, who = self._batches(request)
-        return web.json_response(batch_object(await service.cancel(who, request.match_info["batch_id"])),
+        return web.json_response(batch_object(await service.cancel(acting(who), request.match_info["batch_id"])),
                                  dumps=_dumps)
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:

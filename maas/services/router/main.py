@@ -10,6 +10,7 @@ from maas.mesh.errors import StartupError
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.mesh.usage import UsageMeter
+from maas.services.router import batches
 from maas.services.router.batches import DEFAULT_CONCURRENCY, BatchesServicer, BatchService
 from maas.services.router.forward import FAILOVER_SECONDS, QUEUE_SECONDS, Forwarder
 from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi, error_of
@@ -85,11 +86,11 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
         raise StartupError(f"--batch-concurrency {batch_concurrency} must be between 0 and 4096")
     http = HttpApi(forwarder, http_host or rt.config.host, max(http_port, 0), grace=rt.config.grace,
                    timeout=http_timeout, tls=rt.config.tls, catalog=catalog)
-    batches = BatchService(rt.etcd, pool.registry, rt.authorizer, rt.events, http.answer, error_of=error_of,
+    batch_service = BatchService(rt.etcd, pool.registry, rt.authorizer, rt.events, http.answer, error_of=error_of,
                            instance=rt.config.instance, concurrency=batch_concurrency)
-    http.batches = batches
-    rt.add_service("maas.v1.Batches", batches_pb2_grpc.add_BatchesServicer_to_server, BatchesServicer(batches))
-    rt.add_closer(batches.close)  # before the pool's: closers run newest first
+    http.batches = batch_service
+    rt.add_service(batches.SERVICE, batches_pb2_grpc.add_BatchesServicer_to_server, BatchesServicer(batch_service))
+    rt.add_closer(batch_service.close)  # before the pool's: closers run newest first
     info: dict[str, str] = {}
     if http_port >= 0:
         rt.before_stop(http.stop_accepting)  # no new requests once shutdown begins
@@ -101,7 +102,7 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     await gate.start()
     await rt.events.subscribe_load(pool.observe)
     catalog.start_reporting(rt.events, rt.config.instance)  # deployed pipelines' outcomes, for canary judging
-    batches.start()
+    batch_service.start()
     return pool
 
 

@@ -297,6 +297,7 @@ def start(forwarder: Forwarder, caller: Caller, request: inference_pb2.GenerateR
     messages = [{"role": m.role, "content": m.content} for m in request.messages] or \
         [{"role": "user", "content": request.prompt}]
     services = MeshServices(forwarder, caller, request.request_id, catalog, found)
+    services.service_class = request.service_class  # each step's model call runs at the request's class
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     run = Run(found.spec, services, PipelineInput(messages), deadline=deadline,
               tenant=principal.tenant if principal is not None else "", name=found.ref)
@@ -322,6 +323,7 @@ class MeshServices:
         self.forwarder, self.caller, self.request_id = forwarder, caller, request_id
         self.catalog, self.found = catalog, found
         self.usage = common_pb2.Usage()
+        self.service_class = ""  # the class every generate step asks for ("": the key's own)
         self._calls = 0
 
     def _timeout(self, deadline: float | None) -> float | None:
@@ -341,6 +343,7 @@ class MeshServices:
             sampling.stop.extend([stop] if isinstance(stop, str) else [str(s) for s in stop])
         request = inference_pb2.GenerateRequest(
             request_id=f"{self.request_id}.{self._calls}", model=model, params=sampling,
+            service_class=self.service_class,
             messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
         # a prompt made from retrieved documents goes where the same documents went before
         # (prefix-cache affinity on them, as a session would), else by its own prefix

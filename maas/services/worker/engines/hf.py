@@ -477,7 +477,8 @@ class HFEngine:
         """Pop waiting requests that fit, the next one chosen fairly across tenants
         (`fair.FairQueue.next`), in arrival order within a tenant. Holds _cv.
 
-        Three limits: batch slots; the KV budget, counted as the cache really grows (every
+        One class per prefill pass (the first admitted's), so a lower class never lengthens
+        a higher class's time to first token. Three limits: batch slots; the KV budget, counted as the cache really grows (every
         row as wide as the widest: rows x (widest prompt + longest remaining generation),
         so padding is paid for); and the prefill pass, also counted padded (rows x longest
         prompt), so one long prompt does not make a group of short ones expensive."""
@@ -496,6 +497,8 @@ class HFEngine:
                 self._waiting.pop(seq)
                 self._finish_metrics(seq, "cancelled")
                 continue
+            if admitted and seq.priority != admitted[0].priority:
+                break  # a lower class waits for the next pass: it would lengthen a higher class's prefill
             size = len(seq.row.prompt_ids) + len(seq.output)
             need = seq.row.params.max_tokens - len(seq.output)
             grown = (rows + len(admitted) + 1) * min(max(width, longest, size) + max(remaining, need),
