@@ -659,9 +659,9 @@ def batch_object(b: batches_pb2.Batch) -> dict[str, Any]:
         return ms // 1000 if ms else None
 
     errors = None
-    if b.status == Status.BATCH_STATUS_FAILED and b.message:
-        errors = {"object": "list", "data": [{"code": "batch_failed", "message": b.message, "param": None,
-                                              "line": None}]}
+    if b.status in (Status.BATCH_STATUS_FAILED, Status.BATCH_STATUS_EXPIRED) and b.message:
+        code = "batch_failed" if b.status == Status.BATCH_STATUS_FAILED else "batch_expired"
+        errors = {"object": "list", "data": [{"code": code, "message": b.message, "param": None, "line": None}]}
     return {
         "id": b.id, "object": "batch", "endpoint": b.endpoint, "errors": errors,
         "input_file_id": b.input_file_id, "completion_window": b.completion_window, "status": status_name(b.status),

@@ -649,7 +649,7 @@ class HttpApi:
     async def list_batches(self, request: web.Request) -> web.StreamResponse:
         service, who = self._batches(request)
         raw = request.query.get("limit", "20")
-        if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 100):
             raise InvalidArgument(f"limit must be a number from 1 to 100, not {raw[:20]!r}", field="limit")
         batches, more = await service.list(acting(who), int(raw), request.query.get("after", ""))
         data = [batch_object(b) for b in batches]
