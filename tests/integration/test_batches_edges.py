@@ -150,7 +150,9 @@ async def test_a_batch_whose_window_ends_first_expires_keeping_what_was_answered
     for e in unanswered:
         assert e["response"] is None and e["error"]["code"] == "batch_expired" and e["error"]["message"], e
 
-    # the record says why (the HTTP object shows `errors` for a failed batch only)
+    # the record says why, on HTTP (OpenAI's `errors`) and gRPC
+    assert done.errors is not None and done.errors.data[0].code == "batch_expired", done.errors
+    assert "4 requests unanswered" in (done.errors.data[0].message or "")
     grpc_batches = batches_pb2_grpc.BatchesStub(dial(router.endpoint, key))
     record = await grpc_batches.GetBatch(batches_pb2.BatchRequest(id=batch.id), timeout=5)
     assert record.status == batches_pb2.BATCH_STATUS_EXPIRED
