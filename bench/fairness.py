@@ -12,9 +12,10 @@ weights), as issue 14 measured first come first served:
 
 3. batch against online, on the idle fleet: `--batch-lines` requests (completions of
    `--batch-tokens` tokens) sent once as a batch (`/v1/batches`, timed from its creation
-   to its completion as a client polling every 0.1 s sees it) and once online by a client
-   with as many requests in flight as the router runs batch lines (its default, 16);
-   throughput is completion tokens per second of each;
+   to its completion as a client polling every 0.1 s sees it), after 2 s without any
+   online request (batches yield to online requests for a second after the last one),
+   and once online by a client with as many requests in flight as the router runs batch
+   lines (its default, 16); throughput is completion tokens per second of each;
 4. interactive under a batch: a third tenant whose key has the `interactive` class runs
    the quiet phase alone, then again while a batch of `--batch-lines` * 4 longer requests
    runs (cancelled afterwards).
@@ -235,6 +236,7 @@ async def batch_against_online(stack: dict[str, Any], keys: dict[str, str], args
     await asyncio.gather(*(worker() for _ in range(args.online_concurrency)))
     online = tokens / (time.perf_counter() - t0)
 
+    await asyncio.sleep(2.0)  # the fleet idle: batches yield to online requests for a second after the last
     t0 = time.perf_counter()
     batch = await start_batch(stack, keys["batch"], args.batch_lines, args.batch_tokens, "batch")
     got = await poll(batch, lambda b: b.status in ("completed", "failed", "cancelled"))

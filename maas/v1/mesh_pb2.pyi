@@ -191,20 +191,22 @@ class LoadReport(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_used: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., time_ms: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaLoad, _Mapping]]] = ...) -> None: ...
 
 class ReplicaLoad(_message.Message):
-    __slots__ = ("replica_id", "deployment", "in_flight", "queue_depth", "requests_total", "idle_ms")
+    __slots__ = ("replica_id", "deployment", "in_flight", "queue_depth", "requests_total", "idle_ms", "online_in_flight")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     IDLE_MS_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     deployment: str
     in_flight: int
     queue_depth: int
     requests_total: int
     idle_ms: int
-    def __init__(self, replica_id: _Optional[str] = ..., deployment: _Optional[str] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., requests_total: _Optional[int] = ..., idle_ms: _Optional[int] = ...) -> None: ...
+    online_in_flight: int
+    def __init__(self, replica_id: _Optional[str] = ..., deployment: _Optional[str] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., requests_total: _Optional[int] = ..., idle_ms: _Optional[int] = ..., online_in_flight: _Optional[int] = ...) -> None: ...
 
 class LeaderInfo(_message.Message):
     __slots__ = ("instance", "endpoint", "since_ms")

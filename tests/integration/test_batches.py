@@ -5,6 +5,7 @@ files named by line; another tenant's files and batches invisible."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 
@@ -13,9 +14,9 @@ import pytest
 from openai import AsyncOpenAI
 
 from maas.mesh.clients import dial, live_services
-from maas.v1 import batches_pb2, batches_pb2_grpc
+from maas.v1 import batches_pb2, batches_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 
-from .conftest import MeshHarness, eventually
+from .conftest import MeshHarness, eventually, read_rest
 from .test_cli_deploy import cli
 
 
@@ -259,3 +260,39 @@ async def test_the_cli_creates_follows_and_reads_a_batch(mesh: MeshHarness, caps
     assert rc == 2 and "line 3: not a JSON object" in err and "nothing was uploaded" in err
     rc, _, err = await cli(mesh, capsys, "batch", "show", "batch_nope", "--api-key", await mesh.key("globex"))
     assert rc != 0 and "does not exist" in err and "Traceback" not in err
+
+
+async def test_a_batch_yields_to_online_requests_and_takes_the_room_back(mesh: MeshHarness):
+    """On an idle replica a batch fills the router's 16 slots; while an online request runs
+    on the model the router keeps one batch line there (`--batch-yield`), and once online
+    traffic is gone the batch takes the room back. Counted on the worker, which tells batch
+    requests from the others by their class."""
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh.router(http_port=0)
+    worker = await mesh.worker()
+    await mesh.register("echo", token_delay_ms="20")
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    key = await mesh.key("acme", "inference")
+    client = _client(router, key)
+    f = await client.files.create(file=("in.jsonl", _lines(400, max_tokens=100)), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+    def batch_lines() -> int:
+        return sum(r.in_flight - r.online_in_flight for r in worker.replicas.values())
+
+    await eventually(lambda: batch_lines() >= 12, timeout=20)
+    online = inference_pb2_grpc.InferenceStub(dial(router.endpoint, key))
+    call = online.GenerateStream(inference_pb2.GenerateRequest(
+        model="echo", prompt="online", params=common_pb2.SamplingParams(max_tokens=400)), timeout=60)
+    first = await call.read()
+    assert first.token_ids
+    await eventually(lambda: batch_lines() <= 1, timeout=15)
+    for _ in range(10):  # and it stays so while the online request runs
+        assert batch_lines() <= 1
+        await asyncio.sleep(0.1)
+    assert sum(r.online_in_flight for r in worker.replicas.values()) == 1
+    await read_rest(call)
+    await eventually(lambda: batch_lines() >= 12, timeout=20)
+    await client.batches.cancel(batch.id)

@@ -75,6 +75,8 @@ MAX_METADATA = 16
 LINE_TIMEOUT = 600.0       # seconds one line may take, per try
 TICK = 1.0                 # seconds between progress writes and looks for batches to run
 DEFAULT_CONCURRENCY = 16   # lines one router has in flight, over all the batches it runs
+DEFAULT_YIELD = 1          # lines one router keeps in flight for a model while online requests run on it
+YIELD_POLL = 0.05          # seconds between looks at whether online requests still run
 MAX_RUNNING = 4            # batches one router runs at once (each holds its input in memory)
 MAX_UPLOADS = 4            # uploads one router receives at once (each spooled to disk)
 RETRYABLE = (Unavailable, ResourceExhausted, DeadlineExceeded)  # for want of capacity: tried again
@@ -126,7 +128,8 @@ class BatchService:
 
     def __init__(self, session: EtcdSession, registry: RegistryClient, authorizer: Authorizer, events: EventBus,
                  answer: Answerer, *, instance: str, concurrency: int = DEFAULT_CONCURRENCY,
-                 error_of: Callable[[BaseException], tuple[int, dict[str, Any]]]) -> None:
+                 error_of: Callable[[BaseException], tuple[int, dict[str, Any]]],
+                 online: Callable[[str], bool] = lambda model: False, yield_to: int = DEFAULT_YIELD) -> None:
         self.session = session
         self.registry = registry
         self.authorizer = authorizer
@@ -135,6 +138,9 @@ class BatchService:
         self.error_of = error_of  # (HTTP status, OpenAI error body) of a line's failure
         self.instance = instance
         self.concurrency = concurrency
+        self.online = online      # model -> whether requests not of the batch class run on it (lately)
+        self.yield_to = yield_to  # lines per model while there are any
+        self._per_model: dict[str, int] = {}  # model -> this router's batch lines in flight on it
         self.answers = Answers(events)
         self._slots = asyncio.Semaphore(max(1, concurrency))
         self._uploads = asyncio.Semaphore(MAX_UPLOADS)
@@ -496,9 +502,15 @@ class _BatchRun:
     async def _line(self, batch: batches_pb2.Batch, who: Principal | str, line: Line,
                     slots: asyncio.Semaphore) -> None:
         """One line, tried until it is answered: a try that failed for want of capacity is
-        tried again after a pause (its slot given up meanwhile) until the window ends."""
+        tried again after a pause (its slot given up meanwhile) until the window ends.
+        While online requests run on its model, a try waits until fewer than `yield_to`
+        of the router's batch lines are on that model (its slot given up meanwhile)."""
         rid = f"{batch.id.removeprefix('batch_')}-{line.index}"
         token = request_id_var.set(rid)
+        body = line.body(self.data)
+        named = body.get("model")
+        model = named if isinstance(named, str) else ""
+        per_model = self.service._per_model
         held = True  # the sender took a slot for the first try
         delay, timeouts = 0.5, 0
         try:
@@ -507,18 +519,28 @@ class _BatchRun:
                 if left <= 0:
                     self.stop = self.stop or "expired"  # the line stays unanswered
                     return
+                if not self._room(model):
+                    if held:
+                        slots.release()
+                        held = False
+                    await asyncio.sleep(YIELD_POLL)
+                    continue
                 if not held and not await self._take(slots):
                     return
                 held = True
+                if not self._room(model):  # taken while waiting for the slot
+                    continue
                 IN_FLIGHT.inc()
+                per_model[model] = per_model.get(model, 0) + 1
                 try:
-                    body = await self.service.answer(batch.endpoint, line.body(self.data), who,
-                                                     min(LINE_TIMEOUT, left), service_class="batch")
-                    outcome: tuple[int, dict[str, Any]] | Exception = (200, body)
+                    answer = await self.service.answer(batch.endpoint, body, who, min(LINE_TIMEOUT, left),
+                                                       service_class="batch")
+                    outcome: tuple[int, dict[str, Any]] | Exception = (200, answer)
                 except Exception as e:
                     outcome = e
                 finally:
                     IN_FLIGHT.dec()
+                    per_model[model] -= 1
                     slots.release()
                     held = False
                 if isinstance(outcome, Exception):
@@ -530,13 +552,19 @@ class _BatchRun:
                         await asyncio.sleep(min(wait, MAX_BACKOFF))
                         continue
                     outcome = self.service.error_of(outcome)
-                status, body = outcome
-                await self._store(line, status == 200, _output(line, rid, status, body, None), batch.tenant)
+                status, reply = outcome
+                await self._store(line, status == 200, _output(line, rid, status, reply, None), batch.tenant)
                 return
         finally:
             if held:
                 slots.release()
             request_id_var.reset(token)
+
+    def _room(self, model: str) -> bool:
+        """Whether a line for `model` may be sent now: always while no online request runs
+        on it; else while fewer than `yield_to` of this router's batch lines are on it."""
+        service = self.service
+        return not service.online(model) or service._per_model.get(model, 0) < service.yield_to
 
     async def _store(self, line: Line, ok: bool, data: bytes, tenant: str) -> None:
         if len(data) > MAX_ANSWER_BYTES:

@@ -238,9 +238,11 @@ class Forwarder:
         try:
             ticket = self._admit(api_key, asked, request.adapter)
             tenant = ticket.tenant
+            online = ""
             try:
                 metadata = (*self.prepare(request, added), *self.credential)
                 _stamp(request, added, ticket)
+                online = self._online_begins(request)
                 params = request.params
                 if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0):
                     # a resumed stream must sample as the first attempt would
@@ -293,6 +295,7 @@ class Forwarder:
                         if admitted:  # its slot is free again (a refused call leaves the mark)
                             self.pool.freed(rid)
             finally:
+                self._online_ends(online)
                 if ticket.state is not None:
                     Gate.release(ticket)
         except BaseException as e:
@@ -321,9 +324,11 @@ class Forwarder:
         try:
             ticket = self._admit(api_key, asked, request.adapter)
             tenant = ticket.tenant
+            online = ""
             try:
                 metadata = (*self.prepare(request, added), *self.credential)
                 _stamp(request, added, ticket)
+                online = self._online_begins(request)
                 payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
                 deadline = None if timeout is None else time.monotonic() + timeout
                 attempts = _Attempts(self, request.model, deadline, ticket.tenant)
@@ -355,6 +360,7 @@ class Forwarder:
                 ticket.tokens = series.tokens(tenant, reply.usage)
                 return relayed
             finally:
+                self._online_ends(online)
                 if ticket.state is not None:
                     Gate.release(ticket)
         except BaseException as e:
@@ -366,6 +372,21 @@ class Forwarder:
                 self._meter("generate", ticket, request.request_id, asked, request.adapter, replica,
                             reply.usage if reply is not None else None, reply.model if reply is not None else "",
                             status, entered)
+
+    def _online_begins(self, request: inference_pb2.GenerateRequest) -> str:
+        """Count a request that is not of the batch class on its deployment, which batches
+        yield to (`ReplicaPool.online`); returns the deployment counted ("" for none)."""
+        if request.service_class == "batch":
+            return ""
+        here = self.pool.online_here
+        here[request.model] = here.get(request.model, 0) + 1
+        self.pool.online_seen(request.model)
+        return request.model
+
+    def _online_ends(self, deployment: str) -> None:
+        if deployment:
+            _untrack(self.pool.online_here, deployment)
+            self.pool.online_seen(deployment)
 
     def _label(self, model: str) -> str:
         """The model as a metric label: a deployment's name, or "other" (callers choose the

@@ -11,7 +11,7 @@ from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.mesh.usage import UsageMeter
 from maas.services.router import batches
-from maas.services.router.batches import DEFAULT_CONCURRENCY, BatchesServicer, BatchService
+from maas.services.router.batches import DEFAULT_CONCURRENCY, DEFAULT_YIELD, BatchesServicer, BatchService
 from maas.services.router.forward import FAILOVER_SECONDS, QUEUE_SECONDS, Forwarder
 from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi, error_of
 from maas.services.router.pipelines import PLUGIN_POLICIES, PipelineCatalog
@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-concurrency", type=int, default=DEFAULT_CONCURRENCY,
                         help="batch lines this router sends at once, over every batch it runs (0: run no batches "
                              "here; docs/batches.md)")
+    parser.add_argument("--batch-yield", type=int, default=DEFAULT_YIELD,
+                        help="batch lines this router keeps in flight for a model while requests of other classes "
+                             "run on it (docs/batches.md)")
     parser.add_argument("--pipeline-plugins", choices=PLUGIN_POLICIES, default="platform",
                         help="whose pipelines may run their plugin code (in a process of its own; not a "
                              "security sandbox): nobody's, the platform's (default) or every tenant's")
@@ -58,7 +61,7 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
                 prefix_affinity: bool = True, failover_timeout: float = FAILOVER_SECONDS,
                 http_timeout: float = DEFAULT_TIMEOUT, grpc_timeout: float = DEFAULT_TIMEOUT,
                 queue_timeout: float = QUEUE_SECONDS, pipeline_plugins: str = "platform",
-                batch_concurrency: int = DEFAULT_CONCURRENCY) -> ReplicaPool:
+                batch_concurrency: int = DEFAULT_CONCURRENCY, batch_yield: int = DEFAULT_YIELD) -> ReplicaPool:
     """Wire a router into a runtime (also used by in-process tests). `http_port` -1 serves
     no HTTP API; the endpoint it serves is published as the router's `http_endpoint`."""
     if not -1 <= http_port <= 65535:
@@ -84,10 +87,13 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     rt.add_closer(gate.close)
     if not 0 <= batch_concurrency <= 4096:
         raise StartupError(f"--batch-concurrency {batch_concurrency} must be between 0 and 4096")
+    if not 1 <= batch_yield <= 4096:
+        raise StartupError(f"--batch-yield {batch_yield} must be between 1 and 4096")
     http = HttpApi(forwarder, http_host or rt.config.host, max(http_port, 0), grace=rt.config.grace,
                    timeout=http_timeout, tls=rt.config.tls, catalog=catalog)
     batch_service = BatchService(rt.etcd, pool.registry, rt.authorizer, rt.events, http.answer, error_of=error_of,
-                           instance=rt.config.instance, concurrency=batch_concurrency)
+                           instance=rt.config.instance, concurrency=batch_concurrency, online=pool.online,
+                           yield_to=batch_yield)
     http.batches = batch_service
     rt.add_service(batches.SERVICE, batches_pb2_grpc.add_BatchesServicer_to_server, BatchesServicer(batch_service))
     rt.add_closer(batch_service.close)  # before the pool's: closers run newest first
@@ -116,7 +122,7 @@ def main(ns: argparse.Namespace) -> int:
                         prefix_affinity=ns.prefix_affinity, failover_timeout=ns.failover_timeout,
                         http_port=ns.http_port, http_timeout=ns.http_timeout, grpc_timeout=ns.grpc_timeout,
                         queue_timeout=ns.queue_timeout, pipeline_plugins=ns.pipeline_plugins,
-                        batch_concurrency=ns.batch_concurrency)
+                        batch_concurrency=ns.batch_concurrency, batch_yield=ns.batch_yield)
             await rt.wait()
 
     return run_service(serve)

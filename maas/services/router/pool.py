@@ -44,6 +44,7 @@ SUSPECT_SECONDS = 5.0
 FULL_SECONDS = 0.2  # how long a replica that said its queue is full is refused here without asking it
 COLD_START_SECONDS = 60.0  # how long a request waits for a scaled-to-zero model to load
 REPORT_FRESH_SECONDS = 2.0  # workers report load twice a second
+ONLINE_LINGER = 1.0  # seconds after the last online request on a deployment that batches still yield to it
 AFFINITY_FACTOR = 1.5       # an affine replica is used while its load is at most this times the average
 AFFINITY_SLACK = 4          # ... or this many requests, whichever is more
 
@@ -98,6 +99,8 @@ class ReplicaPool:
         # replica -> tenant -> (until, its retry hint), see mark_full
         self._full: dict[str, dict[str, tuple[float, float]]] = {}
         self._reported: dict[str, tuple[int, float]] = {}  # replica -> (in flight, when reported)
+        self._online_seen: dict[str, float] = {}  # deployment -> when requests not of the batch class last ran
+        self.online_here: dict[str, int] = {}  # deployment -> this router's requests in flight not of the batch class
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls: dict[str, Calls] = {}
         self._ready: dict[str, list[mesh_pb2.ReplicaInfo]] = {}  # model -> ready replicas, until a change
@@ -181,6 +184,24 @@ class ReplicaPool:
         now = time.monotonic()
         for load in report.replicas:
             self._reported[load.replica_id] = (load.in_flight, now)
+            if load.online_in_flight:
+                self._online_seen[load.deployment] = now
+
+    def online(self, model: str) -> bool:
+        """Whether requests not of the batch class run on the deployment `model` names (a
+        deployment, or one of its adapters; anything else, a pipeline say: any deployment),
+        or ran there within the last ONLINE_LINGER seconds: batches yield to them. Known from
+        this router's own requests at once, and from the workers' reports (every router's)."""
+        name = model.partition("@")[0]
+        deployment = name if name in self.deployments.items else self.serving_adapter(name)
+        now = time.monotonic()
+        if deployment:
+            return self.online_here.get(deployment, 0) > 0 or now - self._online_seen.get(deployment, 0.0) < ONLINE_LINGER
+        return any(self.online_here.values()) or any(now - at < ONLINE_LINGER for at in self._online_seen.values())
+
+    def online_seen(self, deployment: str) -> None:
+        """A request not of the batch class began or ended on `deployment` just now."""
+        self._online_seen[deployment] = time.monotonic()
 
     def load(self, replica_id: str) -> int:
         """Requests in flight on a replica: this router's count, or the worker's report

@@ -34,6 +34,7 @@ class Replica:
     info: mesh_pb2.ReplicaInfo
     engine: Engine | None = None
     in_flight: int = 0
+    online_in_flight: int = 0  # of in_flight, those not of the batch class
     requests_total: int = 0
     last_used: float = 0.0  # monotonic: last request started or finished; the load before the first
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -43,7 +44,7 @@ class Replica:
         waiting = self.engine.stats().waiting if self.engine is not None else 0
         return mesh_pb2.ReplicaLoad(replica_id=self.info.replica_id, deployment=self.info.deployment,
                                     in_flight=self.in_flight, queue_depth=waiting,
-                                    requests_total=self.requests_total,
+                                    requests_total=self.requests_total, online_in_flight=self.online_in_flight,
                                     idle_ms=0 if self.in_flight else int((time.monotonic() - self.last_used) * 1000))
 
     @property
@@ -190,12 +191,15 @@ class ReplicaManager:
         raise NotFound(f"model {model!r} is not loaded on worker {self.worker_id}")
 
     @contextlib.asynccontextmanager
-    async def serve(self, model: str, replica_id: str = "") -> AsyncIterator[tuple[Replica, Engine]]:
-        """Pick a replica for `model` and count one in-flight request on it for the block.
-        If its engine dies, the replica is marked failed so routers stop sending to it."""
+    async def serve(self, model: str, replica_id: str = "", *,
+                    online: bool = True) -> AsyncIterator[tuple[Replica, Engine]]:
+        """Pick a replica for `model` and count one in-flight request on it for the block
+        (`online`: one not of the batch class, which batches yield to). If its engine dies,
+        the replica is marked failed so routers stop sending to it."""
         replica = self.find(model, replica_id)
         assert replica.engine is not None
         replica.in_flight += 1
+        replica.online_in_flight += online
         replica.requests_total += 1
         replica.last_used = time.monotonic()
         replica.idle.clear()
@@ -209,6 +213,7 @@ class ReplicaManager:
             raise
         finally:
             replica.in_flight -= 1
+            replica.online_in_flight -= online
             replica.last_used = time.monotonic()
             if replica.in_flight == 0:
                 replica.idle.set()

@@ -61,7 +61,8 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        async with self.replicas.serve(request.model, _replica_hint(context)) as (replica, engine):
+        async with self.replicas.serve(request.model, _replica_hint(context),
+                                       online=request.service_class != "batch") as (replica, engine):
             req = request_from_proto(_render_chat(request, engine),
                                      await self.replicas.adapter(replica, request.adapter))
             # a reader that falls behind gets the tokens produced meanwhile in one message
