@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "here; docs/batches.md)")
     parser.add_argument("--batch-yield", type=int, default=DEFAULT_YIELD,
                         help="batch lines this router keeps in flight for a model while requests of other classes "
-                             "run on it (docs/batches.md)")
+                             "run on it (0: none, the batch pauses; docs/batches.md)")
     parser.add_argument("--pipeline-plugins", choices=PLUGIN_POLICIES, default="platform",
                         help="whose pipelines may run their plugin code (in a process of its own; not a "
                              "security sandbox): nobody's, the platform's (default) or every tenant's")
@@ -87,8 +87,8 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     rt.add_closer(gate.close)
     if not 0 <= batch_concurrency <= 4096:
         raise StartupError(f"--batch-concurrency {batch_concurrency} must be between 0 and 4096")
-    if not 1 <= batch_yield <= 4096:
-        raise StartupError(f"--batch-yield {batch_yield} must be between 1 and 4096")
+    if not 0 <= batch_yield <= 4096:
+        raise StartupError(f"--batch-yield {batch_yield} must be between 0 and 4096")
     http = HttpApi(forwarder, http_host or rt.config.host, max(http_port, 0), grace=rt.config.grace,
                    timeout=http_timeout, tls=rt.config.tls, catalog=catalog)
     batch_service = BatchService(rt.etcd, pool.registry, rt.authorizer, rt.events, http.answer, error_of=error_of,
