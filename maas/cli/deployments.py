@@ -17,7 +17,7 @@ from google.protobuf.json_format import MessageToDict
 from maas.cli.main import mesh_client
 from maas.v1 import mesh_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-ACTIONS = ("create", "update", "scale", "canary", "promote", "rollback", "list", "show", "delete")
+ACTIONS = ("create", "update", "scale", "canary", "promote", "rollback", "reserve", "list", "show", "delete")
 ClientArgs = Callable[[argparse.ArgumentParser], None]
 
 
@@ -54,6 +54,12 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
     action("promote", "make the canary the deployed version")
     action("rollback", "drop the canary (all traffic to the deployed version); without one, "
                        "go back to the version deployed before")
+    reserve = action("reserve", "provisioned throughput: reserve completion tokens per second for a tenant "
+                                "(admin only; the deployment gets the replicas it needs)")
+    reserve.add_argument("--tenant", required=True)
+    reserve.add_argument("--tokens-per-s", type=int, required=True, help="completion tokens per second (0 removes it)")
+    reserve.add_argument("--replica-tokens-per-s", type=int, default=0,
+                         help="what one replica makes (once per deployment; measure it with bench/engine.py)")
     action("list", "deployments and their readiness", named=False)
     action("show", "one deployment, its replicas and why it is not ready")
     action("delete", "delete a deployment (its replicas unload)")
@@ -225,6 +231,9 @@ def _print_show(st: scheduler_pb2.DeploymentStatus) -> None:
         lines.append(("selector", ",".join(f"{k}={v}" for k, v in sorted(d.selector.items()))))
     if d.adapters:
         lines.append(("adapters", ", ".join(d.adapters)))
+    if d.reservations:
+        lines.append(("reserved", ", ".join(f"{t} {n} tokens/s" for t, n in sorted(d.reservations.items()))
+                      + (f" (a replica makes {d.replica_tokens_per_s})" if d.replica_tokens_per_s else "")))
     if st.message:
         lines.append(("status", st.message))
     width = max(len(k) for k, _ in lines)
@@ -280,6 +289,18 @@ async def _run(ns: argparse.Namespace, stub: scheduler_pb2_grpc.SchedulerStub) -
         return 0
     if action == "apply":
         return await _apply(ns, stub)
+    if action == "reserve":
+        for flag, value in (("--tokens-per-s", ns.tokens_per_s), ("--replica-tokens-per-s", ns.replica_tokens_per_s)):
+            if not 0 <= value <= _UINT32:
+                raise UsageError(f"{flag} must be between 0 and {_UINT32}")
+        st = await stub.Reserve(scheduler_pb2.ReserveRequest(
+            deployment=ns.name, tenant=ns.tenant, tokens_per_s=ns.tokens_per_s,
+            replica_tokens_per_s=ns.replica_tokens_per_s), timeout=10)
+        d = st.deployment
+        print(out(st) if out else f"{d.name}: {ns.tokens_per_s} tokens/s reserved for tenant {ns.tenant}; "
+              f"{sum(d.reservations.values())} tokens/s reserved in all, {d.replicas} replicas of "
+              f"{d.replica_tokens_per_s} tokens/s")
+        return 0
 
     if action == "create":
         dep = scheduler_pb2.Deployment(name=ns.name, model=ns.model or ns.name)

@@ -4,7 +4,10 @@ which admit higher classes first and pre-empt lower ones for them."""
 
 from __future__ import annotations
 
+import math
+
 from maas.mesh.errors import InvalidArgument
+from maas.v1 import scheduler_pb2
 
 CLASSES = ("interactive", "standard", "batch")  # priority 0 (highest), 1, 2
 DEFAULT_CLASS = "standard"
@@ -21,4 +24,16 @@ def priority(name: str, field: str = "service_class") -> int:
     return CLASSES.index(name)
 
 
-__all__ = ["CLASSES", "DEFAULT_CLASS", "OPENAI_TIERS", "priority"]
+RESERVABLE = 0.8  # the share of a replica's throughput reservations may take; the rest is everyone's
+
+
+def reserved_replicas(dep: scheduler_pb2.Deployment) -> int:
+    """Replicas a deployment needs for its reservations (provisioned throughput): their sum
+    over RESERVABLE of what one replica makes."""
+    total = sum(dep.reservations.values())
+    if not total or not dep.replica_tokens_per_s:
+        return 0
+    return math.ceil(total / (dep.replica_tokens_per_s * RESERVABLE))
+
+
+__all__ = ["CLASSES", "DEFAULT_CLASS", "OPENAI_TIERS", "RESERVABLE", "priority", "reserved_replicas"]

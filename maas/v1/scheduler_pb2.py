@@ -28,7 +28,7 @@ from maas.v1 import jobs_pb2 as maas_dot_v1_dot_jobs__pb2
 from maas.v1 import mesh_pb2 as maas_dot_v1_dot_mesh__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17maas/v1/scheduler.proto\x12\x07maas.v1\x1a\x14maas/v1/access.proto\x1a\x14maas/v1/common.proto\x1a\x12maas/v1/jobs.proto\x1a\x12maas/v1/mesh.proto\"\x9f\x01\n\tAutoscale\x12\x14\n\x0cmin_replicas\x18\x01 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\r\x12\x18\n\x10target_in_flight\x18\x03 \x01(\x02\x12\x1d\n\x10scale_up_seconds\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x10\x63ooldown_seconds\x18\x05 \x01(\x02\x42\x13\n\x11_scale_up_seconds\"-\n\x0cTrafficSplit\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\"\xba\x03\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12%\n\tautoscale\x18\x04 \x01(\x0b\x32\x12.maas.v1.Autoscale\x12%\n\tresources\x18\x05 \x01(\x0b\x32\x12.maas.v1.Resources\x12\x33\n\x08selector\x18\x06 \x03(\x0b\x32!.maas.v1.Deployment.SelectorEntry\x12&\n\x07traffic\x18\x07 \x03(\x0b\x32\x15.maas.v1.TrafficSplit\x12\x18\n\x10resolved_version\x18\x08 \x01(\t\x12\x12\n\ncreated_ms\x18\t \x01(\x03\x12\x12\n\nupdated_ms\x18\n \x01(\x03\x12\x18\n\x10previous_version\x18\x0b \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x0c \x03(\t\x12\r\n\x05owner\x18\r \x01(\t\x12\x0e\n\x06\x66ormat\x18\x0e \x01(\t\x12\x14\n\x0crollout_note\x18\x0f \x01(\t\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x01\n\x10\x44\x65ploymentStatus\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\x12&\n\x08replicas\x18\x02 \x03(\x0b\x32\x14.maas.v1.ReplicaInfo\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"B\n\x17\x43reateDeploymentRequest\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\"B\n\x17UpdateDeploymentRequest\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16ListDeploymentsRequest\"I\n\x17ListDeploymentsResponse\x12.\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x19.maas.v1.DeploymentStatus\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteDeploymentResponse\"\x1f\n\x0f\x41\x63tivateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListWorkersRequest\"=\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.maas.v1.WorkerStatus\"z\n\x0cWorkerStatus\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.maas.v1.WorkerInfo\x12&\n\x08replicas\x18\x02 \x03(\x0b\x32\x14.maas.v1.ReplicaInfo\x12\x1d\n\x15memory_assigned_bytes\x18\x03 \x01(\x04\x32\xc3\x07\n\tScheduler\x12`\n\x10\x43reateDeployment\x12 .maas.v1.CreateDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12`\n\x10UpdateDeployment\x12 .maas.v1.UpdateDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12Z\n\rGetDeployment\x12\x1d.maas.v1.GetDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12\x65\n\x0fListDeployments\x12\x1f.maas.v1.ListDeploymentsRequest\x1a .maas.v1.ListDeploymentsResponse\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12h\n\x10\x44\x65leteDeployment\x12 .maas.v1.DeleteDeploymentRequest\x1a!.maas.v1.DeleteDeploymentResponse\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12U\n\x0bListWorkers\x12\x1b.maas.v1.ListWorkersRequest\x1a\x1c.maas.v1.ListWorkersResponse\"\x0b\xfa\x9f\x19\x07\n\x05\x61\x64min\x12M\n\x08\x41\x63tivate\x12\x18.maas.v1.ActivateRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0c\xfa\x9f\x19\x08\n\x06router\x12\x45\n\tCreateJob\x12\x19.maas.v1.CreateJobRequest\x1a\x0c.maas.v1.Job\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12?\n\x06GetJob\x12\x16.maas.v1.GetJobRequest\x1a\x0c.maas.v1.Job\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12P\n\x08ListJobs\x12\x18.maas.v1.ListJobsRequest\x1a\x19.maas.v1.ListJobsResponse\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12\x45\n\tCancelJob\x12\x19.maas.v1.CancelJobRequest\x1a\x0c.maas.v1.Job\"\x0f\xfa\x9f\x19\x0b\n\tdeveloperb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17maas/v1/scheduler.proto\x12\x07maas.v1\x1a\x14maas/v1/access.proto\x1a\x14maas/v1/common.proto\x1a\x12maas/v1/jobs.proto\x1a\x12maas/v1/mesh.proto\"\x9f\x01\n\tAutoscale\x12\x14\n\x0cmin_replicas\x18\x01 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\r\x12\x18\n\x10target_in_flight\x18\x03 \x01(\x02\x12\x1d\n\x10scale_up_seconds\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x10\x63ooldown_seconds\x18\x05 \x01(\x02\x42\x13\n\x11_scale_up_seconds\"-\n\x0cTrafficSplit\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\"\xca\x04\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12%\n\tautoscale\x18\x04 \x01(\x0b\x32\x12.maas.v1.Autoscale\x12%\n\tresources\x18\x05 \x01(\x0b\x32\x12.maas.v1.Resources\x12\x33\n\x08selector\x18\x06 \x03(\x0b\x32!.maas.v1.Deployment.SelectorEntry\x12&\n\x07traffic\x18\x07 \x03(\x0b\x32\x15.maas.v1.TrafficSplit\x12\x18\n\x10resolved_version\x18\x08 \x01(\t\x12\x12\n\ncreated_ms\x18\t \x01(\x03\x12\x12\n\nupdated_ms\x18\n \x01(\x03\x12\x18\n\x10previous_version\x18\x0b \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x0c \x03(\t\x12\r\n\x05owner\x18\r \x01(\t\x12\x0e\n\x06\x66ormat\x18\x0e \x01(\t\x12\x14\n\x0crollout_note\x18\x0f \x01(\t\x12;\n\x0creservations\x18\x10 \x03(\x0b\x32%.maas.v1.Deployment.ReservationsEntry\x12\x1c\n\x14replica_tokens_per_s\x18\x11 \x01(\r\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11ReservationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x8c\x01\n\x10\x44\x65ploymentStatus\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\x12&\n\x08replicas\x18\x02 \x03(\x0b\x32\x14.maas.v1.ReplicaInfo\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"B\n\x17\x43reateDeploymentRequest\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\"B\n\x17UpdateDeploymentRequest\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maas.v1.Deployment\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16ListDeploymentsRequest\"I\n\x17ListDeploymentsResponse\x12.\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x19.maas.v1.DeploymentStatus\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteDeploymentResponse\"\x1f\n\x0f\x41\x63tivateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"h\n\x0eReserveRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x14\n\x0ctokens_per_s\x18\x03 \x01(\r\x12\x1c\n\x14replica_tokens_per_s\x18\x04 \x01(\r\"\x14\n\x12ListWorkersRequest\"=\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.maas.v1.WorkerStatus\"z\n\x0cWorkerStatus\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.maas.v1.WorkerInfo\x12&\n\x08replicas\x18\x02 \x03(\x0b\x32\x14.maas.v1.ReplicaInfo\x12\x1d\n\x15memory_assigned_bytes\x18\x03 \x01(\x04\x32\x8f\x08\n\tScheduler\x12`\n\x10\x43reateDeployment\x12 .maas.v1.CreateDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12`\n\x10UpdateDeployment\x12 .maas.v1.UpdateDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12Z\n\rGetDeployment\x12\x1d.maas.v1.GetDeploymentRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12\x65\n\x0fListDeployments\x12\x1f.maas.v1.ListDeploymentsRequest\x1a .maas.v1.ListDeploymentsResponse\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12h\n\x10\x44\x65leteDeployment\x12 .maas.v1.DeleteDeploymentRequest\x1a!.maas.v1.DeleteDeploymentResponse\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12U\n\x0bListWorkers\x12\x1b.maas.v1.ListWorkersRequest\x1a\x1c.maas.v1.ListWorkersResponse\"\x0b\xfa\x9f\x19\x07\n\x05\x61\x64min\x12M\n\x08\x41\x63tivate\x12\x18.maas.v1.ActivateRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0c\xfa\x9f\x19\x08\n\x06router\x12J\n\x07Reserve\x12\x17.maas.v1.ReserveRequest\x1a\x19.maas.v1.DeploymentStatus\"\x0b\xfa\x9f\x19\x07\n\x05\x61\x64min\x12\x45\n\tCreateJob\x12\x19.maas.v1.CreateJobRequest\x1a\x0c.maas.v1.Job\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12?\n\x06GetJob\x12\x16.maas.v1.GetJobRequest\x1a\x0c.maas.v1.Job\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12P\n\x08ListJobs\x12\x18.maas.v1.ListJobsRequest\x1a\x19.maas.v1.ListJobsResponse\"\x0f\xfa\x9f\x19\x0b\n\tdeveloper\x12\x45\n\tCancelJob\x12\x19.maas.v1.CancelJobRequest\x1a\x0c.maas.v1.Job\"\x0f\xfa\x9f\x19\x0b\n\tdeveloperb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEPLOYMENT_SELECTORENTRY']._loaded_options = None
   _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_options = b'8\001'
+  _globals['_DEPLOYMENT_RESERVATIONSENTRY']._loaded_options = None
+  _globals['_DEPLOYMENT_RESERVATIONSENTRY']._serialized_options = b'8\001'
   _globals['_SCHEDULER'].methods_by_name['CreateDeployment']._loaded_options = None
   _globals['_SCHEDULER'].methods_by_name['CreateDeployment']._serialized_options = b'\372\237\031\013\n\tdeveloper'
   _globals['_SCHEDULER'].methods_by_name['UpdateDeployment']._loaded_options = None
@@ -51,6 +53,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCHEDULER'].methods_by_name['ListWorkers']._serialized_options = b'\372\237\031\007\n\005admin'
   _globals['_SCHEDULER'].methods_by_name['Activate']._loaded_options = None
   _globals['_SCHEDULER'].methods_by_name['Activate']._serialized_options = b'\372\237\031\010\n\006router'
+  _globals['_SCHEDULER'].methods_by_name['Reserve']._loaded_options = None
+  _globals['_SCHEDULER'].methods_by_name['Reserve']._serialized_options = b'\372\237\031\007\n\005admin'
   _globals['_SCHEDULER'].methods_by_name['CreateJob']._loaded_options = None
   _globals['_SCHEDULER'].methods_by_name['CreateJob']._serialized_options = b'\372\237\031\013\n\tdeveloper'
   _globals['_SCHEDULER'].methods_by_name['GetJob']._loaded_options = None
@@ -64,33 +68,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAFFICSPLIT']._serialized_start=282
   _globals['_TRAFFICSPLIT']._serialized_end=327
   _globals['_DEPLOYMENT']._serialized_start=330
-  _globals['_DEPLOYMENT']._serialized_end=772
-  _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_start=725
-  _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_end=772
-  _globals['_DEPLOYMENTSTATUS']._serialized_start=775
-  _globals['_DEPLOYMENTSTATUS']._serialized_end=915
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=917
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=983
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=985
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=1051
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1053
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1089
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1091
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1115
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1117
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1190
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1192
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1231
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=1233
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=1259
-  _globals['_ACTIVATEREQUEST']._serialized_start=1261
-  _globals['_ACTIVATEREQUEST']._serialized_end=1292
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1294
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1314
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1316
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1377
-  _globals['_WORKERSTATUS']._serialized_start=1379
-  _globals['_WORKERSTATUS']._serialized_end=1501
-  _globals['_SCHEDULER']._serialized_start=1504
-  _globals['_SCHEDULER']._serialized_end=2467
+  _globals['_DEPLOYMENT']._serialized_end=916
+  _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_start=816
+  _globals['_DEPLOYMENT_SELECTORENTRY']._serialized_end=863
+  _globals['_DEPLOYMENT_RESERVATIONSENTRY']._serialized_start=865
+  _globals['_DEPLOYMENT_RESERVATIONSENTRY']._serialized_end=916
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=919
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=1059
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=1061
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=1127
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=1129
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=1195
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1197
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1233
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1235
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1259
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1261
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1334
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1336
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1375
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=1377
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=1403
+  _globals['_ACTIVATEREQUEST']._serialized_start=1405
+  _globals['_ACTIVATEREQUEST']._serialized_end=1436
+  _globals['_RESERVEREQUEST']._serialized_start=1438
+  _globals['_RESERVEREQUEST']._serialized_end=1542
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1544
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1564
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1566
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1627
+  _globals['_WORKERSTATUS']._serialized_start=1629
+  _globals['_WORKERSTATUS']._serialized_end=1751
+  _globals['_SCHEDULER']._serialized_start=1754
+  _globals['_SCHEDULER']._serialized_end=2793
 # @@protoc_insertion_point(module_scope)

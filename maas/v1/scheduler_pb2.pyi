@@ -33,7 +33,7 @@ class TrafficSplit(_message.Message):
     def __init__(self, model: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "model", "replicas", "autoscale", "resources", "selector", "traffic", "resolved_version", "created_ms", "updated_ms", "previous_version", "adapters", "owner", "format", "rollout_note")
+    __slots__ = ("name", "model", "replicas", "autoscale", "resources", "selector", "traffic", "resolved_version", "created_ms", "updated_ms", "previous_version", "adapters", "owner", "format", "rollout_note", "reservations", "replica_tokens_per_s")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,13 @@ class Deployment(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ReservationsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +63,8 @@ class Deployment(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_NOTE_FIELD_NUMBER: _ClassVar[int]
+    RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     replicas: int
@@ -71,7 +80,9 @@ class Deployment(_message.Message):
     owner: str
     format: str
     rollout_note: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., replicas: _Optional[int] = ..., autoscale: _Optional[_Union[Autoscale, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., selector: _Optional[_Mapping[str, str]] = ..., traffic: _Optional[_Iterable[_Union[TrafficSplit, _Mapping]]] = ..., resolved_version: _Optional[str] = ..., created_ms: _Optional[int] = ..., updated_ms: _Optional[int] = ..., previous_version: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., owner: _Optional[str] = ..., format: _Optional[str] = ..., rollout_note: _Optional[str] = ...) -> None: ...
+    reservations: _containers.ScalarMap[str, int]
+    replica_tokens_per_s: int
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., replicas: _Optional[int] = ..., autoscale: _Optional[_Union[Autoscale, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., selector: _Optional[_Mapping[str, str]] = ..., traffic: _Optional[_Iterable[_Union[TrafficSplit, _Mapping]]] = ..., resolved_version: _Optional[str] = ..., created_ms: _Optional[int] = ..., updated_ms: _Optional[int] = ..., previous_version: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., owner: _Optional[str] = ..., format: _Optional[str] = ..., rollout_note: _Optional[str] = ..., reservations: _Optional[_Mapping[str, int]] = ..., replica_tokens_per_s: _Optional[int] = ...) -> None: ...
 
 class DeploymentStatus(_message.Message):
     __slots__ = ("deployment", "replicas", "ready_replicas", "message")
@@ -128,6 +139,18 @@ class ActivateRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ReserveRequest(_message.Message):
+    __slots__ = ("deployment", "tenant", "tokens_per_s", "replica_tokens_per_s")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    tenant: str
+    tokens_per_s: int
+    replica_tokens_per_s: int
+    def __init__(self, deployment: _Optional[str] = ..., tenant: _Optional[str] = ..., tokens_per_s: _Optional[int] = ..., replica_tokens_per_s: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -72,6 +72,11 @@ class SchedulerStub:
                 request_serializer=maas_dot_v1_dot_scheduler__pb2.ActivateRequest.SerializeToString,
                 response_deserializer=maas_dot_v1_dot_scheduler__pb2.DeploymentStatus.FromString,
                 _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/maas.v1.Scheduler/Reserve',
+                request_serializer=maas_dot_v1_dot_scheduler__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_scheduler__pb2.DeploymentStatus.FromString,
+                _registered_method=True)
         self.CreateJob = channel.unary_unary(
                 '/maas.v1.Scheduler/CreateJob',
                 request_serializer=maas_dot_v1_dot_jobs__pb2.CreateJobRequest.SerializeToString,
@@ -143,6 +148,15 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reserve(self, request, context):
+        """Provisioned throughput: reserve completion tokens per second of a deployment for a
+        tenant (0 removes it). The deployment is given the replicas the reservations need, or
+        the reservation is refused (FAILED_PRECONDITION) when the fleet cannot hold them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateJob(self, request, context):
         """Fine-tuning jobs: queued by priority, placed on free devices by the leader, run by
         workers in child processes (see docs/finetuning.md).
@@ -205,6 +219,11 @@ def add_SchedulerServicer_to_server(servicer, server):
             'Activate': grpc.unary_unary_rpc_method_handler(
                     servicer.Activate,
                     request_deserializer=maas_dot_v1_dot_scheduler__pb2.ActivateRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_scheduler__pb2.DeploymentStatus.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=maas_dot_v1_dot_scheduler__pb2.ReserveRequest.FromString,
                     response_serializer=maas_dot_v1_dot_scheduler__pb2.DeploymentStatus.SerializeToString,
             ),
             'CreateJob': grpc.unary_unary_rpc_method_handler(
@@ -418,6 +437,33 @@ class Scheduler:
             target,
             '/maas.v1.Scheduler/Activate',
             maas_dot_v1_dot_scheduler__pb2.ActivateRequest.SerializeToString,
+            maas_dot_v1_dot_scheduler__pb2.DeploymentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.v1.Scheduler/Reserve',
+            maas_dot_v1_dot_scheduler__pb2.ReserveRequest.SerializeToString,
             maas_dot_v1_dot_scheduler__pb2.DeploymentStatus.FromString,
             options,
             channel_credentials,

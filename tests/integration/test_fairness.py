@@ -149,3 +149,92 @@ async def test_a_request_asks_its_class_within_its_keys(mesh: MeshHarness):
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     await plain.close()
     await first.close()
+
+
+# -- provisioned throughput (docs/fairness.md#provisioned-throughput) ---------------------------
+
+
+async def test_reservations_size_the_deployment_or_are_refused(mesh: MeshHarness, capsys: pytest.CaptureFixture[str]):
+    from maas.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    from .test_cli_deploy import cli
+
+    await mesh.core()
+    await mesh.worker(memory_gib=4)  # 8 replicas of 512 MiB fit
+    await mesh.register("echo", memory_mib=512)
+    await mesh.deploy("echo")
+    await mesh.wait_ready("echo")
+    admin = await mesh.stub("scheduler")
+
+    async def refused(code: grpc.StatusCode, stub: object, **reserve: object) -> str:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Reserve(scheduler_pb2.ReserveRequest(deployment="echo", **reserve), timeout=10)  # type: ignore[attr-defined]
+        assert e.value.code() == code, e.value
+        return e.value.details() or ""
+
+    assert "what one replica of 'echo' makes is not known" in await refused(
+        grpc.StatusCode.FAILED_PRECONDITION, admin, tenant="acme", tokens_per_s=100)
+    st = await admin.Reserve(scheduler_pb2.ReserveRequest(  # type: ignore[attr-defined]
+        deployment="echo", tenant="acme", tokens_per_s=200, replica_tokens_per_s=100), timeout=10)
+    assert st.deployment.replicas == 3  # 200 tokens/s at 80% of 100 per replica
+    assert dict(st.deployment.reservations) == {"acme": 200}
+    await mesh.wait_ready("echo", replicas=3)
+    assert "needs 15 replicas of 100 tokens/s" in (why := await refused(
+        grpc.StatusCode.FAILED_PRECONDITION, admin, tenant="globex", tokens_per_s=1000)) and "can hold 8" in why, why
+    # scaling below what the reservations need is refused; a tenant's reservation is the admin's to set
+    dep = (await admin.GetDeployment(scheduler_pb2.GetDeploymentRequest(name="echo"), timeout=5)).deployment  # type: ignore[attr-defined]
+    dep.replicas = 1
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await admin.UpdateDeployment(scheduler_pb2.UpdateDeploymentRequest(deployment=dep), timeout=10)  # type: ignore[attr-defined]
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "need 3 replicas" in (e.value.details() or "")
+    developer = scheduler_pb2_grpc.SchedulerStub(dial(mesh.endpoint("scheduler"), await mesh.key("globex", "developer")))
+    await refused(grpc.StatusCode.PERMISSION_DENIED, developer, tenant="globex", tokens_per_s=10)
+    # a tenant sees its own reservation only
+    rc, out, err = await cli(mesh, capsys, "deploy", "reserve", "echo", "--tenant", "globex", "--tokens-per-s", "40")
+    assert rc == 0 and "40 tokens/s reserved for tenant globex; 240 tokens/s reserved in all, 3 replicas" in out, err
+    seen = (await developer.GetDeployment(scheduler_pb2.GetDeploymentRequest(name="echo"), timeout=5)).deployment
+    assert dict(seen.reservations) == {"globex": 40}
+    st = await admin.Reserve(scheduler_pb2.ReserveRequest(deployment="echo", tenant="acme", tokens_per_s=0), timeout=10)  # type: ignore[attr-defined]
+    assert dict(st.deployment.reservations) == {"globex": 40}
+
+
+async def test_a_reserved_request_goes_ahead_of_its_class(mesh: MeshHarness, demo_model_dir: Path):
+    """Two slots, held one each by two tenants' long streams. A second request of a tenant
+    without a reservation waits for a slot (it holds its fair share already); the same of a
+    tenant with one pre-empts the other tenant and starts while both streams still run."""
+    from maas.services.router import main as router_main
+    from maas.v1 import scheduler_pb2
+
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh._runtime("router")
+    pool = await router_main.build(router)
+    await mesh.worker()
+    await mesh.register("demo", fmt="hf", source=str(demo_model_dir), max_batch="2", max_queue="4")
+    await mesh.deploy("demo")
+    await mesh.wait_ready("demo", timeout=120)
+    admin = await mesh.stub("scheduler")
+    await admin.Reserve(scheduler_pb2.ReserveRequest(  # type: ignore[attr-defined]
+        deployment="demo", tenant="reserved", tokens_per_s=1000, replica_tokens_per_s=2000), timeout=10)
+    await eventually(lambda: "reserved" in pool.deployments.items["demo"].reservations, timeout=10)
+    stubs = {t: inference_pb2_grpc.InferenceStub(dial(router.endpoint, await mesh.key(t)))
+             for t in ("reserved", "plain", "other")}
+
+    async def stream(tenant: str, tokens: int, times: dict[str, float], name: str) -> None:
+        call = stubs[tenant].GenerateStream(inference_pb2.GenerateRequest(
+            model="demo", prompt=f"# {name}\n", params=common_pb2.SamplingParams(
+                max_tokens=tokens, temperature=0, ignore_eos=True)), timeout=120)
+        async for chunk in call:
+            if chunk.token_ids:
+                times.setdefault(f"{name} first", time.perf_counter())
+        times[f"{name} end"] = time.perf_counter()
+
+    for tenant in ("plain", "reserved"):
+        times: dict[str, float] = {}
+        held = [asyncio.create_task(stream(tenant, 400, times, "mine")),
+                asyncio.create_task(stream("other", 400, times, "other"))]
+        await eventually(lambda t=times: "mine first" in t and "other first" in t, timeout=30)  # type: ignore[misc]
+        await stream(tenant, 4, times, "second")
+        await asyncio.gather(*held)
+        both_running = times["second first"] < min(times["mine end"], times["other end"])
+        assert both_running == (tenant == "reserved"), (tenant, times)

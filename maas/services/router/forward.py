@@ -36,7 +36,7 @@ from maas.mesh.logs import new_request_id, request_id_var
 from maas.mesh.service_classes import DEFAULT_CLASS, priority
 from maas.mesh.usage import UsageMeter
 from maas.services.router.pool import ReplicaPool
-from maas.services.router.tenants import Caller, Gate, Ticket
+from maas.services.router.tenants import Bucket, Caller, Gate, Ticket
 from maas.v1 import common_pb2, inference_pb2, mesh_pb2, usage_pb2
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,7 @@ class Forwarder:
         self.max_waiting = max_waiting
         self.failover_timeout = failover_timeout
         self.waiting = 0  # requests waiting for a full model to have room
+        self.reservations = Reservations(pool, gate)
 
     def _replica_left(self, call: grpc.aio.Call) -> bool:
         """A call cancelled under this task because its replica left etcd (not this request
@@ -238,11 +239,12 @@ class Forwarder:
         try:
             ticket = self._admit(api_key, asked, request.adapter)
             tenant = ticket.tenant
-            online = ""
+            online, reserved = "", None
             try:
                 metadata = (*self.prepare(request, added), *self.credential)
                 _stamp(request, added, ticket)
                 online = self._online_begins(request)
+                reserved = self.reservations.admit(request, added, ticket.tenant)
                 params = request.params
                 if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0):
                     # a resumed stream must sample as the first attempt would
@@ -296,6 +298,7 @@ class Forwarder:
                             self.pool.freed(rid)
             finally:
                 self._online_ends(online)
+                Reservations.settle(reserved, final.usage.completion_tokens if final is not None else len(produced))
                 if ticket.state is not None:
                     Gate.release(ticket)
         except BaseException as e:
@@ -324,11 +327,12 @@ class Forwarder:
         try:
             ticket = self._admit(api_key, asked, request.adapter)
             tenant = ticket.tenant
-            online = ""
+            online, reserved = "", None
             try:
                 metadata = (*self.prepare(request, added), *self.credential)
                 _stamp(request, added, ticket)
                 online = self._online_begins(request)
+                reserved = self.reservations.admit(request, added, ticket.tenant)
                 payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
                 deadline = None if timeout is None else time.monotonic() + timeout
                 attempts = _Attempts(self, request.model, deadline, ticket.tenant)
@@ -361,6 +365,7 @@ class Forwarder:
                 return relayed
             finally:
                 self._online_ends(online)
+                Reservations.settle(reserved, reply.usage.completion_tokens if reply is not None else 0)
                 if ticket.state is not None:
                     Gate.release(ticket)
         except BaseException as e:
@@ -469,6 +474,45 @@ def _stamp(request: inference_pb2.GenerateRequest, added: inference_pb2.Generate
                                "(the admin sets a key's class)", field="service_class")
     priority(asked)  # an unknown class is INVALID_ARGUMENT
     request.service_class = added.service_class = asked or own
+
+
+RESERVATION_BURST = 10.0  # seconds of a reservation's tokens a tenant may use at once
+
+
+class Reservations:
+    """Provisioned throughput at the front door (docs/fairness.md#provisioned-throughput): a
+    token bucket per deployment and tenant at this router's share of the reserved rate. A
+    request that finds tokens in its bucket is `reserved` (the engine ranks it one class
+    up); its max_tokens are taken at once, and what it did not make is given back at its end."""
+
+    def __init__(self, pool: ReplicaPool, gate: Gate | None) -> None:
+        self.pool = pool
+        self.gate = gate
+        self.buckets: dict[tuple[str, str], Bucket] = {}
+
+    def admit(self, request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest,
+              tenant: str) -> tuple[Bucket, int] | None:
+        dep = self.pool.deployments.items.get(request.model)
+        rate = dep.reservations.get(tenant, 0) if dep is not None and dep.reservations else 0
+        if not rate:
+            return None
+        routers = max(1, len(self.gate.routers.items)) if self.gate is not None else 1
+        bucket = self.buckets.setdefault((request.model, tenant), Bucket(0, period=RESERVATION_BURST))
+        bucket.resize(rate / routers * RESERVATION_BURST)
+        bucket.refill(time.monotonic())
+        if bucket.amount <= 0:
+            return None  # over its reservation: an ordinary request of its class
+        asked = request.params.max_tokens or 16
+        bucket.take(asked)
+        request.reserved = added.reserved = True
+        return bucket, asked
+
+    @staticmethod
+    def settle(reserved: tuple[Bucket, int] | None, made: int) -> None:
+        """Give back what a reserved request took and did not make."""
+        if reserved is not None:
+            bucket, asked = reserved
+            bucket.take(made - asked)
 
 
 def _untrack(in_flight: dict[str, int], rid: str) -> None:

@@ -26,6 +26,7 @@ from maas.mesh.errors import (
 )
 from maas.mesh.etcd import EtcdSession
 from maas.mesh.names import validate_name
+from maas.mesh.service_classes import RESERVABLE, reserved_replicas
 from maas.v1 import registry_pb2, scheduler_pb2
 
 MAX_REPLICAS = 256
@@ -46,6 +47,18 @@ def _check_change(who: Principal | None, dep: scheduler_pb2.Deployment) -> None:
         raise NotFound(_missing(dep.name))
     if not who.may_change(dep.owner):
         raise PermissionDenied(f"deployment {dep.name!r} belongs to the platform; only the admin may change it")
+
+
+def _view(dep: scheduler_pb2.Deployment, who: Principal | None) -> scheduler_pb2.Deployment:
+    """A deployment as `who` sees it: a tenant sees its own reservation, not other tenants'."""
+    if who is None or who.kind != "tenant" or not dep.reservations:
+        return dep
+    shown = scheduler_pb2.Deployment()
+    shown.CopyFrom(dep)
+    shown.reservations.clear()
+    if who.tenant in dep.reservations:
+        shown.reservations[who.tenant] = dep.reservations[who.tenant]
+    return shown
 
 
 def _check_pipeline_deployment(dep: scheduler_pb2.Deployment) -> None:
@@ -92,6 +105,17 @@ class DeploymentStore:
                     raise InvalidArgument(f"autoscale {name} must be >= 0", field=name)
             # the scheduler owns the count from here on; start within the bounds
             out.replicas = min(auto.max_replicas, max(auto.min_replicas, dep.replicas))
+        if floor := reserved_replicas(out):  # provisioned throughput holds replicas up
+            if out.HasField("autoscale"):
+                if out.autoscale.max_replicas < floor:
+                    raise FailedPrecondition(f"the reservations on {dep.name!r} need {floor} replicas; autoscale "
+                                             f"max_replicas {out.autoscale.max_replicas} is below that",
+                                             field="max_replicas")
+                out.autoscale.min_replicas = max(out.autoscale.min_replicas, floor)
+                out.replicas = max(out.replicas, floor)
+            elif out.replicas < floor:
+                raise FailedPrecondition(f"the reservations on {dep.name!r} need {floor} replicas, not "
+                                         f"{out.replicas}: lower them first (maas deploy reserve)", field="replicas")
         out.model = dep.model or dep.name
         version = await self._resolve(out.model, who)
         out.resolved_version = f"{version.name}@{version.version}"
@@ -146,8 +170,11 @@ class DeploymentStore:
         (within the new bounds): a client's copy of it may be stale. Compared on the stored
         revision, so a concurrent write (the autoscaler's, a cold start's) is never lost."""
         def replace(wanted: scheduler_pb2.Deployment) -> bool:
-            owner = wanted.owner
+            owner, reservations, capacity = wanted.owner, dict(wanted.reservations), wanted.replica_tokens_per_s
             wanted.CopyFrom(dep)
+            wanted.reservations.clear()  # changed by Reserve only (a tenant's copy shows its own)
+            wanted.reservations.update(reservations)
+            wanted.replica_tokens_per_s = capacity
             wanted.owner = owner if who is None or who.kind == "tenant" or not dep.owner else dep.owner
             return True
 
@@ -192,12 +219,59 @@ class DeploymentStore:
         dep = scheduler_pb2.Deployment.FromString(raw)
         if not _may_see(who, dep):
             raise NotFound(_missing(name))
-        return dep
+        return _view(dep, who)
 
     async def list(self, who: Principal | None = None) -> list[scheduler_pb2.Deployment]:
         pairs, _ = await self.session.get_prefix(self.session.keys.deployments())
-        return sorted((d for d in (scheduler_pb2.Deployment.FromString(v) for _, v in pairs) if _may_see(who, d)),
-                      key=lambda d: d.name)
+        return sorted((_view(d, who) for d in (scheduler_pb2.Deployment.FromString(v) for _, v in pairs)
+                       if _may_see(who, d)), key=lambda d: d.name)
+
+    async def replica_memory(self, dep: scheduler_pb2.Deployment) -> int:
+        """Device memory one replica of `dep` takes (its resources, else its version's)."""
+        if dep.resources.memory_bytes:
+            return int(dep.resources.memory_bytes)
+        version = await self._resolve(dep.resolved_version or dep.model, None)
+        return int(version.resources.memory_bytes)
+
+    async def reserve(self, request: scheduler_pb2.ReserveRequest, room: Callable[[scheduler_pb2.Deployment], int],
+                      who: Principal | None = None) -> scheduler_pb2.Deployment:
+        """Set (0: remove) a tenant's reservation on a deployment and raise its replicas to
+        what the reservations need; FailedPrecondition when the fleet cannot hold them
+        (`room(dep)`: the replicas of `dep` that would fit beside everything placed)."""
+        validate_name(request.tenant, "tenant")
+
+        def reserving(wanted: scheduler_pb2.Deployment) -> bool:
+            if wanted.format == "pipeline":
+                raise FailedPrecondition(f"{wanted.name!r} is a pipeline: reserve throughput on the models it calls",
+                                         field="deployment")
+            if wanted.owner and wanted.owner != request.tenant:
+                raise FailedPrecondition(f"deployment {wanted.name!r} belongs to tenant {wanted.owner!r}: reserve "
+                                         "on the platform's deployments, or on the tenant's own", field="tenant")
+            if request.replica_tokens_per_s:
+                wanted.replica_tokens_per_s = request.replica_tokens_per_s
+            if request.tokens_per_s:
+                if not wanted.replica_tokens_per_s:
+                    raise FailedPrecondition(f"what one replica of {wanted.name!r} makes is not known: give "
+                                             "replica_tokens_per_s (measure it with bench/engine.py)",
+                                             field="replica_tokens_per_s")
+                wanted.reservations[request.tenant] = request.tokens_per_s
+            elif request.tenant in wanted.reservations:
+                del wanted.reservations[request.tenant]
+            else:
+                return False
+            need = reserved_replicas(wanted)
+            if need > wanted.replicas:
+                can = wanted.replicas + room(wanted)
+                if need > can:
+                    total = sum(wanted.reservations.values())
+                    raise FailedPrecondition(
+                        f"reserving {total} tokens/s on {wanted.name!r} needs {need} replicas of "
+                        f"{wanted.replica_tokens_per_s} tokens/s (reservations take at most {RESERVABLE:.0%} of "
+                        f"each); the fleet can hold {can}", field="tokens_per_s")
+                wanted.replicas = need
+            return True
+
+        return _view(await self.modify(request.deployment, reserving, who), who)
 
     async def delete(self, name: str, who: Principal | None = None) -> None:
         _check_change(who, await self.get(name, who))

@@ -9,6 +9,7 @@ from maas.mesh.events import EventBus
 from maas.mesh.jobs import state_name
 from maas.services.scheduler.deployments import DeploymentStore
 from maas.services.scheduler.jobs import JobStore
+from maas.services.scheduler.placement import Fleet
 from maas.services.scheduler.reconciler import Reconciler
 from maas.services.scheduler.state import ClusterState
 from maas.v1 import jobs_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -68,6 +69,31 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.events.publish("deployment", "activated", dep.name, f"{dep.name}: cold start from zero replicas",
                                 replicas="1")
         return self._status(dep)
+
+    async def Reserve(self, request: scheduler_pb2.ReserveRequest,
+                      context: grpc.aio.ServicerContext) -> scheduler_pb2.DeploymentStatus:
+        current = await self.store.get(request.deployment, caller())
+        need = await self.store.replica_memory(current)
+        dep = await self.store.reserve(request, lambda d: self._room(d, need), caller())
+        self.events.publish("deployment", "reserved", dep.name,
+                            f"{dep.name}: {request.tokens_per_s} tokens/s reserved for tenant {request.tenant} "
+                            f"(x{dep.replicas} replicas)", tenant=request.tenant, tokens_per_s=str(request.tokens_per_s))
+        return self._status(dep)
+
+    def _room(self, dep: scheduler_pb2.Deployment, need: int) -> int:
+        """How many more replicas of `dep` (`need` bytes of one device each) the fleet's free
+        device memory holds, beside every replica placed and every running job."""
+        placed = self.state.assignments_by_worker()
+        if not need:
+            return 0
+        fleet = Fleet(dict(self.state.workers.items))
+        for (worker, _), a in placed.items():
+            for device in a.device_ids:
+                fleet.take((worker, device), a.memory_bytes)
+        for job in self.state.jobs.items.values():
+            if job.state == jobs_pb2.JOB_STATE_RUNNING:
+                fleet.take((job.worker_id, job.device_id), job.memory_bytes)
+        return sum(max(0, free) // need for free in fleet.free.values())
 
     async def ListWorkers(self, request: scheduler_pb2.ListWorkersRequest,
                           context: grpc.aio.ServicerContext) -> scheduler_pb2.ListWorkersResponse:

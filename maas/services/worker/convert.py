@@ -29,7 +29,7 @@ def request_from_proto(r: inference_pb2.GenerateRequest, adapter: AdapterRef | N
                              params=sampling_from_proto(r.params),
                              resume_token_ids=tuple(r.resume_token_ids), adapter=adapter,
                              tenant=r.tenant, weight=r.tenant_weight if r.tenant_weight > 0 else 1.0,
-                             priority=priority(r.service_class))
+                             priority=max(0, priority(r.service_class) - r.reserved))  # reserved: a class up
 
 
 def chunk_from_delta(delta: Delta, *, request_id: str, model: str, replica_id: str) -> inference_pb2.GenerateChunk:
