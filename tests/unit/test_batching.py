@@ -204,3 +204,19 @@ async def test_a_vanishing_temperature_is_greedy_not_broken(engine: HFEngine):
     greedy, _ = await run(engine, PROMPTS[0], max_tokens=10, temperature=0, ignore_eos=True)
     tiny, _ = await run(engine, PROMPTS[0], max_tokens=10, temperature=1e-30, ignore_eos=True, seed=1)
     assert tiny == greedy
+
+
+async def test_a_request_that_does_not_stream_gets_one_delta_with_everything(engine: HFEngine):
+    streamed = [d async for d in engine.generate(GenerationRequest("s", PROMPTS[1], SamplingParams(
+        max_tokens=12, temperature=0, ignore_eos=True, logprobs=2, stop=["never"])))]
+    whole = [d async for d in engine.generate(GenerationRequest("w", PROMPTS[1], SamplingParams(
+        max_tokens=12, temperature=0, ignore_eos=True, logprobs=2, stop=["never"]), stream=False))]
+    assert len(streamed) > 1 and len(whole) == 1
+    (one,) = whole
+    assert one.token_ids == tuple(t for d in streamed for t in d.token_ids)
+    assert one.text == "".join(d.text for d in streamed)
+    expected = [lp for d in streamed for lp in d.logprobs]
+    assert [lp.token_id for lp in one.logprobs] == [lp.token_id for lp in expected]
+    assert [lp.logprob for lp in one.logprobs] == pytest.approx([lp.logprob for lp in expected], abs=1e-4)
+    assert (one.finish_reason, one.completion_tokens, one.prompt_tokens) == \
+        (streamed[-1].finish_reason, streamed[-1].completion_tokens, streamed[-1].prompt_tokens)

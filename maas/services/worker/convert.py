@@ -24,12 +24,14 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(stop=tuple(p.stop), ignore_eos=p.ignore_eos, **kwargs)  # type: ignore[arg-type]
 
 
-def request_from_proto(r: inference_pb2.GenerateRequest, adapter: AdapterRef | None = None) -> GenerationRequest:
+def request_from_proto(r: inference_pb2.GenerateRequest, adapter: AdapterRef | None = None, *,
+                       stream: bool = True) -> GenerationRequest:
     return GenerationRequest(request_id=r.request_id or new_request_id(), prompt=r.prompt,
                              params=sampling_from_proto(r.params),
                              resume_token_ids=tuple(r.resume_token_ids), adapter=adapter,
                              tenant=r.tenant, weight=r.tenant_weight if r.tenant_weight > 0 else 1.0,
-                             priority=max(0, priority(r.service_class) - r.reserved))  # reserved: a class up
+                             priority=max(0, priority(r.service_class) - r.reserved),  # reserved: a class up
+                             stream=stream)
 
 
 def chunk_from_delta(delta: Delta, *, request_id: str, model: str, replica_id: str) -> inference_pb2.GenerateChunk:

@@ -61,21 +61,27 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        async for chunk in self._chunks(request, context, stream=True):
+            yield chunk
+
+    async def _chunks(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, *,
+                      stream: bool) -> AsyncIterator[inference_pb2.GenerateChunk]:
         async with self.replicas.serve(request.model, _replica_hint(context),
                                        online=request.service_class != "batch") as (replica, engine):
             req = request_from_proto(_render_chat(request, engine),
-                                     await self.replicas.adapter(replica, request.adapter))
+                                     await self.replicas.adapter(replica, request.adapter), stream=stream)
             # a reader that falls behind gets the tokens produced meanwhile in one message
-            async with contextlib.aclosing(batches(engine.generate(req))) as stream:
-                async for deltas in stream:
+            async with contextlib.aclosing(batches(engine.generate(req))) as deltas_of:
+                async for deltas in deltas_of:
                     chunks = [chunk_from_delta(d, request_id=req.request_id, model=replica.ref,
                                                replica_id=replica.info.replica_id) for d in deltas]
                     yield merge_chunks(chunks)
 
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
+        """The whole answer at once: the engine need not send a message per step."""
         out = inference_pb2.GenerateResponse()
-        async for chunk in self.GenerateStream(request, context):
+        async for chunk in self._chunks(request, context, stream=False):
             out.text += chunk.text
             out.token_ids.extend(chunk.token_ids)
             out.logprobs.extend(chunk.logprobs)

@@ -90,6 +90,9 @@ class GenerationRequest:
     tenant: str = ""
     weight: float = 1.0
     priority: int = 1  # its class: 0 interactive, 1 standard, 2 batch (`engines.fair`)
+    # False: the engine may send one delta at the end instead of one per step (a unary call
+    # reads them all anyway; every message it saves is work for each hop)
+    stream: bool = True
 
     def __post_init__(self) -> None:
         if not self.prompt:

@@ -114,6 +114,7 @@ class _Sequence:
     cancelled: bool = False
     done: bool = False
     preempted: int = 0    # times it left the batch for another tenant's share
+    stream: bool = True   # a delta per step; False: one at the end
 
     @property
     def context(self) -> int:
@@ -352,7 +353,7 @@ class HFEngine:
                                     f"{self._label} ({self._kv_budget_tokens} tokens); lower max_tokens")
         return _Sequence(
             request_id=request.request_id, sink=sink, queue=queue, tag=tag,
-            tenant=request.tenant, weight=request.weight, priority=request.priority,
+            tenant=request.tenant, weight=request.weight, priority=request.priority, stream=request.stream,
             reserved_tokens=reserved, adapter=request.adapter,
             row=Row(params, request_seed(params), prompt_ids, resumed),
             detok=IncrementalDetokenizer(self._tokenizer, context_ids=prompt_ids + resumed),
@@ -667,7 +668,7 @@ class HFEngine:
             return self._finish(seq, "stop")
         if len(seq.output) >= params.max_tokens or seq.row.position >= self.context_length:
             return self._finish(seq, "length", seq.detok.flush())
-        return seq.out.take(text_complete=not seq.detok.pending)
+        return seq.out.take(text_complete=not seq.detok.pending) if seq.stream else None
 
     def _finish(self, seq: _Sequence, reason: FinishReason, tail: str = "") -> Delta:
         seq.done = True
