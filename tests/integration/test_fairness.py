@@ -196,6 +196,16 @@ async def test_reservations_size_the_deployment_or_are_refused(mesh: MeshHarness
     assert dict(seen.reservations) == {"globex": 40}
     st = await admin.Reserve(scheduler_pb2.ReserveRequest(deployment="echo", tenant="acme", tokens_per_s=0), timeout=10)  # type: ignore[attr-defined]
     assert dict(st.deployment.reservations) == {"globex": 40}
+    # a tenant cannot give itself a reservation another way: not when creating a deployment,
+    # nor by marking its requests reserved
+    await mesh.register("mine", memory_mib=64)
+    made = await developer.CreateDeployment(scheduler_pb2.CreateDeploymentRequest(deployment=scheduler_pb2.Deployment(
+        name="mine", replicas=1, reservations={"globex": 10**6}, replica_tokens_per_s=1)), timeout=10)
+    assert not made.deployment.reservations and not made.deployment.replica_tokens_per_s
+    router = inference_pb2_grpc.InferenceStub(dial(mesh.endpoint("router"), await mesh.key("globex")))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await router.Generate(inference_pb2.GenerateRequest(model="echo", prompt="hi", reserved=True), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reserved" in (e.value.details() or "")
 
 
 async def test_a_reserved_request_goes_ahead_of_its_class(mesh: MeshHarness, demo_model_dir: Path):

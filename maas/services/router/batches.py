@@ -77,6 +77,7 @@ TICK = 1.0                 # seconds between progress writes and looks for batch
 DEFAULT_CONCURRENCY = 16   # lines one router has in flight, over all the batches it runs
 DEFAULT_YIELD = 1          # lines one router keeps in flight for a model while online requests run on it
 YIELD_POLL = 0.05          # seconds between looks at whether online requests still run
+MAX_WAITING_LINES = 4      # lines started and not answered (waiting to retry), per slot
 MAX_RUNNING = 4            # batches one router runs at once (each holds its input in memory)
 MAX_UPLOADS = 4            # uploads one router receives at once (each spooled to disk)
 RETRYABLE = (Unavailable, ResourceExhausted, DeadlineExceeded)  # for want of capacity: tried again
@@ -473,17 +474,28 @@ class _BatchRun:
         return b
 
     async def _send(self, batch: batches_pb2.Batch, who: Principal | str, todo: list[Line]) -> None:
-        """Every line of `todo`, as many at once as the router's slots allow (a line waiting
-        to retry gives its slot up meanwhile), until they are answered or the batch stops."""
+        """Every line of `todo`, as many at once as the router's slots (and, while online
+        requests run on a line's model, `yield_to`) allow, until they are answered or the
+        batch stops. A line waiting to retry gives its slot up meanwhile; at most
+        MAX_WAITING_LINES x slots lines are started and not yet answered."""
         slots = self.service._slots
+        started = asyncio.Semaphore(max(1, self.service.concurrency) * MAX_WAITING_LINES)
         pending: set[asyncio.Task[None]] = set()
         try:
             for line in todo:
-                if not await self._take(slots):
+                body = line.body(self.data)
+                named = body.get("model")
+                model = named if isinstance(named, str) else ""
+                if not await self._take(started) or not await self._slot_with_room(slots, model):
                     break
-                task = asyncio.create_task(self._line(batch, who, line, slots))  # it owns the slot taken
+                task = asyncio.create_task(self._line(batch, who, line, body, model, slots))  # owns the slot
                 pending.add(task)
-                task.add_done_callback(pending.discard)
+
+                def settled(t: asyncio.Task[None]) -> None:
+                    pending.discard(t)
+                    started.release()
+
+                task.add_done_callback(settled)
             while pending and not self.stop:
                 await asyncio.wait(set(pending), timeout=TICK)
         finally:
@@ -492,6 +504,20 @@ class _BatchRun:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
 
+    async def _slot_with_room(self, slots: asyncio.Semaphore, model: str) -> bool:
+        """A slot, once `model` has room for another batch line (`_room`); False once the
+        batch stops."""
+        while not self.stop:
+            if not self._room(model):
+                await asyncio.sleep(YIELD_POLL)
+                continue
+            if not await self._take(slots):
+                return False
+            if self._room(model):  # still, after waiting for the slot
+                return True
+            slots.release()
+        return False
+
     async def _take(self, slots: asyncio.Semaphore) -> bool:
         """A slot, or False once the batch stops."""
         while not self.stop:
@@ -499,19 +525,14 @@ class _BatchRun:
                 return await asyncio.wait_for(slots.acquire(), TICK)
         return False
 
-    async def _line(self, batch: batches_pb2.Batch, who: Principal | str, line: Line,
-                    slots: asyncio.Semaphore) -> None:
+    async def _line(self, batch: batches_pb2.Batch, who: Principal | str, line: Line, body: dict[str, Any],
+                    model: str, slots: asyncio.Semaphore) -> None:
         """One line, tried until it is answered: a try that failed for want of capacity is
-        tried again after a pause (its slot given up meanwhile) until the window ends.
-        While online requests run on its model, a try waits until fewer than `yield_to`
-        of the router's batch lines are on that model (its slot given up meanwhile)."""
+        tried again after a pause (its slot given up meanwhile) until the window ends."""
         rid = f"{batch.id.removeprefix('batch_')}-{line.index}"
         token = request_id_var.set(rid)
-        body = line.body(self.data)
-        named = body.get("model")
-        model = named if isinstance(named, str) else ""
         per_model = self.service._per_model
-        held = True  # the sender took a slot for the first try
+        held = True  # the sender took a slot (with room on the model) for the first try
         delay, timeouts = 0.5, 0
         try:
             while True:
@@ -519,17 +540,9 @@ class _BatchRun:
                 if left <= 0:
                     self.stop = self.stop or "expired"  # the line stays unanswered
                     return
-                if not self._room(model):
-                    if held:
-                        slots.release()
-                        held = False
-                    await asyncio.sleep(YIELD_POLL)
-                    continue
-                if not held and not await self._take(slots):
+                if not held and not await self._slot_with_room(slots, model):
                     return
                 held = True
-                if not self._room(model):  # taken while waiting for the slot
-                    continue
                 IN_FLIGHT.inc()
                 per_model[model] = per_model.get(model, 0) + 1
                 try:

@@ -26,6 +26,7 @@ from maas.mesh.authz import Principal
 from maas.mesh.clients import REPLICA_HEADER, credential_metadata
 from maas.mesh.errors import (
     DeadlineExceeded,
+    InvalidArgument,
     MaasError,
     PermissionDenied,
     ResourceExhausted,
@@ -383,10 +384,11 @@ class Forwarder:
         yield to (`ReplicaPool.online`); returns the deployment counted ("" for none)."""
         if request.service_class == "batch":
             return ""
+        name = request.model.partition("@")[0]
         here = self.pool.online_here
-        here[request.model] = here.get(request.model, 0) + 1
-        self.pool.online_seen(request.model)
-        return request.model
+        here[name] = here.get(name, 0) + 1
+        self.pool.online_seen(name)
+        return name
 
     def _online_ends(self, deployment: str) -> None:
         if deployment:
@@ -464,6 +466,9 @@ def _stamp(request: inference_pb2.GenerateRequest, added: inference_pb2.Generate
     """Whose request it is and its class, for the worker's fair sharing: the key's tenant
     ("-": none, the admin), its weight, and the class asked for (at most the key's own;
     none asked: the key's). Set in `added` too, so what the client sent is replaced."""
+    if request.reserved:
+        raise InvalidArgument("reserved is the router's to set (provisioned throughput, docs/fairness.md)",
+                              field="reserved")
     key = ticket.key
     request.tenant = added.tenant = ticket.tenant
     request.tenant_weight = added.tenant_weight = key.weight if key is not None and key.weight > 0 else 1.0
@@ -483,7 +488,7 @@ class Reservations:
     """Provisioned throughput at the front door (docs/fairness.md#provisioned-throughput): a
     token bucket per deployment and tenant at this router's share of the reserved rate. A
     request that finds tokens in its bucket is `reserved` (the engine ranks it one class
-    up); its max_tokens are taken at once, and what it did not make is given back at its end."""
+    up); it takes up to a second of the rate at once and is charged what it made at its end."""
 
     def __init__(self, pool: ReplicaPool, gate: Gate | None) -> None:
         self.pool = pool
@@ -492,27 +497,33 @@ class Reservations:
 
     def admit(self, request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest,
               tenant: str) -> tuple[Bucket, int] | None:
-        dep = self.pool.deployments.items.get(request.model)
+        if request.service_class == "batch":
+            return None  # batches run on what is left; they spend no reservation
+        name = request.model.partition("@")[0]
+        dep = self.pool.deployments.items.get(name)
         rate = dep.reservations.get(tenant, 0) if dep is not None and dep.reservations else 0
         if not rate:
             return None
         routers = max(1, len(self.gate.routers.items)) if self.gate is not None else 1
-        bucket = self.buckets.setdefault((request.model, tenant), Bucket(0, period=RESERVATION_BURST))
-        bucket.resize(rate / routers * RESERVATION_BURST)
+        share = rate / routers
+        bucket = self.buckets.setdefault((name, tenant), Bucket(0, period=RESERVATION_BURST))
+        bucket.resize(share * RESERVATION_BURST)
         bucket.refill(time.monotonic())
         if bucket.amount <= 0:
             return None  # over its reservation: an ordinary request of its class
-        asked = request.params.max_tokens or 16
-        bucket.take(asked)
+        # taken now: what it may make, at most a second of the rate (so that one long request
+        # does not empty the bucket for the tenant's others); settled with what it made
+        taken = int(min(request.params.max_tokens or 16, max(1.0, share)))
+        bucket.take(taken)
         request.reserved = added.reserved = True
-        return bucket, asked
+        return bucket, taken
 
     @staticmethod
     def settle(reserved: tuple[Bucket, int] | None, made: int) -> None:
-        """Give back what a reserved request took and did not make."""
+        """Charge a reserved request what it made, less what it took when admitted."""
         if reserved is not None:
-            bucket, asked = reserved
-            bucket.take(made - asked)
+            bucket, taken = reserved
+            bucket.take(made - taken)
 
 
 def _untrack(in_flight: dict[str, int], rid: str) -> None:

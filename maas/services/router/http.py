@@ -428,6 +428,7 @@ class HttpApi:
     async def _embedding(self, call: _Call, deadline: _Deadline, body: object) -> Answer:
         req, opts = openai_api.embedding_request(body)
         req.request_id = request_id_var.get()
+        req.service_class = "batch" if call.service_class == "batch" else ""  # only batches say (they yield)
         async with deadline.bound():
             reply = await self.forwarder.embed(req, deadline.remaining(), call.who)
         return openai_api.embedding_list(reply, opts)

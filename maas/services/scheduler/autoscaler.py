@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from maas.mesh.service_classes import reserved_replicas
 from maas.v1 import mesh_pb2, scheduler_pb2
 
 DEFAULT_TARGET = 8.0
@@ -94,7 +95,8 @@ class Autoscaler:
             target = auto.target_in_flight or DEFAULT_TARGET
             cooldown = auto.cooldown_seconds or DEFAULT_COOLDOWN_SECONDS
             demand = self.demand(name)
-            desired = min(auto.max_replicas, max(auto.min_replicas, math.ceil(demand / target)))
+            least = max(auto.min_replicas, reserved_replicas(dep))  # reservations hold replicas up
+            desired = min(auto.max_replicas, max(least, math.ceil(demand / target)))
             track.history.append((now, desired))
             while track.history and track.history[0][0] < now - cooldown:
                 track.history.popleft()
@@ -109,7 +111,7 @@ class Autoscaler:
             track.pressure_since = None
             if desired >= dep.replicas or now - track.since < cooldown:
                 continue
-            floor = max(auto.min_replicas, max(d for _, d in track.history))
+            floor = max(least, max(d for _, d in track.history))
             if floor == 0 and now - track.active < cooldown:
                 floor = 1  # still in use, just lightly: keep one
             if floor < dep.replicas:

@@ -49,6 +49,12 @@ def _check_change(who: Principal | None, dep: scheduler_pb2.Deployment) -> None:
         raise PermissionDenied(f"deployment {dep.name!r} belongs to the platform; only the admin may change it")
 
 
+def lowest(dep: scheduler_pb2.Deployment) -> int:
+    """The fewest replicas an autoscaled deployment may have: its minimum, or what its
+    reservations need if that is more."""
+    return max(dep.autoscale.min_replicas, reserved_replicas(dep))
+
+
 def _view(dep: scheduler_pb2.Deployment, who: Principal | None) -> scheduler_pb2.Deployment:
     """A deployment as `who` sees it: a tenant sees its own reservation, not other tenants'."""
     if who is None or who.kind != "tenant" or not dep.reservations:
@@ -106,12 +112,11 @@ class DeploymentStore:
             # the scheduler owns the count from here on; start within the bounds
             out.replicas = min(auto.max_replicas, max(auto.min_replicas, dep.replicas))
         if floor := reserved_replicas(out):  # provisioned throughput holds replicas up
-            if out.HasField("autoscale"):
+            if out.HasField("autoscale"):  # the autoscaler keeps it (`lowest`); its own minimum stays
                 if out.autoscale.max_replicas < floor:
                     raise FailedPrecondition(f"the reservations on {dep.name!r} need {floor} replicas; autoscale "
                                              f"max_replicas {out.autoscale.max_replicas} is below that",
                                              field="max_replicas")
-                out.autoscale.min_replicas = max(out.autoscale.min_replicas, floor)
                 out.replicas = max(out.replicas, floor)
             elif out.replicas < floor:
                 raise FailedPrecondition(f"the reservations on {dep.name!r} need {floor} replicas, not "
@@ -151,6 +156,9 @@ class DeploymentStore:
         return out
 
     async def create(self, dep: scheduler_pb2.Deployment, who: Principal | None = None) -> scheduler_pb2.Deployment:
+        if who is not None and not who.is_admin:  # reservations are set with Reserve (a backup's restore keeps them)
+            dep.reservations.clear()
+            dep.replica_tokens_per_s = 0
         if who is not None and who.kind == "tenant":
             if dep.owner and dep.owner != who.tenant:
                 raise PermissionDenied(f"{who.describe()} cannot create deployments for tenant {dep.owner!r}",
@@ -202,7 +210,7 @@ class DeploymentStore:
             out = await self._prepare(wanted, who)
             out.created_ms = current.created_ms
             if out.autoscale.max_replicas and current.autoscale.max_replicas:  # the scheduler's count stands
-                out.replicas = min(out.autoscale.max_replicas, max(out.autoscale.min_replicas, current.replicas))
+                out.replicas = min(out.autoscale.max_replicas, max(lowest(out), current.replicas))
             out.previous_version = (current.resolved_version if out.resolved_version != current.resolved_version
                                     else current.previous_version)
             ok, _ = await self.session.client.transaction(
@@ -226,12 +234,12 @@ class DeploymentStore:
         return sorted((_view(d, who) for d in (scheduler_pb2.Deployment.FromString(v) for _, v in pairs)
                        if _may_see(who, d)), key=lambda d: d.name)
 
-    async def replica_memory(self, dep: scheduler_pb2.Deployment) -> int:
-        """Device memory one replica of `dep` takes (its resources, else its version's)."""
-        if dep.resources.memory_bytes:
-            return int(dep.resources.memory_bytes)
+    async def replica_size(self, dep: scheduler_pb2.Deployment) -> tuple[int, int]:
+        """(device memory over all its devices, devices) one replica of `dep` takes: its
+        resources, else its version's."""
         version = await self._resolve(dep.resolved_version or dep.model, None)
-        return int(version.resources.memory_bytes)
+        memory = dep.resources.memory_bytes or version.resources.memory_bytes
+        return int(memory), max(1, dep.resources.devices or version.resources.devices)
 
     async def reserve(self, request: scheduler_pb2.ReserveRequest, room: Callable[[scheduler_pb2.Deployment], int],
                       who: Principal | None = None) -> scheduler_pb2.Deployment:

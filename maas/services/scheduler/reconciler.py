@@ -22,6 +22,7 @@ from maas.mesh.errors import AlreadyExists, FailedPrecondition, MaasError, NotFo
 from maas.mesh.etcd import LeaderElection
 from maas.mesh.jobs import TERMINAL, now_ms, update_job
 from maas.mesh.server import ServiceRuntime
+from maas.mesh.service_classes import reserved_replicas
 from maas.services.scheduler import metrics, placement
 from maas.services.scheduler.autoscaler import Autoscaler
 from maas.services.scheduler.canary import CanaryJudge
@@ -249,7 +250,7 @@ class Reconciler:
         dep = scheduler_pb2.Deployment.FromString(got.value)
         if dep != seen or not dep.autoscale.max_replicas:
             return None
-        dep.replicas = min(dep.autoscale.max_replicas, max(dep.autoscale.min_replicas, replicas))
+        dep.replicas = min(dep.autoscale.max_replicas, max(dep.autoscale.min_replicas, reserved_replicas(dep), replicas))
         metrics.TXNS.inc()
         if await election.fenced_txn([tx.put(key, dep.SerializeToString())], compare=[tx.mod(key) == got.mod_revision]):
             await self.state.deployments.caught_up({name: dep}, CATCH_UP_SECONDS)

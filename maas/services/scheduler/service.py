@@ -7,7 +7,7 @@ import grpc
 from maas.mesh.authz import caller
 from maas.mesh.events import EventBus
 from maas.mesh.jobs import state_name
-from maas.services.scheduler.deployments import DeploymentStore
+from maas.services.scheduler.deployments import MAX_REPLICAS, DeploymentStore
 from maas.services.scheduler.jobs import JobStore
 from maas.services.scheduler.placement import Fleet
 from maas.services.scheduler.reconciler import Reconciler
@@ -73,19 +73,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Reserve(self, request: scheduler_pb2.ReserveRequest,
                       context: grpc.aio.ServicerContext) -> scheduler_pb2.DeploymentStatus:
         current = await self.store.get(request.deployment, caller())
-        need = await self.store.replica_memory(current)
-        dep = await self.store.reserve(request, lambda d: self._room(d, need), caller())
+        need, devices = await self.store.replica_size(current)
+        dep = await self.store.reserve(request, lambda d: self._room(d, need, devices), caller())
         self.events.publish("deployment", "reserved", dep.name,
                             f"{dep.name}: {request.tokens_per_s} tokens/s reserved for tenant {request.tenant} "
                             f"(x{dep.replicas} replicas)", tenant=request.tenant, tokens_per_s=str(request.tokens_per_s))
         return self._status(dep)
 
-    def _room(self, dep: scheduler_pb2.Deployment, need: int) -> int:
-        """How many more replicas of `dep` (`need` bytes of one device each) the fleet's free
-        device memory holds, beside every replica placed and every running job."""
-        placed = self.state.assignments_by_worker()
+    def _room(self, dep: scheduler_pb2.Deployment, need: int, devices: int) -> int:
+        """How many more replicas of `dep` (`need` bytes over `devices` devices of one worker)
+        the fleet holds: on the workers its selector admits, beside every replica placed and
+        every running job, less its own replicas not placed yet. A model without a memory
+        estimate fits anywhere, as placement treats it."""
         if not need:
-            return 0
+            return MAX_REPLICAS
+        per_device = -(-need // devices)
+        placed = self.state.assignments_by_worker()
         fleet = Fleet(dict(self.state.workers.items))
         for (worker, _), a in placed.items():
             for device in a.device_ids:
@@ -93,7 +96,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         for job in self.state.jobs.items.values():
             if job.state == jobs_pb2.JOB_STATE_RUNNING:
                 fleet.take((job.worker_id, job.device_id), job.memory_bytes)
-        return sum(max(0, free) // need for free in fleet.free.values())
+        room = 0
+        for worker, info in self.state.workers.items.items():
+            if any(info.labels.get(k) != v for k, v in dep.selector.items()):
+                continue
+            pieces = sum(max(0, fleet.free.get((worker, d.id), 0)) // per_device for d in info.devices)
+            room += pieces // devices
+        mine = sum(1 for a in placed.values() if a.deployment == dep.name)
+        return max(0, room - max(0, dep.replicas - mine))
 
     async def ListWorkers(self, request: scheduler_pb2.ListWorkersRequest,
                           context: grpc.aio.ServicerContext) -> scheduler_pb2.ListWorkersResponse:

@@ -93,7 +93,8 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Embed(self, request: inference_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> inference_pb2.EmbedResponse:
-        async with self.replicas.serve(request.model, _replica_hint(context)) as (replica, engine):
+        async with self.replicas.serve(request.model, _replica_hint(context),
+                                       online=request.service_class != "batch") as (replica, engine):
             embed = getattr(engine, "embed", None)
             if embed is None:
                 raise InvalidArgument(f"model {request.model!r} is a generative model: use Generate, not Embed",
