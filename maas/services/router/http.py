@@ -159,6 +159,7 @@ async def _next(stream: AsyncGenerator[Chunk, None]) -> inference_pb2.GenerateCh
 
 
 TRACE_HEADER = "x-maas-trace"  # "1": a pipeline's non-streamed reply carries each step's timing
+IGNORED_HEADER = "x-maas-ignored-fields"  # the body's fields the API does not know, dropped
 
 
 class _Deadline:
@@ -198,14 +199,16 @@ class _Call:
     session: str = ""            # x-session-id: the replica it sticks to
     traced: bool = False         # x-maas-trace: 1
     service_class: str = ""      # a class the request runs at whatever it asked (a batch's line)
+    ignored: list[str] | None = None  # unknown body fields dropped (None: refused, --strict-fields)
 
     def stamp(self, req: inference_pb2.GenerateRequest) -> None:
         if self.service_class:
             req.service_class = self.service_class
 
 
-def _call(request: web.Request) -> _Call:
-    return _Call(_api_key(request), request.headers.get(SESSION_HEADER, ""), request.headers.get(TRACE_HEADER) == "1")
+def _call(request: web.Request, strict: bool) -> _Call:
+    return _Call(_api_key(request), request.headers.get(SESSION_HEADER, ""), request.headers.get(TRACE_HEADER) == "1",
+                 ignored=None if strict else [])
 
 
 Answer = dict[str, Any] | tuple[str, AsyncGenerator[list[dict[str, Any]], None]]
@@ -218,7 +221,8 @@ class HttpApi:
 
     def __init__(self, forwarder: Forwarder, host: str, port: int, *, grace: float = 10.0,
                  max_body: int = MAX_BODY_BYTES, timeout: float = DEFAULT_TIMEOUT,
-                 tls: TlsFiles | None = None, catalog: PipelineCatalog | None = None) -> None:
+                 tls: TlsFiles | None = None, catalog: PipelineCatalog | None = None,
+                 strict_fields: bool = False) -> None:
         if not 0 < timeout <= MAX_TIMEOUT:
             raise StartupError(f"the HTTP request timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout:g}")
         self.forwarder = forwarder
@@ -226,6 +230,7 @@ class HttpApi:
         self.host, self.port = host, port
         self.max_body = max_body
         self.timeout = timeout
+        self.strict_fields = strict_fields  # refuse bodies with fields the API does not know
         self.tls = tls if tls is not None and tls.serves else None  # HTTPS with the router's certificate
         self.endpoint = ""
         self.app = web.Application(client_max_size=max_body, middlewares=[self._middleware])
@@ -369,17 +374,20 @@ class HttpApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         deadline = self._deadline(request)
-        return await self._reply(request, deadline, await self._chat(_call(request), deadline, await self._body(request)))
+        call = _call(request, self.strict_fields)
+        return await self._reply(request, deadline, await self._chat(call, deadline, await self._body(request)), call)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         deadline = self._deadline(request)
-        return await self._reply(request, deadline,
-                                 await self._completion(_call(request), deadline, await self._body(request)))
+        call = _call(request, self.strict_fields)
+        return await self._reply(request, deadline, await self._completion(call, deadline, await self._body(request)),
+                                 call)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         deadline = self._deadline(request)
-        return await self._reply(request, deadline,
-                                 await self._embedding(_call(request), deadline, await self._body(request)))
+        call = _call(request, self.strict_fields)
+        return await self._reply(request, deadline, await self._embedding(call, deadline, await self._body(request)),
+                                 call)
 
     async def answer(self, endpoint: str, body: object, who: Caller, timeout: float, *,
                      service_class: str = "") -> dict[str, Any]:
@@ -388,21 +396,26 @@ class HttpApi:
         errors. A stream cannot be answered this way."""
         if isinstance(body, dict) and body.get("stream"):
             raise InvalidArgument("a batch request cannot stream: leave out \"stream\"", field="stream")
-        call, deadline = _Call(who, service_class=service_class), _Deadline(timeout, "the batch's")
+        call, deadline = _Call(who, service_class=service_class, ignored=None if self.strict_fields else []), \
+            _Deadline(timeout, "the batch's")
         handler = {"/v1/chat/completions": self._chat, "/v1/completions": self._completion,
                    "/v1/embeddings": self._embedding}[endpoint]
         answered = await handler(call, deadline, body)
         assert isinstance(answered, dict)  # not streamed
         return answered
 
-    async def _reply(self, request: web.Request, deadline: _Deadline, answered: Answer) -> web.StreamResponse:
+    async def _reply(self, request: web.Request, deadline: _Deadline, answered: Answer,
+                     call: _Call) -> web.StreamResponse:
+        headers = {IGNORED_HEADER: ", ".join(call.ignored)} if call.ignored else {}
+        if call.ignored:
+            log.debug("fields ignored: %s", ", ".join(call.ignored))
         if isinstance(answered, dict):
-            return web.json_response(answered, dumps=_dumps)
+            return web.json_response(answered, dumps=_dumps, headers=headers)
         rid, events = answered
-        return await self._events(request, deadline, rid, events)
+        return await self._events(request, deadline, rid, events, headers)
 
     async def _chat(self, call: _Call, deadline: _Deadline, body: object) -> Answer:
-        req, opts = openai_api.chat_request(body)
+        req, opts = openai_api.chat_request(body, call.ignored)
         call.stamp(req)
         if found := await self._find_pipeline(call, req.model):
             return await self._pipeline(call, deadline, req, opts, found)
@@ -419,14 +432,14 @@ class HttpApi:
                                   field="max_tokens") from None
 
     async def _completion(self, call: _Call, deadline: _Deadline, body: object) -> Answer:
-        req, opts = openai_api.completion_request(body)
+        req, opts = openai_api.completion_request(body, call.ignored)
         call.stamp(req)
         if found := await self._find_pipeline(call, req.model):
             return await self._pipeline(call, deadline, req, opts, found)
         return await self._generate(call, deadline, req, opts)
 
     async def _embedding(self, call: _Call, deadline: _Deadline, body: object) -> Answer:
-        req, opts = openai_api.embedding_request(body)
+        req, opts = openai_api.embedding_request(body, call.ignored)
         req.request_id = request_id_var.get()
         req.service_class = "batch" if call.service_class == "batch" else ""  # only batches say (they yield)
         async with deadline.bound():
@@ -514,7 +527,8 @@ class HttpApi:
             yield encoder.end()
 
     async def _events(self, request: web.Request, deadline: _Deadline, rid: str,
-                      events: AsyncGenerator[list[dict[str, Any]], None]) -> web.StreamResponse:
+                      events: AsyncGenerator[list[dict[str, Any]], None],
+                      headers: dict[str, str] | None = None) -> web.StreamResponse:
         """Server-sent events, a list of them per step of `events`. Errors before the first
         step are ordinary HTTP errors (no replica, a bad request, a failing pipeline step);
         after it, an `{"error": ...}` event ends the stream. Leaving this function any way
@@ -525,7 +539,7 @@ class HttpApi:
                 first = await anext(events)
             response = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                "x-request-id": rid})
+                "x-request-id": rid, **(headers or {})})
             await response.prepare(request)
             try:
                 async with deadline.bound():

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-timeout", type=float, default=DEFAULT_TIMEOUT,
                         help=f"seconds an HTTP API request may take unless its {TIMEOUT_HEADER} header says "
                              "otherwise (then 504)")
+    parser.add_argument("--strict-fields", action="store_true",
+                        help="refuse HTTP API bodies with fields the API does not know (400), instead of dropping "
+                             "them and naming them in the x-maas-ignored-fields header")
     parser.add_argument("--grpc-timeout", type=float, default=DEFAULT_TIMEOUT,
                         help="seconds a gRPC call that sets no deadline may take (then DEADLINE_EXCEEDED)")
     parser.add_argument("--batch-concurrency", type=int, default=DEFAULT_CONCURRENCY,
@@ -61,7 +64,8 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
                 prefix_affinity: bool = True, failover_timeout: float = FAILOVER_SECONDS,
                 http_timeout: float = DEFAULT_TIMEOUT, grpc_timeout: float = DEFAULT_TIMEOUT,
                 queue_timeout: float = QUEUE_SECONDS, pipeline_plugins: str = "platform",
-                batch_concurrency: int = DEFAULT_CONCURRENCY, batch_yield: int = DEFAULT_YIELD) -> ReplicaPool:
+                batch_concurrency: int = DEFAULT_CONCURRENCY, batch_yield: int = DEFAULT_YIELD,
+                strict_fields: bool = False) -> ReplicaPool:
     """Wire a router into a runtime (also used by in-process tests). `http_port` -1 serves
     no HTTP API; the endpoint it serves is published as the router's `http_endpoint`."""
     if not -1 <= http_port <= 65535:
@@ -90,7 +94,7 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     if not 0 <= batch_yield <= 4096:
         raise StartupError(f"--batch-yield {batch_yield} must be between 0 and 4096")
     http = HttpApi(forwarder, http_host or rt.config.host, max(http_port, 0), grace=rt.config.grace,
-                   timeout=http_timeout, tls=rt.config.tls, catalog=catalog)
+                   timeout=http_timeout, tls=rt.config.tls, catalog=catalog, strict_fields=strict_fields)
     batch_service = BatchService(rt.etcd, pool.registry, rt.authorizer, rt.events, http.answer, error_of=error_of,
                            instance=rt.config.instance, concurrency=batch_concurrency, online=pool.online,
                            yield_to=batch_yield)
@@ -122,7 +126,8 @@ def main(ns: argparse.Namespace) -> int:
                         prefix_affinity=ns.prefix_affinity, failover_timeout=ns.failover_timeout,
                         http_port=ns.http_port, http_timeout=ns.http_timeout, grpc_timeout=ns.grpc_timeout,
                         queue_timeout=ns.queue_timeout, pipeline_plugins=ns.pipeline_plugins,
-                        batch_concurrency=ns.batch_concurrency, batch_yield=ns.batch_yield)
+                        batch_concurrency=ns.batch_concurrency, batch_yield=ns.batch_yield,
+                        strict_fields=ns.strict_fields)
             await rt.wait()
 
     return run_service(serve)

@@ -152,17 +152,21 @@ def _is(value: object, types: tuple[JsonType, ...]) -> bool:
     return kind in types or (kind == "integer" and "number" in types)
 
 
-def checked(body: object, fields: Mapping[str, Field]) -> dict[str, Any]:
-    """The body's given fields (nulls dropped), after checking names and JSON types."""
+def checked(body: object, fields: Mapping[str, Field], ignored: list[str] | None = None) -> dict[str, Any]:
+    """The body's given fields (nulls dropped), after checking names and JSON types. Fields
+    it does not know are refused, or, given an `ignored` list, dropped and named there (as
+    vLLM does: gateways and newer clients send fields of their own)."""
     if not isinstance(body, dict):
         raise InvalidArgument(f"the request body must be a JSON object, got {_json_type(body)}")
     unknown = sorted(set(body) - set(fields))
-    if unknown:
+    if unknown and ignored is None:
         raise InvalidArgument(f"unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}",
                               field=unknown[0])
+    if unknown and ignored is not None:
+        ignored.extend(unknown)
     out: dict[str, Any] = {}
     for name, value in body.items():
-        if value is None:
+        if value is None or name not in fields:
             continue
         types = fields[name].types
         if not _is(value, types):
@@ -253,8 +257,8 @@ def chat_max_tokens(context_length: int) -> int:
     return min(DEFAULT_CHAT_MAX_TOKENS, context_length // 2) if context_length > 0 else DEFAULT_CHAT_MAX_TOKENS
 
 
-def chat_request(body: object) -> tuple[inference_pb2.GenerateRequest, Options]:
-    b = checked(body, CHAT_FIELDS)
+def chat_request(body: object, ignored: list[str] | None = None) -> tuple[inference_pb2.GenerateRequest, Options]:
+    b = checked(body, CHAT_FIELDS, ignored)
     request = inference_pb2.GenerateRequest()
     _common(b, request)
     request.messages.extend(chat_messages(b["messages"]))
@@ -284,8 +288,9 @@ def chat_request(body: object) -> tuple[inference_pb2.GenerateRequest, Options]:
     return request, _options("chat", b, max_tokens_given=max_tokens is not None)
 
 
-def completion_request(body: object) -> tuple[inference_pb2.GenerateRequest, Options]:
-    b = checked(body, COMPLETION_FIELDS)
+def completion_request(body: object,
+                       ignored: list[str] | None = None) -> tuple[inference_pb2.GenerateRequest, Options]:
+    b = checked(body, COMPLETION_FIELDS, ignored)
     request = inference_pb2.GenerateRequest()
     _common(b, request)
     prompt = b["prompt"]
@@ -368,8 +373,8 @@ class EmbedOptions:
     base64: bool
 
 
-def embedding_request(body: object) -> tuple[inference_pb2.EmbedRequest, EmbedOptions]:
-    b = checked(body, EMBEDDING_FIELDS)
+def embedding_request(body: object, ignored: list[str] | None = None) -> tuple[inference_pb2.EmbedRequest, EmbedOptions]:
+    b = checked(body, EMBEDDING_FIELDS, ignored)
     if not b["model"]:
         raise InvalidArgument("model must not be empty", field="model")
     inputs = b["input"]
