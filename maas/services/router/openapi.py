@@ -40,12 +40,15 @@ def _array(items: Schema) -> Schema:
 
 
 def request_schema(fields: Mapping[str, Field]) -> Schema:
-    """A request body: exactly the accepted fields; null means "not given"."""
+    """A request body: the accepted fields; null means "not given". Others are dropped and
+    named in the x-maas-ignored-fields header (refused by a router with --strict-fields)."""
     props = {}
     for name, f in fields.items():
         types: list[str] = list(f.types) if f.required else [*f.types, "null"]
         props[name] = _t(types[0] if len(types) == 1 else types, f.doc)
-    return {**_obj([n for n, f in fields.items() if f.required], **props), "additionalProperties": False}
+    return {**_obj([n for n, f in fields.items() if f.required], **props),
+            "description": "Fields not listed here are dropped and named in the x-maas-ignored-fields header "
+                           "(a router with --strict-fields refuses them)."}
 
 
 USAGE = _obj(["prompt_tokens", "completion_tokens", "total_tokens"],
