@@ -409,3 +409,20 @@ async def test_unknown_fields_are_dropped_and_named_unless_the_router_is_strict(
                                              extra_body={"frobnicate": 1, "zap": 2})
     assert "unknown fields: frobnicate, zap" in bad.value.message and bad.value.param == "frobnicate"
     await strict.close()
+
+
+async def test_version_is_public_and_metrics_are_the_admins(api: Api):
+    from maas import __version__
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{api.root}/version") as resp:
+            assert resp.status == 200 and await resp.json() == {"version": __version__}
+        async with http.get(f"{api.root}/metrics") as resp:  # no key
+            assert resp.status == 401
+        async with http.get(f"{api.root}/metrics", headers=api.headers) as resp:  # a tenant's key
+            assert resp.status == 403 and "only the admin" in (await resp.json())["error"]["message"]
+        await api.client.completions.create(model="echo", prompt="count me", max_tokens=2)
+        async with http.get(f"{api.root}/metrics", headers={"Authorization": f"Bearer {api.mesh.admin_token}"}) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+            text = await resp.text()
+    assert 'maas_router_requests_total{model="echo",status="OK",tenant="t"}' in text

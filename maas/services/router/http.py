@@ -31,8 +31,9 @@ import grpc
 from aiohttp import BodyPartReader, web
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
-from prometheus_client import Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
+from maas import __version__
 from maas.mesh import tracing
 from maas.mesh.auth import bearer
 from maas.mesh.authz import Principal
@@ -42,6 +43,7 @@ from maas.mesh.errors import (
     InvalidArgument,
     MaasError,
     NotFound,
+    PermissionDenied,
     StartupError,
     from_rpc_error,
 )
@@ -243,6 +245,8 @@ class HttpApi:
             web.get("/openapi.json", self.openapi),
             web.get("/v1/openapi.json", self.openapi),
             web.get("/health", self.health),
+            web.get("/version", self.version),
+            web.get("/metrics", self.metrics),
             web.post("/v1/files", self.create_file),
             web.get("/v1/files", self.list_files),
             web.get("/v1/files/{file_id}", self.get_file),
@@ -683,6 +687,21 @@ class HttpApi:
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(openapi.document(), dumps=_dumps)
+
+    async def version(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"version": __version__})
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        """The router's Prometheus metrics on the API port, for the admin's key only: their
+        labels name every tenant."""
+        gate = self.forwarder.gate
+        if gate is not None:
+            who = gate.identify(_api_key(request))
+            if who is not None and not who.is_admin:
+                raise PermissionDenied("the metrics name every tenant: only the admin's key reads them here "
+                                       "(or scrape the router's --metrics-port)")
+        body = await asyncio.to_thread(generate_latest)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})

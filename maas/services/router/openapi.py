@@ -214,6 +214,12 @@ def document() -> dict[str, Any]:
             "/v1/batches/{batch_id}/cancel": {"post": {
                 "summary": "Stop a batch: what was answered stays in its output", "parameters": [_path("batch_id")],
                 "responses": {"200": {"description": "OK", "content": _json("Batch")}, **ERRORS}}},
+            "/version": {"get": {"summary": "The mesh's version", "security": [], "responses": {
+                "200": {"description": "OK", "content": {"application/json": {"schema": _obj(
+                    ["version"], version=_t("string"))}}}}}},
+            "/metrics": {"get": {"summary": "The router's Prometheus metrics (the admin's key only: they name every "
+                                            "tenant)", "responses": {"200": {"description": "OK", "content": {
+                                                "text/plain": {"schema": _t("string")}}}, **ERRORS}}},
             "/health": {"get": {"summary": "Liveness of the router's HTTP server", "security": [], "responses": {
                 "200": {"description": "OK", "content": {"application/json": {"schema": _obj(
                     ["status"], status=_t("string", enum=["ok"]))}}}}}},
