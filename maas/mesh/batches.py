@@ -28,7 +28,7 @@ import nats.js.api as js_api
 
 from maas.mesh.errors import InvalidArgument, NotFound, Unavailable
 from maas.mesh.etcd import EtcdSession, update_record
-from maas.mesh.events import EventBus, put_stream, stored
+from maas.mesh.events import EventBus, OwnStream, stored
 from maas.v1 import batches_pb2
 
 Status = batches_pb2.BatchStatus
@@ -167,23 +167,13 @@ class Answers:
     """Batches' answered lines in JetStream, over the runtime's NATS connection."""
 
     def __init__(self, events: EventBus) -> None:
-        self.events = events
-        self._ready = False
-
-    async def _ensure(self) -> nats.js.JetStreamContext:
-        if self.events.nc is None:
-            raise Unavailable("not connected to NATS: batch answers cannot be stored")
-        js = self.events.nc.jetstream(timeout=5)
-        if not self._ready:
-            await put_stream(js, js_api.StreamConfig(
-                name=STREAM, subjects=["maas.batch.>"], max_age=MAX_AGE, duplicate_window=120.0,
-                storage=js_api.StorageType.FILE))
-            self._ready = True
-        return js
+        self.stream = OwnStream(events, js_api.StreamConfig(
+            name=STREAM, subjects=["maas.batch.>"], max_age=MAX_AGE, duplicate_window=120.0,
+            storage=js_api.StorageType.FILE), "batch answers cannot be stored")
 
     async def put(self, batch_id: str, answer: Answer) -> None:
         """Store one answer (at most once per line within the duplicate window)."""
-        js = await self._ensure()
+        js = await self.stream.js()
         data = json.dumps({"i": answer.index, "ok": answer.ok}).encode() + b"\n" + answer.line
         await js.publish(subject(batch_id), data, headers={"Nats-Msg-Id": f"{batch_id}:{answer.index}"})
 
@@ -191,7 +181,7 @@ class Answers:
         """Every stored answer of the batch, the first of each line, in the order stored.
         Unavailable if fewer came than the stream held when the scan began (a partial read
         must never become a batch's output)."""
-        js = await self._ensure()
+        js = await self.stream.js()
         try:
             info = await js.stream_info(STREAM, subjects_filter=subject(batch_id))
             expected = sum((info.state.subjects or {}).values())
@@ -214,7 +204,7 @@ class Answers:
         return {a.index: a.ok async for a in self.scan(batch_id)}
 
     async def purge(self, batch_id: str) -> None:
-        js = await self._ensure()
+        js = await self.stream.js()
         try:
             await js.purge_stream(STREAM, subject=subject(batch_id))
         except (nats.errors.Error, nats.js.errors.Error):

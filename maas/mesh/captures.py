@@ -15,11 +15,9 @@ import json
 import logging
 from typing import Any
 
-import nats.js
 import nats.js.api as js_api
 
-from maas.mesh.errors import Unavailable
-from maas.mesh.events import EventBus, put_stream, stored
+from maas.mesh.events import EventBus, OwnStream, stored
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +43,11 @@ class CaptureStore:
 
     def __init__(self, events: EventBus) -> None:
         self.events = events
-        self._ready = False
+        self.stream = OwnStream(events, js_api.StreamConfig(
+            name=STREAM, subjects=["maas.capture.>"], max_age=MAX_AGE, max_msgs_per_subject=PER_PIPELINE,
+            max_bytes=512 * 1024 * 1024, discard=js_api.DiscardPolicy.OLD, storage=js_api.StorageType.FILE),
+            "captures are unavailable")
         self._saving: set[asyncio.Task[None]] = set()
-
-    async def _stream(self) -> nats.js.JetStreamContext:
-        if self.events.nc is None:
-            raise Unavailable("not connected to NATS; captures are unavailable")
-        js = self.events.nc.jetstream(timeout=5)
-        if not self._ready:
-            await put_stream(js, js_api.StreamConfig(
-                name=STREAM, subjects=["maas.capture.>"], max_age=MAX_AGE, max_msgs_per_subject=PER_PIPELINE,
-                max_bytes=512 * 1024 * 1024, discard=js_api.DiscardPolicy.OLD, storage=js_api.StorageType.FILE))
-            self._ready = True
-        return js
 
     def save(self, tenant: str, pipeline: str, capture: dict[str, Any]) -> None:
         data = json.dumps(capture, ensure_ascii=False).encode()
@@ -74,14 +64,14 @@ class CaptureStore:
 
     async def _save(self, where: str, data: bytes) -> None:
         try:
-            await (await self._stream()).publish(where, data)
+            await (await self.stream.js()).publish(where, data)
         except Exception as e:
             log.warning("a pipeline capture was dropped: %s", e)
 
     async def read(self, tenant: str, pipeline: str, version: str, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` captures of `version`, newest first."""
         found: list[dict[str, Any]] = []
-        async for msg in stored(await self._stream(), STREAM, subject(tenant, pipeline)):
+        async for msg in stored(await self.stream.js(), STREAM, subject(tenant, pipeline)):
             with contextlib.suppress(ValueError):
                 capture = json.loads(msg.data)
                 if capture.get("version") == version:

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 
 from maas.mesh.authz import ANONYMOUS, caller
 from maas.mesh.config import MeshConfig, redact
-from maas.mesh.errors import StartupError
+from maas.mesh.errors import StartupError, Unavailable
 from maas.mesh.logs import request_id_var
 from maas.v1 import events_pb2, mesh_pb2
 
@@ -76,6 +76,25 @@ async def put_stream(js: nats.js.JetStreamContext, config: js_api.StreamConfig) 
         await js.add_stream(config)
     except nats.js.errors.BadRequestError:
         await js.update_stream(config)
+
+
+class OwnStream:
+    """A JetStream stream over the runtime's NATS connection (`EventBus.nc`), made or brought
+    to `config` on first use: `js()` is its context, or Unavailable naming `what` while the
+    runtime is not connected."""
+
+    def __init__(self, events: EventBus, config: js_api.StreamConfig, what: str) -> None:
+        self.events, self.config, self.what = events, config, what
+        self._ready = False
+
+    async def js(self) -> nats.js.JetStreamContext:
+        if self.events.nc is None:
+            raise Unavailable(f"not connected to NATS: {self.what}")
+        js = self.events.nc.jetstream(timeout=5)
+        if not self._ready:
+            await put_stream(js, self.config)
+            self._ready = True
+        return js
 
 
 async def stored(js: nats.js.JetStreamContext, stream: str, subject: str, *, follow: bool = False,
