@@ -67,15 +67,21 @@ async def test_streams_survive_a_worker_killed_mid_stream_with_exactly_the_same_
     workers["w1"].signal(signal.SIGKILL)
     got = await asyncio.gather(*runs)  # raises if any stream failed
 
-    moved = 0
+    killed = next(r.replica_id for r in st.replicas if r.worker_id == "w1")
+    on_killed = 0
     for i, ((tokens, text, last, replicas), (want_tokens, want_text, _, _)) in enumerate(
             zip(got, expected, strict=True)):
         assert tokens == want_tokens, f"stream {i}: tokens differ from the fault-free run"
         assert text == want_text, f"stream {i}: text differs"
         assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert last.usage.completion_tokens == MAX_TOKENS
-        moved += len(replicas) == 2
-    assert moved >= STREAMS // 4, f"only {moved} streams were moved: the kill came too late?"
+        if killed in replicas:
+            on_killed += 1
+            # every stream began within a few tokens of the kill (60 tokens at 25 ms each), so
+            # one that ran on the killed worker finished elsewhere; how many the router placed
+            # there depends on its balancing, not on this test
+            assert len(replicas) == 2, f"stream {i} ran on the killed worker and was not moved"
+    assert on_killed >= 1, "no stream ran on the killed worker"
 
 
 async def test_an_unseeded_sampled_stream_is_moved_too(mesh: MeshHarness):
