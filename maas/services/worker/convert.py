@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from maas.mesh.errors import InvalidArgument
 from maas.mesh.logs import new_request_id
 from maas.mesh.service_classes import priority
-from maas.services.worker.engines.base import AdapterRef, Delta, GenerationRequest, SamplingParams
+from maas.services.worker.engines.base import AdapterRef, Delta, GenerationRequest, GuideSpec, SamplingParams
 from maas.v1 import common_pb2, inference_pb2
 
 FINISH = {
@@ -21,6 +22,11 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
                  "presence_penalty", "frequency_penalty", "logprobs"):
         if p.HasField(name):
             kwargs[name] = getattr(p, name)
+    if p.HasField("guide"):
+        kind = p.guide.WhichOneof("kind")
+        if kind is None or (kind == "json_object" and not p.guide.json_object):
+            raise InvalidArgument("guide is set but names no grammar", field="guide")
+        kwargs["guide"] = GuideSpec(kind, "" if kind == "json_object" else getattr(p.guide, kind))
     return SamplingParams(stop=tuple(p.stop), ignore_eos=p.ignore_eos, **kwargs)  # type: ignore[arg-type]
 
 

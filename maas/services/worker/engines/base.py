@@ -23,6 +23,18 @@ WEIGHTS_LOCK = threading.Lock()
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
+GuideKind = Literal["json_schema", "json_object", "regex", "lark"]
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    """What a constrained output must be (`engines.guide` compiles it): a JSON schema, any
+    JSON object, a regular expression or a Lark grammar, as text."""
+
+    kind: GuideKind
+    value: str = ""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Validated sampling parameters (protobuf defaults resolved)."""
@@ -38,6 +50,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     ignore_eos: bool = False
+    guide: GuideSpec | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:

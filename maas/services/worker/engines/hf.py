@@ -62,6 +62,7 @@ from maas.services.worker.engines.base import (
 )
 from maas.services.worker.engines.batch import DecodeBatch
 from maas.services.worker.engines.fair import FairQueue, victim
+from maas.services.worker.engines.guide import Guides
 from maas.services.worker.engines.prefix import KV, PrefixCache
 from maas.services.worker.engines.sampling import Row, request_seed, sample_batch, token_logprobs
 from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetokenizer
@@ -187,6 +188,7 @@ class HFEngine:
         self._model: Any = None  # a PreTrainedModel, wrapped in a PeftModel once adapters load
         self._tokenizer: Any = None
         self._eos_ids: frozenset[int] = frozenset()
+        self._guides: Guides | None = None  # constrained decoding (`guide`), once loaded
         self._extra: dict[str, Any] = {}
         self._kv_budget_tokens = 0
         self._label = f"{spec.name}@{spec.version}"
@@ -269,6 +271,8 @@ class HFEngine:
         prefix_mb = _option_int(self.spec, "prefix_cache_mb", budget // MiB // 4, minimum=0)
         self._prefix = PrefixCache(prefix_mb * MiB // bytes_per_token)
         self._eos_ids = frozenset(eos)
+        vocab = model.get_output_embeddings()
+        self._guides = Guides(tokenizer, int(getattr(vocab, "out_features", 0) or config.vocab_size), sorted(eos))
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self._tokenizer, self._model, self.context_length = tokenizer, model, int(context)
         log.info("%s ready: context %d, KV budget %d tokens (%d MiB), max batch %d", self._label, context,
@@ -351,11 +355,12 @@ class HFEngine:
         if reserved > self._kv_budget_tokens:
             raise ResourceExhausted(f"prompt plus max_tokens ({reserved} tokens) exceeds the KV-cache budget of "
                                     f"{self._label} ({self._kv_budget_tokens} tokens); lower max_tokens")
+        guide = self._guides.start(params.guide, resumed) if params.guide is not None and self._guides else None
         return _Sequence(
             request_id=request.request_id, sink=sink, queue=queue, tag=tag,
             tenant=request.tenant, weight=request.weight, priority=request.priority, stream=request.stream,
             reserved_tokens=reserved, adapter=request.adapter,
-            row=Row(params, request_seed(params), prompt_ids, resumed),
+            row=Row(params, request_seed(params), prompt_ids, resumed, guide),
             detok=IncrementalDetokenizer(self._tokenizer, context_ids=prompt_ids + resumed),
             out=DeltaAssembler(params.stop, prompt_tokens=len(prompt_ids), completion_tokens=len(resumed)))
 
@@ -659,13 +664,19 @@ class HFEngine:
 
     def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> Delta | None:
         seq.output.append(token)
-        params = seq.row.params
+        params, guide = seq.row.params, seq.row.guide
+        if guide is not None and not guide.consume(token):  # the mask allowed it: an engine bug
+            log.error("%s: request %s drew token %d its grammar refuses: %s", self._label, seq.request_id,
+                      token, guide.error)
+            return self._finish(seq, "error")
         if token in self._eos_ids and not params.ignore_eos:
             seq.out.add(token, "", logprob)
             return self._finish(seq, "stop", seq.detok.flush())
         seq.out.add(token, seq.detok.push(token), logprob)
         if seq.out.stopped:
             return self._finish(seq, "stop")
+        if guide is not None and guide.complete:  # the grammar allows nothing more
+            return self._finish(seq, "stop", seq.detok.flush())
         if len(seq.output) >= params.max_tokens or seq.row.position >= self.context_length:
             return self._finish(seq, "length", seq.detok.flush())
         return seq.out.take(text_complete=not seq.detok.pending) if seq.stream else None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from maas.services.worker.engines.base import SamplingParams, TokenLogprob
+from maas.services.worker.engines.guide import Guide, apply_masks
 from maas.services.worker.engines.text import StopMatcher
 
 __all__ = [
@@ -112,6 +113,7 @@ class Row:
     seed: int
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
+    guide: Guide | None = None  # constrained decoding: only the tokens it allows are drawn
 
     @property
     def position(self) -> int:
@@ -143,11 +145,19 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
     noise from `position_noise(seed, position)`. Work happens on the CPU in float32, so a
     request draws the same tokens on any device and in any batch.
     """
-    logits = logits.detach().to(device="cpu", dtype=torch.float32)
-    for i, row in enumerate(rows):  # rare: only rows that ask for penalties pay per-row work
-        p = row.params
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            logits[i] = apply_penalties(logits[i], p, prompt_ids=row.prompt_ids, output_ids=row.output_ids)
+    penalised = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0
+                 or row.params.presence_penalty or row.params.frequency_penalty]
+    guided = [i for i, row in enumerate(rows) if row.guide is not None]
+    # written in place below: a copy, so the caller's logits stay the model's (for logprobs)
+    logits = logits.detach().to(device="cpu", dtype=torch.float32, copy=bool(penalised or guided))
+    if guided:  # before penalties and temperature: a disallowed token stays -inf through both
+        bitmask = torch.full((len(guided), (logits.shape[-1] + 31) // 32), -1, dtype=torch.int32)
+        for j, i in enumerate(guided):
+            rows[i].guide.fill(bitmask, j)  # type: ignore[union-attr]
+        apply_masks(logits, guided, bitmask)
+    for i in penalised:  # rare: only rows that ask for penalties pay per-row work
+        row = rows[i]
+        logits[i] = apply_penalties(logits[i], row.params, prompt_ids=row.prompt_ids, output_ids=row.output_ids)
     chosen = torch.argmax(logits, dim=-1)
     sampled = [i for i, row in enumerate(rows) if row.params.temperature >= GREEDY_BELOW]
     if sampled:

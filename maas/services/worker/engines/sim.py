@@ -76,6 +76,10 @@ class SimEngine:
         if not self._loaded:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
         params = request.params
+        if params.guide is not None:  # its words are not a tokenizer a grammar can be compiled against
+            raise InvalidArgument(f"model {self.spec.name} runs on the sim engine, which has no constrained "
+                                  "decoding (structured outputs, required tool calls): use the hf engine",
+                                  field="guide")
         resumed = list(request.resume_token_ids)
         if any(not 0 <= t < len(WORDS) for t in resumed):
             raise InvalidArgument(
