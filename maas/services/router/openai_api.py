@@ -12,15 +12,18 @@ tables, so the description cannot drift from what is accepted.
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import grpc
 
 from maas.mesh.errors import InvalidArgument, MaasError
 from maas.mesh.service_classes import CLASSES, OPENAI_TIERS
+from maas.mesh.tools import NAME as TOOL_NAME
+from maas.mesh.tools import CallParser, call_grammar, split_calls
 from maas.v1 import common_pb2, inference_pb2
 
 DEFAULT_CHAT_MAX_TOKENS = 1024
@@ -35,6 +38,11 @@ the door. The worker refuses a prompt plus max_tokens beyond the model's own con
 400 naming that context)."""
 
 MAX_STOP = 16
+MAX_TOOLS = 128
+MAX_SCHEMA_CHARS = 64 * 1024
+RESPONSE_FORMAT_DOC = ("`{\"type\": \"text\"}` (default), `{\"type\": \"json_object\"}` or `{\"type\": "
+                       "\"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}`: the output "
+                       "follows it by constrained decoding (engines with a tokenizer: hf).")
 INT32 = 2**31
 OWNER = "maas-mesh"
 
@@ -92,12 +100,17 @@ CHAT_FIELDS: dict[str, Field] = {
                                      "batch; at most the key's class."),
     "prompt_cache_key": _f("string", doc="Accepted and ignored (the prefix cache needs no key)."),
     "safety_identifier": _f("string", doc="Accepted and ignored."),
-    "parallel_tool_calls": _f("boolean", doc="Accepted and ignored."),
-    "tools": _f("array", doc="Tool calling is not supported: only an empty array."),
-    "tool_choice": _f("string", "object", doc="Only \"none\" or \"auto\" (with no tools)."),
-    "functions": _f("array", doc="Deprecated function calling: only an empty array."),
-    "function_call": _f("string", "object", doc="Only \"none\" or \"auto\"."),
-    "response_format": _f("object", doc="Only `{\"type\": \"text\"}`."),
+    "parallel_tool_calls": _f("boolean", doc="Accepted; a forced call (`tool_choice` required or named) is "
+                                             "one call."),
+    "tools": _f("array", doc=f"Functions the model may call (at most {MAX_TOOLS}): "
+                             "`{\"type\": \"function\", \"function\": {name, description, parameters}}`."),
+    "tool_choice": _f("string", "object", doc="\"auto\" (default with tools), \"none\", \"required\" or "
+                                              "`{\"type\": \"function\", \"function\": {\"name\": ...}}`; "
+                                              "required and named calls are produced under constrained decoding, "
+                                              "so their arguments always match the schema."),
+    "functions": _f("array", doc="Deprecated function calling: not supported, use tools."),
+    "function_call": _f("string", "object", doc="Deprecated: only \"none\" or \"auto\"; use tool_choice."),
+    "response_format": _f("object", doc=RESPONSE_FORMAT_DOC),
     "modalities": _f("array", doc="Only `[\"text\"]`."),
 }
 
@@ -110,6 +123,7 @@ COMPLETION_FIELDS: dict[str, Field] = {
     "echo": _f("boolean", doc="Only false."),
     "suffix": _f("string", doc="Not supported: only null or empty."),
     "best_of": _f("integer", doc="Only 1."),
+    "response_format": _f("object", doc=RESPONSE_FORMAT_DOC + " Extension: OpenAI's completions have none."),
 }
 
 EMBEDDING_FIELDS: dict[str, Field] = {
@@ -206,6 +220,7 @@ class Options:
     include_usage: bool = False
     logprobs: bool = False
     max_tokens_given: bool = True  # False: a chat's max_tokens is the default (`chat_max_tokens`)
+    tools: tuple[str, ...] = ()    # functions the output may call: calls are read out of it
 
 
 def _common(body: Mapping[str, Any], request: inference_pb2.GenerateRequest) -> None:
@@ -271,13 +286,19 @@ def chat_request(body: object, ignored: list[str] | None = None) -> tuple[infere
         request.params.logprobs = top or 0
     elif top is not None:
         raise InvalidArgument("top_logprobs needs logprobs: true", field="top_logprobs")
-    if b.get("tools"):
-        raise InvalidArgument("tools are not supported", field="tools")
     if b.get("functions"):
-        raise InvalidArgument("functions are not supported", field="functions")
-    _only(b, "tool_choice", ["none", "auto"], "is not supported: tools are not (only \"none\" or \"auto\")")
-    _only(b, "function_call", ["none", "auto"], "is not supported (only \"none\" or \"auto\")")
-    _only(b, "response_format", [{"type": "text"}], "is not supported: only {\"type\": \"text\"}")
+        raise InvalidArgument("functions (deprecated) is not supported: send tools", field="functions")
+    _only(b, "function_call", ["none", "auto"], "is not supported (only \"none\" or \"auto\"): use tool_choice")
+    _response_format(b, request.params)
+    tools = _tools(b.get("tools") or [])
+    choice = _tool_choice(b.get("tool_choice"), tools)
+    if choice != "none":
+        request.tools.extend(tools)
+    if choice not in ("none", "auto"):
+        if request.params.HasField("guide"):
+            raise InvalidArgument("response_format cannot be combined with a required tool call",
+                                  field="response_format")
+        request.params.guide.lark = call_grammar(tools, "" if choice == "required" else choice)
     _only(b, "modalities", [["text"]], "is not supported: only [\"text\"]")
     tier = b.get("service_tier")
     if tier is not None:
@@ -285,7 +306,86 @@ def chat_request(body: object, ignored: list[str] | None = None) -> tuple[infere
             raise InvalidArgument(f"service_tier must be one of {', '.join([*OPENAI_TIERS, *CLASSES])}, not {tier!r}",
                                   field="service_tier")
         request.service_class = OPENAI_TIERS.get(tier, tier)
-    return request, _options("chat", b, max_tokens_given=max_tokens is not None)
+    opts = _options("chat", b, max_tokens_given=max_tokens is not None)
+    if choice != "none" and tools:
+        opts = replace(opts, tools=tuple(t.name for t in tools))
+    return request, opts
+
+
+def _response_format(b: Mapping[str, Any], p: common_pb2.SamplingParams) -> None:
+    fmt = b.get("response_format")
+    if fmt is None:
+        return
+    kind = fmt.get("type")
+    if kind == "text":
+        return
+    if kind == "json_object":
+        p.guide.json_object = True
+        return
+    if kind != "json_schema":
+        raise InvalidArgument(f"response_format.type must be text, json_object or json_schema, not {kind!r}",
+                              field="response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict | bool):
+        raise InvalidArgument("response_format.json_schema must be an object whose schema is an object",
+                              field="response_format")
+    schema = json.dumps(spec.get("schema", {}))
+    if len(schema) > MAX_SCHEMA_CHARS:
+        raise InvalidArgument(f"response_format's schema is {len(schema)} characters; at most {MAX_SCHEMA_CHARS}",
+                              field="response_format")
+    p.guide.json_schema = schema
+
+
+def _tools(raw: list[Any]) -> list[inference_pb2.Tool]:
+    if len(raw) > MAX_TOOLS:
+        raise InvalidArgument(f"at most {MAX_TOOLS} tools, got {len(raw)}", field="tools")
+    out, names = [], set()
+    for i, t in enumerate(raw):
+        where = f"tools[{i}]"
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+            raise InvalidArgument(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", field=where)
+        name = fn.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise InvalidArgument(f"{where}.function.name must be 1-64 letters, digits, _ or -, got {name!r}",
+                                  field=f"{where}.function.name")
+        if name in names:
+            raise InvalidArgument(f"{where}: two tools are named {name!r}", field=f"{where}.function.name")
+        names.add(name)
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise InvalidArgument(f"{where}.function.parameters must be a JSON schema object",
+                                  field=f"{where}.function.parameters")
+        description = fn.get("description") or ""
+        if not isinstance(description, str):
+            raise InvalidArgument(f"{where}.function.description must be a string", field=f"{where}.function.description")
+        schema = json.dumps(params) if params is not None else ""
+        if len(schema) > MAX_SCHEMA_CHARS:
+            raise InvalidArgument(f"{where}.function.parameters is {len(schema)} characters; at most "
+                                  f"{MAX_SCHEMA_CHARS}", field=f"{where}.function.parameters")
+        out.append(inference_pb2.Tool(name=name, description=description, parameters=schema))
+    return out
+
+
+def _tool_choice(choice: object, tools: Sequence[inference_pb2.Tool]) -> str:
+    """"none", "auto", "required" or the name of the function that must be called."""
+    if choice is None:
+        return "auto" if tools else "none"
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise InvalidArgument("tool_choice must be none, auto, required or "
+                                  "{\"type\": \"function\", \"function\": {\"name\": ...}}", field="tool_choice")
+        if name not in {t.name for t in tools}:
+            raise InvalidArgument(f"tool_choice names {name!r}, which is not one of the tools", field="tool_choice")
+        return name
+    if choice not in ("none", "auto", "required"):
+        raise InvalidArgument(f"tool_choice must be none, auto, required or a function, not {choice!r}",
+                              field="tool_choice")
+    if choice == "required" and not tools:
+        raise InvalidArgument("tool_choice required needs tools", field="tool_choice")
+    return str(choice)
 
 
 def completion_request(body: object,
@@ -307,6 +407,7 @@ def completion_request(body: object,
     _only(b, "echo", [False], "is not supported (only false)")
     _only(b, "suffix", [""], "is not supported (only null)")
     _only(b, "best_of", [1], "must be 1")
+    _response_format(b, request.params)
     return request, _options("text", b)
 
 
@@ -334,13 +435,36 @@ def chat_messages(messages: list[Any]) -> list[inference_pb2.ChatMessage]:
         role = m.get("role")
         if not isinstance(role, str):
             raise InvalidArgument(f"{where}.role must be a string, got {_json_type(role)}", field=f"{where}.role")
-        if m.get("tool_calls"):
-            raise InvalidArgument(f"{where}.tool_calls: tool calls are not supported", field=f"{where}.tool_calls")
         for key in ("name", "tool_call_id", "refusal"):
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise InvalidArgument(f"{where}.{key} must be a string", field=f"{where}.{key}")
+        calls = _calls(m.get("tool_calls"), where) if role == "assistant" else []
+        if m.get("tool_calls") and role != "assistant":
+            raise InvalidArgument(f"{where}.tool_calls: only an assistant message makes calls",
+                                  field=f"{where}.tool_calls")
         content = _content(m.get("content"), where, role)
-        out.append(inference_pb2.ChatMessage(role="system" if role == "developer" else role, content=content))
+        out.append(inference_pb2.ChatMessage(role="system" if role == "developer" else role, content=content,
+                                             tool_calls=calls, tool_call_id=m.get("tool_call_id") or "",
+                                             name=m.get("name") or "" if role == "tool" else ""))
+    return out
+
+
+def _calls(raw: object, where: str) -> list[inference_pb2.ToolCall]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InvalidArgument(f"{where}.tool_calls must be an array", field=f"{where}.tool_calls")
+    out = []
+    for j, c in enumerate(raw):
+        at = f"{where}.tool_calls[{j}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidArgument(f"{at} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                                  f"\"arguments\"}}}}", field=at)
+        arguments = fn.get("arguments", "")
+        if not isinstance(arguments, str):
+            raise InvalidArgument(f"{at}.function.arguments must be a string of JSON", field=f"{at}.function.arguments")
+        out.append(inference_pb2.ToolCall(id=str(c.get("id") or ""), name=fn["name"], arguments=arguments))
     return out
 
 
@@ -348,7 +472,7 @@ def _content(content: object, where: str, role: str) -> str:
     if isinstance(content, str):
         return content
     if content is None:
-        if role == "assistant":
+        if role == "assistant":  # one that only made calls
             return ""
         raise InvalidArgument(f"{where}.content is required", field=f"{where}.content")
     if not isinstance(content, list):
@@ -444,6 +568,11 @@ def completion(reply: inference_pb2.GenerateResponse, opts: Options, request_id:
     choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
     if opts.kind == "chat":
         choice["message"] = {"role": "assistant", "content": reply.text, "refusal": None}
+        if opts.tools:
+            content, calls = split_calls(reply.text, opts.tools)
+            if calls:
+                choice["message"].update(content=content or None, tool_calls=[c.openai() for c in calls])
+                choice["finish_reason"] = "tool_calls"
         choice["logprobs"] = chat_logprobs(reply.logprobs) if opts.logprobs else None
         kind = "chat.completion"
     else:
@@ -464,6 +593,7 @@ class StreamEncoder:
                      "object": "chat.completion.chunk" if opts.kind == "chat" else "text_completion",
                      "created": created, "model": opts.model, "system_fingerprint": None}
         self.usage: dict[str, Any] | None = None
+        self.calls = CallParser(opts.tools) if opts.kind == "chat" and opts.tools else None
 
     def _event(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         event = {**self.head, "choices": choices}
@@ -487,11 +617,36 @@ class StreamEncoder:
         if self.opts.logprobs:
             logprobs = chat_logprobs(chunk.logprobs) if self.opts.kind == "chat" else text_logprobs(chunk.logprobs)
         choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": reason}
+        if self.calls is not None:
+            return self._with_calls(chunk.text, choice)
         if self.opts.kind == "chat":
             choice["delta"] = {"content": chunk.text} if chunk.text or reason is None else {}
         else:
             choice["text"] = chunk.text
         return [self._event([choice])]
+
+    def _with_calls(self, text: str, choice: dict[str, Any]) -> list[dict[str, Any]]:
+        """Content as it comes, each call once whole: a delta naming it, then one with its
+        arguments (the shape OpenAI streams, in two pieces)."""
+        assert self.calls is not None
+        content, calls = self.calls.feed(text)
+        if choice["finish_reason"] is not None:
+            rest, last = self.calls.end()
+            content, calls = content + rest, calls + last
+            if self.calls.calls:
+                choice["finish_reason"] = "tool_calls"
+        events = []
+        for call in calls:
+            head = {"index": call.index, "id": call.id, "type": "function",
+                    "function": {"name": call.name, "arguments": ""}}
+            for delta in ({"tool_calls": [head]},
+                          {"tool_calls": [{"index": call.index, "function": {"arguments": call.arguments}}]}):
+                events.append(self._event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]))
+        if content or choice["logprobs"]:
+            events.insert(0, self._event([{**choice, "delta": {"content": content}, "finish_reason": None}]))
+        if choice["finish_reason"] is not None:
+            events.append(self._event([{**choice, "delta": {}, "logprobs": None}]))
+        return events
 
     def end(self) -> list[dict[str, Any]]:
         if not self.opts.include_usage or self.usage is None:

@@ -1,0 +1,201 @@
+"""Tool calling: how a request's tools reach the model, and how its calls come back out.
+
+One text format on both sides, the one many open models are trained on (Hermes, Qwen):
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+- The worker renders a chat with tools (`chat_turns`): the tools as JSON in a system
+  message that asks for that format, the assistant's earlier calls in it, and tool results
+  as `tool` turns.
+- With `tool_choice` "required" or a named function the router asks the engine for a
+  grammar (`call_grammar`): the output is exactly one call, its arguments valid against the
+  function's JSON schema, whatever the model would have written.
+- The router reads calls out of the text (`CallParser`), streamed or not; text that only
+  looks like a call (bad JSON, an unknown function) stays content, as it was written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from maas.v1 import inference_pb2
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+SYSTEM = """You may call functions to help answer. The functions, as JSON schemas:
+<tools>
+{tools}
+</tools>
+To call one, reply with a JSON object naming it and giving its arguments, between tags:
+<tool_call>
+{{"name": <function name>, "arguments": <arguments object>}}
+</tool_call>"""
+
+
+def new_call_id() -> str:
+    return f"call_{secrets.token_hex(12)}"
+
+
+def _schema(tool: inference_pb2.Tool) -> dict[str, Any]:
+    return json.loads(tool.parameters) if tool.parameters else {"type": "object", "properties": {}}
+
+
+def _describe(tool: inference_pb2.Tool) -> str:
+    return json.dumps({"type": "function", "function": {"name": tool.name, "description": tool.description,
+                                                        "parameters": _schema(tool)}})
+
+
+def render_call(name: str, arguments: str) -> str:
+    """An assistant's call as the model would have written it."""
+    try:
+        args: Any = json.loads(arguments) if arguments else {}
+    except ValueError:
+        args = arguments  # kept as given: the model sees what was sent
+    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': args})}\n{CLOSE}"
+
+
+def chat_turns(messages: Iterable[inference_pb2.ChatMessage],
+               tools: Sequence[inference_pb2.Tool]) -> list[tuple[str, str]]:
+    """(role, content) turns of a chat with tools, for a template that knows no tools: the
+    tools in a system message (before the chat's own system text, if any), calls written
+    out in their assistant turns, results in `tool` turns wrapped as the format says."""
+    turns: list[tuple[str, str]] = []
+    for m in messages:
+        content = m.content
+        if m.tool_calls:
+            calls = "\n".join(render_call(c.name, c.arguments) for c in m.tool_calls)
+            content = f"{content}\n{calls}" if content else calls
+        if m.role == "tool":
+            content = f"<tool_response>\n{content}\n</tool_response>"
+        turns.append((m.role, content))
+    if tools:
+        system = SYSTEM.format(tools="\n".join(_describe(t) for t in tools))
+        if turns and turns[0][0] == "system":
+            turns[0] = ("system", f"{turns[0][1]}\n\n{system}")
+        else:
+            turns.insert(0, ("system", system))
+    return turns
+
+
+def call_grammar(tools: Sequence[inference_pb2.Tool], name: str = "") -> str:
+    """A Lark grammar (llguidance's dialect) for exactly one call in the format, of `name`
+    or of any of `tools`, its arguments valid against the function's schema."""
+    chosen = [t for t in tools if not name or t.name == name]
+    options = [{"type": "object",
+                "properties": {"name": {"const": t.name}, "arguments": _schema(t)},
+                "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
+    schema = dict(options[0]) if len(options) == 1 else {"anyOf": options}
+    # compact JSON, as a model writes it: flexible whitespace lets a small model pad forever
+    schema["x-guidance"] = {"whitespace_flexible": False}
+    return f'start: "{OPEN}\\n" %json{json.dumps(schema)} "\\n{CLOSE}"'
+
+
+@dataclass(frozen=True)
+class Call:
+    index: int
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+    def openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def parse_call(body: str, names: frozenset[str]) -> tuple[str, str] | None:
+    """(name, arguments as JSON text) of a call's body, or None if it is not one."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("name") not in names:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return str(obj["name"]), json.dumps(args)
+
+
+class CallParser:
+    """Splits a model's text, as it streams, into content and calls.
+
+    `feed` returns what can be said now: content (holding back only a tail that may be the
+    start of `<tool_call>`) and every call whose closing tag has arrived. `end` returns the
+    rest: an unclosed call (cut by max_tokens) if it parses, else its text as content."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = frozenset(names)
+        self.calls: list[Call] = []
+        self._buffer = ""
+        self._in_call = False
+
+    def feed(self, text: str) -> tuple[str, list[Call]]:
+        self._buffer += text
+        content, calls = [], []
+        while True:
+            if not self._in_call:
+                at = self._buffer.find(OPEN)
+                if at < 0:
+                    keep = _partial_suffix(self._buffer, OPEN)
+                    content.append(self._buffer[:len(self._buffer) - keep])
+                    self._buffer = self._buffer[len(self._buffer) - keep:]
+                    break
+                content.append(self._buffer[:at])
+                self._buffer = self._buffer[at:]
+                self._in_call = True
+            end = self._buffer.find(CLOSE)
+            if end < 0:
+                break
+            block, self._buffer = self._buffer[:end + len(CLOSE)], self._buffer[end + len(CLOSE):]
+            self._in_call = False
+            call = self._call(block[len(OPEN):-len(CLOSE)])
+            if call is None:
+                content.append(block)
+            else:
+                calls.append(call)
+        return "".join(content), calls
+
+    def end(self) -> tuple[str, list[Call]]:
+        rest, self._buffer = self._buffer, ""
+        if self._in_call:
+            self._in_call = False
+            call = self._call(rest[len(OPEN):])
+            if call is not None:
+                return "", [call]
+        return rest, []
+
+    def _call(self, body: str) -> Call | None:
+        parsed = parse_call(body.strip(), self.names)
+        if parsed is None:
+            return None
+        call = Call(len(self.calls), new_call_id(), *parsed)
+        self.calls.append(call)
+        return call
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `marker`."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+def split_calls(text: str, names: Iterable[str]) -> tuple[str, list[Call]]:
+    """A whole output's content and calls."""
+    parser = CallParser(names)
+    content, calls = parser.feed(text)
+    rest, last = parser.end()
+    return (content + rest).strip(), calls + last

@@ -1,0 +1,166 @@
+"""Tool calling and structured outputs through the official `openai` client, on the forged
+demo model (the hf engine): forced calls parse and match their schema however small the
+model, streamed call deltas assemble into the same, a conversation carries calls and
+results, and json_schema output validates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import jsonschema
+import pytest
+from openai import AsyncOpenAI
+
+from .conftest import MeshHarness
+
+WEATHER = {"type": "object",
+           "properties": {"city": {"type": "string", "maxLength": 20},
+                          "unit": {"enum": ["celsius", "fahrenheit"]},
+                          "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "unit", "days"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 10}}, "required": ["zone"],
+        "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast for a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time in a zone",
+                                           "parameters": TIME}}]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+ASK = [{"role": "user", "content": "What is the weather in Paris for the next 3 days?"}]
+
+
+@dataclass
+class Served:
+    base_url: str
+    key: str
+    client: AsyncOpenAI
+
+
+@pytest.fixture
+async def served(mesh: MeshHarness, demo_model_dir: Path) -> AsyncIterator[Served]:
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh.router(http_port=0)
+    await mesh.worker()
+    await mesh.register("demo", fmt="hf", source=str(demo_model_dir))
+    await mesh.deploy("demo")
+    await mesh.wait_ready("demo", timeout=60)
+    key = await mesh.key("acme")
+    base_url = f"http://{router.info.http_endpoint}/v1"
+    client = AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
+    yield Served(base_url, key, client)
+    await client.close()
+
+
+def _check_call(name: str, arguments: str) -> None:
+    jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+async def test_a_required_call_parses_and_matches_its_schema(served: Served) -> None:
+    for seed in range(3):
+        reply = await served.client.chat.completions.create(
+            model="demo", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, seed=seed,
+            temperature=1.0)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        [call] = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name in SCHEMAS
+        _check_call(call.function.name, call.function.arguments)
+
+
+async def test_a_named_call_is_that_function(served: Served) -> None:
+    reply = await served.client.chat.completions.create(
+        model="demo", messages=ASK, tools=TOOLS, max_tokens=200, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_time"}})
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_time"
+    _check_call("get_time", call.function.arguments)
+
+
+async def test_streamed_call_deltas_assemble_into_the_call(served: Served) -> None:
+    params = dict(model="demo", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, seed=4,
+                  temperature=0.9)
+    whole = (await served.client.chat.completions.create(**params)).choices[0].message.tool_calls[0]
+    calls: dict[int, dict[str, str]] = {}
+    reasons = []
+    stream = await served.client.chat.completions.create(stream=True, **params)
+    async for chunk in stream:
+        for c in chunk.choices:
+            reasons.append(c.finish_reason)
+            for d in c.delta.tool_calls or []:
+                call = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += d.id or ""
+                call["name"] += (d.function.name or "") if d.function else ""
+                call["arguments"] += (d.function.arguments or "") if d.function else ""
+    assert reasons[-1] == "tool_calls"
+    assert list(calls) == [0]
+    assert calls[0]["name"] == whole.function.name
+    assert json.loads(calls[0]["arguments"]) == json.loads(whole.function.arguments)  # same seed, same call
+    _check_call(calls[0]["name"], calls[0]["arguments"])
+
+
+async def test_a_conversation_with_a_tool_result_goes_on(served: Served) -> None:
+    first = await served.client.chat.completions.create(model="demo", messages=ASK, tools=TOOLS,
+                                                        tool_choice="required", max_tokens=200, temperature=0)
+    call = first.choices[0].message.tool_calls[0]
+    history = [*ASK, first.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"forecast": "sunny", "high": 21})}]
+    reply = await served.client.chat.completions.create(model="demo", messages=history, tools=TOOLS,
+                                                        max_tokens=12, temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # the result reached the model: a longer prompt than the call alone
+    assert reply.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+async def test_json_schema_output_validates(served: Served) -> None:
+    schema = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 30},
+                                               "year": {"type": "integer"},
+                                               "genres": {"type": "array", "items": {"type": "string", "maxLength": 10},
+                                                          "maxItems": 3}},
+              "required": ["title", "year", "genres"], "additionalProperties": False}
+    for temperature in (0.0, 1.0):
+        reply = await served.client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "A film as JSON"}], max_tokens=200,
+            temperature=temperature, seed=1,
+            response_format={"type": "json_schema", "json_schema": {"name": "film", "schema": schema, "strict": True}})
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+    # any object: nothing bounds its strings, so the tiny model may run out of tokens inside
+    # one (finish_reason length, as OpenAI's would); every output that ended is an object
+    ended = 0
+    for seed in range(4):
+        reply = await served.client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "JSON please"}], max_tokens=120,
+            temperature=0.7, seed=seed, response_format={"type": "json_object"})
+        if reply.choices[0].finish_reason == "stop":
+            ended += 1
+            assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    assert ended
+
+
+BAD = [
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name", "letters"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+     "not one of the tools"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"response_format": {"type": "xml"}}, "response_format", "text, json_object or json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "guide.json_schema", "cannot be used"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": {}}}]}]},
+     "messages[0].tool_calls[0].function.arguments", "string of JSON"),
+]
+
+
+async def test_bad_tools_and_formats_are_400s_naming_the_field(served: Served) -> None:
+    async with aiohttp.ClientSession() as http:
+        for body, param, says in BAD:
+            async with http.post(f"{served.base_url}/chat/completions",
+                                 json={"model": "demo", "messages": ASK, "max_tokens": 5, **body},
+                                 headers={"Authorization": f"Bearer {served.key}"}) as resp:
+                error = (await resp.json())["error"]
+                assert resp.status == 400, (body, error)
+            assert error["param"] == param and says in error["message"], (body, error)
