@@ -20,7 +20,8 @@ from maas.services.worker.engines import create_engine
 from maas.services.worker.jobs import JobRunner
 from maas.services.worker.replicas import DEFAULT_CACHE, EngineFactory, ReplicaManager
 from maas.services.worker.service import WorkerInferenceServicer
-from maas.v1 import inference_pb2, inference_pb2_grpc, mesh_pb2
+from maas.services.worker.tokenize import WorkerTokenizerServicer
+from maas.v1 import inference_pb2, inference_pb2_grpc, mesh_pb2, tokenize_pb2, tokenize_pb2_grpc
 
 LOAD_REPORT_INTERVAL = 0.5
 TORCH_THREADS_ENV = "MAAS_TORCH_THREADS"
@@ -78,6 +79,8 @@ async def build(rt: ServiceRuntime, *, devices: list[mesh_pb2.Device], labels: d
                               cache_dir=cache_dir)
     rt.add_service(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                    inference_pb2_grpc.add_InferenceServicer_to_server, WorkerInferenceServicer(replicas))
+    rt.add_service(tokenize_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name,
+                   tokenize_pb2_grpc.add_TokenizerServicer_to_server, WorkerTokenizerServicer(replicas))
     # fine-tuning work directories live beside the artifacts (the one place a worker must be able to write)
     jobs = JobRunner(rt, worker_id, replicas.artifacts, cache_dir / "jobs" / worker_id)
     rt.before_stop(replicas.drain)

@@ -716,5 +716,11 @@ class HFEngine:
         metrics.WAITING.labels(self._label).set(len(self._waiting))
         metrics.KV_USAGE.labels(self._label).set(self._kv_used())
 
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, the one that tokenizes its prompts (the worker's Tokenizer
+        service, worker/tokenize.py); None until loaded."""
+        return self._tokenizer
+
 
 __all__ = ["HFEngine"]

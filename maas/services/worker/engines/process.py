@@ -245,6 +245,12 @@ class ProcessEngine:
         for queue in self._streams.values():
             queue.put_nowait(self._dead)
 
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer as the child loaded it, from the same files (the worker's
+        Tokenizer service, worker/tokenize.py); None until loaded."""
+        return self._tokenizer
+
 
 # ---- the child process ---------------------------------------------------------------------
 
