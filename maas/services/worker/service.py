@@ -12,6 +12,7 @@ import grpc
 
 from maas.mesh.clients import REPLICA_HEADER
 from maas.mesh.errors import InvalidArgument
+from maas.mesh.tools import chat_turns
 from maas.services.worker.coalesce import batches
 from maas.services.worker.convert import chunk_from_delta, request_from_proto
 from maas.services.worker.engines.base import ChatMessage, Engine
@@ -28,12 +29,15 @@ def _replica_hint(context: grpc.aio.ServicerContext) -> str:
 
 
 def _render_chat(request: inference_pb2.GenerateRequest, engine: Engine) -> inference_pb2.GenerateRequest:
-    """The request with its chat rendered into `prompt` (unchanged if it has no messages)."""
+    """The request with its chat rendered into `prompt` (unchanged if it has no messages);
+    tools, calls and their results are written into the turns (`maas.mesh.tools`)."""
     if not request.messages:
+        if request.tools:
+            raise InvalidArgument("tools need a chat (messages), not a prompt", field="tools")
         return request
     if request.prompt:
         raise InvalidArgument("give either prompt or messages, not both", field="messages")
-    chat = [ChatMessage(role=m.role, content=m.content) for m in request.messages]
+    chat = [ChatMessage(role, content) for role, content in chat_turns(request.messages, request.tools)]
     rendered = inference_pb2.GenerateRequest()
     rendered.CopyFrom(request)
     del rendered.messages[:]
