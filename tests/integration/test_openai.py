@@ -167,8 +167,8 @@ async def test_errors_have_openai_bodies_and_statuses(api: Api):
     assert bad.value.param == "temperature" and "temperature" in bad.value.message
 
     with pytest.raises(openai.BadRequestError) as bad:
-        await api.client.chat.completions.create(model="echo", messages=CHAT, n=2)
-    assert bad.value.param == "n"
+        await api.client.chat.completions.create(model="echo", messages=CHAT, n=17)
+    assert bad.value.param == "n" and "[1, 16]" in bad.value.message
 
     with pytest.raises(openai.BadRequestError) as bad:  # a forced call needs constrained decoding
         await api.client.chat.completions.create(

@@ -164,3 +164,75 @@ async def test_bad_tools_and_formats_are_400s_naming_the_field(served: Served) -
                 error = (await resp.json())["error"]
                 assert resp.status == 400, (body, error)
             assert error["param"] == param and says in error["message"], (body, error)
+
+
+async def test_n_choices_each_reproducible_and_streamed_with_their_index(served: Served) -> None:
+    params = dict(model="demo", messages=ASK, max_tokens=8, temperature=1.0, seed=7, n=3,
+                  extra_body={"ignore_eos": True})
+    reply = await served.client.chat.completions.create(**params)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    texts = [c.message.content for c in reply.choices]
+    assert len(set(texts)) > 1  # seed + i: the choices differ
+    one = await served.client.chat.completions.create(**{**params, "n": 1})
+    assert one.choices[0].message.content == texts[0]  # choice 0 is the request with its own seed
+    assert reply.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt is counted once
+    assert reply.usage.completion_tokens == 3 * 8
+    streamed: dict[int, str] = {}
+    usage = None
+    async for chunk in await served.client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                                   **params):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+        usage = chunk.usage or usage
+    assert [streamed[i] for i in range(3)] == texts
+    assert usage is not None and usage.completion_tokens == reply.usage.completion_tokens
+
+
+async def test_a_list_of_prompts_gets_a_choice_each(served: Served) -> None:
+    prompts = ["def add(a, b):", "import os\n", "class Point:"]
+    reply = await served.client.completions.create(model="demo", prompt=prompts, max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in reply.choices] == list(range(6))
+    for j, prompt in enumerate(prompts):
+        alone = await served.client.completions.create(model="demo", prompt=prompt, max_tokens=5, temperature=0)
+        assert reply.choices[2 * j].text == reply.choices[2 * j + 1].text == alone.choices[0].text
+
+
+async def test_responses_plain_streamed_and_with_a_function_tool(served: Served) -> None:
+    plain = await served.client.responses.create(model="demo", input="def add(a, b):", max_output_tokens=8,
+                                                 temperature=0, instructions="Write Python.")
+    assert plain.status == "incomplete" and plain.incomplete_details.reason == "max_output_tokens"
+    assert plain.output_text and plain.usage.output_tokens == 8
+    chat = await served.client.chat.completions.create(
+        model="demo", max_tokens=8, temperature=0,
+        messages=[{"role": "system", "content": "Write Python."}, {"role": "user", "content": "def add(a, b):"}])
+    assert plain.output_text == chat.choices[0].message.content  # the same request underneath
+
+    deltas, kinds = [], []
+    async with await served.client.responses.create(model="demo", input="def add(a, b):", max_output_tokens=8,
+                                                    temperature=0, instructions="Write Python.",
+                                                    stream=True) as stream:
+        async for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+            if event.type in ("response.completed", "response.incomplete"):
+                final = event.response
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
+    assert "".join(deltas) == plain.output_text == final.output_text
+
+    tools = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+              "parameters": t["function"]["parameters"]} for t in TOOLS]
+    called = await served.client.responses.create(model="demo", input=ASK[0]["content"], tools=tools,
+                                                  tool_choice="required", max_output_tokens=200, temperature=0)
+    [call] = [item for item in called.output if item.type == "function_call"]
+    _check_call(call.name, call.arguments)
+    # the call and its output sent back as items: the conversation goes on
+    after = await served.client.responses.create(
+        model="demo", tools=tools, max_output_tokens=5, temperature=0,
+        input=[{"role": "user", "content": ASK[0]["content"]},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert after.usage.input_tokens > called.usage.input_tokens
+    with pytest.raises(Exception) as refused:
+        await served.client.responses.create(model="demo", input="hi", previous_response_id="resp_1")
+    assert "not stored" in str(refused.value)

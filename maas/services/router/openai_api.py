@@ -39,6 +39,8 @@ the door. The worker refuses a prompt plus max_tokens beyond the model's own con
 
 MAX_STOP = 16
 MAX_TOOLS = 128
+MAX_N = 16
+MAX_PROMPTS = 64
 MAX_SCHEMA_CHARS = 64 * 1024
 RESPONSE_FORMAT_DOC = ("`{\"type\": \"text\"}` (default), `{\"type\": \"json_object\"}` or `{\"type\": "
                        "\"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}`: the output "
@@ -72,7 +74,8 @@ _SAMPLING: dict[str, Field] = {
     "seed": _f("integer", doc="Same seed and input, same output."),
     "presence_penalty": _f("number", doc="In [-2, 2]."),
     "frequency_penalty": _f("number", doc="In [-2, 2]."),
-    "n": _f("integer", doc="Choices to return: only 1 is supported."),
+    "n": _f("integer", doc="Choices to return, 1 to 16 (the prompt is prefilled once: the other choices find it "
+                           "in the prefix cache). With a seed, choice i samples with seed + i."),
     "stream": _f("boolean", doc="Stream the output as server-sent events."),
     "stream_options": _f("object", doc="`{\"include_usage\": true}` adds a final chunk with the usage."),
     "user": _f("string", doc="Accepted and ignored."),
@@ -221,6 +224,8 @@ class Options:
     logprobs: bool = False
     max_tokens_given: bool = True  # False: a chat's max_tokens is the default (`chat_max_tokens`)
     tools: tuple[str, ...] = ()    # functions the output may call: calls are read out of it
+    n: int = 1                     # choices per prompt
+    prompts: tuple[str, ...] = ()  # a completion's prompts, when it sent a list (choices: prompt x n)
 
 
 def _common(body: Mapping[str, Any], request: inference_pb2.GenerateRequest) -> None:
@@ -246,7 +251,6 @@ def _common(body: Mapping[str, Any], request: inference_pb2.GenerateRequest) -> 
             raise InvalidArgument(f"stop[{i}] must be a string, got {_json_type(s)}", field="stop")
     p.stop.extend(stops)
     p.ignore_eos = body.get("ignore_eos", False)
-    _only(body, "n", [1], "must be 1: one choice per request is supported")
     if body.get("logit_bias"):
         raise InvalidArgument("logit_bias is not supported (only an empty object)", field="logit_bias")
     options = body.get("stream_options") or {}
@@ -394,13 +398,12 @@ def completion_request(body: object,
     request = inference_pb2.GenerateRequest()
     _common(b, request)
     prompt = b["prompt"]
-    if isinstance(prompt, list):
-        if any(not isinstance(x, str) for x in prompt):
-            raise InvalidArgument("token-id prompts are not supported: send the prompt as text", field="prompt")
-        if len(prompt) != 1:
-            raise InvalidArgument(f"send one prompt per request (got {len(prompt)})", field="prompt")
-        prompt = prompt[0]
-    request.prompt = prompt
+    prompts: list[str] = [prompt] if isinstance(prompt, str) else prompt
+    if any(not isinstance(x, str) for x in prompts):
+        raise InvalidArgument("token-id prompts are not supported: send the prompts as text", field="prompt")
+    if not 1 <= len(prompts) <= MAX_PROMPTS:
+        raise InvalidArgument(f"prompt takes 1 to {MAX_PROMPTS} prompts, got {len(prompts)}", field="prompt")
+    request.prompt = prompts[0]
     _max_tokens(request.params, _int(b, "max_tokens", 1, MAX_TOKENS), None)
     if (logprobs := _int(b, "logprobs")) is not None:
         request.params.logprobs = logprobs
@@ -408,12 +411,13 @@ def completion_request(body: object,
     _only(b, "suffix", [""], "is not supported (only null)")
     _only(b, "best_of", [1], "must be 1")
     _response_format(b, request.params)
-    return request, _options("text", b)
+    opts = _options("text", b)
+    return request, replace(opts, prompts=tuple(prompts)) if len(prompts) > 1 else opts
 
 
 def _options(kind: Literal["chat", "text"], b: Mapping[str, Any], *, max_tokens_given: bool = True) -> Options:
     stream = b.get("stream", False)
-    return Options(kind=kind, model=b["model"], stream=stream,
+    return Options(kind=kind, model=b["model"], stream=stream, n=_int(b, "n", 1, MAX_N) or 1,
                    include_usage=stream and (b.get("stream_options") or {}).get("include_usage", False),
                    logprobs=b.get("logprobs") is True if kind == "chat" else "logprobs" in b,
                    max_tokens_given=max_tokens_given)
@@ -561,11 +565,51 @@ def completion_id(kind: Literal["chat", "text"], request_id: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
 
 
+def choices(request: inference_pb2.GenerateRequest, opts: Options) -> list[inference_pb2.GenerateRequest]:
+    """The requests of every choice, in the order of their index: each prompt (a completion
+    may send several) n times; with a seed, the i-th of a prompt's choices samples with
+    seed + i, so they differ and each is reproducible."""
+    out = []
+    for prompt in opts.prompts or (request.prompt,):
+        for i in range(opts.n):
+            r = inference_pb2.GenerateRequest()
+            r.CopyFrom(request)
+            if opts.prompts:
+                r.prompt = prompt
+            if i and r.params.HasField("seed"):
+                r.params.seed = (r.params.seed + i) % 2**64
+            out.append(r)
+    return out
+
+
+def total_usage(replies: Sequence[common_pb2.Usage], n: int) -> common_pb2.Usage:
+    """The usage of all choices: each prompt counted once (its n choices share it), every
+    completion token."""
+    firsts = replies[::n]
+    return common_pb2.Usage(prompt_tokens=sum(u.prompt_tokens for u in firsts),
+                            cached_prompt_tokens=sum(u.cached_prompt_tokens for u in firsts),
+                            completion_tokens=sum(u.completion_tokens for u in replies))
+
+
 def completion(reply: inference_pb2.GenerateResponse, opts: Options, request_id: str,
                created: int) -> dict[str, Any]:
-    """The non-streamed reply of /v1/chat/completions or /v1/completions."""
+    """The non-streamed reply of /v1/chat/completions or /v1/completions (one choice)."""
+    return completions([reply], opts, request_id, created)
+
+
+def completions(replies: Sequence[inference_pb2.GenerateResponse], opts: Options, request_id: str,
+                created: int) -> dict[str, Any]:
+    """The non-streamed reply with a choice per reply, in order."""
+    return {"id": completion_id(opts.kind, request_id),
+            "object": "chat.completion" if opts.kind == "chat" else "text_completion", "created": created,
+            "model": opts.model, "system_fingerprint": None,
+            "choices": [_choice(r, opts, i) for i, r in enumerate(replies)],
+            "usage": usage(total_usage([r.usage for r in replies], opts.n))}
+
+
+def _choice(reply: inference_pb2.GenerateResponse, opts: Options, index: int) -> dict[str, Any]:
     reason = finish_reason(reply.finish_reason)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+    choice: dict[str, Any] = {"index": index, "finish_reason": reason}
     if opts.kind == "chat":
         choice["message"] = {"role": "assistant", "content": reply.text, "refusal": None}
         if opts.tools:
@@ -574,21 +618,19 @@ def completion(reply: inference_pb2.GenerateResponse, opts: Options, request_id:
                 choice["message"].update(content=content or None, tool_calls=[c.openai() for c in calls])
                 choice["finish_reason"] = "tool_calls"
         choice["logprobs"] = chat_logprobs(reply.logprobs) if opts.logprobs else None
-        kind = "chat.completion"
     else:
         choice["text"] = reply.text
         choice["logprobs"] = text_logprobs(reply.logprobs) if opts.logprobs else None
-        kind = "text_completion"
-    return {"id": completion_id(opts.kind, request_id), "object": kind, "created": created,
-            "model": opts.model, "system_fingerprint": None, "choices": [choice], "usage": usage(reply.usage)}
+    return choice
 
 
 class StreamEncoder:
     """The server-sent events of one streamed completion, as JSON objects: `start()`, then
     `chunk()` for each GenerateChunk, then `end()` (the usage chunk, if asked for)."""
 
-    def __init__(self, opts: Options, request_id: str, created: int) -> None:
+    def __init__(self, opts: Options, request_id: str, created: int, index: int = 0) -> None:
         self.opts = opts
+        self.index = index  # the choice it streams
         self.head = {"id": completion_id(opts.kind, request_id),
                      "object": "chat.completion.chunk" if opts.kind == "chat" else "text_completion",
                      "created": created, "model": opts.model, "system_fingerprint": None}
@@ -604,7 +646,7 @@ class StreamEncoder:
     def start(self) -> list[dict[str, Any]]:
         if self.opts.kind != "chat":
             return []
-        return [self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+        return [self._event([{"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])]
 
     def chunk(self, chunk: inference_pb2.GenerateChunk) -> list[dict[str, Any]]:
@@ -616,7 +658,7 @@ class StreamEncoder:
         logprobs = None
         if self.opts.logprobs:
             logprobs = chat_logprobs(chunk.logprobs) if self.opts.kind == "chat" else text_logprobs(chunk.logprobs)
-        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": reason}
+        choice: dict[str, Any] = {"index": self.index, "logprobs": logprobs, "finish_reason": reason}
         if self.calls is not None:
             return self._with_calls(chunk.text, choice)
         if self.opts.kind == "chat":
@@ -641,7 +683,7 @@ class StreamEncoder:
                     "function": {"name": call.name, "arguments": ""}}
             for delta in ({"tool_calls": [head]},
                           {"tool_calls": [{"index": call.index, "function": {"arguments": call.arguments}}]}):
-                events.append(self._event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]))
+                events.append(self._event([{"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None}]))
         if content or choice["logprobs"]:
             events.insert(0, self._event([{**choice, "delta": {"content": content}, "finish_reason": None}]))
         if choice["finish_reason"] is not None:
