@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import grpc
+import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message_factory import GetMessageClass
@@ -33,6 +34,8 @@ from maas.v1 import (
     registry_pb2_grpc,
     scheduler_pb2,
     scheduler_pb2_grpc,
+    tokenize_pb2,
+    tokenize_pb2_grpc,
 )
 
 from .conftest import MeshHarness, eventually
@@ -41,7 +44,7 @@ CALL_TIMEOUT = 10.0
 # Which kinds of service serve each service of SERVICE_DESCRIPTORS.
 SERVED_BY = {"maas.v1.Inference": ("router", "worker"), "maas.v1.Registry": ("registry",),
              "maas.v1.Pipelines": ("router",), "maas.v1.Files": ("registry",), "maas.v1.Batches": ("router",),
-             "maas.v1.Scheduler": ("scheduler",)}
+             "maas.v1.Scheduler": ("scheduler",), "maas.v1.Tokenizer": ("router", "worker")}
 INTERCEPTOR_DENIALS = ("may not call", "has no access rule")
 # Streams that never end on their own: read one message, then hang up.
 ENDLESS = {"/grpc.health.v1.Health/Watch"}
@@ -98,10 +101,12 @@ def test_every_rpc_of_every_service_has_a_rule_of_known_roles():
 
 def test_workers_serve_inference_to_routers_only_and_tenant_roles_nest():
     worker, router = authz.rule_table("worker"), authz.rule_table("router")
-    for method in inference_pb2.DESCRIPTOR.services_by_name["Inference"].methods:
-        path = f"/maas.v1.Inference/{method.name}"
-        assert worker[path].allow == frozenset({"router"}), path
-        assert "router" not in router[path].allow, path
+    for service in (inference_pb2.DESCRIPTOR.services_by_name["Inference"],
+                    tokenize_pb2.DESCRIPTOR.services_by_name["Tokenizer"]):
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            assert worker[path].allow == frozenset({"router"}), path
+            assert "router" not in router[path].allow, path
     assert Principal("tenant", "t", "inference").roles == {"inference"}
     assert Principal("tenant", "t", "developer").roles == {"inference", "developer"}
     assert Principal("admin", "admin", "admin").roles == {"inference", "developer", "admin"}
@@ -375,6 +380,7 @@ async def test_tenants_see_and_change_only_their_own_resources(mesh: MeshHarness
     reg = registry_pb2_grpc.RegistryStub(channels["registry"])
     sched = scheduler_pb2_grpc.SchedulerStub(channels["scheduler"])
     router = inference_pb2_grpc.InferenceStub(channels["router"])
+    tokenizer = tokenize_pb2_grpc.TokenizerStub(channels["router"])
     a_dev, b_dev = await mesh.key("ta", "developer"), await mesh.key("tb", "developer")
     a_inf, b_inf = await mesh.key("ta", "inference"), await mesh.key("tb", "inference")
     A, B = _meta(a_dev), _meta(b_dev)
@@ -454,6 +460,21 @@ async def test_tenants_see_and_change_only_their_own_resources(mesh: MeshHarness
                             nf, like=missing, name=name, missing=gone)
         await p.refused("B's GenerateStream on A's deployment", _read_all(router.GenerateStream(
             _gen("a-dep"), metadata=_meta(b_inf), timeout=10)), nf)
+        # the tokenizer of A's model: as Generate, A reaches it (a sim model has none: the worker says so), B
+        # is told it does not exist
+        await p.refused("A's Tokenize on its (sim) deployment", tokenizer.Tokenize(tokenize_pb2.TokenizeRequest(
+            model="a-dep", prompt="hi"), metadata=_meta(a_inf), timeout=10), grpc.StatusCode.FAILED_PRECONDITION)
+        for model in ("a-dep", "a-model", "a-model@1"):
+            name, at, version = model.partition("@")
+            for what, make in (
+                ("Tokenize", lambda n, md: tokenizer.Tokenize(tokenize_pb2.TokenizeRequest(model=n, prompt="hi"),
+                                                              metadata=md, timeout=10)),
+                ("Detokenize", lambda n, md: tokenizer.Detokenize(tokenize_pb2.DetokenizeRequest(model=n, tokens=[1]),
+                                                                  metadata=md, timeout=10)),
+            ):
+                missing = await _details(make(gone + at + version, _meta(b_inf)))
+                await p.refused(f"B's {what} on A's {model}", make(model, _meta(b_inf)), nf, like=missing, name=name,
+                                missing=gone)
 
         # a developer registers neither what reads the registry's disk nor what runs code
         local = tmp_path / "weights"
@@ -605,6 +626,7 @@ async def test_a_worker_serves_inference_to_routers_only(mesh: MeshHarness):
     a_inf, a_dev = await mesh.key("ta", "inference"), await mesh.key("ta", "developer")
     channel = dial(manager.rt.endpoint)
     stub = inference_pb2_grpc.InferenceStub(channel)
+    tokenizer = tokenize_pb2_grpc.TokenizerStub(channel)
     try:
         for label, key, code in (("no credential", "", grpc.StatusCode.UNAUTHENTICATED),
                                  ("A inference", a_inf, grpc.StatusCode.PERMISSION_DENIED),
@@ -613,8 +635,14 @@ async def test_a_worker_serves_inference_to_routers_only(mesh: MeshHarness):
                                  ("scheduler", mesh.service_keys["scheduler"], grpc.StatusCode.PERMISSION_DENIED),
                                  ("registry", mesh.service_keys["registry"], grpc.StatusCode.PERMISSION_DENIED),
                                  ("worker", mesh.service_keys["worker"], grpc.StatusCode.PERMISSION_DENIED)):
-            for rpc in ("Generate", "GenerateStream", "Embed", "ListModels"):
-                if rpc == "GenerateStream":
+            for rpc in ("Generate", "GenerateStream", "Embed", "ListModels", "Tokenize", "Detokenize"):
+                if rpc == "Tokenize":
+                    call = tokenizer.Tokenize(tokenize_pb2.TokenizeRequest(model="echo", prompt="hi"),
+                                              metadata=_meta(key), timeout=10)
+                elif rpc == "Detokenize":
+                    call = tokenizer.Detokenize(tokenize_pb2.DetokenizeRequest(model="echo", tokens=[1]),
+                                                metadata=_meta(key), timeout=10)
+                elif rpc == "GenerateStream":
                     call = _read_all(stub.GenerateStream(_gen("echo"), metadata=_meta(key), timeout=10))
                 elif rpc == "Embed":
                     call = stub.Embed(inference_pb2.EmbedRequest(model="echo", inputs=["hi"]), metadata=_meta(key),
@@ -634,6 +662,10 @@ async def test_a_worker_serves_inference_to_routers_only(mesh: MeshHarness):
         # the router's credential is served (what the router does on every request)
         reply = await stub.Generate(_gen("echo"), metadata=_meta(mesh.service_keys["router"]), timeout=10)
         assert reply.usage.completion_tokens == 2 and reply.model == "echo@1"
+        with pytest.raises(grpc.aio.AioRpcError) as no_tokenizer:  # admitted: a sim model has no tokenizer
+            await tokenizer.Tokenize(tokenize_pb2.TokenizeRequest(model="echo", prompt="hi"),
+                                     metadata=_meta(mesh.service_keys["router"]), timeout=10)
+        assert no_tokenizer.value.code() == grpc.StatusCode.FAILED_PRECONDITION, no_tokenizer.value.details()
     finally:
         await channel.close()
 
@@ -651,7 +683,9 @@ async def test_a_request_that_does_not_parse_is_invalid_argument(mesh: MeshHarne
         ("router", "/maas.v1.Inference/Generate", "unary", mesh.admin_token),
         ("router", "/maas.v1.Inference/GenerateStream", "server-stream", mesh.admin_token),
         ("router", "/maas.v1.Inference/Embed", "unary", mesh.admin_token),
+        ("router", "/maas.v1.Tokenizer/Tokenize", "unary", mesh.admin_token),
         ("worker", "/maas.v1.Inference/Generate", "unary", mesh.service_keys["router"]),
+        ("worker", "/maas.v1.Tokenizer/Detokenize", "unary", mesh.service_keys["router"]),
         ("registry", "/maas.v1.Registry/GetModel", "unary", mesh.admin_token),
         ("registry", "/maas.v1.Registry/RegisterModel", "unary", mesh.admin_token),
         ("registry", "/maas.v1.Registry/UploadArtifact", "client-stream", mesh.admin_token),

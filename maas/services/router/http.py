@@ -2,8 +2,8 @@
 gRPC `Inference` service and over the same `Forwarder` (one routing path for both).
 
 Endpoints: POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models,
-/v1/models/{model}, /openapi.json (also /v1/openapi.json) and /health. See
-docs/http-api.md.
+/v1/models/{model}, /openapi.json (also /v1/openapi.json) and /health; POST /tokenize and
+/detokenize (vLLM's). See docs/http-api.md.
 
 A client that goes away cancels its request: the server runs with handler cancellation,
 so a dropped connection cancels the handler and with it the downstream gRPC call; a
@@ -56,6 +56,13 @@ from maas.services.router.batches import BatchService, acting, batch_object, fil
 from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder
 from maas.services.router.pipelines import Found, MeshServices, PipelineCatalog
 from maas.services.router.tenants import Caller
+from maas.services.router.tokenize import (
+    Tokenization,
+    detokenize_reply,
+    detokenize_request,
+    tokenize_reply,
+    tokenize_request,
+)
 from maas.v1 import batches_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
@@ -258,6 +265,9 @@ class HttpApi:
             web.post("/v1/batches/{batch_id}/cancel", self.cancel_batch),
         ])
         self.batches: BatchService | None = None  # the Files and Batches APIs (docs/batches.md), once wired
+        # POST /tokenize, /detokenize (vLLM's): a model's tokenizer on one of its replicas, once wired
+        self.tokenization: Tokenization | None = None
+        self.app.add_routes([web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize)])
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
                                      shutdown_timeout=grace)
         self._site: web.TCPSite | None = None
@@ -576,6 +586,31 @@ class HttpApi:
             if m.name == name:
                 return web.json_response(openai_api.model_object(m), dumps=_dumps)
         raise NotFound(f"model {name!r} is not served here (GET /v1/models lists those that are)", field="model")
+
+    # ---- tokenizers: POST /tokenize, /detokenize (router/tokenize.py) ---------------------------
+
+    def _tokenization(self) -> Tokenization:
+        if self.tokenization is None:
+            raise NotFound("this router does not serve tokenizers", field="path")
+        return self.tokenization
+
+    async def tokenize(self, request: web.Request) -> web.StreamResponse:
+        deadline = self._deadline(request)
+        call = _call(request, self.strict_fields)
+        req = tokenize_request(await self._body(request), call.ignored)
+        req.request_id = request_id_var.get()
+        async with deadline.bound():
+            reply = await self._tokenization().tokenize(req, deadline.remaining(), call.who)
+        return await self._reply(request, deadline, tokenize_reply(reply, req.return_token_strs), call)
+
+    async def detokenize(self, request: web.Request) -> web.StreamResponse:
+        deadline = self._deadline(request)
+        call = _call(request, self.strict_fields)
+        req = detokenize_request(await self._body(request), call.ignored)
+        req.request_id = request_id_var.get()
+        async with deadline.bound():
+            reply = await self._tokenization().detokenize(req, deadline.remaining(), call.who)
+        return await self._reply(request, deadline, detokenize_reply(reply), call)
 
     # ---- files and batches (docs/batches.md) ---------------------------------------------------
 

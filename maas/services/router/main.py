@@ -17,9 +17,16 @@ from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi, 
 from maas.services.router.pipelines import PLUGIN_POLICIES, PipelineCatalog
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
 from maas.services.router.replay import PipelinesServicer
-from maas.services.router.service import SERVICE, RouterInferenceServicer, add_to_server
+from maas.services.router.service import (
+    SERVICE,
+    TOKENIZER_SERVICE,
+    RouterInferenceServicer,
+    RouterTokenizerServicer,
+    add_to_server,
+)
 from maas.services.router.tenants import Gate
-from maas.v1 import batches_pb2_grpc, pipelines_pb2_grpc
+from maas.services.router.tokenize import Tokenization
+from maas.v1 import batches_pb2_grpc, pipelines_pb2_grpc, tokenize_pb2_grpc
 
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
@@ -87,6 +94,10 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     rt.add_service(SERVICE, add_to_server, RouterInferenceServicer(forwarder, grpc_timeout, catalog))
     rt.add_service("maas.v1.Pipelines", pipelines_pb2_grpc.add_PipelinesServicer_to_server,
                    PipelinesServicer(forwarder, catalog))
+    tokenization = Tokenization(forwarder)  # the models' tokenizers: the Tokenizer service, POST /tokenize
+    rt.add_service(TOKENIZER_SERVICE, tokenize_pb2_grpc.add_TokenizerServicer_to_server,
+                   RouterTokenizerServicer(tokenization, grpc_timeout))
+    rt.add_closer(tokenization.close)  # after the HTTP API's: closers run newest first
     rt.add_closer(pool.close)
     rt.add_closer(gate.close)
     if not 0 <= batch_concurrency <= 4096:
@@ -99,6 +110,7 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
                            instance=rt.config.instance, concurrency=batch_concurrency, online=pool.online,
                            yield_to=batch_yield)
     http.batches = batch_service
+    http.tokenization = tokenization
     rt.add_service(batches.SERVICE, batches_pb2_grpc.add_BatchesServicer_to_server, BatchesServicer(batch_service))
     rt.add_closer(batch_service.close)  # before the pool's: closers run newest first
     info: dict[str, str] = {}

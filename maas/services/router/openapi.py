@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from maas import __version__
-from maas.services.router import openai_api
+from maas.services.router import openai_api, tokenize
 from maas.services.router.openai_api import Field
 
 Schema = dict[str, Any]
@@ -104,6 +104,15 @@ SCHEMAS: dict[str, Schema] = {
         context_length=_t("integer", "extension"), ready_replicas=_t("integer", "extension")),
     "ModelList": _obj(["object", "data"], object=_t("string", enum=["list"]), data=_array(_ref("Model"))),
     "BatchRequest": request_schema(openai_api.BATCH_FIELDS),
+    "TokenizeRequest": request_schema(tokenize.TOKENIZE_FIELDS),
+    "Tokenized": _obj(["count", "max_model_len", "tokens", "token_strs"], count=_t("integer", "len(tokens)"),
+                      max_model_len=_t("integer", "the model's context in tokens"),
+                      tokens=_array(_t("integer")),
+                      token_strs={**_array(_t("string")), "type": ["array", "null"],
+                                  "description": "each token as the tokenizer spells it, with return_token_strs; "
+                                                 "else null"}),
+    "DetokenizeRequest": request_schema(tokenize.DETOKENIZE_FIELDS),
+    "Detokenized": _obj(["prompt"], prompt=_t("string", "the text of the tokens, special tokens included")),
     "File": _obj(["id", "object", "bytes", "created_at", "filename", "purpose"], id=_t("string"),
                  object=_t("string", enum=["file"]), bytes=_t("integer"), created_at=_t("integer"),
                  filename=_t("string"), purpose=_t("string", enum=["batch", "batch_output", "fine-tune", "user_data",
@@ -214,6 +223,10 @@ def document() -> dict[str, Any]:
             "/v1/batches/{batch_id}/cancel": {"post": {
                 "summary": "Stop a batch: what was answered stays in its output", "parameters": [_path("batch_id")],
                 "responses": {"200": {"description": "OK", "content": _json("Batch")}, **ERRORS}}},
+            "/tokenize": _post("A prompt's (or a chat's) token ids under the model's tokenizer (vLLM's)",
+                               "TokenizeRequest", "Tokenized"),
+            "/detokenize": _post("The text of token ids under the model's tokenizer (vLLM's)", "DetokenizeRequest",
+                                 "Detokenized"),
             "/version": {"get": {"summary": "The mesh's version", "security": [], "responses": {
                 "200": {"description": "OK", "content": {"application/json": {"schema": _obj(
                     ["version"], version=_t("string"))}}}}}},

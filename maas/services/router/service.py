@@ -1,4 +1,5 @@
-"""Router Inference servicer: the gRPC face of the forwarder (forward.py). Deadlines
+"""Router Inference servicer: the gRPC face of the forwarder (forward.py); and the Tokenizer
+servicer, the gRPC face of `tokenize.Tokenization`. Deadlines
 propagate (each call gets the caller's remaining time) and a cancelled client call
 cancels the downstream call.
 
@@ -19,9 +20,11 @@ from maas.mesh.authz import Principal, caller
 from maas.mesh.logs import new_request_id
 from maas.services.router import pipelines
 from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder, Reply
-from maas.v1 import inference_pb2
+from maas.services.router.tokenize import Tokenization
+from maas.v1 import inference_pb2, tokenize_pb2, tokenize_pb2_grpc
 
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+TOKENIZER_SERVICE = tokenize_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
 
 Request = tuple[inference_pb2.GenerateRequest, bytes]
 
@@ -123,3 +126,24 @@ def add_to_server(servicer: RouterInferenceServicer, server: grpc.aio.Server) ->
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+class RouterTokenizerServicer(tokenize_pb2_grpc.TokenizerServicer):
+    """The Tokenizer service: each call on a ready replica of its model (`tokenize.Tokenization`),
+    within the caller's remaining time (`default_timeout` without a deadline)."""
+
+    def __init__(self, tokenization: Tokenization, default_timeout: float | None = None) -> None:
+        self.tokenization = tokenization
+        self.default_timeout = default_timeout
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return self.default_timeout if remaining is None else remaining
+
+    async def Tokenize(self, request: tokenize_pb2.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> tokenize_pb2.TokenizeResponse:
+        return await self.tokenization.tokenize(request, self._timeout(context), caller())
+
+    async def Detokenize(self, request: tokenize_pb2.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> tokenize_pb2.DetokenizeResponse:
+        return await self.tokenization.detokenize(request, self._timeout(context), caller())

@@ -1,7 +1,8 @@
 """A model's tokenizer at work for the worker's Tokenizer service (POST /tokenize and
 /detokenize at the router): the tokenizer its replica's engine loaded, so a prompt's ids
 are the ids a Generate of that prompt feeds the model, and a chat is rendered as a
-Generate's messages are (`Engine.render_chat`).
+Generate's messages are (tools, calls and results written into its turns by
+`maas.mesh.tools`, then `Engine.render_chat`).
 
 Generative transformers engines (`HFEngine`, `ProcessEngine`) offer their tokenizer as
 `engine.tokenizer`; the others have none to offer (the sim engine's "tokens" are words; the
@@ -21,6 +22,7 @@ import grpc
 
 from maas.mesh.clients import REPLICA_HEADER
 from maas.mesh.errors import FailedPrecondition, InvalidArgument
+from maas.mesh.tools import chat_turns
 from maas.services.worker.engines.base import ChatMessage, Engine, plain_chat
 from maas.services.worker.replicas import ReplicaManager
 from maas.v1 import tokenize_pb2, tokenize_pb2_grpc
@@ -110,11 +112,13 @@ class WorkerTokenizerServicer(tokenize_pb2_grpc.TokenizerServicer):
             raise InvalidArgument("give either prompt or messages, not both", field="messages")
         if not request.prompt and not request.messages:
             raise InvalidArgument("prompt must not be empty (or give messages)", field="prompt")
+        if request.tools and not request.messages:
+            raise InvalidArgument("tools need a chat (messages), not a prompt", field="tools")
         async with self.replicas.serve(request.model, _replica_hint(context)) as (replica, engine):
             tokenizer = tokenizer_of(engine, replica.ref)
             text = request.prompt
             if request.messages:
-                chat = [ChatMessage(role=m.role, content=m.content) for m in request.messages]
+                chat = [ChatMessage(role, content) for role, content in chat_turns(request.messages, request.tools)]
                 text = render(engine, tokenizer, chat, replica.ref, add_generation_prompt=(
                     request.add_generation_prompt if request.HasField("add_generation_prompt") else True))
             tokens = await tokenize(tokenizer, text, with_strs=request.return_token_strs,
