@@ -29,7 +29,15 @@ from maas.mesh.auth import key_from_metadata, key_hash
 from maas.mesh.discovery import PrefixMirror
 from maas.mesh.errors import NotFound, PermissionDenied, Unauthenticated
 from maas.mesh.etcd import EtcdSession
-from maas.v1 import access_pb2, batches_pb2, inference_pb2, pipelines_pb2, registry_pb2, scheduler_pb2
+from maas.v1 import (
+    access_pb2,
+    batches_pb2,
+    inference_pb2,
+    pipelines_pb2,
+    registry_pb2,
+    scheduler_pb2,
+    tokenize_pb2,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,7 @@ SERVICE_DESCRIPTORS = (
     pipelines_pb2.DESCRIPTOR.services_by_name["Pipelines"],
     batches_pb2.DESCRIPTOR.services_by_name["Files"],
     batches_pb2.DESCRIPTOR.services_by_name["Batches"],
+    tokenize_pb2.DESCRIPTOR.services_by_name["Tokenizer"],
 )
 
 

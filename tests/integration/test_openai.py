@@ -157,6 +157,39 @@ async def test_models_list_and_retrieve(api: Api):
     assert "nope" in err.value.message
 
 
+async def test_models_are_listed_ready_or_not_and_adapters_name_their_parent(api: Api):
+    """Every model the key may use: one scaled to zero with ready false, an adapter served under
+    its own name with vLLM's `parent`."""
+    from maas.v1 import scheduler_pb2
+
+    await api.mesh.register("idle", token_delay_ms="1")
+    await api.mesh.deploy("idle", replicas=0)
+    reg, sched = await api.mesh.stub("registry"), await api.mesh.stub("scheduler")
+    await reg.RegisterModel(registry_pb2.RegisterModelRequest(  # type: ignore[attr-defined]
+        name="echo-pirate", format="sim", base="echo"), timeout=10)
+    await sched.UpdateDeployment(scheduler_pb2.UpdateDeploymentRequest(  # type: ignore[attr-defined]
+        deployment=scheduler_pb2.Deployment(name="echo", model="echo", replicas=1, adapters=["echo-pirate"])),
+        timeout=10)
+
+    async def listed() -> dict[str, dict[str, object]]:
+        async with aiohttp.ClientSession(headers=api.headers) as http:
+            async with http.get(f"{api.base_url}/models") as resp:
+                return {m["id"]: m for m in (await resp.json())["data"]}
+
+    models = await eventually(lambda: _all_of(listed(), {"echo", "echo-pirate", "idle"}))
+    assert isinstance(models, dict)
+    echo, pirate, idle = models["echo"], models["echo-pirate"], models["idle"]
+    assert (echo["ready"], echo["ready_replicas"], echo["parent"]) == (True, 1, None)
+    assert (pirate["ready"], pirate["ready_replicas"], pirate["parent"]) == (True, 1, "echo")
+    assert (idle["ready"], idle["ready_replicas"], idle["parent"], idle["version"]) == (False, 0, None, "1")
+    assert (await api.client.models.retrieve("idle")).id == "idle"
+
+
+async def _all_of(listing: object, names: set[str]) -> object:
+    models = await listing  # type: ignore[misc]
+    return models if names <= set(models) else None
+
+
 async def test_errors_have_openai_bodies_and_statuses(api: Api):
     with pytest.raises(openai.NotFoundError) as nf:
         await api.client.chat.completions.create(model="nope", messages=CHAT)

@@ -96,7 +96,8 @@ async def test_a_pushed_pipeline_streams_like_a_model(mesh: MeshHarness, tmp_pat
 
     # listed for its tenant; another tenant neither sees it nor may call it
     listed = {m.id: m for m in (await a.models.list()).data}
-    assert listed["bot"].model_extra == {"version": "1", "task": "pipeline", "context_length": 0, "ready_replicas": 0}
+    assert listed["bot"].model_extra == {"version": "1", "task": "pipeline", "context_length": 0, "ready_replicas": 0,
+                                         "ready": True, "parent": None}
     b = AsyncOpenAI(base_url=base_url, api_key=key_b, max_retries=0)
     assert "bot" not in {m.id for m in (await b.models.list()).data}
     with pytest.raises(NotFoundError, match="bot"):

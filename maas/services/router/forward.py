@@ -433,34 +433,46 @@ class Forwarder:
         return self.gate is None or self.gate.may_use(who, model)
 
     def models(self, api_key: Caller = "") -> inference_pb2.ListModelsResponse:
-        """Deployments with at least one ready replica, and pipelines (registered or
-        deployed: the routers run them), those the caller's key may use."""
+        """Every deployment the caller's key may use, ready or not (`ready`: a replica is;
+        scaled to zero or still loading: false, with `ready_replicas` 0), the adapters that
+        deployments serve under their own names (`parent`: the deployment; as ready as it),
+        and pipelines (registered or deployed: the routers run them, so they are ready)."""
         key = self.gate.identify(api_key) if self.gate is not None else None
-        by_name: dict[str, inference_pb2.ServedModel] = {}
-        for r in self.pool.replicas.items.values():
-            if r.state != mesh_pb2.REPLICA_STATE_READY or not self._may_use(key, r.deployment):
+        deployments: dict[str, inference_pb2.ServedModel] = {}
+        for name, dep in self.pool.deployments.items.items():
+            if dep.format != "pipeline":
+                deployments[name] = inference_pb2.ServedModel(
+                    name=name, version=dep.resolved_version.partition("@")[2], task="generate")
+        for r in self.pool.replicas.items.values():  # what replicas tell: readiness, and what is served
+            served = deployments.get(r.deployment)
+            if served is None:
                 continue
-            if r.deployment not in by_name:
-                by_name[r.deployment] = inference_pb2.ServedModel(
-                    name=r.deployment, version=str(r.model_version), task=r.task or "generate",
-                    context_length=r.context_length)
-            by_name[r.deployment].ready_replicas += 1
-        for name, dep in self.pool.deployments.items.items():  # adapters served by a ready deployment
-            for adapter in dep.adapters:
-                served = by_name.get(name)
-                if served is not None and adapter not in by_name and self._may_use(key, adapter):
+            if r.state == mesh_pb2.REPLICA_STATE_READY:
+                if not served.ready:  # the first ready replica's version, task and context
+                    served.version, served.context_length = str(r.model_version), r.context_length
+                    served.task = r.task or served.task
+                served.ready = True
+                served.ready_replicas += 1
+            elif not served.ready and r.task:
+                served.task = r.task
+        by_name = {name: m for name, m in deployments.items() if self._may_use(key, name)}
+        for name, dep in self.pool.deployments.items.items():
+            base = deployments.get(name)
+            for adapter in dep.adapters if base is not None else ():
+                if adapter not in by_name and self._may_use(key, adapter):
                     by_name[adapter] = inference_pb2.ServedModel(
                         name=adapter, version=adapter.partition("@")[2] or "latest", task="generate",
-                        context_length=served.context_length, ready_replicas=served.ready_replicas)
+                        context_length=base.context_length, ready_replicas=base.ready_replicas, ready=base.ready,
+                        parent=name)
         for name, dep in self.pool.deployments.items.items():
             if dep.format == "pipeline" and self._may_use(key, name):
                 by_name[name] = inference_pb2.ServedModel(
-                    name=name, version=dep.resolved_version.partition("@")[2], task="pipeline")
+                    name=name, version=dep.resolved_version.partition("@")[2], task="pipeline", ready=True)
         for name, model in self.pool.models.items.items():
             if model.latest_format == "pipeline" and name not in by_name and self._may_use(key, name):
-                by_name[name] = inference_pb2.ServedModel(name=name, version=str(model.latest_version), task="pipeline")
+                by_name[name] = inference_pb2.ServedModel(name=name, version=str(model.latest_version),
+                                                          task="pipeline", ready=True)
         return inference_pb2.ListModelsResponse(models=[by_name[name] for name in sorted(by_name)])
-
 
 def _stamp(request: inference_pb2.GenerateRequest, added: inference_pb2.GenerateRequest, ticket: Ticket) -> None:
     """Whose request it is and its class, for the worker's fair sharing: the key's tenant

@@ -23,8 +23,8 @@ import math
 import socket
 import tempfile
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import grpc
@@ -51,7 +51,7 @@ from maas.mesh.etcd import EtcdError
 from maas.mesh.logs import new_request_id, request_id_var
 from maas.mesh.tls import TlsFiles
 from maas.pipelines.executor import Run
-from maas.services.router import openai_api, openapi, pipelines
+from maas.services.router import openai_api, openapi, pipelines, responses
 from maas.services.router.batches import BatchService, acting, batch_object, file_object
 from maas.services.router.forward import SESSION_HEADER, Chunk, Forwarder
 from maas.services.router.pipelines import Found, MeshServices, PipelineCatalog
@@ -247,6 +247,7 @@ class HttpApi:
             web.post("/v1/chat/completions", self.chat_completions),
             web.post("/v1/completions", self.completions),
             web.post("/v1/embeddings", self.embeddings),
+            web.post("/v1/responses", self.responses),
             web.get("/v1/models", self.list_models),
             web.get("/v1/models/{model}", self.get_model),
             web.get("/openapi.json", self.openapi),
@@ -403,6 +404,29 @@ class HttpApi:
         return await self._reply(request, deadline, await self._embedding(call, deadline, await self._body(request)),
                                  call)
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API, run as the chat completion it translates to (`responses`)."""
+        deadline = self._deadline(request)
+        call = _call(request, self.strict_fields)
+        body, echo = responses.chat_body(await self._body(request), call.ignored)
+        answered = await self._chat(call, deadline, body)
+        rid, created = f"resp_{request_id_var.get()}", int(time.time())
+        if isinstance(answered, dict):
+            return await self._reply(request, deadline, responses.response(answered, echo, rid, created), call)
+        return await self._reply(request, deadline, (answered[0], self._response_events(answered[1], echo, rid,
+                                                                                         created)), call)
+
+    @staticmethod
+    async def _response_events(chunks: AsyncGenerator[list[dict[str, Any]], None], echo: dict[str, Any], rid: str,
+                               created: int) -> AsyncGenerator[list[dict[str, Any]], None]:
+        out = responses.ResponseEvents(echo, rid, created)
+        async with contextlib.aclosing(chunks):
+            first = True
+            async for step in chunks:
+                events = [e for chunk in step for e in out.chunk(chunk)]
+                yield [*(out.start() if first else []), *events]
+                first = False
+
     async def answer(self, endpoint: str, body: object, who: Caller, timeout: float, *,
                      service_class: str = "") -> dict[str, Any]:
         """The JSON answer to one request to `endpoint` as `who`, as the HTTP API would give
@@ -473,6 +497,9 @@ class HttpApi:
         """A pipeline's answer (docs/pipelines.md, `pipelines.start`). With `x-maas-trace: 1`
         the reply (a stream: its last chunk) carries the version that ran and each step's
         timing."""
+        if opts.n > 1 or opts.prompts:
+            raise InvalidArgument("a pipeline answers one prompt with one choice: leave out n and send one prompt",
+                                  field="n" if opts.n > 1 else "prompt")
         rid = req.request_id = request_id_var.get()
         created = int(time.time())
         run, services = pipelines.start(self.forwarder, call.who, req, found, deadline.remaining(), self.pipelines)
@@ -518,11 +545,88 @@ class HttpApi:
                         opts: openai_api.Options) -> Answer:
         req.request_id = rid = request_id_var.get()
         created = int(time.time())
+        reqs = openai_api.choices(req, opts)
+        if len(reqs) > 1:
+            for i, r in enumerate(reqs):
+                r.request_id = f"{rid}-{i}"
+            if opts.stream:
+                return rid, self._streams(call, deadline, reqs, opts, created, rid)
+            async with deadline.bound():
+                replies = await asyncio.gather(*self._choices(call, deadline, reqs, opts.n))
+            return openai_api.completions(replies, opts, rid, created)
         if opts.stream:
             return rid, self._stream(call, deadline, req, opts, created)
         async with deadline.bound():
             reply, _ = await self.forwarder.generate(req, deadline.remaining(), call.who, call.session)
         return openai_api.completion(reply, opts, rid, created)
+
+    def _choices(self, call: _Call, deadline: _Deadline, reqs: list[inference_pb2.GenerateRequest],
+                 n: int) -> list[Coroutine[Any, Any, inference_pb2.GenerateResponse]]:
+        """Each choice's run, as chunks gathered into one reply. A prompt's first choice
+        starts at once; the other n - 1 when its first chunk arrives, by when its prompt is
+        in the replica's prefix cache (and routing sends the same prompt to the same
+        replica), so the prompt is prefilled once."""
+        firsts = [asyncio.Event() for _ in range(0, len(reqs), n)]
+        return [self._choice(call, deadline, r, firsts[i // n] if i % n == 0 else None,
+                             None if i % n == 0 else firsts[i // n]) for i, r in enumerate(reqs)]
+
+    async def _choice(self, call: _Call, deadline: _Deadline, req: inference_pb2.GenerateRequest,
+                      started: asyncio.Event | None, after: asyncio.Event | None,
+                      chunks: asyncio.Queue[tuple[int, inference_pb2.GenerateChunk]] | None = None,
+                      index: int = 0) -> inference_pb2.GenerateResponse:
+        if after is not None:
+            await after.wait()
+        out = inference_pb2.GenerateResponse(request_id=req.request_id)
+        stream = cast(AsyncGenerator[Chunk, None], self.forwarder.stream(req, deadline.remaining(), call.who,
+                                                                          call.session))
+        try:
+            async with contextlib.aclosing(stream):
+                async for chunk, _ in stream:
+                    if started is not None:
+                        started.set()
+                    if chunks is not None:
+                        chunks.put_nowait((index, chunk))
+                    out.text += chunk.text
+                    out.token_ids.extend(chunk.token_ids)
+                    out.logprobs.extend(chunk.logprobs)
+                    if chunk.finish_reason:
+                        out.finish_reason, out.model, out.replica_id = chunk.finish_reason, chunk.model, chunk.replica_id
+                        out.usage.CopyFrom(chunk.usage)
+        finally:
+            if started is not None:
+                started.set()  # the others go on even if this one failed (and say why themselves)
+        return out
+
+    async def _streams(self, call: _Call, deadline: _Deadline, reqs: list[inference_pb2.GenerateRequest],
+                       opts: openai_api.Options, created: int,
+                       rid: str) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """Several choices' chunks as they come, each with its index; the usage of all at the end."""
+        encoders = [openai_api.StreamEncoder(replace(opts, include_usage=False), rid, created, i)
+                    for i in range(len(reqs))]
+        chunks: asyncio.Queue[tuple[int, inference_pb2.GenerateChunk]] = asyncio.Queue()
+        firsts = [asyncio.Event() for _ in range(0, len(reqs), opts.n)]
+        runs = [asyncio.ensure_future(self._choice(call, deadline, r, firsts[i // opts.n] if i % opts.n == 0 else None,
+                                                   None if i % opts.n == 0 else firsts[i // opts.n], chunks, i))
+                for i, r in enumerate(reqs)]
+        ended = asyncio.ensure_future(asyncio.gather(*runs))
+        try:
+            yield [e for enc in encoders for e in enc.start()]
+            while not ended.done() or not chunks.empty():
+                getter = asyncio.ensure_future(chunks.get())
+                await asyncio.wait([getter, ended], return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue  # all ended (a failure is raised below, after what came before it)
+                index, chunk = getter.result()
+                yield encoders[index].chunk(chunk)
+            replies = ended.result()
+            if opts.include_usage:
+                total = openai_api.total_usage([r.usage for r in replies], opts.n)
+                yield [{**encoders[0].head, "choices": [], "usage": openai_api.usage(total)}]
+        finally:
+            for run in runs:
+                run.cancel()
+            ended.cancel()
 
     async def _stream(self, call: _Call, deadline: _Deadline, req: inference_pb2.GenerateRequest,
                       opts: openai_api.Options, created: int) -> AsyncGenerator[list[dict[str, Any]], None]:
@@ -585,7 +689,7 @@ class HttpApi:
         for m in self.forwarder.models(_api_key(request)).models:
             if m.name == name:
                 return web.json_response(openai_api.model_object(m), dumps=_dumps)
-        raise NotFound(f"model {name!r} is not served here (GET /v1/models lists those that are)", field="model")
+        raise NotFound(f"model {name!r} is not one this key may use (GET /v1/models lists those)", field="model")
 
     # ---- tokenizers: POST /tokenize, /detokenize (router/tokenize.py) ---------------------------
 

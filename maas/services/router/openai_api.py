@@ -711,7 +711,8 @@ def embedding_list(reply: inference_pb2.EmbedResponse, opts: EmbedOptions) -> di
 def model_object(m: inference_pb2.ServedModel) -> dict[str, Any]:
     """OpenAI's Model, plus what the mesh knows (extension fields)."""
     return {"id": m.name, "object": "model", "created": 0, "owned_by": OWNER, "version": m.version,
-            "task": m.task or "generate", "context_length": m.context_length, "ready_replicas": m.ready_replicas}
+            "task": m.task or "generate", "context_length": m.context_length, "ready_replicas": m.ready_replicas,
+            "ready": m.ready, "parent": m.parent or None}
 
 
 def model_list(reply: inference_pb2.ListModelsResponse) -> dict[str, Any]:

@@ -101,7 +101,12 @@ SCHEMAS: dict[str, Schema] = {
         object=_t("string", enum=["model"]), created=_t("integer", "0: not known"),
         owned_by=_t("string", enum=[openai_api.OWNER]), version=_t("string", "extension: the version served"),
         task=_t("string", "extension: generate or embed", enum=["generate", "embed"]),
-        context_length=_t("integer", "extension"), ready_replicas=_t("integer", "extension")),
+        context_length=_t("integer", "extension; 0 while no replica is ready"),
+        ready_replicas=_t("integer", "extension"),
+        ready=_t("boolean", "extension: it answers now (a replica is ready; a pipeline always); false for a "
+                            "deployment scaled to zero or still loading"),
+        parent=_t(["string", "null"], "an adapter served under its own name: the deployment that serves it "
+                                      "(vLLM's parent); null otherwise")),
     "ModelList": _obj(["object", "data"], object=_t("string", enum=["list"]), data=_array(_ref("Model"))),
     "BatchRequest": request_schema(openai_api.BATCH_FIELDS),
     "TokenizeRequest": request_schema(tokenize.TOKENIZE_FIELDS),
@@ -198,8 +203,9 @@ def document() -> dict[str, Any]:
                                           "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"),
             "/v1/completions": _post("A text completion", "CompletionRequest", "Completion", "CompletionChunk"),
             "/v1/embeddings": _post("Embeddings from an embedding model", "EmbeddingRequest", "EmbeddingList"),
-            "/v1/models": _get("Deployments with a ready replica", "ModelList"),
-            "/v1/models/{model}": _get("One served deployment", "Model", parameters=[
+            "/v1/models": _get("Every model the key may use, ready or not: deployments, the adapters they serve, "
+                               "pipelines", "ModelList"),
+            "/v1/models/{model}": _get("One of them", "Model", parameters=[
                 {"name": "model", "in": "path", "required": True, "schema": _t("string")}]),
             "/v1/files": {
                 "post": {"summary": "Upload a file (purpose `batch`: a batch's requests, one JSON line each)",
