@@ -92,7 +92,7 @@ def call_grammar(tools: Sequence[inference_pb2.Tool], name: str = "") -> str:
     options = [{"type": "object",
                 "properties": {"name": {"const": t.name}, "arguments": _schema(t)},
                 "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
-    schema = dict(options[0]) if len(options) == 1 else {"anyOf": options}
+    schema: dict[str, Any] = dict(options[0]) if len(options) == 1 else {"anyOf": options}
     # compact JSON, as a model writes it: flexible whitespace lets a small model pad forever
     schema["x-guidance"] = {"whitespace_flexible": False}
     return f'start: "{OPEN}\\n" %json{json.dumps(schema)} "\\n{CLOSE}"'

@@ -458,7 +458,9 @@ class Forwarder:
         by_name = {name: m for name, m in deployments.items() if self._may_use(key, name)}
         for name, dep in self.pool.deployments.items.items():
             base = deployments.get(name)
-            for adapter in dep.adapters if base is not None else ():
+            if base is None:
+                continue
+            for adapter in dep.adapters:
                 if adapter not in by_name and self._may_use(key, adapter):
                     by_name[adapter] = inference_pb2.ServedModel(
                         name=adapter, version=adapter.partition("@")[2] or "latest", task="generate",

@@ -613,7 +613,7 @@ class HttpApi:
             yield [e for enc in encoders for e in enc.start()]
             while not ended.done() or not chunks.empty():
                 getter = asyncio.ensure_future(chunks.get())
-                await asyncio.wait([getter, ended], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([getter, cast(asyncio.Future[Any], ended)], return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
                     getter.cancel()
                     continue  # all ended (a failure is raised below, after what came before it)

@@ -47,7 +47,9 @@ def grammar_of(spec: GuideSpec) -> str:
             schema = json.loads(spec.value)
         except ValueError as exc:
             raise InvalidArgument(f"the JSON schema is not JSON: {exc}", field="guide.json_schema") from None
-        if not isinstance(schema, dict | bool):
+        if schema is True:
+            schema = {}  # a schema of true: anything
+        if not isinstance(schema, dict):
             raise InvalidArgument("the JSON schema must be an object", field="guide.json_schema")
         return str(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS))
     if spec.kind == "regex":
