@@ -53,6 +53,8 @@ def merge_chunks(chunks: list[inference_pb2.GenerateChunk]) -> inference_pb2.Gen
         out.text += chunk.text
         out.token_ids.extend(chunk.token_ids)
         out.logprobs.extend(chunk.logprobs)
+        out.prompt_token_ids.extend(chunk.prompt_token_ids)  # (only a stream's first chunk has them)
+        out.prompt_logprobs.extend(chunk.prompt_logprobs)
         if chunk.finish_reason:
             out.finish_reason = chunk.finish_reason
             out.usage.CopyFrom(chunk.usage)
@@ -89,6 +91,8 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
             out.text += chunk.text
             out.token_ids.extend(chunk.token_ids)
             out.logprobs.extend(chunk.logprobs)
+            out.prompt_token_ids.extend(chunk.prompt_token_ids)
+            out.prompt_logprobs.extend(chunk.prompt_logprobs)
             out.request_id, out.model, out.replica_id = chunk.request_id, chunk.model, chunk.replica_id
             if chunk.finish_reason:
                 out.finish_reason = chunk.finish_reason

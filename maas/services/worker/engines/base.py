@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -51,6 +51,12 @@ class SamplingParams:
     logprobs: int | None = None
     ignore_eos: bool = False
     guide: GuideSpec | None = None
+    # end-of-sequence and stop_token_ids are masked, and stop strings do not count, until
+    # this many tokens are made (vLLM's min_tokens)
+    min_tokens: int = 0
+    min_p: float = 0.0  # after temperature: drop tokens below min_p x the top token's probability
+    stop_token_ids: tuple[int, ...] = ()  # end the output (finish "stop"), not part of its text
+    prompt_logprobs: int | None = None    # each prompt token's logprob, and the top-N, once
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -70,6 +76,22 @@ class SamplingParams:
             raise InvalidArgument("logprobs must be in [0, 20]", field="logprobs")
         if any(s == "" for s in self.stop):
             raise InvalidArgument("stop strings must not be empty", field="stop")
+        if self.min_tokens < 0:
+            raise InvalidArgument(f"min_tokens must be >= 0, not {self.min_tokens}", field="min_tokens")
+        if self.min_tokens > self.max_tokens:
+            raise InvalidArgument(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                                  field="min_tokens")
+        if not 0 <= self.min_p <= 1:  # also rejects NaN
+            raise InvalidArgument(f"min_p must be in [0, 1], not {self.min_p}", field="min_p")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise InvalidArgument("stop_token_ids must not be negative", field="stop_token_ids")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidArgument(f"prompt_logprobs must be in [0, 20], not {self.prompt_logprobs}",
+                                  field="prompt_logprobs")
+
+    def end_ids(self, eos_ids: Collection[int]) -> tuple[int, ...]:
+        """The tokens that end the output: `eos_ids` (unless ignore_eos) and stop_token_ids."""
+        return tuple(sorted({*(() if self.ignore_eos else eos_ids), *self.stop_token_ids}))
 
 
 def check_context(params: SamplingParams, prompt_tokens: int, context_length: int) -> None:
@@ -148,11 +170,14 @@ def plain_chat(messages: Sequence[ChatMessage]) -> str:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """Log-probability of a generated token under the model, and the top alternatives."""
+    """Log-probability of a token under the model, and the top alternatives."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+    # the token's own text (`text.token_string`), and each alternative's (as `top`); "" if unknown
+    token: str = ""
+    top_tokens: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,6 +191,10 @@ class Delta:
     completion_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
     cached_prompt_tokens: int = 0            # on the last delta: prompt tokens served from the prefix cache
+    # with params.prompt_logprobs, on the first delta only: the prompt's tokens and one entry
+    # per prompt token; the first entry has no logprob (nothing precedes it: logprob 0, no top)
+    prompt_token_ids: tuple[int, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 def merge(a: Delta, b: Delta) -> Delta:
@@ -174,7 +203,9 @@ def merge(a: Delta, b: Delta) -> Delta:
                  prompt_tokens=b.prompt_tokens or a.prompt_tokens,
                  completion_tokens=b.completion_tokens or a.completion_tokens,
                  logprobs=a.logprobs + b.logprobs,
-                 cached_prompt_tokens=b.cached_prompt_tokens or a.cached_prompt_tokens)
+                 cached_prompt_tokens=b.cached_prompt_tokens or a.cached_prompt_tokens,
+                 prompt_token_ids=a.prompt_token_ids or b.prompt_token_ids,
+                 prompt_logprobs=a.prompt_logprobs or b.prompt_logprobs)
 
 
 def drain(queue: asyncio.Queue[Delta | BaseException], first: Delta) -> tuple[Delta, BaseException | None]:

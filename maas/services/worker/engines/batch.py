@@ -59,8 +59,8 @@ class DecodeBatch:
     def columns(self) -> int:
         return int(self.mask.shape[1])
 
-    def prefill(self, model: Any, rows: Sequence[tuple[KV | None, Sequence[int]]], extra: dict[str, Any]
-                ) -> tuple[torch.Tensor, list[KV]]:
+    def prefill(self, model: Any, rows: Sequence[tuple[KV | None, Sequence[int]]], extra: dict[str, Any],
+                *, every_position: bool = False) -> tuple[torch.Tensor, list[KV]]:
         """Prefill new rows in one forward pass and add them to the batch.
 
         Each row is (prefix, tokens): `prefix` is the KV of the row's first tokens when the
@@ -68,7 +68,11 @@ class DecodeBatch:
         Rows are laid out as [pad][prefix][pad][tokens]; the mask hides both pads and the
         position ids continue each row's own prefix. Returns the last logits [rows, vocab]
         and each row's own KV over its whole prompt (for the prefix cache). The rows'
-        first sampled tokens are set with `set_last`."""
+        first sampled tokens are set with `set_last`.
+
+        With `every_position` (`extra` must then let the model keep every position's logits)
+        the logits are [rows, width, vocab] instead: row i's tokens are its last
+        len(tokens) columns, right-aligned (prompt logprobs)."""
         n = len(rows)
         cached = [0 if kv is None else int(kv[0][0].shape[2]) for kv, _ in rows]
         known, width = max(cached), max(len(tokens) for _, tokens in rows)
@@ -91,7 +95,7 @@ class DecodeBatch:
                         for layer in _layers(cache)])
         lengths = torch.tensor([c + len(t) for c, (_, t) in zip(cached, rows, strict=True)], device=self.device)
         self._merge(cache, mask, lengths)
-        return out.logits[:, -1, :], own
+        return (out.logits if every_position else out.logits[:, -1, :]), own
 
     def _stack_prefixes(self, rows: Sequence[tuple[KV | None, Sequence[int]]], cached: list[int], known: int
                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:

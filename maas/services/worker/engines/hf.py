@@ -20,6 +20,10 @@ prefixes kept for reuse, `prefix.PrefixCache`; default a quarter of the KV budge
 LoRA adapters (peft) load on first use, between steps, and the least recently used idle
 one is evicted past `max_adapters`. Requests for different adapters, and for none, share
 one batch: each row names its adapter (peft's mixed-batch `adapter_names`).
+
+A request for prompt logprobs skips the prefix cache (every prompt position's logits are
+needed) and is prefilled in a forward pass of its own that keeps them, so the other rows
+of its admission group do not pay for them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,8 +68,14 @@ from maas.services.worker.engines.batch import DecodeBatch
 from maas.services.worker.engines.fair import FairQueue, victim
 from maas.services.worker.engines.guide import Guides
 from maas.services.worker.engines.prefix import KV, PrefixCache
-from maas.services.worker.engines.sampling import Row, request_seed, sample_batch, token_logprobs
-from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetokenizer
+from maas.services.worker.engines.sampling import (
+    Row,
+    prompt_logprobs,
+    request_seed,
+    sample_batch,
+    token_logprobs,
+)
+from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetokenizer, TokenStrings
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +126,7 @@ class _Sequence:
     done: bool = False
     preempted: int = 0    # times it left the batch for another tenant's share
     stream: bool = True   # a delta per step; False: one at the end
+    prompt_logprobs_due: bool = False  # asked for prompt logprobs, not computed yet (once: not at a re-prefill)
 
     @property
     def context(self) -> int:
@@ -158,6 +169,20 @@ def _context_length(config: Any, tokenizer: Any) -> int:
     return _DEFAULT_CONTEXT
 
 
+def _token_bytes(tokenizer: Any, vocab: int, eos: Sequence[int]) -> Callable[[int], bytes]:
+    """Each token's bytes (`TokenStrings`): llguidance's table of the vocabulary (exact for
+    byte-level BPE pieces and for SentencePiece's byte pieces and word-start spaces), or for
+    a tokenizer it cannot convert (a slow one) the token decoded alone, as vLLM does."""
+    try:
+        import llguidance.hf
+
+        table = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=list(eos) or None)
+    except Exception as exc:  # any tokenizer llguidance cannot read falls back
+        log.info("token strings decode each token alone (llguidance cannot read the tokenizer: %s)", exc)
+        return lambda token: str(tokenizer.decode([token])).encode()
+    return lambda token: bytes(table.decode_bytes([token]))
+
+
 def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], model: str) -> str:
     """A chat as the prompt `model` continues: its tokenizer's chat template (with the
     generation prompt), or `plain_chat` for a tokenizer without one. Serving and
@@ -189,6 +214,7 @@ class HFEngine:
         self._tokenizer: Any = None
         self._eos_ids: frozenset[int] = frozenset()
         self._guides: Guides | None = None  # constrained decoding (`guide`), once loaded
+        self._strings: TokenStrings | None = None  # tokens' texts for logprobs, once loaded
         self._extra: dict[str, Any] = {}
         self._kv_budget_tokens = 0
         self._label = f"{spec.name}@{spec.version}"
@@ -272,7 +298,9 @@ class HFEngine:
         self._prefix = PrefixCache(prefix_mb * MiB // bytes_per_token)
         self._eos_ids = frozenset(eos)
         vocab = model.get_output_embeddings()
-        self._guides = Guides(tokenizer, int(getattr(vocab, "out_features", 0) or config.vocab_size), sorted(eos))
+        vocab_size = int(getattr(vocab, "out_features", 0) or config.vocab_size)
+        self._guides = Guides(tokenizer, vocab_size, sorted(eos))
+        self._strings = TokenStrings(lambda: _token_bytes(tokenizer, vocab_size, sorted(eos)))
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self._tokenizer, self._model, self.context_length = tokenizer, model, int(context)
         log.info("%s ready: context %d, KV budget %d tokens (%d MiB), max batch %d", self._label, context,
@@ -346,6 +374,10 @@ class HFEngine:
         vocab = int(self._model.get_input_embeddings().num_embeddings)
         if any(not 0 <= t < vocab for t in resumed):
             raise InvalidArgument("resume_token_ids holds ids outside the vocabulary", field="resume_token_ids")
+        outside = [t for t in params.stop_token_ids if t >= vocab]
+        if outside:
+            raise InvalidArgument(f"stop_token_ids holds {outside[0]}, outside the vocabulary of {self.spec.name} "
+                                  f"(ids 0 to {vocab - 1})", field="stop_token_ids")
         total = len(prompt_ids) + len(resumed)
         if total >= self.context_length:
             raise InvalidArgument(f"prompt is {total} tokens but the context of {self.spec.name} is "
@@ -356,13 +388,19 @@ class HFEngine:
             raise ResourceExhausted(f"prompt plus max_tokens ({reserved} tokens) exceeds the KV-cache budget of "
                                     f"{self._label} ({self._kv_budget_tokens} tokens); lower max_tokens")
         guide = self._guides.start(params.guide, resumed) if params.guide is not None and self._guides else None
+        if (params.logprobs is not None or params.prompt_logprobs is not None) and self._strings is not None:
+            self._strings.ready()  # reads the vocabulary once, here rather than on the scheduler thread
         return _Sequence(
             request_id=request.request_id, sink=sink, queue=queue, tag=tag,
             tenant=request.tenant, weight=request.weight, priority=request.priority, stream=request.stream,
             reserved_tokens=reserved, adapter=request.adapter,
-            row=Row(params, request_seed(params), prompt_ids, resumed, guide),
+            row=Row(params, request_seed(params), prompt_ids, resumed, guide,
+                    end_ids=params.end_ids(self._eos_ids) if params.min_tokens else ()),
             detok=IncrementalDetokenizer(self._tokenizer, context_ids=prompt_ids + resumed),
-            out=DeltaAssembler(params.stop, prompt_tokens=len(prompt_ids), completion_tokens=len(resumed)))
+            out=DeltaAssembler(params.stop, prompt_tokens=len(prompt_ids), completion_tokens=len(resumed),
+                               min_tokens=params.min_tokens),
+            # a resumed request's first chunk, which carried them, went out before
+            prompt_logprobs_due=params.prompt_logprobs is not None and not resumed)
 
     def enqueue(self, seq: _Sequence) -> None:
         """Queue a prepared sequence for admission. Raises (and queues nothing) if the queue
@@ -592,13 +630,18 @@ class HFEngine:
         for seq in seqs:
             metrics.QUEUE.labels(self._label).observe(now - seq.queued_at)
             metrics.TENANT_QUEUE.labels(self._label, seq.tenant or "-").observe(now - seq.queued_at)
+        # rows that score their prompt (prompt logprobs) go last, in a pass of their own that
+        # keeps every position's logits: the others do not pay for those
+        scoring = [s for s in seqs if s.prompt_logprobs_due]
+        seqs = [s for s in seqs if not s.prompt_logprobs_due] + scoring
+        plain = len(seqs) - len(scoring)
         first = len(self._running)
-        # prompts whose prefix is cached compute only the rest; all of them in one forward pass
+        # prompts whose prefix is cached compute only the rest, except those scoring theirs
         rows: list[tuple[KV | None, list[int]]] = []
         prompts = []
         for seq in seqs:
             ids = [*seq.row.prompt_ids, *seq.output]
-            found = self._prefix.lookup(self._namespace(seq), ids)
+            found = None if seq.prompt_logprobs_due else self._prefix.lookup(self._namespace(seq), ids)
             cached, kv = found if found is not None else (0, None)
             if not seq.preempted:  # a re-prefill is the engine's cost, not the request's prompt
                 seq.out.cached_prompt_tokens = cached
@@ -609,11 +652,44 @@ class HFEngine:
         fresh = [s for s in seqs if not s.preempted]
         metrics.PROMPT_TOKENS.labels(self._label).inc(sum(len(s.row.prompt_ids) for s in fresh))
         metrics.CACHED_TOKENS.labels(self._label).inc(sum(s.out.cached_prompt_tokens for s in fresh))
-        logits, own = self._batch.prefill(self._model, rows, self._extra_for(seqs))
+        logits, own = self._forward(seqs, rows, plain)
         for seq, ids, kv in zip(seqs, prompts, own, strict=True):
             if not seq.preempted:  # (its prompt went in at its first prefill; output would crowd shared prefixes)
                 self._prefix.insert(self._namespace(seq), ids, kv)
         self._accept(seqs, logits, rows=range(first, first + len(seqs)))
+
+    def _forward(self, seqs: list[_Sequence], rows: list[tuple[KV | None, list[int]]], plain: int
+                 ) -> tuple[torch.Tensor, list[KV]]:
+        """Prefill `rows` into the batch: the first `plain` in one pass, the rest (scoring their
+        prompts) in a second that keeps every position's logits. Returns every row's last
+        logits [rows, vocab] and its own KV."""
+        parts: list[torch.Tensor] = []
+        own: list[KV] = []
+        if plain:
+            logits, kvs = self._batch.prefill(self._model, rows[:plain], self._extra_for(seqs[:plain]))
+            parts.append(logits)
+            own.extend(kvs)
+        if plain < len(seqs):
+            extra = self._extra_for(seqs[plain:])
+            if "logits_to_keep" in extra:
+                extra = {**extra, "logits_to_keep": 0}  # every position
+            logits, kvs = self._batch.prefill(self._model, rows[plain:], extra, every_position=True)
+            self._score_prompts(seqs[plain:], logits)
+            parts.append(logits[:, -1, :])
+            own.extend(kvs)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), own
+
+    def _score_prompts(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Give each sequence its prompt's logprobs, from its prefill's logits at every
+        position ([rows, width, vocab], right-aligned), for its first delta."""
+        width = logits.shape[1]
+        for i, seq in enumerate(seqs):
+            ids = seq.row.prompt_ids
+            entries = prompt_logprobs(logits[i, width - len(ids):], ids, seq.row.params.prompt_logprobs or 0)
+            if self._strings is not None:
+                entries = [self._strings.name(e) for e in entries]
+            seq.out.set_prompt(ids, entries)
+            seq.prompt_logprobs_due = False
 
     @staticmethod
     def _namespace(seq: _Sequence) -> str:
@@ -633,6 +709,8 @@ class HFEngine:
         """Sample each sequence's next token, deliver its delta, and feed it to the next step."""
         tokens = sample_batch(logits, [s.row for s in seqs])
         logprobs = token_logprobs(logits, tokens, [s.row for s in seqs])
+        if self._strings is not None:
+            logprobs = [None if lp is None else self._strings.name(lp) for lp in logprobs]
         now = time.perf_counter()
         self._m_tokens.inc(len(tokens))
         by_tenant: dict[str, int] = {}
@@ -669,8 +747,8 @@ class HFEngine:
             log.error("%s: request %s drew token %d its grammar refuses: %s", self._label, seq.request_id,
                       token, guide.error)
             return self._finish(seq, "error")
-        if token in self._eos_ids and not params.ignore_eos:
-            seq.out.add(token, "", logprob)
+        if (token in self._eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            seq.out.add(token, "", logprob)  # an end token: in token_ids, not in the text
             return self._finish(seq, "stop", seq.detok.flush())
         seq.out.add(token, seq.detok.push(token), logprob)
         if seq.out.stopped:

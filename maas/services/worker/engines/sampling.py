@@ -1,4 +1,4 @@
-"""One decode step's sampling: penalties, temperature, top-k, top-p and the draw.
+"""One decode step's sampling: min_tokens, penalties, temperature, min-p, top-k, top-p and the draw.
 
 The random draw for a position depends only on the request's seed and that absolute
 position in the sequence, never on other requests in a batch or on how many steps
@@ -8,6 +8,7 @@ produced) therefore continues exactly as it would have.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ __all__ = [
     "filter_logits",
     "Row",
     "position_noise",
+    "prompt_logprobs",
     "request_seed",
     "sample_batch",
     "sample_next_token",
@@ -66,9 +68,12 @@ def apply_penalties(
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Scale by temperature (> 0) and mask everything outside top-k and top-p with -inf."""
+    """Scale by temperature (> 0) and mask everything outside min-p, top-k and top-p with -inf
+    (in that order, as vLLM)."""
     # Shift so the maximum is 0 first: tiny temperatures then give -large, never inf - inf.
     logits = (logits - logits.max()) / params.temperature
+    if params.min_p > 0:  # p < min_p * p_max  <=>  logit - max_logit < log(min_p), and max_logit is 0 here
+        logits = logits.masked_fill(logits < math.log(params.min_p), float("-inf"))
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -114,10 +119,16 @@ class Row:
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
     guide: Guide | None = None  # constrained decoding: only the tokens it allows are drawn
+    end_ids: tuple[int, ...] = ()  # tokens that end the output: masked while it is shorter than min_tokens
 
     @property
     def position(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def too_short(self) -> bool:
+        """The output may not end yet (min_tokens): its end tokens are masked."""
+        return bool(self.end_ids) and len(self.output_ids) < self.params.min_tokens
 
 
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], rows: Sequence[Row]) -> list[TokenLogprob | None]:
@@ -137,10 +148,42 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], rows: Sequence[R
     return out
 
 
+def _mask_end(logits: torch.Tensor, end_ids: Sequence[int]) -> None:
+    """Set the end tokens' logits (1-D) to -inf in place, unless nothing else is allowed (a
+    grammar that only allows end-of-sequence wins over min_tokens)."""
+    index = torch.tensor([t for t in end_ids if t < logits.shape[-1]], dtype=torch.long)
+    kept = logits[index].clone()
+    logits[index] = float("-inf")
+    if not torch.isfinite(logits).any():
+        logits[index] = kept
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: Sequence[int], top_n: int,
+                    chunk: int = 512) -> list[TokenLogprob]:
+    """Each prompt token's logprob given the tokens before it, from `logits` [positions, vocab]
+    (a forward pass's raw logits at the prompt's positions: row j predicts token j + 1, so
+    the first len(prompt_ids) - 1 rows are used), with the top-N alternatives. The first token has no logprob: its entry holds only its id
+    (logprob 0, no top). Log-softmax in float32, `chunk` positions at a time (a long
+    prompt's logits over a large vocabulary are big already)."""
+    out = [TokenLogprob(prompt_ids[0], 0.0)]
+    targets = torch.tensor(list(prompt_ids[1:]), dtype=torch.long, device=logits.device)
+    for start in range(0, len(targets), chunk):
+        part = targets[start:start + chunk]
+        logp = torch.log_softmax(logits[start:start + len(part)].to(torch.float32), dim=-1)
+        chosen = logp.gather(1, part[:, None])[:, 0].tolist()
+        top = torch.topk(logp, top_n, dim=-1) if top_n else None
+        ids, values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+        for j, token in enumerate(part.tolist()):
+            alternatives = tuple(zip(ids[j], values[j], strict=True)) if top is not None else ()
+            out.append(TokenLogprob(token, chosen[j], alternatives))
+    return out
+
+
 def sample_batch(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
     """Pick the next token of every row from logits [rows, vocab].
 
-    Greedy rows (temperature 0) take the argmax after penalties. Sampled rows use
+    A row shorter than its min_tokens has its end tokens masked (with a grammar's mask,
+    before penalties). Greedy rows (temperature 0) take the argmax after penalties. Sampled rows use
     exponential races (argmax of p / E, E ~ Exp(1), equivalent to drawing from p) with
     noise from `position_noise(seed, position)`. Work happens on the CPU in float32, so a
     request draws the same tokens on any device and in any batch.
@@ -148,13 +191,16 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
     penalised = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0
                  or row.params.presence_penalty or row.params.frequency_penalty]
     guided = [i for i, row in enumerate(rows) if row.guide is not None]
+    short = [i for i, row in enumerate(rows) if row.too_short]
     # written in place below: a copy, so the caller's logits stay the model's (for logprobs)
-    logits = logits.detach().to(device="cpu", dtype=torch.float32, copy=bool(penalised or guided))
+    logits = logits.detach().to(device="cpu", dtype=torch.float32, copy=bool(penalised or guided or short))
     if guided:  # before penalties and temperature: a disallowed token stays -inf through both
         bitmask = torch.full((len(guided), (logits.shape[-1] + 31) // 32), -1, dtype=torch.int32)
         for j, i in enumerate(guided):
             rows[i].guide.fill(bitmask, j)  # type: ignore[union-attr]
         apply_masks(logits, guided, bitmask)
+    for i in short:
+        _mask_end(logits[i], rows[i].end_ids)
     for i in penalised:  # rare: only rows that ask for penalties pay per-row work
         row = rows[i]
         logits[i] = apply_penalties(logits[i], row.params, prompt_ids=row.prompt_ids, output_ids=row.output_ids)
@@ -163,7 +209,7 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
     if sampled:
         index = torch.tensor(sampled)
         part = torch.stack([filter_logits(logits[i], rows[i].params) for i in sampled]) \
-            if any(rows[i].params.top_k or rows[i].params.top_p < 1 for i in sampled) \
+            if any(rows[i].params.top_k or rows[i].params.top_p < 1 or rows[i].params.min_p for i in sampled) \
             else (logits[index] - logits[index].max(-1, keepdim=True).values) / torch.tensor(
                 [rows[i].params.temperature for i in sampled])[:, None]
         probs = torch.softmax(part, dim=-1)

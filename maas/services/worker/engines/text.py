@@ -5,7 +5,9 @@ Pure Python (no torch), so light engines such as the simulator can use them too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from maas.services.worker.engines.base import Delta, FinishReason, TokenLogprob
@@ -18,11 +20,16 @@ class StopMatcher:
     can no longer turn out to be part of a stop string. A suffix that could still grow
     into a stop string is held back until the next piece decides it. Once a stop string
     is found, the text before it is returned and it, and everything after, never is.
+
+    Text fed with `check=False` (made before a request's min_tokens) cannot stop the
+    output: a stop string counts only if it ends in text fed with `check=True`, though it
+    may begin earlier (vLLM's rule for min_tokens).
     """
 
     def __init__(self, stops: Iterable[str]) -> None:
         self._stops = tuple(s for s in stops if s)
         self._held = ""
+        self._unchecked = 0  # leading characters of _held fed with check=False
         self.stopped = False
 
     @property
@@ -30,23 +37,26 @@ class StopMatcher:
         """Text received but not yet released."""
         return self._held
 
-    def feed(self, text: str) -> tuple[str, bool]:
+    def feed(self, text: str, *, check: bool = True) -> tuple[str, bool]:
         """Add `text`; return (text safe to emit now, whether a stop string was hit)."""
         if self.stopped:
             return "", True
         buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        unchecked = self._unchecked if check else len(buffer)
+        # a match must end past the unchecked text: start looking len(stop) - 1 before its end
+        hits = [i for i in (buffer.find(s, max(0, unchecked - len(s) + 1)) for s in self._stops) if i >= 0]
         if hits:
             self.stopped = True
-            self._held = ""
+            self._held, self._unchecked = "", 0
             return buffer[: min(hits)], True
         keep = self._partial_suffix_length(buffer)
         self._held = buffer[len(buffer) - keep :]
+        self._unchecked = max(0, unchecked - (len(buffer) - keep))
         return buffer[: len(buffer) - keep], False
 
     def flush(self) -> str:
         """Release held text at the end of generation (no stop string can complete now)."""
-        text, self._held = self._held, ""
+        text, self._held, self._unchecked = self._held, "", 0
         return "" if self.stopped else text
 
     def _partial_suffix_length(self, buffer: str) -> int:
@@ -110,6 +120,47 @@ class IncrementalDetokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def token_string(raw: bytes) -> str:
+    """A token's own text, for logprobs: its bytes as UTF-8 or, for a piece of a character
+    (byte-level BPE splits some characters over tokens), its bytes as OpenAI writes them,
+    `bytes:\\xe2\\x82` (vLLM decodes such a piece alone to U+FFFD, losing its bytes)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class TokenStrings:
+    """Each token's own text (`token_string` of its bytes), cached by id, for logprobs.
+
+    `build` returns the function from a token id to its bytes; it runs on first use, or at
+    `ready` (converting a large vocabulary takes a moment: a caller can pay for it before
+    a scheduler thread needs it). Thread-safe."""
+
+    def __init__(self, build: Callable[[], Callable[[int], bytes]]) -> None:
+        self._build = build
+        self._bytes: Callable[[int], bytes] | None = None
+        self._cache: dict[int, str] = {}  # at most one entry per vocabulary entry
+        self._lock = threading.Lock()
+
+    def ready(self) -> Callable[[int], bytes]:
+        with self._lock:
+            if self._bytes is None:
+                self._bytes = self._build()
+            return self._bytes
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = token_string(self.ready()(token_id))
+        return text
+
+    def name(self, logprob: TokenLogprob) -> TokenLogprob:
+        """`logprob` with its token's text and its alternatives' filled in."""
+        return dataclasses.replace(logprob, token=self(logprob.token_id),
+                                   top_tokens=tuple(self(t) for t, _ in logprob.top))
+
+
 class DeltaAssembler:
     """Collect generated tokens and their text into `Delta`s, applying stop strings.
 
@@ -117,13 +168,19 @@ class DeltaAssembler:
     incomplete character nor a possible stop-string prefix). So for every delta but
     the last, the text of all tokens sent so far is exactly the text sent so far, and
     a request resumed elsewhere from the sent tokens loses and repeats nothing.
+
+    Stop strings count only in the text of tokens after the first `min_tokens` (`StopMatcher`).
+    The prompt's logprobs (`set_prompt`) go out once, with the first delta released after.
     """
 
-    def __init__(self, stop: Iterable[str], *, prompt_tokens: int, completion_tokens: int = 0) -> None:
+    def __init__(self, stop: Iterable[str], *, prompt_tokens: int, completion_tokens: int = 0,
+                 min_tokens: int = 0) -> None:
         self._matcher = StopMatcher(stop)
+        self._min_tokens = min_tokens
         self._text: list[str] = []
         self._ids: list[int] = []
         self._logprobs: list[TokenLogprob] = []
+        self._prompt: tuple[tuple[int, ...], tuple[TokenLogprob, ...]] = ((), ())
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
         self.cached_prompt_tokens = 0
@@ -139,8 +196,16 @@ class DeltaAssembler:
         if logprob is not None:
             self._logprobs.append(logprob)
         self.completion_tokens += 1
-        safe, _ = self._matcher.feed(text)
+        safe, _ = self._matcher.feed(text, check=self.completion_tokens > self._min_tokens)
         self._text.append(safe)
+
+    def set_prompt(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob]) -> None:
+        """The prompt's tokens and their logprobs, for the next delta released."""
+        self._prompt = (tuple(token_ids), tuple(logprobs))
+
+    def _pop_prompt(self) -> tuple[tuple[int, ...], tuple[TokenLogprob, ...]]:
+        prompt, self._prompt = self._prompt, ((), ())
+        return prompt
 
     def take(self, *, text_complete: bool = True) -> Delta | None:
         """The delta to send now, if at a clean point and there is something to send.
@@ -151,7 +216,9 @@ class DeltaAssembler:
             return None
         text, ids, logprobs = "".join(self._text), tuple(self._ids), tuple(self._logprobs)
         self._text, self._ids, self._logprobs = [], [], []
-        return Delta(text=text, token_ids=ids, logprobs=logprobs)
+        prompt_ids, prompt_logprobs = self._pop_prompt()
+        return Delta(text=text, token_ids=ids, logprobs=logprobs, prompt_token_ids=prompt_ids,
+                     prompt_logprobs=prompt_logprobs)
 
     def finish(self, reason: FinishReason, tail: str = "") -> Delta:
         """The final delta: everything pending plus `tail` (the detokenizer's rest).
@@ -159,10 +226,11 @@ class DeltaAssembler:
         A stop string found in `tail` or already hit makes the reason "stop".
         """
         if not self.stopped:
-            safe, _ = self._matcher.feed(tail)
+            safe, _ = self._matcher.feed(tail, check=self.completion_tokens > self._min_tokens)
             self._text.append(safe + self._matcher.flush())
         if self.stopped:
             reason = "stop"
+        prompt_ids, prompt_logprobs = self._pop_prompt()
         return Delta(
             text="".join(self._text),
             token_ids=tuple(self._ids),
@@ -171,4 +239,6 @@ class DeltaAssembler:
             completion_tokens=self.completion_tokens,
             logprobs=tuple(self._logprobs),
             cached_prompt_tokens=self.cached_prompt_tokens,
+            prompt_token_ids=prompt_ids,
+            prompt_logprobs=prompt_logprobs,
         )
