@@ -85,12 +85,29 @@ def chat_turns(messages: Iterable[inference_pb2.ChatMessage],
     return turns
 
 
+def closed(schema: Any) -> Any:
+    """`schema` with every object that lists its properties and says nothing of others
+    closed to others (additionalProperties false, as OpenAI's strict mode asks): a forced
+    call's arguments are the ones the function declares, never ones a model made up."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in ("const", "enum", "default", "examples", "properties") else closed(v)
+           for k, v in schema.items()}
+    if isinstance(out.get("properties"), dict):  # a map of names to schemas, not a schema
+        out["properties"] = {n: closed(v) for n, v in out["properties"].items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def call_grammar(tools: Sequence[inference_pb2.Tool], name: str = "") -> str:
     """A Lark grammar (llguidance's dialect) for exactly one call in the format, of `name`
-    or of any of `tools`, its arguments valid against the function's schema."""
+    or of any of `tools`, its arguments valid against the function's schema (`closed`)."""
     chosen = [t for t in tools if not name or t.name == name]
     options = [{"type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": _schema(t)},
+                "properties": {"name": {"const": t.name}, "arguments": closed(_schema(t))},
                 "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
     schema: dict[str, Any] = dict(options[0]) if len(options) == 1 else {"anyOf": options}
     # compact JSON, as a model writes it: flexible whitespace lets a small model pad forever

@@ -219,8 +219,8 @@ async def test_errors_have_openai_bodies_and_statuses(api: Api):
     assert bad.value.param == "messages[0].content[0]" and "only text" in bad.value.message
 
     with pytest.raises(openai.BadRequestError) as bad:
-        await api.client.completions.create(model="echo", prompt="x", echo=True)
-    assert bad.value.param == "echo"
+        await api.client.completions.create(model="echo", prompt="x", extra_body={"stop_token_ids": [-1]})
+    assert bad.value.param == "stop_token_ids"
 
     # errors before the first chunk are plain HTTP errors, even for streams
     with pytest.raises(openai.BadRequestError) as bad:

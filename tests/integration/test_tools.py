@@ -236,3 +236,59 @@ async def test_responses_plain_streamed_and_with_a_function_tool(served: Served)
     with pytest.raises(Exception) as refused:
         await served.client.responses.create(model="demo", input="hi", previous_response_id="resp_1")
     assert "not stored" in str(refused.value)
+
+
+async def test_langchain_chat_openai_binds_a_tool(served: Served) -> None:
+    """A real third-party client, unmodified: LangChain's ChatOpenAI with a bound tool. (The
+    city is bounded in length: the demo model, greedy, repeats itself inside an unbounded
+    string until max_tokens, and a call cut there does not parse.)"""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Forecast(BaseModel):
+        city: str = Field(max_length=20, description="the city")
+        days: int = Field(ge=1, le=7, description="how many days")
+
+    @tool(args_schema=Forecast)
+    def get_weather(city: str, days: int) -> str:
+        """Weather forecast for a city, for a number of days."""
+        return f"sunny in {city} for {days} days"
+
+    llm = ChatOpenAI(model="demo", base_url=served.base_url, api_key=served.key, temperature=0, max_tokens=200,
+                     max_retries=0)
+    message = await llm.bind_tools([get_weather], tool_choice="get_weather").ainvoke(
+        "What is the weather in Paris for 3 days?")
+    [call] = message.tool_calls
+    assert call["name"] == "get_weather" and set(call["args"]) == {"city", "days"}
+    Forecast.model_validate(call["args"])
+    assert get_weather.invoke(call["args"]).startswith("sunny")  # the arguments fit the tool itself
+
+
+async def test_echo_with_logprobs_gives_the_prompts_tokens_as_strings(served: Served) -> None:
+    prompt = "def add(a, b):\n    return a + b"
+    reply = await served.client.completions.create(model="demo", prompt=prompt, max_tokens=1, temperature=0,
+                                                   logprobs=1, echo=True)
+    choice = reply.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt)
+    assert lp.tokens[0] == "<s>"  # the model's BOS, by name, as vLLM shows it
+    assert "".join(lp.tokens[1:]) == choice.text  # strings, not ids, that join to the text
+    assert lp.token_logprobs[0] is None and all(isinstance(x, float) and x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset == [0] + [sum(len(t) for t in lp.tokens[1:i]) for i in range(1, len(lp.tokens))]
+    assert len(lp.tokens) == reply.usage.prompt_tokens + 1
+    # streamed: the same, the prompt in the first chunk
+    text, tokens, values = "", [], []
+    async for chunk in await served.client.completions.create(model="demo", prompt=prompt, max_tokens=1,
+                                                              temperature=0, logprobs=1, echo=True, stream=True):
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs:
+                tokens += c.logprobs.tokens
+                values += c.logprobs.token_logprobs
+    assert text == choice.text and tokens == lp.tokens and values == lp.token_logprobs
+    # a list of prompts, as lm-evaluation-harness sends them
+    both = await served.client.completions.create(model="demo", prompt=[prompt, "import os"], max_tokens=1,
+                                                  temperature=0, logprobs=1, echo=True)
+    assert both.choices[0].logprobs.token_logprobs == lp.token_logprobs
+    assert both.choices[1].text.startswith("import os")

@@ -135,7 +135,7 @@ def test_a_cancelled_or_failed_sequence_is_an_error_not_a_reply() -> None:
     reply.logprobs.append(common_pb2.TokenLogprob(token_id=4, token="x", logprob=-1.0))
     text = openai_api.completion(reply, openai_api.Options(kind="text", model="m", logprobs=True), "r", 0)
     assert text["choices"][0]["logprobs"] == {"tokens": ["x"], "token_logprobs": [-1.0], "top_logprobs": [{}],
-                                              "text_offset": None}
+                                              "text_offset": [0]}
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 3601])

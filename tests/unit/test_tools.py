@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from maas.mesh.tools import CallParser, call_grammar, chat_turns, split_calls
+from maas.mesh.tools import CallParser, call_grammar, chat_turns, closed, split_calls
 from maas.v1 import inference_pb2
 
 NAMES = ["get_weather", "get_time"]
@@ -76,3 +76,15 @@ def test_the_call_grammar_names_only_the_chosen_function() -> None:
     tools = [inference_pb2.Tool(name=n) for n in NAMES]
     assert '"get_time"' in call_grammar(tools, "get_time") and '"get_weather"' not in call_grammar(tools, "get_time")
     assert '"anyOf"' in call_grammar(tools)
+
+
+def test_a_forced_calls_objects_are_closed_unless_they_say_otherwise() -> None:
+    schema = {"type": "object", "properties": {"properties": {"type": "object", "properties": {"a": {}}},
+                                               "open": {"type": "object", "properties": {},
+                                                        "additionalProperties": True}},
+              "required": ["properties"]}
+    out = closed(schema)
+    assert out["additionalProperties"] is False
+    assert set(out["properties"]) == {"properties", "open"}  # a property named "properties" stays one
+    assert out["properties"]["properties"]["additionalProperties"] is False
+    assert out["properties"]["open"]["additionalProperties"] is True

@@ -589,6 +589,8 @@ class HttpApi:
                     out.text += chunk.text
                     out.token_ids.extend(chunk.token_ids)
                     out.logprobs.extend(chunk.logprobs)
+                    out.prompt_token_ids.extend(chunk.prompt_token_ids)  # (the first chunk's)
+                    out.prompt_logprobs.extend(chunk.prompt_logprobs)
                     if chunk.finish_reason:
                         out.finish_reason, out.model, out.replica_id = chunk.finish_reason, chunk.model, chunk.replica_id
                         out.usage.CopyFrom(chunk.usage)

@@ -84,6 +84,10 @@ _SAMPLING: dict[str, Field] = {
     "repetition_penalty": _f("number", doc="Extension: > 0; 1 is off."),
     "ignore_eos": _f("boolean", doc="Extension: keep generating past end-of-sequence (benchmarks)."),
     "adapter": _f("string", doc="Extension: a LoRA adapter registered against the model."),
+    "min_tokens": _f("integer", doc="Extension: end-of-sequence and stop_token_ids cannot end the output before "
+                                    "this many tokens (0 to max_tokens)."),
+    "min_p": _f("number", doc="Extension: drop tokens less likely than min_p times the most likely one, in [0, 1]."),
+    "stop_token_ids": _f("array", doc="Extension: token ids that end the output (not part of its text)."),
 }
 
 CHAT_FIELDS: dict[str, Field] = {
@@ -123,7 +127,8 @@ COMPLETION_FIELDS: dict[str, Field] = {
     "max_tokens": _f("integer", doc=f"Most tokens to generate, 1 to {MAX_TOKENS}; the prompt plus these must fit "
                                     "the model's context (`context_length`). Default 16."),
     "logprobs": _f("integer", doc="Return log probabilities of the output tokens and the N most likely (0-20)."),
-    "echo": _f("boolean", doc="Only false."),
+    "echo": _f("boolean", doc="Put the prompt before the output; with logprobs, the prompt's tokens and their "
+                              "log probabilities come first (the first token's is null)."),
     "suffix": _f("string", doc="Not supported: only null or empty."),
     "best_of": _f("integer", doc="Only 1."),
     "response_format": _f("object", doc=RESPONSE_FORMAT_DOC + " Extension: OpenAI's completions have none."),
@@ -225,7 +230,8 @@ class Options:
     max_tokens_given: bool = True  # False: a chat's max_tokens is the default (`chat_max_tokens`)
     tools: tuple[str, ...] = ()    # functions the output may call: calls are read out of it
     n: int = 1                     # choices per prompt
-    prompts: tuple[str, ...] = ()  # a completion's prompts, when it sent a list (choices: prompt x n)
+    prompts: tuple[str, ...] = ()  # a completion's prompts, when it sent a list or echoes (choices: prompt x n)
+    echo: bool = False             # a completion's text (and logprobs) begin with its prompt('s)
 
 
 def _common(body: Mapping[str, Any], request: inference_pb2.GenerateRequest) -> None:
@@ -251,6 +257,15 @@ def _common(body: Mapping[str, Any], request: inference_pb2.GenerateRequest) -> 
             raise InvalidArgument(f"stop[{i}] must be a string, got {_json_type(s)}", field="stop")
     p.stop.extend(stops)
     p.ignore_eos = body.get("ignore_eos", False)
+    if (min_tokens := _int(body, "min_tokens", 0, MAX_TOKENS)) is not None:
+        p.min_tokens = min_tokens
+    if "min_p" in body:
+        p.min_p = body["min_p"]
+    for i, t in enumerate(body.get("stop_token_ids") or []):
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < INT32:
+            raise InvalidArgument(f"stop_token_ids[{i}] must be a token id (an integer >= 0), got {t!r}",
+                                  field="stop_token_ids")
+        p.stop_token_ids.append(t)
     if body.get("logit_bias"):
         raise InvalidArgument("logit_bias is not supported (only an empty object)", field="logit_bias")
     options = body.get("stream_options") or {}
@@ -407,12 +422,13 @@ def completion_request(body: object,
     _max_tokens(request.params, _int(b, "max_tokens", 1, MAX_TOKENS), None)
     if (logprobs := _int(b, "logprobs")) is not None:
         request.params.logprobs = logprobs
-    _only(b, "echo", [False], "is not supported (only false)")
+    if b.get("echo") and "logprobs" in b:
+        request.params.prompt_logprobs = request.params.logprobs
     _only(b, "suffix", [""], "is not supported (only null)")
     _only(b, "best_of", [1], "must be 1")
     _response_format(b, request.params)
-    opts = _options("text", b)
-    return request, replace(opts, prompts=tuple(prompts)) if len(prompts) > 1 else opts
+    opts = replace(_options("text", b), echo=bool(b.get("echo")))
+    return request, replace(opts, prompts=tuple(prompts)) if len(prompts) > 1 or opts.echo else opts
 
 
 def _options(kind: Literal["chat", "text"], b: Mapping[str, Any], *, max_tokens_given: bool = True) -> Options:
@@ -550,15 +566,38 @@ def _token(lp: common_pb2.TokenLogprob | common_pb2.TopLogprob) -> str:
 
 
 def chat_logprobs(lps: Sequence[common_pb2.TokenLogprob]) -> dict[str, Any]:
-    return {"content": [{"token": _token(lp), "logprob": lp.logprob, "bytes": None,
-                         "top_logprobs": [{"token": _token(t), "logprob": t.logprob, "bytes": None}
+    return {"content": [{"token": _token(lp), "logprob": lp.logprob, "bytes": _bytes(_token(lp)),
+                         "top_logprobs": [{"token": _token(t), "logprob": t.logprob, "bytes": _bytes(_token(t))}
                                           for t in lp.top]} for lp in lps],
             "refusal": None}
 
 
-def text_logprobs(lps: Sequence[common_pb2.TokenLogprob]) -> dict[str, Any]:
-    return {"tokens": [_token(lp) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{_token(t): t.logprob for t in lp.top} for lp in lps], "text_offset": None}
+def text_logprobs(lps: Sequence[common_pb2.TokenLogprob], offset: int = 0,
+                  prompt: Sequence[common_pb2.TokenLogprob] = (), text: str = "") -> dict[str, Any]:
+    """Completions' logprobs: with `prompt` (echo), the prompt's tokens first, the first of
+    them with null (nothing precedes it). `text_offset`: where each token begins in the
+    choice's text, `text` being the part these tokens make and `offset` where it begins; a
+    token not written there as itself (a special token such as `<s>`, a piece of a
+    character `bytes:...`) takes no characters."""
+    tokens = [_token(lp) for lp in [*prompt, *lps]]
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(offset + at)
+        if token and text.startswith(token, at):
+            at += len(token)
+    values: list[float | None] = [lp.logprob for lp in [*prompt, *lps]]
+    tops: list[dict[str, float] | None] = [{_token(t): t.logprob for t in lp.top} for lp in [*prompt, *lps]]
+    if prompt:
+        values[0] = tops[0] = None
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _bytes(token: str) -> list[int] | None:
+    if token.startswith("token_id:"):  # no text known
+        return None
+    if token.startswith("bytes:"):
+        return list(token[6:].encode("latin-1").decode("unicode_escape").encode("latin-1"))
+    return list(token.encode())
 
 
 def completion_id(kind: Literal["chat", "text"], request_id: str) -> str:
@@ -619,8 +658,10 @@ def _choice(reply: inference_pb2.GenerateResponse, opts: Options, index: int) ->
                 choice["finish_reason"] = "tool_calls"
         choice["logprobs"] = chat_logprobs(reply.logprobs) if opts.logprobs else None
     else:
-        choice["text"] = reply.text
-        choice["logprobs"] = text_logprobs(reply.logprobs) if opts.logprobs else None
+        prompt = opts.prompts[index // opts.n] if opts.echo else ""
+        choice["text"] = prompt + reply.text
+        choice["logprobs"] = text_logprobs(reply.logprobs, 0, reply.prompt_logprobs if opts.echo else (),
+                                           choice["text"]) if opts.logprobs else None
     return choice
 
 
@@ -636,6 +677,8 @@ class StreamEncoder:
                      "created": created, "model": opts.model, "system_fingerprint": None}
         self.usage: dict[str, Any] | None = None
         self.calls = CallParser(opts.tools) if opts.kind == "chat" and opts.tools else None
+        self.echo = opts.prompts[index // opts.n] if opts.echo else None  # sent with the first chunk
+        self.chars = 0  # characters of text sent (a completion's text_offset)
 
     def _event(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         event = {**self.head, "choices": choices}
@@ -653,18 +696,23 @@ class StreamEncoder:
         reason = finish_reason(chunk.finish_reason) if chunk.finish_reason else None
         if reason is not None:
             self.usage = usage(chunk.usage)
-        if not chunk.text and reason is None and not (self.opts.logprobs and chunk.logprobs):
+        text, prompt_lps = chunk.text, ()
+        if self.echo is not None:
+            text, prompt_lps, self.echo = self.echo + text, chunk.prompt_logprobs, None
+        if not text and reason is None and not (self.opts.logprobs and chunk.logprobs):
             return []
         logprobs = None
         if self.opts.logprobs:
-            logprobs = chat_logprobs(chunk.logprobs) if self.opts.kind == "chat" else text_logprobs(chunk.logprobs)
+            logprobs = chat_logprobs(chunk.logprobs) if self.opts.kind == "chat" else \
+                text_logprobs(chunk.logprobs, self.chars, prompt_lps, text)
+        self.chars += len(text)
         choice: dict[str, Any] = {"index": self.index, "logprobs": logprobs, "finish_reason": reason}
         if self.calls is not None:
             return self._with_calls(chunk.text, choice)
         if self.opts.kind == "chat":
             choice["delta"] = {"content": chunk.text} if chunk.text or reason is None else {}
         else:
-            choice["text"] = chunk.text
+            choice["text"] = text
         return [self._event([choice])]
 
     def _with_calls(self, text: str, choice: dict[str, Any]) -> list[dict[str, Any]]:
