@@ -68,7 +68,8 @@ def affinity_key(request: inference_pb2.GenerateRequest, session: str = "", *, p
         return f"session|{session}"
     if not prefix:
         return ""
-    text = request.prompt or "".join(f"{m.role}:{m.content}\n" for m in getattr(request, "messages", ()))
+    text = request.prompt or "".join(f"{m.role}:{m.content}\n" for m in getattr(request, "messages", ())) \
+        or ",".join(map(str, getattr(request, "prompt_token_ids", ())))
     if len(text) >= MIN_PREFIX_CHARS:
         return f"prefix|{request.model}|{request.adapter}|{text[:PREFIX_CHARS]}"
     return f"adapter|{request.model}|{request.adapter}" if request.adapter else ""

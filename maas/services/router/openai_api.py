@@ -230,7 +230,8 @@ class Options:
     max_tokens_given: bool = True  # False: a chat's max_tokens is the default (`chat_max_tokens`)
     tools: tuple[str, ...] = ()    # functions the output may call: calls are read out of it
     n: int = 1                     # choices per prompt
-    prompts: tuple[str, ...] = ()  # a completion's prompts, when it sent a list or echoes (choices: prompt x n)
+    # a completion's prompts (text or token ids), when it sent several or echoes (choices: prompt x n)
+    prompts: tuple[str | tuple[int, ...], ...] = ()
     echo: bool = False             # a completion's text (and logprobs) begin with its prompt('s)
 
 
@@ -412,13 +413,8 @@ def completion_request(body: object,
     b = checked(body, COMPLETION_FIELDS, ignored)
     request = inference_pb2.GenerateRequest()
     _common(b, request)
-    prompt = b["prompt"]
-    prompts: list[str] = [prompt] if isinstance(prompt, str) else prompt
-    if any(not isinstance(x, str) for x in prompts):
-        raise InvalidArgument("token-id prompts are not supported: send the prompts as text", field="prompt")
-    if not 1 <= len(prompts) <= MAX_PROMPTS:
-        raise InvalidArgument(f"prompt takes 1 to {MAX_PROMPTS} prompts, got {len(prompts)}", field="prompt")
-    request.prompt = prompts[0]
+    prompts = _prompts(b["prompt"])
+    _set_prompt(request, prompts[0])
     _max_tokens(request.params, _int(b, "max_tokens", 1, MAX_TOKENS), None)
     if (logprobs := _int(b, "logprobs")) is not None:
         request.params.logprobs = logprobs
@@ -428,7 +424,47 @@ def completion_request(body: object,
     _only(b, "best_of", [1], "must be 1")
     _response_format(b, request.params)
     opts = replace(_options("text", b), echo=bool(b.get("echo")))
+    if opts.echo and any(isinstance(p, tuple) for p in prompts) and "logprobs" not in b:
+        raise InvalidArgument("echo of a token-id prompt needs logprobs (its text is the tokens' text)",
+                              field="echo")
     return request, replace(opts, prompts=tuple(prompts)) if len(prompts) > 1 or opts.echo else opts
+
+
+Prompt = str | tuple[int, ...]
+
+
+def _prompts(raw: Any) -> list[Prompt]:
+    """A completion's prompts: a string, a list of strings, a list of token ids, or a list of
+    lists of token ids."""
+    if isinstance(raw, str):
+        return [raw]
+    if raw and all(_is_id(x) for x in raw):
+        return [tuple(raw)]
+    if not 1 <= len(raw) <= MAX_PROMPTS:
+        raise InvalidArgument(f"prompt takes 1 to {MAX_PROMPTS} prompts, got {len(raw)}", field="prompt")
+    out: list[Prompt] = []
+    for i, p in enumerate(raw):
+        if isinstance(p, str):
+            out.append(p)
+        elif isinstance(p, list) and p and all(_is_id(x) for x in p):
+            out.append(tuple(p))
+        else:
+            raise InvalidArgument(f"prompt[{i}] must be a string or a non-empty list of token ids (integers >= 0)",
+                                  field="prompt")
+    return out
+
+
+def _is_id(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32
+
+
+def _set_prompt(request: inference_pb2.GenerateRequest, prompt: Prompt) -> None:
+    if isinstance(prompt, str):
+        request.prompt = prompt
+        del request.prompt_token_ids[:]
+    else:
+        request.prompt = ""
+        request.prompt_token_ids[:] = prompt
 
 
 def _options(kind: Literal["chat", "text"], b: Mapping[str, Any], *, max_tokens_given: bool = True) -> Options:
@@ -592,6 +628,13 @@ def text_logprobs(lps: Sequence[common_pb2.TokenLogprob], offset: int = 0,
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
+def _echo(prompt: str | tuple[int, ...], lps: Sequence[common_pb2.TokenLogprob]) -> str:
+    """The text an echo puts first: the prompt, or a token-id prompt's tokens' text."""
+    if isinstance(prompt, str):
+        return prompt
+    return "".join(lp.token for lp in lps if not lp.token.startswith("bytes:"))
+
+
 def _bytes(token: str) -> list[int] | None:
     if token.startswith("token_id:"):  # no text known
         return None
@@ -609,12 +652,12 @@ def choices(request: inference_pb2.GenerateRequest, opts: Options) -> list[infer
     may send several) n times; with a seed, the i-th of a prompt's choices samples with
     seed + i, so they differ and each is reproducible."""
     out = []
-    for prompt in opts.prompts or (request.prompt,):
+    for prompt in opts.prompts or ("",):
         for i in range(opts.n):
             r = inference_pb2.GenerateRequest()
             r.CopyFrom(request)
             if opts.prompts:
-                r.prompt = prompt
+                _set_prompt(r, prompt)
             if i and r.params.HasField("seed"):
                 r.params.seed = (r.params.seed + i) % 2**64
             out.append(r)
@@ -658,7 +701,7 @@ def _choice(reply: inference_pb2.GenerateResponse, opts: Options, index: int) ->
                 choice["finish_reason"] = "tool_calls"
         choice["logprobs"] = chat_logprobs(reply.logprobs) if opts.logprobs else None
     else:
-        prompt = opts.prompts[index // opts.n] if opts.echo else ""
+        prompt = _echo(opts.prompts[index // opts.n], reply.prompt_logprobs) if opts.echo else ""
         choice["text"] = prompt + reply.text
         choice["logprobs"] = text_logprobs(reply.logprobs, 0, reply.prompt_logprobs if opts.echo else (),
                                            choice["text"]) if opts.logprobs else None
@@ -698,7 +741,7 @@ class StreamEncoder:
             self.usage = usage(chunk.usage)
         text, prompt_lps = chunk.text, ()
         if self.echo is not None:
-            text, prompt_lps, self.echo = self.echo + text, chunk.prompt_logprobs, None
+            text, prompt_lps, self.echo = _echo(self.echo, chunk.prompt_logprobs) + text, chunk.prompt_logprobs, None
         if not text and reason is None and not (self.opts.logprobs and chunk.logprobs):
             return []
         logprobs = None

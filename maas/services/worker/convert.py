@@ -41,6 +41,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
 def request_from_proto(r: inference_pb2.GenerateRequest, adapter: AdapterRef | None = None, *,
                        stream: bool = True) -> GenerationRequest:
     return GenerationRequest(request_id=r.request_id or new_request_id(), prompt=r.prompt,
+                             prompt_token_ids=tuple(r.prompt_token_ids),
                              params=sampling_from_proto(r.params),
                              resume_token_ids=tuple(r.resume_token_ids), adapter=adapter,
                              tenant=r.tenant, weight=r.tenant_weight if r.tenant_weight > 0 else 1.0,

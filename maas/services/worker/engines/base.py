@@ -128,9 +128,13 @@ class GenerationRequest:
     # False: the engine may send one delta at the end instead of one per step (a unary call
     # reads them all anyway; every message it saves is work for each hop)
     stream: bool = True
+    # the prompt as the tokenizer's ids, used as given (no BOS added), instead of `prompt`
+    prompt_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.prompt:
+        if self.prompt and self.prompt_token_ids:
+            raise InvalidArgument("give either prompt or prompt_token_ids, not both", field="prompt_token_ids")
+        if not self.prompt and not self.prompt_token_ids:
             raise InvalidArgument("prompt must not be empty", field="prompt")
         if not self.weight > 0:  # NaN fails too
             raise InvalidArgument(f"a tenant's weight must be > 0, not {self.weight}", field="tenant_weight")

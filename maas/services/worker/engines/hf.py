@@ -369,9 +369,15 @@ class HFEngine:
         if self._model is None:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
         params = request.params
-        prompt_ids = list(self._tokenizer(request.prompt)["input_ids"])
-        resumed = list(request.resume_token_ids)
         vocab = int(self._model.get_input_embeddings().num_embeddings)
+        if request.prompt_token_ids:
+            prompt_ids = list(request.prompt_token_ids)
+            if any(not 0 <= t < vocab for t in prompt_ids):
+                raise InvalidArgument(f"prompt_token_ids holds ids outside the vocabulary of {self.spec.name} "
+                                      f"(ids 0 to {vocab - 1})", field="prompt_token_ids")
+        else:
+            prompt_ids = list(self._tokenizer(request.prompt)["input_ids"])
+        resumed = list(request.resume_token_ids)
         if any(not 0 <= t < vocab for t in resumed):
             raise InvalidArgument("resume_token_ids holds ids outside the vocabulary", field="resume_token_ids")
         outside = [t for t in params.stop_token_ids if t >= vocab]

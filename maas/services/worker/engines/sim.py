@@ -125,7 +125,12 @@ class SimEngine:
         if outside:
             raise InvalidArgument(f"stop_token_ids holds {outside[0]}, outside the vocabulary of {self.spec.name} "
                                   f"(ids 0 to {len(WORDS) - 1})", field="stop_token_ids")
-        prompt_tokens = len(request.prompt.split())
+        if any(not 0 <= t < len(WORDS) for t in request.prompt_token_ids):
+            raise InvalidArgument(f"prompt_token_ids holds ids outside the vocabulary of {self.spec.name} "
+                                  f"(ids 0 to {len(WORDS) - 1})", field="prompt_token_ids")
+        # token ids are the sim's words
+        prompt = request.prompt or " ".join(WORDS[t] for t in request.prompt_token_ids)
+        prompt_tokens = len(prompt.split())
         if prompt_tokens + len(resumed) >= self.context_length:
             raise InvalidArgument(
                 f"prompt is {prompt_tokens + len(resumed)} tokens but the context is {self.context_length}",
@@ -139,12 +144,12 @@ class SimEngine:
                 hashlib.blake2b(request.request_id.encode(), digest_size=8).digest(), "little"
             )
         adapter = request.adapter.key if request.adapter else ""
-        prompt_key = _prompt_key(adapter, request.prompt)
+        prompt_key = _prompt_key(adapter, prompt)
 
         out = DeltaAssembler(params.stop, prompt_tokens=prompt_tokens, completion_tokens=len(resumed),
                              min_tokens=params.min_tokens)
         if params.prompt_logprobs is not None and not resumed:  # (a resumed request's first chunk had them)
-            out.set_prompt(*self._score_prompt(request.prompt, adapter, params.prompt_logprobs))
+            out.set_prompt(*self._score_prompt(prompt, adapter, params.prompt_logprobs))
         if len(resumed) >= params.max_tokens:
             yield out.finish("length")
             return
