@@ -29,6 +29,11 @@ from maas.v1 import inference_pb2
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# How constrained JSON is compiled (llguidance's options; the engine's `guide` uses them too):
+# compact, with no whitespace (flexible whitespace lets a small model pad forever),
+# `oneOf` taken as `anyOf`, and keywords llguidance does not implement (formats such as
+# "uri") ignored rather than refused.
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "coerce_one_of": True, "lenient": True}
 
 SYSTEM = """You may call functions to help answer. The functions, as JSON schemas:
 <tools>
@@ -73,9 +78,7 @@ def chat_turns(messages: Iterable[inference_pb2.ChatMessage],
         if m.tool_calls:
             calls = "\n".join(render_call(c.name, c.arguments) for c in m.tool_calls)
             content = f"{content}\n{calls}" if content else calls
-        if m.role == "tool":
-            content = f"<tool_response>\n{content}\n</tool_response>"
-        turns.append((m.role, content))
+        turns.append((m.role, content))  # a result as a `tool` turn: templates that know the role wrap it
     if tools:
         system = SYSTEM.format(tools="\n".join(_describe(t) for t in tools))
         if turns and turns[0][0] == "system":
@@ -93,8 +96,8 @@ def closed(schema: Any) -> Any:
         return [closed(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: v if k in ("const", "enum", "default", "examples", "properties") else closed(v)
-           for k, v in schema.items()}
+    out = {k: v if k in ("const", "enum", "default", "examples", "properties", "allOf") else closed(v)
+           for k, v in schema.items()}  # (allOf's parts stay open: closed, they would exclude each other)
     if isinstance(out.get("properties"), dict):  # a map of names to schemas, not a schema
         out["properties"] = {n: closed(v) for n, v in out["properties"].items()}
     if "properties" in out and "additionalProperties" not in out:
@@ -106,13 +109,14 @@ def call_grammar(tools: Sequence[inference_pb2.Tool], name: str = "") -> str:
     """A Lark grammar (llguidance's dialect) for exactly one call in the format, of `name`
     or of any of `tools`, its arguments valid against the function's schema (`closed`)."""
     chosen = [t for t in tools if not name or t.name == name]
-    options = [{"type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": closed(_schema(t))},
-                "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
-    schema: dict[str, Any] = dict(options[0]) if len(options) == 1 else {"anyOf": options}
-    # compact JSON, as a model writes it: flexible whitespace lets a small model pad forever
-    schema["x-guidance"] = {"whitespace_flexible": False}
-    return f'start: "{OPEN}\\n" %json{json.dumps(schema)} "\\n{CLOSE}"'
+    rules = []
+    for i, t in enumerate(chosen):
+        # each function's arguments are the root of their own %json, so the schema's
+        # "#/$defs/..." references resolve as written
+        schema = {**closed(_schema(t)), "x-guidance": JSON_OPTIONS}
+        rules.append(f'call{i}: "{{\\"name\\":\\"{t.name}\\",\\"arguments\\":" %json{json.dumps(schema)} "}}"')
+    calls = " | ".join(f"call{i}" for i in range(len(chosen)))
+    return "\n".join([f'start: "{OPEN}\\n" ({calls}) "\\n{CLOSE}"', *rules])
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ def parse_call(body: str, names: frozenset[str]) -> tuple[str, str] | None:
         obj = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(obj, dict) or obj.get("name") not in names:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in names:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models write the arguments as a JSON string

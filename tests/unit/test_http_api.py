@@ -142,3 +142,19 @@ def test_a_cancelled_or_failed_sequence_is_an_error_not_a_reply() -> None:
 def test_the_routers_http_timeout_is_checked_at_start(timeout: float) -> None:
     with pytest.raises(StartupError, match="HTTP request timeout"):
         HttpApi(None, "127.0.0.1", 0, timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_text_offsets_count_whole_characters_and_leading_spaces() -> None:
+    from maas.services.router.openai_api import text_logprobs
+    from maas.v1 import common_pb2
+
+    def lps(*tokens: str) -> list[common_pb2.TokenLogprob]:
+        return [common_pb2.TokenLogprob(token=t, logprob=-1.0) for t in tokens]
+
+    # "€" split over two byte pieces, then text after it
+    got = text_logprobs(lps("a", "bytes:\\xe2\\x82", "bytes:\\xac", "b"), 0, (), "a€b")
+    assert got["text_offset"] == [0, 1, 1, 2]
+    # an echoed prompt whose first token carries SentencePiece's leading space, after a BOS
+    got = text_logprobs(lps("!"), 0, lps("<s>", " Hello", " world"), "Hello world!")
+    assert got["text_offset"] == [0, 0, 5, 11]
+    assert got["token_logprobs"][0] is None

@@ -74,8 +74,13 @@ def test_a_chat_with_tools_writes_them_calls_and_results_into_turns() -> None:
 
 def test_the_call_grammar_names_only_the_chosen_function() -> None:
     tools = [inference_pb2.Tool(name=n) for n in NAMES]
-    assert '"get_time"' in call_grammar(tools, "get_time") and '"get_weather"' not in call_grammar(tools, "get_time")
-    assert '"anyOf"' in call_grammar(tools)
+    assert 'get_time' in call_grammar(tools, "get_time") and 'get_weather' not in call_grammar(tools, "get_time")
+    assert "call0 | call1" in call_grammar(tools)  # one rule per function: its schema is its own root
+
+
+def test_a_model_writing_a_non_string_name_is_content_not_a_crash() -> None:
+    text = '<tool_call>{"name": ["get_time"], "arguments": {}}</tool_call>'
+    assert split_calls(text, NAMES) == (text, [])
 
 
 def test_a_forced_calls_objects_are_closed_unless_they_say_otherwise() -> None:

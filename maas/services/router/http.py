@@ -551,8 +551,13 @@ class HttpApi:
                 r.request_id = f"{rid}-{i}"
             if opts.stream:
                 return rid, self._streams(call, deadline, reqs, opts, created, rid)
-            async with deadline.bound():
-                replies = await asyncio.gather(*self._choices(call, deadline, reqs, opts.n))
+            runs = [asyncio.ensure_future(c) for c in self._choices(call, deadline, reqs, opts.n)]
+            try:
+                async with deadline.bound():
+                    replies = await asyncio.gather(*runs)
+            finally:  # one failed: the others stop too (nobody would read them)
+                for run in runs:
+                    run.cancel()
             return openai_api.completions(replies, opts, rid, created)
         if opts.stream:
             return rid, self._stream(call, deadline, req, opts, created)
@@ -611,8 +616,9 @@ class HttpApi:
                                                    None if i % opts.n == 0 else firsts[i // opts.n], chunks, i))
                 for i, r in enumerate(reqs)]
         ended = asyncio.ensure_future(asyncio.gather(*runs))
+        getter: asyncio.Future[tuple[int, inference_pb2.GenerateChunk]] | None = None
         try:
-            yield [e for enc in encoders for e in enc.start()]
+            start = [e for enc in encoders for e in enc.start()]
             while not ended.done() or not chunks.empty():
                 getter = asyncio.ensure_future(chunks.get())
                 await asyncio.wait([getter, cast(asyncio.Future[Any], ended)], return_when=asyncio.FIRST_COMPLETED)
@@ -620,15 +626,19 @@ class HttpApi:
                     getter.cancel()
                     continue  # all ended (a failure is raised below, after what came before it)
                 index, chunk = getter.result()
-                yield encoders[index].chunk(chunk)
+                # nothing is sent before the first chunk: a refusal before it is a plain HTTP error
+                yield [*start, *encoders[index].chunk(chunk)]
+                start = []
             replies = ended.result()
+            if any(enc.usage is None for enc in encoders):
+                raise MaasError("a choice's stream ended before its last chunk")
             if opts.include_usage:
                 total = openai_api.total_usage([r.usage for r in replies], opts.n)
                 yield [{**encoders[0].head, "choices": [], "usage": openai_api.usage(total)}]
         finally:
-            for run in runs:
+            pending: list[asyncio.Future[Any]] = [*runs, ended, *([getter] if getter is not None else [])]
+            for run in pending:
                 run.cancel()
-            ended.cancel()
 
     async def _stream(self, call: _Call, deadline: _Deadline, req: inference_pb2.GenerateRequest,
                       opts: openai_api.Options, created: int) -> AsyncGenerator[list[dict[str, Any]], None]:

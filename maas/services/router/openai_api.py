@@ -616,11 +616,19 @@ def text_logprobs(lps: Sequence[common_pb2.TokenLogprob], offset: int = 0,
     token not written there as itself (a special token such as `<s>`, a piece of a
     character `bytes:...`) takes no characters."""
     tokens = [_token(lp) for lp in [*prompt, *lps]]
-    offsets, at = [], 0
+    offsets, at, pending = [], 0, b""
     for token in tokens:
         offsets.append(offset + at)
+        if token.startswith("bytes:"):  # a piece of a character: it counts once the character is whole
+            pending += bytes(_bytes(token) or b"")
+            try:
+                token, pending = pending.decode(), b""
+            except UnicodeDecodeError:
+                continue
         if token and text.startswith(token, at):
             at += len(token)
+        elif token.strip() and text.startswith(token.lstrip(), at):  # SentencePiece's "▁"-space at the start
+            at += len(token.lstrip())
     values: list[float | None] = [lp.logprob for lp in [*prompt, *lps]]
     tops: list[dict[str, float] | None] = [{_token(t): t.logprob for t in lp.top} for lp in [*prompt, *lps]]
     if prompt:
@@ -632,7 +640,7 @@ def _echo(prompt: str | tuple[int, ...], lps: Sequence[common_pb2.TokenLogprob])
     """The text an echo puts first: the prompt, or a token-id prompt's tokens' text."""
     if isinstance(prompt, str):
         return prompt
-    return "".join(lp.token for lp in lps if not lp.token.startswith("bytes:"))
+    return b"".join(bytes(_bytes(lp.token) or b"") for lp in lps).decode(errors="replace")
 
 
 def _bytes(token: str) -> list[int] | None:

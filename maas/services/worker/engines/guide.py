@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from maas.mesh.errors import InvalidArgument
+from maas.mesh.tools import JSON_OPTIONS
 from maas.services.worker.engines.base import GuideSpec
 
 __all__ = ["Guide", "Guides", "apply_masks", "grammar_of"]
 
-# Compile options: JSON as compact as a model writes it unprompted (", " and ": "), and
-# schemas' property order kept (tool calls put "name" before "arguments").
-_JSON_OPTIONS: Any = {"whitespace_flexible": False}
+# Compile options (maas.mesh.tools.JSON_OPTIONS): compact JSON ("," and ":", no whitespace),
+# oneOf as anyOf, unimplemented keywords ignored; schemas' property order is kept.
+_JSON_OPTIONS: Any = JSON_OPTIONS
 
 
 def grammar_of(spec: GuideSpec) -> str:

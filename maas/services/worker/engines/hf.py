@@ -341,7 +341,8 @@ class HFEngine:
         removes the sequence from the batch at the next step."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
-        if len(request.prompt) > TOKENIZE_INLINE_CHARS:  # long prompts tokenize off the loop
+        # long prompts tokenize off the loop, and grammars compile there (up to a second for a big one)
+        if len(request.prompt) > TOKENIZE_INLINE_CHARS or request.params.guide is not None:
             seq = await asyncio.to_thread(self.prepare, request, LoopSink(loop), queue)
         else:
             seq = self.prepare(request, LoopSink(loop), queue)
