@@ -23,7 +23,7 @@ import grpc
 from maas.mesh.errors import InvalidArgument, MaasError
 from maas.mesh.service_classes import CLASSES, OPENAI_TIERS
 from maas.mesh.tools import NAME as TOOL_NAME
-from maas.mesh.tools import CallParser, call_grammar, split_calls
+from maas.mesh.tools import CallParser, call_grammar, closed, split_calls
 from maas.v1 import common_pb2, inference_pb2
 
 DEFAULT_CHAT_MAX_TOKENS = 1024
@@ -349,7 +349,8 @@ def _response_format(b: Mapping[str, Any], p: common_pb2.SamplingParams) -> None
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict | bool):
         raise InvalidArgument("response_format.json_schema must be an object whose schema is an object",
                               field="response_format")
-    schema = json.dumps(spec.get("schema", {}))
+    # strict (OpenAI's structured outputs): objects take only the properties they list
+    schema = json.dumps(closed(spec.get("schema", {})) if spec.get("strict") else spec.get("schema", {}))
     if len(schema) > MAX_SCHEMA_CHARS:
         raise InvalidArgument(f"response_format's schema is {len(schema)} characters; at most {MAX_SCHEMA_CHARS}",
                               field="response_format")
