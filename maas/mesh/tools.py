@@ -105,6 +105,43 @@ def closed(schema: Any) -> Any:
     return out
 
 
+def native(template: object) -> bool:
+    """Whether a chat template renders tools itself in this module's format: it takes
+    `tools` and writes calls as `<tool_call>` (Hermes, Qwen 2.5 and 3). Such a template
+    gets the tools, calls and results as they are (`openai_messages`); any other gets
+    `chat_turns`, whose calls the router could not otherwise read back."""
+    if isinstance(template, dict):  # a tokenizer with named templates: the one for tools
+        template = template.get("tool_use") or template.get("default")
+    return isinstance(template, str) and "tools" in template and OPEN in template
+
+
+def openai_messages(messages: Iterable[inference_pb2.ChatMessage]) -> list[dict[str, Any]]:
+    """A chat in the shape chat templates take (OpenAI's, with arguments as objects)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        turn: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            turn["tool_calls"] = [{"id": c.id, "type": "function",
+                                   "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                                  for c in m.tool_calls]
+        if m.role == "tool":
+            turn.update(tool_call_id=m.tool_call_id, **({"name": m.name} if m.name else {}))
+        out.append(turn)
+    return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return text
+
+
+def openai_tools(tools: Sequence[inference_pb2.Tool]) -> list[dict[str, Any]]:
+    return [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                              "parameters": _schema(t)}} for t in tools]
+
+
 def call_grammar(tools: Sequence[inference_pb2.Tool], name: str = "") -> str:
     """A Lark grammar (llguidance's dialect) for exactly one call in the format, of `name`
     or of any of `tools`, its arguments valid against the function's schema (`closed`)."""

@@ -6,13 +6,13 @@ which owns the tokenizer and so the model's chat template."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
 from maas.mesh.clients import REPLICA_HEADER
 from maas.mesh.errors import InvalidArgument
-from maas.mesh.tools import chat_turns
+from maas.mesh.tools import chat_turns, openai_messages, openai_tools
 from maas.services.worker.coalesce import batches
 from maas.services.worker.convert import chunk_from_delta, request_from_proto
 from maas.services.worker.engines.base import ChatMessage, Engine
@@ -37,12 +37,24 @@ def _render_chat(request: inference_pb2.GenerateRequest, engine: Engine) -> infe
         return request
     if request.prompt:
         raise InvalidArgument("give either prompt or messages, not both", field="messages")
-    chat = [ChatMessage(role, content) for role, content in chat_turns(request.messages, request.tools)]
     rendered = inference_pb2.GenerateRequest()
     rendered.CopyFrom(request)
     del rendered.messages[:]
-    rendered.prompt = engine.render_chat(chat)
+    rendered.prompt = render_messages(engine, request.messages, request.tools)
     return rendered
+
+
+def render_messages(engine: Engine, messages: Sequence[inference_pb2.ChatMessage],
+                    tools: Sequence[inference_pb2.Tool]) -> str:
+    """A chat as its prompt, ending where the assistant's turn begins. With tools, calls or
+    results in it: through the model's own template where that template renders tools in
+    the format the router reads (Hermes, Qwen), else written into plain turns
+    (`maas.mesh.tools.chat_turns`, docs/structured-outputs.md#tool-calling)."""
+    if tools or any(m.tool_calls or m.role == "tool" for m in messages):
+        own = getattr(engine, "render_tool_chat", None)
+        if own is not None and (prompt := own(openai_messages(messages), openai_tools(tools))) is not None:
+            return str(prompt)
+    return engine.render_chat([ChatMessage(role, content) for role, content in chat_turns(messages, tools)])
 
 
 def merge_chunks(chunks: list[inference_pb2.GenerateChunk]) -> inference_pb2.GenerateChunk:

@@ -25,6 +25,7 @@ from maas.mesh.errors import FailedPrecondition, InvalidArgument
 from maas.mesh.tools import chat_turns
 from maas.services.worker.engines.base import ChatMessage, Engine, plain_chat
 from maas.services.worker.replicas import ReplicaManager
+from maas.services.worker.service import render_messages
 from maas.v1 import tokenize_pb2, tokenize_pb2_grpc
 
 INLINE_CHARS = 8192   # longer texts are tokenized off the event loop (as the engine does)
@@ -118,9 +119,12 @@ class WorkerTokenizerServicer(tokenize_pb2_grpc.TokenizerServicer):
             tokenizer = tokenizer_of(engine, replica.ref)
             text = request.prompt
             if request.messages:
-                chat = [ChatMessage(role, content) for role, content in chat_turns(request.messages, request.tools)]
-                text = render(engine, tokenizer, chat, replica.ref, add_generation_prompt=(
-                    request.add_generation_prompt if request.HasField("add_generation_prompt") else True))
+                generation = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+                if generation:  # exactly as a Generate renders it
+                    text = render_messages(engine, request.messages, request.tools)
+                else:
+                    chat = [ChatMessage(role, content) for role, content in chat_turns(request.messages, request.tools)]
+                    text = render(engine, tokenizer, chat, replica.ref, add_generation_prompt=False)
             tokens = await tokenize(tokenizer, text, with_strs=request.return_token_strs,
                                     add_special_tokens=(request.add_special_tokens
                                                         if request.HasField("add_special_tokens") else True))

@@ -49,6 +49,7 @@ from maas.mesh.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from maas.mesh.tools import native
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import (
     WEIGHTS_LOCK,
@@ -198,6 +199,20 @@ def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], model: str) -> 
                               field="messages") from None
 
 
+def render_tool_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]], model: str,
+                     *, add_generation_prompt: bool = True) -> str | None:
+    """A chat with tools through the model's own template, when that template renders tools
+    in the format the router reads (`tools.native`); None otherwise."""
+    if not native(getattr(tokenizer, "chat_template", None)):
+        return None
+    try:
+        return str(tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt))
+    except Exception as exc:  # templates reject chats with raise_exception
+        raise InvalidArgument(f"the chat template of {model} rejected the messages: {exc}",
+                              field="messages") from None
+
+
 class HFEngine:
     """A `transformers` causal LM loaded from `spec.source` with `from_pretrained`."""
 
@@ -335,6 +350,14 @@ class HFEngine:
         if self._tokenizer is None:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
         return render_chat(self._tokenizer, messages, self.spec.name)
+
+    def render_tool_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *,
+                         add_generation_prompt: bool = True) -> str | None:
+        """A chat with tools through the template itself, if it renders them (`render_tool_chat`)."""
+        if self._tokenizer is None:
+            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
+        return render_tool_chat(self._tokenizer, messages, tools, self.spec.name,
+                                add_generation_prompt=add_generation_prompt)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the request's deltas. Closing the iterator (or cancelling its consumer)

@@ -158,6 +158,15 @@ class ProcessEngine:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
         return render_chat(self._tokenizer, messages, self.spec.name)
 
+    def render_tool_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *,
+                         add_generation_prompt: bool = True) -> str | None:
+        from maas.services.worker.engines.hf import render_tool_chat
+
+        if self._tokenizer is None:
+            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
+        return render_tool_chat(self._tokenizer, messages, tools, self.spec.name,
+                                add_generation_prompt=add_generation_prompt)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._dead is not None:
             raise self._dead
