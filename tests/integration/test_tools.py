@@ -292,3 +292,35 @@ async def test_echo_with_logprobs_gives_the_prompts_tokens_as_strings(served: Se
                                                   temperature=0, logprobs=1, echo=True)
     assert both.choices[0].logprobs.token_logprobs == lp.token_logprobs
     assert both.choices[1].text.startswith("import os")
+
+
+async def test_n_choices_prefill_their_prompt_once(mesh: MeshHarness, demo_model_dir: Path) -> None:
+    """The prompt of n choices is computed once: the others find it in the prefix cache.
+    The engine runs in this process here, so its counters say how much. (This checks the
+    outcome, not the router's wait for the first choice's first token: on this machine the
+    three requests reach the engine far enough apart that they hit the cache without it;
+    the wait matters where they would share one prefill pass.)"""
+    from maas.services.worker.engines import create_engine, metrics
+
+    await mesh.registry()
+    await mesh.scheduler()
+    router = await mesh.router(http_port=0)
+    await mesh.worker(engine_factory=lambda spec: create_engine(spec, own_process=False))
+    await mesh.register("demo", fmt="hf", source=str(demo_model_dir))
+    await mesh.deploy("demo")
+    await mesh.wait_ready("demo", timeout=60)
+    client = AsyncOpenAI(base_url=f"http://{router.info.http_endpoint}/v1", api_key=await mesh.key("acme"),
+                         max_retries=0)
+
+    def counted(counter: object) -> float:
+        return sum(s.value for m in counter.collect() for s in m.samples  # type: ignore[attr-defined]
+                   if s.name.endswith("_total") and s.labels.get("model") == "demo@1")
+
+    prompt = "def parse(text):\n    " + "fields = text.split(',')\n    " * 12
+    before = counted(metrics.CACHED_TOKENS), counted(metrics.PROMPT_TOKENS)
+    reply = await client.completions.create(model="demo", prompt=prompt, max_tokens=4, n=3, seed=3, temperature=1.0)
+    await client.close()
+    cached = counted(metrics.CACHED_TOKENS) - before[0]
+    prompts = counted(metrics.PROMPT_TOKENS) - before[1]
+    assert prompts == 3 * reply.usage.prompt_tokens  # three requests, each with the whole prompt
+    assert cached >= 2 * (reply.usage.prompt_tokens - 16)  # two of them found (nearly) all of it cached
