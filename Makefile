@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv up test test-fast lint protos protos-check clean
+.PHONY: venv up test test-fast lint protos protos-check clean monitoring-tools
 
 venv: $(STAMP)
 
@@ -33,8 +33,17 @@ lint: venv protos-check
 	$(VENV)/bin/ruff check maas tests tools bench examples
 	$(VENV)/bin/mypy maas
 
-test: lint
+test: lint monitoring-tools
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# promtool and prometheus for the monitoring tests (Debian's `prometheus` package), installed
+# where this can (root with apt-get); elsewhere those tests are skipped and say why.
+monitoring-tools:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1; }; }; } || \
+	  echo "note: prometheus/promtool could not be installed (needs root and apt-get): the monitoring tests will be skipped"
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

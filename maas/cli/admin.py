@@ -58,6 +58,17 @@ def add_parser(sub: argparse._SubParsersAction, client_args: Callable[[argparse.
                     "maas-credentials --from-file=DIR` (deploy/k8s/maas-mesh.yaml mounts it). `maas up` does "
                     "this by itself.")
     secrets.add_argument("dir")
+    targets = asub.add_parser(
+        "scrape-targets", help="the live services' metrics endpoints, as a Prometheus file_sd target file",
+        description="Write the /metrics endpoint of every live service (from etcd) as Prometheus file-based "
+                    "service discovery JSON: one group per service, labelled job=maas-<kind>, service and "
+                    "service_instance. Point a scrape job's file_sd_configs at FILE (deploy/monitoring/"
+                    "prometheus.yml does) and run this again, or with --every, as services come and go. In "
+                    "Kubernetes use the ServiceMonitor instead.")
+    client_args(targets)
+    targets.add_argument("-o", "--output", default="-", help="file to write (default: standard output)")
+    targets.add_argument("--every", type=float, default=0.0,
+                         help="rewrite FILE every this many seconds until interrupted (0: once)")
 
 
 async def run(ns: argparse.Namespace, etcd: str) -> int:
@@ -69,7 +80,32 @@ async def run(ns: argparse.Namespace, etcd: str) -> int:
         return 0
     if ns.admin_command == "backup":
         return await backup(ns, etcd)
+    if ns.admin_command == "scrape-targets":
+        return await scrape_targets(ns, etcd)
     return await restore(ns, etcd)
+
+
+async def scrape_targets(ns: argparse.Namespace, etcd: str) -> int:
+    from maas.mesh.clients import live_services
+
+    async with mesh_client(ns, etcd) as mesh:
+        while True:
+            groups = []
+            for kind in ("router", "worker", "registry", "scheduler"):
+                for info in await live_services(mesh.etcd, mesh.keys, kind):
+                    if info.metrics_endpoint:
+                        groups.append({"targets": [info.metrics_endpoint], "labels": {
+                            "job": f"maas-{kind}", "service": kind, "service_instance": info.instance}})
+            text = json.dumps(groups, indent=2) + "\n"
+            if ns.output == "-":
+                sys.stdout.write(text)
+            else:  # whole or not at all: Prometheus may read it at any moment
+                partial = Path(ns.output).with_name(f".{Path(ns.output).name}.part")
+                partial.write_text(text)
+                os.replace(partial, ns.output)
+            if ns.every <= 0:
+                return 0
+            await asyncio.sleep(ns.every)
 
 
 def _n(count: int, what: str) -> str:

@@ -39,6 +39,7 @@ class EtcdSession:
         self._owned: dict[bytes, bytes] = {}
         self._keepalive: asyncio.Task[None] | None = None
         self._closed = False
+        self.reachable = True  # the last lease keepalive (or grant) succeeded: `maas_etcd_up`
         # run after the lease was lost and a new one granted, before the owned keys are put
         # again: what was true when they were put may not be any more (see `forget_owned`)
         self.before_reregister: list[Callable[[], Awaitable[None]]] = []
@@ -80,6 +81,7 @@ class EtcdSession:
             try:
                 if registered:
                     reply = await within(self.client.refresh_lease(self.lease_id), interval * 2)
+                    self.reachable = True
                     if reply is not None and reply.TTL > 0:
                         continue
                     log.warning("etcd lease %x expired; re-registering", self.lease_id or 0)
@@ -95,6 +97,7 @@ class EtcdSession:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # etcd down: keep trying; the lease may still be alive when it returns
+                self.reachable = False
                 log.warning("etcd keepalive failed: %s", type(e).__name__)
                 await asyncio.sleep(random.uniform(0, interval))
 

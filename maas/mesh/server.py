@@ -278,6 +278,43 @@ def bind_port(server: grpc.aio.Server, host: str, port: int, tls: TlsFiles | Non
     return bound
 
 
+Gauges = Callable[[], dict[tuple[str, ...], float]]
+
+
+class _MeshCollector(prometheus_client.registry.Collector):
+    """Gauges every running service reports at scrape time: whether it reaches etcd and
+    NATS (`maas_etcd_up`, `maas_nats_up`, what the "unreachable" alerts watch), and any
+    a service adds (`ServiceRuntime.gauge`). One per process, over its runtimes (tests run
+    several in one process)."""
+
+    def __init__(self) -> None:
+        self.runtimes: list[ServiceRuntime] = []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = {"maas_etcd_up": GaugeMetricFamily("maas_etcd_up", "1 while this service's etcd lease keepalive succeeds",
+                                                labels=["service", "service_instance"]),
+              "maas_nats_up": GaugeMetricFamily("maas_nats_up", "1 while this service is connected to NATS",
+                                                labels=["service", "instance"])}
+        extra: dict[str, GaugeMetricFamily] = {}
+        for rt in list(self.runtimes):
+            who = [rt.config.kind, rt.config.instance]
+            up["maas_etcd_up"].add_metric(who, 1.0 if rt.etcd.reachable else 0.0)
+            nc = getattr(rt.events, "nc", None)
+            up["maas_nats_up"].add_metric(who, 1.0 if nc is not None and nc.is_connected else 0.0)
+            for name, (doc, labels, values) in rt.gauges.items():
+                family = extra.setdefault(name, GaugeMetricFamily(name, doc, labels=["service_instance", *labels]))
+                for key, value in values().items():
+                    family.add_metric([rt.config.instance, *key], value)
+        yield from up.values()
+        yield from extra.values()
+
+
+MESH_COLLECTOR = _MeshCollector()
+prometheus_client.REGISTRY.register(MESH_COLLECTOR)
+
+
 def start_metrics(host: str, port: int) -> str:
     if port < 0:
         return ""
@@ -304,6 +341,7 @@ class ServiceRuntime:
         self._service_names: list[str] = [reflection.SERVICE_NAME, health.SERVICE_NAME]
         self._before_stop: list[Callable[[], Awaitable[None]]] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        self.gauges: dict[str, tuple[str, list[str], Gauges]] = {}  # read at scrape time (`gauge`)
         self._stop_requested = asyncio.Event()
         self._stopped = False
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -320,8 +358,15 @@ class ServiceRuntime:
         """Runs last, after the server stopped and NATS drained (engines, child processes)."""
         self._closers.append(closer)
 
+    def gauge(self, name: str, doc: str, labels: list[str], values: Gauges) -> None:
+        """A gauge this service reports, computed at scrape time: `values()` maps label values
+        to the figure (a `service_instance` label naming the service comes first; not
+        `instance`, which Prometheus gives the scrape target)."""
+        self.gauges[name] = (doc, labels, values)
+
     async def start(self, **info: str) -> None:
         cfg = self.config
+        MESH_COLLECTOR.runtimes.append(self)
         tracing.configure(cfg.kind, cfg.instance)  # exports spans if the OTEL_* variables ask
         port = bind_port(self.server, cfg.host, cfg.port, cfg.tls)
         self.endpoint = f"{cfg.dial_host}:{port}"
@@ -362,6 +407,8 @@ class ServiceRuntime:
             return
         self._stopped = True
         cfg = self.config
+        with contextlib.suppress(ValueError):
+            MESH_COLLECTOR.runtimes.remove(self)
         log.info("%s %s shutting down", cfg.kind, cfg.instance)
         with contextlib.suppress(Exception):
             await self.health.enter_graceful_shutdown()

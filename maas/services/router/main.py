@@ -82,6 +82,18 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     if not 0 <= queue_timeout <= 600:
         raise StartupError(f"--queue-timeout {queue_timeout:g} must be between 0 and 600 seconds")
     pool = ReplicaPool(rt.etcd, cold_start_timeout=cold_start_timeout)
+
+    def replicas() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for name, dep in pool.deployments.items.items():
+            if dep.format != "pipeline":  # (the routers run pipelines: no replicas)
+                out[(name, "ready")] = float(len(pool.ready(name)))
+                out[(name, "desired")] = float(dep.replicas)
+        return out
+
+    rt.gauge("maas_deployment_replicas", "A deployment's replicas as this router sees them: ready ones, and the "
+             "desired count (an autoscaled one's current target; 0 when scaled to zero)", ["deployment", "state"],
+             replicas)
     gate = Gate(rt.etcd, rt.authorizer, owner=pool.owner, not_found=pool.not_found)
     usage = UsageMeter(rt.config)  # its closer is added first, so it runs last: it stores every request's record
     rt.add_closer(usage.close)

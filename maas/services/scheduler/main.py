@@ -44,6 +44,8 @@ async def build(rt: ServiceRuntime, *, evict_idle_seconds: float = EVICT_IDLE_SE
     reconciler = Reconciler(rt, state, resolver, evict_idle_seconds=evict_idle_seconds, deployments=deployments,
                             max_running_jobs_per_tenant=max_running_jobs_per_tenant,
                             job_retention_seconds=job_retention_seconds)
+    rt.gauge("maas_scheduler_leader", "1 on the scheduler that holds the leadership (writes placements), else 0",
+             [], lambda: {(): 1.0 if reconciler.is_leader else 0.0})
     rt.add_service(scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
                    scheduler_pb2_grpc.add_SchedulerServicer_to_server,
                    SchedulerServicer(deployments, state, reconciler, rt.events,
