@@ -112,6 +112,9 @@ def test_prometheus_scrapes_maas_up_and_every_dashboard_series_has_data(tmp_path
         assert not missing, "dashboard series without data:\n" + "\n".join(missing) + \
             "\n" + (tmp_path / "prometheus.log").read_text()[-2000:]
 
+        for name in ("vllm:num_requests_running", "vllm:generation_tokens_total",
+                     "vllm:time_to_first_token_seconds_bucket"):  # vLLM's names, for its dashboards
+            assert _query(base, "/api/v1/query", query=name)["data"]["result"], name  # type: ignore[index]
         up_series = _query(base, "/api/v1/query", query='up{job=~"maas-.*"}')["data"]["result"]  # type: ignore[index]
         assert {s["metric"]["job"] for s in up_series} == jobs and all(s["value"][1] == "1" for s in up_series)
         groups = _query(base, "/api/v1/rules")["data"]["groups"]  # type: ignore[index]

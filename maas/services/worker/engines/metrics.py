@@ -92,6 +92,39 @@ class EngineMetrics(Collector):
                     merged[key] = seen._replace(value=seen.value + sample.value)
             family.samples = list(merged.values())
             yield family
+            if family.name in VLLM_NAMES:
+                yield _as_vllm(family)
+
+
+# The same series under vLLM's names (its V1 engine's), for the dashboards, autoscalers
+# (KEDA, llm-d, the production-stack's) and alerts operators already have: labelled
+# `model_name` as vLLM's are. A counter's family name is without `_total`, as the client
+# library collects it.
+VLLM_NAMES = {
+    "maas_engine_running_sequences": "vllm:num_requests_running",
+    "maas_engine_waiting_sequences": "vllm:num_requests_waiting",
+    "maas_engine_kv_cache_usage_ratio": "vllm:kv_cache_usage_perc",
+    "maas_engine_prompt_tokens": "vllm:prompt_tokens",
+    "maas_engine_generated_tokens": "vllm:generation_tokens",
+    "maas_engine_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "maas_engine_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
+    "maas_engine_request_duration_seconds": "vllm:e2e_request_latency_seconds",
+    "maas_engine_queue_time_seconds": "vllm:request_queue_time_seconds",
+    "maas_engine_preemptions": "vllm:num_preemptions",
+    "maas_engine_requests": "vllm:request_success",  # finished with stop or length
+}
+
+
+def _as_vllm(family: Metric) -> Metric:
+    name = VLLM_NAMES[family.name]
+    copy = Metric(name, f"{family.documentation} (vLLM's name)", family.type)
+    for sample in family.samples:
+        labels = {("model_name" if k == "model" else "finished_reason" if k == "finish_reason" else k): v
+                  for k, v in sample.labels.items()}
+        if name == "vllm:request_success" and labels.get("finished_reason") not in ("stop", "length"):
+            continue
+        copy.samples.append(sample._replace(name=name + sample.name[len(family.name):], labels=labels))
+    return copy
 
 
 MERGED = EngineMetrics()
