@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
 from maas.mesh.errors import StartupError
+from maas.mesh.logs import in_container
 from maas.mesh.tls import TlsFiles
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
@@ -115,7 +116,11 @@ class MeshConfig:
                        help="Prometheus port (0: any free port, -1: off)")
         g.add_argument("--instance", default=_env("MAAS_INSTANCE", ""), help="instance id")
         g.add_argument("--grace", type=float, default=10.0, help="seconds to finish requests on shutdown")
-        g.add_argument("--log-json", action="store_true", default=_env("MAAS_LOG_JSON", "") == "1")
+        g.add_argument("--log-format", choices=("auto", "text", "json"), default=_env("MAAS_LOG_FORMAT", "auto"),
+                       help="log lines as text or JSON; auto (default): JSON in a container (Docker, Kubernetes), "
+                            "text elsewhere (env MAAS_LOG_FORMAT)")
+        g.add_argument("--log-json", action="store_true", default=_env("MAAS_LOG_JSON", "") == "1",
+                       help="the same as --log-format json")
         g.add_argument("--log-level", default=_env("MAAS_LOG_LEVEL", "INFO"))
         g.add_argument("--credential-file", default=_env("MAAS_CREDENTIAL_FILE", ""),
                        help="file holding this service's key, made with `maas keys create --service KIND` "
@@ -134,7 +139,8 @@ class MeshConfig:
         extra = {"instance": ns.instance} if ns.instance else {}
         return cls(kind=kind, etcd=ns.etcd, nats=ns.nats, prefix=ns.prefix, lease_ttl=ns.lease_ttl,
                    host=ns.host, advertise_host=ns.advertise_host, port=ns.port,
-                   metrics_port=ns.metrics_port, grace=ns.grace, log_json=ns.log_json,
+                   metrics_port=ns.metrics_port, grace=ns.grace,
+                   log_json=ns.log_json or ns.log_format == "json" or (ns.log_format == "auto" and in_container()),
                    log_level=ns.log_level, credential=read_credential(ns.credential_file, "MAAS_CREDENTIAL"),
                    insecure=ns.insecure, tls=TlsFiles.load(ns.tls_ca, ns.tls_cert, ns.tls_key), **extra)
 

@@ -18,15 +18,18 @@ import inspect
 import logging
 import math
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
 import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from maas import __version__
 from maas.mesh import tracing
@@ -315,13 +318,28 @@ MESH_COLLECTOR = _MeshCollector()
 prometheus_client.REGISTRY.register(MESH_COLLECTOR)
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the stdlib's name)
+        pass
+
+
 def start_metrics(host: str, port: int) -> str:
+    """Serve this process's metrics on `port` (0: any free one), always in Prometheus' text
+    format: prometheus_client's OpenMetrics output (which Prometheus asks for first) turns
+    the colons of sample names into underscores, and vLLM's names (`vllm:...`, engines/
+    metrics.py) would arrive as `vllm_...`. Prometheus reads the text format as well."""
     if port < 0:
         return ""
+    app = prometheus_client.make_wsgi_app()
+
+    def text_only(environ: dict[str, Any], start_response: Any) -> Any:
+        return app({**environ, "HTTP_ACCEPT": "text/plain"}, start_response)
+
     try:
-        server, _ = prometheus_client.start_http_server(port, addr=host)
+        server = make_server(host, port, text_only, ThreadingWSGIServer, handler_class=_QuietHandler)
     except OSError as e:
         raise StartupError(f"cannot serve metrics on {host}:{port}: {e.strerror}") from None
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return f"{host}:{server.server_port}"
 
 

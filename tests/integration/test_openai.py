@@ -459,3 +459,17 @@ async def test_version_is_public_and_metrics_are_the_admins(api: Api):
             assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
             text = await resp.text()
     assert 'maas_router_requests_total{model="echo",status="OK",tenant="t"}' in text
+
+
+async def test_every_http_request_gets_an_access_log_line(api: Api, caplog: pytest.LogCaptureFixture):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="maas.access"):
+        await api.client.chat.completions.create(model="echo", messages=CHAT, max_tokens=2)
+        with pytest.raises(openai.NotFoundError):
+            await api.client.chat.completions.create(model="nope", messages=CHAT)
+    lines = [r for r in caplog.records if r.name == "maas.access"]
+    ok, missing = (r.fields for r in lines[-2:])  # type: ignore[attr-defined]
+    assert ok["http_status"] == 200 and ok["http_route"] == "/v1/chat/completions"
+    assert ok["tenant"] == "t" and ok["model"] == "echo" and ok["duration_ms"] > 0
+    assert missing["http_status"] == 404

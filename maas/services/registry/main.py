@@ -82,7 +82,7 @@ async def build(rt: ServiceRuntime, blobs: Path | BlobStore, *, admin_token: str
 
 def main(ns: argparse.Namespace) -> int:
     config = MeshConfig.from_args("registry", ns)
-    setup_logging(config.log_level, json_output=config.log_json, name="registry")
+    setup_logging(config.log_level, json_output=config.log_json, name="registry", instance=config.instance)
 
     admin_token = os.environ.get(ADMIN_TOKEN_ENV, "")
     if ns.admin_token_file:

@@ -33,7 +33,7 @@ from maas.mesh.errors import (
     Unavailable,
     from_rpc_error,
 )
-from maas.mesh.logs import new_request_id, request_id_var
+from maas.mesh.logs import model_var, new_request_id, request_id_var, tenant_var
 from maas.mesh.service_classes import DEFAULT_CLASS, priority
 from maas.mesh.usage import UsageMeter
 from maas.services.router.pool import ReplicaPool
@@ -485,6 +485,8 @@ def _stamp(request: inference_pb2.GenerateRequest, added: inference_pb2.Generate
         raise InvalidArgument("reserved is the router's to set (provisioned throughput, docs/fairness.md)",
                               field="reserved")
     key = ticket.key
+    tenant_var.set(ticket.tenant)  # on this request's log lines from here on
+    model_var.set(request.model)
     request.tenant = added.tenant = ticket.tenant
     request.tenant_weight = added.tenant_weight = key.weight if key is not None and key.weight > 0 else 1.0
     own = key.service_class if key is not None and key.service_class else DEFAULT_CLASS

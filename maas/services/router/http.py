@@ -48,7 +48,7 @@ from maas.mesh.errors import (
     from_rpc_error,
 )
 from maas.mesh.etcd import EtcdError
-from maas.mesh.logs import new_request_id, request_id_var
+from maas.mesh.logs import model_var, new_request_id, request_id_var, tenant_var
 from maas.mesh.tls import TlsFiles
 from maas.pipelines.executor import Run
 from maas.services.router import openai_api, openapi, pipelines, responses
@@ -66,6 +66,7 @@ from maas.services.router.tokenize import (
 from maas.v1 import batches_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
+ACCESS = logging.getLogger("maas.access")  # a line per HTTP request (docs/operations.md#logs)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_TIMEOUT = 600.0  # seconds a request may take when it does not say (the openai client's own default)
@@ -312,6 +313,8 @@ class HttpApi:
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         rid = request.headers.get("x-request-id", "")[:64] or new_request_id()
         token = request_id_var.set(rid)
+        # a keep-alive connection's requests share a task: each starts with no tenant or model
+        tenant_token, model_token = tenant_var.set(""), model_var.set("")
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         start, status = time.perf_counter(), 499
@@ -342,6 +345,14 @@ class HttpApi:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
             tracing.deactivate(active)
+            if route != "/health":  # (probes would drown the rest)
+                elapsed_ms = round((time.perf_counter() - start) * 1000, 1)
+                ACCESS.info("%s %s %d %.1f ms", request.method, request.path, status, elapsed_ms, extra={"fields": {
+                    "http_method": request.method, "http_path": request.path, "http_route": route,
+                    "http_status": status, "duration_ms": elapsed_ms, "remote": request.remote or "",
+                    **{k: v for k, v in (("tenant", tenant_var.get()), ("model", model_var.get())) if v}}})
+            tenant_var.reset(tenant_token)
+            model_var.reset(model_token)
             request_id_var.reset(token)
 
     async def _body(self, request: web.Request) -> Any:

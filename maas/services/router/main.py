@@ -142,7 +142,7 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
 
 def main(ns: argparse.Namespace) -> int:
     config = MeshConfig.from_args("router", ns)
-    setup_logging(config.log_level, json_output=config.log_json, name="router")
+    setup_logging(config.log_level, json_output=config.log_json, name="router", instance=config.instance)
 
     async def serve() -> None:
         async with ServiceRuntime(config) as rt:

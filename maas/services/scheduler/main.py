@@ -61,7 +61,7 @@ async def build(rt: ServiceRuntime, *, evict_idle_seconds: float = EVICT_IDLE_SE
 
 def main(ns: argparse.Namespace) -> int:
     config = MeshConfig.from_args("scheduler", ns)
-    setup_logging(config.log_level, json_output=config.log_json, name="scheduler")
+    setup_logging(config.log_level, json_output=config.log_json, name="scheduler", instance=config.instance)
 
     async def serve() -> None:
         async with ServiceRuntime(config) as rt:

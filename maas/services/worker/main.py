@@ -124,7 +124,7 @@ async def _report_load(rt: ServiceRuntime, replicas: ReplicaManager) -> None:
 
 def main(ns: argparse.Namespace) -> int:
     config = MeshConfig.from_args("worker", ns)
-    setup_logging(config.log_level, json_output=config.log_json, name="worker")
+    setup_logging(config.log_level, json_output=config.log_json, name="worker", instance=config.instance)
 
     async def serve() -> None:
         limit_torch_threads(ns.torch_threads)  # before detect_devices, which may import torch

@@ -12,6 +12,7 @@ import grpc
 
 from maas.mesh.clients import REPLICA_HEADER
 from maas.mesh.errors import InvalidArgument
+from maas.mesh.logs import model_var, tenant_var
 from maas.mesh.tools import chat_turns, openai_messages, openai_tools
 from maas.services.worker.coalesce import batches
 from maas.services.worker.convert import chunk_from_delta, request_from_proto
@@ -84,6 +85,8 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def _chunks(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, *,
                       stream: bool) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        tenant_var.set(request.tenant)  # on this request's log lines (the call's own context)
+        model_var.set(request.model)
         async with self.replicas.serve(request.model, _replica_hint(context),
                                        online=request.service_class != "batch") as (replica, engine):
             req = request_from_proto(_render_chat(request, engine),
