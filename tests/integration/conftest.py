@@ -145,6 +145,20 @@ class MeshHarness:
         await self.wait_ready(model)
         return router
 
+    async def serving_hf(self, source: Path, name: str = "demo",
+                         engine_factory: EngineFactory = create_engine) -> ServiceRuntime:
+        """registry, scheduler, a router with its HTTP API on a free port, an in-process
+        worker, and the transformers model at `source` (the forged demo model) deployed as
+        `name` and ready. Returns the router's runtime."""
+        await self.registry()
+        await self.scheduler()
+        router = await self.router(http_port=0)
+        await self.worker(engine_factory=engine_factory)
+        await self.register(name, fmt="hf", source=str(source))
+        await self.deploy(name)
+        await self.wait_ready(name, timeout=60)
+        return router
+
     def spawn(self, kind: str, *args: str, env: dict[str, str] | None = None) -> Child:
         """Run a service as a real process (for tests that kill it), with `env` added to its
         environment."""

@@ -33,13 +33,7 @@ class Served:
 
 @pytest.fixture
 async def served(mesh: MeshHarness, demo_model_dir: Path) -> AsyncIterator[Served]:
-    await mesh.registry()
-    await mesh.scheduler()
-    router = await mesh.router(http_port=0)
-    await mesh.worker()
-    await mesh.register("demo", fmt="hf", source=str(demo_model_dir))
-    await mesh.deploy("demo")
-    await mesh.wait_ready("demo", timeout=60)
+    router = await mesh.serving_hf(demo_model_dir)
     key = await mesh.key("acme")
     base_url = f"http://{router.info.http_endpoint}/v1"
     client = AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)

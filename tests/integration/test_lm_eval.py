@@ -68,13 +68,7 @@ def _loglikelihood(model: torch.nn.Module, tokenizer: object, context: str, cont
 
 async def test_lm_eval_harness_scores_loglikelihood_and_generation(mesh: MeshHarness, demo_model_dir: Path,
                                                                    tmp_path: Path) -> None:
-    await mesh.registry()
-    await mesh.scheduler()
-    router = await mesh.router(http_port=0)
-    await mesh.worker()
-    await mesh.register("demo", fmt="hf", source=str(demo_model_dir))
-    await mesh.deploy("demo")
-    await mesh.wait_ready("demo", timeout=60)
+    router = await mesh.serving_hf(demo_model_dir)
     key = await mesh.key("acme")
     base = f"http://{router.info.http_endpoint}/v1"
 

@@ -41,13 +41,7 @@ class Served:
 
 @pytest.fixture
 async def served(mesh: MeshHarness, demo_model_dir: Path) -> AsyncIterator[Served]:
-    await mesh.registry()
-    await mesh.scheduler()
-    router = await mesh.router(http_port=0)
-    await mesh.worker()
-    await mesh.register("demo", fmt="hf", source=str(demo_model_dir))
-    await mesh.deploy("demo")
-    await mesh.wait_ready("demo", timeout=60)
+    router = await mesh.serving_hf(demo_model_dir)
     key = await mesh.key("acme")
     base_url = f"http://{router.info.http_endpoint}/v1"
     client = AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
@@ -302,13 +296,7 @@ async def test_n_choices_prefill_their_prompt_once(mesh: MeshHarness, demo_model
     the wait matters where they would share one prefill pass.)"""
     from maas.services.worker.engines import create_engine, metrics
 
-    await mesh.registry()
-    await mesh.scheduler()
-    router = await mesh.router(http_port=0)
-    await mesh.worker(engine_factory=lambda spec: create_engine(spec, own_process=False))
-    await mesh.register("demo", fmt="hf", source=str(demo_model_dir))
-    await mesh.deploy("demo")
-    await mesh.wait_ready("demo", timeout=60)
+    router = await mesh.serving_hf(demo_model_dir, engine_factory=lambda spec: create_engine(spec, own_process=False))
     client = AsyncOpenAI(base_url=f"http://{router.info.http_endpoint}/v1", api_key=await mesh.key("acme"),
                          max_retries=0)
 
