@@ -306,9 +306,13 @@ class _MeshCollector(prometheus_client.registry.Collector):
             up["maas_etcd_up"].add_metric(who, 1.0 if rt.etcd.reachable else 0.0)
             nc = getattr(rt.events, "nc", None)
             up["maas_nats_up"].add_metric(who, 1.0 if nc is not None and nc.is_connected else 0.0)
-            for name, (doc, labels, values) in rt.gauges.items():
+            for name, (doc, labels, values) in list(rt.gauges.items()):
                 family = extra.setdefault(name, GaugeMetricFamily(name, doc, labels=["service_instance", *labels]))
-                for key, value in values().items():
+                try:  # (read from the metrics server's thread while the event loop changes it)
+                    figures = values()
+                except RuntimeError:  # a dict changed size mid-read: the next scrape has it
+                    continue
+                for key, value in figures.items():
                     family.add_metric([rt.config.instance, *key], value)
         yield from up.values()
         yield from extra.values()

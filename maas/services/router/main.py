@@ -85,7 +85,7 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
 
     def replicas() -> dict[tuple[str, ...], float]:
         out: dict[tuple[str, ...], float] = {}
-        for name, dep in pool.deployments.items.items():
+        for name, dep in list(pool.deployments.items.items()):
             if dep.format != "pipeline":  # (the routers run pipelines: no replicas)
                 out[(name, "ready")] = float(len(pool.ready(name)))
                 out[(name, "desired")] = float(dep.replicas)
