@@ -576,15 +576,17 @@ class HttpApi:
             reply, _ = await self.forwarder.generate(req, deadline.remaining(), call.who, call.session)
         return openai_api.completion(reply, opts, rid, created)
 
-    def _choices(self, call: _Call, deadline: _Deadline, reqs: list[inference_pb2.GenerateRequest],
-                 n: int) -> list[Coroutine[Any, Any, inference_pb2.GenerateResponse]]:
-        """Each choice's run, as chunks gathered into one reply. A prompt's first choice
-        starts at once; the other n - 1 when its first chunk arrives, by when its prompt is
-        in the replica's prefix cache (and routing sends the same prompt to the same
-        replica), so the prompt is prefilled once."""
+    def _choices(self, call: _Call, deadline: _Deadline, reqs: list[inference_pb2.GenerateRequest], n: int,
+                 chunks: asyncio.Queue[tuple[int, inference_pb2.GenerateChunk]] | None = None,
+                 ) -> list[Coroutine[Any, Any, inference_pb2.GenerateResponse]]:
+        """Each choice's run, as chunks gathered into one reply (and, given `chunks`, put
+        there with the choice's index as they come). A prompt's first choice starts at once;
+        the other n - 1 when its first chunk arrives, by when its prompt is in the replica's
+        prefix cache (and routing sends the same prompt to the same replica), so the prompt
+        is prefilled once."""
         firsts = [asyncio.Event() for _ in range(0, len(reqs), n)]
         return [self._choice(call, deadline, r, firsts[i // n] if i % n == 0 else None,
-                             None if i % n == 0 else firsts[i // n]) for i, r in enumerate(reqs)]
+                             None if i % n == 0 else firsts[i // n], chunks, i) for i, r in enumerate(reqs)]
 
     async def _choice(self, call: _Call, deadline: _Deadline, req: inference_pb2.GenerateRequest,
                       started: asyncio.Event | None, after: asyncio.Event | None,
@@ -622,10 +624,7 @@ class HttpApi:
         encoders = [openai_api.StreamEncoder(replace(opts, include_usage=False), rid, created, i)
                     for i in range(len(reqs))]
         chunks: asyncio.Queue[tuple[int, inference_pb2.GenerateChunk]] = asyncio.Queue()
-        firsts = [asyncio.Event() for _ in range(0, len(reqs), opts.n)]
-        runs = [asyncio.ensure_future(self._choice(call, deadline, r, firsts[i // opts.n] if i % opts.n == 0 else None,
-                                                   None if i % opts.n == 0 else firsts[i // opts.n], chunks, i))
-                for i, r in enumerate(reqs)]
+        runs = [asyncio.ensure_future(c) for c in self._choices(call, deadline, reqs, opts.n, chunks)]
         ended = asyncio.ensure_future(asyncio.gather(*runs))
         getter: asyncio.Future[tuple[int, inference_pb2.GenerateChunk]] | None = None
         try:

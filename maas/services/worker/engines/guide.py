@@ -94,7 +94,9 @@ class Guides:
         self._tokenizer: Any = None
         self._lock = threading.Lock()
 
-    def _ll_tokenizer(self) -> Any:
+    def ll_tokenizer(self) -> Any:
+        """llguidance's view of the tokenizer, converted once on first use (also the table
+        of tokens' bytes that logprobs name tokens by, `hf._token_bytes`)."""
         with self._lock:
             if self._tokenizer is None:
                 import llguidance.hf
@@ -113,7 +115,7 @@ class Guides:
         grammar that does not compile, naming llguidance's reason."""
         import llguidance
 
-        matcher = llguidance.LLMatcher(self._ll_tokenizer(), grammar_of(spec), log_level=0)
+        matcher = llguidance.LLMatcher(self.ll_tokenizer(), grammar_of(spec), log_level=0)
         if matcher.is_error():
             raise InvalidArgument(f"the {spec.kind.replace('_', ' ')} cannot be used: {_reason(matcher.get_error())}",
                                   field=f"guide.{spec.kind}")

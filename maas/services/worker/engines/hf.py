@@ -170,14 +170,13 @@ def _context_length(config: Any, tokenizer: Any) -> int:
     return _DEFAULT_CONTEXT
 
 
-def _token_bytes(tokenizer: Any, vocab: int, eos: Sequence[int]) -> Callable[[int], bytes]:
-    """Each token's bytes (`TokenStrings`): llguidance's table of the vocabulary (exact for
-    byte-level BPE pieces and for SentencePiece's byte pieces and word-start spaces), or for
-    a tokenizer it cannot convert (a slow one) the token decoded alone, as vLLM does."""
+def _token_bytes(tokenizer: Any, guides: Guides) -> Callable[[int], bytes]:
+    """Each token's bytes (`TokenStrings`): llguidance's table of the vocabulary, the one
+    constrained decoding uses (exact for byte-level BPE pieces and for SentencePiece's byte
+    pieces and word-start spaces), or for a tokenizer it cannot convert (a slow one) the
+    token decoded alone, as vLLM does."""
     try:
-        import llguidance.hf
-
-        table = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=list(eos) or None)
+        table = guides.ll_tokenizer()
     except Exception as exc:  # any tokenizer llguidance cannot read falls back
         log.info("token strings decode each token alone (llguidance cannot read the tokenizer: %s)", exc)
         return lambda token: str(tokenizer.decode([token])).encode()
@@ -314,8 +313,8 @@ class HFEngine:
         self._eos_ids = frozenset(eos)
         vocab = model.get_output_embeddings()
         vocab_size = int(getattr(vocab, "out_features", 0) or config.vocab_size)
-        self._guides = Guides(tokenizer, vocab_size, sorted(eos))
-        self._strings = TokenStrings(lambda: _token_bytes(tokenizer, vocab_size, sorted(eos)))
+        self._guides = guides = Guides(tokenizer, vocab_size, sorted(eos))
+        self._strings = TokenStrings(lambda: _token_bytes(tokenizer, guides))
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self._tokenizer, self._model, self.context_length = tokenizer, model, int(context)
         log.info("%s ready: context %d, KV budget %d tokens (%d MiB), max batch %d", self._label, context,
