@@ -327,16 +327,27 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def start_metrics(host: str, port: int) -> str:
+HealthCheck = Callable[[], tuple[bool, str]]
+
+
+def start_metrics(host: str, port: int, health: HealthCheck | None = None) -> str:
     """Serve this process's metrics on `port` (0: any free one), always in Prometheus' text
     format: prometheus_client's OpenMetrics output (which Prometheus asks for first) turns
     the colons of sample names into underscores, and vLLM's names (`vllm:...`, engines/
-    metrics.py) would arrive as `vllm_...`. Prometheus reads the text format as well."""
+    metrics.py) would arrive as `vllm_...`. Prometheus reads the text format as well.
+
+    With `health`, the same port answers `GET /healthz`: 200 and the gRPC health status
+    when `health()` says serving, else 503 (Kubernetes' probes; see `GrpcHealthProbe`)."""
     if port < 0:
         return ""
     app = prometheus_client.make_wsgi_app()
 
     def text_only(environ: dict[str, Any], start_response: Any) -> Any:
+        if health is not None and environ.get("PATH_INFO") == "/healthz":
+            ok, status = health()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")])
+            return [f"{status}\n".encode()]
         return app({**environ, "HTTP_ACCEPT": "text/plain"}, start_response)
 
     try:
@@ -345,6 +356,77 @@ def start_metrics(host: str, port: int) -> str:
         raise StartupError(f"cannot serve metrics on {host}:{port}: {e.strerror}") from None
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return f"{host}:{server.server_port}"
+
+
+def _tls_name(cert_pem: bytes) -> str:
+    """A name the certificate is valid for (its first DNS name, a wildcard filled in; else its
+    first IP address; else its common name): what a loopback client verifies it against."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    with contextlib.suppress(x509.ExtensionNotFound):
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        if dns := sans.get_values_for_type(x509.DNSName):
+            return dns[0].replace("*", "healthz", 1)
+        if ips := sans.get_values_for_type(x509.IPAddress):
+            return str(ips[0])
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else "localhost"
+
+
+class GrpcHealthProbe:
+    """Asks this process's own gRPC server for its health (`grpc.health.v1.Health/Check`,
+    service ""), through its port over loopback as any client would, TLS included: the
+    answer behind `/healthz` on the metrics port. Kubernetes' native `grpc` probes speak
+    plaintext only, so they cannot check a port that serves TLS; an HTTP probe of
+    `/healthz` can, and fails when the server does not answer within `timeout` (a stuck
+    event loop) as well as when it reports NOT_SERVING (starting, or shutting down).
+    Called from the metrics server's threads; the channel is made once."""
+
+    def __init__(self, host: str, port: int, tls: TlsFiles, timeout: float = 2.0) -> None:
+        if host in ("", "0.0.0.0", "localhost"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.tls = tls
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._closed = False
+
+    def _stub(self) -> health_pb2_grpc.HealthStub:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("closed")
+            if self._channel is None:
+                if self.tls.serves:
+                    roots = self.tls.ca + b"\n" + self.tls.cert if self.tls.ca else self.tls.cert
+                    self._channel = grpc.secure_channel(
+                        self.target, grpc.ssl_channel_credentials(root_certificates=roots),
+                        options=[("grpc.ssl_target_name_override", _tls_name(self.tls.cert))])
+                else:
+                    self._channel = grpc.insecure_channel(self.target)
+            return health_pb2_grpc.HealthStub(self._channel)
+
+    def __call__(self) -> tuple[bool, str]:
+        try:
+            reply = self._stub().Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout)
+        except grpc.RpcError as e:
+            code = e.code()  # type: ignore[attr-defined]
+            return False, code.name if code is not None else "UNKNOWN"
+        except RuntimeError:
+            return False, "STOPPED"
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING, status
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
 
 
 class ServiceRuntime:
@@ -359,6 +441,7 @@ class ServiceRuntime:
         self.health = health.aio.HealthServicer()
         self.endpoint = ""
         self.metrics_endpoint = ""
+        self.probe: GrpcHealthProbe | None = None
         self.info = mesh_pb2.ServiceInfo()
         self._service_names: list[str] = [reflection.SERVICE_NAME, health.SERVICE_NAME]
         self._before_stop: list[Callable[[], Awaitable[None]]] = []
@@ -392,7 +475,8 @@ class ServiceRuntime:
         tracing.configure(cfg.kind, cfg.instance)  # exports spans if the OTEL_* variables ask
         port = bind_port(self.server, cfg.host, cfg.port, cfg.tls)
         self.endpoint = f"{cfg.dial_host}:{port}"
-        self.metrics_endpoint = start_metrics(cfg.host, cfg.metrics_port)
+        self.probe = GrpcHealthProbe(cfg.host, port, cfg.tls)
+        self.metrics_endpoint = start_metrics(cfg.host, cfg.metrics_port, self.probe)
         await self.etcd.start()
         await self.authorizer.start()
         if cfg.insecure:
@@ -444,6 +528,8 @@ class ServiceRuntime:
         await self.server.stop(cfg.grace)
         await self.authorizer.close()
         await self.events.close()
+        if self.probe is not None:
+            self.probe.close()
         for closer in reversed(self._closers):
             try:
                 await closer()
