@@ -414,7 +414,7 @@ class GrpcHealthProbe:
         try:
             reply = self._stub().Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout)
         except grpc.RpcError as e:
-            code = e.code()  # type: ignore[attr-defined]
+            code = e.code()
             return False, code.name if code is not None else "UNKNOWN"
         except RuntimeError:
             return False, "STOPPED"
