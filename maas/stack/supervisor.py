@@ -31,6 +31,7 @@ from maas.mesh.config import redact
 from maas.mesh.errors import StartupError
 from maas.mesh.tls import TlsFiles, issue, local_hosts, make_ca
 from maas.services.registry.apikeys import install_admin_token, install_service_keys
+from maas.services.worker.extra import has_worker_extra, worker_extra_hint
 from maas.stack.servers import Child, port_in_use, start_etcd, start_nats
 from maas.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -323,6 +324,9 @@ def _forge_in_background(dest: Path) -> tuple[threading.Thread, list[object]]:
 async def _up(stack: Stack, stop: asyncio.Event) -> None:
     cfg = stack.config
     started = time.monotonic()
+    if (not cfg.model or cfg.model_format == "hf") and not has_worker_extra():
+        what = "the demo model" if not cfg.model else f"{cfg.model} (format hf)"
+        raise StartupError(worker_extra_hint(f"serving {what}"))
     forge = None
     if not cfg.model:
         demo = cfg.data_dir / "models" / "demo"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from maas.mesh.errors import StartupError
+from maas.services.worker.extra import has_worker_extra, worker_extra_hint
 from maas.v1 import mesh_pb2
 
 GiB = 1024**3
@@ -22,8 +24,11 @@ def _mem_available() -> int:
 
 def detect_devices(kind: str = "auto", cpu_memory_bytes: int = 0) -> list[mesh_pb2.Device]:
     """kind: auto (CUDA if present, else CPU), cuda or cpu. cpu_memory_bytes: the CPU device's
-    budget (default: half the available memory, at most 16 GiB)."""
-    if kind in ("auto", "cuda"):
+    budget (default: half the available memory, at most 16 GiB). Without the worker extra
+    (no torch) auto means the CPU and cuda is a StartupError naming the extra."""
+    if kind == "cuda" and not has_worker_extra():
+        raise StartupError(worker_extra_hint("--device cuda"))
+    if kind in ("auto", "cuda") and has_worker_extra():
         import torch
 
         if torch.cuda.is_available():
@@ -34,7 +39,7 @@ def detect_devices(kind: str = "auto", cpu_memory_bytes: int = 0) -> list[mesh_p
                                                memory_total_bytes=total, memory_free_bytes=free))
             return devices
         if kind == "cuda":
-            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+            raise StartupError("--device cuda was asked for but torch sees no CUDA device")
     available = _mem_available()
     budget = cpu_memory_bytes or min(available // 2, 16 * GiB)
     return [mesh_pb2.Device(id="cpu", name=f"cpu ({os.cpu_count()} cores)", memory_total_bytes=budget,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
+import logging
 import os
 import sys
 import time
@@ -17,11 +17,15 @@ from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.services.worker.devices import detect_devices
 from maas.services.worker.engines import create_engine
+from maas.services.worker.engines.base import Engine, ModelSpec
+from maas.services.worker.extra import has_worker_extra, require_worker_extra, worker_extra_hint
 from maas.services.worker.jobs import JobRunner
 from maas.services.worker.replicas import DEFAULT_CACHE, EngineFactory, ReplicaManager
 from maas.services.worker.service import WorkerInferenceServicer
 from maas.services.worker.tokenize import WorkerTokenizerServicer
 from maas.v1 import inference_pb2, inference_pb2_grpc, mesh_pb2, tokenize_pb2, tokenize_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 LOAD_REPORT_INTERVAL = 0.5
 TORCH_THREADS_ENV = "MAAS_TORCH_THREADS"
@@ -61,6 +65,24 @@ def limit_torch_threads(threads: int) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
+def served_formats() -> list[str]:
+    """The model formats this worker offers the scheduler: sim only without the worker extra
+    (so no transformers model or fine-tuning job is placed here), else hf and sim."""
+    return ["hf", "sim"] if has_worker_extra() else ["sim"]
+
+
+def engine_factory(*, own_process: bool) -> EngineFactory:
+    """`create_engine`, refusing an HF model with the command that installs the worker extra
+    where it is missing (instead of an ImportError from deep inside an engine)."""
+
+    def create(spec: ModelSpec) -> Engine:
+        if spec.format == "hf":
+            require_worker_extra(f"{spec.name}@{spec.version} (format hf)")
+        return create_engine(spec, own_process=own_process)
+
+    return create
+
+
 def parse_labels(items: list[str]) -> dict[str, str]:
     labels = {}
     for item in items:
@@ -89,7 +111,7 @@ async def build(rt: ServiceRuntime, *, devices: list[mesh_pb2.Device], labels: d
     rt.add_closer(replicas.close)
     await rt.start()
     info = mesh_pb2.WorkerInfo(worker_id=worker_id, endpoint=rt.endpoint, devices=devices, labels=labels or {},
-                               formats=["hf", "sim"], started_ms=int(time.time() * 1000))
+                               formats=served_formats(), started_ms=int(time.time() * 1000))
     await rt.etcd.put_owned(rt.etcd.keys.worker(worker_id), info.SerializeToString())
     rt.events.publish("worker", "joined", worker_id,
                       f"worker {worker_id} joined with {', '.join(d.id for d in devices)}", endpoint=rt.endpoint)
@@ -130,9 +152,11 @@ def main(ns: argparse.Namespace) -> int:
         limit_torch_threads(ns.torch_threads)  # before detect_devices, which may import torch
         labels = parse_labels(ns.label)
         devices = detect_devices(ns.device, int(ns.cpu_memory_gib * 1024**3))
+        if not has_worker_extra():
+            log.warning("%s; this worker serves sim models only", worker_extra_hint("serving transformers models"))
         async with ServiceRuntime(config) as rt:
             await build(rt, devices=devices, labels=labels, cache_dir=Path(ns.cache_dir),
-                        engine_factory=functools.partial(create_engine, own_process=ns.engine_process))
+                        engine_factory=engine_factory(own_process=ns.engine_process))
             await rt.wait()
 
     return run_service(serve)
