@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction, client_args: Callable[[argparse.
                     "(owner-only; files already there are kept). Give the registry --admin-token-file "
                     "DIR/admin-token and --service-keys-dir DIR (it installs their hashes in etcd), and each "
                     "service --credential-file DIR/<kind>.key; in Kubernetes, `kubectl create secret generic "
-                    "maas-credentials --from-file=DIR` (deploy/k8s/maas-mesh.yaml mounts it). `maas up` does "
+                    "maas-credentials --from-file=DIR` (the deploy/k8s package mounts it). `maas up` does "
                     "this by itself.")
     secrets.add_argument("dir")
     targets = asub.add_parser(
