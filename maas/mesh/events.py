@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,7 +44,9 @@ def event_subject(entity: str, what: str) -> str:
 
 
 async def connect_nats(url: str, *, name: str, timeout: float) -> nats.NATS:
-    """Connect, or raise StartupError naming the URL within `timeout` seconds."""
+    """Connect, or raise StartupError naming the URL within `timeout` seconds (or naming a
+    bad MAAS_STREAM_REPLICAS, which the streams made later would use)."""
+    stream_replicas()
     try:
         return await asyncio.wait_for(
             nats.connect(url, name=name, connect_timeout=min(2.0, timeout), max_reconnect_attempts=-1,
@@ -70,8 +74,24 @@ async def open_stream(nc: nats.NATS, ensure: Callable[[nats.js.JetStreamContext]
     return js
 
 
+def stream_replicas() -> int | None:
+    """How many servers of a NATS cluster hold each of the mesh's streams: MAAS_STREAM_REPLICAS
+    (1 to 5, JetStream's limit), or None for the server's default (one). On a cluster, 3
+    keeps every stream through the loss of one server."""
+    raw = os.environ.get("MAAS_STREAM_REPLICAS", "").strip()
+    if not raw:
+        return None
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 5:
+        raise StartupError(f"MAAS_STREAM_REPLICAS must be a whole number from 1 to 5, not {raw!r}")
+    return int(raw)
+
+
 async def put_stream(js: nats.js.JetStreamContext, config: js_api.StreamConfig) -> None:
-    """Create the stream `config` describes, or bring the existing one to it."""
+    """Create the stream `config` describes, or bring the existing one to it (with
+    `stream_replicas()` copies when MAAS_STREAM_REPLICAS sets it)."""
+    replicas = stream_replicas()
+    if replicas is not None:
+        config = dataclasses.replace(config, num_replicas=replicas)
     try:
         await js.add_stream(config)
     except nats.js.errors.BadRequestError:
