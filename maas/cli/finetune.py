@@ -53,6 +53,8 @@ def add_parser(sub: argparse._SubParsersAction, client_args: ClientArgs) -> None
     create.add_argument("--lr", type=float, default=None, help="learning rate (1e-3 for lora, 1e-4 for full)")
     create.add_argument("--lora-rank", type=int, default=16)
     create.add_argument("--batch-size", type=int, default=8)
+    create.add_argument("--devices", type=int, default=1,
+                        help="devices to train on, all of one worker (FSDP under torchrun); the batch is split")
     create.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: the epochs decide)")
     create.add_argument("--checkpoint-every", type=int, default=20, help="steps between checkpoints")
     create.add_argument("--seed", type=int, default=0)
@@ -105,7 +107,8 @@ async def run(ns: argparse.Namespace, etcd: str, nats: str) -> int:
             spec = jobs_pb2.JobSpec(
                 base=ns.base, dataset_sha256=artifact.sha256, method=ns.method, epochs=ns.epochs,
                 lora_rank=ns.lora_rank, priority=ns.priority, name=ns.name, deploy=ns.deploy,
-                batch_size=ns.batch_size, max_steps=ns.max_steps, checkpoint_every=ns.checkpoint_every, seed=ns.seed)
+                batch_size=ns.batch_size, max_steps=ns.max_steps, checkpoint_every=ns.checkpoint_every, seed=ns.seed,
+                devices=ns.devices)
             if ns.lr is not None:
                 spec.learning_rate = ns.lr
             job = await stub.CreateJob(jobs_pb2.CreateJobRequest(spec=spec), metadata=metadata, timeout=120)
@@ -149,7 +152,7 @@ async def run(ns: argparse.Namespace, etcd: str, nats: str) -> int:
 
 
 def _check_args(ns: argparse.Namespace) -> str:
-    for flag, low in (("epochs", 1), ("lora_rank", 1), ("batch_size", 1), ("max_steps", 0),
+    for flag, low in (("epochs", 1), ("lora_rank", 1), ("batch_size", 1), ("devices", 1), ("max_steps", 0),
                       ("checkpoint_every", 1), ("seed", 0)):
         if getattr(ns, flag) < low:
             return f"--{flag.replace('_', '-')} must be at least {low}"
@@ -249,7 +252,8 @@ def _describe(j: jobs_pb2.Job) -> str:
     lines = [
         f"job {j.id}: {state_name(j.state)}" + (f" - {j.message}" if j.message else ""),
         f"  base {s.base}, {s.method}" + (f" rank {s.lora_rank}" if s.method == "lora" else "")
-        + f", {s.epochs} epochs, batch {s.batch_size}, priority {s.priority}, tenant {s.tenant}",
+        + f", {s.epochs} epochs, batch {s.batch_size}" + (f" over {s.devices} devices" if s.devices > 1 else "")
+        + f", priority {s.priority}, tenant {s.tenant}",
         f"  dataset {j.dataset_digest[:12]} ({j.examples} examples), result {j.result or s.name}"
         + (f", deployed on {j.deployment}" if j.deployment and j.deployment != "-" else ""),
     ]
@@ -259,6 +263,7 @@ def _describe(j: jobs_pb2.Job) -> str:
     if j.checkpoint_step:
         lines.append(f"  checkpoint at step {j.checkpoint_step} ({j.checkpoint_sha256[:12]})")
     if j.worker_id:
-        lines.append(f"  running on {j.worker_id} {j.device_id} ({j.memory_bytes >> 20} MiB reserved)")
+        lines.append(f"  running on {j.worker_id} {','.join(j.device_ids) or j.device_id} "
+                     f"({j.memory_bytes >> 20} MiB reserved on each)")
     lines.append(f"  placed {j.attempts} time(s); created {datetime.fromtimestamp(j.created_ms / 1000):%Y-%m-%d %H:%M:%S}")
     return "\n".join(lines)

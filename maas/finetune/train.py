@@ -3,7 +3,8 @@
     python -m maas.finetune.train --base DIR --data FILE.jsonl --out DIR
         [--method lora|full] [--epochs N] [--lr X] [--lora-rank R] [--lora-alpha A]
         [--batch-size B] [--checkpoint-every STEPS] [--seed S] [--max-steps N]
-        [--max-length TOKENS] [--log-every STEPS] [--base-ref NAME@VERSION] [--parent-pid PID]
+        [--max-length TOKENS] [--log-every STEPS] [--base-ref NAME@VERSION] [--devices N]
+        [--parent-pid PID]
 
 `--data` holds one {"prompt": str, "completion": str} object a line. The job is handed
 pairs already rendered (`maas.finetune.datasets.training_examples` turns chat and
@@ -17,6 +18,16 @@ the attention and MLP blocks and saves it with `save_pretrained` in OUT/adapter,
 worker's engine loads with `PeftModel.from_pretrained`. `--method full` trains every
 weight and saves model and tokenizer in OUT/model. AdamW, constant learning rate after a
 short warm-up, deterministic for a given seed on a given machine; CUDA if there is one.
+
+`--devices N` (N > 1) trains on N devices of this machine: the program runs itself again
+under torchrun (`python -m torch.distributed.run --standalone --nproc-per-node N`, which
+takes this process's place), one process a device (NCCL on CUDA, each on the GPU of its
+local rank; gloo on the CPU), the model sharded by FSDP (`fully_shard` on each transformer
+block and on the whole). Every global batch of `--batch-size` examples is split between the
+ranks, each a disjoint part, and the loss is the mean over the whole batch's completion
+tokens, so a step does what it does on one device. Rank 0 alone writes the JSON lines,
+checkpoints and the result; they have the format of a one-device job's, so a job resumes
+on any number of devices. The ranks agree at every step whether to stop.
 
 Output: one JSON object a line on stdout (nothing else is written there; logs go to
 stderr):
@@ -45,7 +56,10 @@ and the checkpoints are removed.
 SIGTERM (or SIGINT) stops the job at the next step boundary: it checkpoints, prints
 "stopped" and exits with 75 (EX_TEMPFAIL: try again later), which is how a job yields
 its device to serving. Exit codes: 0 done, 1 training failed, 2 bad arguments or
-input (the error line names the problem; no traceback), 75 stopped.
+input (the error line names the problem; no traceback), 75 stopped. Under torchrun
+(`--devices N`) the ranks exit with these codes and torchrun with its own (1 when a rank
+did not exit 0), so the last JSON line ("done", "stopped" or "error") is what tells.
+torchrun passes SIGTERM on to the ranks and waits SHUTDOWN_TIMEOUT seconds for them.
 """
 
 from __future__ import annotations
@@ -92,6 +106,7 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, resumable from its checkpo
 DEFAULT_LR = {"lora": 1e-3, "full": 1e-4}
 WARMUP_STEPS = 5
 KEEP_CHECKPOINTS = 2
+SHUTDOWN_TIMEOUT = 50  # seconds torchrun gives its ranks to checkpoint after SIGTERM (a worker waits 60)
 CHECKPOINTS = "checkpoints"
 RESULT = "result.json"
 MAX_DATA_ERRORS = 5
@@ -140,11 +155,15 @@ class JobConfig:
     base_ref: str | None = None
     """What names the base model in checkpoints (a worker passes "name@version", so another
     worker, with the base unpacked elsewhere, can resume them); None: the directory's path."""
+    devices: int = 1
+    """Devices of this machine to train on: more than one runs a process per device under
+    torchrun, the model sharded by FSDP. Not part of a checkpoint's fingerprint: a job may
+    resume on another number of devices."""
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
             raise JobError(f"--method must be lora or full, not {self.method!r}")
-        for name in ("epochs", "lora_rank", "batch_size", "log_every"):
+        for name in ("epochs", "lora_rank", "batch_size", "log_every", "devices"):
             if getattr(self, name) < 1:
                 raise JobError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         if self.checkpoint_every < 0:
@@ -289,22 +308,86 @@ class _Progress:
     tokens: int = 0  # all runs of the job
 
 
+@dataclass(frozen=True)
+class _Ranks:
+    """This process's place among a job's processes: rank 0 of 1 unless torchrun started it."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0  # the rank on this machine: the GPU it uses
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: the one that writes the JSON lines, checkpoints and the result."""
+        return self.rank == 0
+
+    def total(self, value: torch.Tensor) -> float:
+        """The sum of a one-element tensor over the ranks."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            value = value.detach().clone()
+            dist.all_reduce(value)
+        return float(value)
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether any rank says so; every rank gets the same answer, at the same step."""
+        if self.world == 1:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
+def _under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@contextmanager
+def _distributed() -> Iterator[_Ranks]:
+    """Join the job's process group when torchrun started this process (its environment
+    says so): NCCL between GPUs, gloo on the CPU."""
+    if not _under_torchrun():
+        yield _Ranks()
+        return
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    yield _Ranks(dist.get_rank(), dist.get_world_size(), local)
+    # all ranks leave together (gloo aborts a process that tears its group down while a
+    # peer still uses it); after an error torchrun ends the others
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 class _Trainer:
     """The model, optimizer and data of one job; `run` trains until done or stopped."""
 
-    def __init__(self, config: JobConfig, pairs: Sequence[tuple[str, str]], emit: Emit) -> None:
+    def __init__(self, config: JobConfig, pairs: Sequence[tuple[str, str]], emit: Emit,
+                 ranks: _Ranks = _Ranks()) -> None:
         import torch
 
         self.config = config
         self.emit = emit
+        self.ranks = ranks
         self.fingerprint = _fingerprint(config)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch.manual_seed(config.seed)
+        self.device = torch.device(f"cuda:{ranks.local}" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(config.seed)  # the same on every rank: the same LoRA initialisation
         self.tokenizer, model = self._load_base()
         self.examples, self.skipped = self._encode(pairs, model.config)
         if not self.examples:
             raise JobError(f"no example of {config.data} fits in {self._max_length(model.config)} tokens")
         self.model = self._prepare(model).to(self.device)
+        self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        if ranks.world > 1:
+            self._shard()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=0.0)
         self.steps_per_epoch = math.ceil(len(self.examples) / config.batch_size)
@@ -365,6 +448,21 @@ class _Trainer:
         model.train()
         return model
 
+    def _shard(self) -> None:
+        """FSDP2: each transformer block (the model's `_no_split_modules`) is a unit of its
+        own, gathered only while it computes; the root holds the rest (embeddings, final
+        norm, output layer, tied or not). Parameter names stay those of the plain model."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.ranks.world,))
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        blocks = set(getattr(base, "_no_split_modules", None) or ())
+        for module in list(self.model.modules()):
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
     def _batches(self, epoch: int) -> list[list[int]]:
         """Example indices of each step of `epoch`: a permutation fixed by (seed, epoch)."""
         import torch
@@ -374,13 +472,11 @@ class _Trainer:
         size = self.config.batch_size
         return [order[i:i + size] for i in range(0, len(order), size)]
 
-    def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def _collate(self, rows: Sequence[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
         import torch
 
-        rows = [self.examples[i] for i in indices]
         width = max(len(ids) for ids, _ in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        input_ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for row, (ids, prompt_len) in enumerate(rows):
@@ -390,18 +486,36 @@ class _Trainer:
         return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
                 "labels": labels.to(self.device)}
 
-    def _step(self, step: int, batch: dict[str, torch.Tensor]) -> float:
+    def _step(self, step: int, rows: Sequence[tuple[list[int], int]]) -> float:
+        """One optimizer step on a global batch; returns its mean loss per completion token.
+
+        Each rank takes every world-th row. Its loss is its rows' summed token losses over
+        the whole batch's token count, times the world size because FSDP averages the
+        gradients over the ranks: the sum of the ranks' gradients is the gradient of the
+        batch's mean loss, as on one device. A rank left without a row (a batch smaller
+        than the world) runs a row that counts nothing, since every rank must take part."""
+        import torch
+
         lr = self.config.learning_rate * min(1.0, (step + 1) / WARMUP_STEPS)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self.model(**batch).loss
-        value = float(loss.detach())
+        counted = max(1, sum(len(ids) - max(prompt_len, 1) for ids, prompt_len in rows))
+        mine = rows[self.ranks.rank::self.ranks.world] or [([self._pad_id()], 1)]
+        batch = self._collate(mine)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                 batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum")
+        value = self.ranks.total(loss) / counted
         if not math.isfinite(value):
             raise JobError(f"the loss is not finite at step {step + 1} (learning rate {lr:g}); try a lower --lr")
-        loss.backward()
+        (loss * (self.ranks.world / counted)).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return value
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
 
     def run(self, stop: threading.Event) -> int:
         self._resume()
@@ -409,24 +523,24 @@ class _Trainer:
         self.emit("start", step=progress.step, total_steps=self.total_steps, method=config.method,
                   examples=len(self.examples), skipped=self.skipped,
                   tokens_per_epoch=sum(len(ids) for ids, _ in self.examples),
-                  trainable_parameters=sum(p.numel() for p in self.params),
-                  device=str(self.device), threads=_threads(),
+                  trainable_parameters=self.trainable,
+                  device=str(self.device), threads=_threads(), world_size=self.ranks.world,
                   resumed_from=str(self.resumed_from) if self.resumed_from else None)
         started, tokens_this_run, steps_this_run = time.perf_counter(), 0, 0
         epoch_batches: tuple[int, list[list[int]]] | None = None
         while progress.step < self.total_steps:
-            if stop.is_set():
+            if self.ranks.any(stop.is_set(), self.device):
                 path = self._checkpoint()
                 self.emit("stopped", step=progress.step, path=str(path) if path else None)
                 return EXIT_STOPPED
             epoch, index = divmod(progress.step, self.steps_per_epoch)
             if epoch_batches is None or epoch_batches[0] != epoch:
                 epoch_batches = (epoch, self._batches(epoch))
-            batch = self._collate(epoch_batches[1][index])
+            rows = [self.examples[i] for i in epoch_batches[1][index]]
             step_started = time.perf_counter()
-            loss = self._step(progress.step, batch)
+            loss = self._step(progress.step, rows)
             progress.train_seconds += time.perf_counter() - step_started
-            tokens = int(batch["attention_mask"].sum())
+            tokens = sum(len(ids) for ids, _ in rows)
             progress.tokens += tokens
             tokens_this_run += tokens
             steps_this_run += 1
@@ -455,17 +569,19 @@ class _Trainer:
         if progress.step == 0 or progress.step == self.last_checkpoint:
             latest = _checkpoints(self.config.out)
             return latest[-1][1] if latest and progress.step else None
+        trainable, optimizer = self._trainable_state(), self._optimizer_state()  # every rank takes part
+        if not self.ranks.leader:
+            self.last_checkpoint = progress.step
+            return None
         root = self.config.out / CHECKPOINTS
         root.mkdir(parents=True, exist_ok=True)
         dest = root / f"step-{progress.step:06d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=root))
         try:
-            trainable = {name: p.detach().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
-            for name, obj in (("weights.pt", trainable), ("optimizer.pt", self.optimizer.state_dict()),
-                              ("rng.pt", rng)):
+            for name, obj in (("weights.pt", trainable), ("optimizer.pt", optimizer), ("rng.pt", rng)):
                 with open(tmp / name, "wb") as f:
                     torch.save(obj, f)
                     f.flush()
@@ -482,6 +598,39 @@ class _Trainer:
         self.emit("checkpoint", step=progress.step, path=str(dest))
         return dest
 
+    def _whole(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """A tensor in full on the CPU: gathered from every rank when FSDP shards it (all
+        take part); None on the ranks other than 0, which keep nothing."""
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        return tensor.detach().cpu() if self.ranks.leader else None
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights by name, whole (as one device holds them), on rank 0."""
+        gathered = {name: self._whole(p) for name, p in self.model.named_parameters() if p.requires_grad}
+        return {name: t for name, t in gathered.items() if t is not None}
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """`optimizer.state_dict()` with every tensor whole (as on one device), on rank 0."""
+        state = self.optimizer.state_dict()
+        if self.ranks.world == 1:
+            return state
+        whole = {index: {key: self._whole(value) if hasattr(value, "detach") else value
+                         for key, value in sorted(entry.items())}
+                 for index, entry in sorted(state["state"].items())}
+        return {"state": whole, "param_groups": state["param_groups"]}
+
+    def _placed(self, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A whole tensor (every rank read it) placed as `like` is: sharded alike (each rank
+        cuts its own shard, nothing is sent) or on its device."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if isinstance(like, DTensor):
+            return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        return tensor.to(like.device)
+
     def _resume(self) -> None:
         """Load the latest checkpoint that loads (an unreadable one is skipped, with a warning).
 
@@ -489,7 +638,7 @@ class _Trainer:
         with weights a failed load may have half overwritten.
         """
         root = self.config.out / CHECKPOINTS
-        if root.is_dir():
+        if root.is_dir() and self.ranks.leader:
             for stale in root.glob(".step-*"):  # left by a job killed while checkpointing
                 shutil.rmtree(stale, ignore_errors=True)
         failures = []
@@ -518,17 +667,27 @@ class _Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         import torch
+        from torch.distributed.tensor import DTensor
 
-        weights = torch.load(path / "weights.pt", map_location=self.device, weights_only=True)
+        weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
         named = dict(self.model.named_parameters())
         missing = [name for name, p in named.items() if p.requires_grad and name not in weights]
         if missing or set(weights) - set(named):
             raise ValueError(f"its weights do not match the model (missing {missing[:3]})")
         with torch.no_grad():
             for name, tensor in weights.items():
-                named[name].copy_(tensor)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
-                                                  weights_only=True))
+                param, placed = named[name], self._placed(tensor, named[name])
+                if isinstance(param, DTensor) and isinstance(placed, DTensor):
+                    param.to_local().copy_(placed.to_local())
+                else:
+                    param.copy_(placed)
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        for index, entry in optimizer["state"].items():  # moments shaped like their parameter: sharded alike
+            param = self.params[index]
+            for key, value in entry.items():
+                if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    entry[key] = self._placed(value, param)
+        self.optimizer.load_state_dict(optimizer)
         rng = torch.load(path / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -537,6 +696,20 @@ class _Trainer:
     # -- result --
 
     def _finish(self, tokens_per_s: float) -> int:
+        # sharded: the weights whole on rank 0 (all ranks take part), which alone saves them
+        state = None
+        if self.ranks.world > 1:
+            if self.config.method == "lora":
+                state = self._trainable_state()
+            else:
+                state, seen = {}, set()
+                for name, tensor in self.model.state_dict(keep_vars=True).items():
+                    if id(tensor) not in seen:  # a tied weight once, under its first name, as one device saves it
+                        seen.add(id(tensor))
+                        if (whole := self._whole(tensor)) is not None:
+                            state[name] = whole
+            if not self.ranks.leader:
+                return EXIT_OK
         out = self.config.out
         name, key = ("adapter", "adapter_dir") if self.config.method == "lora" else ("model", "model_dir")
         dest = out / name
@@ -545,9 +718,9 @@ class _Trainer:
             if self.config.method == "lora":
                 # the adapter alone: the base's (frozen) output layer is not copied into it,
                 # although it is among the LoRA targets
-                self.model.save_pretrained(tmp, save_embedding_layers=False)
+                self.model.save_pretrained(tmp, save_embedding_layers=False, state_dict=state)
             else:
-                self.model.save_pretrained(tmp)
+                self.model.save_pretrained(tmp, state_dict=state)
             if self.config.method == "full":
                 self.tokenizer.save_pretrained(tmp)
             _replace_dir(tmp, dest)
@@ -580,17 +753,50 @@ def _threads() -> int:
 # --- entry points -----------------------------------------------------------------------
 
 
-def run_job(config: JobConfig, emit: Emit, stop: threading.Event | None = None) -> int:
-    """Run (or resume, or only report) the job; returns the exit code. Raises JobError."""
+def run_job(config: JobConfig, emit: Emit, stop: threading.Event | None = None, ranks: _Ranks = _Ranks()) -> int:
+    """Run (or resume, or only report) the job in this process (one rank of it under
+    torchrun); returns the exit code. Raises JobError."""
     pairs = read_pairs(config.data)  # before the training stack loads: bad data fails fast
-    result = config.out / RESULT
-    if result.is_file():
-        finished = json.loads(result.read_text())
-        _check_same_job(finished.get("fingerprint", {}), _fingerprint(config), config.out)
-        emit("done", **finished["done"])
+    if (finished := _finished(config)) is not None:
+        emit("done", **finished)
         return EXIT_OK
     config.out.mkdir(parents=True, exist_ok=True)
-    return _Trainer(config, pairs, emit).run(stop or threading.Event())
+    return _Trainer(config, pairs, emit, ranks).run(stop or threading.Event())
+
+
+def _finished(config: JobConfig) -> dict[str, Any] | None:
+    """The "done" line of a job that finished already (OUT/result.json), if it did."""
+    result = config.out / RESULT
+    if not result.is_file():
+        return None
+    finished = json.loads(result.read_text())
+    _check_same_job(finished.get("fingerprint", {}), _fingerprint(config), config.out)
+    return dict(finished["done"])
+
+
+def _launch(config: JobConfig, argv: Sequence[str], emit: Emit, stop: threading.Event) -> int:
+    """Become torchrun running this job on `config.devices` processes of this machine: exec,
+    so torchrun keeps this pid, and with it what the worker knows of this process (it
+    signals it, it reads its stdout) and the parent-death signal armed for the worker; the
+    ranks are told to die with torchrun. Returns only when there is nothing to run."""
+    read_pairs(config.data)  # bad data fails here, before N processes load the model
+    if (finished := _finished(config)) is not None:
+        emit("done", **finished)
+        return EXIT_OK
+    if stop.is_set():  # asked to stop before it started: the checkpoints stay as they are
+        latest = _checkpoints(config.out)
+        emit("stopped", step=latest[-1][0] if latest else 0, path=str(latest[-1][1]) if latest else None)
+        return EXIT_STOPPED
+    own = [arg for i, arg in enumerate(argv) if not arg.startswith("--parent-pid")
+           and not (i and argv[i - 1] == "--parent-pid")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.devices}",
+               f"--shutdown-timeout={SHUTDOWN_TIMEOUT}", "-m", "maas.finetune.train",
+               *own, "--parent-pid", str(os.getpid())]
+    # torchrun gives each rank one thread unless told otherwise
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.devices)))
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class _Parser(argparse.ArgumentParser):
@@ -616,6 +822,8 @@ def parse_args(argv: Sequence[str] | None = None) -> JobConfig:
     parser.add_argument("--max-length", type=int, help="tokens an example keeps (the model's context)")
     parser.add_argument("--log-every", type=int, default=1, help="steps between progress lines")
     parser.add_argument("--base-ref", help="names the base in checkpoints (default: its directory)")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="devices of this machine to train on (more than one: under torchrun, sharded by FSDP)")
     parser.add_argument("--parent-pid", type=int, default=0,
                         help="die with this process, the one that started this one (a worker)")
     args = vars(parser.parse_args(argv))
@@ -669,12 +877,19 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     stdout = sys.stdout
-    emit = _emitter(stdout)
+    # under torchrun every rank shares this stdout: rank 0 alone speaks there
+    leader = not _under_torchrun() or os.environ.get("RANK", "0") == "0"
+    emit = _emitter(stdout) if leader else lambda event, **fields: None
     sys.stdout = sys.stderr  # a stray print() from a library must not corrupt the event stream
     stop = threading.Event()
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
         with _stop_on_signals(stop):
-            return run_job(parse_args(argv), emit, stop)
+            config = parse_args(args)
+            if config.devices > 1 and not _under_torchrun():
+                return _launch(config, args, emit, stop)
+            with _distributed() as ranks:
+                return run_job(config, emit, stop, ranks)
     except JobError as exc:
         emit("error", message=str(exc))
         return EXIT_USAGE

@@ -23,7 +23,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class JobSpec(_message.Message):
-    __slots__ = ("base", "dataset_sha256", "method", "epochs", "learning_rate", "lora_rank", "priority", "name", "deploy", "batch_size", "max_steps", "checkpoint_every", "seed", "tenant")
+    __slots__ = ("base", "dataset_sha256", "method", "epochs", "learning_rate", "lora_rank", "priority", "name", "deploy", "batch_size", "max_steps", "checkpoint_every", "seed", "tenant", "devices")
     BASE_FIELD_NUMBER: _ClassVar[int]
     DATASET_SHA256_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class JobSpec(_message.Message):
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     base: str
     dataset_sha256: str
     method: str
@@ -52,7 +53,8 @@ class JobSpec(_message.Message):
     checkpoint_every: int
     seed: int
     tenant: str
-    def __init__(self, base: _Optional[str] = ..., dataset_sha256: _Optional[str] = ..., method: _Optional[str] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lora_rank: _Optional[int] = ..., priority: _Optional[int] = ..., name: _Optional[str] = ..., deploy: _Optional[bool] = ..., batch_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+    devices: int
+    def __init__(self, base: _Optional[str] = ..., dataset_sha256: _Optional[str] = ..., method: _Optional[str] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lora_rank: _Optional[int] = ..., priority: _Optional[int] = ..., name: _Optional[str] = ..., deploy: _Optional[bool] = ..., batch_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ..., devices: _Optional[int] = ...) -> None: ...
 
 class JobProgress(_message.Message):
     __slots__ = ("step", "total_steps", "epoch", "loss", "loss_first", "tokens_per_s", "eta_s", "train_seconds")
@@ -75,7 +77,7 @@ class JobProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., loss: _Optional[float] = ..., loss_first: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., train_seconds: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "state", "message", "worker_id", "device_id", "memory_bytes", "progress", "checkpoint_step", "checkpoint_sha256", "result", "attempts", "cancel_requested", "yield_requested", "created_ms", "started_ms", "finished_ms", "updated_ms", "dataset_digest", "examples", "deployment")
+    __slots__ = ("id", "spec", "state", "message", "worker_id", "device_id", "memory_bytes", "progress", "checkpoint_step", "checkpoint_sha256", "result", "attempts", "cancel_requested", "yield_requested", "created_ms", "started_ms", "finished_ms", "updated_ms", "dataset_digest", "examples", "deployment", "device_ids")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,7 @@ class Job(_message.Message):
     DATASET_DIGEST_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     state: JobState
@@ -118,7 +121,8 @@ class Job(_message.Message):
     dataset_digest: str
     examples: int
     deployment: str
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., worker_id: _Optional[str] = ..., device_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., checkpoint_step: _Optional[int] = ..., checkpoint_sha256: _Optional[str] = ..., result: _Optional[str] = ..., attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., yield_requested: _Optional[bool] = ..., created_ms: _Optional[int] = ..., started_ms: _Optional[int] = ..., finished_ms: _Optional[int] = ..., updated_ms: _Optional[int] = ..., dataset_digest: _Optional[str] = ..., examples: _Optional[int] = ..., deployment: _Optional[str] = ...) -> None: ...
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., worker_id: _Optional[str] = ..., device_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., checkpoint_step: _Optional[int] = ..., checkpoint_sha256: _Optional[str] = ..., result: _Optional[str] = ..., attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., yield_requested: _Optional[bool] = ..., created_ms: _Optional[int] = ..., started_ms: _Optional[int] = ..., finished_ms: _Optional[int] = ..., updated_ms: _Optional[int] = ..., dataset_digest: _Optional[str] = ..., examples: _Optional[int] = ..., deployment: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec",)

@@ -25,9 +25,9 @@ from maas.v1 import jobs_pb2, registry_pb2
 
 MAX_JOBS_PER_TENANT = 20      # queued + running, per tenant
 MAX_RUNNING_PER_TENANT = 2    # running at once, per tenant (the leader enforces it)
-DEFAULTS = {"method": "lora", "epochs": 3, "lora_rank": 16, "batch_size": 8, "checkpoint_every": 20}
+DEFAULTS = {"method": "lora", "epochs": 3, "lora_rank": 16, "batch_size": 8, "checkpoint_every": 20, "devices": 1}
 LIMITS = {"epochs": 1000, "lora_rank": 256, "batch_size": 1024, "max_steps": 1_000_000,
-          "checkpoint_every": 100_000}
+          "checkpoint_every": 100_000, "devices": 64}
 MAX_PRIORITY = 1000
 MAX_SEED = 2**32 - 1
 MAX_CHECKS = 2  # datasets validated at once (each is held in memory, up to 256 MiB)
@@ -125,6 +125,9 @@ class JobStore:
             raise InvalidArgument("base (the model to fine-tune, NAME or NAME@VERSION) is required", field="base")
         if spec.method != "lora" and spec.lora_rank != DEFAULTS["lora_rank"]:
             raise InvalidArgument("lora_rank applies to method lora only", field="lora_rank")
+        if spec.devices > spec.batch_size:
+            raise InvalidArgument(f"devices ({spec.devices}) must be at most batch_size ({spec.batch_size}): each "
+                                  "device takes its part of every batch", field="devices")
 
     async def _dataset(self, sha: str) -> Dataset:
         if not sha:

@@ -16,7 +16,9 @@ Policy:
    deployments that are above their minimum free a device, and those deployments are
    scaled down by the replicas they lost (the next request for them is a cold start).
 
-Device memory of a replica that spans several devices is split evenly across them.
+Device memory of a replica that spans several devices is split evenly across them. So is
+a fine-tuning job's that asks for several devices: it runs on that many devices of one
+worker (FSDP under torchrun), placed as a multi-device replica is, and holds them all.
 """
 
 from __future__ import annotations
@@ -66,12 +68,21 @@ class JobWant:
     """A fine-tuning job as placement sees it: queued (slot None) or running on `slot`."""
 
     job_id: str
-    memory: int
+    memory: int  # on each of its devices
     priority: int = 0
     created_ms: int = 0
     tenant: str = ""
-    slot: Slot | None = None
+    slot: Slot | None = None  # its first device while running
     yielding: bool = False  # asked to give its device back; still holds it until it stops
+    devices: int = 1  # devices it needs, all on one worker
+    device_ids: tuple[str, ...] = ()  # every device it holds on slot's worker while running, if more than one
+
+    @property
+    def slots(self) -> list[Slot]:
+        """Every device it holds (none while queued)."""
+        if self.slot is None:
+            return []
+        return [(self.slot[0], dev) for dev in self.device_ids] or [self.slot]
 
 
 @dataclass
@@ -81,7 +92,8 @@ class Plan:
     unplaced: dict[str, str] = field(default_factory=dict)                       # deployment -> why
     evicted: list[tuple[str, str, str]] = field(default_factory=list)           # (worker, replica, for whom)
     scale: dict[str, int] = field(default_factory=dict)                          # deployment -> new replicas
-    start_jobs: list[tuple[str, Slot, int]] = field(default_factory=list)       # (job, slot, memory)
+    start_jobs: list[tuple[str, Slot, int]] = field(default_factory=list)       # (job, first slot, memory each)
+    start_devices: dict[str, list[str]] = field(default_factory=dict)           # job on several devices -> them
     preempt: list[tuple[str, str]] = field(default_factory=list)                # (job, for which deployment)
 
     def __bool__(self) -> bool:
@@ -158,9 +170,10 @@ def plan(wants: dict[str, Want], workers: dict[str, mesh_pb2.WorkerInfo],
     fleet = Fleet(workers)
     training: dict[Slot, list[JobWant]] = {}  # running jobs by device
     for job in jobs:
-        if job.slot is not None and job.slot in fleet.free:
-            fleet.take(job.slot, job.memory)
-            training.setdefault(job.slot, []).append(job)
+        for slot in job.slots:
+            if slot in fleet.free:
+                fleet.take(slot, job.memory)
+                training.setdefault(slot, []).append(job)
 
     current: dict[tuple[str, str], list[tuple[str, mesh_pb2.Assignment]]] = {}  # (deployment, ref)
     outdated: dict[str, list[tuple[str, mesh_pb2.Assignment]]] = {}
@@ -279,8 +292,9 @@ def _preempt(fleet: Fleet, need: int, ok: Callable[[str], bool], training: dict[
     if best is None:
         return []
     _, slot, taken = best
+    asked = {job_id for job_id, _ in result.preempt}  # a job on several devices may free more than one
     for job in taken:
-        if not job.yielding:
+        if not job.yielding and job.job_id not in asked:
             result.preempt.append((job.job_id, name))
     training[slot] = [j for j in training[slot] if j not in taken]  # not asked twice in one plan
     return [j.job_id for j in taken]
@@ -288,26 +302,34 @@ def _preempt(fleet: Fleet, need: int, ok: Callable[[str], bool], training: dict[
 
 def _place_jobs(fleet: Fleet, workers: dict[str, mesh_pb2.WorkerInfo], jobs: list[JobWant] | tuple[JobWant, ...],
                 per_tenant: int, result: Plan) -> None:
-    """Queued jobs in order of priority, then age, each on the tightest device that fits.
-    A job that fits no device now waits, and so do the jobs behind it (no lower-priority
-    job overtakes it), unless it is larger than any device: that one waits alone."""
+    """Queued jobs in order of priority, then age, each on the tightest device that fits
+    (a job on several devices: that many devices of one worker, the tightest first). A job
+    that fits nowhere now waits, and so do the jobs behind it (no lower-priority job
+    overtakes it), unless no worker could ever hold it: that one waits alone."""
     trainers = {wid for wid, info in workers.items() if "hf" in (info.formats or ["hf"])}
-    largest = max((d.memory_total_bytes for wid in trainers for d in workers[wid].devices), default=0)
     running: dict[str, int] = {}
     for job in jobs:
         if job.slot is not None:
             running[job.tenant] = running.get(job.tenant, 0) + 1
     for job in sorted((j for j in jobs if j.slot is None), key=lambda j: (-j.priority, j.created_ms, j.job_id)):
-        if job.memory > largest:
+        if not any(sum(d.memory_total_bytes >= job.memory for d in workers[wid].devices) >= job.devices
+                   for wid in trainers):
             continue
         if per_tenant and running.get(job.tenant, 0) >= per_tenant:
             continue
-        slot = next((s for s in fleet.fitting(job.memory) if s[0] in trainers), None)
-        if slot is None:
+        if job.devices > 1:
+            slots = _many_devices(fleet, job.memory, job.devices, trainers.__contains__, {}, set())
+        else:
+            slot = next((s for s in fleet.fitting(job.memory) if s[0] in trainers), None)
+            slots = [slot] if slot is not None else None
+        if slots is None:
             return
-        fleet.take(slot, job.memory)
+        for slot in slots:
+            fleet.take(slot, job.memory)
         running[job.tenant] = running.get(job.tenant, 0) + 1
-        result.start_jobs.append((job.job_id, slot, job.memory))
+        result.start_jobs.append((job.job_id, slots[0], job.memory))
+        if len(slots) > 1:
+            result.start_devices[job.job_id] = [dev for _, dev in slots]
 
 
 def _release(fleet: Fleet, wid: str, a: mesh_pb2.Assignment) -> None:

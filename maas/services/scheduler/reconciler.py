@@ -280,7 +280,8 @@ class Reconciler:
             if job.state == jobs_pb2.JOB_STATE_RUNNING:
                 if job.worker_id in workers:
                     wants.append(placement.JobWant(job.id, job.memory_bytes, spec.priority, job.created_ms,
-                                                   spec.tenant, (job.worker_id, job.device_id), job.yield_requested))
+                                                   spec.tenant, (job.worker_id, job.device_id), job.yield_requested,
+                                                   max(1, spec.devices), tuple(job.device_ids)))
                 else:
                     await self._lost(election, job)
             elif job.state == jobs_pb2.JOB_STATE_QUEUED:
@@ -291,8 +292,11 @@ class Reconciler:
                     continue
                 except MaasError:
                     continue  # registry hiccup: next pass
-                memory = base.resources.memory_bytes * JOB_MEMORY_FACTOR.get(spec.method, 4)
-                wants.append(placement.JobWant(job.id, memory, spec.priority, job.created_ms, spec.tenant))
+                # on several devices FSDP shards weights, gradients and optimizer state: split evenly, as a replica's
+                devices = max(1, spec.devices)
+                memory = -(-base.resources.memory_bytes * JOB_MEMORY_FACTOR.get(spec.method, 4) // devices)
+                wants.append(placement.JobWant(job.id, memory, spec.priority, job.created_ms, spec.tenant,
+                                               devices=devices))
             elif job.state == jobs_pb2.JOB_STATE_SUCCEEDED and spec.deploy and job.result and not job.deployment:
                 await self._deploy_result(election, job)
             elif job.state in TERMINAL and job.finished_ms and now_ms() - job.finished_ms > self.job_retention_ms:
@@ -322,6 +326,7 @@ class Reconciler:
                              f"{j.checkpoint_step}" if j.checkpoint_sha256 else
                              f"worker {worker} was lost before the first checkpoint; queued to start again")
             j.worker_id, j.device_id, j.memory_bytes, j.yield_requested = "", "", 0, False
+            del j.device_ids[:]
             return j
 
         if done := await update_job(self.rt.etcd, job.id, requeue, fenced=self._fenced(election)):
@@ -347,11 +352,14 @@ class Reconciler:
     async def _apply_jobs(self, election: LeaderElection, result: placement.Plan) -> None:
         written: dict[str, jobs_pb2.Job] = {}
         for job_id, (worker, device), memory in result.start_jobs:
-            def start(j: jobs_pb2.Job, worker: str = worker, device: str = device,
+            devices = result.start_devices.get(job_id, [device])
+
+            def start(j: jobs_pb2.Job, worker: str = worker, devices: list[str] = devices,
                       memory: int = memory) -> jobs_pb2.Job | None:
                 if j.state != jobs_pb2.JOB_STATE_QUEUED:
                     return None
-                j.state, j.worker_id, j.device_id, j.memory_bytes = jobs_pb2.JOB_STATE_RUNNING, worker, device, memory
+                j.state, j.worker_id, j.device_id, j.memory_bytes = jobs_pb2.JOB_STATE_RUNNING, worker, devices[0], memory
+                j.device_ids[:] = devices
                 j.attempts += 1
                 j.started_ms = j.started_ms or now_ms()
                 j.message = (f"resuming from step {j.checkpoint_step} on {worker}" if j.checkpoint_sha256
@@ -361,15 +369,15 @@ class Reconciler:
             with contextlib.suppress(NotFound):
                 if placed := await update_job(self.rt.etcd, job_id, start, fenced=self._fenced(election)):
                     written[job_id] = placed
-                    log.info("job %s placed on %s %s (%d MiB)", job_id, worker, device, memory >> 20)
-                    self.rt.events.publish("job", "placed", job_id, placed.message, worker=worker, device=device,
-                                           attempt=str(placed.attempts))
+                    log.info("job %s placed on %s %s (%d MiB each)", job_id, worker, ",".join(devices), memory >> 20)
+                    self.rt.events.publish("job", "placed", job_id, placed.message, worker=worker, device=devices[0],
+                                           devices=",".join(devices), attempt=str(placed.attempts))
         for job_id, deployment in result.preempt:
             def yield_(j: jobs_pb2.Job, deployment: str = deployment) -> jobs_pb2.Job | None:
                 if j.state != jobs_pb2.JOB_STATE_RUNNING or j.yield_requested:
                     return None
                 j.yield_requested = True
-                j.message = f"yielding {j.device_id} on {j.worker_id} to deployment {deployment}"
+                j.message = f"yielding {','.join(j.device_ids) or j.device_id} on {j.worker_id} to deployment {deployment}"
                 return j
 
             with contextlib.suppress(NotFound):

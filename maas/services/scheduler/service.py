@@ -95,7 +95,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 fleet.take((worker, device), a.memory_bytes)
         for job in self.state.jobs.items.values():
             if job.state == jobs_pb2.JOB_STATE_RUNNING:
-                fleet.take((job.worker_id, job.device_id), job.memory_bytes)
+                for device in job.device_ids or [job.device_id]:
+                    fleet.take((job.worker_id, device), job.memory_bytes)
         room = 0
         for worker, info in self.state.workers.items.items():
             if any(info.labels.get(k) != v for k, v in dep.selector.items()):

@@ -6,7 +6,8 @@ For each job placed on this worker (`jobs/{id}` with state running and this work
 1. fetch the base model (the artifact cache), the dataset (an artifact of the registry)
    and, when the job ran before, its last checkpoint; render the dataset into training
    pairs with the base's chat template, as serving renders chats;
-2. start the trainer and read its JSON lines: progress goes to `maas.events.job.progress`
+2. start the trainer (on a job placed on N > 1 devices: under torchrun, one process a
+   device, the model sharded by FSDP; see `trainer_env`) and read its JSON lines: progress goes to `maas.events.job.progress`
    (at most PROGRESS_EVERY apart) and into the job's etcd record (at most SAVE_EVERY
    apart); every checkpoint is packed and uploaded to the registry before the job records
    it, so another worker can resume from it if this one dies;
@@ -33,6 +34,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -181,7 +183,8 @@ class JobRunner:
             with open(stderr_path, "ab") as stderr:  # noqa: ASYNC230 - a local log file, opened once
                 run.proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "maas.finetune.train", *argv,
-                    stdout=asyncio.subprocess.PIPE, stderr=stderr, limit=1 << 20)
+                    stdout=asyncio.subprocess.PIPE, stderr=stderr, limit=1 << 20,
+                    env=trainer_env(_devices(job), os.environ))
             if run.stop_reason:  # asked to stop while it was starting
                 run.signal()
             final = await self._read(run, report)
@@ -189,7 +192,7 @@ class JobRunner:
             if final.get("event") == "done" and code == 0:
                 await self._succeeded(job, report, final)
                 shutil.rmtree(directory, ignore_errors=True)
-            elif code == EXIT_STOPPED or run.stop_reason:
+            elif code == EXIT_STOPPED or run.stop_reason or final.get("event") == "stopped":  # torchrun: 1
                 await self._stopped(run, job, report, final.get("path"))
             else:
                 tail = _tail(stderr_path)
@@ -244,6 +247,8 @@ class JobRunner:
                 "--base-ref", spec.base, "--parent-pid", str(os.getpid())]
         if spec.method == "lora":
             argv += ["--lora-rank", str(spec.lora_rank)]
+        if len(_devices(job)) > 1:  # the trainer runs itself under torchrun, a process a device
+            argv += ["--devices", str(len(_devices(job)))]
         if spec.HasField("learning_rate"):
             argv += ["--lr", repr(spec.learning_rate)]
         if spec.max_steps:
@@ -358,7 +363,7 @@ class JobRunner:
                 j.state = jobs_pb2.JOB_STATE_QUEUED
                 why = "yielded its device to serving" if reason == "yield" else f"worker {self.worker_id} stopped"
                 j.message = f"{why}; queued to resume from step {j.checkpoint_step}"
-            j.worker_id, j.device_id, j.memory_bytes, j.yield_requested = "", "", 0, False
+            _unplace(j)
             return j
 
         done = await update_job(self.rt.etcd, job.id, settle)
@@ -381,7 +386,7 @@ class JobRunner:
             if progress is not None:
                 j.progress.CopyFrom(progress)
             j.state, j.message = jobs_pb2.JOB_STATE_QUEUED, f"{message}; queued again"
-            j.worker_id, j.device_id, j.memory_bytes, j.yield_requested = "", "", 0, False
+            _unplace(j)
             return j
 
         with contextlib.suppress(NotFound):
@@ -421,7 +426,7 @@ class JobRunner:
                 return None
             j.state, j.result, j.message, j.finished_ms = jobs_pb2.JOB_STATE_SUCCEEDED, result, message, now_ms()
             j.progress.CopyFrom(report.progress)
-            j.worker_id, j.device_id, j.memory_bytes = "", "", 0
+            _unplace(j)
             return j
 
         if finished := await update_job(self.rt.etcd, job.id, succeed):
@@ -448,7 +453,7 @@ class JobRunner:
             j.state, j.message, j.finished_ms = state, message, now_ms()  # type: ignore[assignment]
             if progress is not None:
                 j.progress.CopyFrom(progress)
-            j.worker_id, j.device_id, j.memory_bytes = "", "", 0
+            _unplace(j)
             return j
 
         with contextlib.suppress(NotFound):
@@ -498,12 +503,16 @@ class _Reporter:
     async def started(self, event: dict[str, Any]) -> None:
         self.progress.step, self.progress.total_steps = int(event["step"]), int(event["total_steps"])
         resumed = event.get("resumed_from")
-        message = (f"training on {self.runner.worker_id} ({event.get('device')}, {event.get('threads')} threads): "
+        world = int(event.get("world_size") or 1)
+        where = (f"{world} processes under torchrun, FSDP, {event.get('threads')} threads each" if world > 1
+                 else f"{event.get('device')}, {event.get('threads')} threads")
+        message = (f"training on {self.runner.worker_id} ({where}): "
                    f"{event.get('examples')} examples, {event.get('trainable_parameters')} trainable parameters, "
                    + (f"resumed at step {self.progress.step}" if resumed else "from step 0")
                    + f" of {self.progress.total_steps}")
         self.runner.rt.events.publish("job", "started", self.job_id, message, worker=self.runner.worker_id,
-                                      step=str(self.progress.step), total_steps=str(self.progress.total_steps))
+                                      step=str(self.progress.step), total_steps=str(self.progress.total_steps),
+                                      world_size=str(world))
         await self._save(force=True)
 
     async def step(self, event: dict[str, Any]) -> None:
@@ -543,12 +552,39 @@ class _Reporter:
             log.debug("job %s: progress not saved: %s", self.job_id, e)
 
 
+def _unplace(j: jobs_pb2.Job) -> None:
+    """A job no longer running here: it holds no worker or device."""
+    j.worker_id, j.device_id, j.memory_bytes, j.yield_requested = "", "", 0, False
+    del j.device_ids[:]
+
+
 def job_at_fault(e: BaseException) -> TypeGuard[MaasError]:
     """Whether a run's error is the job's own (fail it) rather than the mesh's (queue it again
     for another try): a MaasError, a downstream one included (`from_rpc_error` rebuilds its
     class), unless it says a service was unavailable or too slow; never an OSError, an etcd
     error or anything unexpected."""
     return isinstance(e, MaasError) and not isinstance(e, Unavailable | DeadlineExceeded)
+
+
+def _devices(job: jobs_pb2.Job) -> list[str]:
+    return list(job.device_ids) or [job.device_id]
+
+
+def trainer_env(devices: list[str], env: Mapping[str, str]) -> dict[str, str]:
+    """The trainer's environment for a job placed on `devices`. CUDA: CUDA_VISIBLE_DEVICES
+    names its GPUs alone (through this worker's own CUDA_VISIBLE_DEVICES, if it has one), so
+    rank r trains on the job's r-th GPU. CPU devices (`--cpu-devices`) share the cores: each
+    of the N processes gets 1/N of the threads a torch operation of this worker may use."""
+    out = dict(env)
+    gpus = [d.partition(":")[2] or "0" for d in devices if d.startswith("cuda")]
+    if gpus:
+        visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        out["CUDA_VISIBLE_DEVICES"] = ",".join(visible[int(i)] if visible and int(i) < len(visible) else i
+                                               for i in gpus)
+    elif len(devices) > 1:
+        threads = int(env.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+        out["OMP_NUM_THREADS"] = str(max(1, threads // len(devices)))
+    return out
 
 
 def _render_pairs(dataset: Path, base_dir: Path, base: str, out: Path) -> int:

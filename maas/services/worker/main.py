@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: CUDA GPUs when torch sees them, else the CPU")
     parser.add_argument("--cpu-memory-gib", type=float, default=0.0,
                         help="memory budget of the CPU device (default: half the available memory, <= 16)")
+    parser.add_argument("--cpu-devices", type=int, default=1, metavar="N",
+                        help="offer the CPU as N devices (cpu:0..cpu:N-1), each with 1/N of its memory budget, "
+                             "for jobs on several devices (FSDP on gloo) without a GPU")
     parser.add_argument("--cache-dir", default=os.environ.get("MAAS_CACHE_DIR", str(DEFAULT_CACHE)),
                         help="where artifacts fetched from the registry are unpacked (env MAAS_CACHE_DIR)")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
@@ -151,7 +154,7 @@ def main(ns: argparse.Namespace) -> int:
     async def serve() -> None:
         limit_torch_threads(ns.torch_threads)  # before detect_devices, which may import torch
         labels = parse_labels(ns.label)
-        devices = detect_devices(ns.device, int(ns.cpu_memory_gib * 1024**3))
+        devices = detect_devices(ns.device, int(ns.cpu_memory_gib * 1024**3), ns.cpu_devices)
         if not has_worker_extra():
             log.warning("%s; this worker serves sim models only", worker_extra_hint("serving transformers models"))
         async with ServiceRuntime(config) as rt:
