@@ -323,10 +323,11 @@ class _Ranks:
 
     def total(self, value: torch.Tensor) -> float:
         """The sum of a one-element tensor over the ranks."""
+        value = value.detach()
         if self.world > 1:
             import torch.distributed as dist
 
-            value = value.detach().clone()
+            value = value.clone()
             dist.all_reduce(value)
         return float(value)
 

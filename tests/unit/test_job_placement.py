@@ -3,6 +3,7 @@ per-tenant limits, and a running job asked to yield when a replica needs its dev
 
 from maas.services.scheduler import placement
 from maas.services.scheduler.placement import JobWant
+from maas.v1 import mesh_pb2
 from tests.unit.test_placement import MiB, ids, want, worker
 
 
@@ -61,3 +62,39 @@ def test_training_never_displaces_a_replica_that_fits():
     jobs = [running("j", "w1", mem_mib=450)]
     plan = placement.plan({"m": want("m", 1, mem_mib=100)}, workers, {}, new_id=ids(), jobs=jobs)
     assert [w for w, _ in plan.add] == ["w2"] and plan.preempt == []
+
+
+def devices(wid: str, *mem_mib: int) -> mesh_pb2.WorkerInfo:
+    """A worker with one device a size (cpu:0, cpu:1, ...)."""
+    return mesh_pb2.WorkerInfo(worker_id=wid, formats=["hf", "sim"], devices=[
+        mesh_pb2.Device(id=f"cpu:{i}", memory_total_bytes=m * MiB) for i, m in enumerate(mem_mib)])
+
+
+def test_a_job_on_several_devices_takes_that_many_of_one_worker_and_holds_them_all():
+    workers = {"w1": devices("w1", 500, 150), "w2": devices("w2", 300, 300)}
+    multi = JobWant("multi", 200 * MiB, 0, 1, "t", devices=2)
+    plan = placement.plan({}, workers, {}, jobs=[multi])
+    assert plan.start_jobs == [("multi", ("w2", "cpu:0"), 200 * MiB)]  # w1 has one device with room, not two
+    assert plan.start_devices == {"multi": ["cpu:0", "cpu:1"]}
+    # running, it holds both: a replica needing 200 MiB goes to w1, and the job beside it can not start
+    held = JobWant("multi", 200 * MiB, 0, 1, "t", ("w2", "cpu:0"), devices=2, device_ids=("cpu:0", "cpu:1"))
+    again = placement.plan({"m": want("m", 1, mem_mib=200)}, workers, {}, new_id=ids(),
+                           jobs=[held, JobWant("next", 200 * MiB, 0, 2, "t", devices=2)])
+    assert [(w, list(a.device_ids)) for w, a in again.add] == [("w1", ["cpu:0"])]
+    assert again.start_jobs == [] and again.preempt == []
+
+
+def test_a_job_no_worker_has_enough_devices_for_waits_alone():
+    workers = {"w1": devices("w1", 500, 500)}
+    jobs = [JobWant("wide", 100 * MiB, 9, 1, "t", devices=3), JobWant("narrow", 100 * MiB, 0, 2, "t", devices=2)]
+    plan = placement.plan({}, workers, {}, jobs=jobs)
+    assert [j for j, _, _ in plan.start_jobs] == ["narrow"] and plan.start_devices["narrow"] == ["cpu:0", "cpu:1"]
+
+
+def test_a_replica_makes_a_job_on_several_devices_yield_once():
+    workers = {"w1": devices("w1", 300, 300)}
+    held = JobWant("multi", 250 * MiB, 0, 1, "t", ("w1", "cpu:0"), devices=2, device_ids=("cpu:0", "cpu:1"))
+    plan = placement.plan({"m": want("m", 1, mem_mib=200), "n": want("n", 1, mem_mib=200)}, workers, {},
+                          new_id=ids(), jobs=[held])
+    assert plan.preempt == [("multi", "m")] and not plan.add  # asked once; both replicas wait for it
+    assert "multi" in plan.unplaced["m"] and "multi" in plan.unplaced["n"]

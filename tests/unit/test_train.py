@@ -4,11 +4,13 @@ its adapter serves, and it checkpoints, resumes and stops the way a worker needs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,9 +60,9 @@ def completion_loss(model: Any, tokenizer: Any, pairs: list[tuple[str, str]]) ->
     return sum(losses) / len(losses)
 
 
-async def answers(base: Path, adapter: AdapterRef | None) -> list[str]:
+async def answers(base: Path, adapter: AdapterRef | None, device: str = "cpu") -> list[str]:
     """Greedy answers of the worker's own engine to every prompt."""
-    engine = HFEngine(ModelSpec("demo", 1, "hf", str(base)))
+    engine = HFEngine(ModelSpec("demo", 1, "hf", str(base), device=device))
     await engine.load()
     try:
         async def one(i: int, prompt: str) -> str:
@@ -110,11 +112,15 @@ JOB_ARGS = ["--epochs", "25", "--batch-size", "2", "--checkpoint-every", "5"]  #
 class Job:
     """`python -m maas.finetune.train` in a child process, its stdout read line by line."""
 
-    def __init__(self, base: Path, data: Path, out: Path, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "maas.finetune.train", "--base", str(base), "--data", str(data),
-             "--out", str(out), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def __init__(self, base: Path, data: Path, out: Path, *extra: str, log: Path | None = None) -> None:
+        """`log`: stderr goes to that file (torchrun and its ranks say more than a pipe holds)."""
+        self.log = log
+        with contextlib.ExitStack() as stack:
+            stderr = stack.enter_context(open(log, "ab")) if log else subprocess.PIPE  # the child keeps its copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "maas.finetune.train", "--base", str(base), "--data", str(data),
+                 "--out", str(out), *extra],
+                stdout=subprocess.PIPE, stderr=stderr, text=True)
         assert self.proc.stdout is not None
         self._lines: Iterator[str] = iter(self.proc.stdout)
         self.events: list[dict[str, Any]] = []
@@ -137,6 +143,8 @@ class Job:
         return self.proc.wait(timeout)
 
     def stderr(self) -> str:
+        if self.log is not None:
+            return self.log.read_text(errors="replace")[-4000:]
         assert self.proc.stderr is not None
         return self.proc.stderr.read()
 
@@ -226,3 +234,87 @@ def test_bad_input_is_one_error_line_without_traceback(demo_model_dir: Path, tmp
     assert event["event"] == "error" and expected in event["message"], event
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "job" / "checkpoints").exists()
+
+
+# --- several devices: torchrun, gloo, FSDP ----------------------------------------------
+
+FSDP_ARGS = {"epochs": 100, "max_steps": 12, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 0}
+
+
+def trainer_pids(out: Path) -> list[int]:
+    """Live processes (torchrun and its ranks) of the job in `out`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"maas.finetune.train" in cmdline and str(out).encode() in cmdline:
+            found.append(int(pid))
+    return found
+
+
+def adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(directory / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+async def test_two_gloo_processes_train_as_one_device_does_and_resume_on_either(
+        demo_model_dir: Path, tmp_path: Path, jobs: list[Job]):
+    """Two processes under torchrun (gloo, FSDP) take the steps one device takes: the same
+    losses and the same adapter, through a SIGTERM (torchrun passes it on; the ranks stop at
+    one step and rank 0 checkpoints), a resume of that checkpoint on one device and a
+    resume of the one-device checkpoint on two processes."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    reference = Events()
+    assert await asyncio.to_thread(
+        run_job, JobConfig(base=demo_model_dir, data=data, out=tmp_path / "one", **FSDP_ARGS), reference) == 0
+    expected = {e["step"]: e["loss"] for e in reference.of("progress")}
+    args = ["--epochs", "100", "--max-steps", "12", "--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "0"]
+    out, losses = tmp_path / "two", {}
+
+    jobs.append(first := Job(demo_model_dir, data, out, *args, "--devices", "2", log=tmp_path / "first.log"))
+    start = await asyncio.to_thread(first.until, "start")
+    assert start["world_size"] == 2 and start["trainable_parameters"] == reference.of("start")[0]["trainable_parameters"]
+    assert len(trainer_pids(out)) == 3  # torchrun (the process started, exec'd into it) and two ranks
+    while (event := await asyncio.to_thread(first.until, "progress"))["step"] < 3:
+        pass
+    first.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(first.finish) != 0  # torchrun's own code; the last line tells
+    stopped = first.events[-1]
+    assert stopped["event"] == "stopped" and 3 <= stopped["step"] < 12, first.events
+    assert Path(stopped["path"]).name == f"step-{stopped['step']:06d}" and not trainer_pids(out)
+    assert [e["event"] for e in first.events].count("stopped") == 1  # rank 0 alone speaks
+
+    # one device resumes the two processes' checkpoint, and is stopped three steps on
+    stop, second = threading.Event(), Events()
+
+    def emit(event: str, **fields: Any) -> None:
+        second(event, **fields)
+        if event == "progress" and fields["step"] >= stopped["step"] + 3:
+            stop.set()
+
+    config = JobConfig(base=demo_model_dir, data=data, out=out, **FSDP_ARGS)
+    assert await asyncio.to_thread(run_job, config, emit, stop) == EXIT_STOPPED
+    assert second.of("start")[0]["step"] == stopped["step"] and second.of("start")[0]["world_size"] == 1
+
+    # two processes resume the one-device checkpoint and finish
+    jobs.append(third := Job(demo_model_dir, data, out, *args, "--devices", "2", log=tmp_path / "third.log"))
+    assert await asyncio.to_thread(third.finish) == 0, third.stderr()
+    assert third.events[0]["step"] == second.of("stopped")[0]["step"]
+    for event in [*first.events, *second, *third.events]:
+        if event["event"] == "progress":
+            losses[event["step"]] = event["loss"]
+    assert sorted(losses) == list(range(1, 13))
+    assert losses == pytest.approx(expected, rel=1e-4)
+    done = third.events[-1]
+    assert done["event"] == "done" and done["loss_first"] == pytest.approx(expected[1], rel=1e-4)
+    tuned, alone = adapter_weights(Path(done["adapter_dir"])), adapter_weights(tmp_path / "one" / "adapter")
+    assert tuned.keys() == alone.keys()
+    assert max(float((tuned[k] - alone[k]).abs().max()) for k in tuned) < 1e-4
+
+    # the adapter serves, on the second of a worker's CPU devices as on the CPU
+    adapter = AdapterRef("secrets@1", done["adapter_dir"])
+    assert await answers(demo_model_dir, adapter, device="cpu:1") == await answers(demo_model_dir, adapter)
