@@ -13,6 +13,7 @@ import os
 import signal
 from pathlib import Path
 
+import grpc
 import pytest
 
 from maas.v1 import jobs_pb2, registry_pb2
@@ -70,6 +71,9 @@ async def test_a_two_device_job_survives_sigkill_and_sigterm_and_registers_its_a
     await register_demo(mesh, demo_model_dir)
     first = worker(mesh, tmp_path, "a")
     data = await upload(mesh, dataset(tmp_path / "secrets.jsonl"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # each device takes a part of every batch
+        await create(mesh, data, devices=8, batch_size=4)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "devices" in err.value.details()
     job = await create(mesh, data, name="secrets-fsdp", devices=2, epochs=100, max_steps=40, batch_size=4,
                        learning_rate=1e-3, checkpoint_every=5, deploy=True)
     assert job.spec.devices == 2
