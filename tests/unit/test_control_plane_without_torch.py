@@ -29,9 +29,11 @@ WORKER_ONLY_MODULES = frozenset({
     "maas.services.worker.engines.hf",
     "maas.services.worker.engines.prefix",
     "maas.services.worker.engines.sampling",
+    "maas.services.worker.engines.vllm",
+    "maas.services.worker.engines.vllm_sampler",
 })
-"""The modules that import the worker extra's libraries as they load: only a worker's
-transformers engines and the demo model's forge. Every other module must import without."""
+"""The modules that import the worker extra's libraries (or vLLM) as they load: only a
+worker's engines and the demo model's forge. Every other module must import without."""
 
 ALWAYS_THERE = frozenset({"pip", "setuptools", "pkg_resources", "_distutils_hack", "maas"})
 

@@ -155,7 +155,10 @@ async def test_hf_loads_with_from_pretrained(hf: Engine) -> None:
 
 async def test_hf_greedy_is_deterministic_and_streams_exact_text(hf: Engine) -> None:
     first = await _collect(hf, PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
-    assert first == await _collect(hf, PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
+    again = await _collect(hf, PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
+    # the same tokens and text; how they are split into deltas depends on how fast the reader
+    # keeps up (a lagging one gets what piled up as one delta)
+    assert (_tokens(again), _text(again)) == (_tokens(first), _text(first))
     tokenizer = hf._tokenizer  # type: ignore[attr-defined]
     assert _text(first) == tokenizer.decode(_tokens(first), skip_special_tokens=True)
     assert _text(first).strip()
@@ -166,7 +169,8 @@ async def test_hf_greedy_is_deterministic_and_streams_exact_text(hf: Engine) -> 
 async def test_hf_seeded_sampling_is_reproducible(hf: Engine) -> None:
     params = {"max_tokens": 24, "temperature": 1.0, "ignore_eos": True}
     a = await _collect(hf, PROMPT, seed=11, **params)
-    assert a == await _collect(hf, PROMPT, seed=11, **params)
+    b = await _collect(hf, PROMPT, seed=11, **params)
+    assert (_tokens(b), _text(b), b[-1].finish_reason) == (_tokens(a), _text(a), a[-1].finish_reason)
     assert _tokens(a) != _tokens(await _collect(hf, PROMPT, seed=12, **params))
 
 

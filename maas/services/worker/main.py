@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ from maas.mesh.errors import StartupError
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
 from maas.services.worker.devices import detect_devices
-from maas.services.worker.engines import create_engine
+from maas.services.worker.engines import ENGINES, create_engine
 from maas.services.worker.engines.base import Engine, ModelSpec
 from maas.services.worker.extra import has_worker_extra, require_worker_extra, worker_extra_hint
 from maas.services.worker.jobs import JobRunner
@@ -52,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=os.environ.get(ENGINE_PROCESS_ENV, "1") not in ("0", "false", "no"),
                         help="run each transformers model's engine in a process of its own, off the GIL the "
                              f"worker's gRPC loop needs (default; env {ENGINE_PROCESS_ENV}=0 turns it off)")
+    parser.add_argument("--engine", choices=ENGINES, default=os.environ.get("MAAS_ENGINE", "hf"),
+                        help="the engine of generative transformers models whose version names none with "
+                             "the option engine= (env MAAS_ENGINE): hf, the built-in one, or vllm "
+                             "(docs/engine.md; its Python: env MAAS_VLLM_PYTHON)")
 
 
 def limit_torch_threads(threads: int) -> None:
@@ -74,13 +79,16 @@ def served_formats() -> list[str]:
     return ["hf", "sim"] if has_worker_extra() else ["sim"]
 
 
-def engine_factory(*, own_process: bool) -> EngineFactory:
+def engine_factory(*, own_process: bool, default_engine: str = "hf") -> EngineFactory:
     """`create_engine`, refusing an HF model with the command that installs the worker extra
-    where it is missing (instead of an ImportError from deep inside an engine)."""
+    where it is missing (instead of an ImportError from deep inside an engine); generative
+    versions that name no engine get `default_engine`."""
 
     def create(spec: ModelSpec) -> Engine:
         if spec.format == "hf":
             require_worker_extra(f"{spec.name}@{spec.version} (format hf)")
+            if spec.task == "generate" and "engine" not in spec.options and default_engine != "hf":
+                spec = dataclasses.replace(spec, options={**spec.options, "engine": default_engine})
         return create_engine(spec, own_process=own_process)
 
     return create
@@ -159,7 +167,8 @@ def main(ns: argparse.Namespace) -> int:
             log.warning("%s; this worker serves sim models only", worker_extra_hint("serving transformers models"))
         async with ServiceRuntime(config) as rt:
             await build(rt, devices=devices, labels=labels, cache_dir=Path(ns.cache_dir),
-                        engine_factory=engine_factory(own_process=ns.engine_process))
+                        engine_factory=engine_factory(own_process=ns.engine_process,
+                                                       default_engine=ns.engine))
             await rt.wait()
 
     return run_service(serve)

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -64,8 +65,31 @@ LARGE_PROMPT_CHARS = 8192  # a prompt this long is handed to the child from a th
 Item = Delta | BaseException
 
 
+def engine_python(spec: ModelSpec) -> str:
+    """The interpreter of `spec`'s engine process: the worker's own, or for a vLLM engine
+    MAAS_VLLM_PYTHON when set (vLLM in an environment of its own, whose pins need not agree
+    with the worker's)."""
+    from maas.services.worker.engines import engine_kind
+
+    if engine_kind(spec) == "vllm":
+        return os.environ.get("MAAS_VLLM_PYTHON") or sys.executable
+    return sys.executable
+
+
+def engine_env(spec: ModelSpec) -> dict[str, str]:
+    """The engine process's environment: the worker's, and for vLLM on `cuda:N` that one GPU
+    made visible (vLLM serves on the first device it sees, not on a device named to it)."""
+    from maas.services.worker.engines import engine_kind
+
+    env = dict(os.environ)
+    kind, _, index = spec.device.partition(":")
+    if engine_kind(spec) == "vllm" and kind == "cuda" and index.isdigit():
+        env["CUDA_VISIBLE_DEVICES"] = index
+    return env
+
+
 class ProcessEngine:
-    """`HFEngine` for `spec`, run in a child process."""
+    """`HFEngine` (or `VLLMEngine`, by `engines.engine_kind`) for `spec`, run in a child process."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -92,9 +116,11 @@ class ProcessEngine:
             self._loop = asyncio.get_running_loop()
             mine, theirs = socket.socketpair()
             # a fresh interpreter (exec'd, not forked: no gRPC threads or asyncio state copied)
+            # in a process group of its own, so whatever it starts (vLLM's engine core) goes with it
             process = await asyncio.to_thread(
-                subprocess.Popen, [sys.executable, "-m", __name__, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                subprocess.Popen, [engine_python(self.spec), "-m", __name__, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,
+                env=engine_env(self.spec))
             theirs.close()  # the child holds its end; ours sees EOF when the child is gone
             ours = Connection(mine.detach())
             try:
@@ -244,9 +270,12 @@ class ProcessEngine:
                 queue.put_nowait(item)
 
     def _ended(self) -> None:
-        """The child is gone: whoever still waits hears why."""
+        """The child is gone: whoever still waits hears why, and what it started goes too (a
+        killed engine process would leave vLLM's engine core running, holding its memory)."""
         process = self._process
         code = process.poll() if process is not None else None
+        if process is not None:
+            _kill_group(process.pid)
         if self._dead is None:
             self._dead = EngineDead(f"the engine process of {self._label} exited (exit code {code})")
             log.error("engine process of %s exited (exit code %s) with %d streams open", self._label, code,
@@ -259,6 +288,12 @@ class ProcessEngine:
         """The model's tokenizer as the child loaded it, from the same files (the worker's
         Tokenizer service, worker/tokenize.py); None until loaded."""
         return self._tokenizer
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of an engine process's group (nothing, after a clean close)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 # ---- the child process ---------------------------------------------------------------------
@@ -291,12 +326,16 @@ def serve_engine(conn: Connection) -> None:
     from maas.mesh.logs import setup_logging
 
     setup_logging("INFO", name="worker")
-    from maas.services.worker.engines.hf import HFEngine
-
     try:
         _, spec = conn.recv()
     except (EOFError, OSError):
         return
+    from maas.services.worker.engines import engine_kind
+
+    if engine_kind(spec) == "vllm":
+        asyncio.run(_serve_async_engine(conn, spec))
+        return
+    from maas.services.worker.engines.hf import HFEngine
 
     loop = asyncio.new_event_loop()
     try:
@@ -341,6 +380,92 @@ def serve_engine(conn: Connection) -> None:
         stop.set()
         loop.run_until_complete(engine.close())  # those still running hear Unavailable through the sink
         loop.close()
+        try:
+            with lock:
+                conn.send(("closed",))
+        except OSError:
+            pass
+        conn.close()
+
+
+async def _serve_async_engine(conn: Connection, spec: ModelSpec) -> None:
+    """The engine process for an engine that lives on an event loop (vLLM's `AsyncLLM` is
+    bound to the loop it was made on): this loop runs it; a thread reads the pipe and hands
+    each message to the loop; each request is a task, and the deltas the tasks make in one
+    turn of the loop (one engine step's, as vLLM hands them out) go to the worker as one
+    message."""
+    from maas.services.worker.engines.vllm import VLLMEngine
+
+    loop = asyncio.get_running_loop()
+    try:
+        engine = VLLMEngine(spec)
+        await engine.load()
+    except BaseException as exc:
+        conn.send(("failed", exc if isinstance(exc, MaasError) else EngineDead(f"{type(exc).__name__}: {exc}")))
+        return
+    lock = threading.Lock()
+    outbox: list[tuple[int, Item]] = []
+    tasks: dict[int, asyncio.Task[None]] = {}
+    inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+    def flush() -> None:
+        items = outbox.copy()
+        outbox.clear()
+        try:
+            with lock:
+                conn.send(("out", items))
+        except OSError:
+            pass  # the worker is gone; the reader sees the socket close
+
+    def put(key: int, item: Item) -> None:
+        if not outbox:
+            loop.call_soon(flush)  # after every task this turn woke has added its delta
+        outbox.append((key, item))
+
+    async def run(key: int, request: GenerationRequest) -> None:
+        try:
+            async for delta in engine.generate(request):
+                put(key, delta)
+        except asyncio.CancelledError:
+            pass  # the worker cancelled it: nobody waits for an answer
+        except Exception as exc:
+            put(key, exc if isinstance(exc, MaasError) else EngineDead(f"{type(exc).__name__}: {exc}"))
+        finally:
+            tasks.pop(key, None)
+
+    def read() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                message = ("close",)  # the worker is gone
+            loop.call_soon_threadsafe(inbox.put_nowait, message)
+            if message[0] == "close":
+                return
+
+    stop = threading.Event()
+    with lock:
+        conn.send(("ready", engine.context_length))
+    threading.Thread(target=read, daemon=True, name="engine pipe").start()
+    threading.Thread(target=_report_status, args=(engine, conn, lock, stop), daemon=True,
+                     name="engine status").start()
+    try:
+        while True:
+            message = await inbox.get()
+            if message[0] == "generate":
+                tasks[message[1]] = asyncio.create_task(run(message[1], message[2]))
+            elif message[0] == "cancel":
+                task = tasks.pop(message[1], None)
+                if task is not None:
+                    task.cancel()
+            elif message[0] == "close":
+                break
+    finally:
+        stop.set()
+        for task in list(tasks.values()):
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        await engine.close()
         try:
             with lock:
                 conn.send(("closed",))

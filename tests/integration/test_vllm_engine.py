@@ -1,0 +1,224 @@
+"""The vLLM engine (engine=vllm, docs/engine.md) on this CPU: vLLM's CPU build in its own
+environment (`make vllm`, MAAS_VLLM_PYTHON), run in the engine process a worker would start,
+against the built-in engine on the same forged model.
+
+Skipped with the reason where MAAS_VLLM_PYTHON names no environment with vLLM (`make test`
+makes one and sets it)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from maas.mesh.errors import EngineDead, InvalidArgument
+from maas.services.worker.engines import create_engine
+from maas.services.worker.engines.base import AdapterRef, Delta, GenerationRequest, ModelSpec, SamplingParams
+from maas.services.worker.engines.hf import HFEngine
+from maas.services.worker.engines.process import ProcessEngine
+from tests.unit.test_adapters import make_adapter
+
+
+def vllm_python() -> str | None:
+    """MAAS_VLLM_PYTHON when that interpreter can find vLLM (found, not imported: seconds)."""
+    python = os.environ.get("MAAS_VLLM_PYTHON")
+    if not python or not os.access(python, os.X_OK):
+        return None
+    found = subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"],
+                           capture_output=True, timeout=60)
+    return python if found.returncode == 0 else None
+
+
+needs_vllm = pytest.mark.skipif(vllm_python() is None, reason="no vLLM: MAAS_VLLM_PYTHON must name a python with "
+                                "vLLM installed (`make vllm` makes .venv-vllm; `make test` sets it)")
+pytestmark = [pytest.mark.slow, needs_vllm, pytest.mark.asyncio(loop_scope="module")]
+
+PROMPTS = ["def add(a, b):", "import os\n", "class Stack:\n    def push(self, item):", "for i in range(10):"]
+# a small KV cache and two adapter places keep the engine near 1.3 GB
+OPTIONS = {"engine": "vllm", "kv_cache_mb": "64", "max_adapters": "2", "max_lora_rank": "8"}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def vllm(demo_model_dir: Path) -> AsyncIterator[ProcessEngine]:
+    engine = create_engine(ModelSpec("demo", 1, "hf", str(demo_model_dir), options=OPTIONS))
+    assert isinstance(engine, ProcessEngine)
+    await engine.load()
+    yield engine
+    await engine.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def builtin(demo_model_dir: Path) -> AsyncIterator[HFEngine]:
+    engine = HFEngine(ModelSpec("demo", 1, "hf", str(demo_model_dir), options={"max_adapters": "2"}))
+    await engine.load()
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture(scope="module")
+def adapters(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, AdapterRef]:
+    root = tmp_path_factory.mktemp("vllm-adapters")
+    return {name: AdapterRef(f"{name}@1", str(make_adapter(demo_model_dir, root / name, seed)))
+            for name, seed in (("a", 1), ("b", 2))}
+
+
+async def run(engine: object, prompt: str, request_id: str = "r", *, adapter: AdapterRef | None = None,
+              resume: tuple[int, ...] = (), **params: object) -> list[Delta]:
+    request = GenerationRequest(request_id, prompt, SamplingParams(**params), adapter=adapter,  # type: ignore[arg-type]
+                                resume_token_ids=resume)
+    return [d async for d in engine.generate(request)]  # type: ignore[attr-defined]
+
+
+def ids(deltas: list[Delta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+async def test_greedy_output_equals_the_builtin_engine(vllm: ProcessEngine, builtin: HFEngine):
+    want = [ids(await run(builtin, p, max_tokens=24, temperature=0, ignore_eos=True)) for p in PROMPTS]
+    # all at once: vLLM batches them
+    got = await asyncio.gather(*(run(vllm, p, f"g{i}", max_tokens=24, temperature=0, ignore_eos=True)
+                                 for i, p in enumerate(PROMPTS)))
+    assert [ids(d) for d in got] == want
+    for deltas in got:
+        assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 24
+        assert "".join(d.text for d in deltas) == builtin.tokenizer.decode(ids(deltas), skip_special_tokens=True)
+
+
+async def test_a_resumed_sampled_stream_continues_with_the_same_tokens(vllm: ProcessEngine):
+    params = {"max_tokens": 32, "temperature": 0.9, "top_p": 0.95, "seed": 4321, "ignore_eos": True}
+    whole = ids(await run(vllm, PROMPTS[0], "whole", **params))
+    assert whole == ids(await run(vllm, PROMPTS[0], "again", **params))
+    assert whole != ids(await run(vllm, PROMPTS[0], "other", **{**params, "seed": 1}))
+    for cut in (1, 11, 31):
+        rest = await run(vllm, PROMPTS[0], f"resume{cut}", resume=tuple(whole[:cut]), **params)
+        assert ids(rest) == whole[cut:], f"resumed after {cut} tokens"
+        assert rest[-1].completion_tokens == 32
+
+
+async def test_penalties_logprobs_and_stops(vllm: ProcessEngine, builtin: HFEngine):
+    deltas = await run(vllm, PROMPTS[1], max_tokens=12, temperature=0, logprobs=3, ignore_eos=True)
+    entries = [lp for d in deltas for lp in d.logprobs]
+    assert [e.token_id for e in entries] == ids(deltas)
+    assert all(len(e.top) == 3 and e.top[0][1] >= e.top[-1][1] and e.logprob <= 0 for e in entries)
+    assert all(e.token_id == e.top[0][0] for e in entries)  # greedy picks the top token
+    # a repetition penalty changes a greedy output that repeats itself, as in the built-in engine
+    plain = ids(await run(builtin, PROMPTS[1], max_tokens=24, temperature=0, ignore_eos=True))
+    penalised = await run(vllm, PROMPTS[1], max_tokens=24, temperature=0, repetition_penalty=1.5, ignore_eos=True)
+    assert ids(penalised) == ids(await run(builtin, PROMPTS[1], max_tokens=24, temperature=0,
+                                           repetition_penalty=1.5, ignore_eos=True))
+    assert ids(penalised) != plain
+    # a stop string ends the output before it, finish "stop"
+    text = "".join(d.text for d in await run(vllm, PROMPTS[0], max_tokens=24, temperature=0, ignore_eos=True))
+    stop = text[5:8]
+    stopped = await run(vllm, PROMPTS[0], max_tokens=24, temperature=0, stop=(stop,), ignore_eos=True)
+    assert stopped[-1].finish_reason == "stop"
+    assert "".join(d.text for d in stopped) == text[:text.index(stop)]
+
+
+async def test_adapters_apply_per_request_in_one_batch(vllm: ProcessEngine, builtin: HFEngine,
+                                                       adapters: dict[str, AdapterRef]):
+    cases = [None, adapters["a"], adapters["b"], None, adapters["a"]]
+    want = [ids(await run(builtin, PROMPTS[0], adapter=a, max_tokens=16, temperature=0, ignore_eos=True))
+            for a in cases]
+    assert len({tuple(w) for w in want}) == 3  # each adapter changes the output
+    got = await asyncio.gather(*(run(vllm, PROMPTS[0], f"lora{i}", adapter=a, max_tokens=16, temperature=0,
+                                     ignore_eos=True) for i, a in enumerate(cases)))
+    assert [ids(d) for d in got] == want
+
+
+async def test_a_bad_adapter_fails_its_request_and_the_engine_serves_on(vllm: ProcessEngine):
+    with pytest.raises(InvalidArgument, match="bad@1 cannot be loaded"):
+        await run(vllm, PROMPTS[0], adapter=AdapterRef("bad@1", "/nonexistent/adapter"), max_tokens=4)
+    assert len(ids(await run(vllm, PROMPTS[0], max_tokens=4, temperature=0, ignore_eos=True))) == 4
+
+
+async def test_a_closed_stream_is_aborted_in_vllm(vllm: ProcessEngine):
+    stream = vllm.generate(GenerationRequest("long", PROMPTS[2], SamplingParams(max_tokens=900, ignore_eos=True)))
+    async for _ in stream:
+        break
+    await stream.aclose()
+
+    async def idle() -> bool:
+        for _ in range(40):
+            if vllm.stats().running == 0 and vllm.stats().waiting == 0:
+                return True
+            await asyncio.sleep(0.25)
+        return False
+
+    assert await idle(), f"the aborted request still runs: {vllm.stats()}"
+    assert len(ids(await run(vllm, PROMPTS[0], max_tokens=4))) == 4
+
+
+async def test_load_reports_come_from_vllms_scheduler(vllm: ProcessEngine):
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            seen.append(vllm.stats().running)
+            await asyncio.sleep(0.1)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.gather(*(run(vllm, p, f"load{i}", max_tokens=160, ignore_eos=True) for i, p in enumerate(PROMPTS)))
+    watcher.cancel()
+    assert max(seen) >= 2, f"running counts seen while 4 requests ran: {sorted(set(seen))}"
+
+
+async def test_a_dead_engine_core_fails_streams_with_engine_dead(vllm: ProcessEngine):
+    """Last in the module: it kills the engine's vLLM core (a child of the engine process)."""
+    assert vllm._process is not None
+    children = _children(vllm._process.pid)
+    assert children, "vLLM's engine core process was not found"
+    stream = vllm.generate(GenerationRequest("doomed", PROMPTS[3], SamplingParams(max_tokens=900, ignore_eos=True)))
+    with pytest.raises(EngineDead):
+        async for _ in stream:
+            for pid in children:
+                os.kill(pid, signal.SIGKILL)
+            children = []
+
+
+def _children(parent: int) -> list[int]:
+    """The live processes whose parent is `parent` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[-1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+async def test_a_killed_engine_process_takes_vllms_core_with_it(demo_model_dir: Path):
+    engine = create_engine(ModelSpec("demo", 1, "hf", str(demo_model_dir), options={**OPTIONS, "max_adapters": "0"}))
+    assert isinstance(engine, ProcessEngine)
+    await engine.load()
+    try:
+        assert engine._process is not None
+        core = _children(engine._process.pid)
+        assert core, "vLLM's engine core process was not found"
+        stream = engine.generate(GenerationRequest("doomed", PROMPTS[3], SamplingParams(max_tokens=900, ignore_eos=True)))
+        with pytest.raises(EngineDead):
+            async for _ in stream:
+                engine._process.kill()
+        for _ in range(50):
+            if not any(_alive(pid) for pid in core):
+                break
+            await asyncio.sleep(0.1)
+        assert not any(_alive(pid) for pid in core), "vLLM's engine core outlived its engine process"
+    finally:
+        await engine.close()
