@@ -8,6 +8,7 @@ makes one and sets it)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,14 @@ import pytest_asyncio
 
 from maas.mesh.errors import EngineDead, InvalidArgument
 from maas.services.worker.engines import create_engine
-from maas.services.worker.engines.base import AdapterRef, Delta, GenerationRequest, ModelSpec, SamplingParams
+from maas.services.worker.engines.base import (
+    AdapterRef,
+    Delta,
+    GenerationRequest,
+    GuideSpec,
+    ModelSpec,
+    SamplingParams,
+)
 from maas.services.worker.engines.hf import HFEngine
 from maas.services.worker.engines.process import ProcessEngine
 from tests.unit.test_adapters import make_adapter
@@ -130,6 +138,19 @@ async def test_adapters_apply_per_request_in_one_batch(vllm: ProcessEngine, buil
     got = await asyncio.gather(*(run(vllm, PROMPTS[0], f"lora{i}", adapter=a, max_tokens=16, temperature=0,
                                      ignore_eos=True) for i, a in enumerate(cases)))
     assert [ids(d) for d in got] == want
+
+
+async def test_constrained_output_follows_its_schema(vllm: ProcessEngine):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "ok": {"type": "boolean"}},
+              "required": ["name", "ok"], "additionalProperties": False}
+    for seed in (1, 2, 3):
+        deltas = await run(vllm, PROMPTS[0], f"json{seed}", max_tokens=60, temperature=1.0, seed=seed,
+                           guide=GuideSpec("json_schema", json.dumps(schema)))
+        assert deltas[-1].finish_reason == "stop", "the schema closes the object before max_tokens"
+        value = json.loads("".join(d.text for d in deltas))
+        assert set(value) == {"name", "ok"} and isinstance(value["ok"], bool) and len(value["name"]) <= 12
+        assert "".join(d.text for d in deltas).startswith('{"'), "compact JSON, as the built-in engine writes it"
 
 
 async def test_a_bad_adapter_fails_its_request_and_the_engine_serves_on(vllm: ProcessEngine):

@@ -17,9 +17,10 @@ What maps to what:
 - **stop strings, stop_token_ids, min_tokens, ignore_eos, logprobs and prompt logprobs**:
   vLLM's own. Logprobs are the model's raw ones (before penalties and temperature), as in
   the built-in engine.
-- **constrained output** (`guide`): vLLM's structured outputs (its `guidance` backend
-  takes Lark grammars, regular expressions and JSON schemas). A resumed request restarts
-  its grammar after the resumed tokens, so a guided stream is not moved exactly.
+- **constrained output** (`guide`): vLLM's structured outputs with its `guidance` backend,
+  which is llguidance, the built-in engine's library, given the same JSON options (compact
+  JSON) and the same Lark grammars (tool calls). A resumed request's grammar starts after
+  the resumed tokens, so a guided stream is not moved exactly.
 - **LoRA adapters**: loaded with `add_lora` before the first request that names them (a
   bad adapter is that request's error; handed to vLLM inside a request it would kill the
   engine core), at most `max_adapters` kept, the least recently used idle one removed.
@@ -143,6 +144,7 @@ class VLLMEngine:
     # ---- lifecycle -------------------------------------------------------------------
 
     def _engine_args(self) -> Any:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         spec = self.spec
@@ -153,6 +155,7 @@ class VLLMEngine:
             enable_prefix_caching=_option(spec, "prefix_cache", "on", ("on", "off")) == "on",
             enforce_eager=_option(spec, "enforce_eager", "off", ("on", "off")) == "on",
             scheduling_policy="priority", disable_log_stats=False,
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
         )
         if "context_length" in spec.options:
             kwargs["max_model_len"] = _option_int(spec, "context_length", 0, minimum=2)
@@ -177,6 +180,8 @@ class VLLMEngine:
                 return
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # one machine's engine: never look for a NIC
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from the registry, never a hub
+            # one device: the model runs in vLLM's engine-core process, not in a further one
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             from transformers import AutoTokenizer
 
             try:
@@ -269,8 +274,10 @@ class VLLMEngine:
             if engine is None:
                 return
             self._dead = Unavailable(f"{self._label} is shutting down on this worker; retry")
-            # synchronous: ends the engine core process and cancels the output task (thread-safely)
-            await asyncio.to_thread(engine.shutdown)
+            # synchronous, and on this loop on purpose: ends the engine core process and cancels
+            # the output task, which, were the loop free meanwhile, would log the core's end as
+            # a failure (an engine process's loop serves nothing else once it closes)
+            engine.shutdown()
             self._adapters.clear()
             del engine
             gc.collect()  # now, not at interpreter exit, where AsyncLLM.__del__ trips over torn-down modules
@@ -439,15 +446,18 @@ class VLLMEngine:
 
 
 def _structured(guide: Any) -> Any:
-    """The guide as vLLM's structured-output parameters."""
+    """The guide as vLLM's structured-output parameters, for its guidance backend (llguidance,
+    the built-in engine's library), with the built-in engine's JSON options: compact JSON,
+    oneOf read as anyOf, unknown formats allowed (`tools.JSON_OPTIONS`)."""
     import json
 
     from vllm.sampling_params import StructuredOutputsParams
 
-    if guide.kind == "json_schema":
-        return StructuredOutputsParams(json=json.loads(guide.value))
-    if guide.kind == "json_object":
-        return StructuredOutputsParams(json_object=True)
+    from maas.mesh.tools import JSON_OPTIONS
+
+    if guide.kind in ("json_schema", "json_object"):
+        schema = json.loads(guide.value) if guide.kind == "json_schema" else {"type": "object"}
+        return StructuredOutputsParams(json={**schema, "x-guidance": JSON_OPTIONS})
     if guide.kind == "regex":
         return StructuredOutputsParams(regex=guide.value)
     return StructuredOutputsParams(grammar=guide.value)
