@@ -431,6 +431,9 @@ class VLLMEngine:
                     if first and out.prompt_logprobs else ())
                 if finish is not None:
                     metrics.FINISHED.labels(self._label, finish).inc()
+                    metrics.E2E.labels(self._label).observe(now - arrived)
+                    metrics.PROMPT_TOKENS.labels(self._label).inc(len(prompt_ids) + len(resumed))
+                    metrics.CACHED_TOKENS.labels(self._label).inc(int(out.num_cached_tokens or 0))
                     return
         except EngineDeadError as exc:
             self._dead = EngineDead(f"vLLM's engine core of {self._label} failed: {exc}")
