@@ -179,7 +179,8 @@ class VLLMEngine:
             if self._engine is not None:
                 return
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # one machine's engine: never look for a NIC
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from the registry, never a hub
+            if os.path.isdir(self.spec.source):  # a model from the registry: never ask a hub about it
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
             # one device: the model runs in vLLM's engine-core process, not in a further one
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             from transformers import AutoTokenizer
