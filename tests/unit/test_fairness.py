@@ -221,6 +221,40 @@ async def test_interactive_preempts_batch_which_resumes_with_the_same_tokens(eng
     assert [s.tokens for s in batch] == alone
 
 
+async def _batch_then_interactive(demo_model_dir: Path, objective_ms: int, batch_tokens: int
+                                  ) -> tuple[list[Stream], Stream, float]:
+    """4 batch sequences of `batch_tokens` fill a 4-slot engine with a TTFT objective; then an
+    interactive request arrives. Returns the batch, the interactive stream (finished) and the
+    preemption count it caused."""
+    e = HFEngine(ModelSpec("demo", 1, "hf", str(demo_model_dir),
+                           options={"max_batch": "4", "max_queue": "4", "ttft_objective_ms": str(objective_ms)}))
+    await e.load()
+    try:
+        before = metrics.PREEMPTIONS.labels("demo@1")._value.get()
+        batch = [Stream(e, GenerationRequest(f"b{i}", PROMPT, SamplingParams(
+            max_tokens=batch_tokens, ignore_eos=True, seed=1000 + i), tenant="jobs", priority=2)) for i in range(4)]
+        await until(lambda: all(len(s.tokens) >= 3 for s in batch))
+        online = Stream(e, GenerationRequest("chat", PROMPT, SamplingParams(max_tokens=4, ignore_eos=True),
+                                             tenant="app", priority=0))
+        await asyncio.wait_for(online.task, 60)
+        await asyncio.gather(*(s.task for s in batch))
+        return batch, online, metrics.PREEMPTIONS.labels("demo@1")._value.get() - before
+    finally:
+        await e.close()
+
+
+async def test_with_a_ttft_objective_batch_work_is_preempted_only_when_no_slot_frees_in_time(demo_model_dir: Path):
+    # the batch holds its slots for hundreds of steps: waiting cannot meet a 1 ms objective
+    batch, online, preempted = await _batch_then_interactive(demo_model_dir, 1, 400)
+    assert online.error is None and preempted >= 1
+    assert all(len(s.tokens) == 400 for s in batch)
+    # the batch ends within a few steps, well inside a 60 s objective: it is left to finish
+    batch, online, preempted = await _batch_then_interactive(demo_model_dir, 60_000, 12)
+    assert online.error is None and len(online.tokens) == 4
+    assert preempted == 0
+    assert all(len(s.tokens) == 12 for s in batch)
+
+
 def test_a_preempted_sequence_is_never_refused_nor_preempted_again_first():
     q: FairQueue[Seq] = FairQueue()
     moved = [Seq("jobs", priority=2, arrived=i, preempted=1) for i in range(4)]  # streaming already

@@ -14,7 +14,11 @@ The scheduler pre-empts (`victim`) when the batch is full and
 - a tenant waits while holding less than its share of its class's slots and another tenant
   of that class holds more than its own: one of the latter's sequences.
 The one chosen has not been pre-empted before if possible, then has the fewest tokens to
-prefill again (so no sequence is pushed back over and over).
+prefill again (so no sequence is pushed back over and over). With a TTFT objective
+(the engine option `ttft_objective_ms`), a lower class is pre-empted only once the waiting
+request would otherwise miss it: while a slot will free up (a running sequence reaching its
+max_tokens, at the measured step time) before the oldest waiting request of the higher
+class has waited that long, it waits instead, and no work is thrown away.
 A pre-empted sequence leaves the batch and its KV is released; it goes back to the front of
 its queue with the tokens it made, to be prefilled again and continue exactly where it was
 (sampling depends only on the seed and the position), as a stream moved to another worker
@@ -90,6 +94,11 @@ class FairQueue(Generic[S]):
     def top(self) -> int | None:
         """The highest class (lowest number) with a request waiting."""
         return min((p for p, _ in self._queues), default=None)
+
+    def oldest(self, priority: int) -> float | None:
+        """When the longest-waiting request of class `priority` was queued (`queued_at`), or None."""
+        times = [float(getattr(q[0], "queued_at", 0.0)) for (p, _), q in self._queues.items() if p == priority]
+        return min(times, default=None)
 
     def waiting(self, tenant: str, priority: int | None = None) -> int:
         return sum(len(q) for (p, t), q in self._queues.items() if t == tenant and priority in (None, p))
@@ -171,12 +180,16 @@ def fair_shares(slots: float, weights: dict[str, float]) -> dict[str, float]:
     return {t: slots * w / total for t, w in weights.items()} if total else {}
 
 
-def victim(running: list[Any], waiting: FairQueue[Any], slots: int) -> Any | None:
-    """A running sequence to pre-empt for a waiting one, or None (see the module's text)."""
+def victim(running: list[Any], waiting: FairQueue[Any], slots: int, *, classes: bool = True) -> Any | None:
+    """A running sequence to pre-empt for a waiting one, or None (see the module's text).
+    `classes` false: a lower class is not pre-empted for a higher one now (the higher one's
+    request can still get a slot within its objective: `HFEngine._preempt`)."""
     top = waiting.top()
     if top is None or not running:
         return None
     lower = [s for s in running if s.priority > top]
+    if lower and not classes:
+        return None
     if lower:
         worst = max(s.priority for s in lower)
         return _cheapest([s for s in running if s.priority == worst])

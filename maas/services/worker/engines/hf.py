@@ -13,7 +13,9 @@ CPU and bfloat16 or float16 on CUDA), `context_length` (lowers the model's own l
 max_batch: beyond that a request is refused at once with a retry hint, so the time to
 first token of those admitted stays bounded under overload), `kv_cache_mb`
 (KV-cache budget; default 512 on CPU, 40% of free device memory on CUDA),
-`prefill_tokens` (prompt tokens prefilled in one step, default 4096), `max_adapters`
+`prefill_tokens` (prompt tokens prefilled in one step, default 4096), `ttft_objective_ms`
+(how long a higher class's request may wait for a slot to free before a lower class is
+pre-empted; default 0, at once: `fair`), `max_adapters`
 (LoRA adapters kept loaded, default 8) and `prefix_cache_mb` (KV of shared prompt
 prefixes kept for reuse, `prefix.PrefixCache`; default a quarter of the KV budget, 0 off).
 
@@ -222,6 +224,8 @@ class HFEngine:
         self.max_queue = _option_int(spec, "max_queue", self.max_batch, minimum=0)
         self.prefill_tokens = _option_int(spec, "prefill_tokens", 4096)
         self.max_adapters = _option_int(spec, "max_adapters", 8)
+        # a higher class's request may wait this long for a slot before a lower class is pre-empted (0: at once)
+        self.ttft_objective = _option_int(spec, "ttft_objective_ms", 0, minimum=0) / 1000
         self._adapters: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU, scheduler thread
         self._device = self._parse_device(spec.device)
         self._model: Any = None  # a PreTrainedModel, wrapped in a PeftModel once adapters load
@@ -528,8 +532,9 @@ class HFEngine:
         holding a slot (they leave at the next step anyway), nor are they chosen."""
         live = [s for s in self._running if not s.cancelled and not s.done]
         gone: set[int] = set()
+        classes = self._class_preemption_due(live)
         while len(live) >= self.max_batch:
-            chosen = victim(live, self._waiting, self.max_batch)
+            chosen = victim(live, self._waiting, self.max_batch, classes=classes)
             if chosen is None:
                 break
             live.remove(chosen)
@@ -545,6 +550,21 @@ class HFEngine:
         self._running = [self._running[i] for i in keep]
         self._publish_gauges()
         return keep
+
+    def _class_preemption_due(self, live: list[_Sequence]) -> bool:
+        """Whether a lower class should be pre-empted for the highest class waiting now: at
+        once without a TTFT objective; with one, only when no running sequence will reach
+        its max_tokens (freeing a slot, at the measured step time) before the oldest
+        waiting request of that class has waited the objective out."""
+        if not self.ttft_objective or not live or not self._step_seconds:
+            return True
+        top = self._waiting.top()
+        oldest = self._waiting.oldest(top) if top is not None else None
+        if oldest is None:
+            return True
+        left = self.ttft_objective - (time.perf_counter() - oldest)
+        soonest = min(s.row.params.max_tokens - len(s.output) for s in live) * self._step_seconds
+        return soonest >= left
 
     def _admit(self) -> list[_Sequence]:
         """Pop waiting requests that fit, the next one chosen fairly across tenants

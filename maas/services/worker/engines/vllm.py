@@ -120,6 +120,7 @@ class VLLMEngine:
         self.max_adapters = _option_int(spec, "max_adapters", 8, minimum=0)
         self.sampler = _option(spec, "sampler", "maas", ("maas", "vllm"))
         self._label = f"{spec.name}@{spec.version}"
+        self._local = os.path.isdir(spec.source)  # a directory (from the registry), not a hub id
         self._engine: Any = None
         self._tokenizer: Any = None
         self._eos_ids: tuple[int, ...] = ()
@@ -179,7 +180,7 @@ class VLLMEngine:
             if self._engine is not None:
                 return
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # one machine's engine: never look for a NIC
-            if os.path.isdir(self.spec.source):  # a model from the registry: never ask a hub about it
+            if self._local:  # a model from the registry: never ask a hub about it
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
             # one device: the model runs in vLLM's engine-core process, not in a further one
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
