@@ -15,16 +15,33 @@ from typing import Any
 from maas.mesh.aio import wait_event
 from maas.mesh.clients import RegistryClient
 from maas.mesh.discovery import PrefixMirror
-from maas.mesh.errors import EngineDead, InvalidArgument, NotFound, Unavailable
+from maas.mesh.errors import EngineDead, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from maas.mesh.server import ServiceRuntime
 from maas.services.worker.artifacts import ArtifactCache
-from maas.services.worker.engines import create_engine
+from maas.services.worker.engines import create_engine, engine_kind
 from maas.services.worker.engines.base import AdapterRef, Engine, ModelSpec
 from maas.v1 import mesh_pb2
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ModelSpec], Engine]
+
+
+def check_devices(spec: ModelSpec) -> None:
+    """Refuse a replica placed on several devices (a version or deployment asking for
+    `resources.devices` > 1) unless its engine shards a model across them: vLLM, with tensor
+    parallelism over the replica's devices. The built-in engine and the embedding engine load
+    a model onto one device; the simulator pretends to use any."""
+    if len(spec.devices) <= 1 or spec.format == "sim":
+        return
+    if spec.format == "hf" and spec.task == "generate" and engine_kind(spec) == "vllm":
+        return
+    engine = "the embedding engine" if spec.task == "embed" else "the built-in engine"
+    raise FailedPrecondition(
+        f"{spec.name}@{spec.version} was placed on {len(spec.devices)} devices ({', '.join(spec.devices)}), but "
+        f"{engine} loads a model onto one device: serve it with engine=vllm (`maas models register ... --option "
+        "engine=vllm`, or `maas worker --engine vllm`), which runs it tensor-parallel across the devices, or give "
+        "it devices=1 and enough memory", field="devices")
 DEFAULT_CACHE = Path.home() / ".cache" / "maas-mesh" / "artifacts"
 
 
@@ -123,16 +140,15 @@ class ReplicaManager:
                                model=replica.ref, worker=self.worker_id)
         started = time.perf_counter()
         try:
-            if len(a.device_ids) > 1:
-                raise NotImplementedError(
-                    f"this replica was placed on {len(a.device_ids)} devices ({', '.join(a.device_ids)}), but the "
-                    "worker's engines load a model onto one device; give it devices=1 and enough memory_bytes")
             source = await self.artifacts.resolve(a.source)
             spec = ModelSpec(name=a.model_name, version=a.model_version, format=a.format, source=source,
                              task=a.task or "generate", options=dict(a.options),
-                             device=a.device_ids[0] if a.device_ids else "cpu")
+                             devices=tuple(a.device_ids) or ("cpu",))
             # building an engine imports its libraries (transformers: seconds): not on the loop
-            replica.engine = await asyncio.to_thread(self.engine_factory, spec)
+            engine = await asyncio.to_thread(self.engine_factory, spec)
+            # the engine's spec: the factory fills in the worker's default engine (`--engine vllm`)
+            check_devices(getattr(engine, "spec", spec))
+            replica.engine = engine
             await replica.engine.load()
         except asyncio.CancelledError:
             raise

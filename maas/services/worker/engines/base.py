@@ -239,7 +239,15 @@ class ModelSpec:
     source: str  # directory or hub id; ignored by sim
     task: str = "generate"
     options: dict[str, str] = field(default_factory=dict)
-    device: str = "cpu"
+    device: str = "cpu"  # the first of `devices`: where the built-in engine loads the model
+    # every device of the replica (tensor parallelism: engine=vllm); empty means (device,)
+    devices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.devices:
+            object.__setattr__(self, "devices", (self.device,))
+        elif self.device != self.devices[0]:
+            object.__setattr__(self, "device", self.devices[0])
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,8 @@ class VLLMEngine:
             scheduling_policy="priority", disable_log_stats=False,
             structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
         )
+        if len(spec.devices) > 1:  # tensor parallel: a rank per device, each in a vLLM worker process
+            kwargs.update(tensor_parallel_size=len(spec.devices), distributed_executor_backend="mp")
         if "context_length" in spec.options:
             kwargs["max_model_len"] = _option_int(spec, "context_length", 0, minimum=2)
         if cuda:
@@ -182,8 +184,13 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # one machine's engine: never look for a NIC
             if self._local:  # a model from the registry: never ask a hub about it
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            # one device: the model runs in vLLM's engine-core process, not in a further one
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            if len(self.spec.devices) == 1:
+                # one device: the model runs in vLLM's engine-core process, not in a further one
+                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            elif not self.spec.device.startswith("cuda"):  # ranks on shared CPU cores (process.engine_env)
+                from maas.services.worker.engines.process import cpu_threads_bind
+
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(len(self.spec.devices)))
             from transformers import AutoTokenizer
 
             try:
@@ -194,7 +201,7 @@ class VLLMEngine:
                     "it there (`make vllm` makes .venv-vllm; on GPUs `pip install vllm`) and point "
                     "MAAS_VLLM_PYTHON at that environment's python") from None
 
-            log.info("loading %s from %s with vLLM on %s", self._label, self.spec.source, self.spec.device)
+            log.info("loading %s from %s with vLLM on %s", self._label, self.spec.source, ", ".join(self.spec.devices))
             args = self._engine_args()
             try:
                 tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.spec.source)
