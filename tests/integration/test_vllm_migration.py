@@ -37,7 +37,9 @@ async def test_vllm_streams_move_off_a_killed_worker_with_the_same_tokens(mesh: 
 
     def params(i: int) -> common_pb2.SamplingParams:
         sampled = {"seed": 500 + i, "temperature": 0.9, "top_p": 0.95} if i % 2 else {"temperature": 0.0}
-        return common_pb2.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **sampled)  # type: ignore[arg-type]
+        # a stop string that never matches: text that could begin it is held back until it cannot
+        return common_pb2.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, stop=["@@@@ never @@@@"],
+                                         **sampled)  # type: ignore[arg-type]
 
     async def stream(i: int, started: asyncio.Event | None = None) -> tuple[list[int], str, set[str]]:
         request = inference_pb2.GenerateRequest(model="demo", prompt=f"def function_{i}(x):", params=params(i))

@@ -162,6 +162,8 @@ def main(ns: argparse.Namespace) -> int:
     async def serve() -> None:
         limit_torch_threads(ns.torch_threads)  # before detect_devices, which may import torch
         labels = parse_labels(ns.label)
+        if ns.engine not in ENGINES:  # argparse checks a flag's value, not a default from the environment
+            raise StartupError(f"MAAS_ENGINE must be one of {', '.join(ENGINES)}, not {ns.engine!r}")
         devices = detect_devices(ns.device, int(ns.cpu_memory_gib * 1024**3), ns.cpu_devices)
         if not has_worker_extra():
             log.warning("%s; this worker serves sim models only", worker_extra_hint("serving transformers models"))

@@ -28,13 +28,11 @@ def create_engine(spec: ModelSpec, *, own_process: bool = True) -> Engine:
     workers never pay for importing torch and transformers.
     """
     if spec.format == "hf" and engine_kind(spec) == "vllm":
-        if own_process:
-            from maas.services.worker.engines.process import ProcessEngine
+        # always a process of its own (own_process or not): vLLM sets process-wide state, and
+        # its engine's loop must be free for seconds at a time while it closes
+        from maas.services.worker.engines.process import ProcessEngine
 
-            return ProcessEngine(spec)
-        from maas.services.worker.engines.vllm import VLLMEngine
-
-        return VLLMEngine(spec)
+        return ProcessEngine(spec)
     if spec.format == "hf" and spec.task == "embed":
         from maas.services.worker.engines.embed import EmbedEngine
 

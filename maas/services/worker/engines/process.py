@@ -72,7 +72,12 @@ def engine_python(spec: ModelSpec) -> str:
     from maas.services.worker.engines import engine_kind
 
     if engine_kind(spec) == "vllm":
-        return os.environ.get("MAAS_VLLM_PYTHON") or sys.executable
+        python = os.environ.get("MAAS_VLLM_PYTHON")
+        if python and not os.access(python, os.X_OK):
+            raise FailedPrecondition(f"MAAS_VLLM_PYTHON is {python!r}, which is not an executable python: point it "
+                                     "at the python of an environment with vLLM and maas-mesh (`make vllm` makes "
+                                     ".venv-vllm; elsewhere `pip install vllm` and `pip install --no-deps maas-mesh`)")
+        return python or sys.executable
     return sys.executable
 
 
@@ -173,6 +178,7 @@ class ProcessEngine:
                 if process.poll() is None:
                     process.kill()
                     await asyncio.shield(asyncio.to_thread(process.wait, CLOSE_TIMEOUT))
+                _kill_group(process.pid)  # and nothing it started (vLLM's core, mid-load)
                 raise
             self.context_length = int(first[1])
             self._conn, self._process, self._dead = ours, process, None
@@ -459,8 +465,11 @@ async def _serve_async_engine(conn: Connection, spec: ModelSpec) -> None:
                 put(key, delta)
         except asyncio.CancelledError:
             pass  # the worker cancelled it: nobody waits for an answer
-        except Exception as exc:
-            put(key, exc if isinstance(exc, MaasError) else EngineDead(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # a bug of ours for this request, unless the engine died under it
+            log.exception("request %s failed in the engine", request.request_id)
+            put(key, exc if isinstance(exc, MaasError) else
+                EngineDead(f"{type(exc).__name__}: {exc}") if engine.dead() else
+                Unavailable(f"the engine failed this request ({type(exc).__name__}); retry"))
         finally:
             tasks.pop(key, None)
 
@@ -470,6 +479,9 @@ async def _serve_async_engine(conn: Connection, spec: ModelSpec) -> None:
                 message = conn.recv()
             except (EOFError, OSError):
                 message = ("close",)  # the worker is gone
+            except Exception:  # a message this side cannot read (the two environments' versions differ?)
+                log.exception("the engine process cannot read its worker's message; stopping")
+                message = ("close",)
             loop.call_soon_threadsafe(inbox.put_nowait, message)
             if message[0] == "close":
                 return
@@ -480,6 +492,17 @@ async def _serve_async_engine(conn: Connection, spec: ModelSpec) -> None:
     threading.Thread(target=read, daemon=True, name="engine pipe").start()
     threading.Thread(target=_report_status, args=(engine, conn, lock, stop), daemon=True,
                      name="engine status").start()
+    async def watch() -> None:
+        """An engine that dies with no request open (vLLM's core killed, out of memory) ends
+        this process, so the worker hears it at once rather than from the next request."""
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            if engine.dead():
+                break
+        log.error("the engine of %s died; its process ends", spec.name)
+        inbox.put_nowait(("close",))
+
+    watcher = asyncio.create_task(watch())
     try:
         while True:
             message = await inbox.get()
@@ -493,10 +516,13 @@ async def _serve_async_engine(conn: Connection, spec: ModelSpec) -> None:
                 break
     finally:
         stop.set()
+        watcher.cancel()
         for task in list(tasks.values()):
             task.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         await engine.close()
+        if outbox:
+            flush()  # what the tasks said last goes out before "closed"
         try:
             with lock:
                 conn.send(("closed",))

@@ -71,11 +71,12 @@ from maas.services.worker.engines.base import (
     check_context,
 )
 from maas.services.worker.engines.sampling import request_seed
+from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetokenizer, TokenStrings
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled", "repetition": "stop"}
 
 
 def _option(spec: ModelSpec, name: str, default: str, choices: Sequence[str]) -> str:
@@ -123,6 +124,7 @@ class VLLMEngine:
         self._local = os.path.isdir(spec.source)  # a directory (from the registry), not a hub id
         self._engine: Any = None
         self._tokenizer: Any = None
+        self._strings: TokenStrings | None = None  # tokens' texts for logprobs, once loaded
         self._eos_ids: tuple[int, ...] = ()
         self._vocab = 0
         self._load_lock = asyncio.Lock()
@@ -220,6 +222,11 @@ class VLLMEngine:
             extra = getattr(generation, "eos_token_id", None)
             eos.update([extra] if isinstance(extra, int) else extra or ())
             self._eos_ids = tuple(sorted(eos))
+            from maas.services.worker.engines.guide import Guides
+            from maas.services.worker.engines.hf import _token_bytes
+
+            guides = Guides(tokenizer, self._vocab, list(self._eos_ids))
+            self._strings = TokenStrings(lambda: _token_bytes(tokenizer, guides))
             self._engine, self._tokenizer, self._dead = engine, tokenizer, None
             log.info("%s ready on vLLM: context %d, max batch %d, LoRA %s, sampler %s", self._label,
                      self.context_length, self.max_batch, self.max_adapters or "off", self.sampler)
@@ -294,6 +301,13 @@ class VLLMEngine:
     def stats(self) -> EngineStats:
         return self._stats if self._dead is None else EngineStats()
 
+    def dead(self) -> bool:
+        """Whether vLLM's engine core has failed (it can die with no request open)."""
+        engine = self._engine
+        if engine is not None and self._dead is None and getattr(engine, "errored", False):
+            self._dead = EngineDead(f"vLLM's engine core of {self._label} failed")
+        return self._dead is not None and engine is not None
+
     # ---- chats ----------------------------------------------------------------------------
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
@@ -338,11 +352,11 @@ class VLLMEngine:
                                   f"(ids 0 to {self._vocab - 1})", field="stop_token_ids")
         kwargs: dict[str, Any] = dict(
             max_tokens=params.max_tokens - resumed, min_tokens=max(0, params.min_tokens - resumed),
-            stop=list(params.stop), stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
+            # stop strings and text are the built-in engine's (`generate`): vLLM gives token ids
+            detokenize=False, stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
             logprobs=params.logprobs,
             prompt_logprobs=params.prompt_logprobs if params.prompt_logprobs is not None and not resumed else None,
-            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
-            skip_special_tokens=True)
+            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY)
         if params.guide is not None:
             kwargs["structured_outputs"] = _structured(params.guide)
         if self.sampler == "maas":
@@ -367,6 +381,7 @@ class VLLMEngine:
             raise FailedPrecondition(f"{self._label} runs on vLLM with max_adapters=0: it serves no adapters",
                                      field="adapter")
         from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         async with self._adapter_lock:
             lora_id = self._adapters.get(adapter.key)
@@ -380,6 +395,9 @@ class VLLMEngine:
                 lora_id = next(self._adapter_ids)  # never reused: vLLM caches adapters by id
                 try:
                     await self._engine.add_lora(LoRARequest(adapter.key, lora_id, adapter.source))
+                except EngineDeadError as exc:
+                    self._dead = EngineDead(f"vLLM's engine core of {self._label} failed: {exc}")
+                    raise self._dead from None
                 except Exception as exc:
                     raise InvalidArgument(f"adapter {adapter.key} cannot be loaded by vLLM: {exc}",
                                           field="adapter") from None
@@ -389,12 +407,19 @@ class VLLMEngine:
             return LoRARequest(adapter.key, lora_id, adapter.source)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream the request's deltas; closing the iterator aborts it in vLLM."""
+        """Stream the request's deltas; closing the iterator aborts it in vLLM.
+
+        vLLM gives token ids only (`detokenize=False`); text, stop strings and the points
+        where a delta may be cut are the built-in engine's (`text.DeltaAssembler`): every
+        delta but the last ends where the text of the tokens sent is exactly the text sent,
+        so a stream moved elsewhere loses and repeats nothing (vLLM's own text holds back
+        the characters that could begin a stop string, which a moved stream would lose)."""
         if self._dead is not None:
             raise self._dead
         from vllm.v1.engine.exceptions import EngineDeadError
 
         arrived = time.perf_counter()
+        params = request.params
         prompt_ids = self._prompt_ids(request)
         resumed = list(request.resume_token_ids)
         if any(not 0 <= t < self._vocab for t in resumed):
@@ -403,58 +428,98 @@ class VLLMEngine:
         if total >= self.context_length:
             raise InvalidArgument(f"prompt is {total} tokens but the context of {self.spec.name} is "
                                   f"{self.context_length}", field="prompt")
-        check_context(request.params, len(prompt_ids), self.context_length)
-        if len(resumed) >= request.params.max_tokens:  # resumed with nothing left to make
+        check_context(params, len(prompt_ids), self.context_length)
+        if len(resumed) >= params.max_tokens:  # resumed with nothing left to make
             yield Delta("", finish_reason="length", prompt_tokens=len(prompt_ids), completion_tokens=len(resumed))
             return
         sampling = self._sampling(request, len(prompt_ids))
+        if (params.logprobs is not None or params.prompt_logprobs is not None) and self._strings is not None:
+            await asyncio.to_thread(self._strings.ready)  # the vocabulary's texts, once, off the loop
+        out = DeltaAssembler(params.stop, prompt_tokens=len(prompt_ids), completion_tokens=len(resumed),
+                             min_tokens=params.min_tokens)
+        detok = IncrementalDetokenizer(self._tokenizer, context_ids=prompt_ids + resumed)
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self._eos_ids))
         adapter = request.adapter.key if request.adapter is not None else None
         lora = await self._lora(request.adapter)
         # vLLM's id for it: the request's own can come again (a retry, a stream moved back)
         vllm_id = f"{request.request_id}#{next(self._request_ids)}"
         stream = self._engine.generate({"prompt_token_ids": prompt_ids + resumed}, sampling, vllm_id,
                                        lora_request=lora, priority=request.priority)
-        completion = len(resumed)
+        made = 0
         last = arrived
+        finish: FinishReason | None = None
         try:
-            async for out in stream:
-                choice = out.outputs[0]
-                ids = tuple(choice.token_ids)
+            async for output in stream:
+                choice = output.outputs[0]
                 now = time.perf_counter()
-                if ids:
-                    (self._m_ttft if completion == len(resumed) else self._m_itl).observe(now - last)
-                    self._m_tokens.inc(len(ids))
-                    completion += len(ids)
+                if choice.token_ids:
+                    (self._m_ttft if made == 0 else self._m_itl).observe(now - last)
+                    self._m_tokens.inc(len(choice.token_ids))
                     last = now
-                finish = _FINISH.get(choice.finish_reason or "") if out.finished else None
-                if out.finished and finish is None:
-                    finish = "stop"
-                first = completion == len(resumed) + len(ids)
-                yield Delta(
-                    text=choice.text, token_ids=ids, finish_reason=finish,
-                    prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                    logprobs=_logprobs(ids, choice.logprobs, request.params.logprobs or 0) if choice.logprobs else (),
-                    cached_prompt_tokens=int(out.num_cached_tokens or 0) if finish else 0,
-                    prompt_token_ids=tuple(prompt_ids) if first and out.prompt_logprobs else (),
-                    prompt_logprobs=_prompt_logprobs(prompt_ids, out.prompt_logprobs, request.params.prompt_logprobs or 0)
-                    if first and out.prompt_logprobs else ())
+                if output.prompt_logprobs and made == 0:
+                    entries = _prompt_logprobs(prompt_ids, output.prompt_logprobs, params.prompt_logprobs or 0)
+                    if self._strings is not None:
+                        entries = tuple(self._strings.name(e) for e in entries)
+                    out.set_prompt(prompt_ids, entries)
+                entries = _logprobs(tuple(choice.token_ids), choice.logprobs or (), params.logprobs or 0)
+                for i, token in enumerate(choice.token_ids):
+                    made += 1
+                    logprob = entries[i] if i < len(entries) else None
+                    if logprob is not None and self._strings is not None:
+                        logprob = self._strings.name(logprob)
+                    if token in ends:  # (vLLM holds them back until min_tokens)
+                        if params.guide is None:  # a grammar's end is not a token of the answer
+                            out.add(token, "", logprob)  # an end token: in token_ids, not in the text
+                        finish = "stop"
+                        break
+                    out.add(token, detok.push(token), logprob)
+                    if out.stopped:
+                        finish = "stop"
+                        break
+                if finish is None and output.finished:
+                    reason = choice.finish_reason or "stop"
+                    if reason == "error":  # vLLM: retryable
+                        raise Unavailable(f"vLLM ended the request with an error on {self._label}; retry")
+                    finish = _FINISH.get(reason, "stop")
                 if finish is not None:
-                    metrics.FINISHED.labels(self._label, finish).inc()
-                    metrics.E2E.labels(self._label).observe(now - arrived)
-                    metrics.PROMPT_TOKENS.labels(self._label).inc(len(prompt_ids) + len(resumed))
-                    metrics.CACHED_TOKENS.labels(self._label).inc(int(out.num_cached_tokens or 0))
+                    out.cached_prompt_tokens = int(output.num_cached_tokens or 0)
+                    final = out.finish(finish, detok.flush())
+                    self._finished(final, arrived, total)
+                    yield final
                     return
+                if request.stream:
+                    delta = out.take(text_complete=not detok.pending)
+                    if delta is not None:
+                        yield delta
         except EngineDeadError as exc:
             self._dead = EngineDead(f"vLLM's engine core of {self._label} failed: {exc}")
             raise self._dead from None
         except MaasError:
             raise
-        except ValueError as exc:  # vLLM's request validation (VLLMValidationError is one)
-            raise InvalidArgument(f"vLLM refused the request: {exc}") from None
+        except Exception as exc:
+            raise _request_error(exc, self._label) from None
         finally:
+            await stream.aclose()  # aborts the request in vLLM if it still runs
             if adapter is not None:
                 self._adapter_users[adapter] -= 1
-            await stream.aclose()  # aborts the request in vLLM if it still runs
+
+    def _finished(self, final: Delta, arrived: float, prompt_tokens: int) -> None:
+        assert final.finish_reason is not None
+        metrics.FINISHED.labels(self._label, final.finish_reason).inc()
+        metrics.E2E.labels(self._label).observe(time.perf_counter() - arrived)
+        metrics.PROMPT_TOKENS.labels(self._label).inc(prompt_tokens)
+        metrics.CACHED_TOKENS.labels(self._label).inc(final.cached_prompt_tokens)
+
+
+def _request_error(exc: Exception, label: str) -> MaasError:
+    """What a vLLM exception from one request means for that request (not for the engine)."""
+    name = type(exc).__name__
+    kinds = {k.__name__ for k in type(exc).__mro__}
+    if "VLLMClientError" in kinds or "VLLMValidationError" in kinds or isinstance(exc, ValueError):
+        return InvalidArgument(f"vLLM refused the request: {exc}", field=getattr(exc, "parameter", None) or None)
+    if name == "GracefulHTTPError" or "GracefulHTTPError" in kinds:
+        return ResourceExhausted(f"{label} is overloaded: {exc}", retry_after=1.0)
+    return Unavailable(f"vLLM failed the request on {label} ({name}: {exc}); retry")
 
 
 def _structured(guide: Any) -> Any:
@@ -483,9 +548,7 @@ def _entry(token: int, alternatives: dict[int, Any] | None, n: int) -> TokenLogp
     top = sorted(((t, lp) for t, lp in alternatives.items() if lp.rank is not None and 1 <= lp.rank <= n),
                  key=lambda item: item[1].rank)
     return TokenLogprob(token, float(chosen.logprob) if chosen is not None else float("-inf"),
-                        tuple((t, float(lp.logprob)) for t, lp in top),
-                        token=(chosen.decoded_token or "") if chosen is not None else "",
-                        top_tokens=tuple(lp.decoded_token or "" for _, lp in top))
+                        tuple((t, float(lp.logprob)) for t, lp in top))
 
 
 def _logprobs(ids: tuple[int, ...], entries: Sequence[dict[int, Any]], n: int) -> tuple[TokenLogprob, ...]:

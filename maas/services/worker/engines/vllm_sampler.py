@@ -31,7 +31,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from maas.services.worker.engines.base import SamplingParams
-from maas.services.worker.engines.sampling import Row, sample_batch
+from maas.services.worker.engines.sampling import GREEDY_BELOW, Row, sample_batch
 
 KEY = "maas"  # SamplingParams.extra_args[KEY] holds what `extra_args` made
 
@@ -46,6 +46,13 @@ def extra_args(params: SamplingParams, seed: int, *, resumed: int, end_ids: tupl
     elsewhere (penalties count them as output), and the tokens min_tokens keeps back."""
     fields = {name: getattr(params, name) for name in _FIELDS}
     return {KEY: {**fields, "seed": seed, "resumed": resumed, "end_ids": list(end_ids)}}
+
+
+def _plain_greedy(cfg: dict[str, Any]) -> bool:
+    """Greedy without penalties or min_tokens: vLLM's own argmax (the request asks it for
+    greedy decoding) picks what the sampler would, so the row costs nothing here."""
+    return (cfg["temperature"] < GREEDY_BELOW and cfg["repetition_penalty"] == 1.0 and not cfg["presence_penalty"]
+            and not cfg["frequency_penalty"] and not cfg["min_tokens"])
 
 
 class _Request:
@@ -83,7 +90,7 @@ class PositionSampler(LogitsProcessor):
             self.requests.pop(index, None)
         for index, params, prompt_ids, output_ids in batch_update.added:
             cfg = (getattr(params, "extra_args", None) or {}).get(KEY) if params is not None else None
-            if cfg is not None and prompt_ids is not None:
+            if cfg is not None and prompt_ids is not None and not _plain_greedy(cfg):
                 self.requests[index] = _Request(cfg, prompt_ids, output_ids)
             else:
                 self.requests.pop(index, None)
