@@ -16,6 +16,7 @@ traced client's context survives a hop through an untraced service.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -105,18 +106,28 @@ def server_span(name: str, parent: otel_context.Context, **attributes: Any) -> t
     return TRACER.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
 
 
-def activate(span: trace.Span, parent: otel_context.Context | None = None) -> tuple[object, otel_context.Context]:
+def activate(span: trace.Span, parent: otel_context.Context | None = None
+             ) -> tuple[object, otel_context.Context, asyncio.Task[Any] | None]:
     """Make `span` current; returns what `deactivate` needs."""
     ctx = trace.set_span_in_context(span, parent)
-    return otel_context.attach(ctx), ctx
+    return otel_context.attach(ctx), ctx, _task()
 
 
-def deactivate(state: tuple[object, otel_context.Context]) -> None:
-    """Undo `activate`, where it can be undone: a stream finalized from another task runs
-    this in a context where the span was never current, and there is nothing to undo."""
-    token, ctx = state
-    if otel_context.get_current() is ctx:
+def deactivate(state: tuple[object, otel_context.Context, asyncio.Task[Any] | None]) -> None:
+    """Undo `activate`, where it can be undone: a stream finalized from another task (grpc
+    closing a streaming handler) runs this in a copy of the context, where the span may
+    look current but the token cannot be reset, and there is nothing to undo (OpenTelemetry
+    would log "Failed to detach context" for it)."""
+    token, ctx, task = state
+    if _task() is task and otel_context.get_current() is ctx:
         otel_context.detach(token)  # type: ignore[arg-type]
+
+
+def _task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
 
 
 def end(span: trace.Span, code: str, message: str = "") -> None:
