@@ -123,17 +123,22 @@ async def test_json_schema_output_validates(served: Served) -> None:
             response_format={"type": "json_schema", "json_schema": {"name": "film", "schema": schema, "strict": True}})
         assert reply.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
-    # any object: nothing bounds its strings, so the tiny model may run out of tokens inside
-    # one (finish_reason length, as OpenAI's would); every output that ended is an object
+    # any object: nothing bounds its strings, so the tiny model mostly runs out of tokens inside
+    # one (finish_reason length, as OpenAI's would: about 1 seed in 8 ends here); every output
+    # that ended is an object, and seeds are tried until one has
     ended = 0
-    for seed in range(4):
+    for seed in range(32):
         reply = await served.client.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": "JSON please"}], max_tokens=120,
+            model="demo", messages=[{"role": "user", "content": "JSON please"}], max_tokens=80,
             temperature=0.7, seed=seed, response_format={"type": "json_object"})
+        content = reply.choices[0].message.content
+        assert content.startswith("{")
         if reply.choices[0].finish_reason == "stop":
             ended += 1
-            assert isinstance(json.loads(reply.choices[0].message.content), dict)
-    assert ended
+            assert isinstance(json.loads(content), dict)
+            if ended == 2:
+                break
+    assert ended, "no json_object output ended within 80 tokens in 32 seeds"
 
 
 BAD = [
