@@ -10,9 +10,9 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from maas.mesh.errors import InvalidArgument
+from maas.mesh.errors import FailedPrecondition, InvalidArgument
 
 # transformers' from_pretrained changes process-wide torch state while it builds a model
 # (meta-device initialisation), so two loads in parallel threads can break each other
@@ -170,6 +170,44 @@ def plain_chat(messages: Sequence[ChatMessage]) -> str:
     """
     turns = [f"{m.role.capitalize()}: {m.content}" for m in messages]
     return "\n\n".join([*turns, "Assistant:"])
+
+
+class TemplateChats:
+    """`render_chat` and `render_tool_chat` through the model's own tokenizer (`_tokenizer`,
+    None until loaded), for the engines that hold one (`hf.render_chat`)."""
+
+    spec: ModelSpec
+    _tokenizer: Any
+
+    def _loaded_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
+        return self._tokenizer
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """The tokenizer's chat template (with the generation prompt), or `plain_chat` for a
+        tokenizer without one."""
+        from maas.services.worker.engines.hf import render_chat
+
+        return render_chat(self._loaded_tokenizer(), messages, self.spec.name)
+
+    def render_tool_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *,
+                         add_generation_prompt: bool = True) -> str | None:
+        """A chat with tools through the template itself, if it renders them (`hf.render_tool_chat`)."""
+        from maas.services.worker.engines.hf import render_tool_chat
+
+        return render_tool_chat(self._loaded_tokenizer(), messages, tools, self.spec.name,
+                                add_generation_prompt=add_generation_prompt)
+
+
+def option_int(spec: ModelSpec, name: str, default: int, minimum: int = 1) -> int:
+    """The model version's option `name` as a whole number >= `minimum`, or `default` if unset."""
+    raw = spec.options.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or int(raw) < minimum:
+        raise InvalidArgument(f"option {name} must be an integer >= {minimum}, got {raw!r}", field=name)
+    return int(raw)
 
 
 @dataclass(frozen=True)

@@ -62,9 +62,11 @@ from maas.services.worker.engines.base import (
     FinishReason,
     GenerationRequest,
     ModelSpec,
+    TemplateChats,
     TokenLogprob,
     check_context,
     drain,
+    option_int,
     plain_chat,
 )
 from maas.services.worker.engines.batch import DecodeBatch
@@ -150,13 +152,6 @@ def _put_all(items: list[tuple[_Sequence, Delta | BaseException]]) -> None:
         seq.queue.put_nowait(item)
 
 
-def _option_int(spec: ModelSpec, name: str, default: int, minimum: int = 1) -> int:
-    raw = spec.options.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or int(raw) < minimum:
-        raise InvalidArgument(f"option {name} must be an integer >= {minimum}, got {raw!r}", field=name)
-    return int(raw)
 
 
 def _context_length(config: Any, tokenizer: Any) -> int:
@@ -214,18 +209,18 @@ def render_tool_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list
                               field="messages") from None
 
 
-class HFEngine:
+class HFEngine(TemplateChats):
     """A `transformers` causal LM loaded from `spec.source` with `from_pretrained`."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.context_length = 0
-        self.max_batch = _option_int(spec, "max_batch", 64)
-        self.max_queue = _option_int(spec, "max_queue", self.max_batch, minimum=0)
-        self.prefill_tokens = _option_int(spec, "prefill_tokens", 4096)
-        self.max_adapters = _option_int(spec, "max_adapters", 8)
+        self.max_batch = option_int(spec, "max_batch", 64)
+        self.max_queue = option_int(spec, "max_queue", self.max_batch, minimum=0)
+        self.prefill_tokens = option_int(spec, "prefill_tokens", 4096)
+        self.max_adapters = option_int(spec, "max_adapters", 8)
         # a higher class's request may wait this long for a slot before a lower class is pre-empted (0: at once)
-        self.ttft_objective = _option_int(spec, "ttft_objective_ms", 0, minimum=0) / 1000
+        self.ttft_objective = option_int(spec, "ttft_objective_ms", 0, minimum=0) / 1000
         self._adapters: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU, scheduler thread
         self._device = self._parse_device(spec.device)
         self._model: Any = None  # a PreTrainedModel, wrapped in a PeftModel once adapters load
@@ -298,7 +293,7 @@ class HFEngine:
         config = model.config
         context = _context_length(config, tokenizer)
         if "context_length" in spec.options:
-            context = min(context, _option_int(spec, "context_length", context, minimum=2))
+            context = min(context, option_int(spec, "context_length", context, minimum=2))
         eos: set[int] = set()
         for ids in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
             eos.update([ids] if isinstance(ids, int) else ids or ())
@@ -310,9 +305,9 @@ class HFEngine:
             default_mb = int(torch.cuda.mem_get_info(self._device)[0] * 0.4 // MiB)
         else:
             default_mb = 512
-        budget = _option_int(self.spec, "kv_cache_mb", default_mb) * MiB
+        budget = option_int(self.spec, "kv_cache_mb", default_mb) * MiB
         self._kv_budget_tokens = budget // bytes_per_token
-        prefix_mb = _option_int(self.spec, "prefix_cache_mb", budget // MiB // 4, minimum=0)
+        prefix_mb = option_int(self.spec, "prefix_cache_mb", budget // MiB // 4, minimum=0)
         self._prefix = PrefixCache(prefix_mb * MiB // bytes_per_token)
         self._eos_ids = frozenset(eos)
         vocab = model.get_output_embeddings()
@@ -347,20 +342,7 @@ class HFEngine:
 
     # ---- the asyncio side --------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        """The tokenizer's chat template (with the generation prompt), or `plain_chat` for a
-        tokenizer without one."""
-        if self._tokenizer is None:
-            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
-        return render_chat(self._tokenizer, messages, self.spec.name)
 
-    def render_tool_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *,
-                         add_generation_prompt: bool = True) -> str | None:
-        """A chat with tools through the template itself, if it renders them (`render_tool_chat`)."""
-        if self._tokenizer is None:
-            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
-        return render_tool_chat(self._tokenizer, messages, tools, self.spec.name,
-                                add_generation_prompt=add_generation_prompt)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the request's deltas. Closing the iterator (or cancelling its consumer)

@@ -41,18 +41,18 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from typing import Any
 
 from maas.mesh.errors import EngineDead, FailedPrecondition, MaasError, Unavailable
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import (
-    ChatMessage,
     Delta,
     EngineStats,
     GenerationRequest,
     ModelSpec,
+    TemplateChats,
     drain,
 )
 
@@ -124,7 +124,7 @@ def cpu_threads_bind(ranks: int) -> str:
     return "|".join(groups)
 
 
-class ProcessEngine:
+class ProcessEngine(TemplateChats):
     """`HFEngine` (or `VLLMEngine`, by `engines.engine_kind`) for `spec`, run in a child process."""
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -214,21 +214,7 @@ class ProcessEngine:
 
     # ---- requests ----------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        from maas.services.worker.engines.hf import render_chat
 
-        if self._tokenizer is None:
-            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
-        return render_chat(self._tokenizer, messages, self.spec.name)
-
-    def render_tool_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *,
-                         add_generation_prompt: bool = True) -> str | None:
-        from maas.services.worker.engines.hf import render_tool_chat
-
-        if self._tokenizer is None:
-            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
-        return render_tool_chat(self._tokenizer, messages, tools, self.spec.name,
-                                add_generation_prompt=add_generation_prompt)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._dead is not None:

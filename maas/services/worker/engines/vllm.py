@@ -61,14 +61,15 @@ from maas.mesh.errors import (
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import (
     AdapterRef,
-    ChatMessage,
     Delta,
     EngineStats,
     FinishReason,
     GenerationRequest,
     ModelSpec,
+    TemplateChats,
     TokenLogprob,
     check_context,
+    option_int,
 )
 from maas.services.worker.engines.sampling import request_seed
 from maas.services.worker.engines.text import DeltaAssembler, IncrementalDetokenizer, TokenStrings
@@ -86,13 +87,6 @@ def _option(spec: ModelSpec, name: str, default: str, choices: Sequence[str]) ->
     return value
 
 
-def _option_int(spec: ModelSpec, name: str, default: int, minimum: int = 1) -> int:
-    raw = spec.options.get(name)
-    if raw is None:
-        return default
-    if not raw.isascii() or not raw.isdigit() or int(raw) < minimum:
-        raise InvalidArgument(f"option {name} must be an integer >= {minimum}, got {raw!r}", field=name)
-    return int(raw)
 
 
 def _option_float(spec: ModelSpec, name: str, default: float) -> float:
@@ -108,7 +102,7 @@ def _option_float(spec: ModelSpec, name: str, default: float) -> float:
     return value
 
 
-class VLLMEngine:
+class VLLMEngine(TemplateChats):
     """A vLLM `AsyncLLM` for `spec`, used from the event loop that loaded it."""
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -117,8 +111,8 @@ class VLLMEngine:
                                   f"{spec.task!r} (embedding models use the built-in engine)", field="options")
         self.spec = spec
         self.context_length = 0
-        self.max_batch = _option_int(spec, "max_batch", 64)
-        self.max_adapters = _option_int(spec, "max_adapters", 8, minimum=0)
+        self.max_batch = option_int(spec, "max_batch", 64)
+        self.max_adapters = option_int(spec, "max_adapters", 8, minimum=0)
         self.sampler = _option(spec, "sampler", "maas", ("maas", "vllm"))
         self._label = f"{spec.name}@{spec.version}"
         self._local = os.path.isdir(spec.source)  # a directory (from the registry), not a hub id
@@ -163,18 +157,18 @@ class VLLMEngine:
         if len(spec.devices) > 1:  # tensor parallel: a rank per device, each in a vLLM worker process
             kwargs.update(tensor_parallel_size=len(spec.devices), distributed_executor_backend="mp")
         if "context_length" in spec.options:
-            kwargs["max_model_len"] = _option_int(spec, "context_length", 0, minimum=2)
+            kwargs["max_model_len"] = option_int(spec, "context_length", 0, minimum=2)
         if cuda:
             kwargs["gpu_memory_utilization"] = _option_float(spec, "gpu_memory_utilization", 0.85)
         else:
-            kwargs["kv_cache_memory_bytes"] = _option_int(spec, "kv_cache_mb", 256) * MiB
+            kwargs["kv_cache_memory_bytes"] = option_int(spec, "kv_cache_mb", 256) * MiB
         if self.max_adapters:
             # one slot more than adapters ever loaded: vLLM's CPU LoRA kernels (0.32) index the
             # slot of a row without adapter as -1, which picks the last slot's weights once every
             # slot is taken (a base request batched with adapters came out as the last adapter's)
             slots = self.max_adapters + 1
             kwargs.update(enable_lora=True, max_loras=slots, max_cpu_loras=slots,
-                          max_lora_rank=_option_int(spec, "max_lora_rank", 64))
+                          max_lora_rank=option_int(spec, "max_lora_rank", 64))
         if self.sampler == "maas":
             kwargs["logits_processors"] = ["maas.services.worker.engines.vllm_sampler:PositionSampler"]
         return AsyncEngineArgs(**kwargs)
@@ -310,21 +304,7 @@ class VLLMEngine:
 
     # ---- chats ----------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        from maas.services.worker.engines.hf import render_chat
 
-        if self._tokenizer is None:
-            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
-        return render_chat(self._tokenizer, messages, self.spec.name)
-
-    def render_tool_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *,
-                         add_generation_prompt: bool = True) -> str | None:
-        from maas.services.worker.engines.hf import render_tool_chat
-
-        if self._tokenizer is None:
-            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
-        return render_tool_chat(self._tokenizer, messages, tools, self.spec.name,
-                                add_generation_prompt=add_generation_prompt)
 
     @property
     def tokenizer(self) -> Any:
