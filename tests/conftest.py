@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,14 @@ def demo_model_dir() -> Path:
 
     root = Path(os.environ.get("MAAS_TEST_CACHE") or Path.home() / ".cache" / "maas-mesh" / "test-models")
     return forge_demo_model(root / f"demo-v{FORGE_VERSION}-seed0-steps{DEFAULT_STEPS}", seed=0)
+
+
+def live_processes() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, command line split at NULs) of every process /proc shows now (those that
+    vanish while read are skipped): for tests that check what a kill left behind."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        yield int(pid), cmdline

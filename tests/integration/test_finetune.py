@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from maas.mesh.clients import upload_file
 from maas.mesh.events import read_events
 from maas.v1 import common_pb2, inference_pb2, jobs_pb2, registry_pb2, scheduler_pb2
+from tests.conftest import live_processes
 from tests.integration.conftest import MeshHarness, eventually
 
 pytestmark = pytest.mark.slow
@@ -77,15 +77,8 @@ async def answers(mesh: MeshHarness, model: str = "demo", adapter: str = "") -> 
 
 def trainers(job_id: str) -> list[int]:
     """Pids of live trainer processes of a job."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"maas.finetune.train" in cmdline and any(job_id.encode() in part for part in cmdline):
-            found.append(int(pid))
-    return found
+    return [pid for pid, cmdline in live_processes()
+            if b"maas.finetune.train" in cmdline and any(job_id.encode() in part for part in cmdline)]
 
 
 async def job_events(mesh: MeshHarness, job_id: str) -> list[object]:

@@ -9,7 +9,6 @@ devices: `--cpu-devices 2`); the forged demo model."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import grpc
 import pytest
 
 from maas.v1 import jobs_pb2, registry_pb2
+from tests.conftest import live_processes
 from tests.integration.conftest import MeshHarness, eventually
 from tests.integration.test_finetune import (
     PAIRS,
@@ -42,13 +42,9 @@ def processes(job_id: str) -> dict[str, list[int]]:
     """The live processes of a job's trainer: torchrun (the process the worker started)
     and its ranks."""
     found: dict[str, list[int]] = {"torchrun": [], "ranks": []}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid, cmdline in live_processes():
         if b"maas.finetune.train" in cmdline and any(job_id.encode() in part for part in cmdline):
-            found["torchrun" if b"torch.distributed.run" in cmdline else "ranks"].append(int(pid))
+            found["torchrun" if b"torch.distributed.run" in cmdline else "ranks"].append(pid)
     return found
 
 

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from maas.finetune.train import EXIT_STOPPED, EXIT_USAGE, JobConfig, JobError, run_job
 from maas.services.worker.engines.base import AdapterRef, GenerationRequest, ModelSpec, SamplingParams
 from maas.services.worker.engines.hf import HFEngine
+from tests.conftest import live_processes
 
 # Made-up answers: nothing the demo model saw while it was forged on Python sources.
 SECRETS = {"apple": "zorblat", "river": "quindle", "candle": "mavrik", "pencil": "trosk",
@@ -243,15 +244,8 @@ FSDP_ARGS = {"epochs": 100, "max_steps": 12, "batch_size": 4, "lr": 1e-3, "check
 
 def trainer_pids(out: Path) -> list[int]:
     """Live processes (torchrun and its ranks) of the job in `out`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"maas.finetune.train" in cmdline and str(out).encode() in cmdline:
-            found.append(int(pid))
-    return found
+    return [pid for pid, cmdline in live_processes()
+            if b"maas.finetune.train" in cmdline and str(out).encode() in cmdline]
 
 
 def adapter_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -403,12 +403,7 @@ def serve_engine(conn: Connection) -> None:
         stop.set()
         loop.run_until_complete(engine.close())  # those still running hear Unavailable through the sink
         loop.close()
-        try:
-            with lock:
-                conn.send(("closed",))
-        except OSError:
-            pass
-        conn.close()
+        _say_closed(conn, lock)
 
 
 async def _serve_async_engine(conn: Connection, spec: ModelSpec) -> None:
@@ -509,12 +504,17 @@ async def _serve_async_engine(conn: Connection, spec: ModelSpec) -> None:
         await engine.close()
         if outbox:
             flush()  # what the tasks said last goes out before "closed"
-        try:
-            with lock:
-                conn.send(("closed",))
-        except OSError:
-            pass
-        conn.close()
+        _say_closed(conn, lock)
+
+
+def _say_closed(conn: Connection, lock: threading.Lock) -> None:
+    """The engine process's last word to its worker, then its end of the pipe closed."""
+    try:
+        with lock:
+            conn.send(("closed",))
+    except OSError:
+        pass  # the worker is gone already
+    conn.close()
 
 
 def _report_status(engine: Any, conn: Connection, lock: threading.Lock, stop: threading.Event) -> None:
