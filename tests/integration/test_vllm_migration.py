@@ -41,7 +41,7 @@ async def test_vllm_streams_move_off_a_killed_worker_with_the_same_tokens(mesh: 
         return common_pb2.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, stop=["@@@@ never @@@@"],
                                          **sampled)  # type: ignore[arg-type]
 
-    async def stream(i: int, started: asyncio.Event | None = None) -> tuple[list[int], str, set[str]]:
+    async def stream(i: int, first: dict[int, str] | None = None) -> tuple[list[int], str, set[str]]:
         request = inference_pb2.GenerateRequest(model="demo", prompt=f"def function_{i}(x):", params=params(i))
         tokens: list[int] = []
         text, replicas = "", set()
@@ -49,18 +49,23 @@ async def test_vllm_streams_move_off_a_killed_worker_with_the_same_tokens(mesh: 
             tokens += chunk.token_ids
             text += chunk.text
             replicas.add(chunk.replica_id)
-            if started is not None and len(tokens) >= 5:
-                started.set()
+            if first is not None and len(tokens) >= 5:
+                first.setdefault(i, chunk.replica_id)
         return tokens, text, replicas
 
     expected = await asyncio.gather(*(stream(i) for i in range(STREAMS)))
     assert all(len(tokens) == MAX_TOKENS for tokens, _, _ in expected)
     moved_before = REGISTRY.get_sample_value("maas_router_migrations_total", {"model": "demo"}) or 0.0
 
-    started = asyncio.Event()
-    runs = [asyncio.create_task(stream(i, started if i == 0 else None)) for i in range(STREAMS)]
-    await started.wait()
-    workers["w1"].signal(signal.SIGKILL)
+    # where each stream runs is the router's choice: kill the worker serving the most sampled
+    # streams, once every stream is under way, so that a sampled one is certain to be moved
+    first: dict[int, str] = {}
+    runs = [asyncio.create_task(stream(i, first)) for i in range(STREAMS)]
+    await eventually(lambda: len(first) == STREAMS, timeout=60)
+    worker_of = {r.replica_id: r.worker_id for r in st.replicas}
+    sampled_on = {w: sum(1 for i, rid in first.items() if i % 2 and worker_of[rid] == w) for w in workers}
+    victim = max(sampled_on, key=lambda w: sampled_on[w])
+    workers[victim].signal(signal.SIGKILL)
     got = await asyncio.gather(*runs)  # raises if a stream failed
 
     for i, ((tokens, text, _), (want_tokens, want_text, _)) in enumerate(zip(got, expected, strict=True)):

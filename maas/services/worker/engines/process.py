@@ -48,6 +48,7 @@ from typing import Any
 from maas.mesh.errors import EngineDead, FailedPrecondition, MaasError, Unavailable
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import (
+    WEIGHTS_LOCK,
     Delta,
     EngineStats,
     GenerationRequest,
@@ -124,6 +125,13 @@ def cpu_threads_bind(ranks: int) -> str:
     return "|".join(groups)
 
 
+def _load_tokenizer(source: str) -> Any:
+    with WEIGHTS_LOCK:  # one thread at a time imports transformers (see jobs._render_pairs)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source)
+
+
 class ProcessEngine(TemplateChats):
     """`HFEngine` (or `VLLMEngine`, by `engines.engine_kind`) for `spec`, run in a child process."""
 
@@ -170,9 +178,9 @@ class ProcessEngine(TemplateChats):
                 if first[0] != "ready":
                     await asyncio.to_thread(process.wait, CLOSE_TIMEOUT)
                     raise first[1]
-                from transformers import AutoTokenizer
-
-                self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.spec.source)
+                # importing transformers takes seconds on a busy machine: off the loop, which
+                # keeps this worker's etcd lease alive (a lapse reschedules its replicas)
+                self._tokenizer = await asyncio.to_thread(_load_tokenizer, self.spec.source)
             except BaseException:  # failed or cancelled (unassigned while loading): no orphan left
                 ours.close()
                 if process.poll() is None:
