@@ -63,6 +63,7 @@ SERVICE_DESCRIPTORS = (
     batches_pb2.DESCRIPTOR.services_by_name["Files"],
     batches_pb2.DESCRIPTOR.services_by_name["Batches"],
     tokenize_pb2.DESCRIPTOR.services_by_name["Tokenizer"],
+    tokenize_pb2.DESCRIPTOR.services_by_name["TokenizerFiles"],
 )
 
 

@@ -4,8 +4,9 @@ Lifecycle events go to the stream MAAS_EVENTS on `maas.events.<entity>.<what>`. 
 an `Event` protobuf whose id is also the Nats-Msg-Id header, so retrying a publish after
 a reconnect is deduplicated by the server. Publishing never blocks a service: events go
 into a bounded outbox that a background task drains, retrying with the same id while
-NATS is away. Load reports are core NATS on `maas.load.<worker>`, and routers' reports on
-deployed pipelines on `maas.pipeline.<router>`: lossy by design.
+NATS is away. Load reports are core NATS on `maas.load.<worker>`, prefix-cache reports on
+`maas.kv.<worker>`, and routers' reports on deployed pipelines on `maas.pipeline.<router>`:
+lossy by design.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 STREAM = "MAAS_EVENTS"
 EVENT_SUBJECTS = "maas.events.>"
 LOAD_SUBJECT = "maas.load"
+KV_SUBJECT = "maas.kv"  # workers' prefix-cache reports (mesh_pb2.KvEvents, maas/mesh/kvblocks.py)
 PIPELINE_SUBJECT = "maas.pipeline"  # routers' reports on deployed pipelines (mesh_pb2.PipelineReport)
 
 
@@ -208,6 +210,25 @@ class EventBus:
         if self.nc is not None and self.nc.is_connected:
             with contextlib.suppress(Exception):
                 await self.nc.publish(f"{LOAD_SUBJECT}.{report.worker_id}", report.SerializeToString())
+
+    async def publish_kv(self, report: mesh_pb2.KvEvents) -> None:
+        if self.nc is not None and self.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(f"{KV_SUBJECT}.{report.worker_id}", report.SerializeToString())
+
+    async def subscribe_kv(self, callback: Callable[[mesh_pb2.KvEvents], None]) -> None:
+        assert self.nc is not None
+
+        async def handler(msg: Msg) -> None:
+            report = mesh_pb2.KvEvents()
+            try:
+                report.ParseFromString(msg.data)
+            except Exception:
+                log.warning("a KV event report could not be read")
+                return
+            callback(report)
+
+        self._subs.append(await self.nc.subscribe(f"{KV_SUBJECT}.*", cb=handler))
 
     async def publish_pipeline(self, report: mesh_pb2.PipelineReport) -> None:
         if self.nc is not None and self.nc.is_connected:

@@ -168,6 +168,40 @@ class ObjectiveStats(_message.Message):
     max_ms: float
     def __init__(self, step: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., slow: _Optional[int] = ..., max_ms: _Optional[float] = ...) -> None: ...
 
+class KvEvents(_message.Message):
+    __slots__ = ("worker_id", "replica_id", "model", "block_size", "seq", "events")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    replica_id: str
+    model: str
+    block_size: int
+    seq: int
+    events: _containers.RepeatedCompositeFieldContainer[KvEvent]
+    def __init__(self, worker_id: _Optional[str] = ..., replica_id: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., seq: _Optional[int] = ..., events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ...) -> None: ...
+
+class KvEvent(_message.Message):
+    __slots__ = ("kind", "block_hashes")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[KvEvent.Kind]
+        STORED: _ClassVar[KvEvent.Kind]
+        REMOVED: _ClassVar[KvEvent.Kind]
+        CLEARED: _ClassVar[KvEvent.Kind]
+    KIND_UNSPECIFIED: KvEvent.Kind
+    STORED: KvEvent.Kind
+    REMOVED: KvEvent.Kind
+    CLEARED: KvEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    kind: KvEvent.Kind
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, kind: _Optional[_Union[KvEvent.Kind, str]] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class LoadReport(_message.Message):
     __slots__ = ("worker_id", "in_flight", "queue_depth", "running", "kv_cache_used", "tokens_per_second", "prefix_hit_rate", "time_ms", "replicas")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]

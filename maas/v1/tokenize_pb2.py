@@ -26,7 +26,7 @@ from maas.v1 import access_pb2 as maas_dot_v1_dot_access__pb2
 from maas.v1 import inference_pb2 as maas_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16maas/v1/tokenize.proto\x12\x07maas.v1\x1a\x14maas/v1/access.proto\x1a\x17maas/v1/inference.proto\"\x9b\x02\n\x0fTokenizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12&\n\x08messages\x18\x04 \x03(\x0b\x32\x14.maas.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\x19\n\x11return_token_strs\x18\x07 \x01(\x08\x12\x1c\n\x05tools\x18\x08 \x03(\x0b\x32\r.maas.v1.ToolB\x18\n\x16_add_generation_promptB\x15\n\x13_add_special_tokens\"\\\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\r\x12\x12\n\ntoken_strs\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\"F\n\x11\x44\x65tokenizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x03(\r\"3\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t2\xc5\x01\n\tTokenizer\x12X\n\x08Tokenize\x12\x18.maas.v1.TokenizeRequest\x1a\x19.maas.v1.TokenizeResponse\"\x17\xfa\x9f\x19\x13\n\tinference\x12\x06router\x12^\n\nDetokenize\x12\x1a.maas.v1.DetokenizeRequest\x1a\x1b.maas.v1.DetokenizeResponse\"\x17\xfa\x9f\x19\x13\n\tinference\x12\x06routerb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16maas/v1/tokenize.proto\x12\x07maas.v1\x1a\x14maas/v1/access.proto\x1a\x17maas/v1/inference.proto\"\x9b\x02\n\x0fTokenizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12&\n\x08messages\x18\x04 \x03(\x0b\x32\x14.maas.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\x19\n\x11return_token_strs\x18\x07 \x01(\x08\x12\x1c\n\x05tools\x18\x08 \x03(\x0b\x32\r.maas.v1.ToolB\x18\n\x16_add_generation_promptB\x15\n\x13_add_special_tokens\"\\\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\r\x12\x12\n\ntoken_strs\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\"F\n\x11\x44\x65tokenizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x03(\r\"3\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\")\n\x18GetTokenizerFilesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"Q\n\x19GetTokenizerFilesResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x16.maas.v1.TokenizerFile\"+\n\rTokenizerFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xc5\x01\n\tTokenizer\x12X\n\x08Tokenize\x12\x18.maas.v1.TokenizeRequest\x1a\x19.maas.v1.TokenizeResponse\"\x17\xfa\x9f\x19\x13\n\tinference\x12\x06router\x12^\n\nDetokenize\x12\x1a.maas.v1.DetokenizeRequest\x1a\x1b.maas.v1.DetokenizeResponse\"\x17\xfa\x9f\x19\x13\n\tinference\x12\x06router2z\n\x0eTokenizerFiles\x12h\n\x11GetTokenizerFiles\x12!.maas.v1.GetTokenizerFilesRequest\x1a\".maas.v1.GetTokenizerFilesResponse\"\x0c\xfa\x9f\x19\x08\n\x06routerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIZER'].methods_by_name['Tokenize']._serialized_options = b'\372\237\031\023\n\tinference\022\006router'
   _globals['_TOKENIZER'].methods_by_name['Detokenize']._loaded_options = None
   _globals['_TOKENIZER'].methods_by_name['Detokenize']._serialized_options = b'\372\237\031\023\n\tinference\022\006router'
+  _globals['_TOKENIZERFILES'].methods_by_name['GetTokenizerFiles']._loaded_options = None
+  _globals['_TOKENIZERFILES'].methods_by_name['GetTokenizerFiles']._serialized_options = b'\372\237\031\010\n\006router'
   _globals['_TOKENIZEREQUEST']._serialized_start=83
   _globals['_TOKENIZEREQUEST']._serialized_end=366
   _globals['_TOKENIZERESPONSE']._serialized_start=368
@@ -45,6 +47,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DETOKENIZEREQUEST']._serialized_end=532
   _globals['_DETOKENIZERESPONSE']._serialized_start=534
   _globals['_DETOKENIZERESPONSE']._serialized_end=585
-  _globals['_TOKENIZER']._serialized_start=588
-  _globals['_TOKENIZER']._serialized_end=785
+  _globals['_GETTOKENIZERFILESREQUEST']._serialized_start=587
+  _globals['_GETTOKENIZERFILESREQUEST']._serialized_end=628
+  _globals['_GETTOKENIZERFILESRESPONSE']._serialized_start=630
+  _globals['_GETTOKENIZERFILESRESPONSE']._serialized_end=711
+  _globals['_TOKENIZERFILE']._serialized_start=713
+  _globals['_TOKENIZERFILE']._serialized_end=756
+  _globals['_TOKENIZER']._serialized_start=759
+  _globals['_TOKENIZER']._serialized_end=956
+  _globals['_TOKENIZERFILES']._serialized_start=958
+  _globals['_TOKENIZERFILES']._serialized_end=1080
 # @@protoc_insertion_point(module_scope)

@@ -57,3 +57,25 @@ class DetokenizeResponse(_message.Message):
     prompt: str
     model: str
     def __init__(self, prompt: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class GetTokenizerFilesRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class GetTokenizerFilesResponse(_message.Message):
+    __slots__ = ("model", "files")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    files: _containers.RepeatedCompositeFieldContainer[TokenizerFile]
+    def __init__(self, model: _Optional[str] = ..., files: _Optional[_Iterable[_Union[TokenizerFile, _Mapping]]] = ...) -> None: ...
+
+class TokenizerFile(_message.Message):
+    __slots__ = ("name", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...

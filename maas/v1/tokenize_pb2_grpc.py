@@ -152,3 +152,87 @@ class Tokenizer:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TokenizerFilesStub:
+    """A model's tokenizer files, from the worker that serves it, for a router that tokenizes
+    prompts itself to route them where their prefix is cached (KV-aware routing,
+    maas/services/router/kvroute.py). Served by workers, to routers only.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetTokenizerFiles = channel.unary_unary(
+                '/maas.v1.TokenizerFiles/GetTokenizerFiles',
+                request_serializer=maas_dot_v1_dot_tokenize__pb2.GetTokenizerFilesRequest.SerializeToString,
+                response_deserializer=maas_dot_v1_dot_tokenize__pb2.GetTokenizerFilesResponse.FromString,
+                _registered_method=True)
+
+
+class TokenizerFilesServicer:
+    """A model's tokenizer files, from the worker that serves it, for a router that tokenizes
+    prompts itself to route them where their prefix is cached (KV-aware routing,
+    maas/services/router/kvroute.py). Served by workers, to routers only.
+    """
+
+    def GetTokenizerFiles(self, request, context):
+        """The files of the tokenizer a replica's engine loaded (tokenizer.json, its config,
+        the chat template...): the REPLICA_HEADER metadata names the replica, else any
+        replica of `model` on the worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TokenizerFilesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetTokenizerFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTokenizerFiles,
+                    request_deserializer=maas_dot_v1_dot_tokenize__pb2.GetTokenizerFilesRequest.FromString,
+                    response_serializer=maas_dot_v1_dot_tokenize__pb2.GetTokenizerFilesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'maas.v1.TokenizerFiles', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('maas.v1.TokenizerFiles', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TokenizerFiles:
+    """A model's tokenizer files, from the worker that serves it, for a router that tokenizes
+    prompts itself to route them where their prefix is cached (KV-aware routing,
+    maas/services/router/kvroute.py). Served by workers, to routers only.
+    """
+
+    @staticmethod
+    def GetTokenizerFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.v1.TokenizerFiles/GetTokenizerFiles',
+            maas_dot_v1_dot_tokenize__pb2.GetTokenizerFilesRequest.SerializeToString,
+            maas_dot_v1_dot_tokenize__pb2.GetTokenizerFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

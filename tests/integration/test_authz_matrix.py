@@ -44,7 +44,8 @@ CALL_TIMEOUT = 10.0
 # Which kinds of service serve each service of SERVICE_DESCRIPTORS.
 SERVED_BY = {"maas.v1.Inference": ("router", "worker"), "maas.v1.Registry": ("registry",),
              "maas.v1.Pipelines": ("router",), "maas.v1.Files": ("registry",), "maas.v1.Batches": ("router",),
-             "maas.v1.Scheduler": ("scheduler",), "maas.v1.Tokenizer": ("router", "worker")}
+             "maas.v1.Scheduler": ("scheduler",), "maas.v1.Tokenizer": ("router", "worker"),
+             "maas.v1.TokenizerFiles": ("worker",)}
 INTERCEPTOR_DENIALS = ("may not call", "has no access rule")
 # Streams that never end on their own: read one message, then hang up.
 ENDLESS = {"/grpc.health.v1.Health/Watch"}

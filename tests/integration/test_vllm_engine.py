@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from maas.mesh import kvblocks
 from maas.mesh.errors import EngineDead, InvalidArgument
 from maas.services.worker.engines import create_engine
 from maas.services.worker.engines.base import (
@@ -30,6 +31,7 @@ from maas.services.worker.engines.base import (
 )
 from maas.services.worker.engines.hf import HFEngine
 from maas.services.worker.engines.process import ProcessEngine
+from tests.integration.conftest import eventually
 from tests.unit.test_adapters import make_adapter
 
 
@@ -212,6 +214,30 @@ async def test_load_reports_come_from_vllms_scheduler(vllm: ProcessEngine):
     await asyncio.gather(*(run(vllm, p, f"load{i}", max_tokens=700, ignore_eos=True) for i, p in enumerate(PROMPTS)))
     watcher.cancel()
     assert max(seen) >= 2, f"running counts seen while 4 requests ran: {sorted(set(seen))}"
+
+
+async def test_kv_events_name_the_prompts_blocks_as_the_router_does(vllm: ProcessEngine, builtin: HFEngine,
+                                                                    adapters: dict[str, AdapterRef]):
+    """vLLM's BlockStored events reach the worker (through the engine process's status
+    messages) renamed with kvblocks' chained names: the names a router computes from the
+    prompt's tokens, namespaced by adapter, whatever vLLM's own hashes are."""
+    assert vllm.kv_events is not None
+    events = vllm.kv_events
+    prompt = "# a long shared system prompt: " + " ".join(f"rule {i} is to be kind;" for i in range(80))
+    prompt_ids = builtin.tokenizer(prompt)["input_ids"]
+    assert len(prompt_ids) > 3 * 128  # several of vLLM's blocks
+    await run(vllm, prompt, "kv-base", max_tokens=4, temperature=0)
+    await run(vllm, prompt, "kv-adapter", max_tokens=4, temperature=0, adapter=adapters["a"])
+
+    def holds(names: list[int]) -> bool:
+        return bool(names) and all(n in events for n in names)
+
+    size = events.block_size
+    assert size > 0
+    base = kvblocks.block_hashes(prompt_ids, size)
+    adapted = kvblocks.block_hashes(prompt_ids, size, adapters["a"].key)
+    await eventually(lambda: holds(base) and holds(adapted), timeout=10)
+    assert not set(base) & set(adapted)
 
 
 async def test_a_dead_engine_core_fails_streams_with_engine_dead(vllm: ProcessEngine):

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from maas.mesh import kvblocks
 from maas.mesh.config import MeshConfig
 from maas.mesh.errors import StartupError
 from maas.mesh.logs import setup_logging
@@ -23,12 +24,14 @@ from maas.services.worker.extra import has_worker_extra, require_worker_extra, w
 from maas.services.worker.jobs import JobRunner
 from maas.services.worker.replicas import DEFAULT_CACHE, EngineFactory, ReplicaManager
 from maas.services.worker.service import WorkerInferenceServicer
-from maas.services.worker.tokenize import WorkerTokenizerServicer
+from maas.services.worker.tokenize import WorkerTokenizerFilesServicer, WorkerTokenizerServicer
 from maas.v1 import inference_pb2, inference_pb2_grpc, mesh_pb2, tokenize_pb2, tokenize_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 LOAD_REPORT_INTERVAL = 0.5
+KV_EVENTS_INTERVAL = 0.05  # prefix-cache changes reach routers this often (kvblocks.py)
+KV_EVENTS_PER_MESSAGE = 50_000  # block names per NATS message (8 bytes each)
 TORCH_THREADS_ENV = "MAAS_TORCH_THREADS"
 ENGINE_PROCESS_ENV = "MAAS_ENGINE_PROCESS"
 
@@ -114,6 +117,8 @@ async def build(rt: ServiceRuntime, *, devices: list[mesh_pb2.Device], labels: d
                    inference_pb2_grpc.add_InferenceServicer_to_server, WorkerInferenceServicer(replicas))
     rt.add_service(tokenize_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name,
                    tokenize_pb2_grpc.add_TokenizerServicer_to_server, WorkerTokenizerServicer(replicas))
+    rt.add_service(tokenize_pb2.DESCRIPTOR.services_by_name["TokenizerFiles"].full_name,
+                   tokenize_pb2_grpc.add_TokenizerFilesServicer_to_server, WorkerTokenizerFilesServicer(replicas))
     # fine-tuning work directories live beside the artifacts (the one place a worker must be able to write)
     jobs = JobRunner(rt, worker_id, replicas.artifacts, cache_dir / "jobs" / worker_id)
     rt.before_stop(replicas.drain)
@@ -129,11 +134,13 @@ async def build(rt: ServiceRuntime, *, devices: list[mesh_pb2.Device], labels: d
     await replicas.start()
     await jobs.start()
     reporter = asyncio.create_task(_report_load(rt, replicas), name="load-report")
+    relay = asyncio.create_task(_relay_kv_events(rt, replicas), name="kv-events")
 
     async def stop_reporter() -> None:
-        reporter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reporter
+        for task in (reporter, relay):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     rt.before_stop(stop_reporter)
     return replicas
@@ -153,6 +160,57 @@ async def _report_load(rt: ServiceRuntime, replicas: ReplicaManager) -> None:
             prefix_hit_rate=max((s.prefix_hit_rate for s in stats), default=0.0),
             time_ms=int(time.time() * 1000), replicas=[r.load() for r in ready]))
         await asyncio.sleep(LOAD_REPORT_INTERVAL)
+
+
+async def _relay_kv_events(rt: ServiceRuntime, replicas: ReplicaManager) -> None:
+    """Relay each ready replica's prefix-cache changes (`Engine.kv_events`, kvblocks.py) on
+    core NATS every KV_EVENTS_INTERVAL, and the whole set every kvblocks.SNAPSHOT_SECONDS,
+    for routers that route by cached prefix (lossy by design, as load reports are)."""
+    seqs: dict[str, int] = {}
+    snapshot_at: dict[str, float] = {}
+    while True:
+        await asyncio.sleep(KV_EVENTS_INTERVAL)
+        now = time.monotonic()
+        for rid in [r for r in seqs if r not in replicas.replicas]:
+            seqs.pop(rid, None)
+            snapshot_at.pop(rid, None)
+        for replica in list(replicas.replicas.values()):
+            events = getattr(replica.engine, "kv_events", None)
+            if events is None or replica.info.state != mesh_pb2.REPLICA_STATE_READY:
+                continue
+            rid = replica.info.replica_id
+            due = now - snapshot_at.get(rid, float("-inf")) >= kvblocks.SNAPSHOT_SECONDS
+            ops = events.snapshot() if due else events.take()
+            if due:
+                snapshot_at[rid] = now
+            if not ops:
+                continue
+            for batch in _kv_messages(ops):
+                seqs[rid] = seqs.get(rid, 0) + 1
+                await rt.events.publish_kv(mesh_pb2.KvEvents(
+                    worker_id=replicas.worker_id, replica_id=rid, model=replica.ref, block_size=events.block_size,
+                    seq=seqs[rid], events=batch))
+
+
+def _kv_messages(ops: list[kvblocks.Op]) -> list[list[mesh_pb2.KvEvent]]:
+    """`ops` as KvEvent lists of at most KV_EVENTS_PER_MESSAGE names each (NATS caps a message
+    at 1 MiB by default; a snapshot of a large GPU cache is bigger)."""
+    kinds = {kvblocks.STORED: mesh_pb2.KvEvent.STORED, kvblocks.REMOVED: mesh_pb2.KvEvent.REMOVED,
+             kvblocks.CLEARED: mesh_pb2.KvEvent.CLEARED}
+    out: list[list[mesh_pb2.KvEvent]] = [[]]
+    room = KV_EVENTS_PER_MESSAGE
+    for kind, names in ops:
+        if not names:
+            out[-1].append(mesh_pb2.KvEvent(kind=kinds[kind]))
+            continue
+        for start in range(0, len(names), KV_EVENTS_PER_MESSAGE):
+            part = names[start:start + KV_EVENTS_PER_MESSAGE]
+            if len(part) > room:
+                out.append([])
+                room = KV_EVENTS_PER_MESSAGE
+            out[-1].append(mesh_pb2.KvEvent(kind=kinds[kind], block_hashes=part))
+            room -= len(part)
+    return [batch for batch in out if batch]
 
 
 def main(ns: argparse.Namespace) -> int:

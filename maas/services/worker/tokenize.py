@@ -9,13 +9,17 @@ Generative transformers engines (`HFEngine`, `ProcessEngine`) offer their tokeni
 embedding engine's tokenizer is busy in its batches' thread), which is FAILED_PRECONDITION.
 
 `WorkerTokenizerServicer` is the service's thin gRPC adapter; the functions above it do the work.
+`WorkerTokenizerFilesServicer` hands a router the tokenizer itself (its files, as the engine's
+tokenizer saves them), for routers that tokenize prompts to route by cached prefix.
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,6 +34,7 @@ from maas.v1 import tokenize_pb2, tokenize_pb2_grpc
 
 INLINE_CHARS = 8192   # longer texts are tokenized off the event loop (as the engine does)
 INLINE_TOKENS = 4096  # longer id lists are decoded off the event loop
+MAX_TOKENIZER_BYTES = 64 * 1024 * 1024  # a tokenizer's files, all together (large vocabularies are ~20 MB)
 
 
 @dataclass(frozen=True)
@@ -138,3 +143,33 @@ class WorkerTokenizerServicer(tokenize_pb2_grpc.TokenizerServicer):
         async with self.replicas.serve(request.model, _replica_hint(context)) as (replica, engine):
             text = await detokenize(tokenizer_of(engine, replica.ref), request.tokens, replica.ref)
             return tokenize_pb2.DetokenizeResponse(prompt=text, model=replica.ref)
+
+
+def tokenizer_files(tokenizer: Any, model: str) -> list[tokenize_pb2.TokenizerFile]:
+    """The files `tokenizer.save_pretrained` writes: what loads it again elsewhere, chat
+    template included, whatever the model's source was (a directory, an artifact, a hub id)."""
+    with tempfile.TemporaryDirectory(prefix="maas-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = sorted(p for p in Path(tmp).iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in files)
+        if size > MAX_TOKENIZER_BYTES:
+            raise FailedPrecondition(f"the tokenizer of {model} is {size} bytes, more than the {MAX_TOKENIZER_BYTES} "
+                                     "a router fetches", field="model")
+        return [tokenize_pb2.TokenizerFile(name=p.name, data=p.read_bytes()) for p in files]
+
+
+class WorkerTokenizerFilesServicer(tokenize_pb2_grpc.TokenizerFilesServicer):
+    """A replica's tokenizer, as files, for a router (maas/services/router/kvroute.py)."""
+
+    def __init__(self, replicas: ReplicaManager) -> None:
+        self.replicas = replicas
+
+    async def GetTokenizerFiles(self, request: tokenize_pb2.GetTokenizerFilesRequest,
+                                context: grpc.aio.ServicerContext) -> tokenize_pb2.GetTokenizerFilesResponse:
+        if not request.model:
+            raise InvalidArgument("model must not be empty", field="model")
+        replica = self.replicas.find(request.model, _replica_hint(context))
+        assert replica.engine is not None
+        tokenizer = tokenizer_of(replica.engine, replica.ref)
+        files = await asyncio.to_thread(tokenizer_files, tokenizer, replica.ref)
+        return tokenize_pb2.GetTokenizerFilesResponse(model=replica.ref, files=files)

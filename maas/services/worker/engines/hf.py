@@ -51,6 +51,7 @@ from maas.mesh.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from maas.mesh.kvblocks import KvEvents
 from maas.mesh.tools import native
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import (
@@ -72,7 +73,7 @@ from maas.services.worker.engines.base import (
 from maas.services.worker.engines.batch import DecodeBatch
 from maas.services.worker.engines.fair import FairQueue, victim
 from maas.services.worker.engines.guide import Guides
-from maas.services.worker.engines.prefix import KV, PrefixCache
+from maas.services.worker.engines.prefix import KV, PREFIX_BLOCK, PrefixCache
 from maas.services.worker.engines.sampling import (
     Row,
     prompt_logprobs,
@@ -246,6 +247,7 @@ class HFEngine(TemplateChats):
         self._reserved = 0
         self._thread: threading.Thread | None = None
         self._prefix = PrefixCache(0)
+        self.kv_events: KvEvents | None = None
         self._tokens_per_second = 0.0
         self._step_seconds = 0.0  # decode step time, moving average
 
@@ -308,7 +310,9 @@ class HFEngine(TemplateChats):
         budget = option_int(self.spec, "kv_cache_mb", default_mb) * MiB
         self._kv_budget_tokens = budget // bytes_per_token
         prefix_mb = option_int(self.spec, "prefix_cache_mb", budget // MiB // 4, minimum=0)
-        self._prefix = PrefixCache(prefix_mb * MiB // bytes_per_token)
+        # what the prefix cache holds, reported for routers that route by cached prefix (kvblocks.py)
+        self.kv_events = KvEvents(PREFIX_BLOCK) if prefix_mb else None
+        self._prefix = PrefixCache(prefix_mb * MiB // bytes_per_token, PREFIX_BLOCK, self.kv_events)
         self._eos_ids = frozenset(eos)
         vocab = model.get_output_embeddings()
         vocab_size = int(getattr(vocab, "out_features", 0) or config.vocab_size)

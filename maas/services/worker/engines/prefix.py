@@ -5,6 +5,9 @@ block-aligned prefix of one prompt; every block boundary of every entry is index
 later prompt that shares only the first blocks (a system prompt, few-shot examples)
 still finds them. Entries are namespaced by adapter (a LoRA adapter changes the keys and
 values), bounded by a token budget, and evicted least recently used first.
+
+With `events` (a `kvblocks.KvEvents`), every block boundary the index gains or loses is
+reported under its chained block name, for routers that route by cached prefix.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from maas.mesh.kvblocks import KvEvents, block_hashes
+
+PREFIX_BLOCK = 16  # tokens per block
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, heads, tokens, head_dim]
 
 
@@ -23,12 +29,14 @@ class _Entry:
     namespace: str
     tokens: tuple[int, ...]
     kv: KV
+    names: list[int]  # kvblocks names of its blocks (empty without events)
 
 
 class PrefixCache:
-    def __init__(self, budget_tokens: int, block: int = 16) -> None:
+    def __init__(self, budget_tokens: int, block: int = PREFIX_BLOCK, events: KvEvents | None = None) -> None:
         self.budget_tokens = budget_tokens
         self.block = block
+        self.events = events
         self._entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
         self._index: dict[tuple[str, int, int], int] = {}  # (namespace, length, hash of prefix) -> entry
         self._next = 0
@@ -72,10 +80,13 @@ class PrefixCache:
             return
         entry_id, self._next = self._next, self._next + 1
         tokens = tuple(prompt[:length])
+        names = block_hashes(tokens, self.block, namespace) if self.events is not None else []
         self._entries[entry_id] = _Entry(namespace, tokens,
-                                         [(k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in kv])
+                                         [(k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in kv], names)
         for boundary in range(self.block, length + 1, self.block):
             self._index.setdefault(self._key(namespace, tokens[:boundary]), entry_id)
+        if self.events is not None:
+            self.events.stored(names)
         self.tokens += length
         while self.tokens > self.budget_tokens:
             self._evict()
@@ -83,6 +94,7 @@ class PrefixCache:
     def _evict(self) -> None:
         entry_id, entry = self._entries.popitem(last=False)
         self.tokens -= len(entry.tokens)
+        gone: list[int] = []
         for boundary in range(self.block, len(entry.tokens) + 1, self.block):
             key = self._key(entry.namespace, entry.tokens[:boundary])
             if self._index.get(key) == entry_id:
@@ -92,3 +104,8 @@ class PrefixCache:
                     if other.namespace == entry.namespace and other.tokens[:boundary] == entry.tokens[:boundary]:
                         self._index[key] = other_id
                         break
+                else:
+                    if entry.names:
+                        gone.append(entry.names[boundary // self.block - 1])
+        if self.events is not None and gone:
+            self.events.removed(gone)

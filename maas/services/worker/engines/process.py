@@ -46,6 +46,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from maas.mesh.errors import EngineDead, FailedPrecondition, MaasError, Unavailable
+from maas.mesh.kvblocks import KvEvents
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import (
     WEIGHTS_LOCK,
@@ -150,6 +151,8 @@ class ProcessEngine(TemplateChats):
         self._keys = itertools.count()
         self._stats = EngineStats()
         self._dead: MaasError | None = FailedPrecondition(f"model {spec.name} is not loaded")
+        # the child engine's prefix-cache blocks (kvblocks.py), from its status messages
+        self.kv_events: KvEvents | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -283,6 +286,11 @@ class ProcessEngine(TemplateChats):
             if message[0] == "status":
                 self._stats = message[1]
                 metrics.MERGED.update(self, message[2])
+                if message[3] is not None:  # the engine's prefix-cache changes, mirrored here for the relay
+                    block_size, ops = message[3]
+                    if self.kv_events is None:
+                        self.kv_events = KvEvents(block_size)
+                    self.kv_events.apply(ops)
             elif message[0] == "closed":
                 break
             else:
@@ -528,7 +536,9 @@ def _say_closed(conn: Connection, lock: threading.Lock) -> None:
 def _report_status(engine: Any, conn: Connection, lock: threading.Lock, stop: threading.Event) -> None:
     while not stop.wait(STATUS_INTERVAL):
         try:
-            message = ("status", engine.stats(), metrics.snapshot())
+            events = getattr(engine, "kv_events", None)
+            kv = (events.block_size, events.take()) if events is not None else None
+            message = ("status", engine.stats(), metrics.snapshot(), kv)
             with lock:
                 conn.send(message)
         except OSError:

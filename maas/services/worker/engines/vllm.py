@@ -58,6 +58,7 @@ from maas.mesh.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from maas.mesh.kvblocks import KvEvents
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import (
     AdapterRef,
@@ -78,6 +79,11 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled", "repetition": "stop"}
+
+
+def prefix_cache_on(spec: ModelSpec) -> bool:
+    """Whether the model version keeps vLLM's prefix cache on (option prefix_cache, default on)."""
+    return _option(spec, "prefix_cache", "on", ("on", "off")) == "on"
 
 
 def _option(spec: ModelSpec, name: str, default: str, choices: Sequence[str]) -> str:
@@ -137,6 +143,8 @@ class VLLMEngine(TemplateChats):
         self._m_tokens = metrics.TOKENS.labels(self._label)
         self._m_ttft = metrics.TTFT.labels(self._label)
         self._m_itl = metrics.ITL.labels(self._label)
+        self._kv: Any = None  # a vllm_kv.VLLMKvFollower while loaded with the prefix cache on
+        self.kv_events: KvEvents | None = None  # its blocks, for the worker's relay (kvblocks.py)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -149,7 +157,7 @@ class VLLMEngine(TemplateChats):
         kwargs: dict[str, Any] = dict(
             model=spec.source, tokenizer=spec.source, max_num_seqs=self.max_batch, seed=0,
             dtype=spec.options.get("dtype", "auto" if cuda else "float32"),
-            enable_prefix_caching=_option(spec, "prefix_cache", "on", ("on", "off")) == "on",
+            enable_prefix_caching=prefix_cache_on(spec),
             enforce_eager=_option(spec, "enforce_eager", "off", ("on", "off")) == "on",
             scheduling_policy="priority", disable_log_stats=False,
             structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
@@ -169,6 +177,8 @@ class VLLMEngine(TemplateChats):
             slots = self.max_adapters + 1
             kwargs.update(enable_lora=True, max_loras=slots, max_cpu_loras=slots,
                           max_lora_rank=option_int(spec, "max_lora_rank", 64))
+        if self._kv is not None:
+            kwargs["kv_events_config"] = self._kv.config()
         if self.sampler == "maas":
             kwargs["logits_processors"] = ["maas.services.worker.engines.vllm_sampler:PositionSampler"]
         return AsyncEngineArgs(**kwargs)
@@ -198,17 +208,28 @@ class VLLMEngine(TemplateChats):
                     "MAAS_VLLM_PYTHON at that environment's python") from None
 
             log.info("loading %s from %s with vLLM on %s", self._label, self.spec.source, ", ".join(self.spec.devices))
-            args = self._engine_args()
+            if prefix_cache_on(self.spec):  # its blocks, reported for routing by cached prefix
+                from maas.services.worker.engines.vllm_kv import VLLMKvFollower
+
+                self._kv = VLLMKvFollower()
+                self._kv.start()
             try:
+                args = self._engine_args()
                 tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.spec.source)
                 # made on this loop (it starts its output task here); loading takes seconds, but
                 # nothing else runs on an engine process's loop before the engine is ready
                 engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._stat_logger()])
-            except MaasError:
-                raise
-            except Exception as exc:
+            except BaseException as exc:
+                if self._kv is not None:
+                    self._kv.close()
+                    self._kv = None
+                if isinstance(exc, MaasError) or not isinstance(exc, Exception):
+                    raise
                 raise EngineDead(f"vLLM cannot load model {self.spec.name} from {self.spec.source}: "
                                  f"{type(exc).__name__}: {exc}") from exc
+            if self._kv is not None and self._kv.events is not None:
+                self._kv.events.block_size = int(engine.vllm_config.cache_config.block_size)
+                self.kv_events = self._kv.events
             self.context_length = int(engine.model_config.max_model_len)
             self._vocab = int(engine.model_config.get_vocab_size())
             eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -288,6 +309,9 @@ class VLLMEngine(TemplateChats):
             # the output task, which, were the loop free meanwhile, would log the core's end as
             # a failure (an engine process's loop serves nothing else once it closes)
             engine.shutdown()
+            if self._kv is not None:
+                self._kv.close()
+                self._kv, self.kv_events = None, None
             self._adapters.clear()
             del engine
             gc.collect()  # now, not at interpreter exit, where AsyncLLM.__del__ trips over torn-down modules
