@@ -24,6 +24,7 @@ from maas.mesh.server import ServiceRuntime
 from maas.services.registry import main as registry_main
 from maas.services.registry.apikeys import install_admin_token, put_key
 from maas.services.router import main as router_main
+from maas.services.router.pool import ReplicaPool
 from maas.services.scheduler import main as scheduler_main
 from maas.services.worker import main as worker_main
 from maas.services.worker.devices import detect_devices
@@ -71,6 +72,7 @@ class MeshHarness:
     runtimes: list[ServiceRuntime] = field(default_factory=list)
     children: list[Child] = field(default_factory=list)
     _client: MeshClient | None = None
+    router_pool: ReplicaPool | None = None  # the last in-process router's
     admin_token: str = field(default_factory=lambda: new_key()[0])
     service_keys: dict[str, str] = field(default_factory=lambda: {k: new_key()[0] for k in SERVICE_KINDS})
 
@@ -115,7 +117,7 @@ class MeshHarness:
                      **kw: object) -> ServiceRuntime:
         """`http_port` 0 serves the OpenAI HTTP API on a free port (`rt.info.http_endpoint`)."""
         rt = await self._runtime("router", **kw)
-        await router_main.build(rt, cold_start_timeout=cold_start_timeout, http_port=http_port,
+        self.router_pool = await router_main.build(rt, cold_start_timeout=cold_start_timeout, http_port=http_port,
                                 failover_timeout=failover_timeout, http_timeout=http_timeout,
                                 grpc_timeout=grpc_timeout, queue_timeout=queue_timeout)
         return rt

@@ -77,3 +77,8 @@ async def test_vllm_streams_move_off_a_killed_worker_with_the_same_tokens(mesh: 
     assert any(i % 2 for i in moved), f"no sampled stream was moved (moved: {moved})"
     count = (REGISTRY.get_sample_value("maas_router_migrations_total", {"model": "demo"}) or 0.0) - moved_before
     assert count >= len(moved)
+    # vLLM's KV events reach the router, renamed into the blocks it routes by (kvblocks.py)
+    survivor = next(r.replica_id for r in st.replicas if r.worker_id != victim)
+    assert mesh.router_pool is not None and mesh.router_pool.kv is not None
+    index = mesh.router_pool.kv.index
+    await eventually(lambda: index.held(survivor) > 0, timeout=30)

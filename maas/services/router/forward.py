@@ -258,7 +258,7 @@ class Forwarder:
                 in_flight = self.pool.in_flight
                 last: float | None = None
                 while True:
-                    replica = await attempts.next(affinity)
+                    replica = await attempts.next(affinity, self._kv_request(request, affinity))
                     if attempts.first:
                         OVERHEAD.observe(time.perf_counter() - entered)
                     sent = payload
@@ -341,7 +341,7 @@ class Forwarder:
                 affinity = affinity_key(request, session, prefix=self.prefix_affinity)
                 in_flight = self.pool.in_flight
                 while True:
-                    replica = await attempts.next(affinity)
+                    replica = await attempts.next(affinity, self._kv_request(request, affinity))
                     if attempts.first:
                         OVERHEAD.observe(time.perf_counter() - entered)
                     rid = replica.replica_id
@@ -379,6 +379,14 @@ class Forwarder:
                 self._meter("generate", ticket, request.request_id, asked, request.adapter, replica,
                             reply.usage if reply is not None else None, reply.model if reply is not None else "",
                             status, entered)
+
+    def _kv_request(self, request: inference_pb2.GenerateRequest, affinity: str
+                    ) -> inference_pb2.GenerateRequest | None:
+        """The request, for routing by the blocks replicas hold (router/kvroute.py), unless
+        a session pins it or prefix affinity is off."""
+        if not self.prefix_affinity or affinity.startswith("session|"):
+            return None
+        return request
 
     def _online_begins(self, request: inference_pb2.GenerateRequest) -> str:
         """Count a request that is not of the batch class on its deployment, which batches
@@ -579,7 +587,8 @@ class _Attempts:
         self.first = True
         self.lost = ""  # the last failure, for the error if no replica takes over
 
-    async def next(self, affinity: str) -> mesh_pb2.ReplicaInfo:
+    async def next(self, affinity: str, request: inference_pb2.GenerateRequest | None = None
+                   ) -> mesh_pb2.ReplicaInfo:
         pool = self.fw.pool
         if self.lost and not self._untried():
             await self._wait_for_replica()
@@ -590,7 +599,7 @@ class _Attempts:
                 self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
         if self.full and not any(r.replica_id not in self.tried | self.full for r in pool.ready(self.model)):
             await self._wait_for_room()
-        replica = await pool.pick(self.model, self.tried | self.full, _remaining(self.deadline), affinity)
+        replica = await pool.pick(self.model, self.tried | self.full, _remaining(self.deadline), affinity, request)
         self.first = not self.tried and not self.full and self.queued_since is None
         self.tried.add(replica.replica_id)
         return replica

@@ -14,6 +14,7 @@ from maas.services.router import batches
 from maas.services.router.batches import DEFAULT_CONCURRENCY, DEFAULT_YIELD, BatchesServicer, BatchService
 from maas.services.router.forward import FAILOVER_SECONDS, QUEUE_SECONDS, Forwarder
 from maas.services.router.http import DEFAULT_TIMEOUT, TIMEOUT_HEADER, HttpApi, error_of
+from maas.services.router.kvroute import KvRouter
 from maas.services.router.pipelines import PLUGIN_POLICIES, PipelineCatalog
 from maas.services.router.pool import COLD_START_SECONDS, ReplicaPool
 from maas.services.router.replay import PipelinesServicer
@@ -135,6 +136,10 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     await pool.start()
     await gate.start()
     await rt.events.subscribe_load(pool.observe)
+    if prefix_affinity:  # route by the blocks replicas hold (router/kvroute.py)
+        pool.kv = KvRouter(tls=rt.config.tls, credential=forwarder.credential)
+        rt.add_closer(pool.kv.close)
+        await rt.events.subscribe_kv(pool.kv.observe)
     catalog.start_reporting(rt.events, rt.config.instance)  # deployed pipelines' outcomes, for canary judging
     batch_service.start()
     return pool

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import Counter
 
 from maas.mesh.clients import RegistryClient, dial, pick_endpoint
 from maas.mesh.discovery import PrefixMirror
@@ -29,6 +30,7 @@ from maas.mesh.errors import (
     from_rpc_error,
 )
 from maas.mesh.etcd import EtcdSession
+from maas.services.router.kvroute import KvRouter
 from maas.v1 import (
     inference_pb2,
     inference_pb2_grpc,
@@ -39,6 +41,12 @@ from maas.v1 import (
 )
 
 log = logging.getLogger(__name__)
+
+KV_ROUTED = Counter("maas_router_kv_routed_requests_total",
+                    "Requests sent to the replica holding most of their prompt's prefix (KV-aware routing).",
+                    ["model"])
+KV_MATCHED = Counter("maas_router_kv_matched_blocks_total",
+                     "Prompt prefix blocks the chosen replica held, over KV-routed requests.", ["model"])
 
 SUSPECT_SECONDS = 5.0
 FULL_SECONDS = 0.2  # how long a replica that said its queue is full is refused here without asking it
@@ -111,6 +119,7 @@ class ReplicaPool:
         self._calls_on: dict[str, set[grpc.aio.Call]] = {}  # replica -> calls in flight on it
         self._abandoned: set[grpc.aio.Call] = set()
         self.replicas.add_listener(self._replica_changed)
+        self.kv: KvRouter | None = None  # routing by cached blocks, once the router wires it (main.py)
 
     async def start(self) -> None:
         await self.replicas.start()
@@ -219,7 +228,7 @@ class ReplicaPool:
             return candidates[0]
         loads = {r.replica_id: self.load(r.replica_id) for r in candidates}
         if affinity:
-            bound = max(AFFINITY_SLACK, (sum(loads.values()) + 1) / len(candidates) * AFFINITY_FACTOR)
+            bound = self._bound(candidates)
             for r in sorted(candidates, key=lambda r: _rank(affinity, r.replica_id)):
                 if loads[r.replica_id] + 1 <= bound:
                     return r
@@ -227,9 +236,12 @@ class ReplicaPool:
         return a if loads[a.replica_id] <= loads[b.replica_id] else b
 
     async def pick(self, model: str, exclude: set[str] = frozenset(),  # type: ignore[assignment]
-                   deadline: float | None = None, affinity: str = "") -> mesh_pb2.ReplicaInfo:
-        """A ready replica (see `choose`), avoiding recently failed workers. A model scaled to
-        zero is started and waited for (at most `deadline` seconds)."""
+                   deadline: float | None = None, affinity: str = "",
+                   request: inference_pb2.GenerateRequest | None = None) -> mesh_pb2.ReplicaInfo:
+        """A ready replica, avoiding recently failed workers: with a `request` and replicas
+        that report their cached blocks, the one holding most of its prompt's prefix
+        (`kvroute.KvRouter`, within the same load bound), else as `choose` says. A model
+        scaled to zero is started and waited for (at most `deadline` seconds)."""
         if not model:
             raise InvalidArgument("model must not be empty", field="model")
         ready = self.ready(model)
@@ -243,7 +255,19 @@ class ReplicaPool:
         if self._suspect:
             now = time.monotonic()
             ready = [r for r in ready if self._suspect.get(r.endpoint, 0) < now] or ready
+        if request is not None and self.kv is not None and len(ready) > 1:
+            found = await self.kv.choose(ready, request, self.load, self._bound(ready))
+            if found is not None:
+                KV_ROUTED.labels(model.partition("@")[0]).inc()
+                KV_MATCHED.labels(model.partition("@")[0]).inc(found[1])
+                return found[0]
         return self.choose(ready, affinity)
+
+    def _bound(self, candidates: list[mesh_pb2.ReplicaInfo]) -> float:
+        """The most requests in flight a replica may have and still be preferred for its
+        cache (bounded load): AFFINITY_FACTOR times the average, at least AFFINITY_SLACK."""
+        total = sum(self.load(r.replica_id) for r in candidates)
+        return max(AFFINITY_SLACK, (total + 1) / len(candidates) * AFFINITY_FACTOR)
 
     def _split(self, model: str, ready: list[mesh_pb2.ReplicaInfo]) -> list[mesh_pb2.ReplicaInfo]:
         """The replicas of the version this request goes to: a canary gets its weight's share
@@ -381,6 +405,8 @@ class ReplicaPool:
 
     def _replica_changed(self, replica_id: str, old: mesh_pb2.ReplicaInfo | None,
                          new: mesh_pb2.ReplicaInfo | None) -> None:
+        if new is None and self.kv is not None:
+            self.kv.forget(replica_id)
         if new is not None or (old is not None and old.state == mesh_pb2.REPLICA_STATE_DRAINING):
             return  # a draining worker gave up its lease on purpose: it finishes what it has
         calls = self._calls_on.pop(replica_id, set())

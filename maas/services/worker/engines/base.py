@@ -187,14 +187,14 @@ class TemplateChats:
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         """The tokenizer's chat template (with the generation prompt), or `plain_chat` for a
         tokenizer without one."""
-        from maas.services.worker.engines.hf import render_chat
+        from maas.services.worker.engines.chat import render_chat
 
         return render_chat(self._loaded_tokenizer(), messages, self.spec.name)
 
     def render_tool_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *,
                          add_generation_prompt: bool = True) -> str | None:
         """A chat with tools through the template itself, if it renders them (`hf.render_tool_chat`)."""
-        from maas.services.worker.engines.hf import render_tool_chat
+        from maas.services.worker.engines.chat import render_tool_chat
 
         return render_tool_chat(self._loaded_tokenizer(), messages, tools, self.spec.name,
                                 add_generation_prompt=add_generation_prompt)

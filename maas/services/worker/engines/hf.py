@@ -36,7 +36,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,12 +52,10 @@ from maas.mesh.errors import (
     Unavailable,
 )
 from maas.mesh.kvblocks import KvEvents
-from maas.mesh.tools import native
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import (
     WEIGHTS_LOCK,
     AdapterRef,
-    ChatMessage,
     Delta,
     EngineStats,
     FinishReason,
@@ -68,9 +66,9 @@ from maas.services.worker.engines.base import (
     check_context,
     drain,
     option_int,
-    plain_chat,
 )
 from maas.services.worker.engines.batch import DecodeBatch
+from maas.services.worker.engines.chat import render_chat, render_tool_chat  # noqa: F401 - re-exported (jobs.py)
 from maas.services.worker.engines.fair import FairQueue, victim
 from maas.services.worker.engines.guide import Guides
 from maas.services.worker.engines.prefix import KV, PREFIX_BLOCK, PrefixCache
@@ -179,35 +177,6 @@ def _token_bytes(tokenizer: Any, guides: Guides) -> Callable[[int], bytes]:
         log.info("token strings decode each token alone (llguidance cannot read the tokenizer: %s)", exc)
         return lambda token: str(tokenizer.decode([token])).encode()
     return lambda token: bytes(table.decode_bytes([token]))
-
-
-def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], model: str) -> str:
-    """A chat as the prompt `model` continues: its tokenizer's chat template (with the
-    generation prompt), or `plain_chat` for a tokenizer without one. Serving and
-    fine-tuning (maas.finetune) both render chats here, so training sees the prompts
-    inference builds."""
-    if not getattr(tokenizer, "chat_template", None):
-        return plain_chat(messages)
-    try:
-        return str(tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                                 tokenize=False, add_generation_prompt=True))
-    except Exception as exc:  # templates reject chats with raise_exception (e.g. roles out of order)
-        raise InvalidArgument(f"the chat template of {model} rejected the messages: {exc}",
-                              field="messages") from None
-
-
-def render_tool_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]], model: str,
-                     *, add_generation_prompt: bool = True) -> str | None:
-    """A chat with tools through the model's own template, when that template renders tools
-    in the format the router reads (`tools.native`); None otherwise."""
-    if not native(getattr(tokenizer, "chat_template", None)):
-        return None
-    try:
-        return str(tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt))
-    except Exception as exc:  # templates reject chats with raise_exception
-        raise InvalidArgument(f"the chat template of {model} rejected the messages: {exc}",
-                              field="messages") from None
 
 
 class HFEngine(TemplateChats):
