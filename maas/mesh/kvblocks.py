@@ -187,6 +187,9 @@ class KvIndex:
             n += 1
         return n
 
+    def holds(self, replica_id: str, name: int) -> bool:
+        return name in self._blocks.get(replica_id, ())
+
     def held(self, replica_id: str) -> int:
         return len(self._blocks.get(replica_id, ()))
 

@@ -102,3 +102,21 @@ def test_vllm_events_are_renamed_with_the_routers_names():
     assert want[2] not in events and want[1] in events
     translate([SimpleNamespace()], names, events)  # AllBlocksCleared
     assert len(events) == 0 and not names
+
+
+def test_the_router_counts_the_leading_blocks_each_replica_holds():
+    from maas.services.router.kvroute import KvRouter
+    from maas.v1 import mesh_pb2
+
+    router = KvRouter(known=lambda rid: rid != "gone")
+    ids = list(range(12))
+    router.index.apply("a", 4, 1, [(STORED, block_hashes(ids[:8], 4))])
+    router.index.apply("b", 4, 1, [(STORED, block_hashes(ids[:4], 4))])
+    a, b = mesh_pb2.ReplicaInfo(replica_id="a"), mesh_pb2.ReplicaInfo(replica_id="b")
+    assert [m for _, m in router._matches(ids, 4, [a, b])] == [2, 1]
+    # a prompt of exactly two blocks: its last token is computed by any engine, so only one counts
+    assert [m for _, m in router._matches(ids[:8], 4, [a, b])] == [1, 1]
+    assert [m for _, m in router._matches([99, *ids[1:]], 4, [a, b])] == [0, 0]
+    router.observe(mesh_pb2.KvEvents(replica_id="gone", block_size=4, seq=1, events=[
+        mesh_pb2.KvEvent(kind=mesh_pb2.KvEvent.STORED, block_hashes=[1])]))
+    assert "gone" not in router.index.replicas()  # a replica etcd does not list leaves no trace

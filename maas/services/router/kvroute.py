@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 
 from maas.mesh.clients import REPLICA_HEADER, dial
-from maas.mesh.kvblocks import CLEARED, REMOVED, STORED, KvIndex, block_hashes
+from maas.mesh.kvblocks import CLEARED, REMOVED, STORED, KvIndex, chain, root
 from maas.v1 import inference_pb2, mesh_pb2, tokenize_pb2, tokenize_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,17 +38,22 @@ log = logging.getLogger(__name__)
 INLINE_CHARS = 8192        # longer prompts are tokenized off the event loop
 RETRY_SECONDS = 30.0       # after a failed tokenizer fetch
 FETCH_TIMEOUT = 30.0
+MAX_TOKENIZERS = 32        # model versions whose tokenizer a router keeps
+PERMANENT = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED)
 _KINDS = {mesh_pb2.KvEvent.STORED: STORED, mesh_pb2.KvEvent.REMOVED: REMOVED, mesh_pb2.KvEvent.CLEARED: CLEARED}
 
 
 class KvRouter:
-    def __init__(self, *, tls: Any = None, credential: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(self, *, tls: Any = None, credential: tuple[tuple[str, str], ...] = (),
+                 known: Callable[[str], bool] = lambda replica_id: True) -> None:
         self.index = KvIndex()
+        self.known = known  # whether a replica is in etcd: reports of others (gone, or another mesh's) are dropped
         self.tls = tls
         self.credential = credential
         self._tokenizers: dict[str, Any] = {}       # "name@version" -> a loaded tokenizer
         self._fetching: dict[str, asyncio.Task[None]] = {}
         self._failed: dict[str, float] = {}          # "name@version" -> when its fetch failed
+        self._refused: set[str] = set()              # versions whose worker said it has no tokenizer to give
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.enabled = _has_transformers()
         if not self.enabled:
@@ -56,6 +61,8 @@ class KvRouter:
                      "(install the worker extra); requests go by the prompt's first characters")
 
     def observe(self, report: mesh_pb2.KvEvents) -> None:
+        if not self.known(report.replica_id):
+            return
         self.index.apply(report.replica_id, report.block_size, report.seq,
                          [(_KINDS[e.kind], e.block_hashes) for e in report.events if e.kind in _KINDS])
 
@@ -76,25 +83,40 @@ class KvRouter:
         None when no candidate holds any (see the module's docstring for when it cannot tell)."""
         if not self.enabled or request.adapter:
             return None
-        reporting = [r for r in candidates if self.index.block_size(r.replica_id)]
-        if not reporting:
-            return None
+        groups: dict[tuple[str, int], list[mesh_pb2.ReplicaInfo]] = {}
+        for r in candidates:
+            size = self.index.block_size(r.replica_id)
+            if size and load(r.replica_id) + 1 <= bound:
+                groups.setdefault((f"{r.model_name}@{r.model_version}", size), []).append(r)
         best: tuple[int, int, mesh_pb2.ReplicaInfo] | None = None  # (blocks, -load, replica)
-        names_by: dict[tuple[str, int], list[int]] = {}
-        for replica in reporting:
-            if load(replica.replica_id) + 1 > bound:
+        for (ref, size), replicas in groups.items():
+            ids = await self._prompt_ids(ref, replicas[0], request)
+            if not ids:
                 continue
-            ref = f"{replica.model_name}@{replica.model_version}"
-            size = self.index.block_size(replica.replica_id) or 0
-            key = (ref, size)
-            if key not in names_by:
-                ids = await self._prompt_ids(ref, replica, request)
-                names_by[key] = block_hashes(ids, size) if ids else []
-            matched = self.index.matched(replica.replica_id, names_by[key])
-            score = (matched, -load(replica.replica_id))
-            if matched and (best is None or score > best[:2]):
-                best = (*score, replica)
+            for replica, matched in self._matches(ids, size, replicas):
+                score = (matched, -load(replica.replica_id))
+                if matched and (best is None or score > best[:2]):
+                    best = (*score, replica)
         return (best[2], best[0]) if best is not None else None
+
+    def _matches(self, ids: list[int], size: int, replicas: list[mesh_pb2.ReplicaInfo]
+                 ) -> list[tuple[mesh_pb2.ReplicaInfo, int]]:
+        """How many of the prompt's leading blocks each replica holds. Names are made one
+        block at a time and no further than some replica holds (a long prompt costs a few
+        hashes, not one per block); the last token is never in a cached block (an engine
+        computes at least one), so neither is a block that ends with it."""
+        matched = {r.replica_id: 0 for r in replicas}
+        alive = list(replicas)
+        name = root()
+        usable = (len(ids) - 1) // size * size
+        for start in range(0, usable, size):
+            name = chain(name, ids[start:start + size])
+            alive = [r for r in alive if self.index.holds(r.replica_id, name)]
+            if not alive:
+                break
+            for r in alive:
+                matched[r.replica_id] += 1
+        return [(r, matched[r.replica_id]) for r in replicas]
 
     async def _prompt_ids(self, ref: str, replica: mesh_pb2.ReplicaInfo,
                           request: inference_pb2.GenerateRequest) -> list[int] | None:
@@ -122,6 +144,8 @@ class KvRouter:
         found = self._tokenizers.get(ref)
         if found is not None:
             return found
+        if ref in self._refused:
+            return None
         if ref not in self._fetching and time.monotonic() - self._failed.get(ref, -RETRY_SECONDS) >= RETRY_SECONDS:
             self._fetching[ref] = asyncio.create_task(self._fetch(ref, replica), name=f"tokenizer {ref}")
         return None
@@ -134,12 +158,19 @@ class KvRouter:
             reply = await tokenize_pb2_grpc.TokenizerFilesStub(channel).GetTokenizerFiles(
                 tokenize_pb2.GetTokenizerFilesRequest(model=ref), timeout=FETCH_TIMEOUT,
                 metadata=(*self.credential, (REPLICA_HEADER, replica.replica_id)))
-            self._tokenizers[ref] = await asyncio.to_thread(_load, reply.files)
+            tokenizer = await asyncio.to_thread(_load, reply.files)
+            while len(self._tokenizers) >= MAX_TOKENIZERS:  # the oldest fetched goes (insertion order)
+                self._tokenizers.pop(next(iter(self._tokenizers)))
+            self._tokenizers[ref] = tokenizer
             log.info("KV-aware routing: loaded the tokenizer of %s (%d files)", ref, len(reply.files))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._failed[ref] = time.monotonic()
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in PERMANENT:
+                self._refused.add(ref)  # (a sim model has no tokenizer; one too large stays too large)
+                log.info("KV-aware routing is off for %s: %s", ref, exc.details())
+                return
             why = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else f"{type(exc).__name__}: {exc}"
             log.warning("KV-aware routing: cannot fetch the tokenizer of %s from %s (%s); retrying in %.0fs",
                         ref, replica.worker_id, why, RETRY_SECONDS)

@@ -137,7 +137,8 @@ async def build(rt: ServiceRuntime, *, cold_start_timeout: float = COLD_START_SE
     await gate.start()
     await rt.events.subscribe_load(pool.observe)
     if prefix_affinity:  # route by the blocks replicas hold (router/kvroute.py)
-        pool.kv = KvRouter(tls=rt.config.tls, credential=forwarder.credential)
+        pool.kv = KvRouter(tls=rt.config.tls, credential=forwarder.credential,
+                           known=lambda replica_id: replica_id in pool.replicas.items)
         rt.add_closer(pool.kv.close)
         await rt.events.subscribe_kv(pool.kv.observe)
     catalog.start_reporting(rt.events, rt.config.instance)  # deployed pipelines' outcomes, for canary judging

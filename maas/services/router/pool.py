@@ -256,7 +256,12 @@ class ReplicaPool:
             now = time.monotonic()
             ready = [r for r in ready if self._suspect.get(r.endpoint, 0) < now] or ready
         if request is not None and self.kv is not None and len(ready) > 1:
-            found = await self.kv.choose(ready, request, self.load, self._bound(ready))
+            try:
+                found = await self.kv.choose(ready, request, self.load, self._bound(ready))
+            except Exception:  # a routing hint must never fail a request: the next rule decides
+                log.warning("KV-aware routing failed for a request to %s; routing it by the other rules", model,
+                            exc_info=True)
+                found = None
             if found is not None:
                 KV_ROUTED.labels(model.partition("@")[0]).inc()
                 KV_MATCHED.labels(model.partition("@")[0]).inc(found[1])

@@ -174,22 +174,30 @@ async def _relay_kv_events(rt: ServiceRuntime, replicas: ReplicaManager) -> None
         for rid in [r for r in seqs if r not in replicas.replicas]:
             seqs.pop(rid, None)
             snapshot_at.pop(rid, None)
-        for replica in list(replicas.replicas.values()):
-            events = getattr(replica.engine, "kv_events", None)
-            if events is None or replica.info.state != mesh_pb2.REPLICA_STATE_READY:
-                continue
-            rid = replica.info.replica_id
-            due = now - snapshot_at.get(rid, float("-inf")) >= kvblocks.SNAPSHOT_SECONDS
-            ops = events.snapshot() if due else events.take()
-            if due:
-                snapshot_at[rid] = now
-            if not ops:
-                continue
-            for batch in _kv_messages(ops):
-                seqs[rid] = seqs.get(rid, 0) + 1
-                await rt.events.publish_kv(mesh_pb2.KvEvents(
-                    worker_id=replicas.worker_id, replica_id=rid, model=replica.ref, block_size=events.block_size,
-                    seq=seqs[rid], events=batch))
+        try:
+            await _relay_once(rt, replicas, seqs, snapshot_at, now)
+        except Exception:  # a report lost is a hint lost; the relay goes on
+            log.exception("relaying KV events failed")
+
+
+async def _relay_once(rt: ServiceRuntime, replicas: ReplicaManager, seqs: dict[str, int],
+                      snapshot_at: dict[str, float], now: float) -> None:
+    for replica in list(replicas.replicas.values()):
+        events = getattr(replica.engine, "kv_events", None)
+        if events is None or replica.info.state != mesh_pb2.REPLICA_STATE_READY:
+            continue
+        rid = replica.info.replica_id
+        due = now - snapshot_at.get(rid, float("-inf")) >= kvblocks.SNAPSHOT_SECONDS
+        ops = events.snapshot() if due else events.take()
+        if due:
+            snapshot_at[rid] = now
+        if not ops:
+            continue
+        for batch in _kv_messages(ops):
+            seqs[rid] = seqs.get(rid, 0) + 1
+            await rt.events.publish_kv(mesh_pb2.KvEvents(
+                worker_id=replicas.worker_id, replica_id=rid, model=replica.ref, block_size=events.block_size,
+                seq=seqs[rid], events=batch))
 
 
 def _kv_messages(ops: list[kvblocks.Op]) -> list[list[mesh_pb2.KvEvent]]:

@@ -169,7 +169,8 @@ class WorkerTokenizerFilesServicer(tokenize_pb2_grpc.TokenizerFilesServicer):
         if not request.model:
             raise InvalidArgument("model must not be empty", field="model")
         replica = self.replicas.find(request.model, _replica_hint(context))
-        assert replica.engine is not None
+        if replica.engine is None:
+            raise FailedPrecondition(f"{replica.ref} is not loaded on this worker", field="model")
         tokenizer = tokenizer_of(replica.engine, replica.ref)
         files = await asyncio.to_thread(tokenizer_files, tokenizer, replica.ref)
         return tokenize_pb2.GetTokenizerFilesResponse(model=replica.ref, files=files)

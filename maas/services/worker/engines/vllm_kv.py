@@ -43,6 +43,8 @@ def translate(events: Iterable[Any], names: dict[Any, int], out: KvEvents) -> No
             if parent is None:
                 continue  # its parent was never reported to us: these blocks cannot be named
             size = int(event.block_size)
+            if out.block_size and size != out.block_size:
+                continue  # not the engine's block size (a partial block, another group's kernel size)
             stored = []
             for i, vllm_hash in enumerate(hashes):
                 block = event.token_ids[i * size:(i + 1) * size]
@@ -90,19 +92,29 @@ class VLLMKvFollower:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(self.endpoint)
         names: dict[Any, int] = {}
+        last = -1
         try:
             while not self._stop.is_set():
                 if not sock.poll(200):
                     continue
                 frames = sock.recv_multipart()
+                seq = int.from_bytes(frames[1], "big", signed=True) if len(frames) == 3 else last + 1
                 try:
                     batch = decoder.decode(frames[-1])
                 except msgspec.DecodeError:
-                    log.warning("a KV event batch from vLLM could not be read; skipping it")
-                    continue
-                translate(batch.events, names, events)
+                    seq = last + 2  # as if lost
+                    batch = None
+                if seq != last + 1:  # batches were dropped (ZMQ's high-water mark): what we hold may be stale
+                    log.warning("lost KV event batches from vLLM (%d then %d); reporting this replica's blocks "
+                                "afresh", last, seq)
+                    names.clear()
+                    events.cleared()
+                last = seq
+                if batch is not None:
+                    translate(batch.events, names, events)
         except Exception:  # never take the engine down with it: routing only loses a hint
             log.exception("following vLLM's KV events failed; this replica's cached prefixes go unreported")
+            events.cleared()  # not stale blocks for ever: none
         finally:
             sock.close(linger=0)
 
