@@ -201,9 +201,11 @@ async def test_a_batch_completes_through_a_worker_and_a_router_sigkill(mesh: Mes
     await eventually(lambda: progressed(40), timeout=60)
     w1.signal(signal.SIGKILL)
     await eventually(lambda: progressed(120), timeout=90)
+    # killed before the second router starts: otherwise, on a fast machine, the first one
+    # finished the batch while the second was starting (seen in CI: claims 1)
+    first_router.signal(signal.SIGKILL)
     second_router = mesh.spawn("router", "--http-port", "0", "--port", "0", "--instance", "r2")
     batches = batches_pb2_grpc.BatchesStub(dial(await _router_endpoint(mesh, "r2"), key))
-    first_router.signal(signal.SIGKILL)
 
     async def completed() -> batches_pb2.Batch | None:
         b = await batches.GetBatch(batches_pb2.BatchRequest(id=batch.id), timeout=5)
