@@ -299,7 +299,7 @@ class _MeshCollector(prometheus_client.registry.Collector):
         up = {"maas_etcd_up": GaugeMetricFamily("maas_etcd_up", "1 while this service's etcd lease keepalive succeeds",
                                                 labels=["service", "service_instance"]),
               "maas_nats_up": GaugeMetricFamily("maas_nats_up", "1 while this service is connected to NATS",
-                                                labels=["service", "instance"])}
+                                                labels=["service", "service_instance"])}
         extra: dict[str, GaugeMetricFamily] = {}
         for rt in list(self.runtimes):
             who = [rt.config.kind, rt.config.instance]

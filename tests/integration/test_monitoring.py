@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from maas.stack.servers import free_port
 
@@ -39,6 +40,42 @@ def test_the_alert_rules_and_the_config_pass_promtool() -> None:
     config = subprocess.run([promtool, "check", "config", "--syntax-only", str(MONITORING / "prometheus.yml")],
                             capture_output=True, text=True)
     assert config.returncode == 0, config.stdout + config.stderr
+
+
+def test_the_etcd_alerts_fire_on_a_lost_member_and_not_where_etcd_is_not_scraped(tmp_path: Path) -> None:
+    """`promtool test rules` on made-up series: a member down or Pending (no target), every
+    member down, a member without a leader; and silence with all three up or no etcd target."""
+    promtool = _tool("promtool")
+    rules = {r["alert"]: r for g in yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"]
+             for r in g["rules"]}
+    up = 'up{job="etcd", instance="etcd-%d"}'
+    members_down = "MaasEtcdMembersDown"
+    cases: list[tuple[dict[str, str], str, dict[str, str]]] = [  # (series, alert firing at 10m, its labels)
+        ({up % 0: "1x20", up % 1: "1x20", up % 2: "1x20"}, "", {}),
+        ({up % 0: "1x20", up % 1: "1x20", up % 2: "0x20"}, members_down, {"summary": "2 of 3 etcd members are up"}),
+        ({up % 0: "1x20", up % 1: "1x20"}, members_down, {"summary": "2 of 3 etcd members are up"}),  # one Pending
+        ({up % 0: "0x20", up % 1: "0x20", up % 2: "0x20"}, members_down, {"summary": "0 of 3 etcd members are up"}),
+        ({'up{job="maas-router", instance="r"}': "1x20"}, "", {}),  # `maas up`: etcd is not scraped
+        ({'etcd_server_has_leader{job="etcd", instance="etcd-0"}': "0x20"}, "MaasEtcdNoLeader",
+         {"summary": "etcd member etcd-0 has no leader", "job": "etcd", "instance": "etcd-0"}),
+    ]
+    tests = []
+    for series, firing, expected in cases:
+        checks = []
+        for name in (members_down, "MaasEtcdNoLeader"):
+            exp = []
+            if name == firing:
+                labels = {k: v for k, v in expected.items() if k != "summary"} | rules[name]["labels"]
+                exp = [{"exp_labels": labels, "exp_annotations": {
+                    "summary": expected["summary"], "description": rules[name]["annotations"]["description"]}}]
+            checks.append({"eval_time": "10m", "alertname": name, "exp_alerts": exp})
+        tests.append({"interval": "1m", "input_series": [{"series": k, "values": v} for k, v in series.items()],
+                      "alert_rule_test": checks})
+    (tmp_path / "etcd-alerts.test.yml").write_text(json.dumps(
+        {"rule_files": [str(MONITORING / "alerts.yml")], "evaluation_interval": "1m", "tests": tests}))
+    out = subprocess.run([promtool, "test", "rules", str(tmp_path / "etcd-alerts.test.yml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def _dashboard_queries() -> list[tuple[str, str]]:
@@ -119,10 +156,12 @@ def test_prometheus_scrapes_maas_up_and_every_dashboard_series_has_data(tmp_path
         assert {s["metric"]["job"] for s in up_series} == jobs and all(s["value"][1] == "1" for s in up_series)
         groups = _query(base, "/api/v1/rules")["data"]["groups"]  # type: ignore[index]
         rules = [r for g in groups for r in g["rules"]]
-        assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), rules
+        # every rule evaluates, those on etcd's own metrics too, with no etcd target here
+        assert len(rules) == 9 and all(r["health"] == "ok" for r in rules), rules
         firing = [r["name"] for r in rules if r["state"] != "inactive"]
         assert not set(firing) & {"MaasSchedulerLeaderLost", "MaasEtcdUnreachable", "MaasNatsUnreachable",
-                                  "MaasServiceDown", "MaasNoReadyReplica"}, firing
+                                  "MaasServiceDown", "MaasNoReadyReplica", "MaasEtcdNoLeader",
+                                  "MaasEtcdMembersDown"}, firing
     finally:
         for child in (traffic, prom):
             if child is not None:

@@ -114,6 +114,15 @@ def where(overlay: str, w: Doc, c: Doc | None = None) -> str:
     return f"{overlay}: {w['kind']} {w['metadata']['name']}" + (f", container {c['name']}" if c else "")
 
 
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(value: str | int) -> int:
+    """Bytes of a Kubernetes quantity ("200Gi", "512Mi", "1G", 1024)."""
+    number, unit = re.fullmatch(r"(\d+)([kMGT]i?|Ki)?", str(value)).groups()  # type: ignore[union-attr]
+    return int(number) * _UNITS[unit or ""]
+
+
 # --- schema ----------------------------------------------------------------------------------
 
 
@@ -149,6 +158,15 @@ def test_monitoring_custom_resources_have_their_required_fields() -> None:
         assert [s["metadata"]["name"] for s in selected] == [f"maas-{kind}"]
         assert {"name": "metrics", "port": 9090} in selected[0]["spec"]["ports"]
         assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    # etcd's own metrics (Prometheus format on 2381), one target a member; NATS' 8222 is JSON
+    [etcd] = [m for m in monitors if m["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/name") == "etcd"]
+    selected = [s for s in of_kind(docs, "Service")
+                if etcd["spec"]["selector"]["matchLabels"].items() <= s["metadata"].get("labels", {}).items()
+                and {"name": "metrics", "port": 2381} in s["spec"]["ports"]]
+    assert [s["metadata"]["name"] for s in selected] == ["etcd-peers"] and selected[0]["spec"]["clusterIP"] == "None"
+    assert [e["port"] for e in etcd["spec"]["endpoints"]] == ["metrics"]
+    assert etcd["spec"].get("jobLabel") == "app.kubernetes.io/name"  # job "etcd": alerts.yml's etcd rules
+    assert not [m for m in monitors if "nats" in str(m["spec"]["selector"])]
     [rule] = of_kind(docs, "PrometheusRule")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     for group in rule["spec"]["groups"]:
@@ -174,6 +192,25 @@ def test_every_container_has_requests_and_limits() -> None:
             for bound in ("requests", "limits"):
                 have = c.get("resources", {}).get(bound, {})
                 assert {"cpu", "memory"} <= set(have), f"{where(overlay, w, c)}: resources.{bound} needs cpu and memory"
+
+
+def test_every_emptydir_is_bounded_and_its_size_requested() -> None:
+    """A disk-backed emptyDir is the node's disk: its sizeLimit is covered by the pod's
+    ephemeral-storage request (so the scheduler finds a node with room) and limit (so the
+    kubelet evicts the pod rather than filling the disk). A memory-backed one counts as the
+    container's memory, within its limit."""
+    for overlay, w in every_workload():
+        empty = [v for v in pod_spec(w).get("volumes", []) if "emptyDir" in v]
+        for v in empty:
+            assert "sizeLimit" in v["emptyDir"], f"{where(overlay, w)}: emptyDir {v['name']} has no sizeLimit"
+        on_disk = sum(quantity(v["emptyDir"]["sizeLimit"]) for v in empty if v["emptyDir"].get("medium") != "Memory")
+        in_memory = sum(quantity(v["emptyDir"]["sizeLimit"]) for v in empty if v["emptyDir"].get("medium") == "Memory")
+        for bound in ("requests", "limits"):
+            storage = sum(quantity(c["resources"][bound].get("ephemeral-storage", 0)) for c in containers(w))
+            assert storage >= on_disk, \
+                f"{where(overlay, w)}: ephemeral-storage {bound} {storage} < the emptyDirs' sizeLimit {on_disk}"
+        memory = sum(quantity(c["resources"]["limits"]["memory"]) for c in containers(w, init=False))
+        assert memory > in_memory, f"{where(overlay, w)}: memory-backed emptyDirs exceed the memory limit"
 
 
 def test_every_long_running_container_has_three_probes() -> None:
@@ -403,6 +440,62 @@ def test_etcd_and_nats_are_three_member_clusters() -> None:
         assert {"name": "monitor", "containerPort": 8222} in c["ports"]
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert c[probe]["httpGet"]["path"].split("?")[0] == "/healthz" and c[probe]["httpGet"]["port"] == "monitor"
+
+
+def test_the_router_drains_behind_its_service_before_it_stops() -> None:
+    """Clients reach routers through a Service whose endpoints drop a terminating pod only
+    after a while: the router serves on during a preStop delay, then finishes gRPC streams
+    within --grace and HTTP ones within another --grace (maas/services/router/main.py
+    closes the HTTP API after the gRPC server), inside terminationGracePeriodSeconds."""
+    for overlay in OVERLAYS:
+        router = by_component(render(overlay), "router")
+        [c] = maas_containers(router)
+        hook = c["lifecycle"]["preStop"]
+        delay = int(hook["sleep"]["seconds"]) if "sleep" in hook else int(hook["exec"]["command"][-1])
+        if "exec" in hook:
+            assert hook["exec"]["command"][0] in ("sleep", "/bin/sleep"), hook  # coreutils, in the image
+        grace = float(c["args"][c["args"].index("--grace") + 1])
+        assert delay >= 5 and grace >= 20
+        assert pod_spec(router)["terminationGracePeriodSeconds"] > delay + 2 * grace, where(overlay, router)
+
+
+def test_production_requires_etcd_and_nats_members_on_distinct_nodes() -> None:
+    """One node lost must cost at most one member of each quorum: required in production;
+    only preferred in cpu-dev, so that a one-node cluster runs all three."""
+    for overlay in OVERLAYS:
+        docs = render(overlay)
+        for name in ("etcd", "nats"):
+            pod = pod_spec(named(docs, "StatefulSet", name))
+            own = {"app.kubernetes.io/name": name}
+            anti = pod.get("affinity", {}).get("podAntiAffinity", {})
+            required = [t for t in anti.get("requiredDuringSchedulingIgnoredDuringExecution", [])
+                        if t["topologyKey"] == "kubernetes.io/hostname" and t["labelSelector"]["matchLabels"] == own]
+            spread = [t for t in pod.get("topologySpreadConstraints", [])
+                      if t["topologyKey"] == "kubernetes.io/hostname" and t["whenUnsatisfiable"] == "DoNotSchedule"
+                      and t["maxSkew"] == 1 and t["labelSelector"]["matchLabels"] == own]
+            if overlay == "gpu-production":
+                assert required or spread, f"{overlay}: {name} members may share a node"
+            else:
+                assert not required and not spread, f"{overlay}: {name} needs three nodes"
+                preferred = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+                assert [t["podAffinityTerm"]["labelSelector"]["matchLabels"] for t in preferred] == [own]
+
+
+def test_nats_enters_lame_duck_mode_before_it_stops() -> None:
+    """lame_duck_* settings act only on SIGUSR2: the preStop hook sends it through the pid
+    file nats.conf names, and the pod's grace outlasts the lame duck period."""
+    for overlay in OVERLAYS:
+        docs = render(overlay)
+        nats = named(docs, "StatefulSet", "nats")
+        conf = named(docs, "ConfigMap", "nats-config")["data"]["nats.conf"]
+        [pid_file] = re.findall(r"^\s*pid_file:\s*(\S+)", conf, re.M)
+        [c] = containers(nats)
+        assert c["lifecycle"]["preStop"]["exec"]["command"] == ["nats-server", "--signal", f"ldm={pid_file}"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert mounts[str(Path(pid_file).parent)] in {v["name"] for v in pod_spec(nats)["volumes"] if "emptyDir" in v}
+        seconds = {k: int(v) for k, v in re.findall(r"^\s*(lame_duck_grace_period|lame_duck_duration):\s*(\d+)s", conf, re.M)}
+        assert set(seconds) == {"lame_duck_grace_period", "lame_duck_duration"}
+        assert pod_spec(nats)["terminationGracePeriodSeconds"] > sum(seconds.values())
 
 
 # --- NetworkPolicies --------------------------------------------------------------------------

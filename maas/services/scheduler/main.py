@@ -9,6 +9,7 @@ from maas.mesh.config import MeshConfig
 from maas.mesh.errors import StartupError
 from maas.mesh.logs import setup_logging
 from maas.mesh.server import ServiceRuntime, run_service
+from maas.services.scheduler import metrics
 from maas.services.scheduler.deployments import DeploymentStore
 from maas.services.scheduler.jobs import MAX_JOBS_PER_TENANT, MAX_RUNNING_PER_TENANT, JobStore
 from maas.services.scheduler.reconciler import EVICT_IDLE_SECONDS, JOB_RETENTION_SECONDS, Reconciler
@@ -46,6 +47,9 @@ async def build(rt: ServiceRuntime, *, evict_idle_seconds: float = EVICT_IDLE_SE
                             job_retention_seconds=job_retention_seconds)
     rt.gauge("maas_scheduler_leader", "1 on the scheduler that holds the leadership (writes placements), else 0",
              [], lambda: {(): 1.0 if reconciler.is_leader else 0.0})
+    rt.gauge(metrics.JOBS, metrics.JOBS_DOC, ["state"], lambda: metrics.job_counts(list(state.jobs.items.values())))
+    rt.gauge(metrics.PENDING, metrics.PENDING_DOC, [], lambda: metrics.pending_replicas(
+        list(state.deployments.items.values()), list(state.assignments.items.values())))
     rt.add_service(scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
                    scheduler_pb2_grpc.add_SchedulerServicer_to_server,
                    SchedulerServicer(deployments, state, reconciler, rt.events,
