@@ -8,7 +8,10 @@ weights), as issue 14 measured first come first served:
    `--samples` requests in all; TTFT at the client to the first chunk with tokens;
 2. flooded: the same while the flooding tenant keeps `--flood` streams (64) open, each
    asking for `--flood-tokens` tokens and starting the next as soon as one ends (a refused
-   one waits its Retry-After hint, as a client should).
+   one waits its Retry-After hint, as a client should). The flooding tenant is another
+   client, so it runs in a process of its own (`--flood-in-process` puts its streams on the
+   quiet client's event loop, where the quiet tenant's first tokens also wait behind the
+   flood's chunks: how this bench measured before 2026-12-03).
 
 3. batch against online, on the idle fleet: `--batch-lines` requests (completions of
    `--batch-tokens` tokens) sent once as a batch (`/v1/batches`, timed from its creation
@@ -56,6 +59,61 @@ def make_key(data: Path, tenant: str, *extra: str) -> str:
     return str(json.loads(made.stdout.splitlines()[0])["key"])
 
 
+async def flooding(stub: Any, i: int, args: argparse.Namespace, state: dict[str, int],
+                   warmed: asyncio.Event) -> None:
+    """One flooding stream: requests of `--flood-tokens` tokens one after another; a refused one
+    waits its Retry-After hint, as a client should."""
+    import grpc
+
+    from maas.v1 import common_pb2, inference_pb2
+
+    n = 0
+    while True:
+        n += 1
+        request = inference_pb2.GenerateRequest(
+            model="demo", prompt=f"import os\n# flood {i} {n}\n",
+            params=common_pb2.SamplingParams(max_tokens=args.flood_tokens, temperature=0, ignore_eos=True))
+        try:
+            async for chunk in stub.GenerateStream(request, timeout=300):
+                state["made"] += len(chunk.token_ids)
+                state["chunks"] += 1
+                if state["made"] >= args.flood * args.flood_tokens:
+                    warmed.set()
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            state["refused"] += 1
+            hint = dict(e.trailing_metadata() or ()).get("retry-after", "1")
+            await asyncio.sleep(float(hint))
+
+
+async def flood_client(router: str, key: str, ca: str, args: argparse.Namespace) -> int:
+    """The flooding tenant as a client process of its own: prints "warm" once every stream was
+    served about once, floods until its stdin closes, then prints "made refused chunks"
+    counted after "warm", and the seconds since."""
+    from maas.mesh.clients import dial
+    from maas.mesh.tls import TlsFiles
+    from maas.v1 import inference_pb2_grpc
+
+    channel = dial(router, key, TlsFiles.load(ca=ca) if ca else None)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    state = {"made": 0, "refused": 0, "chunks": 0}
+    warmed = asyncio.Event()
+    tasks = [asyncio.create_task(flooding(stub, i, args, state, warmed)) for i in range(args.flood)]
+    await warmed.wait()
+    state.update(made=0, refused=0, chunks=0)
+    print("warm", flush=True)
+    since = time.perf_counter()
+    await asyncio.to_thread(sys.stdin.read)  # until the bench closes it
+    took = time.perf_counter() - since
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    print(state["made"], state["refused"], state["chunks"], f"{took:.3f}", flush=True)
+    await channel.close()
+    return 0
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=200, help="quiet requests in each phase")
@@ -65,9 +123,17 @@ async def main() -> int:
     parser.add_argument("--flood-tokens", type=int, default=64)
     parser.add_argument("--batch-lines", type=int, default=128, help="requests of the throughput batch")
     parser.add_argument("--batch-tokens", type=int, default=32)
+    parser.add_argument("--flood-in-process", action="store_true",
+                        help="run the flooding tenant's streams in this process, on the quiet tenant's event loop "
+                             "(the quiet client's first tokens then also queue behind the flood's chunks)")
     parser.add_argument("--online-concurrency", type=int, default=16,
                         help="requests in flight online (the router's --batch-concurrency default)")
+    parser.add_argument("--no-batch", action="store_true", help="measure the flood only (steps 1-2)")
+    parser.add_argument("--flood-client", nargs=3, metavar=("ROUTER", "KEY", "CA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.flood_client:
+        router, key, ca = args.flood_client
+        return await flood_client(router, key, ca, args)
     model_dir, _ = e2e.bench_model(True)
     data = e2e.bench_data("fairness-bench")
     up = e2e.maas_up(model_dir, data)
@@ -76,7 +142,6 @@ async def main() -> int:
         stack = await e2e.stack_when_up(up, data)
         keys = {t: await asyncio.to_thread(make_key, data, t) for t in ("quiet", "flood", "batch")}
         keys["online"] = await asyncio.to_thread(make_key, data, "online", "--class", "interactive")
-        import grpc
 
         from maas.mesh.clients import dial
         from maas.mesh.tls import TlsFiles
@@ -108,49 +173,55 @@ async def main() -> int:
             await asyncio.gather(*(stream() for _ in range(args.quiet_streams)))
             return out
 
-        made = refused = chunks = 0
-        warmed = asyncio.Event()  # every flooding stream has been served about once
-
-        async def flooding(i: int) -> None:
-            nonlocal made, refused, chunks
-            n = 0
-            while True:
-                n += 1
-                request = inference_pb2.GenerateRequest(
-                    model="demo", prompt=f"import os\n# flood {i} {n}\n",
-                    params=common_pb2.SamplingParams(max_tokens=args.flood_tokens, temperature=0, ignore_eos=True))
-                try:
-                    async for chunk in stubs["flood"].GenerateStream(request, timeout=300):
-                        made += len(chunk.token_ids)
-                        chunks += 1
-                        if made >= args.flood * args.flood_tokens:
-                            warmed.set()
-                except grpc.aio.AioRpcError as e:
-                    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        raise
-                    refused += 1
-                    hint = dict(e.trailing_metadata() or ()).get("retry-after", "1")
-                    await asyncio.sleep(float(hint))
-
         await quiet_phase()  # warm-up
         alone = await quiet_phase()
-        flood = [asyncio.create_task(flooding(i)) for i in range(args.flood)]
-        try:
-            await warmed.wait()
-            flooded = await quiet_phase()
-        finally:
-            for t in flood:
-                t.cancel()
-            await asyncio.gather(*flood, return_exceptions=True)
-        batch_tps, online_tps = await batch_against_online(stack, keys, args)
-        online_alone = await quiet_phase("online")
-        batch = await start_batch(stack, keys["batch"], args.batch_lines * 4, args.batch_tokens * 4, "busy")
-        try:
-            await wait_answered(batch, 2 * args.online_concurrency)
-            with_batch = await quiet_phase("online")
-            answered = (await batch[0].batches.retrieve(batch[1])).request_counts.completed
-        finally:
-            await batch[0].batches.cancel(batch[1])
+        if args.flood_in_process:
+            flood_state = {"made": 0, "refused": 0, "chunks": 0}
+            warmed = asyncio.Event()
+            tasks = [asyncio.create_task(flooding(stubs["flood"], i, args, flood_state, warmed))
+                     for i in range(args.flood)]
+            try:
+                await warmed.wait()
+                for k in flood_state:
+                    flood_state[k] = 0
+                since = time.perf_counter()
+                flooded = await quiet_phase()
+                took = time.perf_counter() - since
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            made, refused, chunks = flood_state["made"], flood_state["refused"], flood_state["chunks"]
+        else:
+            # The flooding tenant is another client: its own process, as it would be.
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--flood-client", stack["router"], keys["flood"], ca,
+                "--flood", str(args.flood), "--flood-tokens", str(args.flood_tokens),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            assert child.stdin is not None and child.stdout is not None
+            try:
+                line = await child.stdout.readline()  # "warm" once every stream was served about once
+                if line.strip() != b"warm":
+                    raise RuntimeError(f"the flooding client failed: {line!r}")
+                flooded = await quiet_phase()
+            finally:
+                child.stdin.close()  # the flooding client stops and reports
+                out = await child.stdout.read()
+                await child.wait()
+            fields = out.split()
+            if len(fields) != 4:
+                raise RuntimeError(f"the flooding client ended with {out!r}")
+            made, refused, chunks, took = int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3])
+        if not args.no_batch:
+            batch_tps, online_tps = await batch_against_online(stack, keys, args)
+            online_alone = await quiet_phase("online")
+            batch = await start_batch(stack, keys["batch"], args.batch_lines * 4, args.batch_tokens * 4, "busy")
+            try:
+                await wait_answered(batch, 2 * args.online_concurrency)
+                with_batch = await quiet_phase("online")
+                answered = (await batch[0].batches.retrieve(batch[1])).request_counts.completed
+            finally:
+                await batch[0].batches.cancel(batch[1])
         for c in channels.values():
             await c.close()
     finally:
@@ -161,15 +232,19 @@ async def main() -> int:
 
     e2e.say(f"quiet tenant, {args.quiet_streams} streams, {args.samples} requests of {args.quiet_tokens} tokens; "
             f"flood: {args.flood} streams of {args.flood_tokens} tokens, {refused} refusals while measured, "
-            f"{made / max(chunks, 1):.2f} tokens a chunk")
+            f"{made / max(chunks, 1):.2f} tokens a chunk, {made / max(took, 1e-9):.0f} tokens/s")
     e2e.say(f"quiet TTFT alone p50 {ms(alone, 0.5):.1f} ms p99 {ms(alone, 0.99):.1f} ms; "
             f"flooded p50 {ms(flooded, 0.5):.1f} ms p99 {ms(flooded, 0.99):.1f} ms")
+    quiet = f"quiet_p99_ratio={e2e.pct(flooded, 0.99) / e2e.pct(alone, 0.99):.2f}"
+    if args.no_batch:
+        print(f"{quiet} batch_vs_online_throughput=not-run interactive_p99_ratio_with_batch=not-run")
+        return 0
     e2e.say(f"{args.batch_lines} requests of {args.batch_tokens} tokens: batch {batch_tps:.0f} tokens/s, "
             f"online at {args.online_concurrency} in flight {online_tps:.0f} tokens/s")
     e2e.say(f"interactive TTFT alone p50 {ms(online_alone, 0.5):.1f} ms p99 {ms(online_alone, 0.99):.1f} ms; "
             f"with a batch running p50 {ms(with_batch, 0.5):.1f} ms p99 {ms(with_batch, 0.99):.1f} ms "
             f"({answered} batch lines answered by the end)")
-    print(f"quiet_p99_ratio={e2e.pct(flooded, 0.99) / e2e.pct(alone, 0.99):.2f} "
+    print(f"{quiet} "
           f"batch_vs_online_throughput={batch_tps / online_tps:.2f} "
           f"interactive_p99_ratio_with_batch={e2e.pct(with_batch, 0.99) / e2e.pct(online_alone, 0.99):.2f}")
     return 0
