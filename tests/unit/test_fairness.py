@@ -92,6 +92,33 @@ async def test_a_quiet_tenant_gets_in_while_another_floods(engine: HFEngine):
         await s.stop()
 
 
+async def test_a_quiet_tenant_gets_in_when_the_kv_cache_not_the_slots_runs_out(demo_model_dir: Path):
+    """Eight slots but a 2 MiB KV cache (682 tokens of the demo model): two flooding
+    requests of 300 tokens hold it all, with six slots free. A quiet tenant's short request
+    does not fit beside them; it is owed one of the two rows the cache holds, so one
+    flooding sequence is pre-empted and the quiet request runs to its end while both
+    flooding requests are still going, and they end with all their tokens."""
+    e = HFEngine(ModelSpec("demo", 1, "hf", str(demo_model_dir),
+                           options={"max_batch": "8", "max_queue": "8", "kv_cache_mb": "2"}))
+    await e.load()
+    try:
+        label = "demo@1"
+        preempted_before = metrics.PREEMPTIONS.labels(label)._value.get()
+        flood = [Stream(e, request("flood", i, max_tokens=300)) for i in range(3)]
+        await until(lambda: sum(1 for s in flood if s.tokens) == 2 and len(e._waiting) == 1)
+        assert len(e._running) == 2, "the KV budget should hold two flooding rows, not three"
+        quiet = Stream(e, request("quiet", 0, max_tokens=20))
+        await asyncio.wait_for(quiet.task, 60)
+        assert quiet.error is None and len(quiet.tokens) == 20
+        assert all(len(s.tokens) < 300 for s in flood), "a flooding sequence finished before the quiet request"
+        assert metrics.PREEMPTIONS.labels(label)._value.get() > preempted_before
+        await asyncio.wait_for(asyncio.gather(*(s.task for s in flood)), 120)
+        assert [len(s.tokens) for s in flood] == [300, 300, 300]
+        assert all(s.error is None for s in flood)
+    finally:
+        await e.close()
+
+
 async def test_a_preempted_sequence_continues_with_the_tokens_it_would_have_made(engine: HFEngine):
     n = 60
     # alone: the tokens each flooding request makes, uninterrupted

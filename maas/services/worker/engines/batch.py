@@ -143,6 +143,13 @@ class DecodeBatch:
         self.positions = self.positions + 1
         return out.logits[:, -1, :]
 
+    def columns_of(self, rows: Sequence[int]) -> int:
+        """The columns the batch would have after `keep(rows)`."""
+        if not rows:
+            return 0
+        used = self.mask[torch.tensor(rows, dtype=torch.long, device=self.device)].sum(0).nonzero()
+        return self.columns - int(used[0]) if len(used) else 0
+
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in this order) and trim columns no row uses any more."""
         if len(rows) == len(self):

@@ -1,18 +1,26 @@
-"""Priority classes and weighted fair sharing of an engine's batch slots (issue 14).
+"""Priority classes and weighted fair sharing of an engine's batch slots and KV cache (issue 14).
 
 Every request has a class (`priority`: 0 interactive, 1 standard, 2 batch) and a tenant with
-a weight. A free slot goes to the highest class that has a request waiting; within a class,
-to the waiting tenant that holds the fewest of that class's slots for its weight (running /
-weight; ties: whoever waited longest), first come first served within a tenant. Under
-contention each active tenant of a class holds about its weight's share of what higher
-classes leave, and so of the tokens made (every running sequence makes one token a step);
-a tenant or class with nothing waiting leaves its share to the others (work-conserving).
+a weight. An engine has two resources a request holds while it runs: a batch slot, and
+its KV reservation (prompt plus max_tokens) out of the KV budget. A tenant's use of the
+engine is its dominant share, the larger of its part of the slots and its part of the
+budget (dominant resource fairness), so a tenant of few long requests is charged for the
+cache they hold. A free slot goes to the highest class that has a request waiting; within
+a class, to the waiting tenant with the least use for its weight (ties: whoever waited
+longest), first come first served within a tenant. Under contention each active tenant of
+a class holds about its weight's share of what higher classes leave, and so of the tokens
+made (every running sequence makes one token a step); a tenant or class with nothing
+waiting leaves its share to the others (work-conserving).
 
-The scheduler pre-empts (`victim`) when the batch is full and
+The scheduler pre-empts (`victim`) when the batch is full, or the KV budget cannot hold
+the request a free slot would go to next, and
 - a request waits while a sequence of a lower class runs: one of the lowest class's
   sequences leaves (batch work yields at once to online traffic), or else
-- a tenant waits while holding less than its share of its class's slots and another tenant
-  of that class holds more than its own: one of the latter's sequences.
+- a tenant waits that would still be within its share of the rows (the batch's slots, or
+  as many as the KV budget holds now) with its next request admitted, while another
+  tenant of that class holds more than its own: one of the latter's sequences. When the
+  KV budget is what ran out, sequences are pre-empted only if that makes room for the
+  request (`HFEngine._preempt`).
 The one chosen has not been pre-empted before if possible, then has the fewest tokens to
 prefill again (so no sequence is pushed back over and over). With a TTFT objective
 (the engine option `ttft_objective_ms`), a lower class is pre-empted only once the waiting
@@ -37,7 +45,7 @@ held. Sequences need `tenant` (str), `weight` (> 0) and `priority` (int) attribu
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 
@@ -110,10 +118,11 @@ class FairQueue(Generic[S]):
         """The weight of a waiting tenant (its first request's)."""
         return self._queues[(priority, tenant)][0].weight
 
-    def next(self, running: dict[tuple[int, str], int]) -> S | None:
+    def next(self, running: Mapping[tuple[int, str], float]) -> S | None:
         """The sequence a free slot goes to (not removed): in the highest class waiting, the
-        first of the tenant holding the fewest of that class's slots for its weight
-        (`running`: slots per (priority, tenant)); ties go to the one that waited longest."""
+        first of the tenant holding the least of the engine for its weight (`running`: what
+        each (priority, tenant) holds, in slots or as a dominant share: `HFEngine._usage`);
+        ties go to the one that waited longest."""
         top = self.top()
         if top is None:
             return None
@@ -180,8 +189,9 @@ def fair_shares(slots: float, weights: dict[str, float]) -> dict[str, float]:
     return {t: slots * w / total for t, w in weights.items()} if total else {}
 
 
-def victim(running: list[Any], waiting: FairQueue[Any], slots: int, *, classes: bool = True) -> Any | None:
+def victim(running: list[Any], waiting: FairQueue[Any], capacity: int, *, classes: bool = True) -> Any | None:
     """A running sequence to pre-empt for a waiting one, or None (see the module's text).
+    `capacity`: the rows shared, the batch's slots or as many as the KV budget holds.
     `classes` false: a lower class is not pre-empted for a higher one now (the higher one's
     request can still get a slot within its objective: `HFEngine._preempt`)."""
     top = waiting.top()
@@ -193,16 +203,18 @@ def victim(running: list[Any], waiting: FairQueue[Any], slots: int, *, classes: 
     if lower:
         worst = max(s.priority for s in lower)
         return _cheapest([s for s in running if s.priority == worst])
-    # within the class: its slots are what higher classes leave
+    # within the class: its share is what higher classes leave
     mine = [s for s in running if s.priority == top]
-    return over_share(mine, waiting, slots - (len(running) - len(mine)), top)
+    return over_share(mine, waiting, capacity - (len(running) - len(mine)), top)
 
 
-def over_share(running: list[Any], waiting: FairQueue[Any], slots: float, priority: int = 1) -> Any | None:
+def over_share(running: list[Any], waiting: FairQueue[Any], capacity: float, priority: int = 1) -> Any | None:
     """Within one class: a running sequence to pre-empt so that a waiting tenant gets its
-    share of `slots`, or None. Only when some tenant waits while holding less than its
-    share, and another holds more than its own: then that other tenant's most recently
-    admitted sequence (the one with the least work to redo)."""
+    share of `capacity` rows, or None. Only when some tenant waits that would still be
+    within its share with one more row, and another holds more than its own: then the
+    latter's sequence with the least work to redo. The two cannot swap roles next time (no
+    ping-pong): the one pre-empted held more than its share, so with that row back it would
+    not be within it; the one admitted is within its share, so not over it."""
     tenants = waiting.tenants(priority)
     if not tenants or not running:
         return None
@@ -213,14 +225,15 @@ def over_share(running: list[Any], waiting: FairQueue[Any], slots: float, priori
         weights[seq.tenant] = seq.weight
     for tenant in tenants:
         weights.setdefault(tenant, waiting.weight_of(tenant, priority))
-    shares = fair_shares(slots, weights)
-    starved = [t for t in tenants if len(held.get(t, ())) + 1 <= shares[t] + 1e-9]
+    shares = fair_shares(capacity, weights)
+    holds = {t: len(seqs) for t, seqs in held.items()}
+    starved = [t for t in tenants if holds.get(t, 0) + 1 <= shares[t] + 1e-9]
     if not starved:
         return None
-    over = [t for t, seqs in held.items() if len(seqs) - 1 >= shares[t] - 1e-9 and t not in starved]
+    over = [t for t in held if holds[t] > shares[t] + 1e-9 and t not in starved]
     if not over:
         return None
-    greediest = max(over, key=lambda t: len(held[t]) / weights[t])
+    greediest = max(over, key=lambda t: holds[t] / weights[t])
     return _cheapest(held[greediest])
 
 

@@ -478,33 +478,81 @@ class HFEngine(TemplateChats):
             self._publish_gauges()
 
     def _preempt(self) -> list[int] | None:
-        """While the batch is full and a waiting request is owed a slot (a lower class
-        runs, or a tenant of its class holds more than its share: `fair.victim`), move the
-        sequence that owes it back to the front of its queue: its KV is released, and it
-        is prefilled again with the tokens it made when it is admitted again. Holds _cv.
+        """While the batch is full, or the KV budget cannot hold the request a free slot
+        would go to next, and a waiting request is owed room (a lower class runs, or a
+        tenant of its class holds more than its share of what ran out: `fair.victim`), move
+        the sequence that owes it back to the front of its queue: its KV is released, and
+        it is prefilled again with the tokens it made when it is admitted again. Holds _cv.
         Returns the rows of the batch to keep (the caller drops the others' KV, outside the
         lock), or None when nothing was pre-empted. Cancelled sequences do not count as
-        holding a slot (they leave at the next step anyway), nor are they chosen."""
+        holding room (they leave at the next step anyway), nor are they chosen."""
         live = [s for s in self._running if not s.cancelled and not s.done]
-        gone: set[int] = set()
+        gone: list[_Sequence] = []
         classes = self._class_preemption_due(live)
         while len(live) >= self.max_batch:
             chosen = victim(live, self._waiting, self.max_batch, classes=classes)
             if chosen is None:
                 break
             live.remove(chosen)
-            gone.add(id(chosen))
+            gone.append(chosen)
+        if len(live) < self.max_batch:
+            # A free slot, but maybe not the KV cache for the request it would go to: the
+            # rows the budget holds now are the capacity shared. Pre-empt only if that makes
+            # room for it; otherwise it waits, and no work is thrown away.
+            capacity, trial = len(live), list(live)
+            freeing: list[_Sequence] = []
+            nxt = self._waiting.next(self._usage(trial))
+            while nxt is not None and not self._fits(trial, nxt):
+                chosen = victim(trial, self._waiting, capacity, classes=classes)
+                if chosen is None:
+                    freeing = []
+                    break
+                trial.remove(chosen)
+                freeing.append(chosen)
+            live = [s for s in live if s not in freeing]
+            gone.extend(freeing)
+        if not gone:
+            return None
+        for chosen in reversed(gone):  # the first chosen ends up first in its queue
             self._reserved -= chosen.reserved_tokens
             chosen.preempted += 1
             chosen.queued_at = time.perf_counter()  # its queue time counts afresh
             self._waiting.appendleft(chosen)
             metrics.PREEMPTIONS.labels(self._label).inc()
-        if not gone:
-            return None
-        keep = [i for i, s in enumerate(self._running) if id(s) not in gone]
+        keep = [i for i, s in enumerate(self._running) if s not in gone]
         self._running = [self._running[i] for i in keep]
         self._publish_gauges()
         return keep
+
+    def _usage(self, seqs: list[_Sequence]) -> dict[tuple[int, str], float]:
+        """Each (class, tenant)'s dominant share of the engine in `seqs`: the larger of its
+        part of the batch slots and its part of the KV budget (reserved tokens). A free slot
+        goes to the tenant lowest in this for its weight, so a tenant of long requests that
+        holds few slots but much of the KV cache waits behind one that holds less."""
+        slots: dict[tuple[int, str], int] = {}
+        tokens: dict[tuple[int, str], int] = {}
+        for s in seqs:
+            key = (s.priority, s.tenant)
+            slots[key] = slots.get(key, 0) + 1
+            tokens[key] = tokens.get(key, 0) + s.reserved_tokens
+        budget = max(self._kv_budget_tokens, 1)
+        return {k: max(n / self.max_batch, tokens[k] / budget) for k, n in slots.items()}
+
+    def _fits(self, live: list[_Sequence], seq: _Sequence) -> bool:
+        """Whether `seq` could join a batch of just the `live` running sequences within the
+        KV budget, counted as `_admit` counts it (padded: every row as wide as the widest
+        plus the longest remaining generation)."""
+        if not live:
+            return True
+        ids = {id(s) for s in live}
+        rows = [i for i, s in enumerate(self._running) if id(s) in ids]
+        width = self._batch.columns_of(rows)
+        remaining = max(s.row.params.max_tokens - len(s.output) for s in live)
+        size = len(seq.row.prompt_ids) + len(seq.output)
+        need = seq.row.params.max_tokens - len(seq.output)
+        grown = (len(live) + 1) * min(max(width, size) + max(remaining, need), self.context_length)
+        reserved = sum(s.reserved_tokens for s in live) + seq.reserved_tokens
+        return grown <= self._kv_budget_tokens and reserved <= self._kv_budget_tokens
 
     def _class_preemption_due(self, live: list[_Sequence]) -> bool:
         """Whether a lower class should be pre-empted for the highest class waiting now: at
@@ -535,11 +583,8 @@ class HFEngine(TemplateChats):
         width = self._batch.columns
         remaining = max((s.row.params.max_tokens - len(s.output) for s in self._running), default=0)
         longest = 0
-        held: dict[tuple[int, str], int] = {}
-        for s in self._running:
-            held[(s.priority, s.tenant)] = held.get((s.priority, s.tenant), 0) + 1
         while self._waiting and rows + len(admitted) < self.max_batch:
-            seq = self._waiting.next(held)
+            seq = self._waiting.next(self._usage([*self._running, *admitted]))
             assert seq is not None
             if seq.cancelled:
                 self._waiting.pop(seq)
@@ -560,7 +605,6 @@ class HFEngine(TemplateChats):
             self._reserved += seq.reserved_tokens
             longest, remaining = max(longest, size), max(remaining, need)
             admitted.append(seq)
-            held[(seq.priority, seq.tenant)] = held.get((seq.priority, seq.tenant), 0) + 1
         self._publish_gauges()
         return admitted
 
