@@ -48,6 +48,8 @@ class DecodeBatch:
     def reset(self) -> None:
         device = self.device
         self.cache: DynamicCache | None = None
+        # prefilled rows not joined yet (`merge_pending`): (cache, mask, next positions)
+        self._pending: list[tuple[DynamicCache, torch.Tensor, torch.Tensor]] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)   # [rows, columns]
         self.positions = torch.zeros(0, dtype=torch.long, device=device)  # next position per row
         self.last = torch.zeros(0, dtype=torch.long, device=device)       # token to feed next per row
@@ -67,8 +69,8 @@ class DecodeBatch:
         prefix cache had them (or None), `tokens` the rest of the prompt, to compute now.
         Rows are laid out as [pad][prefix][pad][tokens]; the mask hides both pads and the
         position ids continue each row's own prefix. Returns the last logits [rows, vocab]
-        and each row's own KV over its whole prompt (for the prefix cache). The rows'
-        first sampled tokens are set with `set_last`.
+        and each row's own KV over its whole prompt (for the prefix cache). The rows join
+        the batch at `merge_pending` (or `set_last`, which sets their first sampled tokens).
 
         With `every_position` (`extra` must then let the model keep every position's logits)
         the logits are [rows, width, vocab] instead: row i's tokens are its last
@@ -94,8 +96,16 @@ class DecodeBatch:
                          torch.cat([cast(torch.Tensor, layer.values)[i:i + 1, :, k] for k in keep], dim=2))
                         for layer in _layers(cache)])
         lengths = torch.tensor([c + len(t) for c, (_, t) in zip(cached, rows, strict=True)], device=self.device)
-        self._merge(cache, mask, lengths)
+        self._pending.append((cache, mask, lengths))
         return (out.logits if every_position else out.logits[:, -1, :]), own
+
+    def merge_pending(self) -> None:
+        """Join the rows prefilled since the last call to the batch, in their order. Kept
+        apart from `prefill` so that their first tokens can go out before this copy of the
+        whole batch's cache (a time to first token then does not grow with the batch)."""
+        pending, self._pending = self._pending, []
+        for cache, mask, lengths in pending:
+            self._merge(cache, mask, lengths)
 
     def _stack_prefixes(self, rows: Sequence[tuple[KV | None, Sequence[int]]], cached: list[int], known: int
                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -132,10 +142,12 @@ class DecodeBatch:
         self.last = torch.cat([self.last, new_last])
 
     def set_last(self, rows: Sequence[int], tokens: Sequence[int]) -> None:
+        self.merge_pending()
         self.last[torch.tensor(rows, device=self.device)] = torch.tensor(tokens, dtype=torch.long, device=self.device)
 
     def step(self, model: Any, extra: dict[str, Any]) -> torch.Tensor:
         """Feed every row its last token; return the next-token logits [rows, vocab]."""
+        self.merge_pending()
         assert self.cache is not None
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
         out = model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=self.positions[:, None],
@@ -145,6 +157,7 @@ class DecodeBatch:
 
     def columns_of(self, rows: Sequence[int]) -> int:
         """The columns the batch would have after `keep(rows)`."""
+        self.merge_pending()
         if not rows:
             return 0
         used = self.mask[torch.tensor(rows, dtype=torch.long, device=self.device)].sum(0).nonzero()
@@ -152,6 +165,7 @@ class DecodeBatch:
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in this order) and trim columns no row uses any more."""
+        self.merge_pending()
         if len(rows) == len(self):
             return
         if not rows:

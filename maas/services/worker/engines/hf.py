@@ -701,10 +701,12 @@ class HFEngine(TemplateChats):
         metrics.PROMPT_TOKENS.labels(self._label).inc(sum(len(s.row.prompt_ids) for s in fresh))
         metrics.CACHED_TOKENS.labels(self._label).inc(sum(s.out.cached_prompt_tokens for s in fresh))
         logits, own = self._forward(seqs, rows, plain)
+        # first tokens out before the rows join the batch (a copy of its whole cache) and
+        # before the prefix cache takes their prompts
+        self._accept(seqs, logits, rows=range(first, first + len(seqs)))
         for seq, ids, kv in zip(seqs, prompts, own, strict=True):
             if not seq.preempted:  # (its prompt went in at its first prefill; output would crowd shared prefixes)
                 self._prefix.insert(self._namespace(seq), ids, kv)
-        self._accept(seqs, logits, rows=range(first, first + len(seqs)))
 
     def _forward(self, seqs: list[_Sequence], rows: list[tuple[KV | None, list[int]]], plain: int
                  ) -> tuple[torch.Tensor, list[KV]]:
