@@ -46,19 +46,24 @@ class DecodeBatch:
         self.reset()
 
     def reset(self) -> None:
-        device = self.device
-        self.cache: DynamicCache | None = None
         # prefilled rows not joined yet (`merge_pending`): (cache, mask, next positions)
         self._pending: list[tuple[DynamicCache, torch.Tensor, torch.Tensor]] = []
+        self._keep: list[int] | None = None  # rows to keep, applied first by `merge_pending`
+        self._empty()
+
+    def _empty(self) -> None:
+        device = self.device
+        self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)   # [rows, columns]
         self.positions = torch.zeros(0, dtype=torch.long, device=device)  # next position per row
         self.last = torch.zeros(0, dtype=torch.long, device=device)       # token to feed next per row
 
     def __len__(self) -> int:
-        return int(self.last.shape[0])
+        return len(self._keep) if self._keep is not None else int(self.last.shape[0])
 
     @property
     def columns(self) -> int:
+        """The cache's width (before a `keep_later` trims it: an upper bound)."""
         return int(self.mask.shape[1])
 
     def prefill(self, model: Any, rows: Sequence[tuple[KV | None, Sequence[int]]], extra: dict[str, Any],
@@ -103,6 +108,9 @@ class DecodeBatch:
         """Join the rows prefilled since the last call to the batch, in their order. Kept
         apart from `prefill` so that their first tokens can go out before this copy of the
         whole batch's cache (a time to first token then does not grow with the batch)."""
+        if self._keep is not None:
+            rows, self._keep = self._keep, None
+            self._gather(rows)
         pending, self._pending = self._pending, []
         for cache, mask, lengths in pending:
             self._merge(cache, mask, lengths)
@@ -163,13 +171,23 @@ class DecodeBatch:
         used = self.mask[torch.tensor(rows, dtype=torch.long, device=self.device)].sum(0).nonzero()
         return self.columns - int(used[0]) if len(used) else 0
 
+    def keep_later(self, rows: Sequence[int]) -> None:
+        """`keep(rows)`, done when the batch is next used (`merge_pending`, `step`, ...): the
+        copy of the cache that drops rows pre-empted for a new request then comes after the
+        new request's first token went out, not before its prefill."""
+        assert self._keep is None and not self._pending
+        self._keep = list(rows)
+
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in this order) and trim columns no row uses any more."""
         self.merge_pending()
-        if len(rows) == len(self):
+        self._gather(rows)
+
+    def _gather(self, rows: Sequence[int]) -> None:
+        if len(rows) == int(self.last.shape[0]):
             return
         if not rows:
-            self.reset()
+            self._empty()
             return
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.mask, self.positions, self.last = self.mask[index], self.positions[index], self.last[index]

@@ -452,8 +452,8 @@ class HFEngine(TemplateChats):
                         if self._closing:
                             break
                         keep = self._preempt()
-                    if keep is not None:  # the batch's KV is gathered outside the lock
-                        self._batch.keep(keep)
+                    if keep is not None:  # gathered when the batch is next used, outside the lock
+                        self._batch.keep_later(keep)
                     with self._cv:
                         admitted = self._admit()
                     if admitted:
