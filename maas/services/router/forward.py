@@ -16,10 +16,11 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 from opentelemetry import trace
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from maas.mesh import tracing
 from maas.mesh.authz import Principal
@@ -38,14 +39,14 @@ from maas.mesh.service_classes import DEFAULT_CLASS, priority
 from maas.mesh.usage import UsageMeter
 from maas.services.router.pool import ReplicaPool
 from maas.services.router.tenants import Bucket, Caller, Gate, Ticket
+from maas.services.router.waiting import MAX_WAITING, RoomFull, Waiter, WaitingRooms
+from maas.services.router.waiting import POLL_SECONDS as QUEUE_POLL
 from maas.v1 import common_pb2, inference_pb2, mesh_pb2, usage_pb2
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # replicas one request may try (first attempt included)
 QUEUE_SECONDS = 0.0  # how long a request waits when every replica is full, before it is shed (0: shed at once)
-MAX_WAITING = 1024   # requests allowed to wait that way in one router
-QUEUE_POLL = 0.1
 FAILOVER_SECONDS = 30.0  # how long a request whose worker failed waits for another replica to be ready
 
 RETRIES = Counter("maas_router_retries_total", "Requests re-sent to another replica before their first token.",
@@ -54,6 +55,13 @@ SHED = Counter("maas_router_shed_requests_total",
                "Requests refused because every replica was full for the whole queueing time.", ["model"])
 MIGRATIONS = Counter("maas_router_migrations_total",
                      "Streams moved to another replica after their worker failed mid-stream.", ["model"])
+QUEUE_WAIT = Histogram("maas_router_queue_wait_seconds",
+                       "Time a request waited in the router for room on a full model (--queue-timeout), until a "
+                       "replica took it or it was shed; requests that did not wait are not counted.",
+                       ["model", "tenant"],
+                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+WAITING = Gauge("maas_router_waiting_requests", "Requests waiting in the router for room on a full model.",
+                ["model"])
 
 
 PREFIX_CHARS = 256      # prompt characters that make the prefix-affinity key (about 64 tokens)
@@ -168,10 +176,13 @@ class Forwarder:
         self.gate = gate
         self.max_attempts = max_attempts
         self.queue_timeout = queue_timeout
-        self.max_waiting = max_waiting
         self.failover_timeout = failover_timeout
-        self.waiting = 0  # requests waiting for a full model to have room
+        # requests waiting for a full model to have room, shared fairly between tenants
+        self.rooms = WaitingRooms(self._serves, max_waiting=max_waiting)
         self.reservations = Reservations(pool, gate)
+
+    def _serves(self, model: str, replica_id: str) -> bool:
+        return any(r.replica_id == replica_id for r in self.pool.ready(model))
 
     def _replica_left(self, call: grpc.aio.Call) -> bool:
         """A call cancelled under this task because its replica left etcd (not this request
@@ -254,8 +265,7 @@ class Forwarder:
                 payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
                 affinity = affinity_key(request, session, prefix=self.prefix_affinity)
                 deadline = None if timeout is None else time.monotonic() + timeout
-                attempts = _Attempts(self, request.model, deadline, ticket.tenant)
-                in_flight = self.pool.in_flight
+                attempts = _Attempts(self, request.model, deadline, ticket.tenant, request.tenant_weight)
                 last: float | None = None
                 while True:
                     replica = await attempts.next(affinity, self._kv_request(request, affinity))
@@ -267,7 +277,7 @@ class Forwarder:
                     rid = replica.replica_id
                     call = self.pool.calls(replica).stream(
                         sent, timeout=_remaining(deadline), metadata=(*metadata, (REPLICA_HEADER, rid)))
-                    in_flight[rid] = in_flight.get(rid, 0) + 1
+                    attempts.sent(rid)
                     self.pool.watch(rid, call)
                     admitted = False  # it got a chunk: the replica had room for it
                     try:
@@ -295,9 +305,7 @@ class Forwarder:
                     finally:
                         call.cancel()
                         self.pool.unwatch(rid, call)
-                        _untrack(in_flight, rid)
-                        if admitted:  # its slot is free again (a refused call leaves the mark)
-                            self.pool.freed(rid)
+                        attempts.ended(rid, served=admitted)  # a refused call leaves the replica's full mark
             finally:
                 self._online_ends(online)
                 Reservations.settle(reserved, final.usage.completion_tokens if final is not None else len(produced))
@@ -337,21 +345,21 @@ class Forwarder:
                 reserved = self.reservations.admit(request, added, ticket.tenant)
                 payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
                 deadline = None if timeout is None else time.monotonic() + timeout
-                attempts = _Attempts(self, request.model, deadline, ticket.tenant)
+                attempts = _Attempts(self, request.model, deadline, ticket.tenant, request.tenant_weight)
                 affinity = affinity_key(request, session, prefix=self.prefix_affinity)
-                in_flight = self.pool.in_flight
                 while True:
                     replica = await attempts.next(affinity, self._kv_request(request, affinity))
                     if attempts.first:
                         OVERHEAD.observe(time.perf_counter() - entered)
                     rid = replica.replica_id
-                    in_flight[rid] = in_flight.get(rid, 0) + 1
                     unary = self.pool.calls(replica).generate(
                         payload, timeout=_remaining(deadline), metadata=(*metadata, (REPLICA_HEADER, rid)))
+                    attempts.sent(rid)
                     self.pool.watch(rid, unary)
+                    served = False
                     try:
                         relayed = await unary
-                        self.pool.freed(rid)  # served: its slot is free again
+                        served = True
                         break
                     except grpc.aio.AioRpcError as e:
                         attempts.failed(replica, e, 0)
@@ -361,7 +369,7 @@ class Forwarder:
                         attempts.failed(replica, None, 0)
                     finally:
                         self.pool.unwatch(rid, unary)
-                        _untrack(in_flight, rid)
+                        attempts.ended(rid, served=served)
                 reply = relayed[0]
                 ticket.tokens = series.tokens(tenant, reply.usage)
                 return relayed
@@ -569,21 +577,25 @@ class _Attempts:
     - RESOURCE_EXHAUSTED with a retry hint before the first token (the replica's queue is
       full): try the others; when every one is full, shed the request with RESOURCE_EXHAUSTED and the
       soonest retry-after hint the replicas gave (their engines estimate when a slot frees),
-      or, with a `queue_timeout`, first wait (polling every 0.1 s) for up to that long, with
-      at most `max_waiting` requests waiting in this router. Never an unbounded queue: the
-      engines bound theirs, so an admitted request's time to first token stays bounded and
-      the rest are refused at once rather than queued behind them.
+      or, with a `queue_timeout`, first wait in the router's waiting room (waiting.py: one
+      queue per tenant, woken in weighted-fair order when room may have appeared) for up to
+      that long, with at most `max_waiting` requests waiting in this router. Never an
+      unbounded queue: the engines bound theirs, so an admitted request's time to first
+      token stays bounded and the rest are refused at once rather than queued behind them.
     - Anything else, RESOURCE_EXHAUSTED without a hint included (a request too big for the
       replica's KV budget), is the request's own answer and is passed on.
     """
 
-    def __init__(self, forwarder: Forwarder, model: str, deadline: float | None, tenant: str = "-") -> None:
-        self.fw, self.model, self.deadline, self.tenant = forwarder, model, deadline, tenant
+    def __init__(self, forwarder: Forwarder, model: str, deadline: float | None, tenant: str = "-",
+                 weight: float = 1.0) -> None:
+        self.fw, self.model, self.deadline, self.tenant, self.weight = forwarder, model, deadline, tenant, weight
         self.tried: set[str] = set()      # failed (UNAVAILABLE) or in use by this attempt
         self.full: set[str] = set()       # refused for being full, this round
         self.retry_after: float | None = None  # the soonest a full replica expects room
         self.failures = 0
-        self.queued_since: float | None = None
+        self.waiter: Waiter | None = None  # its place in the waiting room, once it waited
+        self.left_room: float | None = None  # when it last left the waiting room to try a replica
+        self.counted = False  # its wait is in QUEUE_WAIT
         self.first = True
         self.lost = ""  # the last failure, for the error if no replica takes over
 
@@ -592,34 +604,74 @@ class _Attempts:
         pool = self.fw.pool
         if self.lost and not self._untried():
             await self._wait_for_replica()
-        for r in pool.ready(self.model):  # replicas that just said they are full: not asked again
-            hint = pool.full(r.replica_id, self.tenant)
-            if hint is not None and r.replica_id not in self.tried:
-                self.full.add(r.replica_id)
-                self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
-        if self.full and not any(r.replica_id not in self.tried | self.full for r in pool.ready(self.model)):
+        if self.waiter is None and self.fw.queue_timeout and self.fw.rooms.queued(self.model, self.tenant):
+            await self._wait_for_room()  # behind its tenant's requests already waiting: first come, first served
+        while True:
+            for r in pool.ready(self.model):  # replicas that just said they are full: not asked again
+                hint = pool.full(r.replica_id, self.tenant)
+                if hint is not None and r.replica_id not in self.tried:
+                    self.full.add(r.replica_id)
+                    self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
+            if not self.full or any(r.replica_id not in self.tried | self.full for r in pool.ready(self.model)):
+                break
             await self._wait_for_room()
+            self.full.clear()
         replica = await pool.pick(self.model, self.tried | self.full, _remaining(self.deadline), affinity, request)
-        self.first = not self.tried and not self.full and self.queued_since is None
+        self.first = not self.tried and not self.full and self.waiter is None
+        if self.waiter is not None:
+            self.left_room = time.monotonic()
         self.tried.add(replica.replica_id)
         return replica
 
+    def sent(self, replica_id: str) -> None:
+        """A call of this request went to the replica."""
+        in_flight = self.fw.pool.in_flight
+        in_flight[replica_id] = in_flight.get(replica_id, 0) + 1
+        self.fw.rooms.started(self.model, self.tenant)
+
+    def ended(self, replica_id: str, *, served: bool) -> None:
+        """That call ended. `served`: the replica had taken it (it sent a chunk or its
+        answer), so its slot is free again: the replica's full marks go, and a request
+        waiting for room is woken."""
+        _untrack(self.fw.pool.in_flight, replica_id)
+        if served:
+            self.fw.pool.freed(replica_id)
+            if self.left_room is not None:
+                self._waited(self.left_room)
+        self.fw.rooms.ended(self.model, self.tenant, self.weight, served=served, replica_id=replica_id)
+
+    def _waited(self, until: float) -> None:
+        """Count the time this request waited for room (once: a moved stream does not wait again)."""
+        if self.waiter is not None and not self.counted:
+            self.counted = True
+            QUEUE_WAIT.labels(self.fw._label(self.model), self.tenant).observe(until - self.waiter.since)
+
     async def _wait_for_room(self) -> None:
         now = time.monotonic()
-        self.queued_since = self.queued_since or now
-        out_of_time = now - self.queued_since >= self.fw.queue_timeout or (
-            self.deadline is not None and now + QUEUE_POLL >= self.deadline)
-        if out_of_time or self.fw.waiting >= self.fw.max_waiting:
-            SHED.labels(self.fw._label(self.model)).inc()
-            hint = max(0.1, round(self.retry_after, 1)) if self.retry_after is not None else 1.0
-            raise ResourceExhausted(f"every replica of {self.model!r} is at capacity; retry in {hint:g}s",
-                                    retry_after=hint)
-        self.fw.waiting += 1
+        if not self.fw.queue_timeout:
+            self._shed()
+        if self.waiter is None:
+            self.waiter = Waiter(self.tenant, self.weight, now)
+        left = self.fw.queue_timeout - (now - self.waiter.since)
+        if self.deadline is not None:
+            left = min(left, self.deadline - QUEUE_POLL - now)
+        if left <= 0:
+            self._shed()
+        label = self.fw._label(self.model)
+        WAITING.labels(label).inc()
         try:
-            await asyncio.sleep(QUEUE_POLL)
+            await self.fw.rooms.wait(self.model, self.waiter, left)
+        except RoomFull:
+            self._shed()
         finally:
-            self.fw.waiting -= 1
-        self.full.clear()
+            WAITING.labels(label).dec()
+
+    def _shed(self) -> NoReturn:
+        SHED.labels(self.fw._label(self.model)).inc()
+        self._waited(time.monotonic())
+        hint = max(0.1, round(self.retry_after, 1)) if self.retry_after is not None else 1.0
+        raise ResourceExhausted(f"every replica of {self.model!r} is at capacity; retry in {hint:g}s",
+                                retry_after=hint)
 
     def _untried(self) -> bool:
         return any(r.replica_id not in self.tried for r in self.fw.pool.ready(self.model))
