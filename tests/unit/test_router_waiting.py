@@ -232,3 +232,76 @@ async def test_a_full_room_refuses_the_tenant_holding_most_of_it_not_a_newcomer(
         task.cancel()
     await asyncio.gather(*flood, return_exceptions=True)
     assert room.waiting == 0 and len(room) == 0
+
+
+async def test_a_higher_class_is_woken_first_and_fairness_holds_within_a_class():
+    room = rooms()
+    holder = ("x", 1)  # one slot: who holds it, and its class
+    room.started(MODEL, *holder)
+    woken: list[str] = []
+
+    async def wait(tenant: str, priority: int) -> None:
+        nonlocal holder
+        assert await room.wait(MODEL, Waiter(tenant, 1.0, next(_arrivals), priority), 60)
+        room.started(MODEL, tenant, priority)
+        holder = (tenant, priority)
+        woken.append(f"{tenant}/{priority}")
+
+    tasks = []
+    for tenant, priority in (("batch", 2), ("batch", 2), ("a", 1), ("a", 1), ("b", 1), ("live", 0)):
+        tasks.append(asyncio.create_task(wait(tenant, priority)))
+        await settle()
+    assert room.queued(MODEL, "batch", 2) == 2 and room.queued(MODEL, "batch") == 0
+    for _ in range(7):
+        room.ended(MODEL, holder[0], 1.0, served=True, replica_id="r1", priority=holder[1])
+        await settle()
+    await asyncio.gather(*tasks)
+    # interactive, then standard (a and b alternate, a waited longest), batch last
+    assert woken == ["live/0", "a/1", "b/1", "a/1", "batch/2", "batch/2"], woken
+    assert room.waiting == 0 and len(room) == 0
+
+
+async def test_in_flight_counts_per_class_a_tenants_batch_work_does_not_count_against_its_online_requests():
+    room = rooms()
+    for _ in range(3):
+        room.started(MODEL, "a", priority=2)  # a's batch lines hold three slots
+    room.started(MODEL, "b")                  # b's one online request holds one
+    woken: list[str] = []
+
+    async def wait(tenant: str) -> None:
+        assert await room.wait(MODEL, Waiter(tenant, 1.0, next(_arrivals)), 60)
+        woken.append(tenant)
+
+    tasks = [asyncio.create_task(wait("b"))]
+    await settle()
+    tasks.append(asyncio.create_task(wait("a")))
+    await settle()
+    room.ended(MODEL, "a", 1.0, served=True, replica_id="r1", priority=2)
+    await settle()
+    assert woken == ["a"]  # in its class, a holds nothing and b one
+    room.ended(MODEL, "b", 1.0, served=True, replica_id="r1")
+    await asyncio.gather(*tasks)
+    for _ in range(2):
+        room.ended(MODEL, "a", 1.0, served=True, replica_id="r1", priority=2)
+    assert room.waiting == 0 and len(room) == 0
+
+
+async def test_a_full_room_pushes_out_the_lowest_class_first():
+    room = rooms(max_waiting=3)
+    room.started(MODEL, "x")
+    batch = [asyncio.create_task(room.wait(MODEL, Waiter("q", 1.0, next(_arrivals), 2), 60)) for _ in range(2)]
+    await settle()
+    standard = asyncio.create_task(room.wait(MODEL, Waiter("q", 1.0, next(_arrivals), 1), 60))
+    await settle()
+    live = asyncio.create_task(room.wait(MODEL, Waiter("q", 1.0, next(_arrivals), 0), 60))
+    await settle()
+    with pytest.raises(RoomFull):
+        await batch[1]  # the newest batch waiter made room, though its tenant is the newcomer's
+    with pytest.raises(RoomFull):  # a batch newcomer finds no lower class to push out
+        await room.wait(MODEL, Waiter("other", 1.0, next(_arrivals), 2), 60)
+    room.ended(MODEL, "x", 1.0, served=True, replica_id="r1")
+    assert await asyncio.wait_for(live, 5) and not standard.done()
+    for task in (batch[0], standard):
+        task.cancel()
+    await asyncio.gather(batch[0], standard, return_exceptions=True)
+    assert room.waiting == 0 and len(room) == 0

@@ -265,7 +265,8 @@ class Forwarder:
                 payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
                 affinity = affinity_key(request, session, prefix=self.prefix_affinity)
                 deadline = None if timeout is None else time.monotonic() + timeout
-                attempts = _Attempts(self, request.model, deadline, ticket.tenant, request.tenant_weight)
+                attempts = _Attempts(self, request.model, deadline, ticket.tenant, request.tenant_weight,
+                                     _queue_priority(request))
                 last: float | None = None
                 while True:
                     replica = await attempts.next(affinity, self._kv_request(request, affinity))
@@ -345,7 +346,8 @@ class Forwarder:
                 reserved = self.reservations.admit(request, added, ticket.tenant)
                 payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
                 deadline = None if timeout is None else time.monotonic() + timeout
-                attempts = _Attempts(self, request.model, deadline, ticket.tenant, request.tenant_weight)
+                attempts = _Attempts(self, request.model, deadline, ticket.tenant, request.tenant_weight,
+                                     _queue_priority(request))
                 affinity = affinity_key(request, session, prefix=self.prefix_affinity)
                 while True:
                     replica = await attempts.next(affinity, self._kv_request(request, affinity))
@@ -567,6 +569,12 @@ def _untrack(in_flight: dict[str, int], rid: str) -> None:
         del in_flight[rid]
 
 
+def _queue_priority(request: inference_pb2.GenerateRequest) -> int:
+    """A request's class as the waiting room orders it: as the worker's engine does
+    (convert.py), a request inside its tenant's reservation counts a class up."""
+    return max(0, priority(request.service_class) - request.reserved)
+
+
 class _Attempts:
     """The replicas one request tries, and why it stops trying.
 
@@ -587,8 +595,9 @@ class _Attempts:
     """
 
     def __init__(self, forwarder: Forwarder, model: str, deadline: float | None, tenant: str = "-",
-                 weight: float = 1.0) -> None:
+                 weight: float = 1.0, priority: int = 1) -> None:
         self.fw, self.model, self.deadline, self.tenant, self.weight = forwarder, model, deadline, tenant, weight
+        self.priority = priority  # its class in the waiting room (_queue_priority)
         self.tried: set[str] = set()      # failed (UNAVAILABLE) or in use by this attempt
         self.full: set[str] = set()       # refused for being full, this round
         self.retry_after: float | None = None  # the soonest a full replica expects room
@@ -604,11 +613,12 @@ class _Attempts:
         pool = self.fw.pool
         if self.lost and not self._untried():
             await self._wait_for_replica()
-        if self.waiter is None and self.fw.queue_timeout and self.fw.rooms.queued(self.model, self.tenant):
-            await self._wait_for_room()  # behind its tenant's requests already waiting: first come, first served
+        rooms = self.fw.rooms
+        if self.waiter is None and self.fw.queue_timeout and rooms.queued(self.model, self.tenant, self.priority):
+            await self._wait_for_room()  # behind its tenant's requests of its class: first come, first served
         while True:
             for r in pool.ready(self.model):  # replicas that just said they are full: not asked again
-                hint = pool.full(r.replica_id, self.tenant)
+                hint = pool.full(r.replica_id, self.tenant, self.priority)
                 if hint is not None and r.replica_id not in self.tried:
                     self.full.add(r.replica_id)
                     self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
@@ -627,7 +637,7 @@ class _Attempts:
         """A call of this request went to the replica."""
         in_flight = self.fw.pool.in_flight
         in_flight[replica_id] = in_flight.get(replica_id, 0) + 1
-        self.fw.rooms.started(self.model, self.tenant)
+        self.fw.rooms.started(self.model, self.tenant, self.priority)
 
     def ended(self, replica_id: str, *, served: bool) -> None:
         """That call ended. `served`: the replica had taken it (it sent a chunk or its
@@ -638,7 +648,8 @@ class _Attempts:
             self.fw.pool.freed(replica_id)
             if self.left_room is not None:
                 self._waited(self.left_room)
-        self.fw.rooms.ended(self.model, self.tenant, self.weight, served=served, replica_id=replica_id)
+        self.fw.rooms.ended(self.model, self.tenant, self.weight, served=served, replica_id=replica_id,
+                            priority=self.priority)
 
     def _waited(self, until: float) -> None:
         """Count the time this request waited for room (once: a moved stream does not wait again)."""
@@ -651,7 +662,7 @@ class _Attempts:
         if not self.fw.queue_timeout:
             self._shed()
         if self.waiter is None:
-            self.waiter = Waiter(self.tenant, self.weight, now)
+            self.waiter = Waiter(self.tenant, self.weight, now, self.priority)
         left = self.fw.queue_timeout - (now - self.waiter.since)
         if self.deadline is not None:
             left = min(left, self.deadline - QUEUE_POLL - now)
@@ -703,7 +714,7 @@ class _Attempts:
             self.tried.discard(replica.replica_id)
             self.full.add(replica.replica_id)
             self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
-            self.fw.pool.mark_full(replica.replica_id, hint, self.tenant)
+            self.fw.pool.mark_full(replica.replica_id, hint, self.tenant, self.priority)
             return
         if e is not None and code != grpc.StatusCode.UNAVAILABLE:
             raise from_rpc_error(e) from None

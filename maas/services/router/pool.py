@@ -104,8 +104,8 @@ class ReplicaPool:
         self.models = PrefixMirror(session, session.keys.models(), registry_pb2.Model)  # owners of adapters
         self.in_flight: dict[str, int] = {}
         self._suspect: dict[str, float] = {}
-        # replica -> tenant -> (until, its retry hint), see mark_full
-        self._full: dict[str, dict[str, tuple[float, float]]] = {}
+        # replica -> (tenant, class priority) -> (until, its retry hint), see mark_full
+        self._full: dict[str, dict[tuple[str, int], tuple[float, float]]] = {}
         self._reported: dict[str, tuple[int, float]] = {}  # replica -> (in flight, when reported)
         self._online_seen: dict[str, float] = {}  # deployment -> when requests not of the batch class last ran
         self.online_here: dict[str, int] = {}  # deployment -> this router's requests in flight not of the batch class
@@ -422,23 +422,24 @@ class ReplicaPool:
             self._abandoned.add(call)
             call.cancel()
 
-    def mark_full(self, replica_id: str, retry_after: float, tenant: str = "-") -> None:
-        """The replica refused a request of `tenant` because its queue is full: for
-        FULL_SECONDS, or until one of this router's requests on it ends (a slot may have
-        freed), that tenant's requests for it are refused here, with its hint, instead of
-        each costing a round trip to a worker that is busiest exactly then. Other tenants'
-        still go: the engine shares its queue fairly, and may take a quiet tenant's request
-        in the place of a flooding one's."""
-        self._full.setdefault(replica_id, {})[tenant] = (time.monotonic() + FULL_SECONDS, retry_after)
+    def mark_full(self, replica_id: str, retry_after: float, tenant: str = "-", priority: int = 1) -> None:
+        """The replica refused a request of `tenant` of class `priority` because its queue
+        is full: for FULL_SECONDS, or until one of this router's requests on it ends (a slot
+        may have freed), that tenant's requests of that class for it are refused here, with
+        its hint, instead of each costing a round trip to a worker that is busiest exactly
+        then. Other tenants' and other classes' still go: the engine shares its queue fairly
+        and by class, and may take a quiet tenant's request in the place of a flooding one's,
+        or an interactive one in the place of batch work."""
+        self._full.setdefault(replica_id, {})[tenant, priority] = (time.monotonic() + FULL_SECONDS, retry_after)
 
-    def full(self, replica_id: str, tenant: str = "-") -> float | None:
-        """The retry hint of a replica marked full for `tenant`, or None."""
+    def full(self, replica_id: str, tenant: str = "-", priority: int = 1) -> float | None:
+        """The retry hint of a replica marked full for `tenant`'s requests of class `priority`, or None."""
         marks = self._full.get(replica_id)
-        mark = marks.get(tenant) if marks is not None else None
+        mark = marks.get((tenant, priority)) if marks is not None else None
         if mark is None:
             return None
         if mark[0] <= time.monotonic():
-            del marks[tenant]  # type: ignore[union-attr]
+            del marks[tenant, priority]  # type: ignore[union-attr]
             return None
         return mark[1]
 

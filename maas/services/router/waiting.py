@@ -5,8 +5,12 @@ With `maas router --queue-timeout S`, a request that finds every replica of its 
 once. The policy (docs/fairness.md#the-routers-waiting-room):
 
 - **One room per model** (as the request names it), and in it one first-come-first-served
-  queue per tenant. A request whose tenant already has requests waiting joins the end of
-  its tenant's queue rather than trying the replicas ahead of them.
+  queue per class and tenant. A request whose tenant already has requests of its class
+  waiting joins the end of that queue rather than trying the replicas ahead of them.
+- **Classes first**, as in the engine's queue (fair.py): a waiter of the highest class
+  waiting (`interactive`, then `standard`, then `batch`; a request inside its tenant's
+  reservation counts a class up) is woken before any of a lower class; the fair order
+  below holds within a class.
 - **When room may have appeared**, waiting requests are woken in weighted-fair order, and
   each tries the replicas again:
   - one of this router's requests on a replica the room's model uses ended after the
@@ -15,8 +19,8 @@ once. The policy (docs/fairness.md#the-routers-waiting-room):
     replica's "full" mark expired, another router's request ended, a replica joined): the
     head of each tenant's queue, so nothing waits forever. (Not sooner: a fallback wake
     racing the waiter just woken for a freed slot could take the slot out of turn.)
-- **Weighted-fair order**: first the tenant with the fewest of this router's requests in
-  flight on the model for its weight (in flight / weight); then the tenant that has been
+- **Weighted-fair order** within a class: first the tenant with the fewest of this
+  router's requests of that class in flight on the model for its weight; then the tenant that has been
   served least for its weight (start-time fair queuing: each request a replica took
   advances its tenant's virtual time by 1 / weight, and a tenant that was idle starts
   again at the room's current virtual time, so idling banks no credit); then whoever
@@ -26,9 +30,10 @@ once. The policy (docs/fairness.md#the-routers-waiting-room):
 - **A woken request refused again** (the room it was woken for was taken first) goes
   back to the head of its tenant's queue, not the end, and keeps its arrival time.
 - **Bounded**: at most `max_waiting` requests wait in the router. When that many wait, a
-  newcomer takes the place of the newest waiter of the tenant most over its weight's share
-  of its room (that one is refused, `RoomFull`), or is refused itself if its tenant holds
-  the most already: a flood cannot fill the room and lock a quiet tenant out.
+  newcomer takes the place of the newest waiter of the lowest class below its own in its
+  room; else, in its own class, of the tenant most over its weight's share (that one is
+  refused, `RoomFull`), or is refused itself if its tenant holds the most already: a flood
+  cannot fill the room and lock a quiet tenant or a higher class out.
 - A waiter that leaves (its time is up, its client went away) leaves its queue at once; a
   turn it was given and did not use goes to the next. A room that holds no waiter and no
   request in flight is forgotten.
@@ -59,8 +64,16 @@ class Waiter:
     tenant: str
     weight: float
     since: float  # when it first waited (time.monotonic()): who waited longest goes first on a tie
+    priority: int = 1  # its class: 0 interactive, 1 standard, 2 batch (service_classes.priority)
     turns: int = 0  # times it was woken
     woken: asyncio.Future[None] | None = field(default=None, repr=False)
+
+    @property
+    def queue(self) -> tuple[int, str]:
+        return self.priority, self.tenant
+
+
+Queue = tuple[int, str]  # (priority, tenant): one queue of a room, and what it has in flight
 
 
 class _Room:
@@ -68,8 +81,8 @@ class _Room:
 
     def __init__(self, model: str) -> None:
         self.model = model
-        self.queues: dict[str, deque[Waiter]] = {}  # tenant -> its waiters, oldest first
-        self.running: dict[str, int] = {}           # tenant -> requests in flight on the model
+        self.queues: dict[Queue, deque[Waiter]] = {}  # (priority, tenant) -> its waiters, oldest first
+        self.running: dict[Queue, int] = {}           # (priority, tenant) -> requests in flight on the model
         self.served: dict[str, float] = {}          # tenant -> virtual time after its last request served
         self.clock = 0.0                            # the virtual time of the last request served
         self.timer: asyncio.TimerHandle | None = None
@@ -90,30 +103,32 @@ class _Room:
         if len(self.served) > 64:  # a tenant at or behind the clock is as if never served
             self.served = {t: v for t, v in self.served.items() if v > start}
 
-    def first(self, extra: dict[str, int], exclude: Collection[str] = ()) -> str | None:
-        """The tenant whose waiter goes next (None: none), leaving out `exclude` (`extra`:
-        turns given in this same wake, counted as in flight already)."""
-        def rank(tenant: str) -> tuple[float, float, float]:
-            head = self.queues[tenant][0]
+    def first(self, extra: dict[Queue, int], exclude: Collection[Queue] = ()) -> Queue | None:
+        """The queue whose waiter goes next (None: none): of the highest class waiting, the
+        fairest tenant's; leaving out `exclude` (`extra`: turns given in this same wake,
+        counted as in flight already)."""
+        def rank(key: Queue) -> tuple[int, float, float, float]:
+            head = self.queues[key][0]
             weight = _positive(head.weight)
-            more = extra.get(tenant, 0)
-            return (self.running.get(tenant, 0) + more) / weight, self.tag(tenant) + more / weight, head.since
-        return min((t for t in self.queues if t not in exclude), key=rank, default=None)
+            more = extra.get(key, 0)
+            return (key[0], (self.running.get(key, 0) + more) / weight, self.tag(key[1]) + more / weight,
+                    head.since)
+        return min((k for k in self.queues if k not in exclude), key=rank, default=None)
 
-    def pop(self, tenant: str, *, newest: bool = False) -> Waiter:
-        queue = self.queues[tenant]
+    def pop(self, key: Queue, *, newest: bool = False) -> Waiter:
+        queue = self.queues[key]
         waiter = queue.pop() if newest else queue.popleft()
         if not queue:
-            del self.queues[tenant]
+            del self.queues[key]
         return waiter
 
     def remove(self, waiter: Waiter) -> bool:
-        queue = self.queues.get(waiter.tenant)
+        queue = self.queues.get(waiter.queue)
         if queue is None or waiter not in queue:
             return False
         queue.remove(waiter)
         if not queue:
-            del self.queues[waiter.tenant]
+            del self.queues[waiter.queue]
         return True
 
 
@@ -135,29 +150,30 @@ class WaitingRooms:
         """Rooms held: models with requests waiting or in flight."""
         return len(self._rooms)
 
-    def queued(self, model: str, tenant: str) -> int:
-        """Requests of `tenant` waiting for `model`."""
+    def queued(self, model: str, tenant: str, priority: int = 1) -> int:
+        """Requests of `tenant` of class `priority` waiting for `model`."""
         room = self._rooms.get(model)
-        queue = room.queues.get(tenant) if room is not None else None
+        queue = room.queues.get((priority, tenant)) if room is not None else None
         return len(queue) if queue is not None else 0
 
     # -- requests in flight ----------------------------------------------------------------
 
-    def started(self, model: str, tenant: str) -> None:
-        """A call of `tenant`'s request went to a replica of `model`."""
+    def started(self, model: str, tenant: str, priority: int = 1) -> None:
+        """A call of `tenant`'s request of class `priority` went to a replica of `model`."""
         room = self._room(model)
-        room.running[tenant] = room.running.get(tenant, 0) + 1
+        room.running[priority, tenant] = room.running.get((priority, tenant), 0) + 1
 
-    def ended(self, model: str, tenant: str, weight: float, *, served: bool, replica_id: str) -> None:
+    def ended(self, model: str, tenant: str, weight: float, *, served: bool, replica_id: str,
+              priority: int = 1) -> None:
         """That call ended. `served`: the replica had taken the request (not refused it), so
         its slot is free now: one waiter of each room the replica serves is woken."""
         room = self._rooms.get(model)
         if room is not None:
-            left = room.running.get(tenant, 0) - 1
+            left = room.running.get((priority, tenant), 0) - 1
             if left > 0:
-                room.running[tenant] = left
+                room.running[priority, tenant] = left
             else:
-                room.running.pop(tenant, None)
+                room.running.pop((priority, tenant), None)
             if served:
                 room.charge(tenant, _positive(weight))
         if served:
@@ -171,7 +187,7 @@ class WaitingRooms:
     # -- waiting ---------------------------------------------------------------------------
 
     async def wait(self, model: str, waiter: Waiter, timeout: float) -> bool:
-        """Queue `waiter` for `model` (at its tenant's tail the first time, at the head after
+        """Queue `waiter` for `model` (at its queue's tail the first time, at the head after
         a turn) and wait for a turn: True when woken (try the replicas), False once
         `timeout` seconds passed. Raises RoomFull when the router's room is full and this
         tenant holds the most of it, at once or later (pushed out by another tenant's
@@ -184,7 +200,7 @@ class WaitingRooms:
             raise
         loop = asyncio.get_running_loop()
         woken = waiter.woken = loop.create_future()
-        queue = room.queues.setdefault(waiter.tenant, deque())
+        queue = room.queues.setdefault(waiter.queue, deque())
         if waiter.turns:
             queue.appendleft(waiter)
         else:
@@ -212,28 +228,35 @@ class WaitingRooms:
     def _make_room(self, room: _Room, waiter: Waiter) -> None:
         if self.waiting < self.max_waiting:
             return
-        weight = _positive(waiter.weight)
-        own = (len(room.queues.get(waiter.tenant, ())) + 1) / weight
-        shares = [(len(q) / _positive(q[0].weight), t) for t, q in room.queues.items() if t != waiter.tenant]
-        if not shares or max(shares)[0] <= own:
-            raise RoomFull(f"{self.waiting} requests wait in this router already, its limit")
-        pushed = room.pop(max(shares)[1], newest=True)
+        lower = [key for key in room.queues if key[0] > waiter.priority]
+        if lower:  # the newest of the lowest class below the newcomer's, the tenant holding most of it
+            worst = max(key[0] for key in lower)
+            victim = max((len(room.queues[k]) / _positive(room.queues[k][0].weight), k)
+                         for k in lower if k[0] == worst)[1]
+        else:  # its own class: the tenant most over its share, if that is not the newcomer's
+            own = (len(room.queues.get(waiter.queue, ())) + 1) / _positive(waiter.weight)
+            shares = [(len(q) / _positive(q[0].weight), k) for k, q in room.queues.items()
+                      if k[0] == waiter.priority and k != waiter.queue]
+            if not shares or max(shares)[0] <= own:
+                raise RoomFull(f"{self.waiting} requests wait in this router already, its limit")
+            victim = max(shares)[1]
+        pushed = room.pop(victim, newest=True)
         self.waiting -= 1
         if pushed.woken is not None and not pushed.woken.done():
             pushed.woken.set_exception(RoomFull(f"{self.max_waiting} requests wait in this router, its limit; "
                                                 "another tenant's request took this one's place"))
 
     def _wake(self, room: _Room, n: int, *, per_tenant: bool = False) -> None:
-        """Wake up to `n` waiters of `room`, in weighted-fair order (`per_tenant`: at most
-        one of each tenant)."""
-        extra: dict[str, int] = {}
+        """Wake up to `n` waiters of `room`, classes first and in weighted-fair order within
+        one (`per_tenant`: at most one of each queue)."""
+        extra: dict[Queue, int] = {}
         while n > 0 and room.queues:
-            tenant = room.first(extra, exclude=extra if per_tenant else ())
-            if tenant is None:
+            key = room.first(extra, exclude=extra if per_tenant else ())
+            if key is None:
                 break
-            waiter = room.pop(tenant)
+            waiter = room.pop(key)
             self.waiting -= 1
-            extra[tenant] = extra.get(tenant, 0) + 1
+            extra[key] = extra.get(key, 0) + 1
             if waiter.woken is not None and not waiter.woken.done():
                 waiter.turns += 1
                 waiter.woken.set_result(None)
@@ -248,7 +271,7 @@ class WaitingRooms:
             room.timer = asyncio.get_running_loop().call_later(self.poll, self._poll, room)
 
     def _poll(self, room: _Room) -> None:
-        """The fallback: wake the head of each tenant's queue, in weighted-fair order."""
+        """The fallback: wake the head of each queue, classes first, in weighted-fair order."""
         room.timer = None
         if room.queues:
             self._wake(room, len(room.queues), per_tenant=True)
