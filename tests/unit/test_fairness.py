@@ -248,13 +248,14 @@ async def test_interactive_preempts_batch_which_resumes_with_the_same_tokens(eng
     assert [s.tokens for s in batch] == alone
 
 
-async def _batch_then_interactive(demo_model_dir: Path, objective_ms: int, batch_tokens: int
+async def _batch_then_interactive(demo_model_dir: Path, objective_ms: int | dict[str, str], batch_tokens: int
                                   ) -> tuple[list[Stream], Stream, float]:
-    """4 batch sequences of `batch_tokens` fill a 4-slot engine with a TTFT objective; then an
-    interactive request arrives. Returns the batch, the interactive stream (finished) and the
-    preemption count it caused."""
+    """4 batch sequences of `batch_tokens` fill a 4-slot engine with a TTFT objective (or
+    the objective options given); then an interactive request arrives. Returns the batch,
+    the interactive stream (finished) and the preemption count it caused."""
+    objectives = objective_ms if isinstance(objective_ms, dict) else {"ttft_objective_ms": str(objective_ms)}
     e = HFEngine(ModelSpec("demo", 1, "hf", str(demo_model_dir),
-                           options={"max_batch": "4", "max_queue": "4", "ttft_objective_ms": str(objective_ms)}))
+                           options={"max_batch": "4", "max_queue": "4", **objectives}))
     await e.load()
     try:
         before = metrics.PREEMPTIONS.labels("demo@1")._value.get()
@@ -280,6 +281,17 @@ async def test_with_a_ttft_objective_batch_work_is_preempted_only_when_no_slot_f
     assert online.error is None and len(online.tokens) == 4
     assert preempted == 0
     assert all(len(s.tokens) == 12 for s in batch)
+
+
+async def test_a_class_of_its_own_ttft_objective_overrides_the_models(demo_model_dir: Path):
+    # the model's objective would let the batch run on; the interactive class's own (1 ms) cannot wait
+    _, online, preempted = await _batch_then_interactive(
+        demo_model_dir, {"ttft_objective_ms": "60000", "interactive_ttft_objective_ms": "1"}, 400)
+    assert online.error is None and preempted >= 1
+    # and the other way round: the interactive class may wait 60 s, so the batch ends first
+    _, online, preempted = await _batch_then_interactive(
+        demo_model_dir, {"ttft_objective_ms": "1", "interactive_ttft_objective_ms": "60000"}, 12)
+    assert online.error is None and preempted == 0
 
 
 def test_a_preempted_sequence_is_never_refused_nor_preempted_again_first():

@@ -15,7 +15,8 @@ first token of those admitted stays bounded under overload), `kv_cache_mb`
 (KV-cache budget; default 512 on CPU, 40% of free device memory on CUDA),
 `prefill_tokens` (prompt tokens prefilled in one step, default 4096), `ttft_objective_ms`
 (how long a higher class's request may wait for a slot to free before a lower class is
-pre-empted; default 0, at once: `fair`), `max_adapters`
+pre-empted; default 0, at once: `fair`; `interactive_ttft_objective_ms` and
+`standard_ttft_objective_ms` set one class's), `max_adapters`
 (LoRA adapters kept loaded, default 8) and `prefix_cache_mb` (KV of shared prompt
 prefixes kept for reuse, `prefix.PrefixCache`; default a quarter of the KV budget, 0 off).
 
@@ -52,6 +53,7 @@ from maas.mesh.errors import (
     Unavailable,
 )
 from maas.mesh.kvblocks import KvEvents
+from maas.mesh.service_classes import CLASSES
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import (
     WEIGHTS_LOCK,
@@ -189,8 +191,11 @@ class HFEngine(TemplateChats):
         self.max_queue = option_int(spec, "max_queue", self.max_batch, minimum=0)
         self.prefill_tokens = option_int(spec, "prefill_tokens", 4096)
         self.max_adapters = option_int(spec, "max_adapters", 8)
-        # a higher class's request may wait this long for a slot before a lower class is pre-empted (0: at once)
-        self.ttft_objective = option_int(spec, "ttft_objective_ms", 0, minimum=0) / 1000
+        # a higher class's request may wait this long for a slot before a lower class is pre-empted (0: at once):
+        # `ttft_objective_ms` for every class, `<class>_ttft_objective_ms` for one (by priority)
+        everyone = option_int(spec, "ttft_objective_ms", 0, minimum=0)
+        self.ttft_objectives = tuple(option_int(spec, f"{name}_ttft_objective_ms", everyone, minimum=0) / 1000
+                                     for name in CLASSES)
         self._adapters: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU, scheduler thread
         self._device = self._parse_device(spec.device)
         self._model: Any = None  # a PreTrainedModel, wrapped in a PeftModel once adapters load
@@ -558,14 +563,15 @@ class HFEngine(TemplateChats):
         """Whether a lower class should be pre-empted for the highest class waiting now: at
         once without a TTFT objective; with one, only when no running sequence will reach
         its max_tokens (freeing a slot, at the measured step time) before the oldest
-        waiting request of that class has waited the objective out."""
-        if not self.ttft_objective or not live or not self._step_seconds:
-            return True
+        waiting request of that class has waited its class's objective out."""
         top = self._waiting.top()
+        objective = self.ttft_objectives[min(top, len(CLASSES) - 1)] if top is not None else 0.0
+        if not objective or not live or not self._step_seconds:
+            return True
         oldest = self._waiting.oldest(top) if top is not None else None
         if oldest is None:
             return True
-        left = self.ttft_objective - (time.perf_counter() - oldest)
+        left = objective - (time.perf_counter() - oldest)
         soonest = min(s.row.params.max_tokens - len(s.output) for s in live) * self._step_seconds
         return soonest >= left
 
