@@ -4,6 +4,8 @@ and its failures reach the worker as the same errors."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -127,3 +129,24 @@ async def test_a_model_that_cannot_load_fails_load_and_leaves_no_process(tmp_pat
     with pytest.raises(EngineDead, match="cannot load model broken"):
         await engine.load()
     assert engine._process is None  # type: ignore[attr-defined]
+
+
+async def test_a_stream_interval_sends_the_same_tokens_in_fewer_messages(spec: ModelSpec) -> None:
+    interval = 0.15
+    paced = dataclasses.replace(spec, name="paced", options={**spec.options, "stream_interval_ms": "150"})
+    reference = HFEngine(spec)
+    engines = [reference, create_engine(paced), HFEngine(paced)]  # unpaced; paced in its own process and in process
+    for e in engines:
+        await e.load()
+    try:
+        want = tokens(await run(reference, PROMPTS[0], max_tokens=32, temperature=0.0, ignore_eos=True))
+        for e in engines[1:]:
+            started = time.monotonic()
+            got = await run(e, PROMPTS[0], max_tokens=32, temperature=0.0, ignore_eos=True)
+            took = time.monotonic() - started
+            assert tokens(got) == want and got[-1].finish_reason == "length"
+            # after the first, at most one message per interval (and the last, sent at once)
+            assert len(got) <= took / interval + 2, (len(got), took)
+    finally:
+        for e in engines:
+            await e.close()

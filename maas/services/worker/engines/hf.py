@@ -17,7 +17,8 @@ first token of those admitted stays bounded under overload), `kv_cache_mb`
 (how long a higher class's request may wait for a slot to free before a lower class is
 pre-empted; default 0, at once: `fair`; `interactive_ttft_objective_ms` and
 `standard_ttft_objective_ms` set one class's), `max_adapters`
-(LoRA adapters kept loaded, default 8) and `prefix_cache_mb` (KV of shared prompt
+(LoRA adapters kept loaded, default 8), `stream_interval_ms` (`base.Pacer`; default 0)
+and `prefix_cache_mb` (KV of shared prompt
 prefixes kept for reuse, `prefix.PrefixCache`; default a quarter of the KV budget, 0 off).
 
 LoRA adapters (peft) load on first use, between steps, and the least recently used idle
@@ -63,6 +64,7 @@ from maas.services.worker.engines.base import (
     FinishReason,
     GenerationRequest,
     ModelSpec,
+    Pacer,
     TemplateChats,
     TokenLogprob,
     check_context,
@@ -191,6 +193,7 @@ class HFEngine(TemplateChats):
         self.max_queue = option_int(spec, "max_queue", self.max_batch, minimum=0)
         self.prefill_tokens = option_int(spec, "prefill_tokens", 4096)
         self.max_adapters = option_int(spec, "max_adapters", 8)
+        self._pacer = Pacer(spec)  # stream_interval_ms
         # a higher class's request may wait this long for a slot before a lower class is pre-empted (0: at once):
         # `ttft_objective_ms` for every class, `<class>_ttft_objective_ms` for one (by priority)
         everyone = option_int(spec, "ttft_objective_ms", 0, minimum=0)
@@ -334,6 +337,7 @@ class HFEngine(TemplateChats):
             seq = self.prepare(request, LoopSink(loop), queue)
         self.enqueue(seq)
         waiting: BaseException | None = None  # an error behind deltas merged into one
+        sent_at: float | None = None
         try:
             while True:
                 if waiting is not None:
@@ -341,8 +345,10 @@ class HFEngine(TemplateChats):
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                await self._pacer.wait(item, sent_at)
                 item, waiting = drain(queue, item)
                 yield item
+                sent_at = time.monotonic()
                 if item.finish_reason is not None:
                     return
         finally:

@@ -41,6 +41,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from typing import Any
@@ -54,6 +55,7 @@ from maas.services.worker.engines.base import (
     EngineStats,
     GenerationRequest,
     ModelSpec,
+    Pacer,
     TemplateChats,
     drain,
 )
@@ -140,6 +142,7 @@ class ProcessEngine(TemplateChats):
         self.spec = spec
         self.context_length = 0
         self._label = f"{spec.name}@{spec.version}"
+        self._pacer = Pacer(spec)
         self._lock = asyncio.Lock()
         self._send_lock = threading.Lock()
         self._conn: Connection | None = None
@@ -243,13 +246,16 @@ class ProcessEngine(TemplateChats):
             except (OSError, ValueError):  # the process is gone; the reader will say so to the others
                 raise EngineDead(f"the engine process of {self._label} is gone") from None
             waiting: BaseException | None = None  # an error behind deltas merged into one
+            sent_at: float | None = None
             while True:
                 item = waiting if waiting is not None else await queue.get()
                 if isinstance(item, BaseException):
                     finished = True  # the engine is done with it
                     raise item
+                await self._pacer.wait(item, sent_at)
                 item, waiting = drain(queue, item)
                 yield item
+                sent_at = time.monotonic()
                 if item.finish_reason is not None:
                     finished = True
                     return
