@@ -461,12 +461,15 @@ def bench_data(name: str) -> Path:
     return data
 
 
-def maas_up(model: Path, data: Path, name: str = "", env: dict[str, str] | None = None) -> Server:
+def maas_up(model: Path, data: Path, name: str = "", env: dict[str, str] | None = None,
+            options: dict[str, str] | None = None) -> Server:
     """`maas up --model MODEL --workers 1` in `data` (on free ports), not yet started; `env`
-    goes to every process of the stack (`maas up` passes its environment on)."""
+    goes to every process of the stack (`maas up` passes its environment on); `options`
+    are the model's engine options."""
+    given = [arg for key, value in (options or {}).items() for arg in ("--option", f"{key}={value}")]
     return Server("maas up", [sys.executable, "-m", "maas", "up", "--model", str(model), *(["--name", name] if name else []),
                               "--workers", "1", "--data-dir", str(data / ".maas"), "--router-port", str(free_port()),
-                              "--http-port", str(free_port())],
+                              "--http-port", str(free_port()), *given],
                   data / "maas-up.log", env={"PYTHONUNBUFFERED": "1", **(env or {})}, cwd=data)
 
 

@@ -129,6 +129,8 @@ async def main() -> int:
     parser.add_argument("--online-concurrency", type=int, default=16,
                         help="requests in flight online (the router's --batch-concurrency default)")
     parser.add_argument("--no-batch", action="store_true", help="measure the flood only (steps 1-2)")
+    parser.add_argument("--stream-interval-ms", type=int, default=0,
+                        help="the model's engine option stream_interval_ms (0: every step's tokens sent at once)")
     parser.add_argument("--flood-client", nargs=3, metavar=("ROUTER", "KEY", "CA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.flood_client:
@@ -136,7 +138,8 @@ async def main() -> int:
         return await flood_client(router, key, ca, args)
     model_dir, _ = e2e.bench_model(True)
     data = e2e.bench_data("fairness-bench")
-    up = e2e.maas_up(model_dir, data)
+    options = {"stream_interval_ms": str(args.stream_interval_ms)} if args.stream_interval_ms else {}
+    up = e2e.maas_up(model_dir, data, options=options)
     up.start()
     try:
         stack = await e2e.stack_when_up(up, data)

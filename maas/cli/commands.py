@@ -157,7 +157,8 @@ async def status(ns: argparse.Namespace, etcd: str) -> int:
     return 0
 
 
-def _options(items: list[str]) -> dict[str, str]:
+def option_pairs(items: list[str]) -> dict[str, str]:
+    """`KEY=VALUE` items (engine options) as a dict; a malformed one exits with an error."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -175,7 +176,7 @@ async def models(ns: argparse.Namespace, etcd: str) -> int:
             source = ns.source if action == "register" else await _upload(stub, Path(ns.directory))
             v = await stub.RegisterModel(registry_pb2.RegisterModelRequest(
                 name=ns.name, source=source, format=ns.format, task=ns.task, base=ns.base,
-                options=_options(ns.option)), timeout=30)
+                options=option_pairs(ns.option)), timeout=30)
             print(json.dumps(MessageToDict(v), indent=2) if ns.json else
                   f"registered {v.name}@{v.version} ({v.format}: {v.source}, needs {_gib(v.resources.memory_bytes)})")
         elif action == "list":

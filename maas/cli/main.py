@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default="", help="model source to serve (directory or hub id); default: demo")
     up.add_argument("--name", default="demo", help="name to register the model under")
     up.add_argument("--format", default="hf", choices=["hf", "sim"])
+    up.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="engine option of the model (repeatable), as `maas models register --option`")
     up.add_argument("--data-dir", default=os.environ.get("MAAS_DATA_DIR", DEFAULT_DATA_DIR))
     up.add_argument("--etcd", default=os.environ.get("MAAS_ETCD", ""), help="use this etcd instead of starting one")
     up.add_argument("--nats", default=os.environ.get("MAAS_NATS", ""), help="use this NATS instead of starting one")
@@ -220,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
 
         worker_args = ("--cpu-memory-gib", str(ns.cpu_memory_gib)) if ns.cpu_memory_gib else ()
         return run_up(UpConfig(data_dir=Path(ns.data_dir).resolve(), workers=ns.workers, model=ns.model,
-                               model_name=ns.name, model_format=ns.format, etcd=ns.etcd, nats=ns.nats,
+                               model_name=ns.name, model_format=ns.format,
+                               model_options=tuple(commands.option_pairs(ns.option).items()),
+                               etcd=ns.etcd, nats=ns.nats,
                                router_port=ns.router_port, http_port=ns.http_port, worker_args=worker_args,
                                insecure=ns.insecure))
     if ns.command == "pipeline" and ns.pipeline_command == "validate":

@@ -46,6 +46,7 @@ class UpConfig:
     model: str = ""          # source to serve; "" forges the demo model
     model_name: str = "demo"
     model_format: str = "hf"
+    model_options: tuple[tuple[str, str], ...] = ()  # engine options of the model (`maas up --option`)
     etcd: str = ""           # external etcd; "" starts one
     nats: str = ""           # external NATS; "" starts one
     router_port: int = 50051
@@ -254,8 +255,11 @@ async def _wait_services(mesh: MeshClient, stack: Stack, timeout: float) -> None
                        str(stack.config.data_dir / "logs"))
 
 
-async def register_and_deploy(mesh: MeshClient, name: str, source: str, fmt: str, replicas: int = 1) -> str:
-    """Register `source` as `name` unless its latest version already is that source; deploy it."""
+async def register_and_deploy(mesh: MeshClient, name: str, source: str, fmt: str, replicas: int = 1,
+                              options: dict[str, str] | None = None) -> str:
+    """Register `source` as `name` (with engine `options`) unless its latest version already
+    is that source with those options; deploy it."""
+    options = options or {}
     registry = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
     scheduler = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
     version = None
@@ -263,11 +267,12 @@ async def register_and_deploy(mesh: MeshClient, name: str, source: str, fmt: str
         latest = await registry.GetVersion(registry_pb2.GetVersionRequest(ref=name), timeout=10)
         # the registry keeps a local source's resolved path (a symlinked model dir)
         same = latest.source in (str(source), str(Path(source).resolve()) if Path(source).exists() else "")
-        if same and latest.format == fmt:
+        if same and latest.format == fmt and dict(latest.options) == options:
             version = latest
     if version is None:
         version = await registry.RegisterModel(
-            registry_pb2.RegisterModelRequest(name=name, source=str(source), format=fmt), timeout=30)
+            registry_pb2.RegisterModelRequest(name=name, source=str(source), format=fmt, options=options),
+            timeout=30)
     ref = f"{version.name}@{version.version}"
     dep = scheduler_pb2.Deployment(name=name, model=ref, replicas=replicas)
     try:
@@ -353,7 +358,7 @@ async def _up(stack: Stack, stop: asyncio.Event) -> None:
             source = str(result[0])
         elif fmt == "hf" and Path(source).expanduser().is_dir():
             source = str(Path(source).expanduser().resolve())
-        ref = await register_and_deploy(mesh, cfg.model_name, source, fmt)
+        ref = await register_and_deploy(mesh, cfg.model_name, source, fmt, options=dict(cfg.model_options))
         api_key = await development_key(mesh, cfg.data_dir)
         stack.write_stack_file(api_key)
         deadline = time.monotonic() + cfg.ready_timeout

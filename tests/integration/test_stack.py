@@ -33,7 +33,7 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
     os.symlink(demo_model_dir, tmp_path / ".maas" / "models" / "demo")
     router_port, http_port = free_port(), free_port()
     up = subprocess.Popen([sys.executable, "-m", "maas", "up", "--router-port", str(router_port),
-                           "--http-port", str(http_port)],
+                           "--http-port", str(http_port), "--option", "stream_interval_ms=20"],
                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         def maas(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -45,6 +45,8 @@ def test_maas_up_serves_the_demo_model_end_to_end(tmp_path: Path, demo_model_dir
         assert status.returncode == 0, status.stdout + status.stderr
         print(f"stack ready in {time.monotonic() - started:.1f}s")
         assert "demo" in status.stdout and "1/1" in status.stdout
+        shown = json.loads(maas("models", "show", "demo", "--json").stdout)  # --option reached the version
+        assert [v.get("options") for v in shown["versions"]] == [{"stream_interval_ms": "20"}], shown
 
         gen = maas("generate", "--model", "demo", "--max-tokens", "24", "--temperature", "0", "def add(a, b):")
         assert gen.returncode == 0, gen.stderr
