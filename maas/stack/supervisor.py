@@ -258,7 +258,7 @@ async def _wait_services(mesh: MeshClient, stack: Stack, timeout: float) -> None
 async def register_and_deploy(mesh: MeshClient, name: str, source: str, fmt: str, replicas: int = 1,
                               options: dict[str, str] | None = None) -> str:
     """Register `source` as `name` (with engine `options`) unless its latest version already
-    is that source with those options; deploy it."""
+    is that source (with those options, when some are given); deploy it."""
     options = options or {}
     registry = registry_pb2_grpc.RegistryStub(await mesh.channel("registry"))
     scheduler = scheduler_pb2_grpc.SchedulerStub(await mesh.channel("scheduler"))
@@ -267,7 +267,7 @@ async def register_and_deploy(mesh: MeshClient, name: str, source: str, fmt: str
         latest = await registry.GetVersion(registry_pb2.GetVersionRequest(ref=name), timeout=10)
         # the registry keeps a local source's resolved path (a symlinked model dir)
         same = latest.source in (str(source), str(Path(source).resolve()) if Path(source).exists() else "")
-        if same and latest.format == fmt and dict(latest.options) == options:
+        if same and latest.format == fmt and (not options or dict(latest.options) == options):
             version = latest
     if version is None:
         version = await registry.RegisterModel(

@@ -282,3 +282,27 @@ async def test_a_lagging_reader_gets_the_deltas_that_piled_up_as_one():
     merged, error = drain(queue, Delta("a", (1,)))
     assert merged == Delta("ab", (1, 2)) and error is boom  # what came before the error is not lost
     assert drain(queue, Delta("z", (9,))) == (Delta("z", (9,)), None)  # nothing waiting: as it came
+
+
+async def test_a_stream_interval_holds_tokens_but_never_the_first_the_last_or_an_error():
+    from maas.services.worker.engines.base import ModelSpec, Pacer
+
+    pacer = Pacer(ModelSpec("m", 1, "sim", "", options={"stream_interval_ms": "5000"}))
+    queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    # nothing sent yet: the first delta goes at once
+    assert await asyncio.wait_for(pacer.collect(queue, Delta("a", (1,)), None), 1) == (Delta("a", (1,)), None)
+    # within the interval: held, merged with what comes, and sent as soon as the last one comes
+    loop.call_later(0.05, queue.put_nowait, Delta("c", (3,)))
+    loop.call_later(0.1, queue.put_nowait, Delta("d", (4,), "stop", prompt_tokens=2, completion_tokens=4))
+    merged, error = await asyncio.wait_for(pacer.collect(queue, Delta("b", (2,)), time.monotonic()), 2.5)
+    assert merged == Delta("bcd", (2, 3, 4), "stop", prompt_tokens=2, completion_tokens=4) and error is None
+    # an error is not held either, and what came before it is kept
+    boom = ValueError("engine died")
+    loop.call_later(0.05, queue.put_nowait, boom)
+    merged, error = await asyncio.wait_for(pacer.collect(queue, Delta("e", (5,)), time.monotonic()), 2.5)
+    assert merged == Delta("e", (5,)) and error is boom
+    # the interval over: what piled up goes, nothing waits
+    queue.put_nowait(Delta("g", (7,)))
+    assert await asyncio.wait_for(pacer.collect(queue, Delta("f", (6,)), time.monotonic() - 10), 1) == \
+        (Delta("fg", (6, 7)), None)

@@ -286,7 +286,7 @@ async def test_with_a_ttft_objective_batch_work_is_preempted_only_when_no_slot_f
 async def test_a_class_of_its_own_ttft_objective_overrides_the_models(demo_model_dir: Path):
     # the model's objective would let the batch run on; the interactive class's own (1 ms) cannot wait
     _, online, preempted = await _batch_then_interactive(
-        demo_model_dir, {"ttft_objective_ms": "60000", "interactive_ttft_objective_ms": "1"}, 400)
+        demo_model_dir, {"ttft_objective_ms": "600000", "interactive_ttft_objective_ms": "1"}, 400)
     assert online.error is None and preempted >= 1
     # and the other way round: the interactive class may wait 60 s, so the batch ends first
     _, online, preempted = await _batch_then_interactive(

@@ -305,3 +305,62 @@ async def test_a_full_room_pushes_out_the_lowest_class_first():
         task.cancel()
     await asyncio.gather(batch[0], standard, return_exceptions=True)
     assert room.waiting == 0 and len(room) == 0
+
+
+async def test_a_probe_a_replica_took_wakes_two_more_and_a_freed_slots_wake_none():
+    room = rooms(poll=0.3)
+    waiters = [Waiter("a", 1.0, next(_arrivals)) for _ in range(7)]
+    waits = [asyncio.create_task(room.wait(MODEL, w, 60)) for w in waiters]
+    await settle()
+    done, _ = await asyncio.wait(waits, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    assert [w.done() for w in waits] == [True] + [False] * 6  # the fallback woke the head: a probe
+    room.started(MODEL, "a")
+    room.accepted(MODEL, waiters[0])  # a replica took it: room may have appeared in bulk
+    await settle()
+    assert [w.done() for w in waits] == [True] * 3 + [False] * 4
+    for w in waiters[1:3]:
+        room.started(MODEL, "a")
+        room.accepted(MODEL, w)
+    await settle()
+    assert all(w.done() for w in waits)  # 1, then 2, then 4: in three round trips, not seven polls
+    for _ in range(3):
+        room.started(MODEL, "a")
+    for _ in range(6):
+        room.ended(MODEL, "a", 1.0, served=True, replica_id="r1")
+
+    # a wake for one freed slot is no probe: its request taken, nobody else is woken
+    room.started(MODEL, "x")
+    freed = [Waiter("b", 1.0, next(_arrivals)) for _ in range(2)]
+    waits = [asyncio.create_task(room.wait(MODEL, w, 60)) for w in freed]
+    await settle()
+    room.ended(MODEL, "x", 1.0, served=True, replica_id="r1")
+    await settle()
+    assert waits[0].done() and not waits[1].done()
+    room.started(MODEL, "b")
+    room.accepted(MODEL, freed[0])
+    await settle()
+    assert not waits[1].done()
+    waits[1].cancel()
+    await asyncio.gather(*waits, return_exceptions=True)
+    room.ended(MODEL, "b", 1.0, served=True, replica_id="r1")
+    assert room.waiting == 0 and len(room) == 0
+
+
+async def test_a_flood_on_one_model_cannot_lock_a_quiet_tenant_of_another_out():
+    room = rooms(max_waiting=3)
+    room.started("big", "flood")
+    room.started("small", "x")
+    flood = [asyncio.create_task(room.wait("big", Waiter("flood", 1.0, next(_arrivals)), 60)) for _ in range(3)]
+    await settle()
+    quiet = asyncio.create_task(room.wait("small", Waiter("quiet", 1.0, next(_arrivals)), 60))
+    await settle()
+    with pytest.raises(RoomFull):
+        await flood[2]  # pushed out of the other model's room
+    assert room.waiting == 3 and room.queued("small", "quiet") == 1 and room.queued("big", "flood") == 2
+    room.ended("small", "x", 1.0, served=True, replica_id="r2")
+    assert await asyncio.wait_for(quiet, 5)
+    for task in flood[:2]:
+        task.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
+    room.ended("big", "flood", 1.0, served=True, replica_id="r1")
+    assert room.waiting == 0 and len(room) == 0

@@ -283,7 +283,9 @@ class Forwarder:
                     admitted = False  # it got a chunk: the replica had room for it
                     try:
                         while (relayed := await call.read()) is not grpc.aio.EOF:
-                            admitted = True
+                            if not admitted:
+                                admitted = True
+                                attempts.accepted()
                             chunk = relayed[0]
                             produced.extend(chunk.token_ids)
                             now = time.perf_counter()
@@ -306,7 +308,7 @@ class Forwarder:
                     finally:
                         call.cancel()
                         self.pool.unwatch(rid, call)
-                        attempts.ended(rid, served=admitted)  # a refused call leaves the replica's full mark
+                        attempts.ended(rid)
             finally:
                 self._online_ends(online)
                 Reservations.settle(reserved, final.usage.completion_tokens if final is not None else len(produced))
@@ -358,10 +360,9 @@ class Forwarder:
                         payload, timeout=_remaining(deadline), metadata=(*metadata, (REPLICA_HEADER, rid)))
                     attempts.sent(rid)
                     self.pool.watch(rid, unary)
-                    served = False
                     try:
                         relayed = await unary
-                        served = True
+                        attempts.accepted()
                         break
                     except grpc.aio.AioRpcError as e:
                         attempts.failed(replica, e, 0)
@@ -371,7 +372,7 @@ class Forwarder:
                         attempts.failed(replica, None, 0)
                     finally:
                         self.pool.unwatch(rid, unary)
-                        attempts.ended(rid, served=served)
+                        attempts.ended(rid)
                 reply = relayed[0]
                 ticket.tokens = series.tokens(tenant, reply.usage)
                 return relayed
@@ -605,6 +606,7 @@ class _Attempts:
         self.waiter: Waiter | None = None  # its place in the waiting room, once it waited
         self.left_room: float | None = None  # when it last left the waiting room to try a replica
         self.counted = False  # its wait is in QUEUE_WAIT
+        self.refused = False  # the call in flight was refused for a full queue, or its replica failed
         self.first = True
         self.lost = ""  # the last failure, for the error if no replica takes over
 
@@ -637,13 +639,21 @@ class _Attempts:
         """A call of this request went to the replica."""
         in_flight = self.fw.pool.in_flight
         in_flight[replica_id] = in_flight.get(replica_id, 0) + 1
+        self.refused = False
         self.fw.rooms.started(self.model, self.tenant, self.priority)
 
-    def ended(self, replica_id: str, *, served: bool) -> None:
-        """That call ended. `served`: the replica had taken it (it sent a chunk or its
-        answer), so its slot is free again: the replica's full marks go, and a request
-        waiting for room is woken."""
+    def accepted(self) -> None:
+        """The replica took the call (its first chunk, or its answer)."""
+        if self.waiter is not None:
+            self.fw.rooms.accepted(self.model, self.waiter)
+
+    def ended(self, replica_id: str) -> None:
+        """That call ended. Unless the replica refused it for a full queue or failed, it
+        had taken it (served, cancelled, timed out or answered with an error), so its slot
+        or queue place is free again: the replica's full marks go, and a request waiting
+        for room is woken. A refused call leaves the replica's full mark."""
         _untrack(self.fw.pool.in_flight, replica_id)
+        served = not self.refused
         if served:
             self.fw.pool.freed(replica_id)
             if self.left_room is not None:
@@ -715,10 +725,12 @@ class _Attempts:
             self.full.add(replica.replica_id)
             self.retry_after = hint if self.retry_after is None else min(self.retry_after, hint)
             self.fw.pool.mark_full(replica.replica_id, hint, self.tenant, self.priority)
+            self.refused = True
             return
         if e is not None and code != grpc.StatusCode.UNAVAILABLE:
             raise from_rpc_error(e) from None
         self.failures += 1
+        self.refused = True  # the replica failed: it freed nothing
         self.fw.pool.mark_failed(replica)
         where = f"after {produced} tokens" if produced else "before the first token"
         if self.failures >= self.fw.max_attempts:

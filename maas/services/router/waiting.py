@@ -17,8 +17,12 @@ once. The policy (docs/fairness.md#the-routers-waiting-room):
     replica took it (`ended(served=True)`): one waiter, for the one slot that freed;
   - after `poll` seconds with requests waiting and none of the above (a fallback: a
     replica's "full" mark expired, another router's request ended, a replica joined): the
-    head of each tenant's queue, so nothing waits forever. (Not sooner: a fallback wake
-    racing the waiter just woken for a freed slot could take the slot out of turn.)
+    head of each queue, so nothing waits forever. (Not sooner: a fallback wake racing the
+    waiter just woken for a freed slot could take the slot out of turn.) Such a wake is a
+    *probe*: room may have appeared in bulk (a new replica's whole batch), so a probe a
+    replica took (`accepted`) wakes two more probes, and the room fills in a few round
+    trips rather than at one request per queue and `poll`. A wake for one freed slot is
+    no probe and starts no chain, so it costs the busy replica no extra refusals.
 - **Weighted-fair order** within a class: first the tenant with the fewest of this
   router's requests of that class in flight on the model for its weight; then the tenant that has been
   served least for its weight (start-time fair queuing: each request a replica took
@@ -29,10 +33,11 @@ once. The policy (docs/fairness.md#the-routers-waiting-room):
   tenant with nothing waiting takes no turn: the room is work-conserving.
 - **A woken request refused again** (the room it was woken for was taken first) goes
   back to the head of its tenant's queue, not the end, and keeps its arrival time.
-- **Bounded**: at most `max_waiting` requests wait in the router. When that many wait, a
-  newcomer takes the place of the newest waiter of the lowest class below its own in its
-  room; else, in its own class, of the tenant most over its weight's share (that one is
-  refused, `RoomFull`), or is refused itself if its tenant holds the most already: a flood
+- **Bounded**: at most `max_waiting` requests wait in the router, over all its rooms.
+  When that many wait, a newcomer takes the place of the newest waiter of the lowest class
+  below its own, in any room; else, in its own class, of the tenant that holds the most
+  waiting places for its weight, router-wide (that one is refused, `RoomFull`), or is
+  refused itself if its tenant holds the most already: a flood, on one model or many,
   cannot fill the room and lock a quiet tenant or a higher class out.
 - A waiter that leaves (its time is up, its client went away) leaves its queue at once; a
   turn it was given and did not use goes to the next. A room that holds no waiter and no
@@ -66,6 +71,7 @@ class Waiter:
     since: float  # when it first waited (time.monotonic()): who waited longest goes first on a tie
     priority: int = 1  # its class: 0 interactive, 1 standard, 2 batch (service_classes.priority)
     turns: int = 0  # times it was woken
+    probe: bool = False  # its last wake was the fallback's (see `accepted`)
     woken: asyncio.Future[None] | None = field(default=None, repr=False)
 
     @property
@@ -184,6 +190,17 @@ class WaitingRooms:
         if room is not None:
             self._tidy(room)
 
+    def accepted(self, model: str, waiter: Waiter) -> None:
+        """A replica took the request `waiter` stood for, after a wake. If that wake was a
+        probe (the fallback's), room appeared without a request ending, maybe much of it:
+        two more waiters of the model are woken, as probes too."""
+        if not waiter.probe:
+            return
+        waiter.probe = False
+        room = self._rooms.get(model)
+        if room is not None and room.queues:
+            self._wake(room, 2, probe=True)
+
     # -- waiting ---------------------------------------------------------------------------
 
     async def wait(self, model: str, waiter: Waiter, timeout: float) -> bool:
@@ -215,7 +232,7 @@ class WaitingRooms:
             return False
         except BaseException:
             if woken.done() and not woken.cancelled() and woken.exception() is None:
-                self._wake(room, 1)  # woken, but leaving: its turn goes to the next
+                self._wake(room, 1, probe=waiter.probe)  # woken, but leaving: its turn goes to the next
             raise
         finally:
             if not woken.done():
@@ -226,29 +243,36 @@ class WaitingRooms:
             self._tidy(room)
 
     def _make_room(self, room: _Room, waiter: Waiter) -> None:
+        """With the router's room full, push out a waiter for `waiter` (see the module's
+        docstring), or raise RoomFull. Counted router-wide: a flood on one model must not
+        lock out a quiet tenant of another."""
         if self.waiting < self.max_waiting:
             return
-        lower = [key for key in room.queues if key[0] > waiter.priority]
-        if lower:  # the newest of the lowest class below the newcomer's, the tenant holding most of it
+        held: dict[Queue, float] = {}  # (priority, tenant) -> waiting places over every room, for its weight
+        for r in self._rooms.values():
+            for key, q in r.queues.items():
+                held[key] = held.get(key, 0.0) + len(q) / _positive(q[0].weight)
+        lower = [key for key in held if key[0] > waiter.priority]
+        if lower:  # the lowest class below the newcomer's, the tenant holding most of it
             worst = max(key[0] for key in lower)
-            victim = max((len(room.queues[k]) / _positive(room.queues[k][0].weight), k)
-                         for k in lower if k[0] == worst)[1]
+            victim = max((held[k], k) for k in lower if k[0] == worst)[1]
         else:  # its own class: the tenant most over its share, if that is not the newcomer's
-            own = (len(room.queues.get(waiter.queue, ())) + 1) / _positive(waiter.weight)
-            shares = [(len(q) / _positive(q[0].weight), k) for k, q in room.queues.items()
-                      if k[0] == waiter.priority and k != waiter.queue]
+            own = held.get(waiter.queue, 0.0) + 1 / _positive(waiter.weight)
+            shares = [(v, k) for k, v in held.items() if k[0] == waiter.priority and k != waiter.queue]
             if not shares or max(shares)[0] <= own:
                 raise RoomFull(f"{self.waiting} requests wait in this router already, its limit")
             victim = max(shares)[1]
-        pushed = room.pop(victim, newest=True)
+        # its newest waiter, from the room where it waits most
+        where = max((r for r in self._rooms.values() if victim in r.queues), key=lambda r: len(r.queues[victim]))
+        pushed = where.pop(victim, newest=True)
         self.waiting -= 1
         if pushed.woken is not None and not pushed.woken.done():
             pushed.woken.set_exception(RoomFull(f"{self.max_waiting} requests wait in this router, its limit; "
                                                 "another tenant's request took this one's place"))
 
-    def _wake(self, room: _Room, n: int, *, per_tenant: bool = False) -> None:
+    def _wake(self, room: _Room, n: int, *, per_tenant: bool = False, probe: bool = False) -> None:
         """Wake up to `n` waiters of `room`, classes first and in weighted-fair order within
-        one (`per_tenant`: at most one of each queue)."""
+        one (`per_tenant`: at most one of each queue; `probe`: the fallback's wake)."""
         extra: dict[Queue, int] = {}
         while n > 0 and room.queues:
             key = room.first(extra, exclude=extra if per_tenant else ())
@@ -259,6 +283,7 @@ class WaitingRooms:
             extra[key] = extra.get(key, 0) + 1
             if waiter.woken is not None and not waiter.woken.done():
                 waiter.turns += 1
+                waiter.probe = probe
                 waiter.woken.set_result(None)
                 n -= 1
 
@@ -274,7 +299,7 @@ class WaitingRooms:
         """The fallback: wake the head of each queue, classes first, in weighted-fair order."""
         room.timer = None
         if room.queues:
-            self._wake(room, len(room.queues), per_tenant=True)
+            self._wake(room, len(room.queues), per_tenant=True, probe=True)
         self._arm(room)
         self._tidy(room)
 

@@ -280,13 +280,27 @@ class Pacer:
     def __init__(self, spec: ModelSpec) -> None:
         self.interval = option_int(spec, "stream_interval_ms", 0, minimum=0) / 1000
 
-    async def wait(self, item: Delta, sent_at: float | None) -> None:
-        """Before sending `item`: hold it until the interval since the last send is over."""
-        if not self.interval or sent_at is None or item.finish_reason is not None:
-            return
-        left = sent_at + self.interval - time.monotonic()
-        if left > 0:
-            await asyncio.sleep(left)
+    async def collect(self, queue: asyncio.Queue[Delta | BaseException], first: Delta,
+                      sent_at: float | None) -> tuple[Delta, BaseException | None]:
+        """What to send next, as `drain` gives it: `first` merged with what follows it
+        until the interval since the last send (`sent_at`; None: nothing sent yet) is over,
+        sent early when the stream's last delta or an error comes."""
+        out, error = drain(queue, first)
+        if not self.interval or sent_at is None:
+            return out, error
+        deadline = sent_at + self.interval
+        while error is None and out.finish_reason is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                item = await asyncio.wait_for(queue.get(), left)
+            except TimeoutError:
+                break
+            if isinstance(item, BaseException):
+                return out, item
+            out, error = drain(queue, merge(out, item))
+        return out, error
 
 
 @dataclass(frozen=True)

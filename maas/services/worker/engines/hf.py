@@ -68,7 +68,6 @@ from maas.services.worker.engines.base import (
     TemplateChats,
     TokenLogprob,
     check_context,
-    drain,
     option_int,
 )
 from maas.services.worker.engines.batch import DecodeBatch
@@ -345,8 +344,7 @@ class HFEngine(TemplateChats):
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                await self._pacer.wait(item, sent_at)
-                item, waiting = drain(queue, item)
+                item, waiting = await self._pacer.collect(queue, item, sent_at)
                 yield item
                 sent_at = time.monotonic()
                 if item.finish_reason is not None:

@@ -57,7 +57,6 @@ from maas.services.worker.engines.base import (
     ModelSpec,
     Pacer,
     TemplateChats,
-    drain,
 )
 
 log = logging.getLogger(__name__)
@@ -252,8 +251,7 @@ class ProcessEngine(TemplateChats):
                 if isinstance(item, BaseException):
                     finished = True  # the engine is done with it
                     raise item
-                await self._pacer.wait(item, sent_at)
-                item, waiting = drain(queue, item)
+                item, waiting = await self._pacer.collect(queue, item, sent_at)
                 yield item
                 sent_at = time.monotonic()
                 if item.finish_reason is not None:
