@@ -26,7 +26,11 @@ MAX_TOKENS = 400
 
 async def test_vllm_streams_move_off_a_killed_worker_with_the_same_tokens(mesh: MeshHarness, demo_model_dir: Path):
     await mesh.core()
-    workers = {w: mesh.spawn("worker", "--instance", w, "--cpu-memory-gib", "3", "--engine", "vllm")
+    # the default lease (5 s), not the harness's 2 s: the surviving worker, relaying eight moved
+    # streams while its vLLM engine process takes both cores, once missed keepalives for 2 s in
+    # CI, and its replica left etcd with nowhere for the streams to go
+    workers = {w: mesh.spawn("worker", "--instance", w, "--cpu-memory-gib", "3", "--engine", "vllm",
+                             "--lease-ttl", "5")
                for w in ("w1", "w2")}
     await eventually(lambda: _workers(mesh, 2), timeout=30)
     await mesh.register("demo", fmt="hf", source=str(demo_model_dir), kv_cache_mb="64", max_adapters="0")
