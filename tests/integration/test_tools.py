@@ -6,6 +6,7 @@ results, and json_schema output validates."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,14 @@ from pathlib import Path
 import aiohttp
 import jsonschema
 import pytest
+import pytest_asyncio
 from openai import AsyncOpenAI
 
 from .conftest import MeshHarness
+
+# One stack serves every test that only sends requests (`served`): starting one costs about
+# 10 s on two cores, and these tests change nothing in it. So they share the module's loop.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 WEATHER = {"type": "object",
            "properties": {"city": {"type": "string", "maxLength": 20},
@@ -39,14 +45,21 @@ class Served:
     client: AsyncOpenAI
 
 
-@pytest.fixture
-async def served(mesh: MeshHarness, demo_model_dir: Path) -> AsyncIterator[Served]:
-    router = await mesh.serving_hf(demo_model_dir)
-    key = await mesh.key("acme")
-    base_url = f"http://{router.info.http_endpoint}/v1"
-    client = AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
-    yield Served(base_url, key, client)
-    await client.close()
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def served(etcd_url: str, nats_url: str, demo_model_dir: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Served]:
+    mesh = MeshHarness(etcd=etcd_url, nats=nats_url, prefix=f"/t{uuid.uuid4().hex[:10]}/",
+                       tmp=tmp_path_factory.mktemp("tools"))
+    await mesh.install_credentials()
+    try:
+        router = await mesh.serving_hf(demo_model_dir)
+        key = await mesh.key("acme")
+        base_url = f"http://{router.info.http_endpoint}/v1"
+        client = AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
+        yield Served(base_url, key, client)
+        await client.close()
+    finally:
+        await mesh.close()
 
 
 def _check_call(name: str, arguments: str) -> None:
@@ -237,33 +250,6 @@ async def test_responses_plain_streamed_and_with_a_function_tool(served: Served)
     assert "not stored" in str(refused.value)
 
 
-async def test_langchain_chat_openai_binds_a_tool(served: Served) -> None:
-    """A real third-party client, unmodified: LangChain's ChatOpenAI with a bound tool. (The
-    city is bounded in length: the demo model, greedy, repeats itself inside an unbounded
-    string until max_tokens, and a call cut there does not parse.)"""
-    from langchain_core.tools import tool
-    from langchain_openai import ChatOpenAI
-    from pydantic import BaseModel, Field
-
-    class Forecast(BaseModel):
-        city: str = Field(max_length=20, description="the city")
-        days: int = Field(ge=1, le=7, description="how many days")
-
-    @tool(args_schema=Forecast)
-    def get_weather(city: str, days: int) -> str:
-        """Weather forecast for a city, for a number of days."""
-        return f"sunny in {city} for {days} days"
-
-    llm = ChatOpenAI(model="demo", base_url=served.base_url, api_key=served.key, temperature=0, max_tokens=200,
-                     max_retries=0)
-    message = await llm.bind_tools([get_weather], tool_choice="get_weather").ainvoke(
-        "What is the weather in Paris for 3 days?")
-    [call] = message.tool_calls
-    assert call["name"] == "get_weather" and set(call["args"]) == {"city", "days"}
-    Forecast.model_validate(call["args"])
-    assert get_weather.invoke(call["args"]).startswith("sunny")  # the arguments fit the tool itself
-
-
 async def test_echo_with_logprobs_gives_the_prompts_tokens_as_strings(served: Served) -> None:
     prompt = "def add(a, b):\n    return a + b"
     reply = await served.client.completions.create(model="demo", prompt=prompt, max_tokens=1, temperature=0,
@@ -293,6 +279,44 @@ async def test_echo_with_logprobs_gives_the_prompts_tokens_as_strings(served: Se
     assert both.choices[1].text.startswith("import os")
 
 
+# The tests below start stacks of their own, after every test on the shared one: a shared
+# test that ran after one of them had stopped its stack found no ready replica (seen once;
+# two stacks in one process is something only tests do, and why was not found yet).
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_langchain_chat_openai_binds_a_tool(mesh: MeshHarness, demo_model_dir: Path) -> None:
+    """A real third-party client, unmodified: LangChain's ChatOpenAI with a bound tool. (The
+    city is bounded in length: the demo model, greedy, repeats itself inside an unbounded
+    string until max_tokens, and a call cut there does not parse.) On a fresh stack of its
+    own: it failed once in seven runs on the stack the other tests share, where what the
+    prefix cache holds from them can change the greedy path of its 200 tokens."""
+    router = await mesh.serving_hf(demo_model_dir)
+    served = Served(f"http://{router.info.http_endpoint}/v1", await mesh.key("acme"), None)  # type: ignore[arg-type]
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Forecast(BaseModel):
+        city: str = Field(max_length=20, description="the city")
+        days: int = Field(ge=1, le=7, description="how many days")
+
+    @tool(args_schema=Forecast)
+    def get_weather(city: str, days: int) -> str:
+        """Weather forecast for a city, for a number of days."""
+        return f"sunny in {city} for {days} days"
+
+    llm = ChatOpenAI(model="demo", base_url=served.base_url, api_key=served.key, temperature=0, max_tokens=200,
+                     max_retries=0)
+    message = await llm.bind_tools([get_weather], tool_choice="get_weather").ainvoke(
+        "What is the weather in Paris for 3 days?")
+    [call] = message.tool_calls
+    assert call["name"] == "get_weather" and set(call["args"]) == {"city", "days"}
+    Forecast.model_validate(call["args"])
+    assert get_weather.invoke(call["args"]).startswith("sunny")  # the arguments fit the tool itself
+
+
+@pytest.mark.asyncio(loop_scope="function")  # a stack of its own, with the engine in this process
 async def test_n_choices_prefill_their_prompt_once(mesh: MeshHarness, demo_model_dir: Path) -> None:
     """The prompt of n choices is computed once: the others find it in the prefix cache.
     The engine runs in this process here, so its counters say how much. (This checks the
