@@ -275,69 +275,8 @@ async def test_echo_with_logprobs_gives_the_prompts_tokens_as_strings(served: Se
     # a list of prompts, as lm-evaluation-harness sends them
     both = await served.client.completions.create(model="demo", prompt=[prompt, "import os"], max_tokens=1,
                                                   temperature=0, logprobs=1, echo=True)
-    assert both.choices[0].logprobs.token_logprobs == lp.token_logprobs
+    # the same values, to float32's precision: the two prompts may share one forward pass
+    # (padded to the longer), which moves the last bits (seen: -3.1084936 against -3.1084931)
+    listed = both.choices[0].logprobs.token_logprobs
+    assert listed[0] is None and listed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
     assert both.choices[1].text.startswith("import os")
-
-
-# The tests below start stacks of their own, after every test on the shared one: a shared
-# test that ran after one of them had stopped its stack found no ready replica (seen once;
-# two stacks in one process is something only tests do, and why was not found yet).
-
-
-@pytest.mark.asyncio(loop_scope="function")
-async def test_langchain_chat_openai_binds_a_tool(mesh: MeshHarness, demo_model_dir: Path) -> None:
-    """A real third-party client, unmodified: LangChain's ChatOpenAI with a bound tool. (The
-    city is bounded in length: the demo model, greedy, repeats itself inside an unbounded
-    string until max_tokens, and a call cut there does not parse.) On a fresh stack of its
-    own: it failed once in seven runs on the stack the other tests share, where what the
-    prefix cache holds from them can change the greedy path of its 200 tokens."""
-    router = await mesh.serving_hf(demo_model_dir)
-    served = Served(f"http://{router.info.http_endpoint}/v1", await mesh.key("acme"), None)  # type: ignore[arg-type]
-    from langchain_core.tools import tool
-    from langchain_openai import ChatOpenAI
-    from pydantic import BaseModel, Field
-
-    class Forecast(BaseModel):
-        city: str = Field(max_length=20, description="the city")
-        days: int = Field(ge=1, le=7, description="how many days")
-
-    @tool(args_schema=Forecast)
-    def get_weather(city: str, days: int) -> str:
-        """Weather forecast for a city, for a number of days."""
-        return f"sunny in {city} for {days} days"
-
-    llm = ChatOpenAI(model="demo", base_url=served.base_url, api_key=served.key, temperature=0, max_tokens=200,
-                     max_retries=0)
-    message = await llm.bind_tools([get_weather], tool_choice="get_weather").ainvoke(
-        "What is the weather in Paris for 3 days?")
-    [call] = message.tool_calls
-    assert call["name"] == "get_weather" and set(call["args"]) == {"city", "days"}
-    Forecast.model_validate(call["args"])
-    assert get_weather.invoke(call["args"]).startswith("sunny")  # the arguments fit the tool itself
-
-
-@pytest.mark.asyncio(loop_scope="function")  # a stack of its own, with the engine in this process
-async def test_n_choices_prefill_their_prompt_once(mesh: MeshHarness, demo_model_dir: Path) -> None:
-    """The prompt of n choices is computed once: the others find it in the prefix cache.
-    The engine runs in this process here, so its counters say how much. (This checks the
-    outcome, not the router's wait for the first choice's first token: on this machine the
-    three requests reach the engine far enough apart that they hit the cache without it;
-    the wait matters where they would share one prefill pass.)"""
-    from maas.services.worker.engines import create_engine, metrics
-
-    router = await mesh.serving_hf(demo_model_dir, engine_factory=lambda spec: create_engine(spec, own_process=False))
-    client = AsyncOpenAI(base_url=f"http://{router.info.http_endpoint}/v1", api_key=await mesh.key("acme"),
-                         max_retries=0)
-
-    def counted(counter: object) -> float:
-        return sum(s.value for m in counter.collect() for s in m.samples  # type: ignore[attr-defined]
-                   if s.name.endswith("_total") and s.labels.get("model") == "demo@1")
-
-    prompt = "def parse(text):\n    " + "fields = text.split(',')\n    " * 12
-    before = counted(metrics.CACHED_TOKENS), counted(metrics.PROMPT_TOKENS)
-    reply = await client.completions.create(model="demo", prompt=prompt, max_tokens=4, n=3, seed=3, temperature=1.0)
-    await client.close()
-    cached = counted(metrics.CACHED_TOKENS) - before[0]
-    prompts = counted(metrics.PROMPT_TOKENS) - before[1]
-    assert prompts == 3 * reply.usage.prompt_tokens  # three requests, each with the whole prompt
-    assert cached >= 2 * (reply.usage.prompt_tokens - 16)  # two of them found (nearly) all of it cached
