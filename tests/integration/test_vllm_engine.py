@@ -272,24 +272,3 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[-1][0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
-
-
-async def test_a_killed_engine_process_takes_vllms_core_with_it(demo_model_dir: Path):
-    engine = create_engine(ModelSpec("demo", 1, "hf", str(demo_model_dir), options={**OPTIONS, "max_adapters": "0"}))
-    assert isinstance(engine, ProcessEngine)
-    await engine.load()
-    try:
-        assert engine._process is not None
-        core = _children(engine._process.pid)
-        assert core, "vLLM's engine core process was not found"
-        stream = engine.generate(GenerationRequest("doomed", PROMPTS[3], SamplingParams(max_tokens=900, ignore_eos=True)))
-        with pytest.raises(EngineDead):
-            async for _ in stream:
-                engine._process.kill()
-        for _ in range(50):
-            if not any(_alive(pid) for pid in core):
-                break
-            await asyncio.sleep(0.1)
-        assert not any(_alive(pid) for pid in core), "vLLM's engine core outlived its engine process"
-    finally:
-        await engine.close()
