@@ -94,6 +94,30 @@ async def test_unknown_undeployed_and_unready_models_get_clear_statuses(mesh: Me
     assert (await mesh.generate("later", max_tokens=3))[-1].usage.completion_tokens == 3
 
 
+async def test_a_request_waits_a_moment_for_a_replica_that_just_left_etcd(mesh: MeshHarness):
+    """A worker whose lease lapses for a moment (a stalled event loop) and comes back: its
+    replica's entry leaves etcd and returns. A request in between waits for it (up to 3 s)
+    instead of failing with "no ready replica"; a model with no ready replica lately is
+    answered at once (the test above)."""
+    await mesh.core()
+    replicas = await mesh.worker()
+    await mesh.register("echo")
+    await mesh.deploy("echo")
+    (replica,) = (await mesh.wait_ready("echo")).replicas
+    assert (await mesh.generate("echo", max_tokens=1))[-1].usage.completion_tokens == 1  # found it ready
+    etcd = replicas.rt.etcd
+    key = etcd.keys.replica(replica.replica_id)
+    entry = await etcd.get(key)
+    assert entry is not None
+    await etcd.client.delete(key)
+    await eventually(lambda: not mesh.router_pool or not mesh.router_pool.ready("echo"), timeout=5)
+    request = asyncio.create_task(mesh.generate("echo", max_tokens=2))
+    await asyncio.sleep(1.0)
+    assert not request.done(), request  # waiting, not refused
+    await etcd.client.put(key, entry)  # back (the worker's own lease would hold it)
+    assert (await request)[-1].usage.completion_tokens == 2
+
+
 async def test_deadline_propagates_and_cancel_frees_the_worker(mesh: MeshHarness):
     await mesh.core()
     replicas = await mesh.worker()
@@ -236,7 +260,7 @@ async def test_health_reflection_and_metrics_are_served(mesh: MeshHarness):
 async def test_events_are_deduplicated_by_id_and_read_back_in_order(mesh: MeshHarness):
     import nats
 
-    from maas.mesh.events import STREAM, ensure_stream, read_events
+    from maas.mesh.events import STREAM, ensure_stream, event_subject, read_events
 
     nc = await nats.connect(mesh.nats)
     try:
@@ -245,11 +269,12 @@ async def test_events_are_deduplicated_by_id_and_read_back_in_order(mesh: MeshHa
         before = (await js.stream_info(STREAM)).state.messages
         event = events_pb2.Event(id=f"dup-{mesh.prefix.strip('/')}", entity="test", what="dup", entity_id="x")
         for _ in range(3):  # a publisher retrying after a reconnect sends the same id again
-            await js.publish("maas.events.test.dup", event.SerializeToString(), headers={"Nats-Msg-Id": event.id})
+            await js.publish(event_subject(mesh.prefix, "test", "dup"), event.SerializeToString(),
+                             headers={"Nats-Msg-Id": event.id})
         assert (await js.stream_info(STREAM)).state.messages == before + 1
     finally:
         await nc.close()
-    seen = [e async for e in read_events(mesh.nats, follow=False) if e.id == event.id]
+    seen = [e async for e in read_events(mesh.nats, mesh.prefix, follow=False) if e.id == event.id]
     assert len(seen) == 1 and seen[0].entity == "test"
 
 

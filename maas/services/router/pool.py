@@ -51,6 +51,8 @@ KV_MATCHED = Counter("maas_router_kv_matched_blocks_total",
 SUSPECT_SECONDS = 5.0
 FULL_SECONDS = 0.2  # how long a replica that said its queue is full is refused here without asking it
 COLD_START_SECONDS = 60.0  # how long a request waits for a scaled-to-zero model to load
+REAPPEAR_SECONDS = 3.0  # how long a request waits for a model whose ready replicas left a moment ago
+RECENT_READY_SECONDS = 30.0  # ... "a moment ago": a request found one ready this recently
 REPORT_FRESH_SECONDS = 2.0  # workers report load twice a second
 ONLINE_LINGER = 1.0  # seconds after the last online request on a deployment that batches still yield to it
 AFFINITY_FACTOR = 1.5       # an affine replica is used while its load is at most this times the average
@@ -112,6 +114,7 @@ class ReplicaPool:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls: dict[str, Calls] = {}
         self._ready: dict[str, list[mesh_pb2.ReplicaInfo]] = {}  # model -> ready replicas, until a change
+        self._last_ready: dict[str, float] = {}  # model -> when a request last found a ready replica
         self.registry = RegistryClient(session)
         forget: Callable[..., None] = lambda *_: self._ready.clear()  # noqa: E731
         self.replicas.add_listener(forget)
@@ -245,9 +248,12 @@ class ReplicaPool:
         if not model:
             raise InvalidArgument("model must not be empty", field="model")
         ready = self.ready(model)
+        if ready:
+            self._last_ready[model] = time.monotonic()
         if exclude:
             ready = [r for r in ready if r.replica_id not in exclude]
-        if not ready and not exclude and await self._cold_start(model, deadline):
+        if not ready and not exclude and (await self._cold_start(model, deadline)
+                                          or await self._reappear(model, deadline)):
             ready = self.ready(model)
         if not ready:
             await self._explain_none(model, tried=bool(exclude))
@@ -320,6 +326,17 @@ class ReplicaPool:
                                    f"before the request's deadline ({deadline:.1f}s)")
         raise Unavailable(f"model {name!r} is starting (a cold start) but no replica was ready within "
                           f"{timeout:.0f}s; `maas deploy show {name}` says why; try again shortly")
+
+    async def _reappear(self, model: str, deadline: float | None) -> bool:
+        """Wait up to REAPPEAR_SECONDS for a ready replica of `model` if a request found one
+        in the last RECENT_READY_SECONDS: a worker whose lease lapsed for a moment (a stalled
+        event loop) comes back within a few seconds, and its requests should wait, not fail.
+        A model that had no ready replica lately is answered at once."""
+        seen = self._last_ready.get(model)
+        if seen is None or time.monotonic() - seen > RECENT_READY_SECONDS:
+            return False
+        timeout = REAPPEAR_SECONDS if deadline is None else min(deadline, REAPPEAR_SECONDS)
+        return await self.replicas.wait_for(lambda _: bool(self.ready(model)), timeout)
 
     async def _activate(self, name: str) -> None:
         for attempt in range(2):
