@@ -310,7 +310,7 @@ async def generate(ns: argparse.Namespace, etcd: str) -> int:
 
 
 async def events(ns: argparse.Namespace, nats: str) -> int:
-    async for e in read_events(nats, follow=ns.follow):
+    async for e in read_events(nats, ns.prefix, follow=ns.follow):
         if ns.json:
             print(json.dumps(MessageToDict(e)), flush=True)
         else:

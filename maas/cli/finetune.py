@@ -116,7 +116,7 @@ async def run(ns: argparse.Namespace, etcd: str, nats: str) -> int:
                   f"-> {job.spec.name} (tenant {job.spec.tenant}, priority {job.spec.priority})", file=sys.stderr)
             code = 0
             if ns.wait:
-                job = await _follow(stub, nats, job.id, metadata, history=False)
+                job = await _follow(stub, nats, ns.prefix, job.id, metadata, history=False)
                 code = 0 if _succeeded(job) else 1
             if ns.json:
                 print(json.dumps(MessageToDict(job)))
@@ -143,9 +143,9 @@ async def run(ns: argparse.Namespace, etcd: str, nats: str) -> int:
             return 0
         job = await stub.GetJob(jobs_pb2.GetJobRequest(id=ns.id), metadata=metadata, timeout=10)
         if ns.follow:
-            job = await _follow(stub, nats, job.id, metadata, history=True)
+            job = await _follow(stub, nats, ns.prefix, job.id, metadata, history=True)
             return 0 if _succeeded(job) else 1
-        async for event in read_events(nats, follow=False, subject="maas.events.job.>"):
+        async for event in read_events(nats, ns.prefix, follow=False, entity="job"):
             if event.entity_id == job.id:
                 _print_event(event, ns.json)
         return 0
@@ -174,7 +174,7 @@ def _finished(job: jobs_pb2.Job) -> bool:
     return not job.spec.deploy or bool(job.deployment)
 
 
-async def _follow(stub: scheduler_pb2_grpc.SchedulerStub, nats: str, job_id: str,
+async def _follow(stub: scheduler_pb2_grpc.SchedulerStub, nats: str, prefix: str, job_id: str,
                   metadata: tuple[tuple[str, str], ...], *, history: bool) -> jobs_pb2.Job:
     """Show the job's events (with history, those already stored too) and a progress bar
     kept current from the job's record, until it finishes. Returns the finished job."""
@@ -182,7 +182,7 @@ async def _follow(stub: scheduler_pb2_grpc.SchedulerStub, nats: str, job_id: str
 
     async def show_events() -> None:
         with contextlib.suppress(Exception):
-            async for event in read_events(nats, follow=True, subject="maas.events.job.>"):
+            async for event in read_events(nats, prefix, follow=True, entity="job"):
                 if event.entity_id == job_id and (history or event.time_ms >= started_ms) \
                         and event.what != "progress":
                     bar.write(_event_line(event), file=sys.stderr)

@@ -7,10 +7,13 @@ compares the key's revision (`update_batch`), and the runner's writes also compa
 claim (`batch-runs/{id}`, held under its lease), so a runner that lost its claim (paused
 past its lease, taken over) writes nothing more.
 
-Each answered line is one message on `maas.batch.<id>` in the stream MAAS_BATCHES,
-published with the message id `<batch>:<line>`: a runner that resumes the batch reads what
-is there and skips those lines, and the output is assembled from it, one answer per line
-(the first stored, should two runners ever have answered the same line).
+Each answered line is one message on `maas.batch.<mesh>.<id>` in the stream MAAS_BATCHES,
+published with the message id `<mesh>:<batch>:<line>`: a runner that resumes the batch reads
+what is there and skips those lines, and the output is assembled from it, one answer per
+line (the first stored, should two runners ever have answered the same line). `<mesh>` is
+`maas.mesh.events.mesh_token`: a batch id is random, but a backup restored under another
+prefix (`maas admin restore`) holds the same open batches, and its routers must neither
+skip lines the first mesh answered nor purge its answers.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import nats.js.api as js_api
 
 from maas.mesh.errors import InvalidArgument, NotFound, Unavailable
 from maas.mesh.etcd import EtcdSession, update_record
-from maas.mesh.events import EventBus, OwnStream, stored
+from maas.mesh.events import EventBus, OwnStream, mesh_token, stored
 from maas.v1 import batches_pb2
 
 Status = batches_pb2.BatchStatus
@@ -159,14 +162,16 @@ class Answer:
     line: bytes       # the output line, JSON without its newline
 
 
-def subject(batch_id: str) -> str:
-    return f"maas.batch.{batch_id}"
+def subject(prefix: str, batch_id: str) -> str:
+    """Where the answers of batch `batch_id` of the mesh under etcd `prefix` are stored."""
+    return f"maas.batch.{mesh_token(prefix)}.{batch_id}"
 
 
 class Answers:
     """Batches' answered lines in JetStream, over the runtime's NATS connection."""
 
     def __init__(self, events: EventBus) -> None:
+        self.prefix = events.config.prefix
         self.stream = OwnStream(events, js_api.StreamConfig(
             name=STREAM, subjects=["maas.batch.>"], max_age=MAX_AGE, duplicate_window=120.0,
             storage=js_api.StorageType.FILE), "batch answers cannot be stored")
@@ -175,7 +180,9 @@ class Answers:
         """Store one answer (at most once per line within the duplicate window)."""
         js = await self.stream.js()
         data = json.dumps({"i": answer.index, "ok": answer.ok}).encode() + b"\n" + answer.line
-        await js.publish(subject(batch_id), data, headers={"Nats-Msg-Id": f"{batch_id}:{answer.index}"})
+        # the stream's duplicate window spans every mesh's subjects: the id names the mesh too
+        msg_id = f"{mesh_token(self.prefix)}:{batch_id}:{answer.index}"
+        await js.publish(subject(self.prefix, batch_id), data, headers={"Nats-Msg-Id": msg_id})
 
     async def scan(self, batch_id: str) -> AsyncIterator[Answer]:
         """Every stored answer of the batch, the first of each line, in the order stored.
@@ -183,13 +190,13 @@ class Answers:
         must never become a batch's output)."""
         js = await self.stream.js()
         try:
-            info = await js.stream_info(STREAM, subjects_filter=subject(batch_id))
+            info = await js.stream_info(STREAM, subjects_filter=subject(self.prefix, batch_id))
             expected = sum((info.state.subjects or {}).values())
         except nats.js.errors.NotFoundError:
             expected = 0
         seen: set[int] = set()
         got = 0
-        async for msg in stored(js, STREAM, subject(batch_id)):
+        async for msg in stored(js, STREAM, subject(self.prefix, batch_id)):
             got += 1
             head, _, line = msg.data.partition(b"\n")
             meta = json.loads(head)
@@ -206,7 +213,7 @@ class Answers:
     async def purge(self, batch_id: str) -> None:
         js = await self.stream.js()
         try:
-            await js.purge_stream(STREAM, subject=subject(batch_id))
+            await js.purge_stream(STREAM, subject=subject(self.prefix, batch_id))
         except (nats.errors.Error, nats.js.errors.Error):
             pass  # they age out
 

@@ -1,12 +1,20 @@
 """NATS: JetStream lifecycle events and core-NATS load telemetry.
 
-Lifecycle events go to the stream MAAS_EVENTS on `maas.events.<entity>.<what>`. Each is
-an `Event` protobuf whose id is also the Nats-Msg-Id header, so retrying a publish after
-a reconnect is deduplicated by the server. Publishing never blocks a service: events go
-into a bounded outbox that a background task drains, retrying with the same id while
-NATS is away. Load reports are core NATS on `maas.load.<worker>`, prefix-cache reports on
-`maas.kv.<worker>`, and routers' reports on deployed pipelines on `maas.pipeline.<router>`:
-lossy by design.
+Lifecycle events go to the stream MAAS_EVENTS on `maas.events.<mesh>.<entity>.<what>`.
+Each is an `Event` protobuf whose id is also the Nats-Msg-Id header, so retrying a publish
+after a reconnect is deduplicated by the server. Publishing never blocks a service: events
+go into a bounded outbox that a background task drains, retrying with the same id while
+NATS is away. Load reports are core NATS on `maas.load.<mesh>.<worker>`, prefix-cache
+reports on `maas.kv.<mesh>.<worker>`, and routers' reports on deployed pipelines on
+`maas.pipeline.<mesh>.<router>`: lossy by design.
+
+`<mesh>` is the mesh's etcd prefix as one subject token (`mesh_token`: "maas" for
+"/maas/"), in every subject the mesh publishes or reads (usage records, captures and batch
+answers too), so meshes sharing a NATS server never see each other's events or reports.
+The streams' subject filters ("maas.events.>", ...) cover every mesh: one stream holds all
+of them, and each reader filters by its own mesh's subjects. A stream made by a version
+without `<mesh>` matches the new subjects as it is, so nothing is migrated; what was stored
+on the old subjects is no longer read and ages out.
 """
 
 from __future__ import annotations
@@ -41,8 +49,48 @@ KV_SUBJECT = "maas.kv"  # workers' prefix-cache reports (mesh_pb2.KvEvents, maas
 PIPELINE_SUBJECT = "maas.pipeline"  # routers' reports on deployed pipelines (mesh_pb2.PipelineReport)
 
 
-def event_subject(entity: str, what: str) -> str:
-    return f"maas.events.{entity}.{what}"
+def subject_token(text: str) -> str:
+    """`text` as one subject token: letters, digits, '_' and '-' stay; anything else (a '.',
+    which would split the token, or a wildcard) becomes ~xx per UTF-8 byte; "" is "~" (never
+    an escape)."""
+    if not text:
+        return "~"
+    out = []
+    for ch in text:
+        if ch.isascii() and (ch.isalnum() or ch in "_-"):
+            out.append(ch)
+        else:
+            out.extend(f"~{b:02x}" for b in ch.encode())
+    return "".join(out)
+
+
+def mesh_token(prefix: str) -> str:
+    """The token that names the mesh under etcd `prefix` in its subjects."""
+    return subject_token(prefix.strip("/"))
+
+
+def event_subject(prefix: str, entity: str = "*", what: str = "*") -> str:
+    """Where the mesh under etcd `prefix` stores `entity`.`what` events ("*": any entity, any
+    what; both are the code's own names, single tokens)."""
+    return f"maas.events.{mesh_token(prefix)}.{entity}.{what}"
+
+
+def report_subject(kind: str, prefix: str, sender: str | None = None) -> str:
+    """Where `sender` (a worker's or router's instance id; None: every one) of the mesh under
+    etcd `prefix` publishes its reports of `kind` (LOAD_SUBJECT, KV_SUBJECT or
+    PIPELINE_SUBJECT)."""
+    return f"{kind}.{mesh_token(prefix)}.{'*' if sender is None else subject_token(sender)}"
+
+
+def legacy_report_subject(kind: str) -> str:
+    """Reports of workers and routers of a version before subjects named the mesh
+    (`maas.load.<worker>`): read too, for one release, so that during a rolling upgrade the
+    new scheduler still sees the old workers' load (an autoscaled deployment served only by
+    them would look idle and be scaled down) and canaries the old routers' reports. The
+    wildcard matches exactly one token after the kind, so none of the new subjects, and no
+    report is counted twice; other meshes' old processes are seen as before the change
+    until they are upgraded too. To be removed once no mesh runs a version before it."""
+    return f"{kind}.*"
 
 
 async def connect_nats(url: str, *, name: str, timeout: float) -> nats.NATS:
@@ -119,15 +167,15 @@ class OwnStream:
         return js
 
 
-async def stored(js: nats.js.JetStreamContext, stream: str, subject: str, *, follow: bool = False,
-                 everything: bool = False) -> AsyncIterator[Msg]:
-    """Every message `stream` holds on `subject`, in order (`everything`: the subject is
-    the whole stream's); with `follow`, then new ones as they come."""
+async def stored(js: nats.js.JetStreamContext, stream: str, subject: str, *,
+                 follow: bool = False) -> AsyncIterator[Msg]:
+    """Every message `stream` holds on `subject`, in order; with `follow`, then new ones as
+    they come."""
     try:
         info = await js.stream_info(stream, subjects_filter=subject)
     except nats.js.errors.NotFoundError:
         return
-    remaining = info.state.messages if everything else sum((info.state.subjects or {}).values())
+    remaining = sum((info.state.subjects or {}).values())
     if not remaining and not follow:
         return
     sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=js_api.DeliverPolicy.ALL)
@@ -183,7 +231,8 @@ class EventBus:
         log.info("event %s.%s %s %s%s", entity, what, entity_id, message,
                  f" (by {event.principal})" if event.principal else "")
         try:
-            self._outbox.put_nowait((event_subject(entity, what), event.SerializeToString(), event.id))
+            self._outbox.put_nowait((event_subject(self.config.prefix, entity, what), event.SerializeToString(),
+                                     event.id))
         except asyncio.QueueFull:
             log.error("event outbox full; dropping %s.%s %s", entity, what, entity_id)
 
@@ -209,12 +258,14 @@ class EventBus:
     async def publish_load(self, report: mesh_pb2.LoadReport) -> None:
         if self.nc is not None and self.nc.is_connected:
             with contextlib.suppress(Exception):
-                await self.nc.publish(f"{LOAD_SUBJECT}.{report.worker_id}", report.SerializeToString())
+                await self.nc.publish(report_subject(LOAD_SUBJECT, self.config.prefix, report.worker_id),
+                                      report.SerializeToString())
 
     async def publish_kv(self, report: mesh_pb2.KvEvents) -> None:
         if self.nc is not None and self.nc.is_connected:
             with contextlib.suppress(Exception):
-                await self.nc.publish(f"{KV_SUBJECT}.{report.worker_id}", report.SerializeToString())
+                await self.nc.publish(report_subject(KV_SUBJECT, self.config.prefix, report.worker_id),
+                                      report.SerializeToString())
 
     async def subscribe_kv(self, callback: Callable[[mesh_pb2.KvEvents], None]) -> None:
         assert self.nc is not None
@@ -228,12 +279,15 @@ class EventBus:
                 return
             callback(report)
 
-        self._subs.append(await self.nc.subscribe(f"{KV_SUBJECT}.*", cb=handler))
+        subject = report_subject(KV_SUBJECT, self.config.prefix)
+        self._subs.append(await self.nc.subscribe(subject, cb=handler))
+        self._subs.append(await self.nc.subscribe(legacy_report_subject(KV_SUBJECT), cb=handler))
 
     async def publish_pipeline(self, report: mesh_pb2.PipelineReport) -> None:
         if self.nc is not None and self.nc.is_connected:
             with contextlib.suppress(Exception):
-                await self.nc.publish(f"{PIPELINE_SUBJECT}.{report.router}", report.SerializeToString())
+                await self.nc.publish(report_subject(PIPELINE_SUBJECT, self.config.prefix, report.router),
+                                      report.SerializeToString())
 
     async def subscribe_pipeline(self, callback: Callable[[mesh_pb2.PipelineReport], None]) -> None:
         assert self.nc is not None
@@ -246,7 +300,9 @@ class EventBus:
             except Exception:
                 log.exception("a pipeline report could not be read")
 
-        self._subs.append(await self.nc.subscribe(f"{PIPELINE_SUBJECT}.*", cb=handler))
+        subject = report_subject(PIPELINE_SUBJECT, self.config.prefix)
+        self._subs.append(await self.nc.subscribe(subject, cb=handler))
+        self._subs.append(await self.nc.subscribe(legacy_report_subject(PIPELINE_SUBJECT), cb=handler))
 
     async def subscribe_load(self, callback: Callable[[mesh_pb2.LoadReport], Awaitable[None] | None]) -> None:
         assert self.nc is not None
@@ -259,7 +315,9 @@ class EventBus:
                 if asyncio.iscoroutine(result):
                     await result
 
-        self._subs.append(await self.nc.subscribe(f"{LOAD_SUBJECT}.*", cb=handler))
+        subject = report_subject(LOAD_SUBJECT, self.config.prefix)
+        self._subs.append(await self.nc.subscribe(subject, cb=handler))
+        self._subs.append(await self.nc.subscribe(legacy_report_subject(LOAD_SUBJECT), cb=handler))
 
     async def close(self, *, flush_timeout: float = 3.0) -> None:
         """Flush queued events (bounded), then drain the connection. Idempotent."""
@@ -277,15 +335,15 @@ class EventBus:
                 await asyncio.wait_for(self.nc.drain(), flush_timeout)
 
 
-async def read_events(url: str, *, follow: bool, timeout: float = 5.0,
-                      subject: str = EVENT_SUBJECTS) -> AsyncIterator[events_pb2.Event]:
-    """Every stored event on `subject` (a wildcard under maas.events) in order; with follow,
-    keep yielding new ones."""
+async def read_events(url: str, prefix: str, *, follow: bool, entity: str = "*", what: str = "*",
+                      timeout: float = 5.0) -> AsyncIterator[events_pb2.Event]:
+    """Every stored `entity`.`what` event ("*": any) of the mesh under etcd `prefix`, in
+    order; with follow, keep yielding new ones."""
     nc = await connect_nats(url, name="maas-events", timeout=timeout)
     try:
         js = nc.jetstream(timeout=5)
         await ensure_stream(js)
-        async for msg in stored(js, STREAM, subject, follow=follow, everything=subject == EVENT_SUBJECTS):
+        async for msg in stored(js, STREAM, event_subject(prefix, entity, what), follow=follow):
             event = events_pb2.Event()
             event.ParseFromString(msg.data)
             yield event

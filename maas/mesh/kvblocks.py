@@ -5,8 +5,8 @@ A block is named by a chained hash: the hash of its tokens keyed by the hash of 
 before it (the first block's key comes from the namespace: "" for the base model), so one
 name stands for the whole prefix up to the block's end, as vLLM's block hashes do. Engines
 report the blocks they store and drop (`KvEvents`); workers relay the reports on core NATS
-(`mesh_pb2.KvEvents` on `maas.kv.<worker>`); the router keeps the set of blocks each replica
-holds (`KvIndex`) and sends a prompt where the longest run of its blocks already is.
+(`mesh_pb2.KvEvents` on `maas.kv.<mesh>.<worker>`); the router keeps the set of blocks each
+replica holds (`KvIndex`) and sends a prompt where the longest run of its blocks already is.
 
 Engines name blocks here, not with their own hashes: the built-in engine's prefix cache
 calls `KvEvents.stored` and `removed` itself, and the vLLM engine translates vLLM's

@@ -49,7 +49,7 @@ from prometheus_client import Counter
 from maas.mesh.authz import Principal
 from maas.mesh.config import MeshConfig
 from maas.mesh.errors import InvalidArgument, PermissionDenied, Unavailable
-from maas.mesh.events import connect_nats, open_stream, put_stream
+from maas.mesh.events import connect_nats, mesh_token, open_stream, put_stream, subject_token
 from maas.mesh.names import validate_name
 from maas.v1 import usage_pb2
 
@@ -78,27 +78,9 @@ RETRIED = Counter("maas_usage_publish_retries_total",
 # ---- subjects ------------------------------------------------------------------------------
 
 
-def _token(text: str) -> str:
-    """`text` as one subject token: letters, digits, '_' and '-' stay; anything else (a '.',
-    which would split the token) becomes ~xx per UTF-8 byte; "" is "~" (never an escape)."""
-    if not text:
-        return "~"
-    out = []
-    for ch in text:
-        if ch.isascii() and (ch.isalnum() or ch in "_-"):
-            out.append(ch)
-        else:
-            out.extend(f"~{b:02x}" for b in ch.encode())
-    return "".join(out)
-
-
-def mesh_token(prefix: str) -> str:
-    return _token(prefix.strip("/"))
-
-
 def subject(prefix: str, tenant: str) -> str:
     """Where a record of `tenant` ("" for none) in the mesh under etcd `prefix` goes."""
-    return f"maas.usage.{mesh_token(prefix)}.{_token(tenant)}"
+    return f"maas.usage.{mesh_token(prefix)}.{subject_token(tenant)}"
 
 
 def mesh_subjects(prefix: str) -> str:

@@ -17,7 +17,8 @@ async def deployment(mesh: MeshHarness, name: str) -> scheduler_pb2.DeploymentSt
 
 
 async def event_kinds(mesh: MeshHarness, entity_id: str) -> list[str]:
-    return [f"{e.entity}.{e.what}" async for e in read_events(mesh.nats, follow=False) if e.entity_id == entity_id]
+    return [f"{e.entity}.{e.what}" async for e in read_events(mesh.nats, mesh.prefix, follow=False)
+            if e.entity_id == entity_id]
 
 
 async def test_scale_to_zero_and_cold_start(mesh: MeshHarness):
@@ -123,7 +124,8 @@ async def test_a_full_worker_evicts_the_least_recently_used_idle_model(mesh: Mes
     await mesh.wait_ready("third", timeout=20)
     assert (await deployment(mesh, "older")).deployment.replicas == 0
     assert (await deployment(mesh, "newer")).ready_replicas == 1
-    assert "replica.evicted" in [f"{e.entity}.{e.what}" async for e in read_events(mesh.nats, follow=False)
+    assert "replica.evicted" in [f"{e.entity}.{e.what}"
+                                 async for e in read_events(mesh.nats, mesh.prefix, follow=False)
                                  if e.attributes.get("deployment") == "older"]
 
     # the evicted model comes back on its next request, in place of the now least recently used one

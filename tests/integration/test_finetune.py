@@ -82,7 +82,7 @@ def trainers(job_id: str) -> list[int]:
 
 
 async def job_events(mesh: MeshHarness, job_id: str) -> list[object]:
-    return [e async for e in read_events(mesh.nats, follow=False, subject="maas.events.job.>")
+    return [e async for e in read_events(mesh.nats, mesh.prefix, follow=False, entity="job")
             if e.entity_id == job_id]
 
 

@@ -100,7 +100,8 @@ async def test_a_canary_that_breaks_its_slo_is_rolled_back_and_one_that_meets_it
     assert dep.resolved_version == f"{name}@1" and not dep.traffic
     assert dep.rollout_note.startswith(f"canary {name}@2 rolled back: step 'prompt': "), dep.rollout_note
     assert "failed" in dep.rollout_note and "error_rate 0.05" in dep.rollout_note
-    events = [e async for e in read_events(mesh.nats, follow=False, subject="maas.events.deployment.rolled_back")]
+    events = [e async for e in read_events(mesh.nats, mesh.prefix, follow=False, entity="deployment",
+                                                 what="rolled_back")]
     assert any(e.entity_id == name and e.attributes["canary"] == f"{name}@2" for e in events)
 
     # a good version as the next canary: promoted once it met the SLO over promote_after requests

@@ -7,7 +7,7 @@ For each job placed on this worker (`jobs/{id}` with state running and this work
    and, when the job ran before, its last checkpoint; render the dataset into training
    pairs with the base's chat template, as serving renders chats;
 2. start the trainer (on a job placed on N > 1 devices: under torchrun, one process a
-   device, the model sharded by FSDP; see `trainer_env`) and read its JSON lines: progress goes to `maas.events.job.progress`
+   device, the model sharded by FSDP; see `trainer_env`) and read its JSON lines: progress goes out as `job.progress` events
    (at most PROGRESS_EVERY apart) and into the job's etcd record (at most SAVE_EVERY
    apart); every checkpoint is packed and uploaded to the registry before the job records
    it, so another worker can resume from it if this one dies;
