@@ -26,7 +26,7 @@ from maas.v1 import access_pb2 as maas_dot_v1_dot_access__pb2
 from maas.v1 import common_pb2 as maas_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17maas/v1/inference.proto\x12\x07maas.v1\x1a\x14maas/v1/access.proto\x1a\x14maas/v1/common.proto\"\xc8\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.maas.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x06 \x03(\r\x12&\n\x08messages\x18\x07 \x03(\x0b\x32\x14.maas.v1.ChatMessage\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x15\n\rtenant_weight\x18\t \x01(\x01\x12\x15\n\rservice_class\x18\n \x01(\t\x12\x10\n\x08reserved\x18\x0b \x01(\x08\x12\x1c\n\x05tools\x18\x0c \x03(\x0b\x32\r.maas.v1.Tool\x12\x18\n\x10prompt_token_ids\x18\r \x03(\r\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"w\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12%\n\ntool_calls\x18\x03 \x03(\x0b\x32\x11.maas.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\xa7\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\'\n\x08logprobs\x18\x04 \x03(\x0b\x32\x15.maas.v1.TokenLogprob\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.maas.v1.FinishReason\x12\x1d\n\x05usage\x18\x06 \x01(\x0b\x32\x0e.maas.v1.Usage\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nreplica_id\x18\x08 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12.\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x15.maas.v1.TokenLogprob\"\xaa\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\'\n\x08logprobs\x18\x04 \x03(\x0b\x32\x15.maas.v1.TokenLogprob\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.maas.v1.FinishReason\x12\x1d\n\x05usage\x18\x06 \x01(\x0b\x32\x0e.maas.v1.Usage\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nreplica_id\x18\x08 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12.\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x15.maas.v1.TokenLogprob\"~\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\rservice_class\x18\x05 \x01(\tB\x0c\n\n_normalize\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"s\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x12.maas.v1.Embedding\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.maas.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"\x89\x01\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x0e\n\x06parent\x18\x07 \x01(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.maas.v1.ServedModel2\xf5\x02\n\tInference\x12X\n\x08Generate\x12\x18.maas.v1.GenerateRequest\x1a\x19.maas.v1.GenerateResponse\"\x17\xfa\x9f\x19\x13\n\tinference\x12\x06router\x12]\n\x0eGenerateStream\x12\x18.maas.v1.GenerateRequest\x1a\x16.maas.v1.GenerateChunk\"\x17\xfa\x9f\x19\x13\n\tinference\x12\x06router0\x01\x12O\n\x05\x45mbed\x12\x15.maas.v1.EmbedRequest\x1a\x16.maas.v1.EmbedResponse\"\x17\xfa\x9f\x19\x13\n\tinference\x12\x06router\x12^\n\nListModels\x12\x1a.maas.v1.ListModelsRequest\x1a\x1b.maas.v1.ListModelsResponse\"\x17\xfa\x9f\x19\x13\n\tinference\x12\x06routerb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17maas/v1/inference.proto\x12\x07maas.v1\x1a\x14maas/v1/access.proto\x1a\x14maas/v1/common.proto\"\xe7\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.maas.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x06 \x03(\r\x12&\n\x08messages\x18\x07 \x03(\x0b\x32\x14.maas.v1.ChatMessage\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x15\n\rtenant_weight\x18\t \x01(\x01\x12\x15\n\rservice_class\x18\n \x01(\t\x12\x10\n\x08reserved\x18\x0b \x01(\x08\x12\x1d\n\x15reserved_tokens_per_s\x18\x0e \x01(\x01\x12\x1c\n\x05tools\x18\x0c \x03(\x0b\x32\r.maas.v1.Tool\x12\x18\n\x10prompt_token_ids\x18\r \x03(\r\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"w\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12%\n\ntool_calls\x18\x03 \x03(\x0b\x32\x11.maas.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\xa7\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\'\n\x08logprobs\x18\x04 \x03(\x0b\x32\x15.maas.v1.TokenLogprob\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.maas.v1.FinishReason\x12\x1d\n\x05usage\x18\x06 \x01(\x0b\x32\x0e.maas.v1.Usage\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nreplica_id\x18\x08 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12.\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x15.maas.v1.TokenLogprob\"\xaa\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\'\n\x08logprobs\x18\x04 \x03(\x0b\x32\x15.maas.v1.TokenLogprob\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.maas.v1.FinishReason\x12\x1d\n\x05usage\x18\x06 \x01(\x0b\x32\x0e.maas.v1.Usage\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nreplica_id\x18\x08 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12.\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x15.maas.v1.TokenLogprob\"~\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\rservice_class\x18\x05 \x01(\tB\x0c\n\n_normalize\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"s\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x12.maas.v1.Embedding\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.maas.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"\x89\x01\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x0e\n\x06parent\x18\x07 \x01(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.maas.v1.ServedModel2\xf5\x02\n\tInference\x12X\n\x08Generate\x12\x18.maas.v1.GenerateRequest\x1a\x19.maas.v1.GenerateResponse\"\x17\xfa\x9f\x19\x13\n\tinference\x12\x06router\x12]\n\x0eGenerateStream\x12\x18.maas.v1.GenerateRequest\x1a\x16.maas.v1.GenerateChunk\"\x17\xfa\x9f\x19\x13\n\tinference\x12\x06router0\x01\x12O\n\x05\x45mbed\x12\x15.maas.v1.EmbedRequest\x1a\x16.maas.v1.EmbedResponse\"\x17\xfa\x9f\x19\x13\n\tinference\x12\x06router\x12^\n\nListModels\x12\x1a.maas.v1.ListModelsRequest\x1a\x1b.maas.v1.ListModelsResponse\"\x17\xfa\x9f\x19\x13\n\tinference\x12\x06routerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,29 +42,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERENCE'].methods_by_name['ListModels']._loaded_options = None
   _globals['_INFERENCE'].methods_by_name['ListModels']._serialized_options = b'\372\237\031\023\n\tinference\022\006router'
   _globals['_GENERATEREQUEST']._serialized_start=81
-  _globals['_GENERATEREQUEST']._serialized_end=409
-  _globals['_TOOL']._serialized_start=411
-  _globals['_TOOL']._serialized_end=472
-  _globals['_TOOLCALL']._serialized_start=474
-  _globals['_TOOLCALL']._serialized_end=529
-  _globals['_CHATMESSAGE']._serialized_start=531
-  _globals['_CHATMESSAGE']._serialized_end=650
-  _globals['_GENERATECHUNK']._serialized_start=653
-  _globals['_GENERATECHUNK']._serialized_end=948
-  _globals['_GENERATERESPONSE']._serialized_start=951
-  _globals['_GENERATERESPONSE']._serialized_end=1249
-  _globals['_EMBEDREQUEST']._serialized_start=1251
-  _globals['_EMBEDREQUEST']._serialized_end=1377
-  _globals['_EMBEDDING']._serialized_start=1379
-  _globals['_EMBEDDING']._serialized_end=1406
-  _globals['_EMBEDRESPONSE']._serialized_start=1408
-  _globals['_EMBEDRESPONSE']._serialized_end=1523
-  _globals['_LISTMODELSREQUEST']._serialized_start=1525
-  _globals['_LISTMODELSREQUEST']._serialized_end=1544
-  _globals['_SERVEDMODEL']._serialized_start=1547
-  _globals['_SERVEDMODEL']._serialized_end=1684
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1686
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1744
-  _globals['_INFERENCE']._serialized_start=1747
-  _globals['_INFERENCE']._serialized_end=2120
+  _globals['_GENERATEREQUEST']._serialized_end=440
+  _globals['_TOOL']._serialized_start=442
+  _globals['_TOOL']._serialized_end=503
+  _globals['_TOOLCALL']._serialized_start=505
+  _globals['_TOOLCALL']._serialized_end=560
+  _globals['_CHATMESSAGE']._serialized_start=562
+  _globals['_CHATMESSAGE']._serialized_end=681
+  _globals['_GENERATECHUNK']._serialized_start=684
+  _globals['_GENERATECHUNK']._serialized_end=979
+  _globals['_GENERATERESPONSE']._serialized_start=982
+  _globals['_GENERATERESPONSE']._serialized_end=1280
+  _globals['_EMBEDREQUEST']._serialized_start=1282
+  _globals['_EMBEDREQUEST']._serialized_end=1408
+  _globals['_EMBEDDING']._serialized_start=1410
+  _globals['_EMBEDDING']._serialized_end=1437
+  _globals['_EMBEDRESPONSE']._serialized_start=1439
+  _globals['_EMBEDRESPONSE']._serialized_end=1554
+  _globals['_LISTMODELSREQUEST']._serialized_start=1556
+  _globals['_LISTMODELSREQUEST']._serialized_end=1575
+  _globals['_SERVEDMODEL']._serialized_start=1578
+  _globals['_SERVEDMODEL']._serialized_end=1715
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1717
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1775
+  _globals['_INFERENCE']._serialized_start=1778
+  _globals['_INFERENCE']._serialized_end=2151
 # @@protoc_insertion_point(module_scope)

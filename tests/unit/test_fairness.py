@@ -15,7 +15,7 @@ import pytest
 from maas.mesh.errors import ResourceExhausted
 from maas.services.worker.engines import metrics
 from maas.services.worker.engines.base import Delta, GenerationRequest, ModelSpec, SamplingParams
-from maas.services.worker.engines.fair import FairQueue, over_share, victim
+from maas.services.worker.engines.fair import FairQueue, Reservation, over_share, victim
 from maas.services.worker.engines.hf import HFEngine
 
 PROMPT = "def add(a, b):"
@@ -308,3 +308,56 @@ def test_a_preempted_sequence_is_never_refused_nor_preempted_again_first():
     waiting.append(Seq("q"))
     # not the one pre-empted before; of the others, the least to prefill again (the newest of a tie)
     assert over_share(running, waiting, 4) is running[3]
+
+
+# ---- provisioned throughput in the engine --------------------------------------------------
+
+
+def test_a_reservation_promotes_standard_requests_first_come_while_it_holds_tokens():
+    q: FairQueue[Seq] = FairQueue()
+    mine = [Seq("r", arrived=i) for i in range(3)]
+    other, batch = Seq("o", arrived=0.5), Seq("r", arrived=9, priority=2)
+    for s in (*mine, other, batch):
+        q.append(s)
+    budget = Reservation(rate=20)  # empty at first, at most 20 tokens (1 s of the rate)
+    assert budget.capacity == 20 and budget.level == 0
+    assert q.promote("r", lambda s: budget.charge(16)) == 0  # nothing saved up yet
+    budget.refill(budget.stamp + 1.0)
+    moved = q.promote("r", lambda s: budget.charge(16))  # each may still make 16 tokens
+    assert moved == 2 and [s.priority for s in mine] == [0, 0, 1]  # 20 -> 4 -> -12: a request is taken whole
+    assert q.next({}) is mine[0] and q.top() == 0
+    assert other.priority == 1 and batch.priority == 2  # another tenant's, and batch work: never
+    assert q.promote("r", lambda s: budget.charge(16)) == 0  # empty: nothing more until it refills
+    budget.refill(budget.stamp + 1.0)  # 1 s later: -12 + 20
+    assert budget.level == 8 and q.promote("r", lambda s: budget.charge(16)) == 1 and mine[2].priority == 0
+    budget.refund(100)
+    assert budget.level == budget.capacity  # a refund never fills it past its burst
+
+
+async def test_a_tenants_reserved_rate_promotes_its_waiting_request_past_another_tenants(demo_model_dir: Path):
+    """Two slots, held by two tenants' long streams; each tenant has one more request
+    waiting. The reserved tenant's waiting request pre-empts the other tenant's stream and
+    runs at once (it is promoted a class up); the plain tenant's waits for a slot. Without
+    the reservation, neither would run before a held stream ended (each tenant holds its
+    share)."""
+    e = HFEngine(ModelSpec("demo", 1, "hf", str(demo_model_dir), options={"max_batch": "2", "max_queue": "4"}))
+    await e.load()
+    try:
+        def req(tenant: str, i: int, max_tokens: int, rate: float = 0.0) -> GenerationRequest:
+            return GenerationRequest(f"{tenant}{i}", PROMPT, SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                                                           seed=1000 + i),
+                                     tenant=tenant, reserved_rate=rate)
+
+        # 2,000 tokens at first: both of its requests' max_tokens (a request is charged them
+        # when promoted, and refunded what it did not make)
+        held = [Stream(e, req("plain", 0, LONG)), Stream(e, req("mine", 0, LONG, rate=1000))]
+        await until(lambda: all(s.tokens for s in held))
+        plain, mine = Stream(e, req("plain", 1, 8)), Stream(e, req("mine", 1, 8, rate=1000))
+        await asyncio.wait_for(mine.task, 60)
+        assert mine.error is None and len(mine.tokens) == 8
+        assert not plain.tokens, "the plain tenant's second request ran before a slot freed"
+        assert all(len(s.tokens) < LONG for s in held)  # both held streams were still running
+        for s in (*held, plain):
+            await s.stop()
+    finally:
+        await e.close()

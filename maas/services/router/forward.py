@@ -266,7 +266,7 @@ class Forwarder:
                 affinity = affinity_key(request, session, prefix=self.prefix_affinity)
                 deadline = None if timeout is None else time.monotonic() + timeout
                 attempts = _Attempts(self, request.model, deadline, ticket.tenant, request.tenant_weight,
-                                     _queue_priority(request))
+                                     _queue_priority(request, reserved is not None))
                 last: float | None = None
                 while True:
                     replica = await attempts.next(affinity, self._kv_request(request, affinity))
@@ -349,7 +349,7 @@ class Forwarder:
                 payload = request.SerializeToString() if payload is None else payload + added.SerializeToString()
                 deadline = None if timeout is None else time.monotonic() + timeout
                 attempts = _Attempts(self, request.model, deadline, ticket.tenant, request.tenant_weight,
-                                     _queue_priority(request))
+                                     _queue_priority(request, reserved is not None))
                 affinity = affinity_key(request, session, prefix=self.prefix_affinity)
                 while True:
                     replica = await attempts.next(affinity, self._kv_request(request, affinity))
@@ -500,9 +500,10 @@ def _stamp(request: inference_pb2.GenerateRequest, added: inference_pb2.Generate
     """Whose request it is and its class, for the worker's fair sharing: the key's tenant
     ("-": none, the admin), its weight, and the class asked for (at most the key's own;
     none asked: the key's). Set in `added` too, so what the client sent is replaced."""
-    if request.reserved:
-        raise InvalidArgument("reserved is the router's to set (provisioned throughput, docs/fairness.md)",
-                              field="reserved")
+    for name in ("reserved", "reserved_tokens_per_s"):
+        if getattr(request, name):
+            raise InvalidArgument(f"{name} is the router's to set (provisioned throughput, docs/fairness.md)",
+                                  field=name)
     key = ticket.key
     tenant_var.set(ticket.tenant)  # on this request's log lines from here on
     model_var.set(request.model)
@@ -521,10 +522,14 @@ RESERVATION_BURST = 10.0  # seconds of a reservation's tokens a tenant may use a
 
 
 class Reservations:
-    """Provisioned throughput at the front door (docs/fairness.md#provisioned-throughput): a
-    token bucket per deployment and tenant at this router's share of the reserved rate. A
-    request that finds tokens in its bucket is `reserved` (the engine ranks it one class
-    up); it takes up to a second of the rate at once and is charged what it made at its end."""
+    """Provisioned throughput at the front door (docs/fairness.md#provisioned-throughput).
+    Every request of a tenant with a reservation on the deployment carries its share per
+    ready replica (`reserved_tokens_per_s`): each engine keeps that tenant a token bucket at
+    that rate and ranks its waiting requests a class up while it holds tokens (engines/fair.py),
+    deciding when it schedules, not when the request arrived. For this router's own waiting
+    room, a token bucket per deployment and tenant at this router's share of the rate: a
+    request that finds tokens in it waits there as `reserved` (a class up); it takes up to
+    a second of the rate at once and is charged what it made at its end."""
 
     def __init__(self, pool: ReplicaPool, gate: Gate | None) -> None:
         self.pool = pool
@@ -540,6 +545,7 @@ class Reservations:
         rate = dep.reservations.get(tenant, 0) if dep is not None and dep.reservations else 0
         if not rate:
             return None
+        request.reserved_tokens_per_s = added.reserved_tokens_per_s = rate / max(1, len(self.pool.ready(name)))
         routers = max(1, len(self.gate.routers.items)) if self.gate is not None else 1
         share = rate / routers
         bucket = self.buckets.setdefault((name, tenant), Bucket(0, period=RESERVATION_BURST))
@@ -551,7 +557,6 @@ class Reservations:
         # does not empty the bucket for the tenant's others); settled with what it made
         taken = int(min(request.params.max_tokens or 16, max(1.0, share)))
         bucket.take(taken)
-        request.reserved = added.reserved = True
         return bucket, taken
 
     @staticmethod
@@ -570,10 +575,10 @@ def _untrack(in_flight: dict[str, int], rid: str) -> None:
         del in_flight[rid]
 
 
-def _queue_priority(request: inference_pb2.GenerateRequest) -> int:
+def _queue_priority(request: inference_pb2.GenerateRequest, reserved: bool) -> int:
     """A request's class as the waiting room orders it: as the worker's engine does
     (convert.py), a request inside its tenant's reservation counts a class up."""
-    return max(0, priority(request.service_class) - request.reserved)
+    return max(0, priority(request.service_class) - reserved)
 
 
 class _Attempts:

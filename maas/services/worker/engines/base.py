@@ -131,6 +131,9 @@ class GenerationRequest:
     stream: bool = True
     # the prompt as the tokenizer's ids, used as given (no BOS added), instead of `prompt`
     prompt_token_ids: tuple[int, ...] = ()
+    # the tenant's provisioned throughput on this replica, completion tokens a second (0:
+    # none); engines with a queue rank its requests a class up within it (`engines.fair`)
+    reserved_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prompt and self.prompt_token_ids:
@@ -141,6 +144,9 @@ class GenerationRequest:
             raise InvalidArgument(f"a tenant's weight must be > 0, not {self.weight}", field="tenant_weight")
         if self.priority not in (0, 1, 2):
             raise InvalidArgument(f"priority must be 0, 1 or 2, not {self.priority}", field="service_class")
+        if not 0 <= self.reserved_rate < float("inf"):  # NaN fails too
+            raise InvalidArgument(f"a reserved rate must be >= 0 tokens/s, not {self.reserved_rate}",
+                                  field="reserved_tokens_per_s")
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")

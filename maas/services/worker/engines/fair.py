@@ -38,6 +38,14 @@ the tenant most over its share, if the newcomer's tenant is under its own. A pre
 sequence is never refused (its client has tokens already). A flood cannot
 fill the queue and lock a quiet tenant, or online traffic, out.
 
+Provisioned throughput (`Reservation`): a tenant with a reserved rate on the replica has a
+token bucket here, filled at that rate and charged with what its promoted requests may make
+(their max_tokens, refunded by what they did not make). While it holds tokens, the tenant's
+waiting `standard` requests are promoted a class up, first come first served (`promote`),
+so they are admitted, and pre-empt, as interactive ones do. Decided at scheduling time, not
+when a request arrived: a request that queued while the bucket was empty is promoted once
+it refills, so a tenant with a few streams in flight gets its rate, not only its newcomers.
+
 The queue is the scheduler's own structure: every method is called with the engine's lock
 held. Sequences need `tenant` (str), `weight` (> 0) and `priority` (int) attributes.
 """
@@ -45,7 +53,9 @@ held. Sequences need `tenant` (str), `weight` (> 0) and `priority` (int) attribu
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 
@@ -137,6 +147,22 @@ class FairQueue(Generic[S]):
                 best, best_key = head, key
         return best
 
+    def promote(self, tenant: str, charge: Callable[[S], bool]) -> int:
+        """Move `tenant`'s waiting standard requests to the interactive class, first come
+        first served, while `charge(seq)` takes them (it charges the tenant's reservation
+        and says whether there was anything left in it). Returns how many moved."""
+        q = self._queues.get((1, tenant))
+        moved = 0
+        while q and charge(q[0]):
+            seq = q.popleft()
+            self._size -= 1
+            seq.priority = 0
+            self.append(seq)  # after the tenant's interactive requests
+            moved += 1
+        if q is not None and not q:
+            del self._queues[(1, tenant)]
+        return moved
+
     def pop(self, seq: S) -> S:
         """Take `seq` (what `next` chose) out of the queue."""
         self.remove(seq)
@@ -169,6 +195,40 @@ class FairQueue(Generic[S]):
             return None
         self.remove(refusable[-1])
         return refusable[-1]
+
+
+RESERVED_BURST = 1.0  # seconds of its reserved rate a tenant may save up on one engine
+
+
+@dataclass
+class Reservation:
+    """A tenant's provisioned throughput on one engine: a token bucket filled at `rate`
+    completion tokens a second, up to RESERVED_BURST seconds of it. Empty at first: a
+    full one would let a tenant that can use more than its rate take every slot until it
+    drained (seconds, at a rate near what the tenant uses), starving the others."""
+
+    rate: float
+    level: float = 0.0
+    stamp: float = field(default_factory=time.monotonic)
+
+    @property
+    def capacity(self) -> float:
+        return self.rate * RESERVED_BURST
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def charge(self, tokens: float) -> bool:
+        """Take `tokens` if there is anything left (the level may go below zero: a request
+        is promoted whole). False, taking nothing, when the bucket is empty."""
+        if self.level <= 0:
+            return False
+        self.level -= tokens
+        return True
+
+    def refund(self, tokens: float) -> None:
+        self.level = min(self.capacity, self.level + tokens)
 
 
 def _refusable(seq: Any) -> bool:

@@ -72,7 +72,7 @@ from maas.services.worker.engines.base import (
 )
 from maas.services.worker.engines.batch import DecodeBatch
 from maas.services.worker.engines.chat import render_chat, render_tool_chat  # noqa: F401 - re-exported (jobs.py)
-from maas.services.worker.engines.fair import FairQueue, victim
+from maas.services.worker.engines.fair import FairQueue, Reservation, victim
 from maas.services.worker.engines.guide import Guides
 from maas.services.worker.engines.prefix import KV, PREFIX_BLOCK, PrefixCache
 from maas.services.worker.engines.sampling import (
@@ -132,6 +132,9 @@ class _Sequence:
     cancelled: bool = False
     done: bool = False
     preempted: int = 0    # times it left the batch for another tenant's share
+    reserved_rate: float = 0.0  # its tenant's provisioned throughput here (tokens/s; `fair.Reservation`)
+    promoted: int = -1    # its output's length when its reservation promoted it a class up (-1: not)
+    charged: int = 0      # what the promotion took from the reservation (refunded less what it made)
     stream: bool = True   # a delta per step; False: one at the end
     prompt_logprobs_due: bool = False  # asked for prompt logprobs, not computed yet (once: not at a re-prefill)
 
@@ -221,6 +224,7 @@ class HFEngine(TemplateChats):
         self._running: list[_Sequence] = []
         self._batch = DecodeBatch(self._device)
         self._reserved = 0
+        self._reservations: dict[str, Reservation] = {}  # tenant -> its provisioned throughput here (under _cv)
         self._thread: threading.Thread | None = None
         self._prefix = PrefixCache(0)
         self.kv_events: KvEvents | None = None
@@ -390,6 +394,7 @@ class HFEngine(TemplateChats):
         return _Sequence(
             request_id=request.request_id, sink=sink, queue=queue, tag=tag,
             tenant=request.tenant, weight=request.weight, priority=request.priority, stream=request.stream,
+            reserved_rate=request.reserved_rate,
             reserved_tokens=reserved, adapter=request.adapter,
             row=Row(params, request_seed(params), prompt_ids, resumed, guide,
                     end_ids=params.end_ids(self._eos_ids) if params.min_tokens else ()),
@@ -426,11 +431,55 @@ class HFEngine(TemplateChats):
                     raise refusal
                 pushed.done = True
                 self._finish_metrics(pushed, "refused")
+            self._note_reservation(seq)
             self._waiting.append(seq)
             metrics.WAITING.labels(self._label).set(len(self._waiting))
             self._cv.notify()
         if pushed is not None and refusal is not None:  # (told outside the lock: a sink may block)
             pushed.sink.deliver([(pushed, refusal)])
+
+    def _note_reservation(self, seq: _Sequence) -> None:
+        """Keep the tenant's provisioned throughput here as its newest request says (the
+        router sends it with every request but a batch's lines, which say nothing of it).
+        Holds _cv."""
+        if seq.priority == 2 and not seq.reserved_rate:
+            return
+        held = self._reservations.get(seq.tenant)
+        if not seq.reserved_rate:
+            if held is not None:  # the reservation was removed
+                del self._reservations[seq.tenant]
+        elif held is None:
+            self._reservations[seq.tenant] = Reservation(seq.reserved_rate)
+        elif held.rate != seq.reserved_rate:  # replicas came or went
+            held.refill(time.monotonic())
+            held.rate = seq.reserved_rate
+
+    def _promote(self) -> None:
+        """Provisioned throughput: while a tenant's reservation here holds tokens, its waiting
+        standard requests go a class up, each charged what it may still make (`fair`). At
+        scheduling time, so requests that queued while it was empty rise once it refills.
+        Holds _cv."""
+        now = time.monotonic()
+        for tenant, held in self._reservations.items():
+            held.refill(now)
+
+            def charge(seq: _Sequence, held: Reservation = held) -> bool:
+                left = seq.row.params.max_tokens - len(seq.output)
+                if not held.charge(left):
+                    return False
+                seq.promoted, seq.charged = len(seq.output), left
+                return True
+
+            self._waiting.promote(tenant, charge)
+
+    def _settle(self, seq: _Sequence) -> None:
+        """A promoted sequence ended: refund what it was charged and did not make."""
+        if seq.promoted >= 0:
+            with self._cv:  # (an RLock: some callers hold it already)
+                held = self._reservations.get(seq.tenant)
+                if held is not None:
+                    held.refund(seq.charged - (len(seq.output) - seq.promoted))
+            seq.promoted = -1
 
     def _time_to_free(self, queued: int) -> float:
         """Seconds until `queued + 1` batch slots free up, if the running sequences run to
@@ -446,6 +495,7 @@ class HFEngine(TemplateChats):
         with self._cv:
             if seq in self._waiting:  # not admitted yet: free its queue place now
                 self._waiting.remove(seq)
+                self._settle(seq)
                 self._finish_metrics(seq, "cancelled")
 
     # ---- the scheduler thread ------------------------------------------------------------
@@ -460,6 +510,8 @@ class HFEngine(TemplateChats):
                             self._cv.wait()
                         if self._closing:
                             break
+                        if self._reservations:
+                            self._promote()
                         keep = self._preempt()
                     if keep is not None:  # gathered when the batch is next used, outside the lock
                         self._batch.keep_later(keep)
@@ -598,6 +650,7 @@ class HFEngine(TemplateChats):
             assert seq is not None
             if seq.cancelled:
                 self._waiting.pop(seq)
+                self._settle(seq)
                 self._finish_metrics(seq, "cancelled")
                 continue
             if admitted and seq.priority != admitted[0].priority:
@@ -833,8 +886,10 @@ class HFEngine(TemplateChats):
         for i, seq in enumerate(self._running):
             if seq.done:
                 self._reserved -= seq.reserved_tokens
+                self._settle(seq)
             elif seq.cancelled:
                 self._reserved -= seq.reserved_tokens
+                self._settle(seq)
                 self._finish_metrics(seq, "cancelled")
             else:
                 keep.append(i)
