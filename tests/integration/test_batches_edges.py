@@ -152,6 +152,8 @@ async def test_a_batch_whose_window_ends_first_expires_keeping_what_was_answered
     done = await _wait(client, batch.id, timeout=60)
     assert done.status == "expired", done
     assert done.expired_at is not None and done.expired_at >= ends_ms // 1000
+    assert done.expired_at <= ends_ms // 1000 + 15  # the moved end, not the minute's (which a runner
+    # that never re-read the record would also have reached within the wait above)
     assert done.completed_at is None and done.failed_at is None
     assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (8, 4, 4)
     answers = await _results(client, done.output_file_id)

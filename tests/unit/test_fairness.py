@@ -330,8 +330,12 @@ def test_a_reservation_promotes_standard_requests_first_come_while_it_holds_toke
     assert q.promote("r", lambda s: budget.charge(16)) == 0  # empty: nothing more until it refills
     budget.refill(budget.stamp + 1.0)  # 1 s later: -12 + 20
     assert budget.level == 8 and q.promote("r", lambda s: budget.charge(16)) == 1 and mine[2].priority == 0
-    budget.refund(100)
-    assert budget.level == budget.capacity  # a refund never fills it past its burst
+    assert budget.level == -8
+    budget.settle(taken=16, made=4)  # it stopped early: what it did not make comes back
+    assert budget.level == 4
+    assert budget.charge(4096) == 20 and budget.level == -16  # a huge max_tokens takes a second of the rate
+    budget.settle(taken=20, made=300)  # ... and is charged what it made when it ends
+    assert budget.level == -296 and budget.charge(1) == 0
 
 
 async def test_a_tenants_reserved_rate_promotes_its_waiting_request_past_another_tenants(demo_model_dir: Path):

@@ -527,9 +527,10 @@ class Reservations:
     ready replica (`reserved_tokens_per_s`): each engine keeps that tenant a token bucket at
     that rate and ranks its waiting requests a class up while it holds tokens (engines/fair.py),
     deciding when it schedules, not when the request arrived. For this router's own waiting
-    room, a token bucket per deployment and tenant at this router's share of the rate: a
-    request that finds tokens in it waits there as `reserved` (a class up); it takes up to
-    a second of the rate at once and is charged what it made at its end."""
+    room, and for engines without buckets of their own (vLLM), a token bucket per deployment
+    and tenant at this router's share of the rate: a request that finds tokens in it is
+    marked `reserved` (a class up there); it takes up to a second of the rate at once and
+    is charged what it made at its end."""
 
     def __init__(self, pool: ReplicaPool, gate: Gate | None) -> None:
         self.pool = pool
@@ -557,6 +558,9 @@ class Reservations:
         # does not empty the bucket for the tenant's others); settled with what it made
         taken = int(min(request.params.max_tokens or 16, max(1.0, share)))
         bucket.take(taken)
+        # engines that keep no buckets of their own (vLLM: its scheduler has no tenants)
+        # rank it a class up by this mark; the built-in engine goes by the rate instead
+        request.reserved = added.reserved = True
         return bucket, taken
 
     @staticmethod

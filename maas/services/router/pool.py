@@ -335,6 +335,10 @@ class ReplicaPool:
         seen = self._last_ready.get(model)
         if seen is None or time.monotonic() - seen > RECENT_READY_SECONDS:
             return False
+        name, _, version = model.partition("@")
+        dep = self.deployments.items.get(name)
+        if version or dep is None or not dep.replicas:
+            return False  # a version, or a deployment deleted or scaled to 0: nothing to wait for
         timeout = REAPPEAR_SECONDS if deadline is None else min(deadline, REAPPEAR_SECONDS)
         return await self.replicas.wait_for(lambda _: bool(self.ready(model)), timeout)
 

@@ -45,8 +45,7 @@ def request_from_proto(r: inference_pb2.GenerateRequest, adapter: AdapterRef | N
                              params=sampling_from_proto(r.params),
                              resume_token_ids=tuple(r.resume_token_ids), adapter=adapter,
                              tenant=r.tenant, weight=r.tenant_weight if r.tenant_weight > 0 else 1.0,
-                             # `reserved`: a class up (an older router's mark; routers now send the rate)
-                             priority=max(0, priority(r.service_class) - r.reserved),
+                             priority=priority(r.service_class), reserved=r.reserved,
                              reserved_rate=r.reserved_tokens_per_s, stream=stream)
 
 

@@ -134,6 +134,9 @@ class GenerationRequest:
     # the tenant's provisioned throughput on this replica, completion tokens a second (0:
     # none); engines with a queue rank its requests a class up within it (`engines.fair`)
     reserved_rate: float = 0.0
+    # the router found it within its share of the tenant's reservation: engines without
+    # buckets of their own (vLLM) rank it a class up (`marked_priority`)
+    reserved: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt and self.prompt_token_ids:
@@ -147,6 +150,12 @@ class GenerationRequest:
         if not 0 <= self.reserved_rate < float("inf"):  # NaN fails too
             raise InvalidArgument(f"a reserved rate must be >= 0 tokens/s, not {self.reserved_rate}",
                                   field="reserved_tokens_per_s")
+
+    @property
+    def marked_priority(self) -> int:
+        """Its class, a class up if the router marked it `reserved`: for engines that keep no
+        per-tenant buckets (the built-in engine goes by `reserved_rate` when it has one)."""
+        return max(0, self.priority - self.reserved)
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")

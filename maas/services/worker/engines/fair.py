@@ -39,8 +39,8 @@ sequence is never refused (its client has tokens already). A flood cannot
 fill the queue and lock a quiet tenant, or online traffic, out.
 
 Provisioned throughput (`Reservation`): a tenant with a reserved rate on the replica has a
-token bucket here, filled at that rate and charged with what its promoted requests may make
-(their max_tokens, refunded by what they did not make). While it holds tokens, the tenant's
+token bucket here, filled at that rate and charged what its promoted requests make (up to a
+second of the rate when promoted, the rest settled when they end). While it holds tokens, the tenant's
 waiting `standard` requests are promoted a class up, first come first served (`promote`),
 so they are admitted, and pre-empt, as interactive ones do. Decided at scheduling time, not
 when a request arrived: a request that queued while the bucket was empty is promoted once
@@ -210,6 +210,7 @@ class Reservation:
     rate: float
     level: float = 0.0
     stamp: float = field(default_factory=time.monotonic)
+    seen: float = field(default_factory=time.monotonic)  # when a request last carried the rate
 
     @property
     def capacity(self) -> float:
@@ -219,16 +220,21 @@ class Reservation:
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
 
-    def charge(self, tokens: float) -> bool:
-        """Take `tokens` if there is anything left (the level may go below zero: a request
-        is promoted whole). False, taking nothing, when the bucket is empty."""
+    def charge(self, left: int) -> int:
+        """What a request that may still make `left` tokens takes to be promoted: at most
+        the bucket's capacity (a request of a huge max_tokens that stops early must not
+        empty it for many seconds), at least one token; 0, taking nothing, when the
+        bucket is empty. The level may go below zero."""
         if self.level <= 0:
-            return False
-        self.level -= tokens
-        return True
+            return 0
+        taken = max(1, min(left, int(self.capacity)))
+        self.level -= taken
+        return taken
 
-    def refund(self, tokens: float) -> None:
-        self.level = min(self.capacity, self.level + tokens)
+    def settle(self, taken: int, made: int) -> None:
+        """A promoted request ended having made `made` tokens: charge the difference from
+        what it took (a refund when it made fewer)."""
+        self.level -= made - taken
 
 
 def _refusable(seq: Any) -> bool:

@@ -90,6 +90,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _DEFAULT_CONTEXT = 2048     # tokens, for a model that states no context length
 _MAX_STATED_CONTEXT = 1 << 24  # a tokenizer's model_max_length above this means "not set" (transformers: 1e30)
 MiB = 1024 * 1024
+RESERVATION_IDLE = 10.0  # seconds without a request carrying a tenant's rate before its reservation here goes
 
 
 class Sink(Protocol):
@@ -393,7 +394,9 @@ class HFEngine(TemplateChats):
             self._strings.ready()  # reads the vocabulary once, here rather than on the scheduler thread
         return _Sequence(
             request_id=request.request_id, sink=sink, queue=queue, tag=tag,
-            tenant=request.tenant, weight=request.weight, priority=request.priority, stream=request.stream,
+            tenant=request.tenant, weight=request.weight, stream=request.stream,
+            # with its tenant's rate, this engine's own bucket decides (`_promote`)
+            priority=request.priority if request.reserved_rate else request.marked_priority,
             reserved_rate=request.reserved_rate,
             reserved_tokens=reserved, adapter=request.adapter,
             row=Row(params, request_seed(params), prompt_ids, resumed, guide,
@@ -417,6 +420,12 @@ class HFEngine(TemplateChats):
             if self._dead is not None or self._closing:
                 raise self._dead if self._dead is not None else Unavailable(
                     f"{self._label} is shutting down on this worker; retry")
+            self._note_reservation(seq)
+            held = self._reservations.get(seq.tenant)
+            if held is not None and seq.priority == 1:  # promoted now, so a full queue ranks it so
+                held.refill(time.monotonic())
+                if self._try_promote(seq, held):
+                    seq.priority = 0
             # requests that free batch slots will take at once do not count as queued
             queued = len(self._waiting) - max(0, self.max_batch - len(self._running))
             if queued >= self.max_queue:
@@ -430,8 +439,8 @@ class HFEngine(TemplateChats):
                 if pushed is None:
                     raise refusal
                 pushed.done = True
+                self._settle(pushed)
                 self._finish_metrics(pushed, "refused")
-            self._note_reservation(seq)
             self._waiting.append(seq)
             metrics.WAITING.labels(self._label).set(len(self._waiting))
             self._cv.notify()
@@ -439,46 +448,53 @@ class HFEngine(TemplateChats):
             pushed.sink.deliver([(pushed, refusal)])
 
     def _note_reservation(self, seq: _Sequence) -> None:
-        """Keep the tenant's provisioned throughput here as its newest request says (the
-        router sends it with every request but a batch's lines, which say nothing of it).
+        """Keep the tenant's provisioned throughput here as its newest request that carries
+        one says (the router sends it with every request of a reserved tenant but a batch's
+        lines). A reservation no request has carried for RESERVATION_IDLE seconds is
+        dropped in `_promote` (removed, or the tenant went quiet): not at the first request
+        without one, which may come from a router that has not seen the reservation yet.
         Holds _cv."""
-        if seq.priority == 2 and not seq.reserved_rate:
-            return
-        held = self._reservations.get(seq.tenant)
         if not seq.reserved_rate:
-            if held is not None:  # the reservation was removed
-                del self._reservations[seq.tenant]
-        elif held is None:
+            return
+        now = time.monotonic()
+        held = self._reservations.get(seq.tenant)
+        if held is None:
             self._reservations[seq.tenant] = Reservation(seq.reserved_rate)
-        elif held.rate != seq.reserved_rate:  # replicas came or went
-            held.refill(time.monotonic())
+            return
+        if held.rate != seq.reserved_rate:  # replicas came or went
+            held.refill(now)
             held.rate = seq.reserved_rate
+        held.seen = now
+
+    def _try_promote(self, seq: _Sequence, held: Reservation) -> bool:
+        """Promote `seq`, a waiting standard request, a class up if its tenant's reservation
+        holds tokens, charging it (`Reservation.charge`). Holds _cv."""
+        taken = held.charge(seq.row.params.max_tokens - len(seq.output))
+        if not taken:
+            return False
+        seq.promoted, seq.charged = len(seq.output), taken
+        return True
 
     def _promote(self) -> None:
         """Provisioned throughput: while a tenant's reservation here holds tokens, its waiting
-        standard requests go a class up, each charged what it may still make (`fair`). At
-        scheduling time, so requests that queued while it was empty rise once it refills.
-        Holds _cv."""
+        standard requests go a class up (`fair`). At scheduling time, so requests that
+        queued while it was empty rise once it refills. Holds _cv."""
         now = time.monotonic()
-        for tenant, held in self._reservations.items():
+        for tenant, held in list(self._reservations.items()):
+            if now - held.seen > RESERVATION_IDLE:
+                del self._reservations[tenant]
+                continue
             held.refill(now)
-
-            def charge(seq: _Sequence, held: Reservation = held) -> bool:
-                left = seq.row.params.max_tokens - len(seq.output)
-                if not held.charge(left):
-                    return False
-                seq.promoted, seq.charged = len(seq.output), left
-                return True
-
-            self._waiting.promote(tenant, charge)
+            self._waiting.promote(tenant, lambda seq, held=held: self._try_promote(seq, held))  # type: ignore[misc]
 
     def _settle(self, seq: _Sequence) -> None:
-        """A promoted sequence ended: refund what it was charged and did not make."""
+        """A promoted sequence ended (finished, cancelled, refused or failed): charge its
+        reservation what it made, less what it took when promoted."""
         if seq.promoted >= 0:
             with self._cv:  # (an RLock: some callers hold it already)
                 held = self._reservations.get(seq.tenant)
                 if held is not None:
-                    held.refund(seq.charged - (len(seq.output) - seq.promoted))
+                    held.settle(seq.charged, len(seq.output) - seq.promoted)
             seq.promoted = -1
 
     def _time_to_free(self, queued: int) -> float:
@@ -683,6 +699,7 @@ class HFEngine(TemplateChats):
             except Exception as exc:
                 log.warning("adapter %s failed to load: %s", seq.adapter.key if seq.adapter else "", exc)
                 self._reserved -= seq.reserved_tokens
+                self._settle(seq)
                 self._finish_metrics(seq, "error")
                 self._send([(seq, FailedPrecondition(
                     f"cannot load adapter {seq.adapter.key if seq.adapter else ''}: {exc}"))])

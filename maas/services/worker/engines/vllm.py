@@ -448,7 +448,7 @@ class VLLMEngine(TemplateChats):
         # vLLM's id for it: the request's own can come again (a retry, a stream moved back)
         vllm_id = f"{request.request_id}#{next(self._request_ids)}"
         stream = self._engine.generate({"prompt_token_ids": prompt_ids + resumed}, sampling, vllm_id,
-                                       lora_request=lora, priority=request.priority)
+                                       lora_request=lora, priority=request.marked_priority)
         made = 0
         last = arrived
         finish: FinishReason | None = None
