@@ -4,12 +4,14 @@ by vLLM tensor-parallel across them, a rank per device; its greedy output throug
 equals the built-in engine's. The engines that load a model onto one device refuse such a
 replica, naming engine=vllm as the way.
 
-The vLLM test is skipped where MAAS_VLLM_PYTHON names no environment with vLLM (`make test`
-makes one)."""
+A killed engine process takes vLLM's processes with it (here rather than in a test of its
+own: loading vLLM is most of either test's time). The vLLM test is skipped where
+MAAS_VLLM_PYTHON names no environment with vLLM (`make test` makes one)."""
 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from maas.v1 import common_pb2, registry_pb2
 
 from .conftest import MeshHarness, eventually
 from .test_migration import _workers
-from .test_vllm_engine import ids, needs_vllm, run
+from .test_vllm_engine import _alive, ids, needs_vllm, run
 
 PROMPTS = ["def add(a, b):", "class Stack:\n    def push(self, item):"]
 
@@ -94,3 +96,12 @@ async def test_a_replica_on_two_devices_runs_tensor_parallel_on_vllm(mesh: MeshH
             assert {c.replica_id for c in chunks if c.replica_id} == {replica.replica_id}
     finally:
         await builtin.close()
+
+    # a killed engine process takes vLLM's engine core and both ranks with it (the worker
+    # kills the engine's process group when its pipe closes): nothing is left holding the
+    # devices. (Streams failing with EngineDead when it dies: tests/unit/test_engine_process.py.)
+    (engine_pid,) = [pid for pid in engine_groups if set(ranks) <= {p for p, _ in _descendants(pid)}]
+    left = [pid for pid, _ in _descendants(engine_pid)]
+    assert len(left) > len(ranks), f"expected vLLM's engine core beside the ranks, found {left}"
+    os.kill(engine_pid, signal.SIGKILL)
+    await eventually(lambda: not any(_alive(pid) for pid in left), timeout=15)
