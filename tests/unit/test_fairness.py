@@ -228,6 +228,13 @@ def test_a_waiting_higher_class_preempts_the_lowest_class_first():
     assert victim(standard_only, waiting, 2) is standard_only[-1]  # no batch left: standard yields
     interactive = [Seq("y", priority=0), Seq("y", priority=0)]
     assert victim(interactive, waiting, 2) is interactive[-1]      # z holds 0 of 1, y 2: over its share
+    # a tenant waiting a class up (its reservation promoted it) takes another tenant's slot,
+    # not its own sequence's, while there is another's
+    mine, theirs = Seq("r", priority=1, context=50), Seq("o", priority=1, context=90)
+    promoted: FairQueue[Seq] = FairQueue()
+    promoted.append(Seq("r", priority=0))
+    assert victim([mine, theirs], promoted, 2) is theirs
+    assert victim([mine], promoted, 1) is mine                     # its own when nothing else runs
 
 
 async def test_interactive_preempts_batch_which_resumes_with_the_same_tokens(engine: HFEngine):
@@ -361,6 +368,8 @@ async def test_a_tenants_reserved_rate_promotes_its_waiting_request_past_another
         assert mine.error is None and len(mine.tokens) == 8
         assert not plain.tokens, "the plain tenant's second request ran before a slot freed"
         assert all(len(s.tokens) < LONG for s in held)  # both held streams were still running
+        seqs = {s.request_id: s for s in (*e._running, *e._waiting)}
+        assert seqs["plain0"].preempted and not seqs["mine0"].preempted  # the other tenant's slot, not its own
         for s in (*held, plain):
             await s.stop()
     finally:

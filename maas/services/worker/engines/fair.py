@@ -268,7 +268,12 @@ def victim(running: list[Any], waiting: FairQueue[Any], capacity: int, *, classe
         return None
     if lower:
         worst = max(s.priority for s in lower)
-        return _cheapest([s for s in running if s.priority == worst])
+        candidates = [s for s in running if s.priority == worst]
+        # not a sequence of a tenant waiting at that class, where another will do: a tenant's
+        # own promoted request (provisioned throughput) taking its own standard sequence's
+        # slot would gain it nothing and cost a prefill
+        waiters = set(waiting.tenants(top))
+        return _cheapest([s for s in candidates if s.tenant not in waiters] or candidates)
     # within the class: its share is what higher classes leave
     mine = [s for s in running if s.priority == top]
     return over_share(mine, waiting, capacity - (len(running) - len(mine)), top)
