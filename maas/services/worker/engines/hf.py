@@ -437,6 +437,7 @@ class HFEngine(TemplateChats):
                 # of the tenant most over its own: a flood cannot lock a quiet tenant out
                 pushed = self._waiting.push_out(seq, self.max_queue) if self.max_queue else None
                 if pushed is None:
+                    self._settle(seq)  # promoted above, refused after all: nothing made, all given back
                     raise refusal
                 pushed.done = True
                 self._settle(pushed)
